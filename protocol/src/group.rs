@@ -1,0 +1,185 @@
+//! One group's encryption state: our sender key, and every other member's.
+//!
+//! Membership here is cryptographic membership: whose keys we accept and to
+//! whom our key goes. The engine decides who is a member (admin invites,
+//! leaves) and tells this type.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand_core::{CryptoRng, RngCore};
+use zeroize::Zeroizing;
+
+use crate::ids::{ConversationId, PeerId};
+use crate::sender_key::{GroupError, ReceivingSenderKey, SenderKey};
+use crate::time::Timestamp;
+use crate::wire::{GroupMessage, SenderKeyDistribution};
+
+/// Previous sender keys kept per member, for messages still in flight after
+/// a rotation.
+pub const MAX_PREVIOUS_SENDER_KEYS: usize = 3;
+
+/// The most members a group may have, its creator included.
+pub const MAX_GROUP_MEMBERS: usize = 1_000;
+
+#[derive(Clone, Default)]
+struct MemberKeys {
+    current: Option<ReceivingSenderKey>,
+    /// Newest last.
+    previous: VecDeque<ReceivingSenderKey>,
+}
+
+impl MemberKeys {
+    fn find(&self, key_id: u32) -> Option<&ReceivingSenderKey> {
+        self.current.iter().chain(self.previous.iter().rev()).find(|k| k.key_id() == key_id)
+    }
+
+    fn find_mut(&mut self, key_id: u32) -> Option<&mut ReceivingSenderKey> {
+        self.current.iter_mut().chain(self.previous.iter_mut().rev()).find(|k| k.key_id() == key_id)
+    }
+}
+
+/// A group's sender keys, seen from one member.
+pub struct GroupSession {
+    group_id: ConversationId,
+    me: PeerId,
+    own: SenderKey,
+    members: BTreeMap<PeerId, MemberKeys>,
+}
+
+impl core::fmt::Debug for GroupSession {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("GroupSession")
+            .field("group_id", &self.group_id)
+            .field("me", &self.me)
+            .field("members", &self.members.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupSession {
+    /// Joins (or creates) a group with the given other members, generating
+    /// our own sender key.
+    pub fn new(
+        group_id: ConversationId,
+        me: PeerId,
+        others: impl IntoIterator<Item = PeerId>,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Self, GroupError> {
+        let members: BTreeMap<PeerId, MemberKeys> =
+            others.into_iter().filter(|p| *p != me).map(|p| (p, MemberKeys::default())).collect();
+        if members.len() + 1 > MAX_GROUP_MEMBERS {
+            return Err(GroupError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+        }
+        let own = SenderKey::generate(group_id, me, None, rng);
+        Ok(Self { group_id, me, own, members })
+    }
+
+    /// The group.
+    pub fn group_id(&self) -> ConversationId {
+        self.group_id
+    }
+
+    /// The other members, in peer ID order.
+    pub fn members(&self) -> impl Iterator<Item = &PeerId> {
+        self.members.keys()
+    }
+
+    /// Whether we hold a current sender key for `peer`.
+    pub fn has_key_for(&self, peer: &PeerId) -> bool {
+        self.members.get(peer).is_some_and(|m| m.current.is_some())
+    }
+
+    /// Our sender key's ID.
+    pub fn own_key_id(&self) -> u32 {
+        self.own.key_id()
+    }
+
+    /// Our current sender key, to send to each member over its pairwise channel.
+    pub fn distribution(&self) -> SenderKeyDistribution {
+        self.own.distribution()
+    }
+
+    /// Encrypts and signs a message for every current member.
+    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<GroupMessage, GroupError> {
+        self.own.encrypt(plaintext)
+    }
+
+    /// Adds a member (the engine has checked the admin's authority).
+    pub fn add_member(&mut self, peer: PeerId) -> Result<(), GroupError> {
+        if peer == self.me || self.members.contains_key(&peer) {
+            return Ok(());
+        }
+        if self.members.len() + 2 > MAX_GROUP_MEMBERS {
+            return Err(GroupError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+        }
+        self.members.insert(peer, MemberKeys::default());
+        Ok(())
+    }
+
+    /// Removes a member, forgets its keys, and rotates our own sender key so
+    /// that it cannot read what we send next. Returns the new distribution
+    /// for the remaining members, or `None` if `peer` was not a member.
+    pub fn remove_member(
+        &mut self,
+        peer: &PeerId,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Option<SenderKeyDistribution> {
+        self.members.remove(peer)?;
+        self.own = SenderKey::generate(self.group_id, self.me, Some(self.own.key_id()), rng);
+        Some(self.own.distribution())
+    }
+
+    /// Accepts a sender key that arrived over `channel_peer`'s pairwise
+    /// session. Only a member's own key, from that member, is accepted.
+    pub fn accept_distribution(&mut self, channel_peer: &PeerId, d: &SenderKeyDistribution) -> Result<(), GroupError> {
+        if d.group_id != self.group_id {
+            return Err(GroupError::WrongGroup { expected: self.group_id, got: d.group_id });
+        }
+        if d.sender != *channel_peer {
+            return Err(GroupError::ForwardedKey { claimed: d.sender, channel: *channel_peer });
+        }
+        let member = self.members.get_mut(&d.sender).ok_or(GroupError::NotAMember { peer: d.sender })?;
+        if let Some(existing) = member.find(d.key_id) {
+            if existing.signing_public() != d.signing_public {
+                return Err(GroupError::ConflictingKey { sender: d.sender, key_id: d.key_id });
+            }
+            // A repeat of a key we hold: our copy is at least as far along.
+            return Ok(());
+        }
+        let incoming = ReceivingSenderKey::from_distribution(d)?;
+        if let Some(old) = member.current.replace(incoming) {
+            if member.previous.len() == MAX_PREVIOUS_SENDER_KEYS {
+                member.previous.pop_front();
+            }
+            member.previous.push_back(old);
+        }
+        Ok(())
+    }
+
+    /// Verifies and decrypts a group message. Nothing changes unless the
+    /// signature verifies and the ciphertext authenticates.
+    pub fn decrypt(&mut self, message: &GroupMessage, now: Timestamp) -> Result<Zeroizing<Vec<u8>>, GroupError> {
+        if message.group_id != self.group_id {
+            return Err(GroupError::WrongGroup { expected: self.group_id, got: message.group_id });
+        }
+        let sender = message.sender;
+        let member = self.members.get_mut(&sender).ok_or(GroupError::NotAMember { peer: sender })?;
+        let key = member
+            .find_mut(message.key_id)
+            .ok_or(GroupError::UnknownChain { sender, key_id: message.key_id })?;
+        key.verify(message)?;
+        let staged = key.stage(&sender, message.message_number)?;
+        let plaintext = ReceivingSenderKey::open(&staged, &message.ciphertext)?;
+        key.commit(staged, now);
+        Ok(plaintext)
+    }
+
+    /// Deletes skipped group keys created before `cutoff`; returns how many.
+    pub fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
+        self.members
+            .values_mut()
+            .flat_map(|m| m.current.iter_mut().chain(m.previous.iter_mut()))
+            .map(|k| k.remove_skipped_keys_created_before(cutoff))
+            .sum()
+    }
+}

@@ -1,0 +1,284 @@
+//! Sender Keys: one symmetric chain plus one Ed25519 signing key per
+//! (group, sender), as in Signal's group messaging.
+//!
+//! A sender encrypts each group message once with its chain and signs it; every
+//! member holds the sender's chain and verifying key (received over the
+//! pairwise channel) and decrypts. Receivers verify the signature before any
+//! state moves, and, as with the Double Ratchet, stage before they commit.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rand_core::{CryptoRng, RngCore};
+
+use crate::aead;
+use crate::ids::{ConversationId, PeerId};
+use crate::kdf::{self, labels};
+use crate::keys::{SenderChainKey, SenderMessageKey};
+use crate::skipped::{SkippedKeys, MAX_SKIP};
+use crate::time::Timestamp;
+use crate::wire::{Bytes64, GroupMessage, SenderKeyDistribution, PROTOCOL_VERSION};
+
+/// Why a group message or sender key was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The message or key is for another group.
+    #[error("message is for group {got}, not {expected}")]
+    WrongGroup {
+        /// This group.
+        expected: ConversationId,
+        /// The group named.
+        got: ConversationId,
+    },
+    /// The sender is not a current member of the group.
+    #[error("{peer} is not a member of this group")]
+    NotAMember {
+        /// The sender named.
+        peer: PeerId,
+    },
+    /// A sender key distribution arrived over another member's channel.
+    #[error("sender key of {claimed} arrived over the channel of {channel}; only a key's owner may distribute it")]
+    ForwardedKey {
+        /// Whose key the distribution claims to be.
+        claimed: PeerId,
+        /// Who actually sent it.
+        channel: PeerId,
+    },
+    /// No sender key with this ID is held for the sender.
+    #[error("no sender key {key_id} is held for {sender}; ask the sender for it")]
+    UnknownChain {
+        /// The sender.
+        sender: PeerId,
+        /// The key ID named.
+        key_id: u32,
+    },
+    /// The signature does not verify under the sender key's signing key.
+    #[error("group message signature does not verify")]
+    BadSignature,
+    /// The signed ciphertext does not decrypt.
+    #[error("group message ciphertext failed authentication")]
+    BadMac,
+    /// This message number was already decrypted (or its key expired).
+    #[error("group message {message_number} from {sender} was already received (or its key expired)")]
+    Duplicate {
+        /// The sender.
+        sender: PeerId,
+        /// The message number.
+        message_number: u32,
+    },
+    /// The message would need more skipped keys than allowed.
+    #[error("group message is {skip} messages ahead of the chain; at most {max} may be skipped")]
+    TooFarAhead {
+        /// Keys that would have to be skipped.
+        skip: u64,
+        /// [`MAX_SKIP`].
+        max: u32,
+    },
+    /// The distributed signing key is not a valid Ed25519 point.
+    #[error("the distributed signing key is not a valid Ed25519 public key")]
+    InvalidSigningKey,
+    /// A distribution reuses a key ID with different key material.
+    #[error("{sender} distributed sender key {key_id} twice with different keys")]
+    ConflictingKey {
+        /// The sender.
+        sender: PeerId,
+        /// The reused key ID.
+        key_id: u32,
+    },
+    /// Our sending chain has used every message number.
+    #[error("the sender key chain is exhausted; rotate the sender key")]
+    ChainExhausted,
+    /// The group would exceed its member limit.
+    #[error("a group has at most {max} members")]
+    TooManyMembers {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Our own sending state for one group.
+pub struct SenderKey {
+    group_id: ConversationId,
+    owner: PeerId,
+    key_id: u32,
+    chain: SenderChainKey,
+    next: u32,
+    signing: SigningKey,
+}
+
+impl core::fmt::Debug for SenderKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SenderKey")
+            .field("group_id", &self.group_id)
+            .field("key_id", &self.key_id)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SenderKey {
+    /// A fresh sender key whose ID differs from `previous_key_id`.
+    pub fn generate(
+        group_id: ConversationId,
+        owner: PeerId,
+        previous_key_id: Option<u32>,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Self {
+        let mut key_id = rng.next_u32();
+        while Some(key_id) == previous_key_id {
+            key_id = rng.next_u32();
+        }
+        let mut chain = [0u8; 32];
+        rng.fill_bytes(&mut chain);
+        let signing = SigningKey::generate(rng);
+        Self { group_id, owner, key_id, chain: SenderChainKey::from_bytes(chain), next: 0, signing }
+    }
+
+    /// This key's ID.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    /// The next message number.
+    pub fn next_message_number(&self) -> u32 {
+        self.next
+    }
+
+    /// The distribution for other members, at the current chain position (so
+    /// a new member cannot read what was sent before).
+    pub fn distribution(&self) -> SenderKeyDistribution {
+        SenderKeyDistribution {
+            group_id: self.group_id,
+            sender: self.owner,
+            key_id: self.key_id,
+            message_number: self.next,
+            chain_key: *self.chain.as_bytes(),
+            signing_public: self.signing.verifying_key().to_bytes(),
+        }
+    }
+
+    /// Encrypts and signs one group message.
+    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<GroupMessage, GroupError> {
+        let next = self.next.checked_add(1).ok_or(GroupError::ChainExhausted)?;
+        let (message_key, next_chain) = kdf::sender_chain_step(&self.chain);
+        let keys = kdf::expand_sender_message_key(&message_key);
+        let ciphertext = aead::seal(&keys.cipher_key, &keys.nonce, plaintext);
+        let mut message = GroupMessage {
+            group_id: self.group_id,
+            sender: self.owner,
+            key_id: self.key_id,
+            message_number: self.next,
+            ciphertext,
+            signature: Bytes64([0; 64]),
+        };
+        message.signature = Bytes64(self.signing.sign(&group_message_transcript(&message)).to_bytes());
+        self.chain = next_chain;
+        self.next = next;
+        Ok(message)
+    }
+}
+
+/// `"p2pchat/v1/group-message" ‖ version ‖ group ID ‖ sender ID ‖ key ID (u32 BE)
+/// ‖ message number (u32 BE) ‖ ciphertext`.
+pub fn group_message_transcript(message: &GroupMessage) -> Vec<u8> {
+    let mut t = Vec::with_capacity(labels::GROUP_MESSAGE.len() + 1 + 16 + 20 + 8 + message.ciphertext.len());
+    t.extend_from_slice(labels::GROUP_MESSAGE);
+    t.push(PROTOCOL_VERSION);
+    t.extend_from_slice(message.group_id.as_bytes());
+    t.extend_from_slice(&message.sender.0);
+    t.extend_from_slice(&message.key_id.to_be_bytes());
+    t.extend_from_slice(&message.message_number.to_be_bytes());
+    t.extend_from_slice(&message.ciphertext);
+    t
+}
+
+/// A sender key held for another member.
+#[derive(Clone)]
+pub(crate) struct ReceivingSenderKey {
+    key_id: u32,
+    chain: SenderChainKey,
+    next: u32,
+    verifying: VerifyingKey,
+    skipped: SkippedKeys<u32, SenderMessageKey>,
+}
+
+pub(crate) struct StagedSender {
+    message_key: SenderMessageKey,
+    change: SenderChange,
+}
+
+enum SenderChange {
+    Skipped(u32),
+    Advance { chain: SenderChainKey, next: u32, skipped: Vec<(u32, SenderMessageKey)> },
+}
+
+impl ReceivingSenderKey {
+    pub(crate) fn from_distribution(d: &SenderKeyDistribution) -> Result<Self, GroupError> {
+        let verifying = VerifyingKey::from_bytes(&d.signing_public).map_err(|_| GroupError::InvalidSigningKey)?;
+        Ok(Self {
+            key_id: d.key_id,
+            chain: SenderChainKey::from_bytes(d.chain_key),
+            next: d.message_number,
+            verifying,
+            skipped: SkippedKeys::new(),
+        })
+    }
+
+    pub(crate) fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    pub(crate) fn signing_public(&self) -> [u8; 32] {
+        self.verifying.to_bytes()
+    }
+
+    pub(crate) fn verify(&self, message: &GroupMessage) -> Result<(), GroupError> {
+        let signature = Signature::from_bytes(&message.signature.0);
+        self.verifying
+            .verify_strict(&group_message_transcript(message), &signature)
+            .map_err(|_| GroupError::BadSignature)
+    }
+
+    pub(crate) fn stage(&self, sender: &PeerId, n: u32) -> Result<StagedSender, GroupError> {
+        if let Some(key) = self.skipped.get(&n) {
+            return Ok(StagedSender { message_key: key.clone(), change: SenderChange::Skipped(n) });
+        }
+        if n < self.next {
+            return Err(GroupError::Duplicate { sender: *sender, message_number: n });
+        }
+        let skip = u64::from(n - self.next);
+        if skip > u64::from(MAX_SKIP) {
+            return Err(GroupError::TooFarAhead { skip, max: MAX_SKIP });
+        }
+        let next = n.checked_add(1).ok_or(GroupError::TooFarAhead { skip, max: MAX_SKIP })?;
+        let mut skipped = Vec::with_capacity(skip as usize);
+        let (mut message_key, mut chain) = kdf::sender_chain_step(&self.chain);
+        for i in self.next..n {
+            skipped.push((i, message_key));
+            (message_key, chain) = kdf::sender_chain_step(&chain);
+        }
+        Ok(StagedSender { message_key, change: SenderChange::Advance { chain, next, skipped } })
+    }
+
+    pub(crate) fn open(staged: &StagedSender, ciphertext: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, GroupError> {
+        let keys = kdf::expand_sender_message_key(&staged.message_key);
+        aead::open(&keys.cipher_key, &keys.nonce, ciphertext).ok_or(GroupError::BadMac)
+    }
+
+    pub(crate) fn commit(&mut self, staged: StagedSender, now: Timestamp) {
+        match staged.change {
+            SenderChange::Skipped(n) => {
+                self.skipped.remove(&n);
+            }
+            SenderChange::Advance { chain, next, skipped } => {
+                for (n, key) in skipped {
+                    self.skipped.insert(n, key, now);
+                }
+                self.chain = chain;
+                self.next = next;
+            }
+        }
+    }
+
+    pub(crate) fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
+        self.skipped.remove_created_before(cutoff)
+    }
+}
