@@ -69,12 +69,20 @@ pub enum KeyExchangeError {
 
 /// The newest request accepted from one initiator: persisted by the caller,
 /// and passed back to [`respond`] so that old requests cannot be replayed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RequestMark {
     /// The request's timestamp (the initiator's clock).
     pub timestamp: Timestamp,
     /// The request's nonce, which orders requests with equal timestamps.
     pub nonce: [u8; 16],
+}
+
+impl core::fmt::Debug for RequestMark {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "RequestMark({:?}, ", self.timestamp)?;
+        crate::ids::write_hex(f, &self.nonce)?;
+        f.write_str(")")
+    }
 }
 
 /// What to do when both peers sent each other a request at once.

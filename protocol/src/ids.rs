@@ -208,7 +208,7 @@ impl FromStr for MessageId {
     }
 }
 
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+pub(crate) fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     for b in bytes {
         write!(f, "{b:02x}")?;
     }

@@ -336,3 +336,45 @@ fn walk(chain: &Chain, n: u32) -> Result<(MessageKey, Chain, Vec<(u32, MessageKe
     let (message_key, key) = kdf::ratchet_chain_step(&key);
     Ok((message_key, Chain { key, next }, skipped))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+
+    fn rng() -> rand_chacha::ChaCha20Rng {
+        rand_chacha::ChaCha20Rng::seed_from_u64(1)
+    }
+
+    #[test]
+    fn exhausted_sending_chain_refuses_and_keeps_state() {
+        let mut r = rng();
+        let theirs = *RatchetKeyPair::generate(&mut r).public();
+        let mut dr = DoubleRatchet::responder(
+            RootKey::from_bytes([1; 32]),
+            ChainKey::from_bytes([2; 32]),
+            RatchetKeyPair::generate(&mut r),
+            theirs,
+        );
+        if let Some(chain) = dr.sending.as_mut() {
+            chain.next = u32::MAX;
+        }
+        assert_eq!(dr.next_sending_key([0; 16], &mut r).err(), Some(EncryptError::ChainExhausted));
+        assert_eq!(dr.sending.as_ref().map(|c| c.next), Some(u32::MAX));
+    }
+
+    #[test]
+    fn small_order_peer_key_refuses_to_send() {
+        let mut r = rng();
+        let mut dr = DoubleRatchet::initiator(
+            RootKey::from_bytes([1; 32]),
+            ChainKey::from_bytes([2; 32]),
+            RatchetKeyPair::generate(&mut r),
+            [0; 32],
+        );
+        let root_before = dr.root.clone();
+        assert_eq!(dr.next_sending_key([0; 16], &mut r).err(), Some(EncryptError::InvalidRatchetKey));
+        assert!(dr.sending.is_none());
+        assert_eq!(dr.root, root_before);
+    }
+}

@@ -282,3 +282,42 @@ impl ReceivingSenderKey {
         self.skipped.remove_created_before(cutoff)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+
+    fn setup() -> (SenderKey, ReceivingSenderKey) {
+        let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let gid = ConversationId::random_group(&mut r);
+        let own = SenderKey::generate(gid, PeerId([1; 20]), None, &mut r);
+        let recv = ReceivingSenderKey::from_distribution(&own.distribution()).unwrap();
+        (own, recv)
+    }
+
+    #[test]
+    fn validly_signed_but_undecryptable_ciphertext_is_bad_mac() {
+        let (mut own, mut recv) = setup();
+        let mut m = own.encrypt(b"hello").unwrap();
+        m.ciphertext[0] ^= 1;
+        m.signature = Bytes64(own.signing.sign(&group_message_transcript(&m)).to_bytes());
+        recv.verify(&m).unwrap();
+        let staged = recv.stage(&m.sender, m.message_number).unwrap();
+        assert_eq!(ReceivingSenderKey::open(&staged, &m.ciphertext).err(), Some(GroupError::BadMac));
+        // Not committed: the original still decrypts.
+        m.ciphertext[0] ^= 1;
+        let staged = recv.stage(&m.sender, m.message_number).unwrap();
+        let plain = ReceivingSenderKey::open(&staged, &m.ciphertext).unwrap();
+        recv.commit(staged, Timestamp(0));
+        assert_eq!(&plain[..], b"hello");
+    }
+
+    #[test]
+    fn exhausted_chain_refuses() {
+        let (mut own, _) = setup();
+        own.next = u32::MAX;
+        assert_eq!(own.encrypt(b"x").err(), Some(GroupError::ChainExhausted));
+        assert_eq!(own.next, u32::MAX);
+    }
+}

@@ -15,8 +15,16 @@ use crate::time::Timestamp;
 use crate::wire::RatchetMessage;
 
 /// Identifies one key exchange: the first 16 bytes of its transcript hash.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SessionId(pub [u8; 16]);
+
+impl core::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SessionId(")?;
+        crate::ids::write_hex(f, &self.0)?;
+        f.write_str(")")
+    }
+}
 
 /// Which side of the key exchange this session was on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
