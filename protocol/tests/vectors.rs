@@ -1,0 +1,380 @@
+//! Known-answer vectors: a deterministic generator that runs the real
+//! sessions from fixed seeds, recomputes every step from the `kdf` functions
+//! and raw primitives alongside them (asserting the two agree), and writes
+//! JSON. The test regenerates the files and compares them byte for byte;
+//! `P2PCHAT_WRITE_VECTORS=1 cargo test -p p2pchat-protocol --test vectors`
+//! rewrites them. `check_vectors.py` beside the files checks them
+//! independently, from `docs/PROTOCOL.md` alone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use crypto_secretbox::aead::{Aead, KeyInit};
+use crypto_secretbox::XSalsa20Poly1305;
+use p2pchat_protocol::handshake::{self, x25519_public_of};
+use p2pchat_protocol::identity::peer_id_of;
+use p2pchat_protocol::keys::{ChainKey, MessageKey, RootKey, SenderChainKey};
+use p2pchat_protocol::sender_key::group_message_transcript;
+use p2pchat_protocol::wire::{
+    ChatContent, Envelope, EnvelopeBody, PairwisePayload, RatchetMessage, SenderKeyDistribution,
+};
+use p2pchat_protocol::{kdf, ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, Timestamp};
+use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// An RNG that remembers what it handed out, so the generator can name the
+/// ephemeral and ratchet secrets a session drew.
+struct TapRng {
+    inner: rand_chacha::ChaCha20Rng,
+    last32: Option<[u8; 32]>,
+}
+
+impl RngCore for TapRng {
+    fn next_u32(&mut self) -> u32 {
+        self.inner.next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.inner.next_u64()
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.inner.fill_bytes(dest);
+        if dest.len() == 32 {
+            self.last32 = Some(dest.try_into().unwrap());
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_chacha::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+impl CryptoRng for TapRng {}
+
+fn h(bytes: impl AsRef<[u8]>) -> Value {
+    Value::String(hex::encode(bytes))
+}
+
+fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
+    x25519_dalek::StaticSecret::from(*secret).diffie_hellman(&x25519_dalek::PublicKey::from(*public)).to_bytes()
+}
+
+fn secretbox(key: &[u8; 32], nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
+    XSalsa20Poly1305::new(key.into()).encrypt(nonce.into(), plaintext).unwrap()
+}
+
+const T0: Timestamp = Timestamp::from_millis(1_735_401_234_000);
+
+fn kdf_vectors() -> Value {
+    let seq = |start: u8| -> [u8; 32] { core::array::from_fn(|i| start.wrapping_add(i as u8)) };
+    let ck = ChainKey::from_bytes(seq(0));
+    let (mk, next) = kdf::ratchet_chain_step(&ck);
+    let rk = RootKey::from_bytes(seq(0x20));
+    let dh = seq(0x40);
+    let (rk2, ck2) = kdf::ratchet_root_step(&rk, &dh);
+    let th = seq(0x60);
+    let (kx_rk, kx_ck) = kdf::kx_root_step(&th, &dh);
+    let keys = kdf::expand_ratchet_message_key(&MessageKey::from_bytes(seq(0x80)));
+    let binding = seq(0xA0);
+    let header = [0xC0u8; 56];
+    let tag = kdf::ratchet_header_tag(&keys.header_key, &binding, &header);
+    let sck = SenderChainKey::from_bytes(seq(0xE0));
+    let (smk, snext) = kdf::sender_chain_step(&sck);
+    let skeys = kdf::expand_sender_message_key(&smk);
+    let identity = IdentityKeyPair::from_seed(&seq(0x10));
+    let other = IdentityKeyPair::from_seed(&seq(0x30));
+    let sb_plain = b"secretbox known answer";
+    json!({
+        "ratchet_chain_step": { "chain_key": h(ck.as_bytes()), "message_key": h(mk.as_bytes()), "next_chain_key": h(next.as_bytes()) },
+        "ratchet_root_step": { "root_key": h(rk.as_bytes()), "dh": h(dh), "next_root_key": h(rk2.as_bytes()), "chain_key": h(ck2.as_bytes()) },
+        "kx_root_step": { "transcript_hash": h(th), "dh": h(dh), "root_key": h(kx_rk.as_bytes()), "chain_key": h(kx_ck.as_bytes()) },
+        "ratchet_message_keys": { "message_key": h(seq(0x80)), "cipher_key": h(*keys.cipher_key), "nonce": h(keys.nonce), "header_key": h(*keys.header_key) },
+        "ratchet_header_tag": { "header_key": h(*keys.header_key), "binding": h(binding), "header": h(header), "tag": h(tag) },
+        "sender_chain_step": { "chain_key": h(sck.as_bytes()), "message_key": h(smk.as_bytes()), "next_chain_key": h(snext.as_bytes()) },
+        "sender_message_keys": { "message_key": h(smk.as_bytes()), "cipher_key": h(*skeys.cipher_key), "nonce": h(skeys.nonce) },
+        "peer_id": { "identity_public": h(identity.public().to_bytes()), "peer_id": identity.peer_id().to_string() },
+        "conversation_id": {
+            "peer_a": identity.peer_id().to_string(),
+            "peer_b": other.peer_id().to_string(),
+            "conversation_id": ConversationId::for_peers(&identity.peer_id(), &other.peer_id()).to_string(),
+        },
+        "secretbox": { "key": h(*keys.cipher_key), "nonce": h(keys.nonce), "plaintext": h(sb_plain), "ciphertext": h(secretbox(&keys.cipher_key, &keys.nonce, sb_plain)) },
+    })
+}
+
+/// A mirror of one direction's chain, kept from the KDF functions alone.
+struct Mirror {
+    root: RootKey,
+    chain: ChainKey,
+    n: u32,
+}
+
+struct Party {
+    name: &'static str,
+    identity: IdentityKeyPair,
+    sessions: PairwiseSessions,
+    ratchet_secret: [u8; 32],
+}
+
+/// Encrypts through the real session and checks every derived value against
+/// the mirror; returns the vector entry.
+fn ratchet_message(
+    from: &mut Party,
+    to_name: &str,
+    to_ratchet_public: [u8; 32],
+    mirror: &mut Mirror,
+    payload: &PairwisePayload,
+    rng: &mut TapRng,
+) -> (Value, RatchetMessage) {
+    let before = from.sessions.current().our_ratchet_public_key();
+    let plaintext = payload.encode();
+    rng.last32 = None;
+    let m = from.sessions.encrypt(&plaintext, rng).unwrap();
+    let mut dh_step = Value::Null;
+    if m.header.ratchet_key != before || rng.last32.is_some() {
+        let secret = rng.last32.expect("a DH step draws a new ratchet secret");
+        assert_eq!(x25519_public_of(&secret), m.header.ratchet_key);
+        let dh = x25519(&secret, &to_ratchet_public);
+        let (root, chain) = kdf::ratchet_root_step(&mirror.root, &dh);
+        dh_step = json!({
+            "sender_ratchet_secret": h(secret),
+            "sender_ratchet_public": h(m.header.ratchet_key),
+            "receiver_ratchet_public": h(to_ratchet_public),
+            "dh": h(dh),
+            "root_key_before": h(mirror.root.as_bytes()),
+            "root_key_after": h(root.as_bytes()),
+            "chain_key": h(chain.as_bytes()),
+        });
+        from.ratchet_secret = secret;
+        *mirror = Mirror { root, chain, n: 0 };
+    }
+    assert_eq!(m.header.message_number, mirror.n);
+    let (mk, next) = kdf::ratchet_chain_step(&mirror.chain);
+    let keys = kdf::expand_ratchet_message_key(&mk);
+    let binding = *from.sessions.current().binding();
+    let header_bytes = m.header.to_bytes();
+    assert_eq!(kdf::ratchet_header_tag(&keys.header_key, &binding, &header_bytes), m.header_tag);
+    assert_eq!(secretbox(&keys.cipher_key, &keys.nonce, &plaintext), m.ciphertext);
+    let entry = json!({
+        "sender": from.name,
+        "receiver": to_name,
+        "dh_step": dh_step,
+        "chain_key": h(mirror.chain.as_bytes()),
+        "message_key": h(mk.as_bytes()),
+        "next_chain_key": h(next.as_bytes()),
+        "cipher_key": h(*keys.cipher_key),
+        "nonce": h(keys.nonce),
+        "header_key": h(*keys.header_key),
+        "header": {
+            "session_id": h(m.header.session_id),
+            "ratchet_key": h(m.header.ratchet_key),
+            "previous_chain_length": m.header.previous_chain_length,
+            "message_number": m.header.message_number,
+        },
+        "header_bytes": h(header_bytes),
+        "binding": h(binding),
+        "header_tag": h(m.header_tag),
+        "plaintext": h(&plaintext),
+        "ciphertext": h(&m.ciphertext),
+        "envelope": h(Envelope::new(EnvelopeBody::Ratchet(m.clone())).encode()),
+    });
+    mirror.chain = next;
+    mirror.n += 1;
+    (entry, m)
+}
+
+fn chat(rng: &mut TapRng, at: u64, text: &str) -> PairwisePayload {
+    PairwisePayload::Chat(ChatContent {
+        message_id: MessageId::random(rng),
+        sent_at: Timestamp(T0.0 + at),
+        content: text.to_owned(),
+    })
+}
+
+fn generate() -> Vec<(&'static str, Value)> {
+    let mut rng = TapRng { inner: rand_chacha::ChaCha20Rng::seed_from_u64(0x7032_7063_6861_7400), last32: None };
+    let alice_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: alice").into());
+    let bob_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: bob").into());
+    let carol_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: carol").into());
+
+    // ---- key exchange
+    let (pending, request) = handshake::initiate(&alice_id, bob_id.peer_id(), T0, &mut rng);
+    let alice_eph = *pending.ephemeral_secret();
+    rng.last32 = None;
+    let accepted = handshake::respond(&bob_id, &alice_id.peer_id(), &request, None, T0.saturating_add_millis(40), &mut rng).unwrap();
+    let bob_eph = rng.last32.unwrap();
+    assert_eq!(x25519_public_of(&bob_eph), accepted.ack.ephemeral);
+    let alice_session = pending.complete(&accepted.ack).unwrap();
+    let req_t = handshake::request_transcript(&alice_id.peer_id(), &request);
+    let ack_t = handshake::ack_transcript(&alice_id.peer_id(), &bob_id.peer_id(), &request, &accepted.ack.ephemeral);
+    let th = handshake::transcript_hash(&ack_t);
+    let dh0 = x25519(&alice_eph, &accepted.ack.ephemeral);
+    assert_eq!(dh0, x25519(&bob_eph, &request.ephemeral));
+    let (rk1, ck_b) = kdf::kx_root_step(&th, &dh0);
+    let conversation_id = ConversationId::for_peers(&alice_id.peer_id(), &bob_id.peer_id());
+    let binding: [u8; 32] = Sha256::new()
+        .chain_update(kdf::labels::RATCHET_AD)
+        .chain_update(alice_id.public().to_bytes())
+        .chain_update(bob_id.public().to_bytes())
+        .chain_update(conversation_id.as_bytes())
+        .chain_update(&th[..16])
+        .finalize()
+        .into();
+    assert_eq!(&binding, alice_session.binding());
+    assert_eq!(alice_session.id().0, th[..16]);
+    let key_exchange = json!({
+        "alice": { "seed": h(*alice_id.seed()), "identity_public": h(alice_id.public().to_bytes()), "peer_id": alice_id.peer_id().to_string() },
+        "bob": { "seed": h(*bob_id.seed()), "identity_public": h(bob_id.public().to_bytes()), "peer_id": bob_id.peer_id().to_string() },
+        "request": {
+            "ephemeral_secret": h(alice_eph),
+            "ephemeral_public": h(request.ephemeral),
+            "timestamp_ms": request.timestamp.as_millis(),
+            "nonce": h(request.nonce),
+            "transcript": h(&req_t),
+            "signature": h(request.signature.0),
+            "envelope": h(Envelope::new(EnvelopeBody::KeyExchangeRequest(request.clone())).encode()),
+        },
+        "ack": {
+            "ephemeral_secret": h(bob_eph),
+            "ephemeral_public": h(accepted.ack.ephemeral),
+            "transcript": h(&ack_t),
+            "signature": h(accepted.ack.signature.0),
+            "envelope": h(Envelope::new(EnvelopeBody::KeyExchangeAck(accepted.ack.clone())).encode()),
+        },
+        "dh": h(dh0),
+        "transcript_hash": h(th),
+        "root_key": h(rk1.as_bytes()),
+        "responder_chain_key": h(ck_b.as_bytes()),
+        "session_id": h(&th[..16]),
+        "conversation_id": conversation_id.to_string(),
+        "binding": h(binding),
+    });
+
+    // ---- ratchet: Bob sends first on the key exchange chain; Alice answers
+    // with a DH step and three messages delivered out of order; Bob answers
+    // with a DH step of his own.
+    let mut alice = Party { name: "alice", identity: alice_id, sessions: PairwiseSessions::new(alice_session), ratchet_secret: alice_eph };
+    let mut bob = Party { name: "bob", identity: bob_id, sessions: PairwiseSessions::new(accepted.session), ratchet_secret: bob_eph };
+    let mut bob_mirror = Mirror { root: rk1.clone(), chain: ck_b, n: 0 };
+    // Alice's mirror starts at the same root; her first send is a DH step.
+    let mut alice_mirror = Mirror { root: rk1, chain: ChainKey::from_bytes([0; 32]), n: 0 };
+    let mut messages = Vec::new();
+    let mut wire = Vec::new();
+    let p = chat(&mut rng, 100, "hello alice, the key exchange just finished");
+    let (e, m) = ratchet_message(&mut bob, "alice", request.ephemeral, &mut bob_mirror, &p, &mut rng);
+    messages.push(e);
+    wire.push((0usize, m));
+    for (i, text) in ["first from alice", "second from alice", "third from alice"].iter().enumerate() {
+        let p = chat(&mut rng, 200 + i as u64, text);
+        let theirs = x25519_public_of(&bob.ratchet_secret);
+        let (e, m) = ratchet_message(&mut alice, "bob", theirs, &mut alice_mirror, &p, &mut rng);
+        messages.push(e);
+        wire.push((1, m));
+    }
+    // Bob's root moves when he receives Alice's new chain.
+    let dh_recv = x25519(&bob.ratchet_secret, &x25519_public_of(&alice.ratchet_secret));
+    let (root_after_receive, _) = kdf::ratchet_root_step(&bob_mirror.root, &dh_recv);
+    bob_mirror.root = root_after_receive;
+    let delivery_order = [0usize, 1, 3, 2];
+    for &i in &delivery_order[..] {
+        let (to_alice, m) = (&wire[i].0, &wire[i].1);
+        let receiver = if *to_alice == 0 { &mut alice } else { &mut bob };
+        let got = receiver.sessions.decrypt(m, T0.saturating_add_millis(500)).unwrap();
+        assert_eq!(hex::encode(&got[..]), messages[i]["plaintext"].as_str().unwrap());
+    }
+
+    // ---- group: Bob creates a group with Alice and Carol; his sender key
+    // reaches Alice inside a ratchet message (with a DH step at Bob).
+    let gid = ConversationId::random_group(&mut rng);
+    let members = [alice.identity.peer_id(), bob.identity.peer_id(), carol_id.peer_id()];
+    let mut bob_group = GroupSession::new(gid, bob.identity.peer_id(), members, &mut rng).unwrap();
+    let mut alice_group = GroupSession::new(gid, alice.identity.peer_id(), members, &mut rng).unwrap();
+    let distribution: SenderKeyDistribution = bob_group.distribution();
+    let dist_payload = PairwisePayload::SenderKeyDistribution(distribution.clone());
+    let theirs = x25519_public_of(&alice.ratchet_secret);
+    let (e, m) = ratchet_message(&mut bob, "alice", theirs, &mut bob_mirror, &dist_payload, &mut rng);
+    messages.push(e);
+    let got = alice.sessions.decrypt(&m, T0.saturating_add_millis(600)).unwrap();
+    let PairwisePayload::SenderKeyDistribution(received) = PairwisePayload::decode(&got).unwrap() else { panic!() };
+    alice_group.accept_distribution(&bob.identity.peer_id(), &received).unwrap();
+
+    let mut group_messages = Vec::new();
+    let mut group_wire = Vec::new();
+    let mut chain = SenderChainKey::from_bytes(distribution.chain_key);
+    for (i, text) in ["hello group", "second group message"].iter().enumerate() {
+        let content = ChatContent { message_id: MessageId::random(&mut rng), sent_at: Timestamp(T0.0 + 700 + i as u64), content: (*text).to_owned() };
+        let plaintext = content.encode();
+        let gm = bob_group.encrypt(&plaintext).unwrap();
+        let (mk, next) = kdf::sender_chain_step(&chain);
+        let keys = kdf::expand_sender_message_key(&mk);
+        assert_eq!(secretbox(&keys.cipher_key, &keys.nonce, &plaintext), gm.ciphertext);
+        group_messages.push(json!({
+            "message_number": gm.message_number,
+            "chain_key": h(chain.as_bytes()),
+            "message_key": h(mk.as_bytes()),
+            "next_chain_key": h(next.as_bytes()),
+            "cipher_key": h(*keys.cipher_key),
+            "nonce": h(keys.nonce),
+            "plaintext": h(&plaintext),
+            "ciphertext": h(&gm.ciphertext),
+            "transcript": h(group_message_transcript(&gm)),
+            "signature": h(gm.signature.0),
+            "envelope": h(Envelope::new(EnvelopeBody::Group(gm.clone())).encode()),
+        }));
+        group_wire.push(gm);
+        chain = next;
+    }
+    let group_order = [1usize, 0];
+    for &i in &group_order {
+        let got = alice_group.decrypt(&group_wire[i], T0.saturating_add_millis(800)).unwrap();
+        assert_eq!(hex::encode(&got[..]), group_messages[i]["plaintext"].as_str().unwrap());
+    }
+    let ratchet = json!({
+        "key_exchange": "key_exchange.json",
+        "alice_identity_public": h(alice.identity.public().to_bytes()),
+        "bob_identity_public": h(bob.identity.public().to_bytes()),
+        "messages": messages,
+        "delivery_order": delivery_order,
+        "note": "messages[4] carries the group's sender key distribution (see group.json)",
+    });
+    let group = json!({
+        "group_id": gid.to_string(),
+        "members": members.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "sender": bob.identity.peer_id().to_string(),
+        "distribution": {
+            "carried_by": "ratchet.json messages[4]",
+            "payload": h(dist_payload.encode()),
+            "key_id": distribution.key_id,
+            "message_number": distribution.message_number,
+            "chain_key": h(distribution.chain_key),
+            "signing_public": h(distribution.signing_public),
+        },
+        "messages": group_messages,
+        "delivery_order": group_order,
+    });
+    let _ = peer_id_of;
+    vec![("kdf", kdf_vectors()), ("key_exchange", key_exchange), ("ratchet", ratchet), ("group", group)]
+}
+
+#[test]
+fn vectors_reproduce_byte_for_byte() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    let write = std::env::var_os("P2PCHAT_WRITE_VECTORS").is_some();
+    for (name, value) in generate() {
+        let text = serde_json::to_string_pretty(&value).unwrap() + "\n";
+        let path = dir.join(format!("{name}.json"));
+        if write {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e}; run P2PCHAT_WRITE_VECTORS=1 cargo test -p p2pchat-protocol --test vectors", path.display())
+        });
+        assert!(on_disk == text, "{} differs from what the generator produces now", path.display());
+    }
+}
+
+#[test]
+fn generation_is_deterministic() {
+    let a: Vec<String> = generate().into_iter().map(|(_, v)| v.to_string()).collect();
+    let b: Vec<String> = generate().into_iter().map(|(_, v)| v.to_string()).collect();
+    assert_eq!(a, b);
+}
