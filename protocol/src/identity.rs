@@ -87,7 +87,7 @@ pub struct IdentityPublicKey {
 impl IdentityPublicKey {
     /// Parses a compressed Ed25519 public key.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
-        let key = VerifyingKey::from_bytes(bytes).map_err(|_| IdentityError::InvalidPublicKey)?;
+        let key = parse_verifying_key(bytes).ok_or(IdentityError::InvalidPublicKey)?;
         Ok(Self::from_verifying_key(key))
     }
 
@@ -139,6 +139,16 @@ impl<'de> Deserialize<'de> for IdentityPublicKey {
         let bytes = <[u8; 32]>::deserialize(deserializer)?;
         Self::from_bytes(&bytes).map_err(serde::de::Error::custom)
     }
+}
+
+/// Parses an Ed25519 public key strictly: the encoding must be canonical (so
+/// each key has one peer ID) and the point must not be of small order.
+pub(crate) fn parse_verifying_key(bytes: &[u8; 32]) -> Option<VerifyingKey> {
+    let key = VerifyingKey::from_bytes(bytes).ok()?;
+    if key.is_weak() || key.to_edwards().compress().to_bytes() != *bytes {
+        return None;
+    }
+    Some(key)
 }
 
 /// The peer ID of a compressed Ed25519 public key.

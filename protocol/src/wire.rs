@@ -147,17 +147,22 @@ impl Envelope {
         if kind >= ENVELOPE_KINDS {
             return Err(WireError::UnknownKind(kind));
         }
-        let body = decode_exact(rest, "envelope body")?;
+        let body: EnvelopeBody = decode_exact(rest, "envelope body")?;
         Ok(Self { body })
     }
 }
 
 /// Decodes `bytes` as exactly one `T`, refusing trailing bytes so that every
 /// value has exactly one encoding.
-pub(crate) fn decode_exact<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &'static str) -> Result<T, WireError> {
+/// Non-minimal varints are refused the same way: the value must re-encode
+/// to the very bytes it came from.
+pub(crate) fn decode_exact<'a, T: Deserialize<'a> + Serialize>(bytes: &'a [u8], what: &'static str) -> Result<T, WireError> {
     let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| malformed(what, e))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed { what, reason: format!("{} trailing bytes", rest.len()) });
+    }
+    if encode_postcard(&value) != bytes {
+        return Err(WireError::Malformed { what, reason: "non-canonical encoding (a varint is not minimal)".into() });
     }
     Ok(value)
 }
@@ -431,6 +436,16 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(Envelope::decode(&long), Err(WireError::Malformed { .. })));
+    }
+
+    #[test]
+    fn non_minimal_varints_are_malformed() {
+        let content = ChatContent { message_id: MessageId(crate::ids::Uuid([1; 16])), sent_at: Timestamp(5), content: "x".into() };
+        let mut bytes = content.encode();
+        assert_eq!(ChatContent::decode(&bytes), Ok(content));
+        // sent_at = 5 is the byte after the 16-byte ID; encode it as 0x85 0x00.
+        bytes.splice(16..17, [0x85, 0x00]);
+        assert!(matches!(ChatContent::decode(&bytes), Err(WireError::Malformed { .. })));
     }
 
     #[test]

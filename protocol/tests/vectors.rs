@@ -334,6 +334,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "bob_identity_public": h(bob.identity.public().to_bytes()),
         "messages": messages,
         "delivery_order": delivery_order,
+        "timeline": ["send 0", "send 1", "send 2", "send 3", "deliver 0", "deliver 1", "deliver 3", "deliver 2", "send 4", "deliver 4"],
         "note": "messages[4] carries the group's sender key distribution (see group.json)",
     });
     let group = json!({
