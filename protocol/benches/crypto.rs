@@ -61,7 +61,11 @@ fn bench_pairwise(c: &mut Criterion) {
     let mut g = c.benchmark_group("decrypt_existing_chain");
     let (mut a, mut b) = p2p_pair(&mut rng);
     g.bench_function("p2pchat", |bench| {
-        bench.iter_batched(|| a.encrypt(&MSG, &mut rng).unwrap(), |m| black_box(b.decrypt(&m, NOW).unwrap()), BatchSize::SmallInput)
+        bench.iter_batched(
+            || a.encrypt(&MSG, &mut rng).unwrap(),
+            |m| black_box(b.decrypt(&m, NOW).unwrap()),
+            BatchSize::SmallInput,
+        )
     });
     let (mut oa, mut ob) = olm_pair();
     g.bench_function("vodozemac", |bench| {
@@ -178,7 +182,11 @@ fn bench_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("group_decrypt");
     let (mut s, mut r) = p2p_group(&mut rng);
     g.bench_function("p2pchat", |bench| {
-        bench.iter_batched(|| s.encrypt(&MSG).unwrap(), |m| black_box(r.decrypt(&m, NOW).unwrap()), BatchSize::SmallInput)
+        bench.iter_batched(
+            || s.encrypt(&MSG).unwrap(),
+            |m| black_box(r.decrypt(&m, NOW).unwrap()),
+            BatchSize::SmallInput,
+        )
     });
     let mut out = vodozemac::megolm::GroupSession::new(vodozemac::megolm::SessionConfig::version_1());
     let mut inbound =

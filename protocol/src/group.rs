@@ -164,9 +164,7 @@ impl GroupSession {
         }
         let sender = message.sender;
         let member = self.members.get_mut(&sender).ok_or(GroupError::NotAMember { peer: sender })?;
-        let key = member
-            .find_mut(message.key_id)
-            .ok_or(GroupError::UnknownChain { sender, key_id: message.key_id })?;
+        let key = member.find_mut(message.key_id).ok_or(GroupError::UnknownChain { sender, key_id: message.key_id })?;
         key.verify(message)?;
         let staged = key.stage(&sender, message.message_number)?;
         let plaintext = ReceivingSenderKey::open(&staged, &message.ciphertext)?;

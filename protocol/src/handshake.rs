@@ -54,7 +54,9 @@ pub enum KeyExchangeError {
         initiator: PeerId,
     },
     /// The request's timestamp is too far from the responder's clock.
-    #[error("key exchange request timestamp is {skew_ms} ms from this node's clock (limit {MAX_REQUEST_CLOCK_SKEW_MS} ms)")]
+    #[error(
+        "key exchange request timestamp is {skew_ms} ms from this node's clock (limit {MAX_REQUEST_CLOCK_SKEW_MS} ms)"
+    )]
     Stale {
         /// The distance between the two clocks, in milliseconds.
         skew_ms: u64,
@@ -144,7 +146,8 @@ pub fn initiate(
         signature: Bytes64([0; 64]),
     };
     request.signature = Bytes64(identity.sign(&request_transcript(&identity.peer_id(), &request)));
-    let pending = PendingKeyExchange { local: identity.public().clone(), responder, ephemeral, request: request.clone() };
+    let pending =
+        PendingKeyExchange { local: identity.public().clone(), responder, ephemeral, request: request.clone() };
     (pending, request)
 }
 

@@ -136,11 +136,8 @@ impl ConversationId {
     /// UUID. Both peers compute the same value without talking.
     pub fn for_peers(a: &PeerId, b: &PeerId) -> Self {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        let digest = Sha256::new()
-            .chain_update(labels::CONVERSATION_ID)
-            .chain_update(lo.0)
-            .chain_update(hi.0)
-            .finalize();
+        let digest =
+            Sha256::new().chain_update(labels::CONVERSATION_ID).chain_update(lo.0).chain_update(hi.0).finalize();
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
         Self(Uuid::with_version(bytes, 8))

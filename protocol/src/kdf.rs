@@ -150,8 +150,7 @@ pub fn expand_sender_message_key(mk: &SenderMessageKey) -> SenderMessageKeys {
 }
 
 fn new_hmac(key: &[u8; 32]) -> HmacSha256 {
-    <HmacSha256 as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
+    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
 }
 
 /// Two HMACs under one key, sharing the padded-key setup.
@@ -165,8 +164,7 @@ fn hmac_pair(key: &[u8; 32], first: &[u8], second: &[u8]) -> ([u8; 32], [u8; 32]
 }
 
 fn expand_prk(prk: &[u8; 32], info: &[u8], okm: &mut [u8]) {
-    let hk = Hkdf::<Sha256>::from_prk(prk)
-        .unwrap_or_else(|_| unreachable!("a 32-byte PRK is long enough for SHA-256"));
+    let hk = Hkdf::<Sha256>::from_prk(prk).unwrap_or_else(|_| unreachable!("a 32-byte PRK is long enough for SHA-256"));
     expand_into(&hk, info, okm);
 }
 

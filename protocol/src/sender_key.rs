@@ -212,8 +212,7 @@ enum SenderChange {
 
 impl ReceivingSenderKey {
     pub(crate) fn from_distribution(d: &SenderKeyDistribution) -> Result<Self, GroupError> {
-        let verifying =
-            crate::identity::parse_verifying_key(&d.signing_public).ok_or(GroupError::InvalidSigningKey)?;
+        let verifying = crate::identity::parse_verifying_key(&d.signing_public).ok_or(GroupError::InvalidSigningKey)?;
         Ok(Self {
             key_id: d.key_id,
             chain: SenderChainKey::from_bytes(d.chain_key),

@@ -120,7 +120,8 @@ impl Session {
         if !bool::from(expected.ct_eq(&message.header_tag)) {
             return Err(DecryptionError::HeaderMismatch);
         }
-        let plaintext = aead::open(&keys.cipher_key, &keys.nonce, &message.ciphertext).ok_or(DecryptionError::BadMac)?;
+        let plaintext =
+            aead::open(&keys.cipher_key, &keys.nonce, &message.ciphertext).ok_or(DecryptionError::BadMac)?;
         self.ratchet.commit(staged, now);
         Ok(plaintext)
     }

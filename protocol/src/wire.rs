@@ -156,7 +156,10 @@ impl Envelope {
 /// value has exactly one encoding.
 /// Non-minimal varints are refused the same way: the value must re-encode
 /// to the very bytes it came from.
-pub(crate) fn decode_exact<'a, T: Deserialize<'a> + Serialize>(bytes: &'a [u8], what: &'static str) -> Result<T, WireError> {
+pub(crate) fn decode_exact<'a, T: Deserialize<'a> + Serialize>(
+    bytes: &'a [u8],
+    what: &'static str,
+) -> Result<T, WireError> {
     let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| malformed(what, e))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed { what, reason: format!("{} trailing bytes", rest.len()) });
@@ -417,7 +420,10 @@ mod tests {
     fn empty_and_oversized_are_refused() {
         assert_eq!(Envelope::decode(&[]), Err(WireError::Empty));
         let big = vec![PROTOCOL_VERSION; MAX_ENVELOPE_LEN + 1];
-        assert_eq!(Envelope::decode(&big), Err(WireError::TooLarge { len: MAX_ENVELOPE_LEN + 1, max: MAX_ENVELOPE_LEN }));
+        assert_eq!(
+            Envelope::decode(&big),
+            Err(WireError::TooLarge { len: MAX_ENVELOPE_LEN + 1, max: MAX_ENVELOPE_LEN })
+        );
     }
 
     #[test]
@@ -440,7 +446,11 @@ mod tests {
 
     #[test]
     fn non_minimal_varints_are_malformed() {
-        let content = ChatContent { message_id: MessageId(crate::ids::Uuid([1; 16])), sent_at: Timestamp(5), content: "x".into() };
+        let content = ChatContent {
+            message_id: MessageId(crate::ids::Uuid([1; 16])),
+            sent_at: Timestamp(5),
+            content: "x".into(),
+        };
         let mut bytes = content.encode();
         assert_eq!(ChatContent::decode(&bytes), Ok(content));
         // sent_at = 5 is the byte after the 16-byte ID; encode it as 0x85 0x00.

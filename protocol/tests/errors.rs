@@ -96,7 +96,10 @@ fn too_far_ahead_is_refused_but_max_skip_is_fine() {
         msgs.push(p.a.encrypt(format!("{i}").as_bytes(), &mut r).unwrap());
     }
     let last = msgs.last().unwrap();
-    assert_eq!(p.b.decrypt(last, NOW), Err(DecryptionError::TooFarAhead { skip: u64::from(MAX_SKIP) + 1, max: MAX_SKIP }));
+    assert_eq!(
+        p.b.decrypt(last, NOW),
+        Err(DecryptionError::TooFarAhead { skip: u64::from(MAX_SKIP) + 1, max: MAX_SKIP })
+    );
     let at_limit = &msgs[MAX_SKIP as usize];
     assert_eq!(&p.b.decrypt(at_limit, NOW).unwrap()[..], format!("{MAX_SKIP}").as_bytes());
     assert_eq!(p.b.current().skipped_key_count(), MAX_SKIP as usize);
@@ -162,7 +165,10 @@ fn identity_key_not_matching_the_sender_is_refused() {
     let err = handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap_err();
     assert_eq!(
         err,
-        KeyExchangeError::Identity(IdentityError::PeerIdMismatch { expected: alice.peer_id(), actual: mallory.peer_id() })
+        KeyExchangeError::Identity(IdentityError::PeerIdMismatch {
+            expected: alice.peer_id(),
+            actual: mallory.peer_id()
+        })
     );
 }
 
@@ -248,16 +254,20 @@ fn ack_from_the_wrong_identity_is_refused() {
     request.responder = mallory.peer_id();
     let (_, mut to_mallory) = handshake::initiate(&alice, mallory.peer_id(), NOW, &mut r);
     to_mallory.ephemeral = request.ephemeral;
-    let err = pending.complete(&handshake::respond(&mallory, &alice.peer_id(), &to_mallory, None, NOW, &mut r).map(|a| a.ack).unwrap_or_else(|_| {
-        // The re-addressed request does not verify; build an ack by hand.
-        p2pchat_protocol::wire::KeyExchangeAck {
-            responder_identity: mallory.public().to_bytes(),
-            initiator_ephemeral: request.ephemeral,
-            request_nonce: request.nonce,
-            ephemeral: [9; 32],
-            signature: Bytes64([0; 64]),
-        }
-    }));
+    let err = pending.complete(
+        &handshake::respond(&mallory, &alice.peer_id(), &to_mallory, None, NOW, &mut r).map(|a| a.ack).unwrap_or_else(
+            |_| {
+                // The re-addressed request does not verify; build an ack by hand.
+                p2pchat_protocol::wire::KeyExchangeAck {
+                    responder_identity: mallory.public().to_bytes(),
+                    initiator_ephemeral: request.ephemeral,
+                    request_nonce: request.nonce,
+                    ephemeral: [9; 32],
+                    signature: Bytes64([0; 64]),
+                }
+            },
+        ),
+    );
     assert!(matches!(err, Err(KeyExchangeError::Identity(IdentityError::PeerIdMismatch { .. }))));
 }
 
@@ -404,7 +414,10 @@ fn group_forwarded_invalid_and_conflicting_keys() {
     let stranger = PeerId([0x66; 20]);
     let mut from_stranger = d0.clone();
     from_stranger.sender = stranger;
-    assert_eq!(t.groups[2].accept_distribution(&stranger, &from_stranger), Err(GroupError::NotAMember { peer: stranger }));
+    assert_eq!(
+        t.groups[2].accept_distribution(&stranger, &from_stranger),
+        Err(GroupError::NotAMember { peer: stranger })
+    );
     // Member 0's key still works at member 2.
     let m = t.groups[0].encrypt(b"still fine").unwrap();
     assert_eq!(&t.groups[2].decrypt(&m, NOW).unwrap()[..], b"still fine");
@@ -422,10 +435,7 @@ fn group_too_many_members_is_refused() {
             PeerId(id)
         })
         .collect();
-    assert_eq!(
-        GroupSession::new(gid, me, many.clone(), &mut r).unwrap_err(),
-        GroupError::TooManyMembers { max: 1000 }
-    );
+    assert_eq!(GroupSession::new(gid, me, many.clone(), &mut r).unwrap_err(), GroupError::TooManyMembers { max: 1000 });
     let mut g = GroupSession::new(gid, me, many[..999].to_vec(), &mut r).unwrap();
     assert_eq!(g.add_member(PeerId([9; 20])), Err(GroupError::TooManyMembers { max: 1000 }));
 }

@@ -200,7 +200,9 @@ fn generate() -> Vec<(&'static str, Value)> {
     let (pending, request) = handshake::initiate(&alice_id, bob_id.peer_id(), T0, &mut rng);
     let alice_eph = *pending.ephemeral_secret();
     rng.last32 = None;
-    let accepted = handshake::respond(&bob_id, &alice_id.peer_id(), &request, None, T0.saturating_add_millis(40), &mut rng).unwrap();
+    let accepted =
+        handshake::respond(&bob_id, &alice_id.peer_id(), &request, None, T0.saturating_add_millis(40), &mut rng)
+            .unwrap();
     let bob_eph = rng.last32.unwrap();
     assert_eq!(x25519_public_of(&bob_eph), accepted.ack.ephemeral);
     let alice_session = pending.complete(&accepted.ack).unwrap();
@@ -252,8 +254,18 @@ fn generate() -> Vec<(&'static str, Value)> {
     // ---- ratchet: Bob sends first on the key exchange chain; Alice answers
     // with a DH step and three messages delivered out of order; Bob answers
     // with a DH step of his own.
-    let mut alice = Party { name: "alice", identity: alice_id, sessions: PairwiseSessions::new(alice_session), ratchet_secret: alice_eph };
-    let mut bob = Party { name: "bob", identity: bob_id, sessions: PairwiseSessions::new(accepted.session), ratchet_secret: bob_eph };
+    let mut alice = Party {
+        name: "alice",
+        identity: alice_id,
+        sessions: PairwiseSessions::new(alice_session),
+        ratchet_secret: alice_eph,
+    };
+    let mut bob = Party {
+        name: "bob",
+        identity: bob_id,
+        sessions: PairwiseSessions::new(accepted.session),
+        ratchet_secret: bob_eph,
+    };
     let mut bob_mirror = Mirror { root: rk1.clone(), chain: ck_b, n: 0 };
     // Alice's mirror starts at the same root; her first send is a DH step.
     let mut alice_mirror = Mirror { root: rk1, chain: ChainKey::from_bytes([0; 32]), n: 0 };
@@ -301,7 +313,11 @@ fn generate() -> Vec<(&'static str, Value)> {
     let mut group_wire = Vec::new();
     let mut chain = SenderChainKey::from_bytes(distribution.chain_key);
     for (i, text) in ["hello group", "second group message"].iter().enumerate() {
-        let content = ChatContent { message_id: MessageId::random(&mut rng), sent_at: Timestamp(T0.0 + 700 + i as u64), content: (*text).to_owned() };
+        let content = ChatContent {
+            message_id: MessageId::random(&mut rng),
+            sent_at: Timestamp(T0.0 + 700 + i as u64),
+            content: (*text).to_owned(),
+        };
         let plaintext = content.encode();
         let gm = bob_group.encrypt(&plaintext).unwrap();
         let (mk, next) = kdf::sender_chain_step(&chain);
