@@ -197,7 +197,7 @@ fn bench_group(c: &mut Criterion) {
     let verifying = signing.verifying_key();
     let signature = signing.sign(&MSG);
     g.bench_function("ed25519_verify_strict", |bench| {
-        bench.iter(|| black_box(verifying.verify_strict(black_box(&MSG), &signature).unwrap()))
+        bench.iter(|| verifying.verify_strict(black_box(&MSG), &signature).is_ok())
     });
     g.finish();
 }

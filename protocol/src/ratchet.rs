@@ -121,6 +121,9 @@ struct Chain {
 /// A skipped key's identity: (sender ratchet key, message number).
 type SkippedId = ([u8; 32], u32);
 
+/// Keys passed over on one chain, by message number.
+type SkippedOnChain = Vec<(u32, MessageKey)>;
+
 /// One Double Ratchet state.
 #[derive(Clone)]
 pub(crate) struct DoubleRatchet {
@@ -146,15 +149,9 @@ enum Change {
     /// The key came from the skipped cache: remove it.
     Skipped(SkippedId),
     /// The current receiving chain advances.
-    SameChain { chain: Chain, skipped: Vec<(u32, MessageKey)> },
+    SameChain { chain: Chain, skipped: SkippedOnChain },
     /// A DH ratchet step: a new root and receiving chain.
-    NewChain {
-        root: RootKey,
-        theirs: [u8; 32],
-        chain: Chain,
-        skipped_old: Vec<(u32, MessageKey)>,
-        skipped_new: Vec<(u32, MessageKey)>,
-    },
+    NewChain { root: RootKey, theirs: [u8; 32], chain: Chain, skipped_old: SkippedOnChain, skipped_new: SkippedOnChain },
 }
 
 /// A sealed message's parts, before the session adds its header binding.
@@ -316,7 +313,7 @@ fn check_skip(from: u32, to: u32) -> Result<(), DecryptionError> {
 
 /// The keys of messages `chain.next .. end`, which are being skipped, and
 /// the chain key at `end`.
-fn skip_until(chain: &Chain, end: u32) -> Result<(ChainKey, Vec<(u32, MessageKey)>), DecryptionError> {
+fn skip_until(chain: &Chain, end: u32) -> Result<(ChainKey, SkippedOnChain), DecryptionError> {
     check_skip(chain.next, end)?;
     let mut skipped = Vec::with_capacity(end.saturating_sub(chain.next) as usize);
     let mut key = chain.key.clone();
@@ -330,7 +327,7 @@ fn skip_until(chain: &Chain, end: u32) -> Result<(ChainKey, Vec<(u32, MessageKey
 
 /// Walks `chain` to message `n` (at or after `chain.next`): the key for `n`,
 /// the chain after it, and the keys skipped on the way.
-fn walk(chain: &Chain, n: u32) -> Result<(MessageKey, Chain, Vec<(u32, MessageKey)>), DecryptionError> {
+fn walk(chain: &Chain, n: u32) -> Result<(MessageKey, Chain, SkippedOnChain), DecryptionError> {
     let next = n.checked_add(1).ok_or(DecryptionError::TooFarAhead { skip: u64::from(u32::MAX), max: MAX_SKIP })?;
     let (key, skipped) = skip_until(chain, n)?;
     let (message_key, key) = kdf::ratchet_chain_step(&key);
