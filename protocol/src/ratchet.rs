@@ -264,12 +264,14 @@ impl DoubleRatchet {
                 self.skipped.remove(&id);
             }
             Change::SameChain { chain, skipped } => {
+                self.skipped.reserve(skipped.len());
                 for (n, key) in skipped {
                     self.skipped.insert((self.theirs, n), key, now);
                 }
                 self.receiving = Some(chain);
             }
             Change::NewChain { root, theirs, chain, skipped_old, skipped_new } => {
+                self.skipped.reserve(skipped_old.len() + skipped_new.len());
                 for (n, key) in skipped_old {
                     self.skipped.insert((self.theirs, n), key, now);
                 }

@@ -269,6 +269,7 @@ impl ReceivingSenderKey {
                 self.skipped.remove(&n);
             }
             SenderChange::Advance { chain, next, skipped } => {
+                self.skipped.reserve(skipped.len());
                 for (n, key) in skipped {
                     self.skipped.insert(n, key, now);
                 }

@@ -48,6 +48,12 @@ impl<K: Eq + Hash + Clone, V> SkippedKeys<K, V> {
         self.by_id.get(id).map(|slot| &slot.key)
     }
 
+    /// Makes room for `additional` inserts at once, so a long skip does not
+    /// rehash the map several times over.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.by_id.reserve(additional.min(MAX_SKIPPED_KEYS));
+    }
+
     /// Inserts, evicting the oldest entries beyond [`MAX_SKIPPED_KEYS`].
     pub(crate) fn insert(&mut self, id: K, key: V, created_at: Timestamp) {
         let seq = self.next_seq;
