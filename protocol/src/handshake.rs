@@ -217,7 +217,8 @@ pub fn respond(
         return Err(KeyExchangeError::NotForUs { addressed: request.responder, local });
     }
     let initiator = IdentityPublicKey::from_bytes_for(&request.initiator_identity, from)?;
-    initiator.verify(&request_transcript(from, request), &request.signature.0)?;
+    // The cheap freshness checks come before the signature, so a flood of
+    // stale or replayed requests costs no Ed25519 verifications.
     let skew_ms = request.timestamp.as_millis().abs_diff(now.as_millis());
     if skew_ms > MAX_REQUEST_CLOCK_SKEW_MS {
         return Err(KeyExchangeError::Stale { skew_ms });
@@ -226,6 +227,7 @@ pub fn respond(
     if last_mark.is_some_and(|last| mark <= *last) {
         return Err(KeyExchangeError::Replayed { initiator: *from });
     }
+    initiator.verify(&request_transcript(from, request), &request.signature.0)?;
     let ephemeral = RatchetKeyPair::generate(rng);
     let dh = ephemeral.diffie_hellman(&request.ephemeral).ok_or(KeyExchangeError::InvalidEphemeralKey)?;
     let transcript = ack_transcript(from, &local, request, ephemeral.public());
