@@ -10,7 +10,8 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use crate::ids::{ConversationId, PeerId};
-use crate::sender_key::{GroupError, ReceivingSenderKey, SenderKey};
+use crate::sender_key::{ReceivingSenderKey, SenderKey};
+use crate::skipped::{MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
 use crate::time::Timestamp;
 use crate::wire::{GroupMessage, SenderKeyDistribution};
 
@@ -21,7 +22,84 @@ pub const MAX_PREVIOUS_SENDER_KEYS: usize = 3;
 /// The most members a group may have, its creator included.
 pub const MAX_GROUP_MEMBERS: usize = 1_000;
 
-#[derive(Clone, Default)]
+/// Why a group message or sender key was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The message or key is for another group.
+    #[error("message is for group {got}, not {expected}")]
+    WrongGroup {
+        /// This group.
+        expected: ConversationId,
+        /// The group named.
+        got: ConversationId,
+    },
+    /// The sender is not a current member of the group.
+    #[error("{peer} is not a member of this group")]
+    NotAMember {
+        /// The sender named.
+        peer: PeerId,
+    },
+    /// A sender key distribution arrived over another member's channel.
+    #[error("sender key of {claimed} arrived over the channel of {channel}; only a key's owner may distribute it")]
+    ForwardedKey {
+        /// Whose key the distribution claims to be.
+        claimed: PeerId,
+        /// Who actually sent it.
+        channel: PeerId,
+    },
+    /// No sender key with this ID is held for the sender.
+    #[error("no sender key {key_id} is held for {sender}; ask the sender for it")]
+    UnknownChain {
+        /// The sender.
+        sender: PeerId,
+        /// The key ID named.
+        key_id: u32,
+    },
+    /// The signature does not verify under the sender key's signing key.
+    #[error("group message signature does not verify")]
+    BadSignature,
+    /// The signed ciphertext does not decrypt.
+    #[error("group message ciphertext failed authentication")]
+    BadMac,
+    /// This message number was already decrypted (or its key expired).
+    #[error("group message {message_number} from {sender} was already received (or its key expired)")]
+    Duplicate {
+        /// The sender.
+        sender: PeerId,
+        /// The message number.
+        message_number: u32,
+    },
+    /// The message would need more skipped keys than allowed.
+    #[error("group message is {skip} messages ahead of the chain; at most {max} may be skipped")]
+    TooFarAhead {
+        /// Keys that would have to be skipped.
+        skip: u64,
+        /// [`MAX_SKIP`](crate::MAX_SKIP).
+        max: u32,
+    },
+    /// The distributed signing key is not a valid Ed25519 point.
+    #[error("the distributed signing key is not a valid Ed25519 public key")]
+    InvalidSigningKey,
+    /// A distribution reuses a key ID with different key material.
+    #[error("{sender} distributed sender key {key_id} twice with different keys")]
+    ConflictingKey {
+        /// The sender.
+        sender: PeerId,
+        /// The reused key ID.
+        key_id: u32,
+    },
+    /// Our sending chain has used every message number.
+    #[error("the sender key chain is exhausted; rotate it with GroupSession::rotate_own_key")]
+    ChainExhausted,
+    /// The group would exceed its member limit.
+    #[error("a group has at most {max} members")]
+    TooManyMembers {
+        /// The limit.
+        max: usize,
+    },
+}
+
+#[derive(Default)]
 struct MemberKeys {
     current: Option<ReceivingSenderKey>,
     /// Newest last.
@@ -35,6 +113,14 @@ impl MemberKeys {
 
     fn find_mut(&mut self, key_id: u32) -> Option<&mut ReceivingSenderKey> {
         self.current.iter_mut().chain(self.previous.iter_mut().rev()).find(|k| k.key_id() == key_id)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &ReceivingSenderKey> {
+        self.current.iter().chain(self.previous.iter())
+    }
+
+    fn keys_mut(&mut self) -> impl Iterator<Item = &mut ReceivingSenderKey> {
+        self.current.iter_mut().chain(self.previous.iter_mut())
     }
 }
 
@@ -125,8 +211,15 @@ impl GroupSession {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Option<SenderKeyDistribution> {
         self.members.remove(peer)?;
+        Some(self.rotate_own_key(rng))
+    }
+
+    /// Replaces our sender key with a fresh one (after a member leaves, or
+    /// when the chain is exhausted); returns its distribution for every
+    /// current member.
+    pub fn rotate_own_key(&mut self, rng: &mut (impl RngCore + CryptoRng)) -> SenderKeyDistribution {
         self.own = SenderKey::generate(self.group_id, self.me, Some(self.own.key_id()), rng);
-        Some(self.own.distribution())
+        self.own.distribution()
     }
 
     /// Accepts a sender key that arrived over `channel_peer`'s pairwise
@@ -169,14 +262,39 @@ impl GroupSession {
         let staged = key.stage(&sender, message.message_number)?;
         let plaintext = ReceivingSenderKey::open(&staged, &message.ciphertext)?;
         key.commit(staged, now);
+        self.enforce_skipped_key_budget();
         Ok(plaintext)
     }
 
-    /// Deletes skipped group keys created before `cutoff`; returns how many.
-    pub fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
+    /// Skipped keys cached for this group, across every member's keys.
+    pub fn skipped_key_count(&self) -> usize {
+        self.members.values().flat_map(MemberKeys::keys).map(ReceivingSenderKey::skipped_key_count).sum()
+    }
+
+    /// One budget of [`MAX_SKIPPED_KEYS`] for the whole group conversation:
+    /// beyond it, the oldest cached key in the group goes first.
+    fn enforce_skipped_key_budget(&mut self) {
+        while self.skipped_key_count() > MAX_SKIPPED_KEYS {
+            let oldest = self
+                .members
+                .values_mut()
+                .flat_map(MemberKeys::keys_mut)
+                .filter_map(|k| k.oldest_skipped_key().map(|at| (at, k)))
+                .min_by_key(|(at, _)| *at);
+            match oldest {
+                Some((_, key)) => key.evict_oldest_skipped_key(),
+                None => break,
+            }
+        }
+    }
+
+    /// Deletes skipped keys older than [`SKIPPED_KEY_MAX_AGE_MS`] (the 7-day
+    /// retention rule); returns how many went.
+    pub fn expire_skipped_keys(&mut self, now: Timestamp) -> usize {
+        let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
         self.members
             .values_mut()
-            .flat_map(|m| m.current.iter_mut().chain(m.previous.iter_mut()))
+            .flat_map(MemberKeys::keys_mut)
             .map(|k| k.remove_skipped_keys_created_before(cutoff))
             .sum()
     }

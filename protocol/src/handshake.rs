@@ -25,7 +25,7 @@ use crate::kdf::{self, labels};
 use crate::ratchet::{DoubleRatchet, RatchetKeyPair};
 use crate::session::{Role, Session, SessionId};
 use crate::time::Timestamp;
-use crate::wire::{Bytes64, KeyExchangeAck, KeyExchangeRequest, PROTOCOL_VERSION};
+use crate::wire::{KeyExchangeAck, KeyExchangeRequest, Signature64, PROTOCOL_VERSION};
 
 /// How far a request's timestamp may be ahead of the responder's clock, or
 /// behind it: 10 minutes. Requests are only answered live (never from a
@@ -143,9 +143,9 @@ pub fn initiate(
         ephemeral: *ephemeral.public(),
         timestamp: now,
         nonce,
-        signature: Bytes64([0; 64]),
+        signature: Signature64([0; 64]),
     };
-    request.signature = Bytes64(identity.sign(&request_transcript(&identity.peer_id(), &request)));
+    request.signature = Signature64(identity.sign(&request_transcript(&identity.peer_id(), &request)));
     let pending =
         PendingKeyExchange { local: identity.public().clone(), responder, ephemeral, request: request.clone() };
     (pending, request)
@@ -162,15 +162,28 @@ impl PendingKeyExchange {
         &self.request
     }
 
-    /// The ephemeral secret, for test vectors only.
-    #[doc(hidden)]
-    pub fn ephemeral_secret(&self) -> zeroize::Zeroizing<[u8; 32]> {
-        self.ephemeral.secret_bytes()
+    /// The ephemeral secret (for known-answer vectors).
+    pub fn ephemeral_secret(&self) -> crate::keys::X25519Secret {
+        self.ephemeral.secret()
     }
 
-    /// Checks the ack and derives the session. On error the exchange stays
-    /// pending, so a forged ack cannot cancel it.
-    pub fn complete(&self, ack: &KeyExchangeAck) -> Result<Session, KeyExchangeError> {
+    /// Checks the ack and derives the session. The exchange is consumed, so
+    /// a duplicated ack cannot complete it twice; a refused ack hands it back
+    /// still pending, so a forged ack cannot cancel it.
+    pub fn complete(self, ack: &KeyExchangeAck) -> Result<Session, Box<AckRefused>> {
+        match self.check_ack(ack) {
+            Ok((root, chain, hash, responder)) => {
+                let ratchet = DoubleRatchet::initiator(root, chain, self.ephemeral, ack.ephemeral);
+                Ok(Session::new(session_id(&hash), Role::Initiator, &self.local, &responder, ratchet))
+            }
+            Err(error) => Err(Box::new(AckRefused { error, pending: self })),
+        }
+    }
+
+    fn check_ack(
+        &self,
+        ack: &KeyExchangeAck,
+    ) -> Result<(crate::keys::RootKey, crate::keys::ChainKey, [u8; 32], IdentityPublicKey), KeyExchangeError> {
         let responder = IdentityPublicKey::from_bytes_for(&ack.responder_identity, &self.responder)?;
         if ack.initiator_ephemeral != self.request.ephemeral || ack.request_nonce != self.request.nonce {
             return Err(KeyExchangeError::AckMismatch);
@@ -180,38 +193,86 @@ impl PendingKeyExchange {
         let dh = self.ephemeral.diffie_hellman(&ack.ephemeral).ok_or(KeyExchangeError::InvalidEphemeralKey)?;
         let hash = transcript_hash(&transcript);
         let (root, chain) = kdf::kx_root_step(&hash, &dh);
-        let ratchet = DoubleRatchet::initiator(root, chain, self.ephemeral.clone(), ack.ephemeral);
-        Ok(Session::new(session_id(&hash), Role::Initiator, &self.local, &responder, ratchet))
+        Ok((root, chain, hash, responder))
     }
+}
+
+/// An ack that [`PendingKeyExchange::complete`] refused, with the exchange,
+/// still pending.
+pub struct AckRefused {
+    /// Why the ack was refused.
+    pub error: KeyExchangeError,
+    /// The exchange, unchanged.
+    pub pending: PendingKeyExchange,
+}
+
+impl core::fmt::Debug for AckRefused {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("AckRefused").field("error", &self.error).field("pending", &self.pending).finish()
+    }
+}
+
+impl core::fmt::Display for AckRefused {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl std::error::Error for AckRefused {}
+
+/// What a responder keeps per initiator: the newest request it accepted
+/// (the freshness mark) and the ack it sent, so that a retransmitted request
+/// (the ack was lost) gets the same ack again rather than a refusal.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnsweredRequest {
+    /// The freshness mark.
+    pub mark: RequestMark,
+    /// The ack sent for it (public data).
+    pub ack: KeyExchangeAck,
 }
 
 /// A request accepted by [`respond`].
 pub struct Accepted {
-    /// The new session; the responder may encrypt at once.
+    /// The new session; install it with
+    /// [`PairwiseSessions::install`](crate::PairwiseSessions::install).
     pub session: Session,
     /// The ack to send back.
     pub ack: KeyExchangeAck,
-    /// The new freshness mark for this initiator, to persist with the session.
-    pub mark: RequestMark,
+    /// Persist with the session, replacing the previous record for this initiator.
+    pub answered: AnsweredRequest,
 }
 
 impl core::fmt::Debug for Accepted {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Accepted").field("session", &self.session).field("mark", &self.mark).finish_non_exhaustive()
+        f.debug_struct("Accepted")
+            .field("session", &self.session)
+            .field("mark", &self.answered.mark)
+            .finish_non_exhaustive()
     }
 }
 
+/// How [`respond`] answered.
+#[derive(Debug)]
+pub enum Response {
+    /// A new request: a new session and its ack.
+    New(Box<Accepted>),
+    /// The very request answered last time, retransmitted because the ack was
+    /// lost: send this ack again; nothing else changes.
+    Repeat(KeyExchangeAck),
+}
+
 /// Answers a request that arrived from `from` (the peer ID the transport
-/// authenticated). `last_mark` is the newest request already accepted from
-/// that initiator. Nothing is returned to persist unless every check passes.
+/// authenticated). `last` is what was recorded for the newest request
+/// already accepted from that initiator. Nothing is returned to persist
+/// unless every check passes.
 pub fn respond(
     identity: &IdentityKeyPair,
     from: &PeerId,
     request: &KeyExchangeRequest,
-    last_mark: Option<&RequestMark>,
+    last: Option<&AnsweredRequest>,
     now: Timestamp,
     rng: &mut (impl RngCore + CryptoRng),
-) -> Result<Accepted, KeyExchangeError> {
+) -> Result<Response, KeyExchangeError> {
     let local = identity.peer_id();
     if request.responder != local {
         return Err(KeyExchangeError::NotForUs { addressed: request.responder, local });
@@ -224,8 +285,15 @@ pub fn respond(
         return Err(KeyExchangeError::Stale { skew_ms });
     }
     let mark = RequestMark { timestamp: request.timestamp, nonce: request.nonce };
-    if last_mark.is_some_and(|last| mark <= *last) {
-        return Err(KeyExchangeError::Replayed { initiator: *from });
+    if let Some(last) = last {
+        let repeat = mark == last.mark && request.ephemeral == last.ack.initiator_ephemeral;
+        if repeat {
+            initiator.verify(&request_transcript(from, request), &request.signature.0)?;
+            return Ok(Response::Repeat(last.ack.clone()));
+        }
+        if mark <= last.mark {
+            return Err(KeyExchangeError::Replayed { initiator: *from });
+        }
     }
     initiator.verify(&request_transcript(from, request), &request.signature.0)?;
     let ephemeral = RatchetKeyPair::generate(rng);
@@ -237,12 +305,13 @@ pub fn respond(
         initiator_ephemeral: request.ephemeral,
         request_nonce: request.nonce,
         ephemeral: *ephemeral.public(),
-        signature: Bytes64(identity.sign(&transcript)),
+        signature: Signature64(identity.sign(&transcript)),
     };
     let (root, chain) = kdf::kx_root_step(&hash, &dh);
     let ratchet = DoubleRatchet::responder(root, chain, ephemeral, request.ephemeral);
     let session = Session::new(session_id(&hash), Role::Responder, &initiator, identity.public(), ratchet);
-    Ok(Accepted { session, ack, mark })
+    let answered = AnsweredRequest { mark, ack: ack.clone() };
+    Ok(Response::New(Box::new(Accepted { session, ack, answered })))
 }
 
 /// `"p2pchat/v1/kx-request" ‖ version ‖ initiator ID ‖ responder ID ‖ E_i ‖ t (u64 BE) ‖ nonce`.
@@ -288,8 +357,7 @@ fn session_id(hash: &[u8; 32]) -> SessionId {
     SessionId(id)
 }
 
-/// Builds an X25519 static secret from raw bytes (test vectors only).
-#[doc(hidden)]
-pub fn x25519_public_of(secret: &[u8; 32]) -> [u8; 32] {
-    x25519_dalek::PublicKey::from(&StaticSecret::from(*secret)).to_bytes()
+/// The X25519 public key of a secret (for known-answer vectors).
+pub fn x25519_public_of(secret: &crate::keys::X25519Secret) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&StaticSecret::from(*secret.as_bytes())).to_bytes()
 }

@@ -40,8 +40,8 @@ impl IdentityKeyPair {
     }
 
     /// An identity from its 32-byte Ed25519 seed (for restoring from storage).
-    pub fn from_seed(seed: &[u8; 32]) -> Self {
-        Self::from_signing_key(SigningKey::from_bytes(seed))
+    pub fn from_seed(seed: &crate::keys::IdentitySeed) -> Self {
+        Self::from_signing_key(SigningKey::from_bytes(seed.as_bytes()))
     }
 
     fn from_signing_key(signing: SigningKey) -> Self {
@@ -50,8 +50,8 @@ impl IdentityKeyPair {
     }
 
     /// The 32-byte Ed25519 seed, for sealing into storage.
-    pub fn seed(&self) -> zeroize::Zeroizing<[u8; 32]> {
-        zeroize::Zeroizing::new(self.signing.to_bytes())
+    pub fn seed(&self) -> crate::keys::IdentitySeed {
+        crate::keys::IdentitySeed::from_bytes(self.signing.to_bytes())
     }
 
     /// The public half.

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::keys::{ChainKey, MessageKey, RootKey, SenderChainKey, SenderMessageKey};
+use crate::keys::{ChainKey, CipherKey, HeaderKey, MessageKey, RootKey, SenderChainKey, SenderMessageKey};
 
 /// Domain-separation labels. Each is ASCII and never a prefix of another
 /// used in the same position.
@@ -54,7 +54,8 @@ pub fn kx_root_step(transcript_hash: &[u8; 32], dh: &[u8; 32]) -> (RootKey, Chai
     let mut okm = Zeroizing::new([0u8; 64]);
     let hk = Hkdf::<Sha256>::new(Some(transcript_hash), dh);
     expand_into(&hk, labels::KX_ROOT, okm.as_mut());
-    (RootKey::from_slice(&okm[..32]), ChainKey::from_slice(&okm[32..]))
+    let (root, chain) = split_64(&okm);
+    (RootKey::from_bytes(*root), ChainKey::from_bytes(*chain))
 }
 
 /// The Double Ratchet root step `KDF_RK`:
@@ -64,7 +65,8 @@ pub fn ratchet_root_step(root: &RootKey, dh: &[u8; 32]) -> (RootKey, ChainKey) {
     let mut okm = Zeroizing::new([0u8; 64]);
     let hk = Hkdf::<Sha256>::new(Some(root.as_bytes()), dh);
     expand_into(&hk, labels::RATCHET_ROOT, okm.as_mut());
-    (RootKey::from_slice(&okm[..32]), ChainKey::from_slice(&okm[32..]))
+    let (root, chain) = split_64(&okm);
+    (RootKey::from_bytes(*root), ChainKey::from_bytes(*chain))
 }
 
 /// The Double Ratchet chain step `KDF_CK`: message key = HMAC-SHA256(ck, 0x01),
@@ -84,11 +86,11 @@ pub fn sender_chain_step(chain: &SenderChainKey) -> (SenderMessageKey, SenderCha
 /// What one ratchet message key expands into.
 pub struct RatchetMessageKeys {
     /// XSalsa20-Poly1305 key for the body.
-    pub cipher_key: Zeroizing<[u8; 32]>,
+    pub cipher_key: CipherKey,
     /// XSalsa20-Poly1305 nonce for the body.
     pub nonce: [u8; 24],
     /// HMAC-SHA256 key authenticating the header and associated data.
-    pub header_key: Zeroizing<[u8; 32]>,
+    pub header_key: HeaderKey,
 }
 
 impl core::fmt::Debug for RatchetMessageKeys {
@@ -102,20 +104,22 @@ impl core::fmt::Debug for RatchetMessageKeys {
 pub fn expand_ratchet_message_key(mk: &MessageKey) -> RatchetMessageKeys {
     let mut okm = Zeroizing::new([0u8; 88]);
     expand_prk(mk.as_bytes(), labels::RATCHET_MESSAGE, okm.as_mut());
-    let mut keys = RatchetMessageKeys {
-        cipher_key: Zeroizing::new([0u8; 32]),
-        nonce: [0u8; 24],
-        header_key: Zeroizing::new([0u8; 32]),
-    };
-    keys.cipher_key.copy_from_slice(&okm[..32]);
-    keys.nonce.copy_from_slice(&okm[32..56]);
-    keys.header_key.copy_from_slice(&okm[56..]);
-    keys
+    let mut cipher_key = Zeroizing::new([0u8; 32]);
+    let mut nonce = [0u8; 24];
+    let mut header_key = Zeroizing::new([0u8; 32]);
+    cipher_key.copy_from_slice(&okm[..32]);
+    nonce.copy_from_slice(&okm[32..56]);
+    header_key.copy_from_slice(&okm[56..]);
+    RatchetMessageKeys {
+        cipher_key: CipherKey::from_bytes(*cipher_key),
+        nonce,
+        header_key: HeaderKey::from_bytes(*header_key),
+    }
 }
 
 /// The header tag: the first 16 bytes of HMAC-SHA256(header key, binding ‖ header).
-pub fn ratchet_header_tag(header_key: &[u8; 32], binding: &[u8; 32], header: &[u8]) -> [u8; 16] {
-    let mut mac = new_hmac(header_key);
+pub fn ratchet_header_tag(header_key: &HeaderKey, binding: &[u8; 32], header: &[u8]) -> [u8; 16] {
+    let mut mac = new_hmac(header_key.as_bytes());
     mac.update(binding);
     mac.update(header);
     let full = mac.finalize().into_bytes();
@@ -127,7 +131,7 @@ pub fn ratchet_header_tag(header_key: &[u8; 32], binding: &[u8; 32], header: &[u
 /// What one sender-key message key expands into.
 pub struct SenderMessageKeys {
     /// XSalsa20-Poly1305 key.
-    pub cipher_key: Zeroizing<[u8; 32]>,
+    pub cipher_key: CipherKey,
     /// XSalsa20-Poly1305 nonce.
     pub nonce: [u8; 24],
 }
@@ -143,10 +147,20 @@ impl core::fmt::Debug for SenderMessageKeys {
 pub fn expand_sender_message_key(mk: &SenderMessageKey) -> SenderMessageKeys {
     let mut okm = Zeroizing::new([0u8; 56]);
     expand_prk(mk.as_bytes(), labels::SENDER_KEYS, okm.as_mut());
-    let mut keys = SenderMessageKeys { cipher_key: Zeroizing::new([0u8; 32]), nonce: [0u8; 24] };
-    keys.cipher_key.copy_from_slice(&okm[..32]);
-    keys.nonce.copy_from_slice(&okm[32..]);
-    keys
+    let mut cipher_key = Zeroizing::new([0u8; 32]);
+    let mut nonce = [0u8; 24];
+    cipher_key.copy_from_slice(&okm[..32]);
+    nonce.copy_from_slice(&okm[32..]);
+    SenderMessageKeys { cipher_key: CipherKey::from_bytes(*cipher_key), nonce }
+}
+
+/// Splits a 64-byte KDF output into two 32-byte keys.
+fn split_64(okm: &[u8; 64]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let mut first = Zeroizing::new([0u8; 32]);
+    let mut second = Zeroizing::new([0u8; 32]);
+    first.copy_from_slice(&okm[..32]);
+    second.copy_from_slice(&okm[32..]);
+    (first, second)
 }
 
 fn new_hmac(key: &[u8; 32]) -> HmacSha256 {

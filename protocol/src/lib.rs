@@ -31,7 +31,8 @@
 //! let EnvelopeBody::KeyExchangeRequest(request) = Envelope::decode(&wire)?.body else { unreachable!() };
 //!
 //! // Bob checks it (and that it is newer than any he accepted from Alice).
-//! let accepted = handshake::respond(&bob, &alice.peer_id(), &request, None, now, &mut rng)?;
+//! let handshake::Response::New(accepted) = handshake::respond(&bob, &alice.peer_id(), &request, None, now, &mut rng)?
+//! else { unreachable!("a first request is new") };
 //! let mut bob_sessions = PairwiseSessions::new(accepted.session);
 //!
 //! // Alice checks the ack and has her session too.
@@ -52,6 +53,7 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod aead;
@@ -68,11 +70,12 @@ mod skipped;
 pub mod time;
 pub mod wire;
 
+pub use group::GroupError;
 pub use group::GroupSession;
 pub use identity::{IdentityKeyPair, IdentityPublicKey};
 pub use ids::{ConversationId, MessageId, PeerId, Uuid};
 pub use ratchet::{DecryptionError, EncryptError};
-pub use sender_key::{GroupError, SenderKey};
-pub use session::{PairwiseSessions, Session, SessionId};
+pub use sender_key::SenderKey;
+pub use session::{InstallError, PairwiseSessions, Session, SessionId};
 pub use skipped::{MAX_SKIP, MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
 pub use time::Timestamp;

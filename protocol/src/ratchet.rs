@@ -52,8 +52,8 @@ pub enum DecryptionError {
     /// The message belongs to a chain this session has no keys for.
     #[error("message belongs to a ratchet chain this session holds no keys for")]
     UnknownChain,
-    /// The message names a session that is neither current nor previous.
-    #[error("message belongs to an unknown or replaced session; a new key exchange is needed")]
+    /// The message names a session this node does not hold.
+    #[error("message belongs to a session this node does not hold (never established here, or replaced and retired)")]
     UnknownSession,
     /// The sender's ratchet key gives an all-zero (non-contributory) DH output.
     #[error("the ratchet public key is of small order and was refused")]
@@ -101,14 +101,8 @@ impl RatchetKeyPair {
         Some(Zeroizing::new(shared.to_bytes()))
     }
 
-    pub(crate) fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.secret.to_bytes())
-    }
-}
-
-impl Clone for RatchetKeyPair {
-    fn clone(&self) -> Self {
-        Self { secret: self.secret.clone(), public: self.public }
+    pub(crate) fn secret(&self) -> crate::keys::X25519Secret {
+        crate::keys::X25519Secret::from_bytes(self.secret.to_bytes())
     }
 }
 
@@ -124,8 +118,8 @@ type SkippedId = ([u8; 32], u32);
 /// Keys passed over on one chain, by message number.
 type SkippedOnChain = Vec<(u32, MessageKey)>;
 
-/// One Double Ratchet state.
-#[derive(Clone)]
+/// One Double Ratchet state. Deliberately not `Clone`: two copies of a
+/// sending chain would encrypt two plaintexts under one key and nonce.
 pub(crate) struct DoubleRatchet {
     root: RootKey,
     ours: RatchetKeyPair,
@@ -154,8 +148,8 @@ enum Change {
     NewChain { root: RootKey, theirs: [u8; 32], chain: Chain, skipped_old: SkippedOnChain, skipped_new: SkippedOnChain },
 }
 
-/// A sealed message's parts, before the session adds its header binding.
-pub(crate) struct Encrypted {
+/// The key and header for the next outgoing message.
+pub(crate) struct SendingKey {
     pub(crate) header: RatchetHeader,
     pub(crate) message_key: MessageKey,
 }
@@ -196,7 +190,7 @@ impl DoubleRatchet {
         &mut self,
         session_id: [u8; 16],
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<Encrypted, EncryptError> {
+    ) -> Result<SendingKey, EncryptError> {
         let (fresh, chain) = match &self.sending {
             Some(chain) => (None, chain.clone()),
             None => {
@@ -219,7 +213,7 @@ impl DoubleRatchet {
             message_number: chain.next,
         };
         self.sending = Some(Chain { key: next_key, next });
-        Ok(Encrypted { header, message_key })
+        Ok(SendingKey { header, message_key })
     }
 
     /// Finds the message key for `header` without changing anything.
@@ -238,8 +232,10 @@ impl DoubleRatchet {
             return Ok(Staged { message_key, change: Change::SameChain { chain, skipped } });
         }
         if self.retired.contains(&header.ratchet_key) {
-            return Err(DecryptionError::UnknownChain);
+            // Its unused keys, if any, were in the skipped cache (step 1).
+            return Err(DecryptionError::Duplicate { message_number: n });
         }
+        check_skip(0, n)?;
         // A new chain: first collect what is left of the current one.
         let skipped_old = match &self.receiving {
             Some(chain) if header.previous_chain_length > chain.next => {
@@ -247,7 +243,6 @@ impl DoubleRatchet {
             }
             _ => Vec::new(),
         };
-        check_skip(0, n)?;
         let dh = self.ours.diffie_hellman(&header.ratchet_key).ok_or(DecryptionError::InvalidRatchetKey)?;
         let (root, first) = kdf::ratchet_root_step(&self.root, &dh);
         let (message_key, chain, skipped_new) = walk(&Chain { key: first, next: 0 }, n)?;
@@ -294,6 +289,14 @@ impl DoubleRatchet {
 
     pub(crate) fn skipped_key_count(&self) -> usize {
         self.skipped.len()
+    }
+
+    pub(crate) fn oldest_skipped_key(&self) -> Option<Timestamp> {
+        self.skipped.oldest_created_at()
+    }
+
+    pub(crate) fn evict_oldest_skipped_key(&mut self) {
+        self.skipped.pop_oldest();
     }
 
     pub(crate) fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {

@@ -10,89 +10,13 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand_core::{CryptoRng, RngCore};
 
 use crate::aead;
+use crate::group::GroupError;
 use crate::ids::{ConversationId, PeerId};
 use crate::kdf::{self, labels};
 use crate::keys::{SenderChainKey, SenderMessageKey};
 use crate::skipped::{SkippedKeys, MAX_SKIP};
 use crate::time::Timestamp;
-use crate::wire::{Bytes64, GroupMessage, SenderKeyDistribution, PROTOCOL_VERSION};
-
-/// Why a group message or sender key was refused. Nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GroupError {
-    /// The message or key is for another group.
-    #[error("message is for group {got}, not {expected}")]
-    WrongGroup {
-        /// This group.
-        expected: ConversationId,
-        /// The group named.
-        got: ConversationId,
-    },
-    /// The sender is not a current member of the group.
-    #[error("{peer} is not a member of this group")]
-    NotAMember {
-        /// The sender named.
-        peer: PeerId,
-    },
-    /// A sender key distribution arrived over another member's channel.
-    #[error("sender key of {claimed} arrived over the channel of {channel}; only a key's owner may distribute it")]
-    ForwardedKey {
-        /// Whose key the distribution claims to be.
-        claimed: PeerId,
-        /// Who actually sent it.
-        channel: PeerId,
-    },
-    /// No sender key with this ID is held for the sender.
-    #[error("no sender key {key_id} is held for {sender}; ask the sender for it")]
-    UnknownChain {
-        /// The sender.
-        sender: PeerId,
-        /// The key ID named.
-        key_id: u32,
-    },
-    /// The signature does not verify under the sender key's signing key.
-    #[error("group message signature does not verify")]
-    BadSignature,
-    /// The signed ciphertext does not decrypt.
-    #[error("group message ciphertext failed authentication")]
-    BadMac,
-    /// This message number was already decrypted (or its key expired).
-    #[error("group message {message_number} from {sender} was already received (or its key expired)")]
-    Duplicate {
-        /// The sender.
-        sender: PeerId,
-        /// The message number.
-        message_number: u32,
-    },
-    /// The message would need more skipped keys than allowed.
-    #[error("group message is {skip} messages ahead of the chain; at most {max} may be skipped")]
-    TooFarAhead {
-        /// Keys that would have to be skipped.
-        skip: u64,
-        /// [`MAX_SKIP`].
-        max: u32,
-    },
-    /// The distributed signing key is not a valid Ed25519 point.
-    #[error("the distributed signing key is not a valid Ed25519 public key")]
-    InvalidSigningKey,
-    /// A distribution reuses a key ID with different key material.
-    #[error("{sender} distributed sender key {key_id} twice with different keys")]
-    ConflictingKey {
-        /// The sender.
-        sender: PeerId,
-        /// The reused key ID.
-        key_id: u32,
-    },
-    /// Our sending chain has used every message number.
-    #[error("the sender key chain is exhausted; rotate the sender key")]
-    ChainExhausted,
-    /// The group would exceed its member limit.
-    #[error("a group has at most {max} members")]
-    TooManyMembers {
-        /// The limit.
-        max: usize,
-    },
-}
+use crate::wire::{GroupMessage, SenderKeyDistribution, Signature64, PROTOCOL_VERSION};
 
 /// Our own sending state for one group.
 pub struct SenderKey {
@@ -167,9 +91,9 @@ impl SenderKey {
             key_id: self.key_id,
             message_number: self.next,
             ciphertext,
-            signature: Bytes64([0; 64]),
+            signature: Signature64([0; 64]),
         };
-        message.signature = Bytes64(self.signing.sign(&group_message_transcript(&message)).to_bytes());
+        message.signature = Signature64(self.signing.sign(&group_message_transcript(&message)).to_bytes());
         self.chain = next_chain;
         self.next = next;
         Ok(message)
@@ -191,7 +115,6 @@ pub fn group_message_transcript(message: &GroupMessage) -> Vec<u8> {
 }
 
 /// A sender key held for another member.
-#[derive(Clone)]
 pub(crate) struct ReceivingSenderKey {
     key_id: u32,
     chain: SenderChainKey,
@@ -279,6 +202,18 @@ impl ReceivingSenderKey {
         }
     }
 
+    pub(crate) fn skipped_key_count(&self) -> usize {
+        self.skipped.len()
+    }
+
+    pub(crate) fn oldest_skipped_key(&self) -> Option<Timestamp> {
+        self.skipped.oldest_created_at()
+    }
+
+    pub(crate) fn evict_oldest_skipped_key(&mut self) {
+        self.skipped.pop_oldest();
+    }
+
     pub(crate) fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
         self.skipped.remove_created_before(cutoff)
     }
@@ -302,7 +237,7 @@ mod tests {
         let (mut own, mut recv) = setup();
         let mut m = own.encrypt(b"hello").unwrap();
         m.ciphertext[0] ^= 1;
-        m.signature = Bytes64(own.signing.sign(&group_message_transcript(&m)).to_bytes());
+        m.signature = Signature64(own.signing.sign(&group_message_transcript(&m)).to_bytes());
         recv.verify(&m).unwrap();
         let staged = recv.stage(&m.sender, m.message_number).unwrap();
         assert_eq!(ReceivingSenderKey::open(&staged, &m.ciphertext).err(), Some(GroupError::BadMac));

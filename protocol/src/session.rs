@@ -11,6 +11,7 @@ use crate::identity::IdentityPublicKey;
 use crate::ids::{ConversationId, PeerId};
 use crate::kdf::{self, labels};
 use crate::ratchet::{DecryptionError, DoubleRatchet, EncryptError};
+use crate::skipped::{MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
 use crate::time::Timestamp;
 use crate::wire::RatchetMessage;
 
@@ -36,8 +37,8 @@ pub enum Role {
 }
 
 /// An established 1:1 session. It can only exist after a completed key
-/// exchange, so there is no way to encrypt before one.
-#[derive(Clone)]
+/// exchange, so there is no way to encrypt before one. It is deliberately not
+/// `Clone`: two copies would reuse message keys.
 pub struct Session {
     id: SessionId,
     role: Role,
@@ -173,31 +174,109 @@ fn associated_data(
         .into()
 }
 
-/// The sessions with one peer: the current one, and the one it replaced,
-/// which stays usable for decryption until a message decrypts under the new
-/// one (so messages in flight across a re-key are not lost).
-#[derive(Clone, Debug)]
+/// Why a session could not be installed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstallError {
+    /// A session with this ID is already held (a duplicated ack or request).
+    #[error("session {0:?} is already installed; a repeated key exchange message changes nothing")]
+    AlreadyInstalled(SessionId),
+    /// The session is with another peer.
+    #[error("session is with {got}, not with {expected}")]
+    WrongPeer {
+        /// The peer these sessions are with.
+        expected: PeerId,
+        /// The peer the new session is with.
+        got: PeerId,
+    },
+}
+
+/// All sessions with one peer.
+///
+/// - `current` encrypts. It is *confirmed* once the peer is known to hold it:
+///   at once for a session this node initiated (the ack proves it), and on
+///   the first message that decrypts under it for one this node answered.
+/// - `pending` is a session this node answered while `current` was
+///   confirmed: the initiator may never complete it (its ack may be lost, or
+///   the request was the loser of crossed requests), so it takes over only
+///   when a message decrypts under it.
+/// - `previous` is the session the current one replaced, kept for decryption
+///   until a message decrypts under the current one, so messages in flight
+///   across a re-key are not lost.
+///
+/// The skipped-key budget ([`MAX_SKIPPED_KEYS`]) is shared by all three.
 pub struct PairwiseSessions {
     current: Session,
+    confirmed: bool,
+    pending: Option<Session>,
     previous: Option<Session>,
+}
+
+impl core::fmt::Debug for PairwiseSessions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PairwiseSessions")
+            .field("current", &self.current)
+            .field("confirmed", &self.confirmed)
+            .field("pending", &self.pending)
+            .field("previous", &self.previous)
+            .finish()
+    }
 }
 
 impl PairwiseSessions {
     /// Starts with one session.
     pub fn new(session: Session) -> Self {
-        Self { current: session, previous: None }
+        let confirmed = session.role == Role::Initiator;
+        Self { current: session, confirmed, pending: None, previous: None }
     }
 
-    /// Installs a session from a new key exchange; the old current one is
-    /// kept for decryption only.
-    pub fn replace(&mut self, session: Session) {
+    /// Installs a session from a new key exchange with the same peer.
+    pub fn install(&mut self, session: Session) -> Result<(), InstallError> {
+        if session.remote != self.current.remote {
+            return Err(InstallError::WrongPeer { expected: self.current.remote, got: session.remote });
+        }
+        if self.sessions().any(|held| held.id == session.id) {
+            return Err(InstallError::AlreadyInstalled(session.id));
+        }
+        match session.role {
+            Role::Initiator => {
+                // The peer answered our request, so it holds this session; any
+                // session we answered meanwhile lost the crossing.
+                self.pending = None;
+                self.promote(session, true);
+            }
+            Role::Responder if self.confirmed => self.pending = Some(session),
+            Role::Responder => self.promote(session, false),
+        }
+        Ok(())
+    }
+
+    fn promote(&mut self, session: Session, confirmed: bool) {
         let old = core::mem::replace(&mut self.current, session);
         self.previous = Some(old);
+        self.confirmed = confirmed;
+    }
+
+    fn sessions(&self) -> impl Iterator<Item = &Session> {
+        core::iter::once(&self.current).chain(self.pending.iter()).chain(self.previous.iter())
+    }
+
+    fn sessions_mut(&mut self) -> impl Iterator<Item = &mut Session> {
+        core::iter::once(&mut self.current).chain(self.pending.iter_mut()).chain(self.previous.iter_mut())
     }
 
     /// The session new messages are encrypted under.
     pub fn current(&self) -> &Session {
         &self.current
+    }
+
+    /// Whether the peer is known to hold the current session.
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// A session this node answered that has not yet taken over.
+    pub fn pending(&self) -> Option<&Session> {
+        self.pending.as_ref()
     }
 
     /// The replaced session, while it is still kept.
@@ -215,16 +294,116 @@ impl PairwiseSessions {
     }
 
     /// Decrypts under whichever session the message names. A success under
-    /// the current session retires the previous one.
+    /// the current session confirms it and retires the previous one; a
+    /// success under the pending one makes it the current one and retires
+    /// the session it replaces.
     pub fn decrypt(&mut self, message: &RatchetMessage, now: Timestamp) -> Result<Zeroizing<Vec<u8>>, DecryptionError> {
-        if message.header.session_id == self.current.id.0 {
+        let id = message.header.session_id;
+        let plaintext = if id == self.current.id.0 {
             let plaintext = self.current.decrypt(message, now)?;
+            self.confirmed = true;
             self.previous = None;
-            return Ok(plaintext);
+            plaintext
+        } else if let Some(pending) = self.pending.as_mut().filter(|p| p.id.0 == id) {
+            let plaintext = pending.decrypt(message, now)?;
+            if let Some(pending) = self.pending.take() {
+                // A message under the new session retires the old one at once.
+                self.current = pending;
+                self.confirmed = true;
+                self.previous = None;
+            }
+            plaintext
+        } else if let Some(previous) = self.previous.as_mut().filter(|p| p.id.0 == id) {
+            previous.decrypt(message, now)?
+        } else {
+            return Err(DecryptionError::UnknownSession);
+        };
+        self.enforce_skipped_key_budget();
+        Ok(plaintext)
+    }
+
+    /// Evicts the oldest skipped keys across all sessions beyond the shared
+    /// budget.
+    fn enforce_skipped_key_budget(&mut self) {
+        while self.skipped_key_count() > MAX_SKIPPED_KEYS {
+            let oldest = self
+                .sessions_mut()
+                .filter_map(|s| s.ratchet.oldest_skipped_key().map(|at| (at, s)))
+                .min_by_key(|(at, _)| *at);
+            match oldest {
+                Some((_, session)) => session.ratchet.evict_oldest_skipped_key(),
+                None => break,
+            }
         }
-        match &mut self.previous {
-            Some(previous) if message.header.session_id == previous.id.0 => previous.decrypt(message, now),
-            _ => Err(DecryptionError::UnknownSession),
-        }
+    }
+
+    /// Skipped keys cached across all sessions with this peer.
+    pub fn skipped_key_count(&self) -> usize {
+        self.sessions().map(Session::skipped_key_count).sum()
+    }
+
+    /// Deletes skipped keys older than [`SKIPPED_KEY_MAX_AGE_MS`] (the 7-day
+    /// retention rule) from every session; returns how many went.
+    pub fn expire_skipped_keys(&mut self, now: Timestamp) -> usize {
+        let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
+        self.sessions_mut().map(|s| s.remove_skipped_keys_created_before(cutoff)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{ChainKey, RootKey};
+    use crate::ratchet::RatchetKeyPair;
+    use rand_core::SeedableRng;
+    use x25519_dalek::StaticSecret;
+
+    /// A responder session whose ratchet is fixed, so two sessions differ only
+    /// in the identities and conversation their binding covers.
+    fn fixed_session(initiator: &IdentityPublicKey, responder: &IdentityPublicKey) -> Session {
+        let ratchet = DoubleRatchet::responder(
+            RootKey::from_bytes([1; 32]),
+            ChainKey::from_bytes([2; 32]),
+            RatchetKeyPair::from_secret(StaticSecret::from([3; 32])),
+            *RatchetKeyPair::from_secret(StaticSecret::from([4; 32])).public(),
+        );
+        Session::new(SessionId([5; 16]), Role::Responder, initiator, responder, ratchet)
+    }
+
+    #[test]
+    fn the_binding_covers_identities_and_conversation() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let ids: Vec<_> = (0..3).map(|_| crate::IdentityKeyPair::generate(&mut rng).public().clone()).collect();
+        let message = fixed_session(&ids[0], &ids[1]).encrypt(b"bound", &mut rng).unwrap();
+        // A receiver with the very same ratchet state but another identity
+        // (hence another binding and conversation) refuses the header.
+        let make_receiver = |initiator: &IdentityPublicKey, responder: &IdentityPublicKey| {
+            let ratchet = DoubleRatchet::initiator(
+                RootKey::from_bytes([1; 32]),
+                ChainKey::from_bytes([2; 32]),
+                RatchetKeyPair::from_secret(StaticSecret::from([4; 32])),
+                *RatchetKeyPair::from_secret(StaticSecret::from([3; 32])).public(),
+            );
+            Session::new(SessionId([5; 16]), Role::Initiator, initiator, responder, ratchet)
+        };
+        let mut right = make_receiver(&ids[0], &ids[1]);
+        let mut wrong_initiator = make_receiver(&ids[2], &ids[1]);
+        let mut swapped = make_receiver(&ids[1], &ids[0]);
+        assert_eq!(wrong_initiator.decrypt(&message, Timestamp(0)).unwrap_err(), DecryptionError::HeaderMismatch);
+        assert_eq!(swapped.decrypt(&message, Timestamp(0)).unwrap_err(), DecryptionError::HeaderMismatch);
+        assert_eq!(&right.decrypt(&message, Timestamp(0)).unwrap()[..], b"bound");
+    }
+
+    #[test]
+    fn a_session_id_already_held_is_not_installed_again() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+        let a = crate::IdentityKeyPair::generate(&mut rng).public().clone();
+        let b = crate::IdentityKeyPair::generate(&mut rng).public().clone();
+        let mut sessions = PairwiseSessions::new(fixed_session(&a, &b));
+        assert_eq!(
+            sessions.install(fixed_session(&a, &b)).unwrap_err(),
+            InstallError::AlreadyInstalled(SessionId([5; 16]))
+        );
+        assert!(sessions.previous().is_none() && sessions.pending().is_none());
     }
 }

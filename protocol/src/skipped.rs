@@ -68,6 +68,19 @@ impl<K: Eq + Hash + Clone, V> SkippedKeys<K, V> {
         }
     }
 
+    /// When the oldest entry was cached.
+    pub(crate) fn oldest_created_at(&self) -> Option<Timestamp> {
+        let (_, id) = self.by_age.first_key_value()?;
+        self.by_id.get(id).map(|slot| slot.created_at)
+    }
+
+    /// Evicts the oldest entry (for a budget shared between caches).
+    pub(crate) fn pop_oldest(&mut self) {
+        if let Some((_, id)) = self.by_age.pop_first() {
+            self.by_id.remove(&id);
+        }
+    }
+
     pub(crate) fn remove(&mut self, id: &K) -> Option<V> {
         let slot = self.by_id.remove(id)?;
         self.by_age.remove(&slot.seq);

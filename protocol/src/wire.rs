@@ -5,7 +5,7 @@
 //! `docs/PROTOCOL.md` spells out every byte.
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -48,13 +48,13 @@ pub enum WireError {
     },
 }
 
-/// A 64-byte value (an Ed25519 signature) encoded as 64 raw bytes.
+/// An Ed25519 signature, encoded as 64 raw bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Bytes64(pub [u8; 64]);
+pub struct Signature64(pub [u8; 64]);
 
-impl core::fmt::Debug for Bytes64 {
+impl core::fmt::Debug for Signature64 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("Bytes64(")?;
+        f.write_str("Signature64(")?;
         for b in &self.0[..8] {
             write!(f, "{b:02x}")?;
         }
@@ -62,7 +62,7 @@ impl core::fmt::Debug for Bytes64 {
     }
 }
 
-impl Serialize for Bytes64 {
+impl Serialize for Signature64 {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
         let mut tuple = serializer.serialize_tuple(64)?;
@@ -73,20 +73,20 @@ impl Serialize for Bytes64 {
     }
 }
 
-impl<'de> Deserialize<'de> for Bytes64 {
+impl<'de> Deserialize<'de> for Signature64 {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Bytes64;
+            type Value = Signature64;
             fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
                 f.write_str("64 bytes")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes64, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature64, A::Error> {
                 let mut out = [0u8; 64];
                 for (i, slot) in out.iter_mut().enumerate() {
                     *slot = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
                 }
-                Ok(Bytes64(out))
+                Ok(Signature64(out))
             }
         }
         deserializer.deserialize_tuple(64, Visitor)
@@ -143,13 +143,21 @@ impl Envelope {
         if version != PROTOCOL_VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
-        let (kind, _) = postcard::take_from_bytes::<u32>(rest).map_err(|e| malformed("envelope kind", e))?;
-        if kind >= ENVELOPE_KINDS {
-            return Err(WireError::UnknownKind(kind));
-        }
+        check_kind(rest, ENVELOPE_KINDS, "envelope kind")?;
         let body: EnvelopeBody = decode_exact(rest, "envelope body")?;
         Ok(Self { body })
     }
+}
+
+/// Refuses an enum whose leading varint names a kind this version does not
+/// know, so that a newer peer's additions get a clear error rather than a
+/// generic decoding failure. Returns the kind and the bytes after it.
+fn check_kind<'a>(bytes: &'a [u8], known: u32, what: &'static str) -> Result<(u32, &'a [u8]), WireError> {
+    let (kind, rest) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| malformed(what, e))?;
+    if kind >= known {
+        return Err(WireError::UnknownKind(kind));
+    }
+    Ok((kind, rest))
 }
 
 /// Decodes `bytes` as exactly one `T`, refusing trailing bytes so that every
@@ -196,7 +204,7 @@ pub struct KeyExchangeRequest {
     /// 16 random bytes (freshness, and to tell two requests apart).
     pub nonce: [u8; 16],
     /// Ed25519 signature over the request transcript (`docs/PROTOCOL.md`).
-    pub signature: Bytes64,
+    pub signature: Signature64,
 }
 
 /// The responder's half of the key exchange.
@@ -212,7 +220,7 @@ pub struct KeyExchangeAck {
     /// The responder's fresh X25519 public key, also its first ratchet key.
     pub ephemeral: [u8; 32],
     /// Ed25519 signature over the ack transcript (`docs/PROTOCOL.md`).
-    pub signature: Bytes64,
+    pub signature: Signature64,
 }
 
 /// The authenticated header of a Double Ratchet message.
@@ -270,7 +278,7 @@ pub struct GroupMessage {
     pub ciphertext: Vec<u8>,
     /// Ed25519 signature by the sender key's signing key over the group
     /// message transcript (`docs/PROTOCOL.md`).
-    pub signature: Bytes64,
+    pub signature: Signature64,
 }
 
 /// A chat message's content, inside a pairwise or group ciphertext.
@@ -285,9 +293,9 @@ pub struct ChatContent {
 }
 
 impl ChatContent {
-    /// postcard bytes, the group plaintext.
-    pub fn encode(&self) -> Vec<u8> {
-        encode_postcard(self)
+    /// postcard bytes, the group plaintext (zeroized when dropped).
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(encode_postcard(self))
     }
 
     /// Decodes a group plaintext.
@@ -388,16 +396,32 @@ pub enum PairwisePayload {
     },
     /// A group membership change.
     GroupControl(GroupControl),
+    /// Sent by an initiator right after it completes a key exchange, so that
+    /// the responder learns the initiator holds the new session even when
+    /// nothing else is queued (see `PairwiseSessions`).
+    SessionConfirm,
 }
 
+/// The number of [`PairwisePayload`] kinds this version knows.
+const PAIRWISE_KINDS: u32 = 7;
+/// The kind number of [`PairwisePayload::GroupControl`].
+const GROUP_CONTROL_KIND: u32 = 5;
+/// The number of [`GroupControl`] kinds this version knows.
+const GROUP_CONTROL_KINDS: u32 = 3;
+
 impl PairwisePayload {
-    /// postcard bytes, the pairwise plaintext.
-    pub fn encode(&self) -> Vec<u8> {
-        encode_postcard(self)
+    /// postcard bytes, the pairwise plaintext (zeroized when dropped: it may
+    /// hold a sender chain key).
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(encode_postcard(self))
     }
 
     /// Decodes a pairwise plaintext.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (kind, rest) = check_kind(bytes, PAIRWISE_KINDS, "pairwise payload kind")?;
+        if kind == GROUP_CONTROL_KIND {
+            check_kind(rest, GROUP_CONTROL_KINDS, "group control kind")?;
+        }
         decode_exact(bytes, "pairwise payload")
     }
 }
@@ -434,7 +458,7 @@ mod tests {
             key_id: 3,
             message_number: 4,
             ciphertext: vec![9; 40],
-            signature: Bytes64([5; 64]),
+            signature: Signature64([5; 64]),
         }));
         let bytes = env.encode();
         assert_eq!(Envelope::decode(&bytes), Ok(env));
@@ -442,6 +466,13 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(Envelope::decode(&long), Err(WireError::Malformed { .. })));
+    }
+
+    #[test]
+    fn unknown_payload_and_group_control_kinds_are_named() {
+        assert_eq!(PairwisePayload::decode(&[7]), Err(WireError::UnknownKind(7)));
+        assert_eq!(PairwisePayload::decode(&[5, 3]), Err(WireError::UnknownKind(3)));
+        assert_eq!(PairwisePayload::decode(&[6]), Ok(PairwisePayload::SessionConfirm));
     }
 
     #[test]

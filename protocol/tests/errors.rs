@@ -5,11 +5,12 @@
 mod common;
 
 use common::{pair, rng, NOW};
-use p2pchat_protocol::handshake::{self, KeyExchangeError, RequestMark, MAX_REQUEST_CLOCK_SKEW_MS};
+use p2pchat_protocol::handshake::{self, KeyExchangeError, RequestMark, Response, MAX_REQUEST_CLOCK_SKEW_MS};
 use p2pchat_protocol::identity::IdentityError;
-use p2pchat_protocol::wire::Bytes64;
+use p2pchat_protocol::wire::{KeyExchangeAck, Signature64};
 use p2pchat_protocol::{
-    ConversationId, DecryptionError, GroupError, GroupSession, IdentityKeyPair, PeerId, Timestamp, MAX_SKIP,
+    ConversationId, DecryptionError, GroupError, GroupSession, IdentityKeyPair, PairwiseSessions, PeerId, Timestamp,
+    MAX_SKIP,
 };
 
 // ---- Double Ratchet -------------------------------------------------------
@@ -107,20 +108,33 @@ fn too_far_ahead_is_refused_but_max_skip_is_fine() {
 }
 
 #[test]
-fn unknown_chain_for_a_retired_ratchet_key_and_before_any_receiving_chain() {
+fn unknown_chain_before_any_receiving_chain() {
     let mut r = rng(6);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let bob = IdentityKeyPair::generate(&mut r);
+    let (pending, request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
+    let accepted = common::new(handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap());
+    let mut b = PairwiseSessions::new(accepted.session);
+    let mut a = PairwiseSessions::new(pending.complete(&accepted.ack).unwrap());
+    // Bob (the responder) holds Alice's ephemeral as her ratchet key but no
+    // receiving chain for it: Alice never sends under it.
+    let mut m = a.encrypt(b"a1", &mut r).unwrap();
+    m.header.ratchet_key = request.ephemeral;
+    assert_eq!(b.decrypt(&m, NOW), Err(DecryptionError::UnknownChain));
+}
+
+#[test]
+fn replay_on_a_retired_chain_is_a_duplicate() {
+    let mut r = rng(16);
     let mut p = pair(&mut r);
-    // Bob (responder) has no receiving chain for Alice's ephemeral key.
     let a1 = p.a.encrypt(b"a1", &mut r).unwrap();
-    let mut fake = a1.clone();
-    fake.header.ratchet_key = p.a.current().our_ratchet_public_key();
     p.b.decrypt(&a1, NOW).unwrap();
     let b1 = p.b.encrypt(b"b1", &mut r).unwrap();
     p.a.decrypt(&b1, NOW).unwrap();
     let a2 = p.a.encrypt(b"a2", &mut r).unwrap();
     p.b.decrypt(&a2, NOW).unwrap();
     // a1's chain is now retired at Bob, and its one key was used.
-    assert_eq!(p.b.decrypt(&a1, NOW), Err(DecryptionError::UnknownChain));
+    assert_eq!(p.b.decrypt(&a1, NOW), Err(DecryptionError::Duplicate { message_number: 0 }));
 }
 
 #[test]
@@ -185,6 +199,38 @@ fn invalid_identity_point_is_refused() {
     assert_eq!(err, KeyExchangeError::Identity(IdentityError::InvalidPublicKey));
 }
 
+#[test]
+fn non_canonical_and_small_order_identity_keys_are_refused() {
+    // The identity point (small order), and y = p + 1 (a non-canonical
+    // encoding of the point with y = 1, which also has small order, so both
+    // rules apply); and a non-canonical encoding of a large-order point.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    assert!(p2pchat_protocol::IdentityPublicKey::from_bytes(&identity).is_err());
+    let (alice, _, _) = ids();
+    let canonical = alice.public().to_bytes();
+    // Adding p to y only fits when y < 2^255 - 19 - p, i.e. y < 19: build
+    // such a key by searching small y values that decode to a large-order point.
+    let non_canonical = (2u8..19)
+        .map(|y| {
+            let mut b = [0xffu8; 32];
+            b[0] = 0xed + y; // y + p, little-endian: p = 2^255 - 19
+            b[31] = 0x7f;
+            b
+        })
+        .find(|b| {
+            let mut reduced = [0u8; 32];
+            reduced[0] = b[0].wrapping_sub(0xed);
+            p2pchat_protocol::IdentityPublicKey::from_bytes(&reduced).is_ok()
+        });
+    assert!(p2pchat_protocol::IdentityPublicKey::from_bytes(&canonical).is_ok());
+    let non_canonical = non_canonical.expect("some y < 19 is a large-order point");
+    assert_eq!(
+        p2pchat_protocol::IdentityPublicKey::from_bytes(&non_canonical).unwrap_err(),
+        IdentityError::InvalidPublicKey
+    );
+}
+
 /// The first y coordinate (little-endian, small) that decodes to no point.
 fn not_a_point() -> [u8; 32] {
     (2u8..=255)
@@ -207,18 +253,32 @@ fn bad_request_signature_is_refused() {
 }
 
 #[test]
-fn replayed_request_is_refused() {
+fn replayed_request_is_refused_but_a_retransmission_gets_the_same_ack() {
     let (alice, bob, mut r) = ids();
     let (_, request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
-    let accepted = handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap();
-    assert_eq!(accepted.mark, RequestMark { timestamp: NOW, nonce: request.nonce });
-    let err = handshake::respond(&bob, &alice.peer_id(), &request, Some(&accepted.mark), NOW, &mut r).unwrap_err();
-    assert_eq!(err, KeyExchangeError::Replayed { initiator: alice.peer_id() });
-    // An older request is refused too; a newer one is accepted.
+    let accepted = common::new(handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap());
+    assert_eq!(accepted.answered.mark, RequestMark { timestamp: NOW, nonce: request.nonce });
+    let last = Some(&accepted.answered);
+    // The same request again (its ack was lost): the same ack, no new session.
+    match handshake::respond(&bob, &alice.peer_id(), &request, last, NOW, &mut r).unwrap() {
+        Response::Repeat(ack) => assert_eq!(ack, accepted.ack),
+        Response::New(_) => panic!("a retransmitted request must not make a new session"),
+    }
+    // A forged copy with the same freshness fields but a bad signature is refused.
+    let mut forged = request.clone();
+    forged.signature.0[0] ^= 1;
+    assert_eq!(
+        handshake::respond(&bob, &alice.peer_id(), &forged, last, NOW, &mut r).unwrap_err(),
+        KeyExchangeError::Identity(IdentityError::BadSignature)
+    );
+    // An older request is refused as a replay; a newer one is accepted.
     let (_, older) = handshake::initiate(&alice, bob.peer_id(), Timestamp(NOW.0 - 1), &mut r);
-    assert!(handshake::respond(&bob, &alice.peer_id(), &older, Some(&accepted.mark), NOW, &mut r).is_err());
+    assert_eq!(
+        handshake::respond(&bob, &alice.peer_id(), &older, last, NOW, &mut r).unwrap_err(),
+        KeyExchangeError::Replayed { initiator: alice.peer_id() }
+    );
     let (_, newer) = handshake::initiate(&alice, bob.peer_id(), Timestamp(NOW.0 + 1), &mut r);
-    assert!(handshake::respond(&bob, &alice.peer_id(), &newer, Some(&accepted.mark), NOW, &mut r).is_ok());
+    assert!(matches!(handshake::respond(&bob, &alice.peer_id(), &newer, last, NOW, &mut r), Ok(Response::New(_))));
 }
 
 #[test]
@@ -235,99 +295,62 @@ fn ack_for_another_request_is_refused_and_pending_survives() {
     let (alice, bob, mut r) = ids();
     let (pending, request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
     let (_, other) = handshake::initiate(&alice, bob.peer_id(), Timestamp(NOW.0 + 5), &mut r);
-    let wrong = handshake::respond(&bob, &alice.peer_id(), &other, None, NOW, &mut r).unwrap();
-    assert_eq!(pending.complete(&wrong.ack).unwrap_err(), KeyExchangeError::AckMismatch);
+    let wrong = common::new(handshake::respond(&bob, &alice.peer_id(), &other, None, NOW, &mut r).unwrap());
+    let refused = pending.complete(&wrong.ack).unwrap_err();
+    assert_eq!(refused.error, KeyExchangeError::AckMismatch);
     let mut forged = wrong.ack.clone();
     forged.initiator_ephemeral = request.ephemeral;
     forged.request_nonce = request.nonce;
-    assert_eq!(pending.complete(&forged).unwrap_err(), KeyExchangeError::Identity(IdentityError::BadSignature));
-    let right = handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap();
-    assert!(pending.complete(&right.ack).is_ok());
+    let refused = refused.pending.complete(&forged).unwrap_err();
+    assert_eq!(refused.error, KeyExchangeError::Identity(IdentityError::BadSignature));
+    let right = common::new(handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap());
+    assert!(refused.pending.complete(&right.ack).is_ok());
 }
 
 #[test]
 fn ack_from_the_wrong_identity_is_refused() {
     let (alice, bob, mut r) = ids();
     let mallory = IdentityKeyPair::generate(&mut r);
-    let (pending, mut request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
-    // Mallory answers as herself a request re-addressed to her.
-    request.responder = mallory.peer_id();
-    let (_, mut to_mallory) = handshake::initiate(&alice, mallory.peer_id(), NOW, &mut r);
-    to_mallory.ephemeral = request.ephemeral;
-    let err = pending.complete(
-        &handshake::respond(&mallory, &alice.peer_id(), &to_mallory, None, NOW, &mut r).map(|a| a.ack).unwrap_or_else(
-            |_| {
-                // The re-addressed request does not verify; build an ack by hand.
-                p2pchat_protocol::wire::KeyExchangeAck {
-                    responder_identity: mallory.public().to_bytes(),
-                    initiator_ephemeral: request.ephemeral,
-                    request_nonce: request.nonce,
-                    ephemeral: [9; 32],
-                    signature: Bytes64([0; 64]),
-                }
-            },
-        ),
+    let (pending, request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
+    // Mallory signs a well-formed ack for Alice's request with her own key.
+    let ephemeral = handshake::x25519_public_of(&p2pchat_protocol::keys::X25519Secret::from_bytes([9; 32]));
+    let transcript = handshake::ack_transcript(&alice.peer_id(), &mallory.peer_id(), &request, &ephemeral);
+    let ack = KeyExchangeAck {
+        responder_identity: mallory.public().to_bytes(),
+        initiator_ephemeral: request.ephemeral,
+        request_nonce: request.nonce,
+        ephemeral,
+        signature: Signature64(mallory.sign(&transcript)),
+    };
+    assert_eq!(
+        pending.complete(&ack).unwrap_err().error,
+        KeyExchangeError::Identity(IdentityError::PeerIdMismatch {
+            expected: bob.peer_id(),
+            actual: mallory.peer_id()
+        })
     );
-    assert!(matches!(err, Err(KeyExchangeError::Identity(IdentityError::PeerIdMismatch { .. }))));
 }
 
 #[test]
-fn small_order_ephemeral_is_refused() {
+fn small_order_ephemeral_is_refused_on_both_sides() {
     let (alice, bob, mut r) = ids();
-    // Sign a request whose ephemeral key is the identity point: the DH is zero.
+    // A request whose ephemeral key is the identity point: the DH is zero.
     let (_, mut request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
     request.ephemeral = [0; 32];
-    request.signature = Bytes64(alice.sign(&handshake::request_transcript(&alice.peer_id(), &request)));
+    request.signature = Signature64(alice.sign(&handshake::request_transcript(&alice.peer_id(), &request)));
     let err = handshake::respond(&bob, &alice.peer_id(), &request, None, NOW, &mut r).unwrap_err();
     assert_eq!(err, KeyExchangeError::InvalidEphemeralKey);
-}
-
-#[test]
-fn crossed_requests_settle_on_one_session() {
-    let (alice, bob, mut r) = ids();
-    let (alice_pending, alice_request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
-    let (bob_pending, bob_request) = handshake::initiate(&bob, alice.peer_id(), NOW, &mut r);
-    use handshake::CrossedRequests;
-    let at_alice = CrossedRequests::resolve(&alice.peer_id(), &bob.peer_id());
-    let at_bob = CrossedRequests::resolve(&bob.peer_id(), &alice.peer_id());
-    assert_ne!(at_alice, at_bob, "exactly one side yields");
-    // Each side applies the rule to the request it received.
-    let (mut winner_pending, winner_request, winner, loser) = if at_alice == CrossedRequests::KeepOurs {
-        drop(bob_pending);
-        let _ = bob_request; // ignored by Alice
-        (Some(alice_pending), alice_request, &alice, &bob)
-    } else {
-        drop(alice_pending);
-        let _ = alice_request;
-        (Some(bob_pending), bob_request, &bob, &alice)
+    // An ack, properly signed by Bob, whose ephemeral key is the identity point.
+    let (pending, request) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
+    let transcript = handshake::ack_transcript(&alice.peer_id(), &bob.peer_id(), &request, &[0; 32]);
+    let ack = KeyExchangeAck {
+        responder_identity: bob.public().to_bytes(),
+        initiator_ephemeral: request.ephemeral,
+        request_nonce: request.nonce,
+        ephemeral: [0; 32],
+        signature: Signature64(bob.sign(&transcript)),
     };
-    let accepted = handshake::respond(loser, &winner.peer_id(), &winner_request, None, NOW, &mut r).unwrap();
-    let mut w = winner_pending.take().unwrap().complete(&accepted.ack).unwrap();
-    let mut l = accepted.session;
-    assert_eq!(w.id(), l.id());
-    let m = w.encrypt(b"settled", &mut r).unwrap();
-    assert_eq!(&l.decrypt(&m, NOW).unwrap()[..], b"settled");
-    let m = l.encrypt(b"both ways", &mut r).unwrap();
-    assert_eq!(&w.decrypt(&m, NOW).unwrap()[..], b"both ways");
-}
-
-#[test]
-fn replaced_session_decrypts_in_flight_messages_until_the_new_one_is_used() {
-    let mut r = rng(30);
-    let mut p = pair(&mut r);
-    let in_flight = p.a.encrypt(b"old session", &mut r).unwrap();
-    // Bob re-keys (for example after a crash lost his state is *not* this case:
-    // here Alice simply initiates again).
-    let (pending, request) = handshake::initiate(&p.alice, p.bob.peer_id(), Timestamp(NOW.0 + 1), &mut r);
-    let accepted = handshake::respond(&p.bob, &p.alice.peer_id(), &request, None, NOW, &mut r).unwrap();
-    p.b.replace(accepted.session);
-    p.a.replace(pending.complete(&accepted.ack).unwrap());
-    assert_eq!(&p.b.decrypt(&in_flight, NOW).unwrap()[..], b"old session");
-    let fresh = p.a.encrypt(b"new session", &mut r).unwrap();
-    assert_eq!(&p.b.decrypt(&fresh, NOW).unwrap()[..], b"new session");
-    assert!(p.b.previous().is_none(), "a message under the new session retires the old one");
-    let straggler = in_flight.clone();
-    assert_eq!(p.b.decrypt(&straggler, NOW), Err(DecryptionError::UnknownSession));
+    assert_eq!(pending.complete(&ack).unwrap_err().error, KeyExchangeError::InvalidEphemeralKey);
 }
 
 // ---- Sender Keys -----------------------------------------------------------
@@ -411,6 +434,9 @@ fn group_forwarded_invalid_and_conflicting_keys() {
         t.groups[2].accept_distribution(&t.ids[0], &conflicting),
         Err(GroupError::ConflictingKey { sender: t.ids[0], key_id: d0.key_id })
     );
+    let (other, _) = trio(47);
+    let elsewhere = other.groups[0].distribution();
+    assert!(matches!(t.groups[2].accept_distribution(&other.ids[0], &elsewhere), Err(GroupError::WrongGroup { .. })));
     let stranger = PeerId([0x66; 20]);
     let mut from_stranger = d0.clone();
     from_stranger.sender = stranger;

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{pair, rng, NOW};
-use p2pchat_protocol::keys::{ChainKey, MessageKey, RootKey, SenderChainKey, SenderMessageKey};
+use p2pchat_protocol::keys::{
+    ChainKey, CipherKey, HeaderKey, IdentitySeed, MessageKey, RootKey, SenderChainKey, SenderMessageKey, X25519Secret,
+};
 use p2pchat_protocol::{handshake, kdf, ConversationId, GroupSession, IdentityKeyPair};
 
 const SECRET: [u8; 32] = [0xA7; 32];
@@ -42,6 +44,10 @@ fn key_types_print_only_their_name() {
     assert_eq!(format!("{:?}", MessageKey::from_bytes(SECRET)), "MessageKey(..)");
     assert_eq!(format!("{:#?}", SenderChainKey::from_bytes(SECRET)), "SenderChainKey(..)");
     assert_eq!(format!("{:?}", SenderMessageKey::from_bytes(SECRET)), "SenderMessageKey(..)");
+    assert_eq!(format!("{:?}", CipherKey::from_bytes(SECRET)), "CipherKey(..)");
+    assert_eq!(format!("{:?}", HeaderKey::from_bytes(SECRET)), "HeaderKey(..)");
+    assert_eq!(format!("{:?}", IdentitySeed::from_bytes(SECRET)), "IdentitySeed(..)");
+    assert_eq!(format!("{:?}", X25519Secret::from_bytes(SECRET)), "X25519Secret(..)");
     let expanded = kdf::expand_ratchet_message_key(&MessageKey::from_bytes(SECRET));
     assert_eq!(format!("{expanded:?}"), "RatchetMessageKeys { .. }");
     let expanded = kdf::expand_sender_message_key(&SenderMessageKey::from_bytes(SECRET));
@@ -50,7 +56,7 @@ fn key_types_print_only_their_name() {
 
 #[test]
 fn identity_prints_its_peer_id_only() {
-    let id = IdentityKeyPair::from_seed(&SECRET);
+    let id = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(SECRET));
     let shown = format!("{id:?} {id:#?}");
     assert_no_secret(&shown);
     assert!(shown.contains(&id.peer_id().to_string()));
@@ -65,8 +71,13 @@ fn sessions_handshakes_and_groups_print_no_key_material() {
     assert_no_byte_arrays(&format!("{:?} {:#?} {:?}", p.a, p.b, p.a.current()));
 
     let (pending, request) = handshake::initiate(&p.alice, p.bob.peer_id(), NOW, &mut r);
-    let accepted = handshake::respond(&p.bob, &p.alice.peer_id(), &request, None, NOW, &mut r).unwrap();
-    assert_no_byte_arrays(&format!("{pending:?} {accepted:#?}"));
+    let response = handshake::respond(&p.bob, &p.alice.peer_id(), &request, None, NOW, &mut r).unwrap();
+    assert_no_byte_arrays(&format!("{pending:?} {response:#?}"));
+    let accepted = common::new(response);
+    let mut ack = accepted.ack.clone();
+    ack.ephemeral = [0; 32];
+    let refused = pending.complete(&ack).unwrap_err();
+    assert_no_byte_arrays(&format!("{refused:?} {refused}"));
 
     let gid = ConversationId::random_group(&mut r);
     let group = GroupSession::new(gid, p.alice.peer_id(), [p.bob.peer_id()], &mut r).unwrap();

@@ -11,9 +11,8 @@ use std::path::PathBuf;
 
 use crypto_secretbox::aead::{Aead, KeyInit};
 use crypto_secretbox::XSalsa20Poly1305;
-use p2pchat_protocol::handshake::{self, x25519_public_of};
-use p2pchat_protocol::identity::peer_id_of;
-use p2pchat_protocol::keys::{ChainKey, MessageKey, RootKey, SenderChainKey};
+use p2pchat_protocol::handshake;
+use p2pchat_protocol::keys::{ChainKey, IdentitySeed, MessageKey, RootKey, SenderChainKey, X25519Secret};
 use p2pchat_protocol::sender_key::group_message_transcript;
 use p2pchat_protocol::wire::{
     ChatContent, Envelope, EnvelopeBody, PairwisePayload, RatchetMessage, SenderKeyDistribution,
@@ -54,6 +53,10 @@ fn h(bytes: impl AsRef<[u8]>) -> Value {
     Value::String(hex::encode(bytes))
 }
 
+fn public_of(secret: &[u8; 32]) -> [u8; 32] {
+    handshake::x25519_public_of(&X25519Secret::from_bytes(*secret))
+}
+
 fn x25519(secret: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
     x25519_dalek::StaticSecret::from(*secret).diffie_hellman(&x25519_dalek::PublicKey::from(*public)).to_bytes()
 }
@@ -80,24 +83,24 @@ fn kdf_vectors() -> Value {
     let sck = SenderChainKey::from_bytes(seq(0xE0));
     let (smk, snext) = kdf::sender_chain_step(&sck);
     let skeys = kdf::expand_sender_message_key(&smk);
-    let identity = IdentityKeyPair::from_seed(&seq(0x10));
-    let other = IdentityKeyPair::from_seed(&seq(0x30));
+    let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seq(0x10)));
+    let other = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seq(0x30)));
     let sb_plain = b"secretbox known answer";
     json!({
         "ratchet_chain_step": { "chain_key": h(ck.as_bytes()), "message_key": h(mk.as_bytes()), "next_chain_key": h(next.as_bytes()) },
         "ratchet_root_step": { "root_key": h(rk.as_bytes()), "dh": h(dh), "next_root_key": h(rk2.as_bytes()), "chain_key": h(ck2.as_bytes()) },
         "kx_root_step": { "transcript_hash": h(th), "dh": h(dh), "root_key": h(kx_rk.as_bytes()), "chain_key": h(kx_ck.as_bytes()) },
-        "ratchet_message_keys": { "message_key": h(seq(0x80)), "cipher_key": h(*keys.cipher_key), "nonce": h(keys.nonce), "header_key": h(*keys.header_key) },
-        "ratchet_header_tag": { "header_key": h(*keys.header_key), "binding": h(binding), "header": h(header), "tag": h(tag) },
+        "ratchet_message_keys": { "message_key": h(seq(0x80)), "cipher_key": h(keys.cipher_key.as_bytes()), "nonce": h(keys.nonce), "header_key": h(keys.header_key.as_bytes()) },
+        "ratchet_header_tag": { "header_key": h(keys.header_key.as_bytes()), "binding": h(binding), "header": h(header), "tag": h(tag) },
         "sender_chain_step": { "chain_key": h(sck.as_bytes()), "message_key": h(smk.as_bytes()), "next_chain_key": h(snext.as_bytes()) },
-        "sender_message_keys": { "message_key": h(smk.as_bytes()), "cipher_key": h(*skeys.cipher_key), "nonce": h(skeys.nonce) },
+        "sender_message_keys": { "message_key": h(smk.as_bytes()), "cipher_key": h(skeys.cipher_key.as_bytes()), "nonce": h(skeys.nonce) },
         "peer_id": { "identity_public": h(identity.public().to_bytes()), "peer_id": identity.peer_id().to_string() },
         "conversation_id": {
             "peer_a": identity.peer_id().to_string(),
             "peer_b": other.peer_id().to_string(),
             "conversation_id": ConversationId::for_peers(&identity.peer_id(), &other.peer_id()).to_string(),
         },
-        "secretbox": { "key": h(*keys.cipher_key), "nonce": h(keys.nonce), "plaintext": h(sb_plain), "ciphertext": h(secretbox(&keys.cipher_key, &keys.nonce, sb_plain)) },
+        "secretbox": { "key": h(keys.cipher_key.as_bytes()), "nonce": h(keys.nonce), "plaintext": h(sb_plain), "ciphertext": h(secretbox(keys.cipher_key.as_bytes(), &keys.nonce, sb_plain)) },
     })
 }
 
@@ -132,7 +135,7 @@ fn ratchet_message(
     let mut dh_step = Value::Null;
     if m.header.ratchet_key != before || rng.last32.is_some() {
         let secret = rng.last32.expect("a DH step draws a new ratchet secret");
-        assert_eq!(x25519_public_of(&secret), m.header.ratchet_key);
+        assert_eq!(public_of(&secret), m.header.ratchet_key);
         let dh = x25519(&secret, &to_ratchet_public);
         let (root, chain) = kdf::ratchet_root_step(&mirror.root, &dh);
         dh_step = json!({
@@ -153,7 +156,7 @@ fn ratchet_message(
     let binding = *from.sessions.current().binding();
     let header_bytes = m.header.to_bytes();
     assert_eq!(kdf::ratchet_header_tag(&keys.header_key, &binding, &header_bytes), m.header_tag);
-    assert_eq!(secretbox(&keys.cipher_key, &keys.nonce, &plaintext), m.ciphertext);
+    assert_eq!(secretbox(keys.cipher_key.as_bytes(), &keys.nonce, &plaintext), m.ciphertext);
     let entry = json!({
         "sender": from.name,
         "receiver": to_name,
@@ -161,9 +164,9 @@ fn ratchet_message(
         "chain_key": h(mirror.chain.as_bytes()),
         "message_key": h(mk.as_bytes()),
         "next_chain_key": h(next.as_bytes()),
-        "cipher_key": h(*keys.cipher_key),
+        "cipher_key": h(keys.cipher_key.as_bytes()),
         "nonce": h(keys.nonce),
-        "header_key": h(*keys.header_key),
+        "header_key": h(keys.header_key.as_bytes()),
         "header": {
             "session_id": h(m.header.session_id),
             "ratchet_key": h(m.header.ratchet_key),
@@ -173,7 +176,7 @@ fn ratchet_message(
         "header_bytes": h(header_bytes),
         "binding": h(binding),
         "header_tag": h(m.header_tag),
-        "plaintext": h(&plaintext),
+        "plaintext": h(&plaintext[..]),
         "ciphertext": h(&m.ciphertext),
         "envelope": h(Envelope::new(EnvelopeBody::Ratchet(m.clone())).encode()),
     });
@@ -192,19 +195,28 @@ fn chat(rng: &mut TapRng, at: u64, text: &str) -> PairwisePayload {
 
 fn generate() -> Vec<(&'static str, Value)> {
     let mut rng = TapRng { inner: rand_chacha::ChaCha20Rng::seed_from_u64(0x7032_7063_6861_7400), last32: None };
-    let alice_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: alice").into());
-    let bob_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: bob").into());
-    let carol_id = IdentityKeyPair::from_seed(&Sha256::digest(b"p2pchat test vector identity: carol").into());
+    let alice_id = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(
+        Sha256::digest(b"p2pchat test vector identity: alice").into(),
+    ));
+    let bob_id = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(
+        Sha256::digest(b"p2pchat test vector identity: bob").into(),
+    ));
+    let carol_id = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(
+        Sha256::digest(b"p2pchat test vector identity: carol").into(),
+    ));
 
     // ---- key exchange
     let (pending, request) = handshake::initiate(&alice_id, bob_id.peer_id(), T0, &mut rng);
-    let alice_eph = *pending.ephemeral_secret();
+    let alice_eph = *pending.ephemeral_secret().as_bytes();
     rng.last32 = None;
-    let accepted =
+    let handshake::Response::New(accepted) =
         handshake::respond(&bob_id, &alice_id.peer_id(), &request, None, T0.saturating_add_millis(40), &mut rng)
-            .unwrap();
+            .unwrap()
+    else {
+        panic!("a first request is new")
+    };
     let bob_eph = rng.last32.unwrap();
-    assert_eq!(x25519_public_of(&bob_eph), accepted.ack.ephemeral);
+    assert_eq!(public_of(&bob_eph), accepted.ack.ephemeral);
     let alice_session = pending.complete(&accepted.ack).unwrap();
     let req_t = handshake::request_transcript(&alice_id.peer_id(), &request);
     let ack_t = handshake::ack_transcript(&alice_id.peer_id(), &bob_id.peer_id(), &request, &accepted.ack.ephemeral);
@@ -224,8 +236,8 @@ fn generate() -> Vec<(&'static str, Value)> {
     assert_eq!(&binding, alice_session.binding());
     assert_eq!(alice_session.id().0, th[..16]);
     let key_exchange = json!({
-        "alice": { "seed": h(*alice_id.seed()), "identity_public": h(alice_id.public().to_bytes()), "peer_id": alice_id.peer_id().to_string() },
-        "bob": { "seed": h(*bob_id.seed()), "identity_public": h(bob_id.public().to_bytes()), "peer_id": bob_id.peer_id().to_string() },
+        "alice": { "seed": h(alice_id.seed().as_bytes()), "identity_public": h(alice_id.public().to_bytes()), "peer_id": alice_id.peer_id().to_string() },
+        "bob": { "seed": h(bob_id.seed().as_bytes()), "identity_public": h(bob_id.public().to_bytes()), "peer_id": bob_id.peer_id().to_string() },
         "request": {
             "ephemeral_secret": h(alice_eph),
             "ephemeral_public": h(request.ephemeral),
@@ -277,13 +289,13 @@ fn generate() -> Vec<(&'static str, Value)> {
     wire.push((0usize, m));
     for (i, text) in ["first from alice", "second from alice", "third from alice"].iter().enumerate() {
         let p = chat(&mut rng, 200 + i as u64, text);
-        let theirs = x25519_public_of(&bob.ratchet_secret);
+        let theirs = public_of(&bob.ratchet_secret);
         let (e, m) = ratchet_message(&mut alice, "bob", theirs, &mut alice_mirror, &p, &mut rng);
         messages.push(e);
         wire.push((1, m));
     }
     // Bob's root moves when he receives Alice's new chain.
-    let dh_recv = x25519(&bob.ratchet_secret, &x25519_public_of(&alice.ratchet_secret));
+    let dh_recv = x25519(&bob.ratchet_secret, &public_of(&alice.ratchet_secret));
     let (root_after_receive, _) = kdf::ratchet_root_step(&bob_mirror.root, &dh_recv);
     bob_mirror.root = root_after_receive;
     let delivery_order = [0usize, 1, 3, 2];
@@ -302,7 +314,7 @@ fn generate() -> Vec<(&'static str, Value)> {
     let mut alice_group = GroupSession::new(gid, alice.identity.peer_id(), members, &mut rng).unwrap();
     let distribution: SenderKeyDistribution = bob_group.distribution();
     let dist_payload = PairwisePayload::SenderKeyDistribution(distribution.clone());
-    let theirs = x25519_public_of(&alice.ratchet_secret);
+    let theirs = public_of(&alice.ratchet_secret);
     let (e, m) = ratchet_message(&mut bob, "alice", theirs, &mut bob_mirror, &dist_payload, &mut rng);
     messages.push(e);
     let got = alice.sessions.decrypt(&m, T0.saturating_add_millis(600)).unwrap();
@@ -322,15 +334,15 @@ fn generate() -> Vec<(&'static str, Value)> {
         let gm = bob_group.encrypt(&plaintext).unwrap();
         let (mk, next) = kdf::sender_chain_step(&chain);
         let keys = kdf::expand_sender_message_key(&mk);
-        assert_eq!(secretbox(&keys.cipher_key, &keys.nonce, &plaintext), gm.ciphertext);
+        assert_eq!(secretbox(keys.cipher_key.as_bytes(), &keys.nonce, &plaintext), gm.ciphertext);
         group_messages.push(json!({
             "message_number": gm.message_number,
             "chain_key": h(chain.as_bytes()),
             "message_key": h(mk.as_bytes()),
             "next_chain_key": h(next.as_bytes()),
-            "cipher_key": h(*keys.cipher_key),
+            "cipher_key": h(keys.cipher_key.as_bytes()),
             "nonce": h(keys.nonce),
-            "plaintext": h(&plaintext),
+            "plaintext": h(&plaintext[..]),
             "ciphertext": h(&gm.ciphertext),
             "transcript": h(group_message_transcript(&gm)),
             "signature": h(gm.signature.0),
@@ -359,7 +371,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "sender": bob.identity.peer_id().to_string(),
         "distribution": {
             "carried_by": "ratchet.json messages[4]",
-            "payload": h(dist_payload.encode()),
+            "payload": h(&dist_payload.encode()[..]),
             "key_id": distribution.key_id,
             "message_number": distribution.message_number,
             "chain_key": h(distribution.chain_key),
@@ -368,7 +380,6 @@ fn generate() -> Vec<(&'static str, Value)> {
         "messages": group_messages,
         "delivery_order": group_order,
     });
-    let _ = peer_id_of;
     vec![("kdf", kdf_vectors()), ("key_exchange", key_exchange), ("ratchet", ratchet), ("group", group)]
 }
 

@@ -13,7 +13,8 @@ fn sample_envelopes() -> Vec<Vec<u8>> {
     let mut r = rng(11);
     let mut p = pair(&mut r);
     let (_, request) = handshake::initiate(&p.alice, p.bob.peer_id(), common::NOW, &mut r);
-    let accepted = handshake::respond(&p.bob, &p.alice.peer_id(), &request, None, common::NOW, &mut r).unwrap();
+    let accepted =
+        common::new(handshake::respond(&p.bob, &p.alice.peer_id(), &request, None, common::NOW, &mut r).unwrap());
     let ratchet = p.a.encrypt(b"hello", &mut r).unwrap();
     let gid = ConversationId::random_group(&mut r);
     let mut group = GroupSession::new(gid, p.alice.peer_id(), [p.bob.peer_id()], &mut r).unwrap();
