@@ -379,7 +379,7 @@ fn trio(seed: u64) -> (Trio, rand_chacha::ChaCha20Rng) {
 
 #[test]
 fn group_wrong_group_not_a_member_and_unknown_chain() {
-    let (mut t, mut r) = trio(40);
+    let (mut t, _) = trio(40);
     let (mut other, _) = trio(41);
     let m = other.groups[0].encrypt(b"elsewhere").unwrap();
     assert!(matches!(t.groups[1].decrypt(&m, NOW), Err(GroupError::WrongGroup { .. })));
@@ -390,7 +390,6 @@ fn group_wrong_group_not_a_member_and_unknown_chain() {
     let mut m = t.groups[0].encrypt(b"hi").unwrap();
     m.key_id = m.key_id.wrapping_add(1);
     assert_eq!(t.groups[1].decrypt(&m, NOW), Err(GroupError::UnknownChain { sender: t.ids[0], key_id: m.key_id }));
-    let _ = &mut r;
 }
 
 #[test]

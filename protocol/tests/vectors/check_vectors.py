@@ -966,9 +966,8 @@ def ratchet_receive(c, state, m, tag, chain_starts):
         c.equal(f"{tag} receiver chain_key at N", h(m["chain_key"]), cand.recv_ck)
         mk, cand.recv_ck = kdf_ck(cand.recv_ck)
         cand.recv_n += 1
-        # "set PN = the old sending chain's next number". With no sending
-        # chain (already dropped by an earlier new chain, or the initiator
-        # before its first send) the document leaves PN unsaid; it is kept.
+        # §6.3 step 4: PN becomes the old sending chain's next number; with
+        # no sending chain since the last new chain, PN keeps its value.
         if cand.send_ck is not None:
             cand.pn = cand.send_n
         cand.send_ck, cand.send_n = None, 0
@@ -1012,6 +1011,22 @@ def sending_timeline(message_count, delivery_order):
         yield "deliver", j
 
 
+def timeline_events(v, message_count):
+    """The order of sends and deliveries: the vector's `timeline` (§9) when
+    present, checked against `delivery_order`; otherwise inferred."""
+    if "timeline" not in v:
+        yield from sending_timeline(message_count, v["delivery_order"])
+        return
+    events = []
+    for entry in v["timeline"]:
+        action, index = entry.split()
+        events.append((action, int(index)))
+    delivered = [i for action, i in events if action == "deliver"]
+    if delivered[:len(v["delivery_order"])] != list(v["delivery_order"]):
+        raise ValueError("timeline deliveries disagree with delivery_order")
+    yield from events
+
+
 def check_ratchet(c, v, kx):
     c.equal("ratchet alice_identity_public", h(v["alice_identity_public"]),
             kx["alice_ik"])
@@ -1033,7 +1048,7 @@ def check_ratchet(c, v, kx):
     chain_starts = {h(m["dh_step"]["sender_ratchet_public"]): m["dh_step"]
                     for m in messages if m["dh_step"] is not None}
     payloads = {}
-    for action, i in sending_timeline(len(messages), v["delivery_order"]):
+    for action, i in timeline_events(v, len(messages)):
         m = messages[i]
         if action == "send":
             sender = m["sender"]
