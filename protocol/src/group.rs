@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::ids::{ConversationId, PeerId};
 use crate::sender_key::{ReceivingSenderKey, SenderKey};
-use crate::skipped::{MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
+use crate::skipped::{enforce_shared_budget, SKIPPED_KEY_MAX_AGE_MS};
 use crate::time::Timestamp;
 use crate::wire::{GroupMessage, SenderKeyDistribution};
 
@@ -268,24 +268,16 @@ impl GroupSession {
 
     /// Skipped keys cached for this group, across every member's keys.
     pub fn skipped_key_count(&self) -> usize {
-        self.members.values().flat_map(MemberKeys::keys).map(ReceivingSenderKey::skipped_key_count).sum()
+        self.members.values().flat_map(MemberKeys::keys).map(|k| k.skipped_keys().len()).sum()
     }
 
-    /// One budget of [`MAX_SKIPPED_KEYS`] for the whole group conversation:
-    /// beyond it, the oldest cached key in the group goes first.
+    /// One budget of [`MAX_SKIPPED_KEYS`](crate::MAX_SKIPPED_KEYS) for the
+    /// whole group conversation: beyond it, the oldest cached key in the
+    /// group goes first.
     fn enforce_skipped_key_budget(&mut self) {
-        while self.skipped_key_count() > MAX_SKIPPED_KEYS {
-            let oldest = self
-                .members
-                .values_mut()
-                .flat_map(MemberKeys::keys_mut)
-                .filter_map(|k| k.oldest_skipped_key().map(|at| (at, k)))
-                .min_by_key(|(at, _)| *at);
-            match oldest {
-                Some((_, key)) => key.evict_oldest_skipped_key(),
-                None => break,
-            }
-        }
+        enforce_shared_budget(
+            self.members.values_mut().flat_map(MemberKeys::keys_mut).map(|k| k.skipped_keys_mut()).collect(),
+        );
     }
 
     /// Deletes skipped keys older than [`SKIPPED_KEY_MAX_AGE_MS`] (the 7-day
@@ -295,7 +287,7 @@ impl GroupSession {
         self.members
             .values_mut()
             .flat_map(MemberKeys::keys_mut)
-            .map(|k| k.remove_skipped_keys_created_before(cutoff))
+            .map(|k| k.skipped_keys_mut().remove_created_before(cutoff))
             .sum()
     }
 }

@@ -113,7 +113,7 @@ struct Chain {
 }
 
 /// A skipped key's identity: (sender ratchet key, message number).
-type SkippedId = ([u8; 32], u32);
+pub(crate) type SkippedId = ([u8; 32], u32);
 
 /// Keys passed over on one chain, by message number.
 type SkippedOnChain = Vec<(u32, MessageKey)>;
@@ -287,20 +287,12 @@ impl DoubleRatchet {
         }
     }
 
-    pub(crate) fn skipped_key_count(&self) -> usize {
-        self.skipped.len()
+    pub(crate) fn skipped_keys(&self) -> &SkippedKeys<SkippedId, MessageKey> {
+        &self.skipped
     }
 
-    pub(crate) fn oldest_skipped_key(&self) -> Option<Timestamp> {
-        self.skipped.oldest_created_at()
-    }
-
-    pub(crate) fn evict_oldest_skipped_key(&mut self) {
-        self.skipped.pop_oldest();
-    }
-
-    pub(crate) fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
-        self.skipped.remove_created_before(cutoff)
+    pub(crate) fn skipped_keys_mut(&mut self) -> &mut SkippedKeys<SkippedId, MessageKey> {
+        &mut self.skipped
     }
 
     pub(crate) fn our_ratchet_key(&self) -> &RatchetKeyPair {

@@ -202,20 +202,12 @@ impl ReceivingSenderKey {
         }
     }
 
-    pub(crate) fn skipped_key_count(&self) -> usize {
-        self.skipped.len()
+    pub(crate) fn skipped_keys(&self) -> &SkippedKeys<u32, SenderMessageKey> {
+        &self.skipped
     }
 
-    pub(crate) fn oldest_skipped_key(&self) -> Option<Timestamp> {
-        self.skipped.oldest_created_at()
-    }
-
-    pub(crate) fn evict_oldest_skipped_key(&mut self) {
-        self.skipped.pop_oldest();
-    }
-
-    pub(crate) fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
-        self.skipped.remove_created_before(cutoff)
+    pub(crate) fn skipped_keys_mut(&mut self) -> &mut SkippedKeys<u32, SenderMessageKey> {
+        &mut self.skipped
     }
 }
 

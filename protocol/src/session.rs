@@ -11,7 +11,7 @@ use crate::identity::IdentityPublicKey;
 use crate::ids::{ConversationId, PeerId};
 use crate::kdf::{self, labels};
 use crate::ratchet::{DecryptionError, DoubleRatchet, EncryptError};
-use crate::skipped::{MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
+use crate::skipped::{enforce_shared_budget, SKIPPED_KEY_MAX_AGE_MS};
 use crate::time::Timestamp;
 use crate::wire::RatchetMessage;
 
@@ -129,13 +129,7 @@ impl Session {
 
     /// How many skipped message keys are cached.
     pub fn skipped_key_count(&self) -> usize {
-        self.ratchet.skipped_key_count()
-    }
-
-    /// Deletes skipped keys created before `cutoff` (the 7-day retention
-    /// rule); returns how many went.
-    pub fn remove_skipped_keys_created_before(&mut self, cutoff: Timestamp) -> usize {
-        self.ratchet.remove_skipped_keys_created_before(cutoff)
+        self.ratchet.skipped_keys().len()
     }
 
     /// This node's current ratchet public key (for test vectors and logs).
@@ -203,7 +197,8 @@ pub enum InstallError {
 ///   until a message decrypts under the current one, so messages in flight
 ///   across a re-key are not lost.
 ///
-/// The skipped-key budget ([`MAX_SKIPPED_KEYS`]) is shared by all three.
+/// The skipped-key budget ([`MAX_SKIPPED_KEYS`](crate::MAX_SKIPPED_KEYS)) is
+/// shared by all three.
 pub struct PairwiseSessions {
     current: Session,
     confirmed: bool,
@@ -325,16 +320,7 @@ impl PairwiseSessions {
     /// Evicts the oldest skipped keys across all sessions beyond the shared
     /// budget.
     fn enforce_skipped_key_budget(&mut self) {
-        while self.skipped_key_count() > MAX_SKIPPED_KEYS {
-            let oldest = self
-                .sessions_mut()
-                .filter_map(|s| s.ratchet.oldest_skipped_key().map(|at| (at, s)))
-                .min_by_key(|(at, _)| *at);
-            match oldest {
-                Some((_, session)) => session.ratchet.evict_oldest_skipped_key(),
-                None => break,
-            }
-        }
+        enforce_shared_budget(self.sessions_mut().map(|s| s.ratchet.skipped_keys_mut()).collect());
     }
 
     /// Skipped keys cached across all sessions with this peer.
@@ -346,7 +332,7 @@ impl PairwiseSessions {
     /// retention rule) from every session; returns how many went.
     pub fn expire_skipped_keys(&mut self, now: Timestamp) -> usize {
         let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
-        self.sessions_mut().map(|s| s.remove_skipped_keys_created_before(cutoff)).sum()
+        self.sessions_mut().map(|s| s.ratchet.skipped_keys_mut().remove_created_before(cutoff)).sum()
     }
 }
 

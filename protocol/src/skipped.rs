@@ -110,6 +110,20 @@ impl<K: Eq + Hash + Clone, V> SkippedKeys<K, V> {
     }
 }
 
+/// Evicts the oldest entries (by time cached) across caches that share one
+/// budget of [`MAX_SKIPPED_KEYS`], such as every session with a peer or every
+/// sender key of a group.
+pub(crate) fn enforce_shared_budget<K: Eq + Hash + Clone, V>(mut caches: Vec<&mut SkippedKeys<K, V>>) {
+    let mut total: usize = caches.iter().map(|c| c.len()).sum();
+    while total > MAX_SKIPPED_KEYS {
+        let oldest =
+            caches.iter_mut().filter_map(|c| c.oldest_created_at().map(|at| (at, c))).min_by_key(|(at, _)| *at);
+        let Some((_, cache)) = oldest else { break };
+        cache.pop_oldest();
+        total -= 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
