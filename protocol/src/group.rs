@@ -10,8 +10,9 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use crate::ids::{ConversationId, PeerId};
-use crate::sender_key::{ReceivingSenderKey, SenderKey};
+use crate::sender_key::{ReceivingSenderKey, ReceivingSenderKeyState, SenderKey, SenderKeyState};
 use crate::skipped::{enforce_shared_budget, SKIPPED_KEY_MAX_AGE_MS};
+use crate::state::{self, StateError};
 use crate::time::Timestamp;
 use crate::wire::{GroupMessage, SenderKeyDistribution};
 
@@ -289,5 +290,67 @@ impl GroupSession {
             .flat_map(MemberKeys::keys_mut)
             .map(|k| k.skipped_keys_mut().remove_created_before(cutoff))
             .sum()
+    }
+}
+
+/// The persisted form of a [`GroupSession`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GroupState {
+    group_id: [u8; 16],
+    me: [u8; 20],
+    own: SenderKeyState,
+    members: Vec<MemberState>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MemberState {
+    peer: [u8; 20],
+    current: Option<ReceivingSenderKeyState>,
+    /// Oldest first.
+    previous: Vec<ReceivingSenderKeyState>,
+}
+
+impl GroupSession {
+    /// Everything needed to restore this group's keys, secrets included:
+    /// seal it before it is stored.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        state::encode(&GroupState {
+            group_id: *self.group_id.as_bytes(),
+            me: self.me.0,
+            own: self.own.to_state(),
+            members: self
+                .members
+                .iter()
+                .map(|(peer, keys)| MemberState {
+                    peer: peer.0,
+                    current: keys.current.as_ref().map(ReceivingSenderKey::to_state),
+                    previous: keys.previous.iter().map(ReceivingSenderKey::to_state).collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Restores a group saved by [`GroupSession::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let state: GroupState = state::decode(bytes, "group session")?;
+        let mut members = BTreeMap::new();
+        for m in &state.members {
+            let keys = MemberKeys {
+                current: m.current.as_ref().map(ReceivingSenderKey::from_state).transpose()?,
+                previous: m
+                    .previous
+                    .iter()
+                    .take(MAX_PREVIOUS_SENDER_KEYS)
+                    .map(ReceivingSenderKey::from_state)
+                    .collect::<Result<_, _>>()?,
+            };
+            members.insert(PeerId(m.peer), keys);
+        }
+        Ok(Self {
+            group_id: ConversationId(crate::ids::Uuid(state.group_id)),
+            me: PeerId(state.me),
+            own: SenderKey::from_state(&state.own),
+            members,
+        })
     }
 }

@@ -361,3 +361,36 @@ fn session_id(hash: &[u8; 32]) -> SessionId {
 pub fn x25519_public_of(secret: &crate::keys::X25519Secret) -> [u8; 32] {
     x25519_dalek::PublicKey::from(&StaticSecret::from(*secret.as_bytes())).to_bytes()
 }
+
+/// The persisted form of a [`PendingKeyExchange`].
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+struct PendingState {
+    local: [u8; 32],
+    ephemeral_secret: [u8; 32],
+    #[zeroize(skip)]
+    request: KeyExchangeRequest,
+}
+
+impl PendingKeyExchange {
+    /// The pending exchange as bytes (with its ephemeral secret: seal it).
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        crate::state::encode(&PendingState {
+            local: self.local.to_bytes(),
+            ephemeral_secret: *self.ephemeral.secret().as_bytes(),
+            request: self.request.clone(),
+        })
+    }
+
+    /// Restores an exchange saved by [`PendingKeyExchange::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, crate::state::StateError> {
+        let state: PendingState = crate::state::decode(bytes, "pending key exchange")?;
+        let local = IdentityPublicKey::from_bytes(&state.local)
+            .map_err(|_| crate::state::StateError::InvalidKey("local identity"))?;
+        Ok(Self {
+            local,
+            responder: state.request.responder,
+            ephemeral: RatchetKeyPair::from_secret(StaticSecret::from(state.ephemeral_secret)),
+            request: state.request.clone(),
+        })
+    }
+}

@@ -67,6 +67,7 @@ pub mod ratchet;
 pub mod sender_key;
 pub mod session;
 mod skipped;
+pub mod state;
 pub mod time;
 pub mod wire;
 
@@ -78,4 +79,5 @@ pub use ratchet::{DecryptionError, EncryptError};
 pub use sender_key::SenderKey;
 pub use session::{InstallError, PairwiseSessions, Session, SessionId};
 pub use skipped::{MAX_SKIP, MAX_SKIPPED_KEYS, SKIPPED_KEY_MAX_AGE_MS};
+pub use state::StateError;
 pub use time::Timestamp;

@@ -372,3 +372,79 @@ mod tests {
         assert_eq!(dr.root, root_before);
     }
 }
+
+/// The persisted form of a [`DoubleRatchet`]; secrets are zeroized on drop.
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub(crate) struct RatchetState {
+    root: [u8; 32],
+    our_secret: [u8; 32],
+    theirs: [u8; 32],
+    sending: Option<ChainState>,
+    previous_sending_len: u32,
+    receiving: Option<ChainState>,
+    retired: Vec<[u8; 32]>,
+    /// Oldest first.
+    skipped: Vec<SkippedState>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize)]
+struct ChainState {
+    key: [u8; 32],
+    next: u32,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize)]
+struct SkippedState {
+    ratchet_key: [u8; 32],
+    message_number: u32,
+    message_key: [u8; 32],
+    created_at: u64,
+}
+
+impl DoubleRatchet {
+    pub(crate) fn to_state(&self) -> RatchetState {
+        let chain = |c: &Option<Chain>| c.as_ref().map(|c| ChainState { key: *c.key.as_bytes(), next: c.next });
+        RatchetState {
+            root: *self.root.as_bytes(),
+            our_secret: self.ours.secret.to_bytes(),
+            theirs: self.theirs,
+            sending: chain(&self.sending),
+            previous_sending_len: self.previous_sending_len,
+            receiving: chain(&self.receiving),
+            retired: self.retired.iter().copied().collect(),
+            skipped: self
+                .skipped
+                .iter_oldest_first()
+                .map(|((ratchet_key, n), mk, at)| SkippedState {
+                    ratchet_key: *ratchet_key,
+                    message_number: *n,
+                    message_key: *mk.as_bytes(),
+                    created_at: at.as_millis(),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn from_state(state: &RatchetState) -> Self {
+        let chain =
+            |c: &Option<ChainState>| c.as_ref().map(|c| Chain { key: ChainKey::from_bytes(c.key), next: c.next });
+        let mut skipped = SkippedKeys::new();
+        for k in &state.skipped {
+            skipped.insert(
+                (k.ratchet_key, k.message_number),
+                MessageKey::from_bytes(k.message_key),
+                Timestamp(k.created_at),
+            );
+        }
+        Self {
+            root: RootKey::from_bytes(state.root),
+            ours: RatchetKeyPair::from_secret(StaticSecret::from(state.our_secret)),
+            theirs: state.theirs,
+            sending: chain(&state.sending),
+            previous_sending_len: state.previous_sending_len,
+            receiving: chain(&state.receiving),
+            retired: state.retired.iter().copied().take(RETIRED_KEYS_KEPT).collect(),
+            skipped,
+        }
+    }
+}

@@ -249,3 +249,92 @@ mod tests {
         assert_eq!(own.next, u32::MAX);
     }
 }
+
+/// The persisted form of our own [`SenderKey`].
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub(crate) struct SenderKeyState {
+    group_id: [u8; 16],
+    owner: [u8; 20],
+    key_id: u32,
+    chain: [u8; 32],
+    next: u32,
+    signing_seed: [u8; 32],
+}
+
+/// The persisted form of a [`ReceivingSenderKey`].
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub(crate) struct ReceivingSenderKeyState {
+    key_id: u32,
+    chain: [u8; 32],
+    next: u32,
+    signing_public: [u8; 32],
+    /// Oldest first.
+    skipped: Vec<SenderSkippedState>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize)]
+struct SenderSkippedState {
+    message_number: u32,
+    message_key: [u8; 32],
+    created_at: u64,
+}
+
+impl SenderKey {
+    pub(crate) fn to_state(&self) -> SenderKeyState {
+        SenderKeyState {
+            group_id: *self.group_id.as_bytes(),
+            owner: self.owner.0,
+            key_id: self.key_id,
+            chain: *self.chain.as_bytes(),
+            next: self.next,
+            signing_seed: self.signing.to_bytes(),
+        }
+    }
+
+    pub(crate) fn from_state(state: &SenderKeyState) -> Self {
+        Self {
+            group_id: ConversationId(crate::ids::Uuid(state.group_id)),
+            owner: PeerId(state.owner),
+            key_id: state.key_id,
+            chain: SenderChainKey::from_bytes(state.chain),
+            next: state.next,
+            signing: SigningKey::from_bytes(&state.signing_seed),
+        }
+    }
+}
+
+impl ReceivingSenderKey {
+    pub(crate) fn to_state(&self) -> ReceivingSenderKeyState {
+        ReceivingSenderKeyState {
+            key_id: self.key_id,
+            chain: *self.chain.as_bytes(),
+            next: self.next,
+            signing_public: self.verifying.to_bytes(),
+            skipped: self
+                .skipped
+                .iter_oldest_first()
+                .map(|(n, key, at)| SenderSkippedState {
+                    message_number: *n,
+                    message_key: *key.as_bytes(),
+                    created_at: at.as_millis(),
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn from_state(state: &ReceivingSenderKeyState) -> Result<Self, crate::state::StateError> {
+        let verifying = crate::identity::parse_verifying_key(&state.signing_public)
+            .ok_or(crate::state::StateError::InvalidKey("sender signing key"))?;
+        let mut skipped = SkippedKeys::new();
+        for k in &state.skipped {
+            skipped.insert(k.message_number, SenderMessageKey::from_bytes(k.message_key), Timestamp(k.created_at));
+        }
+        Ok(Self {
+            key_id: state.key_id,
+            chain: SenderChainKey::from_bytes(state.chain),
+            next: state.next,
+            verifying,
+            skipped,
+        })
+    }
+}

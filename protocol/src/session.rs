@@ -10,8 +10,9 @@ use crate::aead;
 use crate::identity::IdentityPublicKey;
 use crate::ids::{ConversationId, PeerId};
 use crate::kdf::{self, labels};
-use crate::ratchet::{DecryptionError, DoubleRatchet, EncryptError};
+use crate::ratchet::{DecryptionError, DoubleRatchet, EncryptError, RatchetState};
 use crate::skipped::{enforce_shared_budget, SKIPPED_KEY_MAX_AGE_MS};
+use crate::state::{self, StateError};
 use crate::time::Timestamp;
 use crate::wire::RatchetMessage;
 
@@ -42,6 +43,9 @@ pub enum Role {
 pub struct Session {
     id: SessionId,
     role: Role,
+    /// Both identity keys, kept for persistence (the binding covers them).
+    initiator: [u8; 32],
+    responder: [u8; 32],
     local: PeerId,
     remote: PeerId,
     conversation_id: ConversationId,
@@ -63,7 +67,17 @@ impl Session {
         };
         let conversation_id = ConversationId::for_peers(&local, &remote);
         let binding = associated_data(initiator, responder, &conversation_id, &id);
-        Self { id, role, local, remote, conversation_id, binding, ratchet }
+        Self {
+            id,
+            role,
+            initiator: initiator.to_bytes(),
+            responder: responder.to_bytes(),
+            local,
+            remote,
+            conversation_id,
+            binding,
+            ratchet,
+        }
     }
 
     /// The key exchange this session came from.
@@ -391,5 +405,70 @@ mod tests {
             InstallError::AlreadyInstalled(SessionId([5; 16]))
         );
         assert!(sessions.previous().is_none() && sessions.pending().is_none());
+    }
+}
+
+/// The persisted form of a [`Session`].
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+struct SessionState {
+    id: [u8; 16],
+    initiator_role: bool,
+    initiator: [u8; 32],
+    responder: [u8; 32],
+    ratchet: RatchetState,
+}
+
+/// The persisted form of a [`PairwiseSessions`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PairwiseState {
+    current: SessionState,
+    confirmed: bool,
+    pending: Option<SessionState>,
+    previous: Option<SessionState>,
+}
+
+impl Session {
+    fn to_state(&self) -> SessionState {
+        SessionState {
+            id: self.id.0,
+            initiator_role: self.role == Role::Initiator,
+            initiator: self.initiator,
+            responder: self.responder,
+            ratchet: self.ratchet.to_state(),
+        }
+    }
+
+    fn from_state(state: &SessionState) -> Result<Self, StateError> {
+        let initiator = IdentityPublicKey::from_bytes(&state.initiator)
+            .map_err(|_| StateError::InvalidKey("initiator identity"))?;
+        let responder = IdentityPublicKey::from_bytes(&state.responder)
+            .map_err(|_| StateError::InvalidKey("responder identity"))?;
+        let role = if state.initiator_role { Role::Initiator } else { Role::Responder };
+        let ratchet = DoubleRatchet::from_state(&state.ratchet);
+        Ok(Self::new(SessionId(state.id), role, &initiator, &responder, ratchet))
+    }
+}
+
+impl PairwiseSessions {
+    /// Everything needed to restore these sessions, secrets included: seal it
+    /// before it is stored.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        state::encode(&PairwiseState {
+            current: self.current.to_state(),
+            confirmed: self.confirmed,
+            pending: self.pending.as_ref().map(Session::to_state),
+            previous: self.previous.as_ref().map(Session::to_state),
+        })
+    }
+
+    /// Restores sessions saved by [`PairwiseSessions::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let state: PairwiseState = state::decode(bytes, "pairwise sessions")?;
+        Ok(Self {
+            current: Session::from_state(&state.current)?,
+            confirmed: state.confirmed,
+            pending: state.pending.as_ref().map(Session::from_state).transpose()?,
+            previous: state.previous.as_ref().map(Session::from_state).transpose()?,
+        })
     }
 }

@@ -102,7 +102,6 @@ impl<K: Eq + Hash + Clone, V> SkippedKeys<K, V> {
     }
 
     /// Entries oldest first: (id, key, created_at).
-    #[cfg(test)]
     pub(crate) fn iter_oldest_first(&self) -> impl Iterator<Item = (&K, &V, Timestamp)> {
         self.by_age
             .values()
