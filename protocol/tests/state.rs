@@ -50,9 +50,9 @@ fn groups_carry_on_after_a_restore() {
         ids.iter().map(|me| GroupSession::new(gid, *me, ids.clone(), &mut r).unwrap()).collect();
     for i in 0..3 {
         let d = groups[i].distribution();
-        for j in 0..3 {
+        for (j, g) in groups.iter_mut().enumerate() {
             if i != j {
-                groups[j].accept_distribution(&ids[i], &d).unwrap();
+                g.accept_distribution(&ids[i], &d).unwrap();
             }
         }
     }
