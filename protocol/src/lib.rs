@@ -57,6 +57,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod aead;
+pub mod engine;
 pub mod group;
 pub mod handshake;
 pub mod identity;

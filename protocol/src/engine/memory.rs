@@ -1,0 +1,239 @@
+//! An in-memory [`Store`] for tests and the simulator, with the same
+//! transaction semantics as a database: writes go to an overlay that a
+//! commit applies and a rollback drops. It can be told to fail commits, to
+//! test the engine's commit rule.
+
+use std::collections::BTreeMap;
+
+use zeroize::Zeroizing;
+
+use super::model::{Conversation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::store::{Store, StoreError};
+use crate::handshake::AnsweredRequest;
+use crate::ids::{ConversationId, MessageId, PeerId};
+use crate::time::Timestamp;
+
+#[derive(Clone, Default)]
+struct Tables {
+    conversations: BTreeMap<ConversationId, Conversation>,
+    members: BTreeMap<(ConversationId, PeerId), Member>,
+    messages: BTreeMap<MessageId, Message>,
+    /// Each message's insertion number: listings keep the order of arrival.
+    message_order: BTreeMap<MessageId, u64>,
+    next_message_order: u64,
+    sessions: BTreeMap<PeerId, Zeroizing<Vec<u8>>>,
+    answered: BTreeMap<PeerId, AnsweredRequest>,
+    key_exchanges: BTreeMap<PeerId, KeyExchangeAttempt>,
+    group_keys: BTreeMap<ConversationId, Zeroizing<Vec<u8>>>,
+    outbox: BTreeMap<u64, OutboxItem>,
+    next_seq: u64,
+    retention_due: Option<Timestamp>,
+}
+
+/// The in-memory store.
+#[derive(Default)]
+pub struct MemoryStore {
+    committed: Tables,
+    /// The open transaction's view: a copy of the committed tables. Copying
+    /// is simple and, at test and simulation sizes, cheap enough.
+    working: Option<Tables>,
+    fail_commits: u32,
+    commits: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next `count` commits fail (and roll back).
+    pub fn fail_next_commits(&mut self, count: u32) {
+        self.fail_commits = count;
+    }
+
+    /// How many commits succeeded.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// A copy of the committed state only: what survives a crash.
+    pub fn crash_copy(&self) -> Self {
+        Self { committed: self.committed.clone(), working: None, fail_commits: 0, commits: self.commits }
+    }
+
+    fn read(&self) -> Result<&Tables, StoreError> {
+        self.working.as_ref().ok_or(StoreError::Misuse("read outside a transaction"))
+    }
+
+    fn write(&mut self) -> Result<&mut Tables, StoreError> {
+        self.working.as_mut().ok_or(StoreError::Misuse("write outside a transaction"))
+    }
+}
+
+impl Store for MemoryStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if self.working.is_some() {
+            return Err(StoreError::Misuse("a transaction is already open"));
+        }
+        self.working = Some(self.committed.clone());
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        let working = self.working.take().ok_or(StoreError::Misuse("commit outside a transaction"))?;
+        if self.fail_commits > 0 {
+            self.fail_commits -= 1;
+            return Err(StoreError::Unavailable("injected commit failure".into()));
+        }
+        self.committed = working;
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        self.working = None;
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        Ok(self.read()?.conversations.get(id).cloned())
+    }
+
+    fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        Ok(self.read()?.conversations.values().cloned().collect())
+    }
+
+    fn put_conversation(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
+        self.write()?.conversations.insert(conversation.id, conversation.clone());
+        Ok(())
+    }
+
+    fn delete_conversation(&mut self, id: &ConversationId) -> Result<(), StoreError> {
+        let t = self.write()?;
+        t.conversations.remove(id);
+        t.members.retain(|(c, _), _| c != id);
+        t.messages.retain(|_, m| m.conversation_id != *id);
+        let messages = &t.messages;
+        t.message_order.retain(|m, _| messages.contains_key(m));
+        t.group_keys.remove(id);
+        Ok(())
+    }
+
+    fn members(&self, id: &ConversationId) -> Result<Vec<Member>, StoreError> {
+        Ok(self.read()?.members.iter().filter(|((c, _), _)| c == id).map(|(_, m)| m.clone()).collect())
+    }
+
+    fn put_member(&mut self, id: &ConversationId, member: &Member) -> Result<(), StoreError> {
+        self.write()?.members.insert((*id, member.peer_id), member.clone());
+        Ok(())
+    }
+
+    fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        Ok(self.read()?.messages.get(id).cloned())
+    }
+
+    fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError> {
+        let t = self.read()?;
+        let mut out: Vec<Message> = t.messages.values().filter(|m| m.conversation_id == *id).cloned().collect();
+        out.sort_by_key(|m| t.message_order.get(&m.id).copied());
+        Ok(out)
+    }
+
+    fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
+        let t = self.write()?;
+        if !t.message_order.contains_key(&message.id) {
+            t.next_message_order += 1;
+            t.message_order.insert(message.id, t.next_message_order);
+        }
+        t.messages.insert(message.id, message.clone());
+        Ok(())
+    }
+
+    fn messages_stored_before(&self, cutoff: Timestamp) -> Result<Vec<Message>, StoreError> {
+        let t = self.read()?;
+        let mut out: Vec<Message> = t.messages.values().filter(|m| m.stored_at < cutoff).cloned().collect();
+        out.sort_by_key(|m| t.message_order.get(&m.id).copied());
+        Ok(out)
+    }
+
+    fn delete_message(&mut self, id: &MessageId) -> Result<(), StoreError> {
+        let t = self.write()?;
+        t.messages.remove(id);
+        t.message_order.remove(id);
+        Ok(())
+    }
+
+    fn sessions(&self, peer: &PeerId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        Ok(self.read()?.sessions.get(peer).cloned())
+    }
+
+    fn session_peers(&self) -> Result<Vec<PeerId>, StoreError> {
+        Ok(self.read()?.sessions.keys().copied().collect())
+    }
+
+    fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError> {
+        self.write()?.sessions.insert(*peer, Zeroizing::new(state.to_vec()));
+        Ok(())
+    }
+
+    fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {
+        Ok(self.read()?.answered.get(peer).cloned())
+    }
+
+    fn put_answered_request(&mut self, peer: &PeerId, answered: &AnsweredRequest) -> Result<(), StoreError> {
+        self.write()?.answered.insert(*peer, answered.clone());
+        Ok(())
+    }
+
+    fn key_exchanges(&self) -> Result<Vec<KeyExchangeAttempt>, StoreError> {
+        Ok(self.read()?.key_exchanges.values().cloned().collect())
+    }
+
+    fn put_key_exchange(&mut self, attempt: &KeyExchangeAttempt) -> Result<(), StoreError> {
+        self.write()?.key_exchanges.insert(attempt.peer, attempt.clone());
+        Ok(())
+    }
+
+    fn delete_key_exchange(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        self.write()?.key_exchanges.remove(peer);
+        Ok(())
+    }
+
+    fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        Ok(self.read()?.group_keys.get(id).cloned())
+    }
+
+    fn put_group_keys(&mut self, id: &ConversationId, state: &[u8]) -> Result<(), StoreError> {
+        self.write()?.group_keys.insert(*id, Zeroizing::new(state.to_vec()));
+        Ok(())
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self.read()?.outbox.values().cloned().collect())
+    }
+
+    fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.write()?.outbox.insert(item.seq, item.clone());
+        Ok(())
+    }
+
+    fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.write()?.outbox.remove(&seq);
+        Ok(())
+    }
+
+    fn next_seq(&mut self) -> Result<u64, StoreError> {
+        let t = self.write()?;
+        t.next_seq += 1;
+        Ok(t.next_seq)
+    }
+
+    fn retention_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.read()?.retention_due)
+    }
+
+    fn set_retention_due(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.write()?.retention_due = Some(at);
+        Ok(())
+    }
+}

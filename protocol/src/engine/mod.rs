@@ -1,0 +1,1136 @@
+//! The chat engine: one deterministic state machine per node, between the
+//! API (commands), the transport (bytes, reachability, send results), the
+//! clock (timeouts) and the store.
+//!
+//! # Driving rule
+//!
+//! Call [`Engine::command`] or [`Engine::handle`] with the current time;
+//! then drain [`Engine::poll_transmit`], [`Engine::poll_lookup`] and
+//! [`Engine::poll_event`] until each returns `None`; then arm a timer for
+//! [`Engine::poll_timeout`] and call `handle(now, Input::Timeout)` when it
+//! fires. Nothing an input causes is visible before the store transaction
+//! for that input has committed; if the commit fails, the input returns the
+//! error and its outputs are discarded, so no byte leaves whose ratchet step
+//! was not saved.
+//!
+//! This version covers 1:1 conversations: key exchange with lookup, timeout
+//! and retries, the message lifecycle, delivery and read receipts, the
+//! outbox, and retention. Groups come next.
+
+mod events;
+mod memory;
+mod model;
+mod store;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rand_core::CryptoRngCore;
+
+pub use events::Event;
+pub use memory::MemoryStore;
+pub use model::{
+    Conversation, ConversationKind, KeyExchangeAttempt, Member, Message, MessageStatus, OutboxItem, OutboxPayload,
+};
+pub use store::{Store, StoreError};
+
+use crate::handshake::{self, CrossedRequests, PendingKeyExchange, Response};
+use crate::identity::IdentityKeyPair;
+use crate::ids::{ConversationId, MessageId, PeerId};
+use crate::session::PairwiseSessions;
+use crate::state::StateError;
+use crate::time::Timestamp;
+use crate::wire::{
+    ChatContent, Envelope, EnvelopeBody, KeyExchangeAck, KeyExchangeRequest, PairwisePayload, RatchetMessage,
+};
+
+/// The largest message content, in bytes.
+pub const MAX_CONTENT_LEN: usize = 64 * 1024;
+
+/// Tunables; the defaults are the reference's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Send attempts after the first before a message fails (`invoice_max_retries`).
+    pub max_retries: u32,
+    /// The first retry's backoff; it doubles each time (`invoice_retry_backoff_ms`).
+    pub retry_backoff_ms: u64,
+    /// How long to wait for a key exchange ack.
+    pub key_exchange_timeout_ms: u64,
+    /// How long messages are kept (`chat_message_ttl_days`).
+    pub message_ttl_ms: u64,
+    /// How long to wait for a delivery confirmation before sending again.
+    pub confirmation_timeout_ms: u64,
+    /// How often the retention sweep runs.
+    pub retention_interval_ms: u64,
+    /// The most items queued for one peer.
+    pub max_outbox_per_peer: usize,
+}
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            retry_backoff_ms: 2_000,
+            key_exchange_timeout_ms: 10_000,
+            message_ttl_ms: 30 * DAY_MS,
+            confirmation_timeout_ms: 30_000,
+            retention_interval_ms: DAY_MS,
+            max_outbox_per_peer: 10_000,
+        }
+    }
+}
+
+/// A request from the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Open (or find) the 1:1 conversation with a peer.
+    CreateConversation {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Send a message in a 1:1 conversation.
+    SendMessage {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text.
+        content: String,
+    },
+    /// Mark one incoming message read (and tell its sender).
+    MarkMessageRead {
+        /// The message.
+        message: MessageId,
+    },
+    /// Mark every incoming message of a conversation read.
+    MarkConversationRead {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Delete a conversation and its messages.
+    DeleteConversation {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Send a failed message again, as a copy under a new ID.
+    RetryMessage {
+        /// The failed message.
+        message: MessageId,
+    },
+    /// Start a fresh key exchange with a peer (replacing a broken session).
+    InitiateKeyExchange {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// What a command produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// A conversation (created or found).
+    Conversation(Conversation),
+    /// A message (sent or retried).
+    Message(Message),
+    /// Nothing to return.
+    Done,
+}
+
+/// An input from the transport, the directory or the clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Bytes from a peer (whose ID the transport authenticated, or the relay vouched for).
+    Received {
+        /// The sender.
+        from: PeerId,
+        /// The envelope.
+        bytes: Vec<u8>,
+    },
+    /// A path to the peer opened.
+    PeerReachable(PeerId),
+    /// The path to the peer closed.
+    PeerUnreachable(PeerId),
+    /// The directory knows how to reach the peer (answers a lookup).
+    PeerRecord(PeerId),
+    /// The directory does not know the peer (answers a lookup).
+    LookupFailed(PeerId),
+    /// What became of a transmit.
+    TransmitResult {
+        /// The transmit.
+        id: TransmitId,
+        /// Its fate.
+        outcome: TransmitOutcome,
+    },
+    /// A deadline from [`Engine::poll_timeout`] passed.
+    Timeout,
+}
+
+/// Identifies a transmit, for its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TransmitId(pub u64);
+
+/// What happened to a transmit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransmitOutcome {
+    /// It reached the peer's node (the transport acknowledged it).
+    Delivered,
+    /// A relay accepted it into its mailbox for the offline peer.
+    HeldByRelay,
+    /// Neither the peer nor a relay took it.
+    Failed(String),
+}
+
+/// Bytes to send to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// For the result.
+    pub id: TransmitId,
+    /// The recipient.
+    pub peer: PeerId,
+    /// The envelope.
+    pub bytes: Vec<u8>,
+    /// Whether a relay may hold it in a mailbox (never for key exchange).
+    pub mailbox_allowed: bool,
+}
+
+/// Why a command or input failed. State is as it was before it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed; nothing was changed or sent.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored cryptographic state does not restore.
+    #[error("stored state is unusable: {0}")]
+    State(#[from] StateError),
+    /// No such conversation.
+    #[error("no conversation {0}")]
+    UnknownConversation(ConversationId),
+    /// No such message.
+    #[error("no message {0}")]
+    UnknownMessage(MessageId),
+    /// Message content is empty.
+    #[error("message content is empty")]
+    EmptyContent,
+    /// Message content is too long.
+    #[error("message content is {len} bytes; the limit is {max}")]
+    ContentTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command needs a 1:1 conversation.
+    #[error("conversation {0} is not a 1:1 conversation")]
+    NotOneOnOne(ConversationId),
+    /// A node cannot converse with itself.
+    #[error("a conversation needs another peer; {0} is this node")]
+    SelfConversation(PeerId),
+    /// Too much is already queued for the peer.
+    #[error("the outbox for {peer} is full ({max} items); wait for the peer to come online")]
+    OutboxFull {
+        /// The peer.
+        peer: PeerId,
+        /// The limit.
+        max: usize,
+    },
+    /// Only failed outgoing messages can be retried.
+    #[error("message {id} is {status} and cannot be retried; only failed outgoing messages can")]
+    NotRetryable {
+        /// The message.
+        id: MessageId,
+        /// Its status.
+        status: &'static str,
+    },
+}
+
+/// Where a transmit's payload came from, to settle its result.
+#[derive(Clone, Debug)]
+struct InFlight {
+    peer: PeerId,
+    outbox_seq: Option<u64>,
+}
+
+/// Outputs of the input being handled, released only after its commit.
+#[derive(Default)]
+struct Staged {
+    transmits: Vec<Transmit>,
+    lookups: Vec<PeerId>,
+    events: Vec<Event>,
+    in_flight: Vec<(TransmitId, InFlight)>,
+}
+
+/// One node's chat engine over a store `S`.
+pub struct Engine<S: Store> {
+    identity: IdentityKeyPair,
+    store: S,
+    config: EngineConfig,
+    rng: Box<dyn CryptoRngCore + Send>,
+    reachable: BTreeSet<PeerId>,
+    in_flight: BTreeMap<TransmitId, InFlight>,
+    next_transmit: u64,
+    next_deadline: Option<Timestamp>,
+    staged: Staged,
+    transmits: VecDeque<Transmit>,
+    lookups: VecDeque<PeerId>,
+    events: VecDeque<Event>,
+}
+
+impl<S: Store> core::fmt::Debug for Engine<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine").field("peer_id", &self.identity.peer_id()).finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> Engine<S> {
+    /// An engine over `store`. `rng` must be freshly seeded on every start
+    /// (from the OS in the node, from the run's seed and the restart count
+    /// in the simulator): a restarted engine that replayed its randomness
+    /// would reuse ephemeral keys.
+    pub fn new(
+        identity: IdentityKeyPair,
+        store: S,
+        config: EngineConfig,
+        rng: impl CryptoRngCore + Send + 'static,
+        now: Timestamp,
+    ) -> Result<Self, EngineError> {
+        let mut engine = Self {
+            identity,
+            store,
+            config,
+            rng: Box::new(rng),
+            reachable: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            next_transmit: 0,
+            next_deadline: None,
+            staged: Staged::default(),
+            transmits: VecDeque::new(),
+            lookups: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        engine.transact(|e| {
+            // Copies that were in flight when the node stopped are unknown:
+            // send them again.
+            for mut item in e.store.outbox()? {
+                if item.in_flight {
+                    item.in_flight = false;
+                    item.next_attempt_at = Some(now);
+                    e.store.put_outbox_item(&item)?;
+                }
+            }
+            if e.store.retention_due()?.is_none() {
+                e.store.set_retention_due(now.saturating_add_millis(e.config.retention_interval_ms))?;
+            }
+            Ok(())
+        })?;
+        Ok(engine)
+    }
+
+    /// This node's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.identity.peer_id()
+    }
+
+    /// The store, for reads outside the engine (the API lists messages).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store, mutably (for read transactions by the driver).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// The next transmit, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next peer to look up in the directory, if any.
+    pub fn poll_lookup(&mut self) -> Option<PeerId> {
+        self.lookups.pop_front()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call `handle(now, Input::Timeout)` next.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.next_deadline
+    }
+
+    /// Runs a command.
+    pub fn command(&mut self, now: Timestamp, command: Command) -> Result<CommandOutcome, EngineError> {
+        self.transact(|e| e.run_command(now, command))
+    }
+
+    /// Handles an input.
+    pub fn handle(&mut self, now: Timestamp, input: Input) -> Result<(), EngineError> {
+        match &input {
+            Input::PeerReachable(peer) => {
+                self.reachable.insert(*peer);
+            }
+            Input::PeerUnreachable(peer) => {
+                self.reachable.remove(peer);
+            }
+            _ => {}
+        }
+        self.transact(|e| e.run_input(now, input))
+    }
+
+    /// One transaction: everything `f` stages is released only if the
+    /// store commits.
+    fn transact<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        self.staged = Staged::default();
+        self.store.begin()?;
+        let result = f(self).and_then(|value| Ok((value, self.compute_deadline()?)));
+        match result {
+            Ok((value, deadline)) => match self.store.commit() {
+                Ok(()) => {
+                    let staged = core::mem::take(&mut self.staged);
+                    self.transmits.extend(staged.transmits);
+                    self.lookups.extend(staged.lookups);
+                    self.events.extend(staged.events);
+                    self.in_flight.extend(staged.in_flight);
+                    self.next_deadline = deadline;
+                    Ok(value)
+                }
+                Err(e) => {
+                    self.staged = Staged::default();
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                self.store.rollback();
+                self.staged = Staged::default();
+                Err(e)
+            }
+        }
+    }
+
+    fn compute_deadline(&self) -> Result<Option<Timestamp>, EngineError> {
+        let outbox = self.store.outbox()?.into_iter().filter(|i| !i.in_flight).filter_map(|i| i.next_attempt_at);
+        let exchanges = self.store.key_exchanges()?.into_iter().map(|a| a.deadline);
+        Ok(outbox.chain(exchanges).chain(self.store.retention_due()?).min())
+    }
+
+    fn run_command(&mut self, now: Timestamp, command: Command) -> Result<CommandOutcome, EngineError> {
+        match command {
+            Command::CreateConversation { peer } => {
+                self.create_conversation(now, peer).map(CommandOutcome::Conversation)
+            }
+            Command::SendMessage { conversation, content } => {
+                self.send_message(now, conversation, content).map(CommandOutcome::Message)
+            }
+            Command::MarkMessageRead { message } => {
+                self.mark_read(now, &[message])?;
+                Ok(CommandOutcome::Done)
+            }
+            Command::MarkConversationRead { conversation } => {
+                self.conversation(&conversation)?;
+                let me = self.peer_id();
+                let unread: Vec<MessageId> = self
+                    .store
+                    .messages(&conversation)?
+                    .into_iter()
+                    .filter(|m| !m.is_outgoing(&me) && m.read_at.is_none())
+                    .map(|m| m.id)
+                    .collect();
+                self.mark_read(now, &unread)?;
+                Ok(CommandOutcome::Done)
+            }
+            Command::DeleteConversation { conversation } => {
+                self.conversation(&conversation)?;
+                let ids: BTreeSet<MessageId> = self.store.messages(&conversation)?.iter().map(|m| m.id).collect();
+                for item in self.store.outbox()? {
+                    if let OutboxPayload::Chat(id) = &item.payload {
+                        if ids.contains(id) {
+                            self.store.delete_outbox_item(item.seq)?;
+                        }
+                    }
+                }
+                self.store.delete_conversation(&conversation)?;
+                self.staged.events.push(Event::ConversationsUpdated);
+                Ok(CommandOutcome::Done)
+            }
+            Command::RetryMessage { message } => {
+                let old = self.store.message(&message)?.ok_or(EngineError::UnknownMessage(message))?;
+                if old.status != MessageStatus::Failed || !old.is_outgoing(&self.peer_id()) {
+                    return Err(EngineError::NotRetryable { id: message, status: old.status.as_str() });
+                }
+                self.send_message(now, old.conversation_id, old.content).map(CommandOutcome::Message)
+            }
+            Command::InitiateKeyExchange { peer } => {
+                if peer == self.peer_id() {
+                    return Err(EngineError::SelfConversation(peer));
+                }
+                if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+                    self.start_key_exchange(now, peer, 1)?;
+                }
+                Ok(CommandOutcome::Done)
+            }
+        }
+    }
+
+    fn run_input(&mut self, now: Timestamp, input: Input) -> Result<(), EngineError> {
+        match input {
+            Input::Received { from, bytes } => self.receive(now, from, &bytes),
+            Input::PeerReachable(peer) => {
+                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                if let Some(attempt) = attempt.filter(|a| a.backing_off) {
+                    self.start_key_exchange(now, peer, attempt.attempts + 1)?;
+                }
+                for mut item in self.store.outbox()?.into_iter().filter(|i| i.peer == peer && !i.in_flight) {
+                    item.next_attempt_at = Some(now);
+                    self.store.put_outbox_item(&item)?;
+                }
+                self.pump(now, peer)
+            }
+            Input::PeerUnreachable(_) => Ok(()),
+            Input::PeerRecord(peer) => {
+                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                match attempt {
+                    Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
+                        self.send_key_exchange_request(now, attempt)
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Input::LookupFailed(peer) => {
+                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                match attempt {
+                    Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
+                        self.key_exchange_failed(now, attempt, "peer is unknown to the directory")
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Input::TransmitResult { id, outcome } => self.transmit_result(now, id, outcome),
+            Input::Timeout => self.timeout(now),
+        }
+    }
+
+    // ---- conversations and messages --------------------------------------
+
+    fn conversation(&self, id: &ConversationId) -> Result<Conversation, EngineError> {
+        self.store.conversation(id)?.ok_or(EngineError::UnknownConversation(*id))
+    }
+
+    fn create_conversation(&mut self, now: Timestamp, peer: PeerId) -> Result<Conversation, EngineError> {
+        if peer == self.peer_id() {
+            return Err(EngineError::SelfConversation(peer));
+        }
+        let id = ConversationId::for_peers(&self.peer_id(), &peer);
+        if let Some(existing) = self.store.conversation(&id)? {
+            return Ok(existing);
+        }
+        let conversation = Conversation {
+            id,
+            kind: ConversationKind::OneOnOne { peer },
+            created_at: now,
+            updated_at: now,
+            last_message_at: None,
+            last_message_id: None,
+            unread_count: 0,
+            left: false,
+        };
+        self.store.put_conversation(&conversation)?;
+        self.staged.events.push(Event::ConversationCreated(conversation.clone()));
+        Ok(conversation)
+    }
+
+    fn send_message(&mut self, now: Timestamp, id: ConversationId, content: String) -> Result<Message, EngineError> {
+        if content.is_empty() {
+            return Err(EngineError::EmptyContent);
+        }
+        if content.len() > MAX_CONTENT_LEN {
+            return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
+        }
+        let mut conversation = self.conversation(&id)?;
+        let ConversationKind::OneOnOne { peer } = conversation.kind else {
+            return Err(EngineError::NotOneOnOne(id));
+        };
+        let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
+        if queued >= self.config.max_outbox_per_peer {
+            return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
+        }
+        let message = Message {
+            id: MessageId::random(&mut self.rng),
+            conversation_id: id,
+            sender: self.peer_id(),
+            content,
+            timestamp: now,
+            status: MessageStatus::Created,
+            sent_at: None,
+            delivered_at: None,
+            read_at: None,
+            failure_reason: None,
+            recipients: vec![(peer, MessageStatus::Created)],
+            stored_at: now,
+        };
+        self.store.put_message(&message)?;
+        conversation.last_message_at = Some(now);
+        conversation.last_message_id = Some(message.id);
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        self.staged.events.push(Event::MessageCreated(message.clone()));
+        self.conversation_updated(conversation)?;
+        self.enqueue(now, peer, OutboxPayload::Chat(message.id))?;
+        self.pump(now, peer)?;
+        // The pump may already have moved it on (e.g. to sent).
+        Ok(self.store.message(&message.id)?.unwrap_or(message))
+    }
+
+    fn conversation_updated(&mut self, conversation: Conversation) -> Result<(), EngineError> {
+        let members = match conversation.kind {
+            ConversationKind::Group { .. } => self.store.members(&conversation.id)?,
+            ConversationKind::OneOnOne { .. } => Vec::new(),
+        };
+        self.staged.events.push(Event::ConversationUpdated { conversation, members });
+        Ok(())
+    }
+
+    fn mark_read(&mut self, now: Timestamp, ids: &[MessageId]) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        let mut by_sender: BTreeMap<PeerId, Vec<MessageId>> = BTreeMap::new();
+        let mut touched: BTreeMap<ConversationId, u32> = BTreeMap::new();
+        for id in ids {
+            let mut message = self.store.message(id)?.ok_or(EngineError::UnknownMessage(*id))?;
+            if message.is_outgoing(&me) || message.read_at.is_some() {
+                continue;
+            }
+            message.read_at = Some(now);
+            message.status = MessageStatus::Read;
+            self.store.put_message(&message)?;
+            by_sender.entry(message.sender).or_default().push(message.id);
+            *touched.entry(message.conversation_id).or_default() += 1;
+        }
+        for (conversation_id, count) in touched {
+            let mut conversation = self.conversation(&conversation_id)?;
+            conversation.unread_count = conversation.unread_count.saturating_sub(count);
+            conversation.updated_at = now;
+            self.store.put_conversation(&conversation)?;
+            self.conversation_updated(conversation)?;
+        }
+        for (sender, message_ids) in by_sender {
+            self.enqueue(now, sender, OutboxPayload::Read { message_ids, read_at: now })?;
+            self.pump(now, sender)?;
+        }
+        Ok(())
+    }
+
+    /// Moves an outgoing message's progress for one recipient forward (never
+    /// back), and the message's own status to the least advanced recipient's.
+    fn advance(
+        &mut self,
+        now: Timestamp,
+        id: &MessageId,
+        recipient: &PeerId,
+        to: MessageStatus,
+    ) -> Result<(), EngineError> {
+        let Some(mut message) = self.store.message(id)? else { return Ok(()) };
+        let Some(entry) = message.recipients.iter_mut().find(|(p, _)| p == recipient) else { return Ok(()) };
+        if entry.1 == MessageStatus::Failed || entry.1 >= to {
+            return Ok(());
+        }
+        entry.1 = to;
+        let overall = message.recipients.iter().map(|(_, s)| *s).min().unwrap_or(to);
+        if overall <= message.status && message.status != MessageStatus::Failed {
+            self.store.put_message(&message)?;
+            return Ok(());
+        }
+        let from = message.status;
+        message.status = overall;
+        let conversation_id = message.conversation_id;
+        // Every state passed on the way gets its time: read implies delivered.
+        if overall >= MessageStatus::Sent && message.sent_at.is_none() {
+            message.sent_at = Some(now);
+            if from < MessageStatus::Sent && overall == MessageStatus::Sent {
+                self.staged.events.push(Event::MessageSent { message_id: *id, conversation_id, timestamp: now });
+            }
+        }
+        if overall >= MessageStatus::Delivered && message.delivered_at.is_none() {
+            message.delivered_at = Some(now);
+            self.staged.events.push(Event::MessageDelivered { message_id: *id, conversation_id, timestamp: now });
+        }
+        if overall == MessageStatus::Read && message.read_at.is_none() {
+            message.read_at = Some(now);
+            self.staged.events.push(Event::MessageRead { message_id: *id, conversation_id, timestamp: now });
+        }
+        self.store.put_message(&message)?;
+        Ok(())
+    }
+
+    fn fail_message(&mut self, now: Timestamp, id: &MessageId, reason: &str) -> Result<(), EngineError> {
+        let Some(mut message) = self.store.message(id)? else { return Ok(()) };
+        if message.status >= MessageStatus::Delivered && message.status != MessageStatus::Failed {
+            return Ok(());
+        }
+        if message.status == MessageStatus::Failed {
+            return Ok(());
+        }
+        message.status = MessageStatus::Failed;
+        message.failure_reason = Some(reason.to_owned());
+        for entry in &mut message.recipients {
+            if entry.1 < MessageStatus::Delivered {
+                entry.1 = MessageStatus::Failed;
+            }
+        }
+        self.store.put_message(&message)?;
+        self.staged.events.push(Event::MessageFailed {
+            message_id: *id,
+            conversation_id: message.conversation_id,
+            failure_reason: reason.to_owned(),
+            timestamp: now,
+        });
+        Ok(())
+    }
+
+    // ---- the outbox --------------------------------------------------------
+
+    fn enqueue(&mut self, now: Timestamp, peer: PeerId, payload: OutboxPayload) -> Result<(), EngineError> {
+        let seq = self.store.next_seq()?;
+        let item = OutboxItem { seq, peer, payload, attempts: 0, next_attempt_at: Some(now), in_flight: false };
+        self.store.put_outbox_item(&item)?;
+        Ok(())
+    }
+
+    fn load_sessions(&self, peer: &PeerId) -> Result<Option<PairwiseSessions>, EngineError> {
+        match self.store.sessions(peer)? {
+            Some(bytes) => Ok(Some(PairwiseSessions::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends whatever is due for `peer`, in order, or starts a key exchange
+    /// if there is no session yet.
+    fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        let due: Vec<OutboxItem> = self
+            .store
+            .outbox()?
+            .into_iter()
+            .filter(|i| i.peer == peer && !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let Some(mut sessions) = self.load_sessions(&peer)? else {
+            // Everything waits for the session; `release_waiting` sends it
+            // once the key exchange completes.
+            for mut item in due {
+                item.next_attempt_at = None;
+                self.store.put_outbox_item(&item)?;
+            }
+            if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+                self.start_key_exchange(now, peer, 1)?;
+            }
+            return Ok(());
+        };
+        for mut item in due {
+            let payload = match self.payload_for(&item)? {
+                Some(payload) => payload,
+                None => {
+                    self.store.delete_outbox_item(item.seq)?;
+                    continue;
+                }
+            };
+            let Ok(message) = sessions.encrypt(&payload.encode(), &mut self.rng) else {
+                // An exhausted chain or a broken peer key: re-key.
+                self.start_key_exchange(now, peer, 1)?;
+                break;
+            };
+            item.in_flight = true;
+            item.next_attempt_at = None;
+            self.store.put_outbox_item(&item)?;
+            self.transmit(peer, EnvelopeBody::Ratchet(message), true, Some(item.seq));
+        }
+        self.store.put_sessions(&peer, &sessions.to_bytes())?;
+        Ok(())
+    }
+
+    fn payload_for(&self, item: &OutboxItem) -> Result<Option<PairwisePayload>, EngineError> {
+        Ok(match &item.payload {
+            OutboxPayload::Chat(id) => match self.store.message(id)? {
+                Some(m) if m.status != MessageStatus::Failed => Some(PairwisePayload::Chat(ChatContent {
+                    message_id: m.id,
+                    sent_at: m.timestamp,
+                    content: m.content,
+                })),
+                _ => None,
+            },
+            OutboxPayload::Delivered(ids) => Some(PairwisePayload::DeliveryReceipt { message_ids: ids.clone() }),
+            OutboxPayload::Read { message_ids, read_at } => {
+                Some(PairwisePayload::ReadReceipt { message_ids: message_ids.clone(), read_at: *read_at })
+            }
+            OutboxPayload::Control(bytes) => PairwisePayload::decode(bytes).ok(),
+            OutboxPayload::Group { .. } => None,
+        })
+    }
+
+    fn transmit(&mut self, peer: PeerId, body: EnvelopeBody, mailbox_allowed: bool, outbox_seq: Option<u64>) {
+        self.next_transmit += 1;
+        let id = TransmitId(self.next_transmit);
+        let bytes = Envelope::new(body).encode();
+        self.staged.transmits.push(Transmit { id, peer, bytes, mailbox_allowed });
+        self.staged.in_flight.push((id, InFlight { peer, outbox_seq }));
+    }
+
+    fn transmit_result(&mut self, now: Timestamp, id: TransmitId, outcome: TransmitOutcome) -> Result<(), EngineError> {
+        let Some(flight) = self.in_flight.remove(&id) else { return Ok(()) };
+        let Some(seq) = flight.outbox_seq else { return Ok(()) };
+        let Some(mut item) = self.store.outbox()?.into_iter().find(|i| i.seq == seq) else { return Ok(()) };
+        item.in_flight = false;
+        let OutboxPayload::Chat(message_id) = item.payload else {
+            // Receipts and control: done once a peer or relay has them; a
+            // failed one waits for the peer to come back.
+            match outcome {
+                TransmitOutcome::Failed(_) => {
+                    item.next_attempt_at = None;
+                    self.store.put_outbox_item(&item)?;
+                }
+                _ => self.store.delete_outbox_item(seq)?,
+            }
+            return Ok(());
+        };
+        // A chat message stays queued until its delivery confirmation.
+        match outcome {
+            TransmitOutcome::Delivered => {
+                item.next_attempt_at = Some(now.saturating_add_millis(self.config.confirmation_timeout_ms));
+            }
+            TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) => {
+                // Held by the relay, or in our outbox under an established
+                // session: either way it is `sent`, and goes again when the
+                // peer is back.
+                item.next_attempt_at = None;
+                self.advance(now, &message_id, &flight.peer, MessageStatus::Sent)?;
+            }
+        }
+        self.store.put_outbox_item(&item)?;
+        Ok(())
+    }
+
+    fn timeout(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        for attempt in self.store.key_exchanges()? {
+            if attempt.deadline > now {
+                continue;
+            }
+            if attempt.backing_off {
+                self.start_key_exchange(now, attempt.peer, attempt.attempts + 1)?;
+            } else {
+                let reason =
+                    format!("key exchange timed out after {} seconds", self.config.key_exchange_timeout_ms / 1000);
+                self.key_exchange_failed(now, attempt, &reason)?;
+            }
+        }
+        let peers: BTreeSet<PeerId> = self
+            .store
+            .outbox()?
+            .into_iter()
+            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
+            .map(|i| i.peer)
+            .collect();
+        for peer in peers {
+            self.pump(now, peer)?;
+        }
+        if self.store.retention_due()?.is_some_and(|due| due <= now) {
+            self.retention(now)?;
+            self.store.set_retention_due(now.saturating_add_millis(self.config.retention_interval_ms))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes messages past their TTL (failing those still undelivered
+    /// first) and skipped keys past seven days.
+    fn retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.message_ttl_ms));
+        let me = self.peer_id();
+        let expired = self.store.messages_stored_before(cutoff)?;
+        let expired_ids: BTreeSet<MessageId> = expired.iter().map(|m| m.id).collect();
+        for message in &expired {
+            if message.is_outgoing(&me) && matches!(message.status, MessageStatus::Created | MessageStatus::Sent) {
+                self.fail_message(now, &message.id, "expired undelivered")?;
+            }
+            self.store.delete_message(&message.id)?;
+        }
+        for item in self.store.outbox()? {
+            if matches!(&item.payload, OutboxPayload::Chat(id) if expired_ids.contains(id)) {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
+        for peer in self.store.session_peers()? {
+            if let Some(mut sessions) = self.load_sessions(&peer)? {
+                if sessions.expire_skipped_keys(now) > 0 {
+                    self.store.put_sessions(&peer, &sessions.to_bytes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- key exchange --------------------------------------------------------
+
+    /// Starts attempt number `attempts` with `peer`: a directory lookup first.
+    fn start_key_exchange(&mut self, now: Timestamp, peer: PeerId, attempts: u32) -> Result<(), EngineError> {
+        let attempt = KeyExchangeAttempt {
+            peer,
+            pending: None,
+            attempts,
+            deadline: now.saturating_add_millis(self.config.key_exchange_timeout_ms),
+            backing_off: false,
+        };
+        self.store.put_key_exchange(&attempt)?;
+        self.staged.lookups.push(peer);
+        Ok(())
+    }
+
+    fn send_key_exchange_request(
+        &mut self,
+        now: Timestamp,
+        mut attempt: KeyExchangeAttempt,
+    ) -> Result<(), EngineError> {
+        let (pending, request) = handshake::initiate(&self.identity, attempt.peer, now, &mut self.rng);
+        attempt.pending = Some(pending.to_bytes().to_vec());
+        attempt.deadline = now.saturating_add_millis(self.config.key_exchange_timeout_ms);
+        self.store.put_key_exchange(&attempt)?;
+        self.transmit(attempt.peer, EnvelopeBody::KeyExchangeRequest(request), false, None);
+        Ok(())
+    }
+
+    fn key_exchange_failed(
+        &mut self,
+        now: Timestamp,
+        mut attempt: KeyExchangeAttempt,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        if attempt.attempts > self.config.max_retries {
+            // Out of retries: chat messages waiting for this peer fail;
+            // receipts and control stay queued for a later session.
+            self.store.delete_key_exchange(&attempt.peer)?;
+            for item in self.store.outbox()?.into_iter().filter(|i| i.peer == attempt.peer) {
+                if let OutboxPayload::Chat(id) = &item.payload {
+                    let waiting = self.store.message(id)?.is_some_and(|m| m.status == MessageStatus::Created);
+                    if waiting {
+                        self.fail_message(now, id, reason)?;
+                        self.store.delete_outbox_item(item.seq)?;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let backoff = self.config.retry_backoff_ms.saturating_mul(1 << (attempt.attempts - 1).min(16));
+        let jitter = self.rng.next_u64() % (self.config.retry_backoff_ms / 4).max(1);
+        attempt.pending = None;
+        attempt.backing_off = true;
+        attempt.deadline = now.saturating_add_millis(backoff.saturating_add(jitter));
+        self.store.put_key_exchange(&attempt)?;
+        Ok(())
+    }
+
+    fn install_session(&mut self, now: Timestamp, peer: PeerId, session: crate::Session) -> Result<(), EngineError> {
+        let sessions = match self.load_sessions(&peer)? {
+            Some(mut sessions) => match sessions.install(session) {
+                Ok(()) => sessions,
+                Err(e) => {
+                    self.reject(peer, &e.to_string());
+                    return Ok(());
+                }
+            },
+            None => PairwiseSessions::new(session),
+        };
+        self.store.put_sessions(&peer, &sessions.to_bytes())?;
+        self.staged.events.push(Event::KeyExchangeComplete { peer_id: peer });
+        let _ = now;
+        Ok(())
+    }
+
+    fn on_request(&mut self, now: Timestamp, from: PeerId, request: &KeyExchangeRequest) -> Result<(), EngineError> {
+        if let Some(ours) = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from && a.pending.is_some()) {
+            match CrossedRequests::resolve(&self.peer_id(), &from) {
+                CrossedRequests::KeepOurs => return Ok(()),
+                CrossedRequests::AnswerTheirs => self.store.delete_key_exchange(&ours.peer)?,
+            }
+        }
+        let answered = self.store.answered_request(&from)?;
+        let response = match handshake::respond(&self.identity, &from, request, answered.as_ref(), now, &mut self.rng) {
+            Ok(response) => response,
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                return Ok(());
+            }
+        };
+        match response {
+            Response::Repeat(ack) => self.transmit(from, EnvelopeBody::KeyExchangeAck(ack), false, None),
+            Response::New(accepted) => {
+                let accepted = *accepted;
+                self.store.put_answered_request(&from, &accepted.answered)?;
+                self.install_session(now, from, accepted.session)?;
+                self.transmit(from, EnvelopeBody::KeyExchangeAck(accepted.ack), false, None);
+                self.release_waiting(now, from)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, now: Timestamp, from: PeerId, ack: &KeyExchangeAck) -> Result<(), EngineError> {
+        let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from);
+        let Some(bytes) = attempt.as_ref().and_then(|a| a.pending.as_ref()) else {
+            // No request of ours is waiting: a duplicate, or the loser of a crossing.
+            return Ok(());
+        };
+        let pending = PendingKeyExchange::from_bytes(bytes)?;
+        match pending.complete(ack) {
+            Ok(session) => {
+                self.store.delete_key_exchange(&from)?;
+                self.install_session(now, from, session)?;
+                self.enqueue(now, from, OutboxPayload::Control(PairwisePayload::SessionConfirm.encode().to_vec()))?;
+                self.release_waiting(now, from)
+            }
+            Err(refused) => {
+                self.reject(from, &refused.error.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// After a session appears, everything waiting for it goes out now.
+    fn release_waiting(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        for mut item in self.store.outbox()?.into_iter().filter(|i| i.peer == peer && !i.in_flight) {
+            item.next_attempt_at = Some(now);
+            self.store.put_outbox_item(&item)?;
+        }
+        self.pump(now, peer)
+    }
+
+    fn reject(&mut self, peer: PeerId, reason: &str) {
+        self.staged.events.push(Event::SecurityRejected { peer_id: peer, reason: reason.to_owned() });
+    }
+
+    // ---- receiving -----------------------------------------------------------
+
+    fn receive(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), EngineError> {
+        let envelope = match Envelope::decode(bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                return Ok(());
+            }
+        };
+        match envelope.body {
+            EnvelopeBody::KeyExchangeRequest(request) => self.on_request(now, from, &request),
+            EnvelopeBody::KeyExchangeAck(ack) => self.on_ack(now, from, &ack),
+            EnvelopeBody::Ratchet(message) => self.on_ratchet(now, from, &message),
+            EnvelopeBody::Group(_) => {
+                self.reject(from, "group messages are not supported by this version of the engine");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ratchet(&mut self, now: Timestamp, from: PeerId, message: &RatchetMessage) -> Result<(), EngineError> {
+        let Some(mut sessions) = self.load_sessions(&from)? else {
+            self.reject(from, "message under a session this node does not hold");
+            return Ok(());
+        };
+        let plaintext = match sessions.decrypt(message, now) {
+            Ok(plaintext) => plaintext,
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                return Ok(());
+            }
+        };
+        self.store.put_sessions(&from, &sessions.to_bytes())?;
+        let payload = match PairwisePayload::decode(&plaintext) {
+            Ok(payload) => payload,
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                return Ok(());
+            }
+        };
+        match payload {
+            PairwisePayload::Chat(chat) => self.on_chat(now, from, chat)?,
+            PairwisePayload::DeliveryReceipt { message_ids } => {
+                for id in &message_ids {
+                    self.confirmed(now, from, id, MessageStatus::Delivered)?;
+                }
+            }
+            PairwisePayload::ReadReceipt { message_ids, .. } => {
+                for id in &message_ids {
+                    self.confirmed(now, from, id, MessageStatus::Read)?;
+                }
+            }
+            PairwisePayload::SessionConfirm => {}
+            PairwisePayload::SenderKeyDistribution(_)
+            | PairwisePayload::SenderKeyRequest { .. }
+            | PairwisePayload::GroupControl(_) => {
+                self.reject(from, "group messages are not supported by this version of the engine");
+            }
+        }
+        // A message from the peer proves a path: send what waits for it.
+        self.pump(now, from)
+    }
+
+    fn on_chat(&mut self, now: Timestamp, from: PeerId, chat: ChatContent) -> Result<(), EngineError> {
+        let conversation_id = ConversationId::for_peers(&self.peer_id(), &from);
+        let known = self.store.message(&chat.message_id)?;
+        if known.is_none() {
+            if chat.content.len() > MAX_CONTENT_LEN {
+                self.reject(from, "message content over the 64 KiB limit");
+                return Ok(());
+            }
+            let mut conversation = match self.store.conversation(&conversation_id)? {
+                Some(c) => c,
+                None => self.create_conversation(now, from)?,
+            };
+            let message = Message {
+                id: chat.message_id,
+                conversation_id,
+                sender: from,
+                content: chat.content,
+                timestamp: chat.sent_at,
+                status: MessageStatus::Delivered,
+                sent_at: Some(chat.sent_at),
+                delivered_at: Some(now),
+                read_at: None,
+                failure_reason: None,
+                recipients: Vec::new(),
+                stored_at: now,
+            };
+            self.store.put_message(&message)?;
+            conversation.unread_count = conversation.unread_count.saturating_add(1);
+            conversation.last_message_at = Some(now);
+            conversation.last_message_id = Some(message.id);
+            conversation.updated_at = now;
+            self.store.put_conversation(&conversation)?;
+            self.staged.events.push(Event::MessageReceived(message));
+            self.conversation_updated(conversation)?;
+        } else if known.is_some_and(|m| m.sender != from) {
+            self.reject(from, "message ID already used by another sender");
+            return Ok(());
+        }
+        // Confirm every copy, so a lost confirmation is repaired by the
+        // sender's retransmission.
+        self.enqueue(now, from, OutboxPayload::Delivered(vec![chat.message_id]))
+    }
+
+    /// A delivery or read receipt from `from` for one of our messages.
+    fn confirmed(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        id: &MessageId,
+        status: MessageStatus,
+    ) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        let Some(message) = self.store.message(id)? else { return Ok(()) };
+        if !message.is_outgoing(&me) || !message.recipients.iter().any(|(p, _)| *p == from) {
+            self.reject(from, "receipt for a message that was not sent to this peer");
+            return Ok(());
+        }
+        self.advance(now, id, &from, status)?;
+        for item in self.store.outbox()? {
+            if item.peer == from && matches!(&item.payload, OutboxPayload::Chat(m) if m == id) {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
+        Ok(())
+    }
+}

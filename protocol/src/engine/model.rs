@@ -1,0 +1,186 @@
+//! What the engine keeps: conversations, messages, group members and the
+//! outbox. These are plain data, stored through the [`Store`](super::Store).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, MessageId, PeerId};
+use crate::time::Timestamp;
+
+/// A message's place in its lifecycle. The order of the variants is the
+/// order of progress: a status never moves to a lower one, and `Failed` is
+/// reached only from `Created` (or from `Sent` when the message expires).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum MessageStatus {
+    /// Encrypted (or waiting for a key exchange) and stored.
+    Created,
+    /// Held for later delivery: by a relay's mailbox, or in the local outbox
+    /// under an established session.
+    Sent,
+    /// The recipient confirmed it end to end.
+    Delivered,
+    /// The recipient read it.
+    Read,
+    /// No way to deliver it was found; `failure_reason` says why.
+    Failed,
+}
+
+impl MessageStatus {
+    /// The name used by the API and the events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Sent => "sent",
+            Self::Delivered => "delivered",
+            Self::Read => "read",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// 1:1 or group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConversationKind {
+    /// With one peer.
+    OneOnOne {
+        /// The other peer.
+        peer: PeerId,
+    },
+    /// A group.
+    Group {
+        /// Its display name.
+        name: String,
+        /// Its creator, the only member who may invite.
+        admin: PeerId,
+    },
+}
+
+/// A conversation, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// Its ID, the same on every participant.
+    pub id: ConversationId,
+    /// 1:1 or group.
+    pub kind: ConversationKind,
+    /// When this node created or joined it.
+    pub created_at: Timestamp,
+    /// When anything about it last changed.
+    pub updated_at: Timestamp,
+    /// When its newest message was stored.
+    pub last_message_at: Option<Timestamp>,
+    /// Its newest message.
+    pub last_message_id: Option<MessageId>,
+    /// Incoming messages not yet marked read.
+    pub unread_count: u32,
+    /// Whether this node has left the group (a left group keeps its history).
+    pub left: bool,
+}
+
+/// A group member, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member.
+    pub peer_id: PeerId,
+    /// When it joined (this node's clock).
+    pub joined_at: Timestamp,
+    /// Whether it is the admin.
+    pub is_admin: bool,
+    /// When it left, if it did.
+    pub left_at: Option<Timestamp>,
+}
+
+/// A stored message, incoming or outgoing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Its ID, chosen by its sender.
+    pub id: MessageId,
+    /// Its conversation.
+    pub conversation_id: ConversationId,
+    /// Who wrote it.
+    pub sender: PeerId,
+    /// The text.
+    pub content: String,
+    /// The sender's clock when it was written.
+    pub timestamp: Timestamp,
+    /// Where it is in its lifecycle.
+    pub status: MessageStatus,
+    /// When it reached `sent` (outgoing) or was received (incoming).
+    pub sent_at: Option<Timestamp>,
+    /// When it reached `delivered`.
+    pub delivered_at: Option<Timestamp>,
+    /// When it reached `read`.
+    pub read_at: Option<Timestamp>,
+    /// Why it failed.
+    pub failure_reason: Option<String>,
+    /// For outgoing messages: each recipient's own progress (one entry for
+    /// 1:1). The message's status is the least advanced of them.
+    pub recipients: Vec<(PeerId, MessageStatus)>,
+    /// When it was stored here (this node's clock; retention counts from it).
+    pub stored_at: Timestamp,
+}
+
+impl Message {
+    /// Whether this node wrote it.
+    pub fn is_outgoing(&self, me: &PeerId) -> bool {
+        self.sender == *me
+    }
+}
+
+/// Something waiting to go to one peer over the pairwise session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxPayload {
+    /// A 1:1 chat message.
+    Chat(MessageId),
+    /// A group message, as already encrypted for the whole group.
+    Group {
+        /// The message.
+        message_id: MessageId,
+        /// The encoded group envelope.
+        envelope: Vec<u8>,
+    },
+    /// Delivery receipts.
+    Delivered(Vec<MessageId>),
+    /// Read receipts.
+    Read {
+        /// The messages.
+        message_ids: Vec<MessageId>,
+        /// When they were read.
+        read_at: Timestamp,
+    },
+    /// An encoded [`PairwisePayload`](crate::wire::PairwisePayload) of group
+    /// control or a sender key, sent as is. Holds a chain key when it is a
+    /// distribution: the store seals it.
+    Control(Vec<u8>),
+}
+
+/// One outbox entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// Position in the outbox; items to one peer leave in this order.
+    pub seq: u64,
+    /// The recipient.
+    pub peer: PeerId,
+    /// What to send.
+    pub payload: OutboxPayload,
+    /// Send attempts that found no session or no path so far.
+    pub attempts: u32,
+    /// When to try again; `None` waits for the peer to become reachable.
+    pub next_attempt_at: Option<Timestamp>,
+    /// Whether a copy is out (sent and not yet confirmed).
+    pub in_flight: bool,
+}
+
+/// A key exchange this node started and has not completed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyExchangeAttempt {
+    /// The peer.
+    pub peer: PeerId,
+    /// The sealed [`PendingKeyExchange`](crate::handshake::PendingKeyExchange),
+    /// `None` while the peer is being looked up.
+    pub pending: Option<Vec<u8>>,
+    /// Attempts made so far (the first is 1).
+    pub attempts: u32,
+    /// When the current attempt times out, or when the next one starts.
+    pub deadline: Timestamp,
+    /// Whether the current attempt is waiting out a backoff.
+    pub backing_off: bool,
+}

@@ -1,0 +1,104 @@
+//! The storage seam: everything the engine remembers goes through [`Store`].
+//!
+//! The engine opens one transaction per input (or per batch of inputs, for
+//! group commit), reads and writes through it, and commits before any output
+//! of those inputs is released. Reads see the transaction's own writes.
+
+use zeroize::Zeroizing;
+
+use super::model::{Conversation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use crate::handshake::AnsweredRequest;
+use crate::ids::{ConversationId, MessageId, PeerId};
+use crate::time::Timestamp;
+
+/// A storage failure. The engine rolls back, discards the input's outputs
+/// and returns it to its caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not do what was asked (disk full, database locked, …).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data does not decode.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// A read or write outside a transaction, or a second `begin`.
+    #[error("storage misused: {0}")]
+    Misuse(&'static str),
+}
+
+/// Synchronous, transactional storage for one node's engine.
+///
+/// Secret-bearing values (sessions, group keys, pending key exchanges,
+/// control payloads holding sender keys) arrive as plain bytes; a store that
+/// writes to disk must seal them.
+pub trait Store {
+    /// Opens a transaction.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Makes the transaction's writes durable.
+    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Discards the transaction's writes.
+    fn rollback(&mut self);
+
+    /// One conversation.
+    fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError>;
+    /// Every conversation, in ID order.
+    fn conversations(&self) -> Result<Vec<Conversation>, StoreError>;
+    /// Creates or replaces a conversation.
+    fn put_conversation(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
+    /// Deletes a conversation with its messages and members.
+    fn delete_conversation(&mut self, id: &ConversationId) -> Result<(), StoreError>;
+
+    /// A group's members, in peer ID order.
+    fn members(&self, id: &ConversationId) -> Result<Vec<Member>, StoreError>;
+    /// Creates or replaces a member.
+    fn put_member(&mut self, id: &ConversationId, member: &Member) -> Result<(), StoreError>;
+
+    /// One message.
+    fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError>;
+    /// A conversation's messages, in the order they were first stored.
+    fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError>;
+    /// Creates or replaces a message.
+    fn put_message(&mut self, message: &Message) -> Result<(), StoreError>;
+    /// Messages stored before `cutoff`, in the order they were first stored (for retention).
+    fn messages_stored_before(&self, cutoff: Timestamp) -> Result<Vec<Message>, StoreError>;
+    /// Deletes one message.
+    fn delete_message(&mut self, id: &MessageId) -> Result<(), StoreError>;
+
+    /// The sessions with a peer, as [`PairwiseSessions::to_bytes`](crate::PairwiseSessions::to_bytes).
+    fn sessions(&self, peer: &PeerId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError>;
+    /// Every peer with sessions, in peer ID order.
+    fn session_peers(&self) -> Result<Vec<PeerId>, StoreError>;
+    /// Creates or replaces the sessions with a peer.
+    fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError>;
+
+    /// The newest key exchange request answered for a peer.
+    fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError>;
+    /// Records it.
+    fn put_answered_request(&mut self, peer: &PeerId, answered: &AnsweredRequest) -> Result<(), StoreError>;
+
+    /// Key exchanges this node started and has not finished, in peer order.
+    fn key_exchanges(&self) -> Result<Vec<KeyExchangeAttempt>, StoreError>;
+    /// Creates or replaces one.
+    fn put_key_exchange(&mut self, attempt: &KeyExchangeAttempt) -> Result<(), StoreError>;
+    /// Removes one.
+    fn delete_key_exchange(&mut self, peer: &PeerId) -> Result<(), StoreError>;
+
+    /// A group's keys, as [`GroupSession::to_bytes`](crate::GroupSession::to_bytes).
+    fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError>;
+    /// Creates or replaces them.
+    fn put_group_keys(&mut self, id: &ConversationId, state: &[u8]) -> Result<(), StoreError>;
+
+    /// The whole outbox, in `seq` order.
+    fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError>;
+    /// Creates or replaces an item.
+    fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError>;
+    /// Removes an item.
+    fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError>;
+
+    /// A counter that never repeats, for outbox order.
+    fn next_seq(&mut self) -> Result<u64, StoreError>;
+    /// When the retention sweep runs next.
+    fn retention_due(&self) -> Result<Option<Timestamp>, StoreError>;
+    /// Records it.
+    fn set_retention_due(&mut self, at: Timestamp) -> Result<(), StoreError>;
+}

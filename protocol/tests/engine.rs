@@ -1,0 +1,424 @@
+//! Scenario tests of the chat engine: several engines on a simulated network
+//! with virtual time, driven by the rule in the engine's docs (after every
+//! input, drain every output).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeSet, VecDeque};
+
+use common::{rng, NOW};
+use p2pchat_protocol::engine::{
+    Command, CommandOutcome, Conversation, Engine, EngineConfig, EngineError, Event, Input, MemoryStore, Message,
+    MessageStatus, Store, Transmit, TransmitOutcome,
+};
+use p2pchat_protocol::wire::{Envelope, EnvelopeBody};
+use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+struct Node {
+    engine: Engine<MemoryStore>,
+    identity_seed: [u8; 32],
+    events: Vec<Event>,
+    online: bool,
+    restarts: u64,
+}
+
+/// A network of engines. Transmits to an online node arrive at once; to an
+/// offline one they fail (there is no relay in these scenarios). `drop`
+/// decides, per transmit, whether the network loses it.
+struct Net {
+    nodes: Vec<Node>,
+    now: Timestamp,
+    unknown_to_directory: BTreeSet<PeerId>,
+    lose: Box<dyn FnMut(&Transmit) -> bool>,
+    delivered: Vec<(usize, usize, Vec<u8>)>,
+}
+
+impl Net {
+    fn new(count: usize, seed: u64) -> Self {
+        let mut r = rng(seed);
+        let nodes = (0..count)
+            .map(|i| {
+                let mut identity_seed = [0u8; 32];
+                rand_chacha::rand_core::RngCore::fill_bytes(&mut r, &mut identity_seed);
+                let identity =
+                    IdentityKeyPair::from_seed(&p2pchat_protocol::keys::IdentitySeed::from_bytes(identity_seed));
+                let engine = Engine::new(
+                    identity,
+                    MemoryStore::new(),
+                    EngineConfig::default(),
+                    ChaCha20Rng::seed_from_u64(seed * 1000 + i as u64),
+                    NOW,
+                )
+                .unwrap();
+                Node { engine, identity_seed, events: Vec::new(), online: true, restarts: 0 }
+            })
+            .collect();
+        Self {
+            nodes,
+            now: NOW,
+            unknown_to_directory: BTreeSet::new(),
+            lose: Box::new(|_| false),
+            delivered: Vec::new(),
+        }
+    }
+
+    fn id(&self, i: usize) -> PeerId {
+        self.nodes[i].engine.peer_id()
+    }
+
+    fn index(&self, peer: &PeerId) -> usize {
+        self.nodes.iter().position(|n| n.engine.peer_id() == *peer).unwrap()
+    }
+
+    fn command(&mut self, i: usize, command: Command) -> Result<CommandOutcome, EngineError> {
+        let out = self.nodes[i].engine.command(self.now, command);
+        self.drain();
+        out
+    }
+
+    fn input(&mut self, i: usize, input: Input) {
+        self.nodes[i].engine.handle(self.now, input).unwrap();
+        self.drain();
+    }
+
+    /// Delivers every output until the network is quiet.
+    fn drain(&mut self) {
+        let mut work: VecDeque<(usize, Input)> = VecDeque::new();
+        loop {
+            for i in 0..self.nodes.len() {
+                while let Some(event) = self.nodes[i].engine.poll_event() {
+                    self.nodes[i].events.push(event);
+                }
+                while let Some(peer) = self.nodes[i].engine.poll_lookup() {
+                    let answer = if self.unknown_to_directory.contains(&peer) {
+                        Input::LookupFailed(peer)
+                    } else {
+                        Input::PeerRecord(peer)
+                    };
+                    work.push_back((i, answer));
+                }
+                while let Some(t) = self.nodes[i].engine.poll_transmit() {
+                    let to = self.index(&t.peer);
+                    let lost = (self.lose)(&t);
+                    if self.nodes[to].online && !lost {
+                        self.delivered.push((i, to, t.bytes.clone()));
+                        work.push_back((to, Input::Received { from: self.id(i), bytes: t.bytes }));
+                        work.push_back((i, Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Delivered }));
+                    } else if lost && self.nodes[to].online {
+                        // Lost in transit after the sender's transport took it.
+                        work.push_back((i, Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Delivered }));
+                    } else {
+                        work.push_back((
+                            i,
+                            Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Failed("peer offline".into()) },
+                        ));
+                    }
+                }
+            }
+            let Some((i, input)) = work.pop_front() else { break };
+            self.nodes[i].engine.handle(self.now, input).unwrap();
+        }
+    }
+
+    /// Jumps virtual time forward to `until`, firing every deadline on the way.
+    fn advance(&mut self, by_ms: u64) {
+        let until = self.now.saturating_add_millis(by_ms);
+        loop {
+            let next = self.nodes.iter().filter_map(|n| n.engine.poll_timeout()).filter(|t| *t <= until).min();
+            let Some(next) = next else { break };
+            self.now = next.max(self.now);
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.nodes[i].engine.handle(self.now, Input::Timeout).unwrap();
+                }
+            }
+            self.drain();
+            for (i, node) in self.nodes.iter().enumerate() {
+                // A deadline that a timeout does not move would spin forever.
+                assert!(
+                    node.engine.poll_timeout().is_none_or(|t| t > self.now),
+                    "node {i}'s deadline did not move past {:?}",
+                    self.now
+                );
+            }
+        }
+        self.now = until;
+    }
+
+    fn set_online(&mut self, i: usize, online: bool) {
+        self.nodes[i].online = online;
+        let me = self.id(i);
+        for j in 0..self.nodes.len() {
+            if j != i {
+                let input = if online { Input::PeerReachable(me) } else { Input::PeerUnreachable(me) };
+                self.nodes[j].engine.handle(self.now, input).unwrap();
+            }
+        }
+        self.drain();
+    }
+
+    /// Drops the engine's memory and rebuilds it from what its store committed.
+    fn restart(&mut self, i: usize) {
+        let store = self.nodes[i].engine.store().crash_copy();
+        self.nodes[i].restarts += 1;
+        let identity =
+            IdentityKeyPair::from_seed(&p2pchat_protocol::keys::IdentitySeed::from_bytes(self.nodes[i].identity_seed));
+        let seed = 7_000_000 + i as u64 * 100 + self.nodes[i].restarts;
+        self.nodes[i].engine =
+            Engine::new(identity, store, EngineConfig::default(), ChaCha20Rng::seed_from_u64(seed), self.now).unwrap();
+        self.drain();
+    }
+
+    fn conversation(&mut self, i: usize, j: usize) -> Conversation {
+        let peer = self.id(j);
+        match self.command(i, Command::CreateConversation { peer }).unwrap() {
+            CommandOutcome::Conversation(c) => c,
+            other => panic!("expected a conversation, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, i: usize, conversation: ConversationId, text: &str) -> Message {
+        match self.command(i, Command::SendMessage { conversation, content: text.into() }).unwrap() {
+            CommandOutcome::Message(m) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    fn message(&mut self, i: usize, id: &MessageId) -> Option<Message> {
+        let store = self.nodes[i].engine.store_mut();
+        store.begin().unwrap();
+        let m = store.message(id).unwrap();
+        store.rollback();
+        m
+    }
+
+    fn messages(&mut self, i: usize, conversation: &ConversationId) -> Vec<Message> {
+        let store = self.nodes[i].engine.store_mut();
+        store.begin().unwrap();
+        let m = store.messages(conversation).unwrap();
+        store.rollback();
+        m
+    }
+
+    fn kinds(&self, i: usize) -> Vec<&'static str> {
+        self.nodes[i].events.iter().map(Event::kind).collect()
+    }
+}
+
+#[test]
+fn a_first_message_starts_the_key_exchange_and_is_delivered_then_read() {
+    let mut net = Net::new(2, 1);
+    let c = net.conversation(0, 1);
+    let sent = net.send(0, c.id, "hello bob");
+    let at_alice = net.message(0, &sent.id).unwrap();
+    assert_eq!(at_alice.status, MessageStatus::Delivered, "direct path: created straight to delivered");
+    assert!(at_alice.delivered_at.is_some());
+    assert!(net.kinds(0).contains(&"chat.key_exchange.complete"));
+    assert!(net.kinds(1).contains(&"chat.key_exchange.complete"));
+    let received = net.message(1, &sent.id).unwrap();
+    assert_eq!(received.content, "hello bob");
+    assert_eq!(received.sender, net.id(0));
+    assert!(net.kinds(1).contains(&"chat.message.received"));
+    assert!(net.kinds(1).contains(&"chat.conversation.created"));
+
+    net.command(1, Command::MarkMessageRead { message: sent.id }).unwrap();
+    let at_alice = net.message(0, &sent.id).unwrap();
+    assert_eq!(at_alice.status, MessageStatus::Read);
+    assert!(at_alice.read_at.is_some());
+    assert!(net.kinds(0).contains(&"chat.message.read"));
+    // Bob's reply goes over the same session, no new key exchange.
+    let reply = net.send(1, c.id, "hi alice");
+    assert_eq!(net.message(1, &reply.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(net.kinds(0).iter().filter(|k| **k == "chat.key_exchange.complete").count(), 1);
+}
+
+#[test]
+fn an_offline_peer_makes_the_key_exchange_time_out_retry_and_fail() {
+    let mut net = Net::new(2, 2);
+    net.nodes[1].online = false;
+    let c = net.conversation(0, 1);
+    let m = net.send(0, c.id, "anyone there?");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Created);
+    // 4 attempts of 10 s each, with backoffs of about 2, 4 and 8 s between them.
+    net.advance(60_000);
+    let failed = net.message(0, &m.id).unwrap();
+    assert_eq!(failed.status, MessageStatus::Failed);
+    assert_eq!(failed.failure_reason.as_deref(), Some("key exchange timed out after 10 seconds"));
+    assert!(net.kinds(0).contains(&"chat.message.failed"));
+    assert!(net.delivered.is_empty(), "nothing reached the offline peer");
+}
+
+#[test]
+fn a_peer_unknown_to_the_directory_fails_after_the_retries() {
+    let mut net = Net::new(2, 3);
+    let bob = net.id(1);
+    net.unknown_to_directory.insert(bob);
+    let c = net.conversation(0, 1);
+    let m = net.send(0, c.id, "hello?");
+    net.advance(30_000);
+    let failed = net.message(0, &m.id).unwrap();
+    assert_eq!(failed.status, MessageStatus::Failed);
+    assert_eq!(failed.failure_reason.as_deref(), Some("peer is unknown to the directory"));
+    // The failed message can be retried as a copy once the peer is known.
+    net.unknown_to_directory.clear();
+    let CommandOutcome::Message(copy) = net.command(0, Command::RetryMessage { message: m.id }).unwrap() else {
+        panic!()
+    };
+    assert_ne!(copy.id, m.id);
+    assert_eq!(net.message(0, &copy.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Failed, "the failed one stays failed");
+}
+
+#[test]
+fn messages_to_an_offline_peer_are_sent_then_delivered_in_order_exactly_once() {
+    let mut net = Net::new(2, 4);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "while online");
+    net.set_online(1, false);
+    let ids: Vec<MessageId> = (0..5).map(|i| net.send(0, c.id, &format!("queued {i}")).id).collect();
+    for id in &ids {
+        assert_eq!(net.message(0, id).unwrap().status, MessageStatus::Sent);
+    }
+    assert!(net.kinds(0).contains(&"chat.message.sent"));
+    net.advance(60 * 60 * 1000);
+    net.set_online(1, true);
+    for id in &ids {
+        assert_eq!(net.message(0, id).unwrap().status, MessageStatus::Delivered);
+    }
+    let at_bob: Vec<String> = net.messages(1, &c.id).into_iter().map(|m| m.content).collect();
+    assert_eq!(at_bob, vec!["while online", "queued 0", "queued 1", "queued 2", "queued 3", "queued 4"]);
+}
+
+#[test]
+fn a_lost_delivery_confirmation_is_repaired_by_retransmission() {
+    let mut net = Net::new(2, 5);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "warm up");
+    let bob = net.id(1);
+    let mut dropped = 0;
+    // Lose Bob's next delivery receipt.
+    net.lose = Box::new(move |t: &Transmit| {
+        let is_receipt_from_bob = t.peer != bob && dropped == 0;
+        if is_receipt_from_bob {
+            dropped += 1;
+        }
+        is_receipt_from_bob
+    });
+    let m = net.send(0, c.id, "confirm me");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Created);
+    net.lose = Box::new(|_| false);
+    net.advance(31_000);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    let copies = net.messages(1, &c.id).into_iter().filter(|x| x.id == m.id).count();
+    assert_eq!(copies, 1, "the retransmission is stored once");
+    assert_eq!(net.kinds(1).iter().filter(|k| **k == "chat.message.received").count(), 2);
+}
+
+#[test]
+fn a_failed_commit_releases_nothing_and_loses_nothing() {
+    let mut net = Net::new(2, 6);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "before");
+    let events_before = net.nodes[0].events.len();
+    net.nodes[0].engine.store_mut().fail_next_commits(1);
+    let err = net.nodes[0]
+        .engine
+        .command(net.now, Command::SendMessage { conversation: c.id, content: "lost?".into() })
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Store(_)));
+    assert!(net.nodes[0].engine.poll_transmit().is_none(), "no bytes leave before a commit");
+    assert!(net.nodes[0].engine.poll_event().is_none());
+    assert_eq!(net.nodes[0].events.len(), events_before);
+    assert_eq!(net.messages(0, &c.id).len(), 1, "nothing of the failed command was stored");
+    // The same command again works, and the session is still in step.
+    let m = net.send(0, c.id, "after");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    let at_bob: Vec<String> = net.messages(1, &c.id).into_iter().map(|m| m.content).collect();
+    assert_eq!(at_bob, vec!["before", "after"]);
+}
+
+#[test]
+fn an_engine_rebuilt_from_its_store_carries_on() {
+    let mut net = Net::new(2, 7);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "one");
+    net.restart(0);
+    net.restart(1);
+    let m = net.send(0, c.id, "two");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    let r = net.send(1, c.id, "three");
+    assert_eq!(net.message(1, &r.id).unwrap().status, MessageStatus::Delivered);
+    let at_bob: Vec<String> = net.messages(1, &c.id).into_iter().map(|m| m.content).collect();
+    assert_eq!(at_bob, vec!["one", "two", "three"]);
+}
+
+#[test]
+fn undelivered_messages_expire_to_failed_and_old_ones_are_deleted() {
+    let mut net = Net::new(2, 8);
+    let c = net.conversation(0, 1);
+    let old = net.send(0, c.id, "delivered long ago");
+    net.set_online(1, false);
+    let stuck = net.send(0, c.id, "never delivered");
+    assert_eq!(net.message(0, &stuck.id).unwrap().status, MessageStatus::Sent);
+    net.advance(31 * 24 * 60 * 60 * 1000);
+    assert!(net.nodes[0].events.iter().any(|e| matches!(e,
+        Event::MessageFailed { message_id, failure_reason, .. } if *message_id == stuck.id && failure_reason == "expired undelivered")));
+    assert!(net.message(0, &stuck.id).is_none(), "deleted after failing");
+    assert!(net.message(0, &old.id).is_none(), "past the TTL");
+}
+
+#[test]
+fn bad_commands_get_clear_errors() {
+    let mut net = Net::new(2, 9);
+    let c = net.conversation(0, 1);
+    let me = net.id(0);
+    assert_eq!(
+        net.command(0, Command::SendMessage { conversation: c.id, content: String::new() }),
+        Err(EngineError::EmptyContent)
+    );
+    let big = "x".repeat(64 * 1024 + 1);
+    assert_eq!(
+        net.command(0, Command::SendMessage { conversation: c.id, content: big }),
+        Err(EngineError::ContentTooLarge { len: 64 * 1024 + 1, max: 64 * 1024 })
+    );
+    let nowhere = ConversationId::for_peers(&me, &PeerId([9; 20]));
+    assert_eq!(
+        net.command(0, Command::SendMessage { conversation: nowhere, content: "x".into() }),
+        Err(EngineError::UnknownConversation(nowhere))
+    );
+    assert_eq!(net.command(0, Command::CreateConversation { peer: me }), Err(EngineError::SelfConversation(me)));
+    let m = net.send(0, c.id, "fine");
+    assert_eq!(
+        net.command(0, Command::RetryMessage { message: m.id }),
+        Err(EngineError::NotRetryable { id: m.id, status: "delivered" })
+    );
+}
+
+#[test]
+fn garbage_and_forgeries_are_rejected_without_damage() {
+    let mut net = Net::new(3, 10);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "before");
+    let alice = net.id(0);
+    let carol = net.id(2);
+    // Garbage, and a genuine envelope replayed by a third party.
+    net.input(1, Input::Received { from: alice, bytes: vec![1, 2, 3] });
+    let (_, _, genuine) = net
+        .delivered
+        .iter()
+        .find(|(from, to, bytes)| {
+            *from == 0 && *to == 1 && matches!(Envelope::decode(bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)))
+        })
+        .cloned()
+        .unwrap();
+    net.input(1, Input::Received { from: carol, bytes: genuine.clone() });
+    net.input(1, Input::Received { from: alice, bytes: genuine });
+    let rejected = net.nodes[1].events.iter().filter(|e| e.kind() == "chat.security.rejected").count();
+    assert_eq!(rejected, 3);
+    let m = net.send(0, c.id, "after");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(net.messages(1, &c.id).len(), 2);
+}
