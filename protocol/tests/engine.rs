@@ -422,3 +422,168 @@ fn garbage_and_forgeries_are_rejected_without_damage() {
     assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
     assert_eq!(net.messages(1, &c.id).len(), 2);
 }
+
+// ---- groups -------------------------------------------------------------------
+
+fn group(net: &mut Net, admin: usize, members: &[usize], name: &str) -> Conversation {
+    let members = members.iter().map(|&i| net.id(i)).collect();
+    match net.command(admin, Command::CreateGroup { name: name.into(), members }).unwrap() {
+        CommandOutcome::Conversation(c) => c,
+        other => panic!("expected a conversation, got {other:?}"),
+    }
+}
+
+fn send_group(net: &mut Net, i: usize, group: ConversationId, text: &str) -> Message {
+    match net.command(i, Command::SendGroupMessage { group, content: text.into() }).unwrap() {
+        CommandOutcome::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+fn contents(net: &mut Net, i: usize, c: &ConversationId) -> Vec<String> {
+    net.messages(i, c).into_iter().map(|m| m.content).collect()
+}
+
+#[test]
+fn a_group_of_three_delivers_to_everyone_and_tracks_the_least_advanced_status() {
+    let mut net = Net::new(3, 20);
+    let g = group(&mut net, 0, &[1, 2], "Project Team");
+    // Sent at once: it reaches the others before their invite and keys, is
+    // held, and is decrypted when the keys arrive.
+    let first = send_group(&mut net, 0, g.id, "hello team");
+    for i in 1..3 {
+        assert_eq!(contents(&mut net, i, &g.id), vec!["hello team"], "member {i}");
+        assert!(net.kinds(i).contains(&"chat.group.invite"));
+    }
+    assert_eq!(net.message(0, &first.id).unwrap().status, MessageStatus::Delivered);
+    let reply = send_group(&mut net, 2, g.id, "hi from member 2");
+    assert_eq!(contents(&mut net, 0, &g.id), vec!["hello team", "hi from member 2"]);
+    assert_eq!(contents(&mut net, 1, &g.id), vec!["hello team", "hi from member 2"]);
+    // Read by one member: still delivered overall; read by both: read.
+    net.command(1, Command::MarkMessageRead { message: reply.id }).unwrap();
+    assert_eq!(net.message(2, &reply.id).unwrap().status, MessageStatus::Delivered);
+    net.command(0, Command::MarkMessageRead { message: reply.id }).unwrap();
+    assert_eq!(net.message(2, &reply.id).unwrap().status, MessageStatus::Read);
+}
+
+#[test]
+fn a_group_of_ten_with_a_member_offline_during_creation() {
+    let mut net = Net::new(10, 21);
+    net.nodes[9].online = false;
+    let g = group(&mut net, 0, &[1, 2, 3, 4, 5, 6, 7, 8, 9], "Ten");
+    let m = send_group(&mut net, 3, g.id, "while 9 is away");
+    assert_eq!(net.message(3, &m.id).unwrap().status, MessageStatus::Sent, "one recipient holds it back");
+    net.set_online(9, true);
+    net.advance(60_000);
+    assert_eq!(contents(&mut net, 9, &g.id), vec!["while 9 is away"]);
+    assert_eq!(net.message(3, &m.id).unwrap().status, MessageStatus::Delivered);
+    let from_nine = send_group(&mut net, 9, g.id, "back");
+    assert_eq!(net.message(9, &from_nine.id).unwrap().status, MessageStatus::Delivered);
+    for i in 0..9 {
+        assert!(contents(&mut net, i, &g.id).contains(&"back".to_string()), "member {i}");
+    }
+}
+
+/// The group envelopes `from` sent so far.
+fn group_envelopes(net: &Net, from: usize) -> Vec<Vec<u8>> {
+    let mut seen = BTreeSet::new();
+    net.delivered
+        .iter()
+        .filter(|(f, _, b)| *f == from && matches!(Envelope::decode(b).map(|e| e.body), Ok(EnvelopeBody::Group(_))))
+        .filter(|(_, _, b)| seen.insert(b.clone()))
+        .map(|(_, _, b)| b.clone())
+        .collect()
+}
+
+#[test]
+fn an_invitee_cannot_read_older_messages_and_a_leaver_cannot_read_newer_ones() {
+    let mut net = Net::new(4, 22);
+    let g = group(&mut net, 0, &[1, 2], "Team");
+    send_group(&mut net, 1, g.id, "before 3 joined");
+    let old = group_envelopes(&net, 1);
+    let newcomer = net.id(3);
+    net.command(0, Command::Invite { group: g.id, peer: newcomer }).unwrap();
+    net.advance(1_000);
+    for bytes in old {
+        net.input(3, Input::Received { from: net.id(1), bytes });
+    }
+    assert!(contents(&mut net, 3, &g.id).is_empty(), "the invitee reads nothing from before it joined");
+    send_group(&mut net, 1, g.id, "welcome");
+    assert_eq!(contents(&mut net, 3, &g.id), vec!["welcome"]);
+
+    net.command(2, Command::Leave { group: g.id }).unwrap();
+    net.advance(1_000);
+    let before = group_envelopes(&net, 1).len();
+    send_group(&mut net, 1, g.id, "after 2 left");
+    let new_envelopes: Vec<Vec<u8>> = group_envelopes(&net, 1).into_iter().skip(before).collect();
+    assert!(!new_envelopes.is_empty());
+    for bytes in new_envelopes {
+        net.input(2, Input::Received { from: net.id(1), bytes });
+    }
+    assert!(!contents(&mut net, 2, &g.id).contains(&"after 2 left".to_string()), "the leaver reads nothing newer");
+    assert!(contents(&mut net, 0, &g.id).contains(&"after 2 left".to_string()));
+    assert!(contents(&mut net, 3, &g.id).contains(&"after 2 left".to_string()));
+
+    // Re-invited, the leaver reads again.
+    let leaver = net.id(2);
+    net.command(0, Command::Invite { group: g.id, peer: leaver }).unwrap();
+    net.advance(1_000);
+    send_group(&mut net, 3, g.id, "welcome back");
+    assert!(contents(&mut net, 2, &g.id).contains(&"welcome back".to_string()));
+}
+
+#[test]
+fn non_admin_invites_and_forged_control_are_refused() {
+    let mut net = Net::new(4, 23);
+    let g = group(&mut net, 0, &[1, 2], "Team");
+    let outsider = net.id(3);
+    assert_eq!(
+        net.command(1, Command::Invite { group: g.id, peer: outsider }),
+        Err(EngineError::NotAdmin { admin: net.id(0) })
+    );
+    // Member 1 forges "admin added 3" over its pairwise session with 2.
+    let c = net.conversation(1, 2);
+    let _ = c;
+    let forged = p2pchat_protocol::wire::GroupControl::MemberAdded { group_id: g.id, peer_id: outsider };
+    let before = net.nodes[2].events.len();
+    let member_two = net.id(2);
+    let store = net.nodes[1].engine.store_mut();
+    store.begin().unwrap();
+    let sessions = store.sessions(&member_two).unwrap().unwrap();
+    store.rollback();
+    let mut sessions = p2pchat_protocol::PairwiseSessions::from_bytes(&sessions).unwrap();
+    let message = sessions
+        .encrypt(&p2pchat_protocol::wire::PairwisePayload::GroupControl(forged).encode(), &mut rng(99))
+        .unwrap();
+    let bytes = Envelope::new(EnvelopeBody::Ratchet(message)).encode();
+    net.input(2, Input::Received { from: net.id(1), bytes });
+    let rejected = net.nodes[2].events[before..]
+        .iter()
+        .any(|e| matches!(e, Event::SecurityRejected { reason, .. } if reason.contains("admin")));
+    assert!(rejected, "a forged membership change is rejected with chat.security.rejected");
+    let store = net.nodes[2].engine.store_mut();
+    store.begin().unwrap();
+    let members = store.members(&g.id).unwrap();
+    store.rollback();
+    assert!(!members.iter().any(|m| m.peer_id == outsider));
+}
+
+#[test]
+fn group_creation_needs_a_name_and_two_other_members() {
+    let mut net = Net::new(3, 24);
+    let one = vec![net.id(1)];
+    assert_eq!(
+        net.command(0, Command::CreateGroup { name: "Pair".into(), members: one }),
+        Err(EngineError::TooFewMembers { min: 2, got: 1 })
+    );
+    let me_and_one = vec![net.id(0), net.id(1), net.id(1)];
+    assert_eq!(
+        net.command(0, Command::CreateGroup { name: "Dupes".into(), members: me_and_one }),
+        Err(EngineError::TooFewMembers { min: 2, got: 1 })
+    );
+    let two = vec![net.id(1), net.id(2)];
+    assert_eq!(
+        net.command(0, Command::CreateGroup { name: "  ".into(), members: two }),
+        Err(EngineError::EmptyGroupName)
+    );
+}

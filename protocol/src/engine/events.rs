@@ -61,6 +61,15 @@ pub enum Event {
         /// When it failed.
         timestamp: Timestamp,
     },
+    /// `chat.group.invite`: this node was added to a group.
+    GroupInvite {
+        /// The group.
+        conversation_id: ConversationId,
+        /// Its name.
+        group_name: String,
+        /// The admin who invited.
+        invited_by: PeerId,
+    },
     /// `chat.key_exchange.complete`
     KeyExchangeComplete {
         /// The peer.
@@ -88,6 +97,7 @@ impl Event {
             Self::MessageDelivered { .. } => "chat.message.delivered",
             Self::MessageRead { .. } => "chat.message.read",
             Self::MessageFailed { .. } => "chat.message.failed",
+            Self::GroupInvite { .. } => "chat.group.invite",
             Self::KeyExchangeComplete { .. } => "chat.key_exchange.complete",
             Self::SecurityRejected { .. } => "chat.security.rejected",
         }

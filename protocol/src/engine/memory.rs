@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{Conversation, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem};
 use super::store::{Store, StoreError};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -26,6 +26,7 @@ struct Tables {
     key_exchanges: BTreeMap<PeerId, KeyExchangeAttempt>,
     group_keys: BTreeMap<ConversationId, Zeroizing<Vec<u8>>>,
     outbox: BTreeMap<u64, OutboxItem>,
+    held: BTreeMap<u64, HeldMessage>,
     next_seq: u64,
     retention_due: Option<Timestamp>,
 }
@@ -116,6 +117,7 @@ impl Store for MemoryStore {
         let messages = &t.messages;
         t.message_order.retain(|m, _| messages.contains_key(m));
         t.group_keys.remove(id);
+        t.held.retain(|_, h| h.group_id != *id);
         Ok(())
     }
 
@@ -208,6 +210,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn delete_group_keys(&mut self, id: &ConversationId) -> Result<(), StoreError> {
+        self.write()?.group_keys.remove(id);
+        Ok(())
+    }
+
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         Ok(self.read()?.outbox.values().cloned().collect())
     }
@@ -219,6 +226,24 @@ impl Store for MemoryStore {
 
     fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError> {
         self.write()?.outbox.remove(&seq);
+        Ok(())
+    }
+
+    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
+        Ok(self.read()?.held.values().filter(|h| h.group_id == *group).cloned().collect())
+    }
+
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
+        Ok(self.read()?.held.values().cloned().collect())
+    }
+
+    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
+        self.write()?.held.insert(held.seq, held.clone());
+        Ok(())
+    }
+
+    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.write()?.held.remove(&seq);
         Ok(())
     }
 

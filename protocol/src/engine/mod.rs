@@ -13,11 +13,14 @@
 //! error and its outputs are discarded, so no byte leaves whose ratchet step
 //! was not saved.
 //!
-//! This version covers 1:1 conversations: key exchange with lookup, timeout
-//! and retries, the message lifecycle, delivery and read receipts, the
-//! outbox, and retention. Groups come next.
+//! It covers 1:1 conversations (key exchange with lookup, timeout and
+//! retries), groups (Sender Keys distributed over the pairwise sessions,
+//! admin invites, leaves with key rotation, messages held until their
+//! sender's key arrives), the message lifecycle, delivery and read receipts,
+//! the outbox, and retention.
 
 mod events;
+mod groups;
 mod memory;
 mod model;
 mod store;
@@ -29,10 +32,12 @@ use rand_core::CryptoRngCore;
 pub use events::Event;
 pub use memory::MemoryStore;
 pub use model::{
-    Conversation, ConversationKind, KeyExchangeAttempt, Member, Message, MessageStatus, OutboxItem, OutboxPayload,
+    Conversation, ConversationKind, HeldMessage, KeyExchangeAttempt, Member, Message, MessageStatus, OutboxItem,
+    OutboxPayload,
 };
 pub use store::{Store, StoreError};
 
+use crate::group::GroupError;
 use crate::handshake::{self, CrossedRequests, PendingKeyExchange, Response};
 use crate::identity::IdentityKeyPair;
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -42,6 +47,12 @@ use crate::time::Timestamp;
 use crate::wire::{
     ChatContent, Envelope, EnvelopeBody, KeyExchangeAck, KeyExchangeRequest, PairwisePayload, RatchetMessage,
 };
+
+/// The fewest members a group may be created with besides its creator.
+pub const MIN_GROUP_OTHERS: usize = 2;
+
+/// The most group messages held per sender while its key is missing.
+pub const MAX_HELD_PER_SENDER: usize = 1_000;
 
 /// The largest message content, in bytes.
 pub const MAX_CONTENT_LEN: usize = 64 * 1024;
@@ -120,6 +131,32 @@ pub enum Command {
     InitiateKeyExchange {
         /// The peer.
         peer: PeerId,
+    },
+    /// Create a group with this node as admin.
+    CreateGroup {
+        /// Its display name.
+        name: String,
+        /// The other members (at least two).
+        members: Vec<PeerId>,
+    },
+    /// Send a message to a group.
+    SendGroupMessage {
+        /// The group.
+        group: ConversationId,
+        /// The text.
+        content: String,
+    },
+    /// Add a member (admin only).
+    Invite {
+        /// The group.
+        group: ConversationId,
+        /// The new member.
+        peer: PeerId,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: ConversationId,
     },
 }
 
@@ -231,6 +268,41 @@ pub enum EngineError {
         /// The limit.
         max: usize,
     },
+    /// The command needs a group.
+    #[error("conversation {0} is not a group")]
+    NotAGroup(ConversationId),
+    /// A group needs a name.
+    #[error("a group needs a name")]
+    EmptyGroupName,
+    /// Too few members to create a group.
+    #[error("a group needs at least {min} members besides its creator; {got} given")]
+    TooFewMembers {
+        /// The minimum.
+        min: usize,
+        /// How many distinct others were given.
+        got: usize,
+    },
+    /// Too many members.
+    #[error("a group has at most {max} members")]
+    TooManyMembers {
+        /// The limit.
+        max: usize,
+    },
+    /// Only the admin may invite.
+    #[error("only the group's admin ({admin}) may invite")]
+    NotAdmin {
+        /// The admin.
+        admin: PeerId,
+    },
+    /// The peer is already a member.
+    #[error("{0} is already a member of this group")]
+    AlreadyMember(PeerId),
+    /// This node has left the group.
+    #[error("this node has left group {0}")]
+    LeftGroup(ConversationId),
+    /// The group's key state is unusable.
+    #[error(transparent)]
+    Group(#[from] GroupError),
     /// Only failed outgoing messages can be retried.
     #[error("message {id} is {status} and cannot be retried; only failed outgoing messages can")]
     NotRetryable {
@@ -442,7 +514,7 @@ impl<S: Store> Engine<S> {
                 self.conversation(&conversation)?;
                 let ids: BTreeSet<MessageId> = self.store.messages(&conversation)?.iter().map(|m| m.id).collect();
                 for item in self.store.outbox()? {
-                    if let OutboxPayload::Chat(id) = &item.payload {
+                    if let OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } = &item.payload {
                         if ids.contains(id) {
                             self.store.delete_outbox_item(item.seq)?;
                         }
@@ -458,6 +530,20 @@ impl<S: Store> Engine<S> {
                     return Err(EngineError::NotRetryable { id: message, status: old.status.as_str() });
                 }
                 self.send_message(now, old.conversation_id, old.content).map(CommandOutcome::Message)
+            }
+            Command::CreateGroup { name, members } => {
+                self.create_group(now, name, members).map(CommandOutcome::Conversation)
+            }
+            Command::SendGroupMessage { group, content } => {
+                self.send_group_message(now, group, content).map(CommandOutcome::Message)
+            }
+            Command::Invite { group, peer } => {
+                self.invite(now, group, peer)?;
+                Ok(CommandOutcome::Done)
+            }
+            Command::Leave { group } => {
+                self.leave(now, group)?;
+                Ok(CommandOutcome::Done)
             }
             Command::InitiateKeyExchange { peer } => {
                 if peer == self.peer_id() {
@@ -547,7 +633,7 @@ impl<S: Store> Engine<S> {
         }
         let mut conversation = self.conversation(&id)?;
         let ConversationKind::OneOnOne { peer } = conversation.kind else {
-            return Err(EngineError::NotOneOnOne(id));
+            return self.send_group_message(now, id, content);
         };
         let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
         if queued >= self.config.max_outbox_per_peer {
@@ -566,6 +652,7 @@ impl<S: Store> Engine<S> {
             failure_reason: None,
             recipients: vec![(peer, MessageStatus::Created)],
             stored_at: now,
+            group_position: None,
         };
         self.store.put_message(&message)?;
         conversation.last_message_at = Some(now);
@@ -704,12 +791,22 @@ impl<S: Store> Engine<S> {
     /// Sends whatever is due for `peer`, in order, or starts a key exchange
     /// if there is no session yet.
     fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        let due: Vec<OutboxItem> = self
+        let (group, due): (Vec<OutboxItem>, Vec<OutboxItem>) = self
             .store
             .outbox()?
             .into_iter()
             .filter(|i| i.peer == peer && !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
-            .collect();
+            .partition(|i| matches!(i.payload, OutboxPayload::Group { .. }));
+        // Group messages are already encrypted for the whole group: they
+        // need no pairwise session.
+        for mut item in group {
+            let OutboxPayload::Group { envelope, .. } = &item.payload else { continue };
+            let bytes = envelope.clone();
+            item.in_flight = true;
+            item.next_attempt_at = None;
+            self.store.put_outbox_item(&item)?;
+            self.transmit_bytes(peer, bytes, true, Some(item.seq));
+        }
         if due.is_empty() {
             return Ok(());
         }
@@ -767,9 +864,12 @@ impl<S: Store> Engine<S> {
     }
 
     fn transmit(&mut self, peer: PeerId, body: EnvelopeBody, mailbox_allowed: bool, outbox_seq: Option<u64>) {
+        self.transmit_bytes(peer, Envelope::new(body).encode(), mailbox_allowed, outbox_seq);
+    }
+
+    fn transmit_bytes(&mut self, peer: PeerId, bytes: Vec<u8>, mailbox_allowed: bool, outbox_seq: Option<u64>) {
         self.next_transmit += 1;
         let id = TransmitId(self.next_transmit);
-        let bytes = Envelope::new(body).encode();
         self.staged.transmits.push(Transmit { id, peer, bytes, mailbox_allowed });
         self.staged.in_flight.push((id, InFlight { peer, outbox_seq }));
     }
@@ -779,7 +879,11 @@ impl<S: Store> Engine<S> {
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
         let Some(mut item) = self.store.outbox()?.into_iter().find(|i| i.seq == seq) else { return Ok(()) };
         item.in_flight = false;
-        let OutboxPayload::Chat(message_id) = item.payload else {
+        let message_id = match &item.payload {
+            OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } => Some(*id),
+            _ => None,
+        };
+        let Some(message_id) = message_id else {
             // Receipts and control: done once a peer or relay has them; a
             // failed one waits for the peer to come back.
             match outcome {
@@ -852,7 +956,11 @@ impl<S: Store> Engine<S> {
             self.store.delete_message(&message.id)?;
         }
         for item in self.store.outbox()? {
-            if matches!(&item.payload, OutboxPayload::Chat(id) if expired_ids.contains(id)) {
+            let expired_item = match &item.payload {
+                OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } => expired_ids.contains(id),
+                _ => false,
+            };
+            if expired_item {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }
@@ -863,7 +971,7 @@ impl<S: Store> Engine<S> {
                 }
             }
         }
-        Ok(())
+        self.group_retention(now)
     }
 
     // ---- key exchange --------------------------------------------------------
@@ -1018,10 +1126,7 @@ impl<S: Store> Engine<S> {
             EnvelopeBody::KeyExchangeRequest(request) => self.on_request(now, from, &request),
             EnvelopeBody::KeyExchangeAck(ack) => self.on_ack(now, from, &ack),
             EnvelopeBody::Ratchet(message) => self.on_ratchet(now, from, &message),
-            EnvelopeBody::Group(_) => {
-                self.reject(from, "group messages are not supported by this version of the engine");
-                Ok(())
-            }
+            EnvelopeBody::Group(message) => self.on_group_message(now, from, bytes, message),
         }
     }
 
@@ -1058,11 +1163,9 @@ impl<S: Store> Engine<S> {
                 }
             }
             PairwisePayload::SessionConfirm => {}
-            PairwisePayload::SenderKeyDistribution(_)
-            | PairwisePayload::SenderKeyRequest { .. }
-            | PairwisePayload::GroupControl(_) => {
-                self.reject(from, "group messages are not supported by this version of the engine");
-            }
+            PairwisePayload::SenderKeyDistribution(distribution) => self.on_distribution(now, from, &distribution)?,
+            PairwisePayload::SenderKeyRequest { group_id } => self.on_key_request(now, from, group_id)?,
+            PairwisePayload::GroupControl(control) => self.on_group_control(now, from, control)?,
         }
         // A message from the peer proves a path: send what waits for it.
         self.pump(now, from)
@@ -1093,6 +1196,7 @@ impl<S: Store> Engine<S> {
                 failure_reason: None,
                 recipients: Vec::new(),
                 stored_at: now,
+                group_position: None,
             };
             self.store.put_message(&message)?;
             conversation.unread_count = conversation.unread_count.saturating_add(1);
@@ -1127,7 +1231,11 @@ impl<S: Store> Engine<S> {
         }
         self.advance(now, id, &from, status)?;
         for item in self.store.outbox()? {
-            if item.peer == from && matches!(&item.payload, OutboxPayload::Chat(m) if m == id) {
+            let same = match &item.payload {
+                OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => m == id,
+                _ => false,
+            };
+            if item.peer == from && same {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }

@@ -116,6 +116,9 @@ pub struct Message {
     pub recipients: Vec<(PeerId, MessageStatus)>,
     /// When it was stored here (this node's clock; retention counts from it).
     pub stored_at: Timestamp,
+    /// For group messages: the sender key ID and message number it was
+    /// encrypted under, to recognise a retransmitted copy.
+    pub group_position: Option<(u32, u32)>,
 }
 
 impl Message {
@@ -183,4 +186,20 @@ pub struct KeyExchangeAttempt {
     pub deadline: Timestamp,
     /// Whether the current attempt is waiting out a backoff.
     pub backing_off: bool,
+}
+
+/// A group message that arrived before its sender's key, held until the key
+/// comes (or for at most 7 days).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMessage {
+    /// Position in the store; held messages are retried in this order.
+    pub seq: u64,
+    /// The group.
+    pub group_id: ConversationId,
+    /// Its sender.
+    pub sender: PeerId,
+    /// The encoded group envelope.
+    pub envelope: Vec<u8>,
+    /// When it arrived.
+    pub received_at: Timestamp,
 }

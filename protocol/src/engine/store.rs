@@ -6,7 +6,7 @@
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{Conversation, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -87,6 +87,8 @@ pub trait Store {
     fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError>;
     /// Creates or replaces them.
     fn put_group_keys(&mut self, id: &ConversationId, state: &[u8]) -> Result<(), StoreError>;
+    /// Deletes them (after leaving).
+    fn delete_group_keys(&mut self, id: &ConversationId) -> Result<(), StoreError>;
 
     /// The whole outbox, in `seq` order.
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError>;
@@ -94,6 +96,15 @@ pub trait Store {
     fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError>;
     /// Removes an item.
     fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError>;
+
+    /// Group messages held for a missing sender key, in `seq` order.
+    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError>;
+    /// Every held message, in `seq` order (for expiry).
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError>;
+    /// Holds one.
+    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError>;
+    /// Releases one.
+    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError>;
 
     /// A counter that never repeats, for outbox order.
     fn next_seq(&mut self) -> Result<u64, StoreError>;

@@ -1,0 +1,553 @@
+//! Groups: creation, invites, leaves, Sender Keys over the pairwise
+//! sessions, and group messages (held while their sender's key is missing).
+
+use std::collections::BTreeSet;
+
+use super::{
+    Conversation, ConversationKind, Engine, EngineError, Event, HeldMessage, Member, Message, MessageStatus,
+    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
+};
+use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
+use crate::ids::{ConversationId, MessageId, PeerId};
+use crate::skipped::SKIPPED_KEY_MAX_AGE_MS;
+use crate::time::Timestamp;
+use crate::wire::{
+    ChatContent, Envelope, EnvelopeBody, GroupControl, GroupMessage, PairwisePayload, SenderKeyDistribution,
+};
+
+impl<S: Store> Engine<S> {
+    pub(super) fn load_group(&self, id: &ConversationId) -> Result<Option<GroupSession>, EngineError> {
+        match self.store.group_keys(id)? {
+            Some(bytes) => Ok(Some(GroupSession::from_bytes(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save_group(&mut self, group: &GroupSession) -> Result<(), EngineError> {
+        self.store.put_group_keys(&group.group_id(), &group.to_bytes())?;
+        Ok(())
+    }
+
+    /// A group this node is in: its conversation, admin and keys.
+    fn joined_group(&self, id: &ConversationId) -> Result<(Conversation, PeerId, GroupSession), EngineError> {
+        let conversation = self.conversation(id)?;
+        let ConversationKind::Group { admin, .. } = conversation.kind else {
+            return Err(EngineError::NotAGroup(*id));
+        };
+        if conversation.left {
+            return Err(EngineError::LeftGroup(*id));
+        }
+        let group = self.load_group(id)?.ok_or(EngineError::LeftGroup(*id))?;
+        Ok((conversation, admin, group))
+    }
+
+    /// Current members (not left), this node included.
+    fn current_members(&self, id: &ConversationId) -> Result<Vec<Member>, EngineError> {
+        Ok(self.store.members(id)?.into_iter().filter(|m| m.left_at.is_none()).collect())
+    }
+
+    fn others(&self, id: &ConversationId) -> Result<Vec<PeerId>, EngineError> {
+        let me = self.peer_id();
+        Ok(self.current_members(id)?.into_iter().map(|m| m.peer_id).filter(|p| *p != me).collect())
+    }
+
+    fn enqueue_control(&mut self, now: Timestamp, peer: PeerId, payload: &PairwisePayload) -> Result<(), EngineError> {
+        self.enqueue(now, peer, OutboxPayload::Control(payload.encode().to_vec()))
+    }
+
+    fn send_own_key(&mut self, now: Timestamp, group: &GroupSession, peer: PeerId) -> Result<(), EngineError> {
+        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(group.distribution()))
+    }
+
+    fn invite_payload(&self, conversation: &Conversation, admin: PeerId) -> Result<PairwisePayload, EngineError> {
+        let ConversationKind::Group { name, .. } = &conversation.kind else {
+            return Err(EngineError::NotAGroup(conversation.id));
+        };
+        Ok(PairwisePayload::GroupControl(GroupControl::Invite {
+            group_id: conversation.id,
+            name: name.clone(),
+            admin,
+            members: self.current_members(&conversation.id)?.into_iter().map(|m| m.peer_id).collect(),
+            created_at: conversation.created_at,
+        }))
+    }
+
+    fn members_changed(&mut self, now: Timestamp, id: &ConversationId) -> Result<(), EngineError> {
+        let mut conversation = self.conversation(id)?;
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        self.conversation_updated(conversation)
+    }
+
+    // ---- commands ------------------------------------------------------------
+
+    pub(super) fn create_group(
+        &mut self,
+        now: Timestamp,
+        name: String,
+        members: Vec<PeerId>,
+    ) -> Result<Conversation, EngineError> {
+        let name = name.trim().to_owned();
+        if name.is_empty() {
+            return Err(EngineError::EmptyGroupName);
+        }
+        let me = self.peer_id();
+        let others: BTreeSet<PeerId> = members.into_iter().filter(|p| *p != me).collect();
+        if others.len() < MIN_GROUP_OTHERS {
+            return Err(EngineError::TooFewMembers { min: MIN_GROUP_OTHERS, got: others.len() });
+        }
+        if others.len() + 1 > MAX_GROUP_MEMBERS {
+            return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+        }
+        let id = ConversationId::random_group(&mut self.rng);
+        let conversation = Conversation {
+            id,
+            kind: ConversationKind::Group { name, admin: me },
+            created_at: now,
+            updated_at: now,
+            last_message_at: None,
+            last_message_id: None,
+            unread_count: 0,
+            left: false,
+        };
+        self.store.put_conversation(&conversation)?;
+        for peer in core::iter::once(me).chain(others.iter().copied()) {
+            let member = Member { peer_id: peer, joined_at: now, is_admin: peer == me, left_at: None };
+            self.store.put_member(&id, &member)?;
+        }
+        let group = GroupSession::new(id, me, others.iter().copied(), &mut self.rng)?;
+        self.save_group(&group)?;
+        let invite = self.invite_payload(&conversation, me)?;
+        for peer in others {
+            self.enqueue_control(now, peer, &invite)?;
+            self.send_own_key(now, &group, peer)?;
+            self.pump(now, peer)?;
+        }
+        self.staged.events.push(Event::ConversationCreated(conversation.clone()));
+        Ok(conversation)
+    }
+
+    pub(super) fn send_group_message(
+        &mut self,
+        now: Timestamp,
+        id: ConversationId,
+        content: String,
+    ) -> Result<Message, EngineError> {
+        if content.is_empty() {
+            return Err(EngineError::EmptyContent);
+        }
+        if content.len() > MAX_CONTENT_LEN {
+            return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
+        }
+        let (mut conversation, _, mut group) = self.joined_group(&id)?;
+        let recipients = self.others(&id)?;
+        let message_id = MessageId::random(&mut self.rng);
+        let plaintext = ChatContent { message_id, sent_at: now, content: content.clone() }.encode();
+        let encrypted = group.encrypt(&plaintext)?;
+        self.save_group(&group)?;
+        let message = Message {
+            id: message_id,
+            conversation_id: id,
+            sender: self.peer_id(),
+            content,
+            timestamp: now,
+            status: MessageStatus::Created,
+            sent_at: None,
+            delivered_at: None,
+            read_at: None,
+            failure_reason: None,
+            recipients: recipients.iter().map(|p| (*p, MessageStatus::Created)).collect(),
+            stored_at: now,
+            group_position: Some((encrypted.key_id, encrypted.message_number)),
+        };
+        self.store.put_message(&message)?;
+        conversation.last_message_at = Some(now);
+        conversation.last_message_id = Some(message_id);
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        self.staged.events.push(Event::MessageCreated(message.clone()));
+        self.conversation_updated(conversation)?;
+        let envelope = Envelope::new(EnvelopeBody::Group(encrypted)).encode();
+        for peer in recipients {
+            self.enqueue(now, peer, OutboxPayload::Group { message_id, envelope: envelope.clone() })?;
+            self.pump(now, peer)?;
+        }
+        Ok(self.store.message(&message_id)?.unwrap_or(message))
+    }
+
+    pub(super) fn invite(&mut self, now: Timestamp, id: ConversationId, peer: PeerId) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        let (conversation, admin, mut group) = self.joined_group(&id)?;
+        if admin != me {
+            return Err(EngineError::NotAdmin { admin });
+        }
+        if peer == me {
+            return Err(EngineError::SelfConversation(peer));
+        }
+        let existing = self.others(&id)?;
+        if existing.contains(&peer) {
+            return Err(EngineError::AlreadyMember(peer));
+        }
+        if existing.len() + 2 > MAX_GROUP_MEMBERS {
+            return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+        }
+        self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None })?;
+        group.add_member(peer)?;
+        self.save_group(&group)?;
+        let added = PairwisePayload::GroupControl(GroupControl::MemberAdded { group_id: id, peer_id: peer });
+        for other in existing {
+            self.enqueue_control(now, other, &added)?;
+            self.pump(now, other)?;
+        }
+        let invite = self.invite_payload(&conversation, admin)?;
+        self.enqueue_control(now, peer, &invite)?;
+        self.send_own_key(now, &group, peer)?;
+        self.pump(now, peer)?;
+        self.members_changed(now, &id)
+    }
+
+    pub(super) fn leave(&mut self, now: Timestamp, id: ConversationId) -> Result<(), EngineError> {
+        let (mut conversation, _, _) = self.joined_group(&id)?;
+        let me = self.peer_id();
+        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id });
+        for peer in self.others(&id)? {
+            self.enqueue_control(now, peer, &leave)?;
+            self.pump(now, peer)?;
+        }
+        if let Some(mut member) = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me) {
+            member.left_at = Some(now);
+            self.store.put_member(&id, &member)?;
+        }
+        conversation.left = true;
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        // Our keys for the group go: nothing sent after we left is ours to read.
+        self.store.delete_group_keys(&id)?;
+        self.conversation_updated(conversation)
+    }
+
+    // ---- pairwise group traffic ------------------------------------------------
+
+    pub(super) fn on_group_control(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        control: GroupControl,
+    ) -> Result<(), EngineError> {
+        match control {
+            GroupControl::Invite { group_id, name, admin, members, created_at } => {
+                self.on_invite(now, from, group_id, name, admin, members, created_at)
+            }
+            GroupControl::MemberAdded { group_id, peer_id } => {
+                let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
+                    self.reject(from, "membership change for a group this node is not in");
+                    return Ok(());
+                };
+                if from != admin {
+                    self.reject(from, "only the group's admin may add members");
+                    return Ok(());
+                }
+                if peer_id == self.peer_id() {
+                    return Ok(());
+                }
+                let member = Member { peer_id, joined_at: now, is_admin: false, left_at: None };
+                self.store.put_member(&group_id, &member)?;
+                if let Err(e) = group.add_member(peer_id) {
+                    self.reject(from, &e.to_string());
+                    return Ok(());
+                }
+                self.save_group(&group)?;
+                self.send_own_key(now, &group, peer_id)?;
+                self.pump(now, peer_id)?;
+                self.members_changed(now, &group_id)
+            }
+            GroupControl::Leave { group_id } => {
+                let Ok((_, _, mut group)) = self.joined_group(&group_id) else { return Ok(()) };
+                let Some(mut member) = self.current_members(&group_id)?.into_iter().find(|m| m.peer_id == from) else {
+                    self.reject(from, "leave from a peer that is not a member");
+                    return Ok(());
+                };
+                member.left_at = Some(now);
+                self.store.put_member(&group_id, &member)?;
+                // Everyone left rotates, so the leaver cannot read what follows.
+                if let Some(distribution) = group.remove_member(&from, &mut self.rng) {
+                    self.save_group(&group)?;
+                    for peer in self.others(&group_id)? {
+                        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(distribution.clone()))?;
+                        self.pump(now, peer)?;
+                    }
+                }
+                self.members_changed(now, &group_id)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_invite(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        group_id: ConversationId,
+        name: String,
+        admin: PeerId,
+        members: Vec<PeerId>,
+        created_at: Timestamp,
+    ) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        if from != admin {
+            self.reject(from, "group invite not sent by the group's admin");
+            return Ok(());
+        }
+        let roster: BTreeSet<PeerId> = members.into_iter().chain([admin]).collect();
+        if !roster.contains(&me) || roster.len() > MAX_GROUP_MEMBERS {
+            self.reject(from, "group invite with a roster that does not hold this node or is too large");
+            return Ok(());
+        }
+        if let Some(existing) = self.store.conversation(&group_id)? {
+            let same_admin = matches!(existing.kind, ConversationKind::Group { admin: a, .. } if a == admin);
+            if !same_admin {
+                self.reject(from, "group invite that conflicts with a known group");
+                return Ok(());
+            }
+            if !existing.left {
+                return Ok(()); // a repeat
+            }
+        }
+        let conversation = Conversation {
+            id: group_id,
+            kind: ConversationKind::Group { name: name.clone(), admin },
+            created_at,
+            updated_at: now,
+            last_message_at: None,
+            last_message_id: None,
+            unread_count: 0,
+            left: false,
+        };
+        let rejoined = self.store.conversation(&group_id)?.is_some();
+        let mut stored = conversation.clone();
+        if let Some(old) = self.store.conversation(&group_id)? {
+            stored.last_message_at = old.last_message_at;
+            stored.last_message_id = old.last_message_id;
+            stored.unread_count = old.unread_count;
+        }
+        self.store.put_conversation(&stored)?;
+        for member in self.store.members(&group_id)? {
+            if !roster.contains(&member.peer_id) && member.left_at.is_none() {
+                self.store.put_member(&group_id, &Member { left_at: Some(now), ..member })?;
+            }
+        }
+        for peer in &roster {
+            let member = Member { peer_id: *peer, joined_at: now, is_admin: *peer == admin, left_at: None };
+            self.store.put_member(&group_id, &member)?;
+        }
+        let others: Vec<PeerId> = roster.iter().copied().filter(|p| *p != me).collect();
+        let group = GroupSession::new(group_id, me, others.iter().copied(), &mut self.rng)?;
+        self.save_group(&group)?;
+        // Members may have sent their keys before this invite arrived (they
+        // were refused then): ask each for its current key.
+        let request = PairwisePayload::SenderKeyRequest { group_id };
+        for peer in others {
+            self.send_own_key(now, &group, peer)?;
+            self.enqueue_control(now, peer, &request)?;
+            self.pump(now, peer)?;
+        }
+        if rejoined {
+            self.conversation_updated(stored)?;
+        } else {
+            self.staged.events.push(Event::ConversationCreated(stored));
+        }
+        self.staged.events.push(Event::GroupInvite { conversation_id: group_id, group_name: name, invited_by: from });
+        self.release_held(now, &group_id)
+    }
+
+    pub(super) fn on_distribution(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        distribution: &SenderKeyDistribution,
+    ) -> Result<(), EngineError> {
+        let Ok((_, _, mut group)) = self.joined_group(&distribution.group_id) else {
+            // Usually a key that overtook its group's invite: the invite's
+            // handling asks every member for its key again.
+            return Ok(());
+        };
+        if let Err(e) = group.accept_distribution(&from, distribution) {
+            self.reject(from, &e.to_string());
+            return Ok(());
+        }
+        self.save_group(&group)?;
+        self.release_held(now, &distribution.group_id)
+    }
+
+    pub(super) fn on_key_request(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        id: ConversationId,
+    ) -> Result<(), EngineError> {
+        let Ok((_, _, group)) = self.joined_group(&id) else { return Ok(()) };
+        if !self.others(&id)?.contains(&from) {
+            self.reject(from, "sender key request from a peer that is not a member");
+            return Ok(());
+        }
+        self.send_own_key(now, &group, from)?;
+        self.pump(now, from)
+    }
+
+    // ---- group messages --------------------------------------------------------
+
+    pub(super) fn on_group_message(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        bytes: &[u8],
+        message: GroupMessage,
+    ) -> Result<(), EngineError> {
+        let known = self.store.conversation(&message.group_id)?;
+        if known.is_none() {
+            // The invite may still be on its way over the pairwise session.
+            return self.hold(now, from, bytes, &message);
+        }
+        match self.open_group_message(now, &message)? {
+            Err(GroupError::UnknownChain { .. }) => self.hold(now, from, bytes, &message),
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Decrypts and stores a group message; the inner result is the
+    /// cryptographic refusal, if any.
+    fn open_group_message(
+        &mut self,
+        now: Timestamp,
+        message: &GroupMessage,
+    ) -> Result<Result<(), GroupError>, EngineError> {
+        let Ok((mut conversation, _, mut group)) = self.joined_group(&message.group_id) else {
+            return Ok(Err(GroupError::NotAMember { peer: self.peer_id() }));
+        };
+        let sender = message.sender;
+        let plaintext = match group.decrypt(message, now) {
+            Ok(plaintext) => plaintext,
+            Err(GroupError::Duplicate { .. }) => {
+                // A retransmission: confirm again if we stored it.
+                let position = Some((message.key_id, message.message_number));
+                let stored = self
+                    .store
+                    .messages(&message.group_id)?
+                    .into_iter()
+                    .find(|m| m.sender == sender && m.group_position == position);
+                if let Some(stored) = stored {
+                    self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
+                    self.pump(now, sender)?;
+                }
+                return Ok(Ok(()));
+            }
+            Err(e) => return Ok(Err(e)),
+        };
+        self.save_group(&group)?;
+        let Ok(chat) = ChatContent::decode(&plaintext) else {
+            self.reject(sender, "group message content does not decode");
+            return Ok(Ok(()));
+        };
+        if chat.content.len() > MAX_CONTENT_LEN || self.store.message(&chat.message_id)?.is_some() {
+            self.reject(sender, "group message too large or reusing a message ID");
+            return Ok(Ok(()));
+        }
+        let stored = Message {
+            id: chat.message_id,
+            conversation_id: message.group_id,
+            sender,
+            content: chat.content,
+            timestamp: chat.sent_at,
+            status: MessageStatus::Delivered,
+            sent_at: Some(chat.sent_at),
+            delivered_at: Some(now),
+            read_at: None,
+            failure_reason: None,
+            recipients: Vec::new(),
+            stored_at: now,
+            group_position: Some((message.key_id, message.message_number)),
+        };
+        self.store.put_message(&stored)?;
+        conversation.unread_count = conversation.unread_count.saturating_add(1);
+        conversation.last_message_at = Some(now);
+        conversation.last_message_id = Some(stored.id);
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        self.staged.events.push(Event::MessageReceived(stored.clone()));
+        self.conversation_updated(conversation)?;
+        self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
+        self.pump(now, sender)?;
+        Ok(Ok(()))
+    }
+
+    fn hold(&mut self, now: Timestamp, from: PeerId, bytes: &[u8], message: &GroupMessage) -> Result<(), EngineError> {
+        let held_from_sender =
+            self.store.held_messages(&message.group_id)?.into_iter().filter(|h| h.sender == message.sender).count();
+        if held_from_sender >= MAX_HELD_PER_SENDER {
+            self.reject(from, "too many group messages held for a missing sender key");
+            return Ok(());
+        }
+        let seq = self.store.next_seq()?;
+        let held = HeldMessage {
+            seq,
+            group_id: message.group_id,
+            sender: message.sender,
+            envelope: bytes.to_vec(),
+            received_at: now,
+        };
+        self.store.put_held_message(&held)?;
+        // Ask the sender for its key, once per batch of held messages.
+        let in_group = self.joined_group(&message.group_id).is_ok();
+        if held_from_sender == 0 && in_group {
+            self.enqueue_control(
+                now,
+                message.sender,
+                &PairwisePayload::SenderKeyRequest { group_id: message.group_id },
+            )?;
+            self.pump(now, message.sender)?;
+        }
+        Ok(())
+    }
+
+    /// Retries the held messages of a group after a key or an invite arrived.
+    fn release_held(&mut self, now: Timestamp, id: &ConversationId) -> Result<(), EngineError> {
+        for held in self.store.held_messages(id)? {
+            let Ok(Envelope { body: EnvelopeBody::Group(message) }) = Envelope::decode(&held.envelope) else {
+                self.store.delete_held_message(held.seq)?;
+                continue;
+            };
+            match self.open_group_message(now, &message)? {
+                Err(GroupError::UnknownChain { .. }) => {}
+                Err(e) => {
+                    self.store.delete_held_message(held.seq)?;
+                    self.reject(held.sender, &e.to_string());
+                }
+                Ok(()) => self.store.delete_held_message(held.seq)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Group part of the retention sweep: held messages past seven days, and
+    /// skipped group keys past seven days.
+    pub(super) fn group_retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
+        for held in self.store.all_held_messages()? {
+            if held.received_at < cutoff {
+                self.store.delete_held_message(held.seq)?;
+            }
+        }
+        for conversation in self.store.conversations()? {
+            if let Some(mut group) = self.load_group(&conversation.id)? {
+                if group.expire_skipped_keys(now) > 0 {
+                    self.save_group(&group)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
