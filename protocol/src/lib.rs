@@ -69,6 +69,8 @@ pub mod sender_key;
 pub mod session;
 mod skipped;
 pub mod state;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod time;
 pub mod wire;
 
