@@ -112,6 +112,14 @@ macro_rules! scenario_tests {
             $crate::testkit::group_creation_needs_a_name_and_two_other_members($make);
         }
         #[test]
+        fn skipped_keys_are_cleaned_up_after_seven_days() {
+            $crate::testkit::skipped_keys_are_cleaned_up_after_seven_days($make);
+        }
+        #[test]
+        fn a_key_exchange_can_be_initiated_again() {
+            $crate::testkit::a_key_exchange_can_be_initiated_again($make);
+        }
+        #[test]
         fn a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key() {
             $crate::testkit::a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key($make);
         }
@@ -734,6 +742,63 @@ pub fn group_creation_needs_a_name_and_two_other_members<S: TestStore>(make: fn(
         net.command(0, Command::CreateGroup { name: "  ".into(), members: two }),
         Err(EngineError::EmptyGroupName)
     );
+}
+
+/// Skipped keys held by node `i` for its sessions with node `j`.
+fn skipped_keys<S: TestStore>(net: &mut Net<S>, i: usize, j: usize) -> usize {
+    let peer = net.id(j);
+    let store = net.nodes[i].engine.store_mut();
+    store.begin().unwrap();
+    let bytes = store.sessions(&peer).unwrap();
+    store.rollback();
+    bytes.map(|b| crate::PairwiseSessions::from_bytes(&b).unwrap().skipped_key_count()).unwrap_or(0)
+}
+
+/// Scenario: skipped keys are deleted by the retention sweep after seven days.
+pub fn skipped_keys_are_cleaned_up_after_seven_days<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 25);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "first");
+    // Lose the next two messages on the way to Bob, once each.
+    let bob = net.id(1);
+    let mut lost = 0;
+    net.lose = Box::new(move |t: &Transmit| {
+        let drop = t.peer == bob
+            && lost < 2
+            && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)));
+        if drop {
+            lost += 1;
+        }
+        drop
+    });
+    net.send(0, c.id, "lost once");
+    net.send(0, c.id, "lost once too");
+    net.lose = Box::new(|_| false);
+    net.send(0, c.id, "arrives");
+    assert_eq!(skipped_keys(&mut net, 1, 0), 2, "two keys skipped over");
+    // The retransmissions arrive, but on later message numbers: the two
+    // skipped keys are never used, and must go after seven days.
+    net.advance(60_000);
+    assert_eq!(net.messages(1, &c.id).len(), 4);
+    net.advance(8 * 24 * 60 * 60 * 1000);
+    assert_eq!(skipped_keys(&mut net, 1, 0), 0, "the retention sweep deleted them");
+}
+
+/// Scenario: an explicit re-initiation replaces the session; messages in
+/// flight under the old one still arrive, and both sides carry on.
+pub fn a_key_exchange_can_be_initiated_again<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 26);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "old session");
+    let bob = net.id(1);
+    net.command(0, Command::InitiateKeyExchange { peer: bob }).unwrap();
+    let completions = net.kinds(0).iter().filter(|k| **k == "chat.key_exchange.complete").count();
+    assert_eq!(completions, 2, "a second key exchange completed");
+    let m = net.send(0, c.id, "new session");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    let r = net.send(1, c.id, "reply");
+    assert_eq!(net.message(1, &r.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["old session", "new session", "reply"]);
 }
 
 // ---- crashes ---------------------------------------------------------------------

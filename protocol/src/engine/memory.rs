@@ -29,6 +29,7 @@ struct Tables {
     held: BTreeMap<u64, HeldMessage>,
     next_seq: u64,
     retention_due: Option<Timestamp>,
+    last_request_at: Option<Timestamp>,
 }
 
 /// The in-memory store.
@@ -251,6 +252,15 @@ impl Store for MemoryStore {
         let t = self.write()?;
         t.next_seq += 1;
         Ok(t.next_seq)
+    }
+
+    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.read()?.last_request_at)
+    }
+
+    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.write()?.last_request_at = Some(at);
+        Ok(())
     }
 
     fn retention_due(&self) -> Result<Option<Timestamp>, StoreError> {

@@ -995,7 +995,15 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         mut attempt: KeyExchangeAttempt,
     ) -> Result<(), EngineError> {
-        let (pending, request) = handshake::initiate(&self.identity, attempt.peer, now, &mut self.rng);
+        // Request timestamps strictly increase, even within one millisecond
+        // or after the clock steps back, so a responder's freshness mark
+        // never refuses a genuine new request as a replay.
+        let at = match self.store.last_request_at()? {
+            Some(last) if last >= now => last.saturating_add_millis(1),
+            _ => now,
+        };
+        self.store.set_last_request_at(at)?;
+        let (pending, request) = handshake::initiate(&self.identity, attempt.peer, at, &mut self.rng);
         attempt.pending = Some(pending.to_bytes().to_vec());
         attempt.deadline = now.saturating_add_millis(self.config.key_exchange_timeout_ms);
         self.store.put_key_exchange(&attempt)?;

@@ -108,6 +108,10 @@ pub trait Store {
 
     /// A counter that never repeats, for outbox order.
     fn next_seq(&mut self) -> Result<u64, StoreError>;
+    /// The timestamp of the newest key exchange request this node made.
+    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError>;
+    /// Records it.
+    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError>;
     /// When the retention sweep runs next.
     fn retention_due(&self) -> Result<Option<Timestamp>, StoreError>;
     /// Records it.
