@@ -131,6 +131,14 @@ pub struct GroupSession {
     me: PeerId,
     own: SenderKey,
     members: BTreeMap<PeerId, MemberKeys>,
+    /// For each member not yet known to hold our current key, the
+    /// distribution it is entitled to: our chain where it stood when the key
+    /// was made or the member joined. A member whose copy was lost (it
+    /// arrived before the member's invite, say) gets this one again, and so
+    /// can still read from where it joined, but never earlier. Dropped once
+    /// the member confirms a message under the key, so our older chain
+    /// positions do not outlive their use.
+    entitled: BTreeMap<PeerId, SenderKeyDistribution>,
 }
 
 impl core::fmt::Debug for GroupSession {
@@ -158,7 +166,8 @@ impl GroupSession {
             return Err(GroupError::TooManyMembers { max: MAX_GROUP_MEMBERS });
         }
         let own = SenderKey::generate(group_id, me, None, rng);
-        Ok(Self { group_id, me, own, members })
+        let entitled = members.keys().map(|p| (*p, own.distribution())).collect();
+        Ok(Self { group_id, me, own, members, entitled })
     }
 
     /// The group.
@@ -186,6 +195,17 @@ impl GroupSession {
         self.own.distribution()
     }
 
+    /// The distribution to send `peer`: from where it became entitled to our
+    /// current key, or our current position once it confirmed holding it.
+    pub fn distribution_for(&self, peer: &PeerId) -> SenderKeyDistribution {
+        self.entitled.get(peer).cloned().unwrap_or_else(|| self.own.distribution())
+    }
+
+    /// `peer` confirmed a message under our current key, so it holds the key.
+    pub fn key_confirmed(&mut self, peer: &PeerId) {
+        self.entitled.remove(peer);
+    }
+
     /// Encrypts and signs a message for every current member.
     pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<GroupMessage, GroupError> {
         self.own.encrypt(plaintext)
@@ -200,6 +220,7 @@ impl GroupSession {
             return Err(GroupError::TooManyMembers { max: MAX_GROUP_MEMBERS });
         }
         self.members.insert(peer, MemberKeys::default());
+        self.entitled.insert(peer, self.own.distribution());
         Ok(())
     }
 
@@ -212,6 +233,7 @@ impl GroupSession {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Option<SenderKeyDistribution> {
         self.members.remove(peer)?;
+        self.entitled.remove(peer);
         Some(self.rotate_own_key(rng))
     }
 
@@ -220,7 +242,9 @@ impl GroupSession {
     /// current member.
     pub fn rotate_own_key(&mut self, rng: &mut (impl RngCore + CryptoRng)) -> SenderKeyDistribution {
         self.own = SenderKey::generate(self.group_id, self.me, Some(self.own.key_id()), rng);
-        self.own.distribution()
+        let distribution = self.own.distribution();
+        self.entitled = self.members.keys().map(|p| (*p, distribution.clone())).collect();
+        distribution
     }
 
     /// Accepts a sender key that arrived over `channel_peer`'s pairwise
@@ -300,6 +324,8 @@ struct GroupState {
     me: [u8; 20],
     own: SenderKeyState,
     members: Vec<MemberState>,
+    /// (member, what it is entitled to).
+    entitled: Vec<([u8; 20], SenderKeyDistribution)>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -327,6 +353,7 @@ impl GroupSession {
                     previous: keys.previous.iter().map(ReceivingSenderKey::to_state).collect(),
                 })
                 .collect(),
+            entitled: self.entitled.iter().map(|(p, d)| (p.0, d.clone())).collect(),
         })
     }
 
@@ -350,6 +377,7 @@ impl GroupSession {
             group_id: ConversationId(crate::ids::Uuid(state.group_id)),
             me: PeerId(state.me),
             own: SenderKey::from_state(&state.own),
+            entitled: state.entitled.iter().map(|(p, d)| (PeerId(*p), d.clone())).collect(),
             members,
         })
     }

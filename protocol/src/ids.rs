@@ -152,6 +152,13 @@ impl ConversationId {
     pub const fn as_bytes(&self) -> &[u8; 16] {
         &self.0 .0
     }
+
+    /// Whether this can be a group's ID: groups use random (version 4)
+    /// UUIDs, 1:1 conversations derived (version 8) ones, so a peer cannot
+    /// pass a group off under a 1:1 conversation's ID.
+    pub const fn is_group_id(&self) -> bool {
+        self.0 .0[6] >> 4 == 4
+    }
 }
 
 impl fmt::Display for ConversationId {

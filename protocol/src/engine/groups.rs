@@ -56,7 +56,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn send_own_key(&mut self, now: Timestamp, group: &GroupSession, peer: PeerId) -> Result<(), EngineError> {
-        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(group.distribution()))
+        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(group.distribution_for(&peer)))
     }
 
     fn invite_payload(&self, conversation: &Conversation, admin: PeerId) -> Result<PairwisePayload, EngineError> {
@@ -270,10 +270,10 @@ impl<S: Store> Engine<S> {
                 member.left_at = Some(now);
                 self.store.put_member(&group_id, &member)?;
                 // Everyone left rotates, so the leaver cannot read what follows.
-                if let Some(distribution) = group.remove_member(&from, &mut self.rng) {
+                if group.remove_member(&from, &mut self.rng).is_some() {
                     self.save_group(&group)?;
                     for peer in self.others(&group_id)? {
-                        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(distribution.clone()))?;
+                        self.send_own_key(now, &group, peer)?;
                         self.pump(now, peer)?;
                     }
                 }
@@ -296,6 +296,10 @@ impl<S: Store> Engine<S> {
         let me = self.peer_id();
         if from != admin {
             self.reject(from, "group invite not sent by the group's admin");
+            return Ok(());
+        }
+        if !group_id.is_group_id() {
+            self.reject(from, "group invite with an ID that is not a group ID");
             return Ok(());
         }
         let roster: BTreeSet<PeerId> = members.into_iter().chain([admin]).collect();
@@ -403,10 +407,15 @@ impl<S: Store> Engine<S> {
         bytes: &[u8],
         message: GroupMessage,
     ) -> Result<(), EngineError> {
-        let known = self.store.conversation(&message.group_id)?;
-        if known.is_none() {
-            // The invite may still be on its way over the pairwise session.
-            return self.hold(now, from, bytes, &message);
+        if from != message.sender {
+            self.reject(from, "group message whose sender is not the peer it came from");
+            return Ok(());
+        }
+        if self.joined_group(&message.group_id).is_err() {
+            // Not (or no longer) in the group, or its invite is still on the
+            // way: nothing is held. The sender retransmits until confirmed,
+            // and the copy after the invite decrypts.
+            return Ok(());
         }
         match self.open_group_message(now, &message)? {
             Err(GroupError::UnknownChain { .. }) => self.hold(now, from, bytes, &message),
@@ -485,8 +494,12 @@ impl<S: Store> Engine<S> {
     }
 
     fn hold(&mut self, now: Timestamp, from: PeerId, bytes: &[u8], message: &GroupMessage) -> Result<(), EngineError> {
-        let held_from_sender =
-            self.store.held_messages(&message.group_id)?.into_iter().filter(|h| h.sender == message.sender).count();
+        let held: Vec<HeldMessage> =
+            self.store.held_messages(&message.group_id)?.into_iter().filter(|h| h.sender == message.sender).collect();
+        if held.iter().any(|h| h.envelope == bytes) {
+            return Ok(()); // a retransmission of one already held
+        }
+        let held_from_sender = held.len();
         if held_from_sender >= MAX_HELD_PER_SENDER {
             self.reject(from, "too many group messages held for a missing sender key");
             return Ok(());
@@ -501,8 +514,7 @@ impl<S: Store> Engine<S> {
         };
         self.store.put_held_message(&held)?;
         // Ask the sender for its key, once per batch of held messages.
-        let in_group = self.joined_group(&message.group_id).is_ok();
-        if held_from_sender == 0 && in_group {
+        if held_from_sender == 0 {
             self.enqueue_control(
                 now,
                 message.sender,

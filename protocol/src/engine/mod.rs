@@ -327,6 +327,8 @@ struct Staged {
     lookups: Vec<PeerId>,
     events: Vec<Event>,
     in_flight: Vec<(TransmitId, InFlight)>,
+    /// Transmits whose result this input settled.
+    settled: Vec<TransmitId>,
 }
 
 /// One node's chat engine over a store `S`.
@@ -335,7 +337,6 @@ pub struct Engine<S: Store> {
     store: S,
     config: EngineConfig,
     rng: Box<dyn CryptoRngCore + Send>,
-    reachable: BTreeSet<PeerId>,
     in_flight: BTreeMap<TransmitId, InFlight>,
     next_transmit: u64,
     next_deadline: Option<Timestamp>,
@@ -363,14 +364,17 @@ impl<S: Store> Engine<S> {
         rng: impl CryptoRngCore + Send + 'static,
         now: Timestamp,
     ) -> Result<Self, EngineError> {
+        // Transmit IDs start at a random point, so a result that a previous
+        // run's transmit gets after a restart cannot settle a new one.
+        let mut rng: Box<dyn CryptoRngCore + Send> = Box::new(rng);
+        let next_transmit = rng.next_u64() >> 1;
         let mut engine = Self {
             identity,
             store,
             config,
-            rng: Box::new(rng),
-            reachable: BTreeSet::new(),
+            rng,
             in_flight: BTreeMap::new(),
-            next_transmit: 0,
+            next_transmit,
             next_deadline: None,
             staged: Staged::default(),
             transmits: VecDeque::new(),
@@ -437,16 +441,13 @@ impl<S: Store> Engine<S> {
 
     /// Handles an input.
     pub fn handle(&mut self, now: Timestamp, input: Input) -> Result<(), EngineError> {
-        match &input {
-            Input::PeerReachable(peer) => {
-                self.reachable.insert(*peer);
-            }
-            Input::PeerUnreachable(peer) => {
-                self.reachable.remove(peer);
-            }
-            _ => {}
-        }
         self.transact(|e| e.run_input(now, input))
+    }
+
+    /// Handles several inputs in one store transaction (group commit): all
+    /// of them take effect, or, if one fails or the commit fails, none does.
+    pub fn handle_batch(&mut self, now: Timestamp, inputs: impl IntoIterator<Item = Input>) -> Result<(), EngineError> {
+        self.transact(|e| inputs.into_iter().try_for_each(|input| e.run_input(now, input)))
     }
 
     /// One transaction: everything `f` stages is released only if the
@@ -463,10 +464,15 @@ impl<S: Store> Engine<S> {
                     self.lookups.extend(staged.lookups);
                     self.events.extend(staged.events);
                     self.in_flight.extend(staged.in_flight);
+                    for id in staged.settled {
+                        self.in_flight.remove(&id);
+                    }
                     self.next_deadline = deadline;
                     Ok(value)
                 }
                 Err(e) => {
+                    // A failed COMMIT may leave the transaction open.
+                    self.store.rollback();
                     self.staged = Staged::default();
                     Err(e.into())
                 }
@@ -562,8 +568,10 @@ impl<S: Store> Engine<S> {
             Input::Received { from, bytes } => self.receive(now, from, &bytes),
             Input::PeerReachable(peer) => {
                 let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                // A reachable peer is worth trying at once, unless a request
+                // is already out.
                 if let Some(attempt) = attempt.filter(|a| a.backing_off) {
-                    self.start_key_exchange(now, peer, attempt.attempts + 1)?;
+                    self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
                 }
                 for mut item in self.store.outbox()?.into_iter().filter(|i| i.peer == peer && !i.in_flight) {
                     item.next_attempt_at = Some(now);
@@ -607,6 +615,11 @@ impl<S: Store> Engine<S> {
         }
         let id = ConversationId::for_peers(&self.peer_id(), &peer);
         if let Some(existing) = self.store.conversation(&id)? {
+            // Group IDs are version 4 UUIDs and 1:1 IDs version 8, so this
+            // holds; a store that says otherwise is corrupt.
+            if existing.kind != (ConversationKind::OneOnOne { peer }) {
+                return Err(EngineError::NotOneOnOne(id));
+            }
             return Ok(existing);
         }
         let conversation = Conversation {
@@ -633,7 +646,7 @@ impl<S: Store> Engine<S> {
         }
         let mut conversation = self.conversation(&id)?;
         let ConversationKind::OneOnOne { peer } = conversation.kind else {
-            return self.send_group_message(now, id, content);
+            return Err(EngineError::NotOneOnOne(id));
         };
         let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
         if queued >= self.config.max_outbox_per_peer {
@@ -831,9 +844,14 @@ impl<S: Store> Engine<S> {
                 }
             };
             let Ok(message) = sessions.encrypt(&payload.encode(), &mut self.rng) else {
-                // An exhausted chain or a broken peer key: re-key.
-                self.start_key_exchange(now, peer, 1)?;
-                break;
+                // An exhausted chain or a broken peer key: this item and the
+                // rest wait for a fresh session.
+                item.next_attempt_at = None;
+                self.store.put_outbox_item(&item)?;
+                if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+                    self.start_key_exchange(now, peer, 1)?;
+                }
+                continue;
             };
             item.in_flight = true;
             item.next_attempt_at = None;
@@ -875,7 +893,8 @@ impl<S: Store> Engine<S> {
     }
 
     fn transmit_result(&mut self, now: Timestamp, id: TransmitId, outcome: TransmitOutcome) -> Result<(), EngineError> {
-        let Some(flight) = self.in_flight.remove(&id) else { return Ok(()) };
+        let Some(flight) = self.in_flight.get(&id).cloned() else { return Ok(()) };
+        self.staged.settled.push(id);
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
         let Some(mut item) = self.store.outbox()?.into_iter().find(|i| i.seq == seq) else { return Ok(()) };
         item.in_flight = false;
@@ -918,7 +937,7 @@ impl<S: Store> Engine<S> {
                 continue;
             }
             if attempt.backing_off {
-                self.start_key_exchange(now, attempt.peer, attempt.attempts + 1)?;
+                self.start_key_exchange(now, attempt.peer, attempt.attempts.saturating_add(1))?;
             } else {
                 let reason =
                     format!("key exchange timed out after {} seconds", self.config.key_exchange_timeout_ms / 1000);
@@ -1018,9 +1037,13 @@ impl<S: Store> Engine<S> {
         reason: &str,
     ) -> Result<(), EngineError> {
         if attempt.attempts > self.config.max_retries {
-            // Out of retries: chat messages waiting for this peer fail;
+            // Out of retries: chat messages waiting for this peer fail
+            // (unless a session exists after all, e.g. a re-key failed);
             // receipts and control stay queued for a later session.
             self.store.delete_key_exchange(&attempt.peer)?;
+            if self.store.sessions(&attempt.peer)?.is_some() {
+                return Ok(());
+            }
             for item in self.store.outbox()?.into_iter().filter(|i| i.peer == attempt.peer) {
                 if let OutboxPayload::Chat(id) = &item.payload {
                     let waiting = self.store.message(id)?.is_some_and(|m| m.status == MessageStatus::Created);
@@ -1042,6 +1065,9 @@ impl<S: Store> Engine<S> {
     }
 
     fn install_session(&mut self, now: Timestamp, peer: PeerId, session: crate::Session) -> Result<(), EngineError> {
+        // Whichever side started it, a session now exists: our own attempt,
+        // if any is still looking up or backing off, has nothing left to do.
+        self.store.delete_key_exchange(&peer)?;
         let sessions = match self.load_sessions(&peer)? {
             Some(mut sessions) => match sessions.install(session) {
                 Ok(()) => sessions,
@@ -1054,8 +1080,7 @@ impl<S: Store> Engine<S> {
         };
         self.store.put_sessions(&peer, &sessions.to_bytes())?;
         self.staged.events.push(Event::KeyExchangeComplete { peer_id: peer });
-        let _ = now;
-        Ok(())
+        self.release_waiting(now, peer)
     }
 
     fn on_request(&mut self, now: Timestamp, from: PeerId, request: &KeyExchangeRequest) -> Result<(), EngineError> {
@@ -1078,9 +1103,9 @@ impl<S: Store> Engine<S> {
             Response::New(accepted) => {
                 let accepted = *accepted;
                 self.store.put_answered_request(&from, &accepted.answered)?;
-                self.install_session(now, from, accepted.session)?;
+                // The ack goes out before anything encrypted under the session.
                 self.transmit(from, EnvelopeBody::KeyExchangeAck(accepted.ack), false, None);
-                self.release_waiting(now, from)?;
+                self.install_session(now, from, accepted.session)?;
             }
         }
         Ok(())
@@ -1095,10 +1120,8 @@ impl<S: Store> Engine<S> {
         let pending = PendingKeyExchange::from_bytes(bytes)?;
         match pending.complete(ack) {
             Ok(session) => {
-                self.store.delete_key_exchange(&from)?;
-                self.install_session(now, from, session)?;
                 self.enqueue(now, from, OutboxPayload::Control(PairwisePayload::SessionConfirm.encode().to_vec()))?;
-                self.release_waiting(now, from)
+                self.install_session(now, from, session)
             }
             Err(refused) => {
                 self.reject(from, &refused.error.to_string());
@@ -1188,7 +1211,11 @@ impl<S: Store> Engine<S> {
                 return Ok(());
             }
             let mut conversation = match self.store.conversation(&conversation_id)? {
-                Some(c) => c,
+                Some(c) if c.kind == (ConversationKind::OneOnOne { peer: from }) => c,
+                Some(_) => {
+                    self.reject(from, "1:1 message for a conversation that is not a 1:1 with this peer");
+                    return Ok(());
+                }
                 None => self.create_conversation(now, from)?,
             };
             let message = Message {
@@ -1238,6 +1265,15 @@ impl<S: Store> Engine<S> {
             return Ok(());
         }
         self.advance(now, id, &from, status)?;
+        // A confirmed group message shows the member holds our sender key.
+        if let Some((key_id, _)) = message.group_position {
+            if let Some(mut group) = self.load_group(&message.conversation_id)? {
+                if group.own_key_id() == key_id {
+                    group.key_confirmed(&from);
+                    self.store.put_group_keys(&message.conversation_id, &group.to_bytes())?;
+                }
+            }
+        }
         for item in self.store.outbox()? {
             let same = match &item.payload {
                 OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => m == id,

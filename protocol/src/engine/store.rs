@@ -34,7 +34,8 @@ pub enum StoreError {
 pub trait Store {
     /// Opens a transaction.
     fn begin(&mut self) -> Result<(), StoreError>;
-    /// Makes the transaction's writes durable.
+    /// Makes the transaction's writes durable. If it fails, the engine calls
+    /// [`Store::rollback`] next.
     fn commit(&mut self) -> Result<(), StoreError>;
     /// Discards the transaction's writes.
     fn rollback(&mut self);
