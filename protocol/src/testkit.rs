@@ -120,6 +120,30 @@ macro_rules! scenario_tests {
             $crate::testkit::a_key_exchange_can_be_initiated_again($make);
         }
         #[test]
+        fn key_exchange_retries_follow_the_backoff() {
+            $crate::testkit::key_exchange_retries_follow_the_backoff($make);
+        }
+        #[test]
+        fn a_group_message_before_its_sender_key_is_held_then_read() {
+            $crate::testkit::a_group_message_before_its_sender_key_is_held_then_read($make);
+        }
+        #[test]
+        fn group_messages_from_outsiders_or_forged_are_rejected() {
+            $crate::testkit::group_messages_from_outsiders_or_forged_are_rejected($make);
+        }
+        #[test]
+        fn a_leavers_saved_keys_cannot_read_after_it_left() {
+            $crate::testkit::a_leavers_saved_keys_cannot_read_after_it_left($make);
+        }
+        #[test]
+        fn a_batch_commits_together_or_not_at_all() {
+            $crate::testkit::a_batch_commits_together_or_not_at_all($make);
+        }
+        #[test]
+        fn a_failed_commit_of_a_transmit_result_strands_nothing() {
+            $crate::testkit::a_failed_commit_of_a_transmit_result_strands_nothing($make);
+        }
+        #[test]
         fn a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key() {
             $crate::testkit::a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key($make);
         }
@@ -142,12 +166,14 @@ pub struct Net<S: TestStore> {
     nodes: Vec<Node<S>>,
     now: Timestamp,
     unknown_to_directory: BTreeSet<PeerId>,
-    lose: Box<dyn FnMut(&Transmit) -> bool>,
+    lose: Box<dyn FnMut(usize, &Transmit) -> bool>,
     delivered: Vec<(usize, usize, Vec<u8>)>,
     /// Engine calls so far, and the one after which the called node crashes
     /// before any of its outputs leave.
     calls: u64,
     crash_after_call: Option<u64>,
+    /// Directory lookups answered, per node.
+    lookups: Vec<u32>,
     /// Every ciphertext seen per message key: (header bytes or group
     /// position) → ciphertext. A key must never seal two different texts.
     seen_keys: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
@@ -177,10 +203,11 @@ impl<S: TestStore> Net<S> {
             nodes,
             now: NOW,
             unknown_to_directory: BTreeSet::new(),
-            lose: Box::new(|_| false),
+            lose: Box::new(|_, _| false),
             delivered: Vec::new(),
             calls: 0,
             crash_after_call: None,
+            lookups: vec![0; count],
             seen_keys: std::collections::BTreeMap::new(),
         }
     }
@@ -240,6 +267,7 @@ impl<S: TestStore> Net<S> {
                     self.nodes[i].events.push(event);
                 }
                 while let Some(peer) = self.nodes[i].engine.poll_lookup() {
+                    self.lookups[i] += 1;
                     let answer = if self.unknown_to_directory.contains(&peer) {
                         Input::LookupFailed(peer)
                     } else {
@@ -250,7 +278,7 @@ impl<S: TestStore> Net<S> {
                 while let Some(t) = self.nodes[i].engine.poll_transmit() {
                     self.check_key_use(&t.bytes);
                     let to = self.index(&t.peer);
-                    let lost = (self.lose)(&t);
+                    let lost = (self.lose)(i, &t);
                     if self.nodes[to].online && !lost {
                         self.delivered.push((i, to, t.bytes.clone()));
                         work.push_back((to, Input::Received { from: self.id(i), bytes: t.bytes }));
@@ -458,7 +486,7 @@ pub fn a_lost_delivery_confirmation_is_repaired_by_retransmission<S: TestStore>(
     let bob = net.id(1);
     let mut dropped = 0;
     // Lose Bob's next delivery receipt.
-    net.lose = Box::new(move |t: &Transmit| {
+    net.lose = Box::new(move |_from: usize, t: &Transmit| {
         let is_receipt_from_bob = t.peer != bob && dropped == 0;
         if is_receipt_from_bob {
             dropped += 1;
@@ -467,7 +495,7 @@ pub fn a_lost_delivery_confirmation_is_repaired_by_retransmission<S: TestStore>(
     });
     let m = net.send(0, c.id, "confirm me");
     assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Created);
-    net.lose = Box::new(|_| false);
+    net.lose = Box::new(|_, _| false);
     net.advance(31_000);
     assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
     let copies = net.messages(1, &c.id).into_iter().filter(|x| x.id == m.id).count();
@@ -762,7 +790,7 @@ pub fn skipped_keys_are_cleaned_up_after_seven_days<S: TestStore>(make: fn() -> 
     // Lose the next two messages on the way to Bob, once each.
     let bob = net.id(1);
     let mut lost = 0;
-    net.lose = Box::new(move |t: &Transmit| {
+    net.lose = Box::new(move |_from: usize, t: &Transmit| {
         let drop = t.peer == bob
             && lost < 2
             && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)));
@@ -773,7 +801,7 @@ pub fn skipped_keys_are_cleaned_up_after_seven_days<S: TestStore>(make: fn() -> 
     });
     net.send(0, c.id, "lost once");
     net.send(0, c.id, "lost once too");
-    net.lose = Box::new(|_| false);
+    net.lose = Box::new(|_, _| false);
     net.send(0, c.id, "arrives");
     assert_eq!(skipped_keys(&mut net, 1, 0), 2, "two keys skipped over");
     // The retransmissions arrive, but on later message numbers: the two
@@ -799,6 +827,159 @@ pub fn a_key_exchange_can_be_initiated_again<S: TestStore>(make: fn() -> S) {
     let r = net.send(1, c.id, "reply");
     assert_eq!(net.message(1, &r.id).unwrap().status, MessageStatus::Delivered);
     assert_eq!(contents(&mut net, 1, &c.id), vec!["old session", "new session", "reply"]);
+}
+
+/// Scenario: the key exchange is retried 1 + max_retries times with
+/// doubling backoff, and only then do waiting messages fail.
+pub fn key_exchange_retries_follow_the_backoff<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 27);
+    net.nodes[1].online = false;
+    let c = net.conversation(0, 1);
+    let m = net.send(0, c.id, "hello?");
+    assert_eq!(net.lookups[0], 1);
+    // Attempts start at about 0, 12, 26 and 44 s (10 s timeouts, backoffs
+    // of 2, 4 and 8 s plus at most a quarter of the base as jitter each).
+    net.advance(11_000);
+    assert_eq!(net.lookups[0], 1, "the first attempt is still waiting out its backoff");
+    net.advance(2_000);
+    assert_eq!(net.lookups[0], 2);
+    net.advance(37_000);
+    assert_eq!(net.lookups[0], 4);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Created, "no failure before the last timeout");
+    net.advance(10_000);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Failed);
+    assert_eq!(net.lookups[0], 4, "1 + max_retries attempts, no more");
+}
+
+/// Scenario: a group message that arrives before its sender's key is held,
+/// the key is asked for, and the message is stored when the key comes, with
+/// no wait for a retransmission.
+pub fn a_group_message_before_its_sender_key_is_held_then_read<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 28);
+    // Lose everything member 1 sends member 2 over their pairwise session
+    // while the group forms: member 2 never gets member 1's key that way.
+    let two = net.id(2);
+    net.lose = Box::new(move |from: usize, t: &Transmit| {
+        from == 1 && t.peer == two && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)))
+    });
+    let g = group(&mut net, 0, &[1, 2], "Late keys");
+    net.lose = Box::new(|_, _| false);
+    let m = send_group(&mut net, 1, g.id, "can you read this?");
+    assert_eq!(contents(&mut net, 2, &g.id), vec!["can you read this?"], "released as soon as the key arrived");
+    assert_eq!(net.message(1, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+/// Scenario: members reject group messages from non-members and with bad
+/// signatures, with `chat.security.rejected`.
+pub fn group_messages_from_outsiders_or_forged_are_rejected<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 4, 29);
+    let g = group(&mut net, 0, &[1, 2], "Closed");
+    send_group(&mut net, 0, g.id, "members only");
+    // An outsider makes its own keys for the same group ID.
+    let mut outsider = crate::GroupSession::new(g.id, net.id(3), [net.id(1)], &mut rng(5)).unwrap();
+    let forged = outsider
+        .encrypt(
+            &crate::wire::ChatContent {
+                message_id: MessageId::random(&mut rng(6)),
+                sent_at: NOW,
+                content: "let me in".into(),
+            }
+            .encode(),
+        )
+        .unwrap();
+    let before = net.nodes[1].events.len();
+    net.input(1, Input::Received { from: net.id(3), bytes: Envelope::new(EnvelopeBody::Group(forged)).encode() });
+    // A member's genuine message with a flipped ciphertext bit.
+    let genuine = group_envelopes(&net, 0).pop().unwrap();
+    let Ok(Envelope { body: EnvelopeBody::Group(mut tampered) }) = Envelope::decode(&genuine) else { panic!() };
+    tampered.ciphertext[0] ^= 1;
+    net.input(1, Input::Received { from: net.id(0), bytes: Envelope::new(EnvelopeBody::Group(tampered)).encode() });
+    let reasons: Vec<String> = net.nodes[1].events[before..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::SecurityRejected { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("not a member"), "{reasons:?}");
+    assert!(reasons[1].contains("signature"), "{reasons:?}");
+    assert_eq!(contents(&mut net, 1, &g.id), vec!["members only"]);
+}
+
+/// Scenario: a leaver that kept a copy of its keys still cannot read what
+/// the others send after it left, because they all rotated.
+pub fn a_leavers_saved_keys_cannot_read_after_it_left<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 31);
+    let g = group(&mut net, 0, &[1, 2], "Rotation");
+    send_group(&mut net, 0, g.id, "before");
+    send_group(&mut net, 1, g.id, "before too");
+    let store = net.nodes[2].engine.store_mut();
+    store.begin().unwrap();
+    let saved = store.group_keys(&g.id).unwrap().unwrap();
+    store.rollback();
+    net.command(2, Command::Leave { group: g.id }).unwrap();
+    net.advance(1_000);
+    let before: BTreeSet<Vec<u8>> = group_envelopes(&net, 0).into_iter().chain(group_envelopes(&net, 1)).collect();
+    send_group(&mut net, 0, g.id, "after, from 0");
+    send_group(&mut net, 1, g.id, "after, from 1");
+    let mut kept = crate::GroupSession::from_bytes(&saved).unwrap();
+    let after: Vec<Vec<u8>> =
+        group_envelopes(&net, 0).into_iter().chain(group_envelopes(&net, 1)).filter(|b| !before.contains(b)).collect();
+    assert_eq!(after.len(), 2);
+    for bytes in after {
+        let Ok(Envelope { body: EnvelopeBody::Group(m) }) = Envelope::decode(&bytes) else { panic!() };
+        assert!(kept.decrypt(&m, net.now).is_err(), "the leaver's old keys opened a newer message");
+    }
+    assert_eq!(contents(&mut net, 1, &g.id), vec!["before", "before too", "after, from 0", "after, from 1"]);
+}
+
+/// Scenario: inputs handled as one batch commit together or not at all.
+pub fn a_batch_commits_together_or_not_at_all<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 32);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "warm");
+    // Capture two messages from 0 to 1 without delivering them.
+    net.nodes[1].online = false;
+    net.send(0, c.id, "a");
+    net.send(0, c.id, "b");
+    net.nodes[1].online = true;
+    // Take them from 0's outbox by reconnecting, and hand them to 1 as one
+    // batch whose first commit fails: refused whole, then accepted whole.
+    let from = net.id(0);
+    let to = net.id(1);
+    let mut transmits = Vec::new();
+    net.nodes[0].engine.handle(net.now, Input::PeerReachable(to)).unwrap();
+    while let Some(t) = net.nodes[0].engine.poll_transmit() {
+        transmits.push(t);
+    }
+    assert_eq!(transmits.len(), 2);
+    let inputs: Vec<Input> = transmits.iter().map(|t| Input::Received { from, bytes: t.bytes.clone() }).collect();
+    net.nodes[1].engine.store_mut().fail_next_commits(1);
+    assert!(net.nodes[1].engine.handle_batch(net.now, inputs.clone()).is_err());
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["warm"], "nothing of a failed batch stays");
+    net.nodes[1].engine.handle_batch(net.now, inputs).unwrap();
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "a", "b"]);
+}
+
+/// Scenario: a transmit result whose commit fails leaves the message to be
+/// sent again, not stranded.
+pub fn a_failed_commit_of_a_transmit_result_strands_nothing<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 33);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "warm");
+    net.nodes[1].online = false;
+    let m = net.nodes[0].engine.command(net.now, Command::SendMessage { conversation: c.id, content: "x".into() });
+    assert!(m.is_ok());
+    let t = net.nodes[0].engine.poll_transmit().unwrap();
+    while net.nodes[0].engine.poll_transmit().is_some() {}
+    while net.nodes[0].engine.poll_event().is_some() {}
+    let result = Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Failed("offline".into()) };
+    net.nodes[0].engine.store_mut().fail_next_commits(1);
+    assert!(net.nodes[0].engine.handle(net.now, result.clone()).is_err());
+    net.nodes[0].engine.handle(net.now, result).unwrap();
+    net.set_online(1, true);
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "x"]);
 }
 
 // ---- crashes ---------------------------------------------------------------------

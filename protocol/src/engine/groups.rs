@@ -269,6 +269,22 @@ impl<S: Store> Engine<S> {
                 };
                 member.left_at = Some(now);
                 self.store.put_member(&group_id, &member)?;
+                // Our messages stop waiting for the leaver.
+                let me = self.peer_id();
+                let mut ours = BTreeSet::new();
+                for message in self.store.messages(&group_id)? {
+                    if message.is_outgoing(&me) {
+                        self.drop_recipient(now, &message.id, &from)?;
+                        ours.insert(message.id);
+                    }
+                }
+                for item in self.store.outbox()? {
+                    if item.peer == from
+                        && matches!(&item.payload, OutboxPayload::Group { message_id, .. } if ours.contains(message_id))
+                    {
+                        self.store.delete_outbox_item(item.seq)?;
+                    }
+                }
                 // Everyone left rotates, so the leaver cannot read what follows.
                 if group.remove_member(&from, &mut self.rng).is_some() {
                     self.save_group(&group)?;

@@ -78,6 +78,22 @@ pub struct EngineConfig {
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
+impl EngineConfig {
+    /// Zero intervals would make deadlines that never move forward, and a
+    /// huge retry count would overflow: clamp them.
+    fn sanitized(self) -> Self {
+        Self {
+            max_retries: self.max_retries.min(64),
+            retry_backoff_ms: self.retry_backoff_ms.max(1),
+            key_exchange_timeout_ms: self.key_exchange_timeout_ms.max(1),
+            message_ttl_ms: self.message_ttl_ms.max(1),
+            confirmation_timeout_ms: self.confirmation_timeout_ms.max(1),
+            retention_interval_ms: self.retention_interval_ms.max(1),
+            max_outbox_per_peer: self.max_outbox_per_peer.max(1),
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -371,8 +387,8 @@ impl<S: Store> Engine<S> {
         let mut engine = Self {
             identity,
             store,
-            config,
             rng,
+            config: config.sanitized(),
             in_flight: BTreeMap::new(),
             next_transmit,
             next_deadline: None,
@@ -648,10 +664,6 @@ impl<S: Store> Engine<S> {
         let ConversationKind::OneOnOne { peer } = conversation.kind else {
             return Err(EngineError::NotOneOnOne(id));
         };
-        let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
-        if queued >= self.config.max_outbox_per_peer {
-            return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
-        }
         let message = Message {
             id: MessageId::random(&mut self.rng),
             conversation_id: id,
@@ -733,11 +745,36 @@ impl<S: Store> Engine<S> {
             return Ok(());
         }
         entry.1 = to;
-        let overall = message.recipients.iter().map(|(_, s)| *s).min().unwrap_or(to);
-        if overall <= message.status && message.status != MessageStatus::Failed {
+        self.settle_status(now, message)
+    }
+
+    /// No longer waits for `recipient` (it left the group): the message's
+    /// status is settled by the others.
+    pub(super) fn drop_recipient(
+        &mut self,
+        now: Timestamp,
+        id: &MessageId,
+        recipient: &PeerId,
+    ) -> Result<(), EngineError> {
+        let Some(mut message) = self.store.message(id)? else { return Ok(()) };
+        let before = message.recipients.len();
+        message.recipients.retain(|(p, _)| p != recipient);
+        if message.recipients.len() == before {
+            return Ok(());
+        }
+        self.settle_status(now, message)
+    }
+
+    /// Stores the message with its status moved up to the least advanced of
+    /// its recipients (delivered when there are none left to wait for),
+    /// never down, and never out of `failed`, with the events on the way.
+    fn settle_status(&mut self, now: Timestamp, mut message: Message) -> Result<(), EngineError> {
+        let overall = message.recipients.iter().map(|(_, s)| *s).min().unwrap_or(MessageStatus::Delivered);
+        if message.status == MessageStatus::Failed || overall <= message.status {
             self.store.put_message(&message)?;
             return Ok(());
         }
+        let id = message.id;
         let from = message.status;
         message.status = overall;
         let conversation_id = message.conversation_id;
@@ -745,16 +782,16 @@ impl<S: Store> Engine<S> {
         if overall >= MessageStatus::Sent && message.sent_at.is_none() {
             message.sent_at = Some(now);
             if from < MessageStatus::Sent && overall == MessageStatus::Sent {
-                self.staged.events.push(Event::MessageSent { message_id: *id, conversation_id, timestamp: now });
+                self.staged.events.push(Event::MessageSent { message_id: id, conversation_id, timestamp: now });
             }
         }
         if overall >= MessageStatus::Delivered && message.delivered_at.is_none() {
             message.delivered_at = Some(now);
-            self.staged.events.push(Event::MessageDelivered { message_id: *id, conversation_id, timestamp: now });
+            self.staged.events.push(Event::MessageDelivered { message_id: id, conversation_id, timestamp: now });
         }
         if overall == MessageStatus::Read && message.read_at.is_none() {
             message.read_at = Some(now);
-            self.staged.events.push(Event::MessageRead { message_id: *id, conversation_id, timestamp: now });
+            self.staged.events.push(Event::MessageRead { message_id: id, conversation_id, timestamp: now });
         }
         self.store.put_message(&message)?;
         Ok(())
@@ -787,9 +824,14 @@ impl<S: Store> Engine<S> {
 
     // ---- the outbox --------------------------------------------------------
 
+    /// Queues something for `peer`, within the per-peer limit.
     fn enqueue(&mut self, now: Timestamp, peer: PeerId, payload: OutboxPayload) -> Result<(), EngineError> {
+        let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
+        if queued >= self.config.max_outbox_per_peer {
+            return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
+        }
         let seq = self.store.next_seq()?;
-        let item = OutboxItem { seq, peer, payload, attempts: 0, next_attempt_at: Some(now), in_flight: false };
+        let item = OutboxItem { seq, peer, payload, queued_at: now, next_attempt_at: Some(now), in_flight: false };
         self.store.put_outbox_item(&item)?;
         Ok(())
     }
@@ -983,11 +1025,20 @@ impl<S: Store> Engine<S> {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }
+        for item in self.store.outbox()? {
+            let control = matches!(
+                item.payload,
+                OutboxPayload::Control(_) | OutboxPayload::Delivered(_) | OutboxPayload::Read { .. }
+            );
+            if control && item.queued_at < cutoff {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
         for peer in self.store.session_peers()? {
-            if let Some(mut sessions) = self.load_sessions(&peer)? {
-                if sessions.expire_skipped_keys(now) > 0 {
-                    self.store.put_sessions(&peer, &sessions.to_bytes())?;
-                }
+            // One unreadable row must not stop the sweep for everyone else.
+            let Ok(Some(mut sessions)) = self.load_sessions(&peer) else { continue };
+            if sessions.expire_skipped_keys(now) > 0 {
+                self.store.put_sessions(&peer, &sessions.to_bytes())?;
             }
         }
         self.group_retention(now)
@@ -1146,6 +1197,18 @@ impl<S: Store> Engine<S> {
     // ---- receiving -----------------------------------------------------------
 
     fn receive(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), EngineError> {
+        match self.receive_envelope(now, from, bytes) {
+            // What this peer's input wanted queued back to it does not fit:
+            // it is dropped (the peer retransmits), the rest stands.
+            Err(EngineError::OutboxFull { peer, .. }) => {
+                self.reject(peer, "outbox for this peer is full; its input was only partly answered");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn receive_envelope(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), EngineError> {
         let envelope = match Envelope::decode(bytes) {
             Ok(envelope) => envelope,
             Err(e) => {

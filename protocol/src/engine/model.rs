@@ -164,8 +164,8 @@ pub struct OutboxItem {
     pub peer: PeerId,
     /// What to send.
     pub payload: OutboxPayload,
-    /// Send attempts that found no session or no path so far.
-    pub attempts: u32,
+    /// When it was queued (control items expire with the message TTL).
+    pub queued_at: Timestamp,
     /// When to try again; `None` waits for the peer to become reachable.
     pub next_attempt_at: Option<Timestamp>,
     /// Whether a copy is out (sent and not yet confirmed).
