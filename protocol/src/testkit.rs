@@ -161,12 +161,15 @@ struct Node<S: Store> {
 /// A network of engines. Transmits to an online node arrive at once; to an
 /// offline one they fail (there is no relay in these scenarios). `drop`
 /// decides, per transmit, whether the network loses it.
+/// Decides, per transmit (sender index, transmit), whether the network loses it.
+pub type LossRule = Box<dyn FnMut(usize, &Transmit) -> bool>;
+
 /// A network of engines over stores of type `S`.
 pub struct Net<S: TestStore> {
     nodes: Vec<Node<S>>,
     now: Timestamp,
     unknown_to_directory: BTreeSet<PeerId>,
-    lose: Box<dyn FnMut(usize, &Transmit) -> bool>,
+    lose: LossRule,
     delivered: Vec<(usize, usize, Vec<u8>)>,
     /// Engine calls so far, and the one after which the called node crashes
     /// before any of its outputs leave.
