@@ -250,12 +250,15 @@ impl<S: Store> Engine<S> {
                 if peer_id == self.peer_id() {
                     return Ok(());
                 }
-                let member = Member { peer_id, joined_at: now, is_admin: false, left_at: None };
-                self.store.put_member(&group_id, &member)?;
+                if self.current_members(&group_id)?.iter().any(|m| m.peer_id == peer_id) {
+                    return Ok(()); // already a member: a repeat
+                }
                 if let Err(e) = group.add_member(peer_id) {
                     self.reject(from, &e.to_string());
                     return Ok(());
                 }
+                let member = Member { peer_id, joined_at: now, is_admin: false, left_at: None };
+                self.store.put_member(&group_id, &member)?;
                 self.save_group(&group)?;
                 self.send_own_key(now, &group, peer_id)?;
                 self.pump(now, peer_id)?;

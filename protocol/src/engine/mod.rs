@@ -533,7 +533,11 @@ impl<S: Store> Engine<S> {
                 Ok(CommandOutcome::Done)
             }
             Command::DeleteConversation { conversation } => {
-                self.conversation(&conversation)?;
+                let existing = self.conversation(&conversation)?;
+                if matches!(existing.kind, ConversationKind::Group { .. }) && !existing.left {
+                    // The others must stop waiting for us and rotate.
+                    self.leave(now, conversation)?;
+                }
                 let ids: BTreeSet<MessageId> = self.store.messages(&conversation)?.iter().map(|m| m.id).collect();
                 for item in self.store.outbox()? {
                     if let OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } = &item.payload {
@@ -846,61 +850,57 @@ impl<S: Store> Engine<S> {
     /// Sends whatever is due for `peer`, in order, or starts a key exchange
     /// if there is no session yet.
     fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        let (group, due): (Vec<OutboxItem>, Vec<OutboxItem>) = self
+        let due: Vec<OutboxItem> = self
             .store
             .outbox()?
             .into_iter()
             .filter(|i| i.peer == peer && !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
-            .partition(|i| matches!(i.payload, OutboxPayload::Group { .. }));
-        // Group messages are already encrypted for the whole group: they
-        // need no pairwise session.
-        for mut item in group {
-            let OutboxPayload::Group { envelope, .. } = &item.payload else { continue };
-            let bytes = envelope.clone();
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut sessions = self.load_sessions(&peer)?;
+        let mut needs_session = false;
+        // In queue order, so a sender key leaves before the group messages
+        // it opens.
+        for mut item in due {
+            let bytes = if let OutboxPayload::Group { envelope, .. } = &item.payload {
+                // Already encrypted for the whole group: no pairwise session needed.
+                envelope.clone()
+            } else {
+                let Some(sessions) = sessions.as_mut() else {
+                    needs_session = true;
+                    item.next_attempt_at = None; // `release_waiting` sends it
+                    self.store.put_outbox_item(&item)?;
+                    continue;
+                };
+                let Some(payload) = self.payload_for(&item)? else {
+                    self.store.delete_outbox_item(item.seq)?;
+                    continue;
+                };
+                match sessions.encrypt(&payload.encode(), &mut self.rng) {
+                    Ok(message) => Envelope::new(EnvelopeBody::Ratchet(message)).encode(),
+                    Err(_) => {
+                        // An exhausted chain or a broken peer key: wait for a
+                        // fresh session.
+                        needs_session = true;
+                        item.next_attempt_at = None;
+                        self.store.put_outbox_item(&item)?;
+                        continue;
+                    }
+                }
+            };
             item.in_flight = true;
             item.next_attempt_at = None;
             self.store.put_outbox_item(&item)?;
             self.transmit_bytes(peer, bytes, true, Some(item.seq));
         }
-        if due.is_empty() {
-            return Ok(());
+        if let Some(sessions) = &sessions {
+            self.store.put_sessions(&peer, &sessions.to_bytes())?;
         }
-        let Some(mut sessions) = self.load_sessions(&peer)? else {
-            // Everything waits for the session; `release_waiting` sends it
-            // once the key exchange completes.
-            for mut item in due {
-                item.next_attempt_at = None;
-                self.store.put_outbox_item(&item)?;
-            }
-            if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
-                self.start_key_exchange(now, peer, 1)?;
-            }
-            return Ok(());
-        };
-        for mut item in due {
-            let payload = match self.payload_for(&item)? {
-                Some(payload) => payload,
-                None => {
-                    self.store.delete_outbox_item(item.seq)?;
-                    continue;
-                }
-            };
-            let Ok(message) = sessions.encrypt(&payload.encode(), &mut self.rng) else {
-                // An exhausted chain or a broken peer key: this item and the
-                // rest wait for a fresh session.
-                item.next_attempt_at = None;
-                self.store.put_outbox_item(&item)?;
-                if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
-                    self.start_key_exchange(now, peer, 1)?;
-                }
-                continue;
-            };
-            item.in_flight = true;
-            item.next_attempt_at = None;
-            self.store.put_outbox_item(&item)?;
-            self.transmit(peer, EnvelopeBody::Ratchet(message), true, Some(item.seq));
+        if needs_session && !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+            self.start_key_exchange(now, peer, 1)?;
         }
-        self.store.put_sessions(&peer, &sessions.to_bytes())?;
         Ok(())
     }
 
@@ -1010,11 +1010,27 @@ impl<S: Store> Engine<S> {
         let me = self.peer_id();
         let expired = self.store.messages_stored_before(cutoff)?;
         let expired_ids: BTreeSet<MessageId> = expired.iter().map(|m| m.id).collect();
+        let mut touched = BTreeSet::new();
         for message in &expired {
             if message.is_outgoing(&me) && matches!(message.status, MessageStatus::Created | MessageStatus::Sent) {
                 self.fail_message(now, &message.id, "expired undelivered")?;
             }
             self.store.delete_message(&message.id)?;
+            touched.insert(message.conversation_id);
+        }
+        // Keep the unread count and last message true to what is left.
+        for id in touched {
+            let Some(mut conversation) = self.store.conversation(&id)? else { continue };
+            let left = self.store.messages(&id)?;
+            conversation.unread_count = left
+                .iter()
+                .filter(|m| !m.is_outgoing(&me) && m.read_at.is_none())
+                .count()
+                .try_into()
+                .unwrap_or(u32::MAX);
+            conversation.last_message_id = left.last().map(|m| m.id);
+            conversation.last_message_at = left.last().map(|m| m.stored_at);
+            self.store.put_conversation(&conversation)?;
         }
         for item in self.store.outbox()? {
             let expired_item = match &item.payload {
