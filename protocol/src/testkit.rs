@@ -144,6 +144,10 @@ macro_rules! scenario_tests {
             $crate::testkit::a_failed_commit_of_a_transmit_result_strands_nothing($make);
         }
         #[test]
+        fn a_lost_invite_is_resent_until_acknowledged() {
+            $crate::testkit::a_lost_invite_is_resent_until_acknowledged($make);
+        }
+        #[test]
         fn a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key() {
             $crate::testkit::a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key($make);
         }
@@ -983,6 +987,34 @@ pub fn a_failed_commit_of_a_transmit_result_strands_nothing<S: TestStore>(make: 
     net.nodes[0].engine.handle(net.now, result).unwrap();
     net.set_online(1, true);
     assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "x"]);
+}
+
+/// Scenario: group control is resent until acknowledged, so a lost invite
+/// still reaches its member.
+pub fn a_lost_invite_is_resent_until_acknowledged<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 34);
+    let two = net.id(2);
+    let mut lost = 0;
+    // The network loses every ratchet message from the admin to member 2
+    // for a while (the transport had taken them).
+    net.lose = Box::new(move |from: usize, t: &Transmit| {
+        let hit = from == 0
+            && t.peer == two
+            && lost < 3
+            && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)));
+        if hit {
+            lost += 1;
+        }
+        hit
+    });
+    let g = group(&mut net, 0, &[1, 2], "Lossy");
+    assert!(!net.kinds(2).contains(&"chat.group.invite"), "the invite was lost");
+    net.advance(31_000);
+    assert!(net.kinds(2).contains(&"chat.group.invite"), "the resent invite arrived");
+    net.lose = Box::new(|_, _| false);
+    send_group(&mut net, 0, g.id, "made it");
+    net.advance(31_000);
+    assert_eq!(contents(&mut net, 2, &g.id), vec!["made it"]);
 }
 
 // ---- crashes ---------------------------------------------------------------------

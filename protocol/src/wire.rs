@@ -400,10 +400,28 @@ pub enum PairwisePayload {
     /// the responder learns the initiator holds the new session even when
     /// nothing else is queued (see `PairwiseSessions`).
     SessionConfirm,
+    /// A payload the sender keeps sending until the recipient acknowledges
+    /// its `id` (group control, sender keys, read receipts): unlike chat
+    /// messages, these have no delivery receipt of their own.
+    Tracked {
+        /// The sender's ID for it (unique per sender and recipient).
+        id: u64,
+        /// What it carries; never itself `Tracked` or `Ack`.
+        payload: Box<PairwisePayload>,
+    },
+    /// "These tracked payloads arrived and were processed."
+    Ack {
+        /// Their IDs.
+        ids: Vec<u64>,
+    },
 }
 
 /// The number of [`PairwisePayload`] kinds this version knows.
-const PAIRWISE_KINDS: u32 = 7;
+const PAIRWISE_KINDS: u32 = 9;
+/// The kind number of [`PairwisePayload::Tracked`].
+const TRACKED_KIND: u32 = 7;
+/// The kind number of [`PairwisePayload::Ack`].
+const ACK_KIND: u32 = 8;
 /// The kind number of [`PairwisePayload::GroupControl`].
 const GROUP_CONTROL_KIND: u32 = 5;
 /// The number of [`GroupControl`] kinds this version knows.
@@ -418,7 +436,18 @@ impl PairwisePayload {
 
     /// Decodes a pairwise plaintext.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (kind, rest) = check_kind(bytes, PAIRWISE_KINDS, "pairwise payload kind")?;
+        let (mut kind, mut rest) = check_kind(bytes, PAIRWISE_KINDS, "pairwise payload kind")?;
+        if kind == TRACKED_KIND {
+            // Check the inner kind before decoding: a tracked payload holds
+            // exactly one untracked payload, so nesting (and the decoder's
+            // recursion) is refused up front.
+            let (_, after_id) =
+                postcard::take_from_bytes::<u64>(rest).map_err(|e| malformed("tracked payload ID", e))?;
+            (kind, rest) = check_kind(after_id, PAIRWISE_KINDS, "tracked payload kind")?;
+            if kind == TRACKED_KIND || kind == ACK_KIND {
+                return Err(WireError::Malformed { what: "pairwise payload", reason: "nested tracking".into() });
+            }
+        }
         if kind == GROUP_CONTROL_KIND {
             check_kind(rest, GROUP_CONTROL_KINDS, "group control kind")?;
         }
@@ -470,9 +499,26 @@ mod tests {
 
     #[test]
     fn unknown_payload_and_group_control_kinds_are_named() {
-        assert_eq!(PairwisePayload::decode(&[7]), Err(WireError::UnknownKind(7)));
+        assert_eq!(PairwisePayload::decode(&[9]), Err(WireError::UnknownKind(9)));
         assert_eq!(PairwisePayload::decode(&[5, 3]), Err(WireError::UnknownKind(3)));
         assert_eq!(PairwisePayload::decode(&[6]), Ok(PairwisePayload::SessionConfirm));
+    }
+
+    #[test]
+    fn tracking_nests_one_level_only() {
+        let inner = PairwisePayload::ReadReceipt { message_ids: vec![], read_at: Timestamp(1) };
+        let tracked = PairwisePayload::Tracked { id: 3, payload: Box::new(inner) };
+        assert_eq!(PairwisePayload::decode(&tracked.encode()), Ok(tracked.clone()));
+        let nested = PairwisePayload::Tracked { id: 4, payload: Box::new(tracked) };
+        assert!(matches!(PairwisePayload::decode(&nested.encode()), Err(WireError::Malformed { .. })));
+        // A deep hand-made nesting is refused before any recursion.
+        let mut deep = Vec::new();
+        for _ in 0..100_000 {
+            deep.extend_from_slice(&[7, 0]);
+        }
+        deep.push(6);
+        assert!(matches!(PairwisePayload::decode(&deep), Err(WireError::Malformed { .. })));
+        assert_eq!(PairwisePayload::decode(&[7, 0, 9]), Err(WireError::UnknownKind(9)));
     }
 
     #[test]

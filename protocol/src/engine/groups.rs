@@ -267,8 +267,11 @@ impl<S: Store> Engine<S> {
             GroupControl::Leave { group_id } => {
                 let Ok((_, _, mut group)) = self.joined_group(&group_id) else { return Ok(()) };
                 let Some(mut member) = self.current_members(&group_id)?.into_iter().find(|m| m.peer_id == from) else {
-                    self.reject(from, "leave from a peer that is not a member");
-                    return Ok(());
+                    let left_before = self.store.members(&group_id)?.iter().any(|m| m.peer_id == from);
+                    if !left_before {
+                        self.reject(from, "leave from a peer that is not a member");
+                    }
+                    return Ok(()); // a repeat of a leave already processed
                 };
                 member.left_at = Some(now);
                 self.store.put_member(&group_id, &member)?;

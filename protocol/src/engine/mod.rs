@@ -915,10 +915,16 @@ impl<S: Store> Engine<S> {
                 _ => None,
             },
             OutboxPayload::Delivered(ids) => Some(PairwisePayload::DeliveryReceipt { message_ids: ids.clone() }),
-            OutboxPayload::Read { message_ids, read_at } => {
-                Some(PairwisePayload::ReadReceipt { message_ids: message_ids.clone(), read_at: *read_at })
-            }
-            OutboxPayload::Control(bytes) => PairwisePayload::decode(bytes).ok(),
+            OutboxPayload::Ack(ids) => Some(PairwisePayload::Ack { ids: ids.clone() }),
+            OutboxPayload::Read { message_ids, read_at } => Some(tracked(
+                item.seq,
+                PairwisePayload::ReadReceipt { message_ids: message_ids.clone(), read_at: *read_at },
+            )),
+            OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes).ok() {
+                Some(PairwisePayload::SessionConfirm) => Some(PairwisePayload::SessionConfirm),
+                Some(payload) => Some(tracked(item.seq, payload)),
+                None => None,
+            },
             OutboxPayload::Group { .. } => None,
         })
     }
@@ -940,13 +946,23 @@ impl<S: Store> Engine<S> {
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
         let Some(mut item) = self.store.outbox()?.into_iter().find(|i| i.seq == seq) else { return Ok(()) };
         item.in_flight = false;
+        if is_tracked(&item.payload) {
+            // Kept until the peer acknowledges it; sent again if it does not.
+            item.next_attempt_at = match outcome {
+                TransmitOutcome::Delivered => Some(now.saturating_add_millis(self.config.confirmation_timeout_ms)),
+                TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) => None,
+            };
+            self.store.put_outbox_item(&item)?;
+            return Ok(());
+        }
         let message_id = match &item.payload {
             OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } => Some(*id),
             _ => None,
         };
         let Some(message_id) = message_id else {
-            // Receipts and control: done once a peer or relay has them; a
-            // failed one waits for the peer to come back.
+            // Delivery receipts, acks and session confirmations: done once a
+            // peer or relay has them (a lost one is repaired by the other
+            // side's retransmission); a failed one waits for the peer.
             match outcome {
                 TransmitOutcome::Failed(_) => {
                     item.next_attempt_at = None;
@@ -1042,10 +1058,7 @@ impl<S: Store> Engine<S> {
             }
         }
         for item in self.store.outbox()? {
-            let control = matches!(
-                item.payload,
-                OutboxPayload::Control(_) | OutboxPayload::Delivered(_) | OutboxPayload::Read { .. }
-            );
+            let control = !matches!(item.payload, OutboxPayload::Chat(_) | OutboxPayload::Group { .. });
             if control && item.queued_at < cutoff {
                 self.store.delete_outbox_item(item.seq)?;
             }
@@ -1260,8 +1273,27 @@ impl<S: Store> Engine<S> {
                 return Ok(());
             }
         };
+        self.on_payload(now, from, payload)?;
+        // A message from the peer proves a path: send what waits for it.
+        self.pump(now, from)
+    }
+
+    fn on_payload(&mut self, now: Timestamp, from: PeerId, payload: PairwisePayload) -> Result<(), EngineError> {
         match payload {
             PairwisePayload::Chat(chat) => self.on_chat(now, from, chat)?,
+            PairwisePayload::Tracked { id, payload } => {
+                // Processing is idempotent, so a repeat (our ack was lost)
+                // does no harm; acknowledge every copy.
+                self.on_payload(now, from, *payload)?;
+                self.enqueue(now, from, OutboxPayload::Ack(vec![id]))?;
+            }
+            PairwisePayload::Ack { ids } => {
+                for item in self.store.outbox()? {
+                    if item.peer == from && ids.contains(&item.seq) && is_tracked(&item.payload) {
+                        self.store.delete_outbox_item(item.seq)?;
+                    }
+                }
+            }
             PairwisePayload::DeliveryReceipt { message_ids } => {
                 for id in &message_ids {
                     self.confirmed(now, from, id, MessageStatus::Delivered)?;
@@ -1277,8 +1309,7 @@ impl<S: Store> Engine<S> {
             PairwisePayload::SenderKeyRequest { group_id } => self.on_key_request(now, from, group_id)?,
             PairwisePayload::GroupControl(control) => self.on_group_control(now, from, control)?,
         }
-        // A message from the peer proves a path: send what waits for it.
-        self.pump(now, from)
+        Ok(())
     }
 
     fn on_chat(&mut self, now: Timestamp, from: PeerId, chat: ChatContent) -> Result<(), EngineError> {
@@ -1364,4 +1395,18 @@ impl<S: Store> Engine<S> {
         }
         Ok(())
     }
+}
+
+/// Whether an outbox item is sent as [`PairwisePayload::Tracked`] and kept
+/// until acknowledged: group control, sender keys and read receipts.
+fn is_tracked(payload: &OutboxPayload) -> bool {
+    match payload {
+        OutboxPayload::Read { .. } => true,
+        OutboxPayload::Control(bytes) => !matches!(PairwisePayload::decode(bytes), Ok(PairwisePayload::SessionConfirm)),
+        _ => false,
+    }
+}
+
+fn tracked(id: u64, payload: PairwisePayload) -> PairwisePayload {
+    PairwisePayload::Tracked { id, payload: Box::new(payload) }
 }

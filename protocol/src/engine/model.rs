@@ -142,6 +142,8 @@ pub enum OutboxPayload {
     },
     /// Delivery receipts.
     Delivered(Vec<MessageId>),
+    /// Acknowledgements of tracked payloads (by the sender's outbox `seq`).
+    Ack(Vec<u64>),
     /// Read receipts.
     Read {
         /// The messages.
