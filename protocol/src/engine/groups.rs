@@ -167,9 +167,9 @@ impl<S: Store> Engine<S> {
         self.store.put_conversation(&conversation)?;
         self.staged.events.push(Event::MessageCreated(message.clone()));
         self.conversation_updated(conversation)?;
-        let envelope = Envelope::new(EnvelopeBody::Group(encrypted)).encode();
+        self.store.put_group_envelope(&message_id, &Envelope::new(EnvelopeBody::Group(encrypted)).encode())?;
         for peer in recipients {
-            self.enqueue(now, peer, OutboxPayload::Group { message_id, envelope: envelope.clone() })?;
+            self.enqueue(now, peer, OutboxPayload::Group { message_id })?;
             self.pump(now, peer)?;
         }
         Ok(self.store.message(&message_id)?.unwrap_or(message))
@@ -284,10 +284,8 @@ impl<S: Store> Engine<S> {
                         ours.insert(message.id);
                     }
                 }
-                for item in self.store.outbox()? {
-                    if item.peer == from
-                        && matches!(&item.payload, OutboxPayload::Group { message_id, .. } if ours.contains(message_id))
-                    {
+                for item in self.store.outbox_for(&from)? {
+                    if matches!(&item.payload, OutboxPayload::Group { message_id, .. } if ours.contains(message_id)) {
                         self.store.delete_outbox_item(item.seq)?;
                     }
                 }

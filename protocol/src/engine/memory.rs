@@ -26,6 +26,7 @@ struct Tables {
     key_exchanges: BTreeMap<PeerId, KeyExchangeAttempt>,
     group_keys: BTreeMap<ConversationId, Zeroizing<Vec<u8>>>,
     outbox: BTreeMap<u64, OutboxItem>,
+    group_envelopes: BTreeMap<MessageId, Vec<u8>>,
     held: BTreeMap<u64, HeldMessage>,
     next_seq: u64,
     retention_due: Option<Timestamp>,
@@ -116,6 +117,8 @@ impl Store for MemoryStore {
         t.members.retain(|(c, _), _| c != id);
         t.messages.retain(|_, m| m.conversation_id != *id);
         let messages = &t.messages;
+        t.group_envelopes.retain(|m, _| messages.contains_key(m));
+        let messages = &t.messages;
         t.message_order.retain(|m, _| messages.contains_key(m));
         t.group_keys.remove(id);
         t.held.retain(|_, h| h.group_id != *id);
@@ -162,6 +165,7 @@ impl Store for MemoryStore {
     fn delete_message(&mut self, id: &MessageId) -> Result<(), StoreError> {
         let t = self.write()?;
         t.messages.remove(id);
+        t.group_envelopes.remove(id);
         t.message_order.remove(id);
         Ok(())
     }
@@ -218,6 +222,38 @@ impl Store for MemoryStore {
 
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         Ok(self.read()?.outbox.values().cloned().collect())
+    }
+
+    fn outbox_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self.read()?.outbox.values().filter(|i| i.peer == *peer).cloned().collect())
+    }
+
+    fn outbox_item(&self, seq: u64) -> Result<Option<OutboxItem>, StoreError> {
+        Ok(self.read()?.outbox.get(&seq).cloned())
+    }
+
+    fn next_outbox_attempt(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.read()?.outbox.values().filter(|i| !i.in_flight).filter_map(|i| i.next_attempt_at).min())
+    }
+
+    fn peers_due(&self, now: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        let due: std::collections::BTreeSet<PeerId> = self
+            .read()?
+            .outbox
+            .values()
+            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
+            .map(|i| i.peer)
+            .collect();
+        Ok(due.into_iter().collect())
+    }
+
+    fn group_envelope(&self, id: &MessageId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read()?.group_envelopes.get(id).cloned())
+    }
+
+    fn put_group_envelope(&mut self, id: &MessageId, envelope: &[u8]) -> Result<(), StoreError> {
+        self.write()?.group_envelopes.insert(*id, envelope.to_vec());
+        Ok(())
     }
 
     fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError> {

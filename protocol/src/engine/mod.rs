@@ -502,9 +502,8 @@ impl<S: Store> Engine<S> {
     }
 
     fn compute_deadline(&self) -> Result<Option<Timestamp>, EngineError> {
-        let outbox = self.store.outbox()?.into_iter().filter(|i| !i.in_flight).filter_map(|i| i.next_attempt_at);
         let exchanges = self.store.key_exchanges()?.into_iter().map(|a| a.deadline);
-        Ok(outbox.chain(exchanges).chain(self.store.retention_due()?).min())
+        Ok(exchanges.chain(self.store.next_outbox_attempt()?).chain(self.store.retention_due()?).min())
     }
 
     fn run_command(&mut self, now: Timestamp, command: Command) -> Result<CommandOutcome, EngineError> {
@@ -593,7 +592,7 @@ impl<S: Store> Engine<S> {
                 if let Some(attempt) = attempt.filter(|a| a.backing_off) {
                     self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
                 }
-                for mut item in self.store.outbox()?.into_iter().filter(|i| i.peer == peer && !i.in_flight) {
+                for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
                     item.next_attempt_at = Some(now);
                     self.store.put_outbox_item(&item)?;
                 }
@@ -830,7 +829,7 @@ impl<S: Store> Engine<S> {
 
     /// Queues something for `peer`, within the per-peer limit.
     fn enqueue(&mut self, now: Timestamp, peer: PeerId, payload: OutboxPayload) -> Result<(), EngineError> {
-        let queued = self.store.outbox()?.iter().filter(|i| i.peer == peer).count();
+        let queued = self.store.outbox_for(&peer)?.len();
         if queued >= self.config.max_outbox_per_peer {
             return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
         }
@@ -852,9 +851,9 @@ impl<S: Store> Engine<S> {
     fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
         let due: Vec<OutboxItem> = self
             .store
-            .outbox()?
+            .outbox_for(&peer)?
             .into_iter()
-            .filter(|i| i.peer == peer && !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
+            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
             .collect();
         if due.is_empty() {
             return Ok(());
@@ -864,9 +863,13 @@ impl<S: Store> Engine<S> {
         // In queue order, so a sender key leaves before the group messages
         // it opens.
         for mut item in due {
-            let bytes = if let OutboxPayload::Group { envelope, .. } = &item.payload {
+            let bytes = if let OutboxPayload::Group { message_id } = &item.payload {
                 // Already encrypted for the whole group: no pairwise session needed.
-                envelope.clone()
+                let Some(envelope) = self.store.group_envelope(message_id)? else {
+                    self.store.delete_outbox_item(item.seq)?; // its message is gone
+                    continue;
+                };
+                envelope
             } else {
                 let Some(sessions) = sessions.as_mut() else {
                     needs_session = true;
@@ -944,7 +947,7 @@ impl<S: Store> Engine<S> {
         let Some(flight) = self.in_flight.get(&id).cloned() else { return Ok(()) };
         self.staged.settled.push(id);
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
-        let Some(mut item) = self.store.outbox()?.into_iter().find(|i| i.seq == seq) else { return Ok(()) };
+        let Some(mut item) = self.store.outbox_item(seq)? else { return Ok(()) };
         item.in_flight = false;
         if is_tracked(&item.payload) {
             // Kept until the peer acknowledges it; sent again if it does not.
@@ -1002,14 +1005,7 @@ impl<S: Store> Engine<S> {
                 self.key_exchange_failed(now, attempt, &reason)?;
             }
         }
-        let peers: BTreeSet<PeerId> = self
-            .store
-            .outbox()?
-            .into_iter()
-            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
-            .map(|i| i.peer)
-            .collect();
-        for peer in peers {
+        for peer in self.store.peers_due(now)? {
             self.pump(now, peer)?;
         }
         if self.store.retention_due()?.is_some_and(|due| due <= now) {
@@ -1124,7 +1120,7 @@ impl<S: Store> Engine<S> {
             if self.store.sessions(&attempt.peer)?.is_some() {
                 return Ok(());
             }
-            for item in self.store.outbox()?.into_iter().filter(|i| i.peer == attempt.peer) {
+            for item in self.store.outbox_for(&attempt.peer)? {
                 if let OutboxPayload::Chat(id) = &item.payload {
                     let waiting = self.store.message(id)?.is_some_and(|m| m.status == MessageStatus::Created);
                     if waiting {
@@ -1212,7 +1208,7 @@ impl<S: Store> Engine<S> {
 
     /// After a session appears, everything waiting for it goes out now.
     fn release_waiting(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        for mut item in self.store.outbox()?.into_iter().filter(|i| i.peer == peer && !i.in_flight) {
+        for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
             item.next_attempt_at = Some(now);
             self.store.put_outbox_item(&item)?;
         }
@@ -1288,8 +1284,8 @@ impl<S: Store> Engine<S> {
                 self.enqueue(now, from, OutboxPayload::Ack(vec![id]))?;
             }
             PairwisePayload::Ack { ids } => {
-                for item in self.store.outbox()? {
-                    if item.peer == from && ids.contains(&item.seq) && is_tracked(&item.payload) {
+                for item in self.store.outbox_for(&from)? {
+                    if ids.contains(&item.seq) && is_tracked(&item.payload) {
                         self.store.delete_outbox_item(item.seq)?;
                     }
                 }
@@ -1384,7 +1380,7 @@ impl<S: Store> Engine<S> {
                 }
             }
         }
-        for item in self.store.outbox()? {
+        for item in self.store.outbox_for(&from)? {
             let same = match &item.payload {
                 OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => m == id,
                 _ => false,

@@ -133,12 +133,11 @@ impl Message {
 pub enum OutboxPayload {
     /// A 1:1 chat message.
     Chat(MessageId),
-    /// A group message, as already encrypted for the whole group.
+    /// A group message, already encrypted for the whole group (the envelope
+    /// is stored once, under the message's ID).
     Group {
         /// The message.
         message_id: MessageId,
-        /// The encoded group envelope.
-        envelope: Vec<u8>,
     },
     /// Delivery receipts.
     Delivered(Vec<MessageId>),

@@ -91,8 +91,22 @@ pub trait Store {
     /// Deletes them (after leaving).
     fn delete_group_keys(&mut self, id: &ConversationId) -> Result<(), StoreError>;
 
-    /// The whole outbox, in `seq` order.
+    /// The whole outbox, in `seq` order (for sweeps; the hot paths use the
+    /// indexed calls below).
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError>;
+    /// The items for one peer, in `seq` order.
+    fn outbox_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError>;
+    /// One item.
+    fn outbox_item(&self, seq: u64) -> Result<Option<OutboxItem>, StoreError>;
+    /// The earliest `next_attempt_at` of an item not in flight.
+    fn next_outbox_attempt(&self) -> Result<Option<Timestamp>, StoreError>;
+    /// Peers with an item not in flight whose attempt is due at `now`, in order.
+    fn peers_due(&self, now: Timestamp) -> Result<Vec<PeerId>, StoreError>;
+    /// The encrypted envelope of one of our group messages, stored once for
+    /// all its recipients' outbox items.
+    fn group_envelope(&self, id: &MessageId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores it.
+    fn put_group_envelope(&mut self, id: &MessageId, envelope: &[u8]) -> Result<(), StoreError>;
     /// Creates or replaces an item.
     fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError>;
     /// Removes an item.
