@@ -201,6 +201,11 @@ impl GroupSession {
         self.entitled.get(peer).cloned().unwrap_or_else(|| self.own.distribution())
     }
 
+    /// Whether `peer` is not yet known to hold our current key.
+    pub fn awaits_confirmation(&self, peer: &PeerId) -> bool {
+        self.entitled.contains_key(peer)
+    }
+
     /// `peer` confirmed a message under our current key, so it holds the key.
     pub fn key_confirmed(&mut self, peer: &PeerId) {
         self.entitled.remove(peer);

@@ -148,6 +148,14 @@ macro_rules! scenario_tests {
             $crate::testkit::a_lost_invite_is_resent_until_acknowledged($make);
         }
         #[test]
+        fn a_resent_member_added_after_a_leave_changes_nothing() {
+            $crate::testkit::a_resent_member_added_after_a_leave_changes_nothing($make);
+        }
+        #[test]
+        fn a_leave_before_its_join_notice_leaves_no_ghost() {
+            $crate::testkit::a_leave_before_its_join_notice_leaves_no_ghost($make);
+        }
+        #[test]
         fn a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key() {
             $crate::testkit::a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key($make);
         }
@@ -736,8 +744,11 @@ pub fn non_admin_invites_and_forged_control_are_refused<S: TestStore>(make: fn()
     );
     // Member 1 forges "admin added 3" over its pairwise session with 2.
     let c = net.conversation(1, 2);
-    let _ = c;
-    let forged = crate::wire::GroupControl::MemberAdded { group_id: g.id, peer_id: outsider };
+    net.send(1, c.id, "a pairwise session first");
+    let forged = crate::wire::GroupControl::MemberAdded {
+        group_id: g.id,
+        member: crate::wire::RosterEntry { peer_id: outsider, epoch: 99 },
+    };
     let before = net.nodes[2].events.len();
     let member_two = net.id(2);
     let store = net.nodes[1].engine.store_mut();
@@ -1015,6 +1026,71 @@ pub fn a_lost_invite_is_resent_until_acknowledged<S: TestStore>(make: fn() -> S)
     send_group(&mut net, 0, g.id, "made it");
     net.advance(31_000);
     assert_eq!(contents(&mut net, 2, &g.id), vec!["made it"]);
+}
+
+fn members_of<S: TestStore>(net: &mut Net<S>, i: usize, g: &ConversationId) -> Vec<crate::engine::Member> {
+    let store = net.nodes[i].engine.store_mut();
+    store.begin().unwrap();
+    let members = store.members(g).unwrap();
+    store.rollback();
+    members
+}
+
+/// Scenario: a membership notice resent after the member already left (its
+/// acknowledgement was lost) does not bring the member back.
+pub fn a_resent_member_added_after_a_leave_changes_nothing<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 4, 35);
+    let g = group(&mut net, 0, &[1, 2], "Epochs");
+    send_group(&mut net, 1, g.id, "hello");
+    // Member 1's acknowledgements to the admin get lost for a while.
+    let admin = net.id(0);
+    net.lose = Box::new(move |from: usize, t: &Transmit| {
+        from == 1
+            && t.peer == admin
+            && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)))
+    });
+    let newcomer = net.id(3);
+    net.command(0, Command::Invite { group: g.id, peer: newcomer }).unwrap();
+    net.command(3, Command::Leave { group: g.id }).unwrap();
+    net.lose = Box::new(|_, _| false);
+    // The admin resends MemberAdded(3) to member 1, which already saw 3 leave.
+    net.advance(61_000);
+    let three = members_of(&mut net, 1, &g.id).into_iter().find(|m| m.peer_id == newcomer).unwrap();
+    assert!(three.left_at.is_some(), "member 3 stays gone at member 1");
+    let m = send_group(&mut net, 1, g.id, "after");
+    assert!(!net.message(1, &m.id).unwrap().recipients.iter().any(|(p, _)| *p == newcomer));
+}
+
+/// Scenario: a leave that arrives before the notice of the join it ends is
+/// remembered, so the late notice does not add a ghost member.
+pub fn a_leave_before_its_join_notice_leaves_no_ghost<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 4, 36);
+    let g = group(&mut net, 0, &[1, 2], "Order");
+    net.set_online(2, false);
+    let newcomer = net.id(3);
+    net.command(0, Command::Invite { group: g.id, peer: newcomer }).unwrap();
+    net.command(3, Command::Leave { group: g.id }).unwrap();
+    // Member 2 comes back: the leave from 3 may overtake the admin's notice.
+    let admin = net.id(0);
+    let mut held_back = 0;
+    net.lose = Box::new(move |from: usize, t: &Transmit| {
+        let hit = from == 0
+            && t.peer != admin
+            && held_back < 1
+            && matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)));
+        if hit {
+            held_back += 1;
+        }
+        hit
+    });
+    net.set_online(2, true);
+    net.lose = Box::new(|_, _| false);
+    net.advance(61_000);
+    let at_two = members_of(&mut net, 2, &g.id);
+    assert!(at_two.iter().find(|m| m.peer_id == newcomer).is_none_or(|m| m.left_at.is_some()), "no ghost member");
+    let m = send_group(&mut net, 2, g.id, "to the real members");
+    net.advance(31_000);
+    assert_eq!(net.message(2, &m.id).unwrap().status, MessageStatus::Delivered);
 }
 
 // ---- crashes ---------------------------------------------------------------------

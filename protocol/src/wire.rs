@@ -339,6 +339,16 @@ impl core::fmt::Debug for SenderKeyDistribution {
     }
 }
 
+/// A member and the join it is in: the admin numbers every join, so that
+/// membership changes arriving late or twice cannot undo newer ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// The member.
+    pub peer_id: PeerId,
+    /// Its join number (the creator's initial members are 1).
+    pub epoch: u64,
+}
+
 /// Group membership control, sent over pairwise channels only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupControl {
@@ -351,8 +361,9 @@ pub enum GroupControl {
         name: String,
         /// The admin (its creator).
         admin: PeerId,
-        /// Every current member, the admin and the recipient included.
-        members: Vec<PeerId>,
+        /// Every current member with its join number, the admin and the
+        /// recipient included.
+        members: Vec<RosterEntry>,
         /// When the admin created it.
         created_at: Timestamp,
     },
@@ -360,13 +371,15 @@ pub enum GroupControl {
     MemberAdded {
         /// The group.
         group_id: ConversationId,
-        /// The new member.
-        peer_id: PeerId,
+        /// The new member and its join number.
+        member: RosterEntry,
     },
-    /// The sender leaves the group.
+    /// The sender leaves the group, ending the join numbered `epoch`.
     Leave {
         /// The group.
         group_id: ConversationId,
+        /// The sender's own join number.
+        epoch: u64,
     },
 }
 

@@ -1,10 +1,10 @@
 //! Groups: creation, invites, leaves, Sender Keys over the pairwise
 //! sessions, and group messages (held while their sender's key is missing).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    Conversation, ConversationKind, Engine, EngineError, Event, HeldMessage, Member, Message, MessageStatus,
+    Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message, MessageStatus,
     OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
@@ -12,7 +12,8 @@ use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::skipped::SKIPPED_KEY_MAX_AGE_MS;
 use crate::time::Timestamp;
 use crate::wire::{
-    ChatContent, Envelope, EnvelopeBody, GroupControl, GroupMessage, PairwisePayload, SenderKeyDistribution,
+    ChatContent, Envelope, EnvelopeBody, GroupControl, GroupMessage, PairwisePayload, RosterEntry,
+    SenderKeyDistribution,
 };
 
 impl<S: Store> Engine<S> {
@@ -67,7 +68,11 @@ impl<S: Store> Engine<S> {
             group_id: conversation.id,
             name: name.clone(),
             admin,
-            members: self.current_members(&conversation.id)?.into_iter().map(|m| m.peer_id).collect(),
+            members: self
+                .current_members(&conversation.id)?
+                .into_iter()
+                .map(|m| RosterEntry { peer_id: m.peer_id, epoch: m.epoch })
+                .collect(),
             created_at: conversation.created_at,
         }))
     }
@@ -112,7 +117,7 @@ impl<S: Store> Engine<S> {
         };
         self.store.put_conversation(&conversation)?;
         for peer in core::iter::once(me).chain(others.iter().copied()) {
-            let member = Member { peer_id: peer, joined_at: now, is_admin: peer == me, left_at: None };
+            let member = Member { peer_id: peer, joined_at: now, is_admin: peer == me, left_at: None, epoch: 1 };
             self.store.put_member(&id, &member)?;
         }
         let group = GroupSession::new(id, me, others.iter().copied(), &mut self.rng)?;
@@ -169,7 +174,18 @@ impl<S: Store> Engine<S> {
         self.conversation_updated(conversation)?;
         self.store.put_group_envelope(&message_id, &Envelope::new(EnvelopeBody::Group(encrypted)).encode())?;
         for peer in recipients {
-            self.enqueue(now, peer, OutboxPayload::Group { message_id })?;
+            // Our key goes to a member lazily, before our first message to
+            // it under that key, and again until the member acknowledges it.
+            if group.awaits_confirmation(&peer) && !self.key_queued_for(&id, &peer)? {
+                if let Err(e) = self.send_own_key(now, &group, peer) {
+                    self.recipient_failed(now, &message_id, &peer, e)?;
+                    continue;
+                }
+            }
+            if let Err(e) = self.enqueue(now, peer, OutboxPayload::Group { message_id }) {
+                self.recipient_failed(now, &message_id, &peer, e)?;
+                continue;
+            }
             self.pump(now, peer)?;
         }
         Ok(self.store.message(&message_id)?.unwrap_or(message))
@@ -191,10 +207,14 @@ impl<S: Store> Engine<S> {
         if existing.len() + 2 > MAX_GROUP_MEMBERS {
             return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
         }
-        self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None })?;
+        let epoch = self.store.members(&id)?.iter().map(|m| m.epoch).max().unwrap_or(0) + 1;
+        self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None, epoch })?;
         group.add_member(peer)?;
         self.save_group(&group)?;
-        let added = PairwisePayload::GroupControl(GroupControl::MemberAdded { group_id: id, peer_id: peer });
+        let added = PairwisePayload::GroupControl(GroupControl::MemberAdded {
+            group_id: id,
+            member: RosterEntry { peer_id: peer, epoch },
+        });
         for other in existing {
             self.enqueue_control(now, other, &added)?;
             self.pump(now, other)?;
@@ -209,12 +229,15 @@ impl<S: Store> Engine<S> {
     pub(super) fn leave(&mut self, now: Timestamp, id: ConversationId) -> Result<(), EngineError> {
         let (mut conversation, _, _) = self.joined_group(&id)?;
         let me = self.peer_id();
-        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id });
+        let mine = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me);
+        let epoch = mine.as_ref().map_or(0, |m| m.epoch);
+        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch });
         for peer in self.others(&id)? {
-            self.enqueue_control(now, peer, &leave)?;
+            // A leave always goes out, whatever else is queued for the peer.
+            self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave.encode().to_vec()))?;
             self.pump(now, peer)?;
         }
-        if let Some(mut member) = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me) {
+        if let Some(mut member) = mine {
             member.left_at = Some(now);
             self.store.put_member(&id, &member)?;
         }
@@ -233,73 +256,122 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         from: PeerId,
         control: GroupControl,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Handled, EngineError> {
         match control {
             GroupControl::Invite { group_id, name, admin, members, created_at } => {
-                self.on_invite(now, from, group_id, name, admin, members, created_at)
+                self.on_invite(now, from, group_id, name, admin, members, created_at)?;
+                Ok(Handled::Done)
             }
-            GroupControl::MemberAdded { group_id, peer_id } => {
-                let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
-                    self.reject(from, "membership change for a group this node is not in");
-                    return Ok(());
-                };
-                if from != admin {
-                    self.reject(from, "only the group's admin may add members");
-                    return Ok(());
-                }
-                if peer_id == self.peer_id() {
-                    return Ok(());
-                }
-                if self.current_members(&group_id)?.iter().any(|m| m.peer_id == peer_id) {
-                    return Ok(()); // already a member: a repeat
-                }
-                if let Err(e) = group.add_member(peer_id) {
-                    self.reject(from, &e.to_string());
-                    return Ok(());
-                }
-                let member = Member { peer_id, joined_at: now, is_admin: false, left_at: None };
-                self.store.put_member(&group_id, &member)?;
-                self.save_group(&group)?;
-                self.send_own_key(now, &group, peer_id)?;
-                self.pump(now, peer_id)?;
-                self.members_changed(now, &group_id)
+            GroupControl::MemberAdded { group_id, member } => self.on_member_added(now, from, group_id, member),
+            GroupControl::Leave { group_id, epoch } => self.on_leave(now, from, group_id, epoch),
+        }
+    }
+
+    /// Whether our sender key is already queued for `peer` in this group.
+    fn key_queued_for(&self, id: &ConversationId, peer: &PeerId) -> Result<bool, EngineError> {
+        Ok(self.store.outbox_for(peer)?.iter().any(|item| match &item.payload {
+            OutboxPayload::Control(bytes) => matches!(
+                PairwisePayload::decode(bytes),
+                Ok(PairwisePayload::SenderKeyDistribution(d)) if d.group_id == *id
+            ),
+            _ => false,
+        }))
+    }
+
+    fn on_member_added(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        group_id: ConversationId,
+        added: RosterEntry,
+    ) -> Result<Handled, EngineError> {
+        let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
+            return Ok(Handled::NotYet); // our own invite may still be on its way
+        };
+        if from != admin {
+            self.reject(from, "only the group's admin may add members");
+            return Ok(Handled::Done);
+        }
+        if added.peer_id == self.peer_id() {
+            return Ok(Handled::Done);
+        }
+        let known = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == added.peer_id);
+        if known.as_ref().is_some_and(|m| m.epoch >= added.epoch) {
+            // A repeat, or older than a leave we already saw.
+            return Ok(Handled::Done);
+        }
+        if let Err(e) = group.add_member(added.peer_id) {
+            self.reject(from, &e.to_string());
+            return Ok(Handled::Done);
+        }
+        let member =
+            Member { peer_id: added.peer_id, joined_at: now, is_admin: false, left_at: None, epoch: added.epoch };
+        self.store.put_member(&group_id, &member)?;
+        self.save_group(&group)?;
+        self.members_changed(now, &group_id)?;
+        Ok(Handled::Done)
+    }
+
+    fn on_leave(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        group_id: ConversationId,
+        epoch: u64,
+    ) -> Result<Handled, EngineError> {
+        let Ok((_, _, mut group)) = self.joined_group(&group_id) else { return Ok(Handled::NotYet) };
+        let known = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == from);
+        let mut member = match known {
+            // A leave of a join we have not heard of: remember it, so the
+            // admin's late notice of that join does not bring the peer back.
+            None => {
+                let tombstone = Member { peer_id: from, joined_at: now, is_admin: false, left_at: Some(now), epoch };
+                self.store.put_member(&group_id, &tombstone)?;
+                return Ok(Handled::Done);
             }
-            GroupControl::Leave { group_id } => {
-                let Ok((_, _, mut group)) = self.joined_group(&group_id) else { return Ok(()) };
-                let Some(mut member) = self.current_members(&group_id)?.into_iter().find(|m| m.peer_id == from) else {
-                    let left_before = self.store.members(&group_id)?.iter().any(|m| m.peer_id == from);
-                    if !left_before {
-                        self.reject(from, "leave from a peer that is not a member");
-                    }
-                    return Ok(()); // a repeat of a leave already processed
-                };
-                member.left_at = Some(now);
-                self.store.put_member(&group_id, &member)?;
-                // Our messages stop waiting for the leaver.
-                let me = self.peer_id();
-                let mut ours = BTreeSet::new();
-                for message in self.store.messages(&group_id)? {
-                    if message.is_outgoing(&me) {
-                        self.drop_recipient(now, &message.id, &from)?;
-                        ours.insert(message.id);
-                    }
+            Some(m) if m.epoch > epoch => return Ok(Handled::Done), // ends an older join
+            Some(mut m) if m.left_at.is_some() => {
+                if m.epoch < epoch {
+                    m.epoch = epoch;
+                    self.store.put_member(&group_id, &m)?;
                 }
-                for item in self.store.outbox_for(&from)? {
-                    if matches!(&item.payload, OutboxPayload::Group { message_id, .. } if ours.contains(message_id)) {
-                        self.store.delete_outbox_item(item.seq)?;
-                    }
-                }
-                // Everyone left rotates, so the leaver cannot read what follows.
-                if group.remove_member(&from, &mut self.rng).is_some() {
-                    self.save_group(&group)?;
-                    for peer in self.others(&group_id)? {
-                        self.send_own_key(now, &group, peer)?;
-                        self.pump(now, peer)?;
-                    }
-                }
-                self.members_changed(now, &group_id)
+                return Ok(Handled::Done); // a repeat
+            }
+            Some(m) => m,
+        };
+        member.left_at = Some(now);
+        member.epoch = epoch;
+        self.store.put_member(&group_id, &member)?;
+        // Our messages stop waiting for the leaver, and nothing more goes to it.
+        let me = self.peer_id();
+        let mut ours = BTreeSet::new();
+        for message in self.store.messages(&group_id)? {
+            if message.is_outgoing(&me) {
+                self.drop_recipient(now, &message.id, &from)?;
+                ours.insert(message.id);
             }
         }
+        for item in self.store.outbox_for(&from)? {
+            let for_this_group = match &item.payload {
+                OutboxPayload::Group { message_id } => ours.contains(message_id),
+                OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
+                    Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == group_id,
+                    Ok(PairwisePayload::GroupControl(GroupControl::Invite { group_id: g, .. })) => g == group_id,
+                    _ => false,
+                },
+                _ => false,
+            };
+            if for_this_group {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
+        // Everyone left rotates (the new key goes out lazily, before each
+        // member's next message), so the leaver cannot read what follows.
+        if group.remove_member(&from, &mut self.rng).is_some() {
+            self.save_group(&group)?;
+        }
+        self.members_changed(now, &group_id)?;
+        Ok(Handled::Done)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -310,7 +382,7 @@ impl<S: Store> Engine<S> {
         group_id: ConversationId,
         name: String,
         admin: PeerId,
-        members: Vec<PeerId>,
+        members: Vec<RosterEntry>,
         created_at: Timestamp,
     ) -> Result<(), EngineError> {
         let me = self.peer_id();
@@ -322,9 +394,13 @@ impl<S: Store> Engine<S> {
             self.reject(from, "group invite with an ID that is not a group ID");
             return Ok(());
         }
-        let roster: BTreeSet<PeerId> = members.into_iter().chain([admin]).collect();
-        if !roster.contains(&me) || roster.len() > MAX_GROUP_MEMBERS {
-            self.reject(from, "group invite with a roster that does not hold this node or is too large");
+        let roster: BTreeMap<PeerId, u64> = members.iter().map(|m| (m.peer_id, m.epoch)).collect();
+        let Some(&my_epoch) = roster.get(&me) else {
+            self.reject(from, "group invite with a roster that does not hold this node");
+            return Ok(());
+        };
+        if roster.len() > MAX_GROUP_MEMBERS || !roster.contains_key(&admin) {
+            self.reject(from, "group invite with a roster that is too large or lacks its admin");
             return Ok(());
         }
         if let Some(existing) = self.store.conversation(&group_id)? {
@@ -333,9 +409,12 @@ impl<S: Store> Engine<S> {
                 self.reject(from, "group invite that conflicts with a known group");
                 return Ok(());
             }
-            if !existing.left {
-                return Ok(()); // a repeat
+            let mine = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == me);
+            if mine.is_some_and(|m| m.epoch >= my_epoch) {
+                return Ok(()); // a repeat, or an invite older than our leave
             }
+            // A re-invite: a leave of ours still queued is out of date.
+            self.drop_queued_leaves(&group_id)?;
         }
         let conversation = Conversation {
             id: group_id,
@@ -356,25 +435,22 @@ impl<S: Store> Engine<S> {
         }
         self.store.put_conversation(&stored)?;
         for member in self.store.members(&group_id)? {
-            if !roster.contains(&member.peer_id) && member.left_at.is_none() {
+            if !roster.contains_key(&member.peer_id) && member.left_at.is_none() {
                 self.store.put_member(&group_id, &Member { left_at: Some(now), ..member })?;
             }
         }
-        for peer in &roster {
-            let member = Member { peer_id: *peer, joined_at: now, is_admin: *peer == admin, left_at: None };
+        for (peer, epoch) in &roster {
+            let member =
+                Member { peer_id: *peer, joined_at: now, is_admin: *peer == admin, left_at: None, epoch: *epoch };
             self.store.put_member(&group_id, &member)?;
         }
-        let others: Vec<PeerId> = roster.iter().copied().filter(|p| *p != me).collect();
+        let others: Vec<PeerId> = roster.keys().copied().filter(|p| *p != me).collect();
+        // Nothing is sent on joining: our key goes to each member before our
+        // first message to it, and a member's key is asked for when one of
+        // its messages cannot be read. So an invite, however large its
+        // roster, costs no traffic to peers we may not know.
         let group = GroupSession::new(group_id, me, others.iter().copied(), &mut self.rng)?;
         self.save_group(&group)?;
-        // Members may have sent their keys before this invite arrived (they
-        // were refused then): ask each for its current key.
-        let request = PairwisePayload::SenderKeyRequest { group_id };
-        for peer in others {
-            self.send_own_key(now, &group, peer)?;
-            self.enqueue_control(now, peer, &request)?;
-            self.pump(now, peer)?;
-        }
         if rejoined {
             self.conversation_updated(stored)?;
         } else {
@@ -389,18 +465,48 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         from: PeerId,
         distribution: &SenderKeyDistribution,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Handled, EngineError> {
         let Ok((_, _, mut group)) = self.joined_group(&distribution.group_id) else {
-            // Usually a key that overtook its group's invite: the invite's
-            // handling asks every member for its key again.
-            return Ok(());
+            // Usually a key that overtook its group's invite: not
+            // acknowledged, so the sender sends it again later.
+            return Ok(Handled::NotYet);
         };
         if let Err(e) = group.accept_distribution(&from, distribution) {
             self.reject(from, &e.to_string());
-            return Ok(());
+            return Ok(Handled::Done);
         }
         self.save_group(&group)?;
-        self.release_held(now, &distribution.group_id)
+        self.release_held(now, &distribution.group_id)?;
+        Ok(Handled::Done)
+    }
+
+    /// The peer acknowledged our sender key: it holds it.
+    pub(super) fn own_key_acknowledged(
+        &mut self,
+        peer: &PeerId,
+        distribution: &SenderKeyDistribution,
+    ) -> Result<(), EngineError> {
+        if let Some(mut group) = self.load_group(&distribution.group_id)? {
+            if group.own_key_id() == distribution.key_id {
+                group.key_confirmed(peer);
+                self.save_group(&group)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_queued_leaves(&mut self, id: &ConversationId) -> Result<(), EngineError> {
+        for item in self.store.outbox()? {
+            if let OutboxPayload::Control(bytes) = &item.payload {
+                if matches!(
+                    PairwisePayload::decode(bytes),
+                    Ok(PairwisePayload::GroupControl(GroupControl::Leave { group_id, .. })) if group_id == *id
+                ) {
+                    self.store.delete_outbox_item(item.seq)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn on_key_request(
@@ -520,7 +626,8 @@ impl<S: Store> Engine<S> {
             return Ok(()); // a retransmission of one already held
         }
         let held_from_sender = held.len();
-        if held_from_sender >= MAX_HELD_PER_SENDER {
+        let held_anywhere = self.store.all_held_messages()?.iter().filter(|h| h.sender == message.sender).count();
+        if bytes.len() > MAX_CONTENT_LEN + 1024 || held_anywhere >= MAX_HELD_PER_SENDER {
             self.reject(from, "too many group messages held for a missing sender key");
             return Ok(());
         }
@@ -574,10 +681,10 @@ impl<S: Store> Engine<S> {
             }
         }
         for conversation in self.store.conversations()? {
-            if let Some(mut group) = self.load_group(&conversation.id)? {
-                if group.expire_skipped_keys(now) > 0 {
-                    self.save_group(&group)?;
-                }
+            // One unreadable row must not stop the sweep for the others.
+            let Ok(Some(mut group)) = self.load_group(&conversation.id) else { continue };
+            if group.expire_skipped_keys(now) > 0 {
+                self.save_group(&group)?;
             }
         }
         Ok(())

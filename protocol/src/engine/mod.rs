@@ -54,6 +54,18 @@ pub const MIN_GROUP_OTHERS: usize = 2;
 /// The most group messages held per sender while its key is missing.
 pub const MAX_HELD_PER_SENDER: usize = 1_000;
 
+/// The most message IDs (or acknowledged IDs) one receipt is taken to name;
+/// the rest are ignored, so one envelope cannot cost unbounded work.
+pub const MAX_IDS_PER_PAYLOAD: usize = 1_000;
+
+/// Whether a pairwise payload was dealt with, or must wait for state that
+/// has not arrived yet (and so is not acknowledged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handled {
+    Done,
+    NotYet,
+}
+
 /// The largest message content, in bytes.
 pub const MAX_CONTENT_LEN: usize = 64 * 1024;
 
@@ -768,6 +780,25 @@ impl<S: Store> Engine<S> {
         self.settle_status(now, message)
     }
 
+    /// A group message could not be queued for one recipient: the others
+    /// carry on, and the message records why that one was skipped.
+    pub(super) fn recipient_failed(
+        &mut self,
+        now: Timestamp,
+        id: &MessageId,
+        recipient: &PeerId,
+        error: EngineError,
+    ) -> Result<(), EngineError> {
+        if !matches!(error, EngineError::OutboxFull { .. }) {
+            return Err(error);
+        }
+        if let Some(mut message) = self.store.message(id)? {
+            message.failure_reason = Some(format!("not sent to {recipient}: {error}"));
+            self.store.put_message(&message)?;
+        }
+        self.drop_recipient(now, id, recipient)
+    }
+
     /// Stores the message with its status moved up to the least advanced of
     /// its recipients (delivered when there are none left to wait for),
     /// never down, and never out of `failed`, with the events on the way.
@@ -829,10 +860,39 @@ impl<S: Store> Engine<S> {
 
     /// Queues something for `peer`, within the per-peer limit.
     fn enqueue(&mut self, now: Timestamp, peer: PeerId, payload: OutboxPayload) -> Result<(), EngineError> {
-        let queued = self.store.outbox_for(&peer)?.len();
-        if queued >= self.config.max_outbox_per_peer {
+        let queued = self.store.outbox_for(&peer)?;
+        // Receipts and acks still waiting to go out absorb new ones.
+        for mut item in queued.iter().filter(|i| !i.in_flight).cloned() {
+            match (&mut item.payload, &payload) {
+                (OutboxPayload::Delivered(ids), OutboxPayload::Delivered(more)) if ids.len() < MAX_IDS_PER_PAYLOAD => {
+                    ids.extend(more.iter().filter(|m| !ids.contains(m)).copied().collect::<Vec<_>>());
+                }
+                (OutboxPayload::Ack(ids), OutboxPayload::Ack(more)) if ids.len() < MAX_IDS_PER_PAYLOAD => {
+                    ids.extend(more.iter().filter(|m| !ids.contains(m)).copied().collect::<Vec<_>>());
+                }
+                _ => continue,
+            }
+            item.next_attempt_at = Some(now);
+            self.store.put_outbox_item(&item)?;
+            return Ok(());
+        }
+        if queued.len() >= self.config.max_outbox_per_peer {
             return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
         }
+        self.enqueue_unbounded(now, peer, payload)
+    }
+
+    fn enqueue_ack(&mut self, now: Timestamp, peer: PeerId, id: u64) -> Result<(), EngineError> {
+        self.enqueue(now, peer, OutboxPayload::Ack(vec![id]))
+    }
+
+    /// Queues regardless of the limit: for what must always go out (a leave).
+    pub(super) fn enqueue_unbounded(
+        &mut self,
+        now: Timestamp,
+        peer: PeerId,
+        payload: OutboxPayload,
+    ) -> Result<(), EngineError> {
         let seq = self.store.next_seq()?;
         let item = OutboxItem { seq, peer, payload, queued_at: now, next_attempt_at: Some(now), in_flight: false };
         self.store.put_outbox_item(&item)?;
@@ -1006,7 +1066,18 @@ impl<S: Store> Engine<S> {
             }
         }
         for peer in self.store.peers_due(now)? {
-            self.pump(now, peer)?;
+            match self.pump(now, peer) {
+                // One unreadable sessions row parks that peer's items (its
+                // deadline must not stay in the past) and spares the others.
+                Err(EngineError::State(e)) => {
+                    for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
+                        item.next_attempt_at = None;
+                        self.store.put_outbox_item(&item)?;
+                    }
+                    self.reject(peer, &format!("stored session is unusable: {e}"));
+                }
+                other => other?,
+            }
         }
         if self.store.retention_due()?.is_some_and(|due| due <= now) {
             self.retention(now)?;
@@ -1274,38 +1345,52 @@ impl<S: Store> Engine<S> {
         self.pump(now, from)
     }
 
-    fn on_payload(&mut self, now: Timestamp, from: PeerId, payload: PairwisePayload) -> Result<(), EngineError> {
+    fn on_payload(&mut self, now: Timestamp, from: PeerId, payload: PairwisePayload) -> Result<Handled, EngineError> {
         match payload {
             PairwisePayload::Chat(chat) => self.on_chat(now, from, chat)?,
             PairwisePayload::Tracked { id, payload } => {
-                // Processing is idempotent, so a repeat (our ack was lost)
-                // does no harm; acknowledge every copy.
-                self.on_payload(now, from, *payload)?;
-                self.enqueue(now, from, OutboxPayload::Ack(vec![id]))?;
+                // Handling is idempotent, so a repeat (our ack was lost) does
+                // no harm; every handled copy is acknowledged. A payload that
+                // cannot be handled yet (a key before its group's invite) is
+                // not, so its sender sends it again later.
+                if self.on_payload(now, from, *payload)? == Handled::Done {
+                    self.enqueue_ack(now, from, id)?;
+                }
             }
             PairwisePayload::Ack { ids } => {
+                let ids: BTreeSet<u64> = ids.into_iter().take(MAX_IDS_PER_PAYLOAD).collect();
                 for item in self.store.outbox_for(&from)? {
-                    if ids.contains(&item.seq) && is_tracked(&item.payload) {
-                        self.store.delete_outbox_item(item.seq)?;
+                    if !ids.contains(&item.seq) || !is_tracked(&item.payload) {
+                        continue;
+                    }
+                    self.store.delete_outbox_item(item.seq)?;
+                    if let OutboxPayload::Control(bytes) = &item.payload {
+                        if let Ok(PairwisePayload::SenderKeyDistribution(d)) = PairwisePayload::decode(bytes) {
+                            self.own_key_acknowledged(&from, &d)?;
+                        }
                     }
                 }
             }
             PairwisePayload::DeliveryReceipt { message_ids } => {
-                for id in &message_ids {
+                let ids: BTreeSet<MessageId> = message_ids.into_iter().take(MAX_IDS_PER_PAYLOAD).collect();
+                for id in &ids {
                     self.confirmed(now, from, id, MessageStatus::Delivered)?;
                 }
             }
             PairwisePayload::ReadReceipt { message_ids, .. } => {
-                for id in &message_ids {
+                let ids: BTreeSet<MessageId> = message_ids.into_iter().take(MAX_IDS_PER_PAYLOAD).collect();
+                for id in &ids {
                     self.confirmed(now, from, id, MessageStatus::Read)?;
                 }
             }
             PairwisePayload::SessionConfirm => {}
-            PairwisePayload::SenderKeyDistribution(distribution) => self.on_distribution(now, from, &distribution)?,
+            PairwisePayload::SenderKeyDistribution(distribution) => {
+                return self.on_distribution(now, from, &distribution);
+            }
             PairwisePayload::SenderKeyRequest { group_id } => self.on_key_request(now, from, group_id)?,
-            PairwisePayload::GroupControl(control) => self.on_group_control(now, from, control)?,
+            PairwisePayload::GroupControl(control) => return self.on_group_control(now, from, control),
         }
-        Ok(())
+        Ok(Handled::Done)
     }
 
     fn on_chat(&mut self, now: Timestamp, from: PeerId, chat: ChatContent) -> Result<(), EngineError> {

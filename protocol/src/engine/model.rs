@@ -86,6 +86,8 @@ pub struct Member {
     pub is_admin: bool,
     /// When it left, if it did.
     pub left_at: Option<Timestamp>,
+    /// The join number the admin gave it (`0`: not known here).
+    pub epoch: u64,
 }
 
 /// A stored message, incoming or outgoing.
