@@ -156,6 +156,10 @@ macro_rules! scenario_tests {
             $crate::testkit::a_leave_before_its_join_notice_leaves_no_ghost($make);
         }
         #[test]
+        fn crossing_leaves_settle() {
+            $crate::testkit::crossing_leaves_settle($make);
+        }
+        #[test]
         fn a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key() {
             $crate::testkit::a_crash_at_any_point_loses_nothing_and_never_reuses_a_message_key($make);
         }
@@ -1091,6 +1095,27 @@ pub fn a_leave_before_its_join_notice_leaves_no_ghost<S: TestStore>(make: fn() -
     let m = send_group(&mut net, 2, g.id, "to the real members");
     net.advance(31_000);
     assert_eq!(net.message(2, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+/// Scenario: two members leaving at once settle: nothing is resent between
+/// them afterwards.
+pub fn crossing_leaves_settle<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 4, 37);
+    let g = group(&mut net, 0, &[1, 2, 3], "Exodus");
+    send_group(&mut net, 1, g.id, "from 1");
+    send_group(&mut net, 2, g.id, "from 2");
+    net.nodes[1].engine.command(net.now, Command::Leave { group: g.id }).unwrap();
+    net.nodes[2].engine.command(net.now, Command::Leave { group: g.id }).unwrap();
+    net.drain();
+    net.advance(2 * 60 * 1000);
+    let between =
+        |net: &Net<S>| net.delivered.iter().filter(|(f, t, _)| (*f == 1 && *t == 2) || (*f == 2 && *t == 1)).count();
+    let settled = between(&net);
+    net.advance(10 * 60 * 1000);
+    assert_eq!(between(&net), settled, "the two leavers keep resending to each other");
+    let left: Vec<PeerId> =
+        members_of(&mut net, 0, &g.id).into_iter().filter(|m| m.left_at.is_some()).map(|m| m.peer_id).collect();
+    assert!(left.contains(&net.id(1)) && left.contains(&net.id(2)));
 }
 
 // ---- crashes ---------------------------------------------------------------------

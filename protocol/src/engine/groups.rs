@@ -176,7 +176,7 @@ impl<S: Store> Engine<S> {
         for peer in recipients {
             // Our key goes to a member lazily, before our first message to
             // it under that key, and again until the member acknowledges it.
-            if group.awaits_confirmation(&peer) && !self.key_queued_for(&id, &peer)? {
+            if group.awaits_confirmation(&peer) && !self.key_queued_for(&group, &peer)? {
                 if let Err(e) = self.send_own_key(now, &group, peer) {
                     self.recipient_failed(now, &message_id, &peer, e)?;
                     continue;
@@ -207,7 +207,15 @@ impl<S: Store> Engine<S> {
         if existing.len() + 2 > MAX_GROUP_MEMBERS {
             return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
         }
-        let epoch = self.store.members(&id)?.iter().map(|m| m.epoch).max().unwrap_or(0) + 1;
+        let epoch = self
+            .store
+            .members(&id)?
+            .iter()
+            .map(|m| m.epoch)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS })?;
         self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None, epoch })?;
         group.add_member(peer)?;
         self.save_group(&group)?;
@@ -267,15 +275,23 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Whether our sender key is already queued for `peer` in this group.
-    fn key_queued_for(&self, id: &ConversationId, peer: &PeerId) -> Result<bool, EngineError> {
-        Ok(self.store.outbox_for(peer)?.iter().any(|item| match &item.payload {
-            OutboxPayload::Control(bytes) => matches!(
-                PairwisePayload::decode(bytes),
-                Ok(PairwisePayload::SenderKeyDistribution(d)) if d.group_id == *id
-            ),
-            _ => false,
-        }))
+    /// Whether our current sender key is already queued for `peer` in this
+    /// group; queued distributions of older keys are dropped.
+    fn key_queued_for(&mut self, group: &GroupSession, peer: &PeerId) -> Result<bool, EngineError> {
+        let mut queued = false;
+        for item in self.store.outbox_for(peer)? {
+            let OutboxPayload::Control(bytes) = &item.payload else { continue };
+            let Ok(PairwisePayload::SenderKeyDistribution(d)) = PairwisePayload::decode(bytes) else { continue };
+            if d.group_id != group.group_id() {
+                continue;
+            }
+            if d.key_id == group.own_key_id() {
+                queued = true;
+            } else {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
+        Ok(queued)
     }
 
     fn on_member_added(
@@ -286,7 +302,10 @@ impl<S: Store> Engine<S> {
         added: RosterEntry,
     ) -> Result<Handled, EngineError> {
         let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
-            return Ok(Handled::NotYet); // our own invite may still be on its way
+            // Our own invite may still be on its way; a group we left has
+            // nothing to add to.
+            let left = self.store.conversation(&group_id)?.is_some();
+            return Ok(if left { Handled::Done } else { Handled::NotYet });
         };
         if from != admin {
             self.reject(from, "only the group's admin may add members");
@@ -299,6 +318,13 @@ impl<S: Store> Engine<S> {
         if known.as_ref().is_some_and(|m| m.epoch >= added.epoch) {
             // A repeat, or older than a leave we already saw.
             return Ok(Handled::Done);
+        }
+        if let Some(old) = known.filter(|m| m.left_at.is_none()) {
+            // A newer join of a current member: its old join ended (its leave
+            // has not reached us), so that ends here first, with rotation.
+            self.on_leave(now, added.peer_id, group_id, old.epoch)?;
+            let Ok((_, _, reloaded)) = self.joined_group(&group_id) else { return Ok(Handled::Done) };
+            group = reloaded;
         }
         if let Err(e) = group.add_member(added.peer_id) {
             self.reject(from, &e.to_string());
@@ -319,8 +345,15 @@ impl<S: Store> Engine<S> {
         group_id: ConversationId,
         epoch: u64,
     ) -> Result<Handled, EngineError> {
-        let Ok((_, _, mut group)) = self.joined_group(&group_id) else { return Ok(Handled::NotYet) };
-        let known = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == from);
+        // A group we are not in (left, deleted, or never joined) has nothing
+        // to leave.
+        let Ok((_, admin, mut group)) = self.joined_group(&group_id) else { return Ok(Handled::Done) };
+        let members = self.store.members(&group_id)?;
+        if admin == self.peer_id() && epoch > members.iter().map(|m| m.epoch).max().unwrap_or(0) {
+            self.reject(from, "leave naming a join the admin never issued");
+            return Ok(Handled::Done);
+        }
+        let known = members.into_iter().find(|m| m.peer_id == from);
         let mut member = match known {
             // A leave of a join we have not heard of: remember it, so the
             // admin's late notice of that join does not bring the peer back.
@@ -347,7 +380,7 @@ impl<S: Store> Engine<S> {
         let mut ours = BTreeSet::new();
         for message in self.store.messages(&group_id)? {
             if message.is_outgoing(&me) {
-                self.drop_recipient(now, &message.id, &from)?;
+                self.drop_recipient(now, &message.id, &from, "every recipient left the group")?;
                 ours.insert(message.id);
             }
         }
@@ -356,7 +389,11 @@ impl<S: Store> Engine<S> {
                 OutboxPayload::Group { message_id } => ours.contains(message_id),
                 OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
                     Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == group_id,
-                    Ok(PairwisePayload::GroupControl(GroupControl::Invite { group_id: g, .. })) => g == group_id,
+                    Ok(PairwisePayload::GroupControl(
+                        GroupControl::Invite { group_id: g, .. }
+                        | GroupControl::MemberAdded { group_id: g, .. }
+                        | GroupControl::Leave { group_id: g, .. },
+                    )) => g == group_id,
                     _ => false,
                 },
                 _ => false,
@@ -413,8 +450,6 @@ impl<S: Store> Engine<S> {
             if mine.is_some_and(|m| m.epoch >= my_epoch) {
                 return Ok(()); // a repeat, or an invite older than our leave
             }
-            // A re-invite: a leave of ours still queued is out of date.
-            self.drop_queued_leaves(&group_id)?;
         }
         let conversation = Conversation {
             id: group_id,
@@ -439,12 +474,21 @@ impl<S: Store> Engine<S> {
                 self.store.put_member(&group_id, &Member { left_at: Some(now), ..member })?;
             }
         }
+        let known_members = self.store.members(&group_id)?;
+        let mut others = Vec::new();
         for (peer, epoch) in &roster {
+            // The admin's roster may be older than a leave we already saw.
+            let gone = known_members.iter().any(|m| m.peer_id == *peer && m.left_at.is_some() && m.epoch >= *epoch);
+            if gone && *peer != me {
+                continue;
+            }
             let member =
                 Member { peer_id: *peer, joined_at: now, is_admin: *peer == admin, left_at: None, epoch: *epoch };
             self.store.put_member(&group_id, &member)?;
+            if *peer != me {
+                others.push(*peer);
+            }
         }
-        let others: Vec<PeerId> = roster.keys().copied().filter(|p| *p != me).collect();
         // Nothing is sent on joining: our key goes to each member before our
         // first message to it, and a member's key is asked for when one of
         // its messages cannot be read. So an invite, however large its
@@ -471,9 +515,14 @@ impl<S: Store> Engine<S> {
             // acknowledged, so the sender sends it again later.
             return Ok(Handled::NotYet);
         };
-        if let Err(e) = group.accept_distribution(&from, distribution) {
-            self.reject(from, &e.to_string());
-            return Ok(Handled::Done);
+        match group.accept_distribution(&from, distribution) {
+            Ok(()) => {}
+            // The admin's notice of this member may still be on its way.
+            Err(GroupError::NotAMember { .. }) => return Ok(Handled::NotYet),
+            Err(e) => {
+                self.reject(from, &e.to_string());
+                return Ok(Handled::Done);
+            }
         }
         self.save_group(&group)?;
         self.release_held(now, &distribution.group_id)?;
@@ -490,20 +539,6 @@ impl<S: Store> Engine<S> {
             if group.own_key_id() == distribution.key_id {
                 group.key_confirmed(peer);
                 self.save_group(&group)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn drop_queued_leaves(&mut self, id: &ConversationId) -> Result<(), EngineError> {
-        for item in self.store.outbox()? {
-            if let OutboxPayload::Control(bytes) = &item.payload {
-                if matches!(
-                    PairwisePayload::decode(bytes),
-                    Ok(PairwisePayload::GroupControl(GroupControl::Leave { group_id, .. })) if group_id == *id
-                ) {
-                    self.store.delete_outbox_item(item.seq)?;
-                }
             }
         }
         Ok(())

@@ -739,7 +739,9 @@ impl<S: Store> Engine<S> {
             self.conversation_updated(conversation)?;
         }
         for (sender, message_ids) in by_sender {
-            self.enqueue(now, sender, OutboxPayload::Read { message_ids, read_at: now })?;
+            for chunk in message_ids.chunks(MAX_IDS_PER_PAYLOAD) {
+                self.enqueue(now, sender, OutboxPayload::Read { message_ids: chunk.to_vec(), read_at: now })?;
+            }
             self.pump(now, sender)?;
         }
         Ok(())
@@ -770,12 +772,18 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         id: &MessageId,
         recipient: &PeerId,
+        if_none_left: &str,
     ) -> Result<(), EngineError> {
         let Some(mut message) = self.store.message(id)? else { return Ok(()) };
         let before = message.recipients.len();
         message.recipients.retain(|(p, _)| p != recipient);
         if message.recipients.len() == before {
             return Ok(());
+        }
+        if message.recipients.is_empty() && message.status < MessageStatus::Delivered {
+            // Nobody is left to deliver it to.
+            self.store.put_message(&message)?;
+            return self.fail_message(now, id, if_none_left);
         }
         self.settle_status(now, message)
     }
@@ -792,11 +800,12 @@ impl<S: Store> Engine<S> {
         if !matches!(error, EngineError::OutboxFull { .. }) {
             return Err(error);
         }
+        let reason = format!("not sent to {recipient}: {error}");
         if let Some(mut message) = self.store.message(id)? {
-            message.failure_reason = Some(format!("not sent to {recipient}: {error}"));
+            message.failure_reason = Some(reason.clone());
             self.store.put_message(&message)?;
         }
-        self.drop_recipient(now, id, recipient)
+        self.drop_recipient(now, id, recipient, &reason)
     }
 
     /// Stores the message with its status moved up to the least advanced of
