@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message, MessageStatus,
-    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
+    check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message,
+    MessageStatus, OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -138,40 +138,15 @@ impl<S: Store> Engine<S> {
         id: ConversationId,
         content: String,
     ) -> Result<Message, EngineError> {
-        if content.is_empty() {
-            return Err(EngineError::EmptyContent);
-        }
-        if content.len() > MAX_CONTENT_LEN {
-            return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
-        }
-        let (mut conversation, _, mut group) = self.joined_group(&id)?;
+        check_content(&content)?;
+        let (conversation, _, mut group) = self.joined_group(&id)?;
         let recipients = self.others(&id)?;
         let message_id = MessageId::random(&mut self.rng);
         let plaintext = ChatContent { message_id, sent_at: now, content: content.clone() }.encode();
         let encrypted = group.encrypt(&plaintext)?;
         self.save_group(&group)?;
-        let message = Message {
-            id: message_id,
-            conversation_id: id,
-            sender: self.peer_id(),
-            content,
-            timestamp: now,
-            status: MessageStatus::Created,
-            sent_at: None,
-            delivered_at: None,
-            read_at: None,
-            failure_reason: None,
-            recipients: recipients.iter().map(|p| (*p, MessageStatus::Created)).collect(),
-            stored_at: now,
-            group_position: Some((encrypted.key_id, encrypted.message_number)),
-        };
-        self.store.put_message(&message)?;
-        conversation.last_message_at = Some(now);
-        conversation.last_message_id = Some(message_id);
-        conversation.updated_at = now;
-        self.store.put_conversation(&conversation)?;
-        self.staged.events.push(Event::MessageCreated(message.clone()));
-        self.conversation_updated(conversation)?;
+        let position = Some((encrypted.key_id, encrypted.message_number));
+        let message = self.record_outgoing(now, conversation, message_id, content, &recipients, position)?;
         self.store.put_group_envelope(&message_id, &Envelope::new(EnvelopeBody::Group(encrypted)).encode())?;
         for peer in recipients {
             // Our key goes to a member lazily, before our first message to

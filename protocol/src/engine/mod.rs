@@ -669,19 +669,33 @@ impl<S: Store> Engine<S> {
     }
 
     fn send_message(&mut self, now: Timestamp, id: ConversationId, content: String) -> Result<Message, EngineError> {
-        if content.is_empty() {
-            return Err(EngineError::EmptyContent);
-        }
-        if content.len() > MAX_CONTENT_LEN {
-            return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
-        }
-        let mut conversation = self.conversation(&id)?;
+        check_content(&content)?;
+        let conversation = self.conversation(&id)?;
         let ConversationKind::OneOnOne { peer } = conversation.kind else {
             return Err(EngineError::NotOneOnOne(id));
         };
+        let message_id = MessageId::random(&mut self.rng);
+        let message = self.record_outgoing(now, conversation, message_id, content, &[peer], None)?;
+        self.enqueue(now, peer, OutboxPayload::Chat(message.id))?;
+        self.pump(now, peer)?;
+        // The pump may already have moved it on (e.g. to sent).
+        Ok(self.store.message(&message.id)?.unwrap_or(message))
+    }
+
+    /// Stores a message this node wrote, updates its conversation and emits
+    /// the events for both.
+    pub(super) fn record_outgoing(
+        &mut self,
+        now: Timestamp,
+        mut conversation: Conversation,
+        id: MessageId,
+        content: String,
+        recipients: &[PeerId],
+        group_position: Option<(u32, u32)>,
+    ) -> Result<Message, EngineError> {
         let message = Message {
-            id: MessageId::random(&mut self.rng),
-            conversation_id: id,
+            id,
+            conversation_id: conversation.id,
             sender: self.peer_id(),
             content,
             timestamp: now,
@@ -690,21 +704,18 @@ impl<S: Store> Engine<S> {
             delivered_at: None,
             read_at: None,
             failure_reason: None,
-            recipients: vec![(peer, MessageStatus::Created)],
+            recipients: recipients.iter().map(|p| (*p, MessageStatus::Created)).collect(),
             stored_at: now,
-            group_position: None,
+            group_position,
         };
         self.store.put_message(&message)?;
         conversation.last_message_at = Some(now);
-        conversation.last_message_id = Some(message.id);
+        conversation.last_message_id = Some(id);
         conversation.updated_at = now;
         self.store.put_conversation(&conversation)?;
         self.staged.events.push(Event::MessageCreated(message.clone()));
         self.conversation_updated(conversation)?;
-        self.enqueue(now, peer, OutboxPayload::Chat(message.id))?;
-        self.pump(now, peer)?;
-        // The pump may already have moved it on (e.g. to sent).
-        Ok(self.store.message(&message.id)?.unwrap_or(message))
+        Ok(message)
     }
 
     fn conversation_updated(&mut self, conversation: Conversation) -> Result<(), EngineError> {
@@ -1499,4 +1510,15 @@ fn is_tracked(payload: &OutboxPayload) -> bool {
 
 fn tracked(id: u64, payload: PairwisePayload) -> PairwisePayload {
     PairwisePayload::Tracked { id, payload: Box::new(payload) }
+}
+
+/// Refuses empty content and content over [`MAX_CONTENT_LEN`].
+pub(super) fn check_content(content: &str) -> Result<(), EngineError> {
+    if content.is_empty() {
+        return Err(EngineError::EmptyContent);
+    }
+    if content.len() > MAX_CONTENT_LEN {
+        return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
+    }
+    Ok(())
 }
