@@ -65,6 +65,7 @@ pub mod ids;
 pub mod kdf;
 pub mod keys;
 pub mod ratchet;
+pub mod relay;
 pub mod sender_key;
 pub mod session;
 mod skipped;

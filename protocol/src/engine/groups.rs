@@ -612,6 +612,7 @@ impl<S: Store> Engine<S> {
             delivered_at: Some(now),
             read_at: None,
             failure_reason: None,
+            waiting_reason: None,
             recipients: Vec::new(),
             stored_at: now,
             group_position: Some((message.key_id, message.message_number)),

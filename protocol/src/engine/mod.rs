@@ -239,8 +239,13 @@ pub enum TransmitOutcome {
     Delivered,
     /// A relay accepted it into its mailbox for the offline peer.
     HeldByRelay,
-    /// Neither the peer nor a relay took it.
+    /// Neither the peer nor a relay took it, for now (the peer is offline,
+    /// the relay's mailbox is full, the sender is over the relay's rate).
+    /// It is tried again when the peer is reachable.
     Failed(String),
+    /// Refused for good (the envelope is larger than the relay accepts):
+    /// the message fails at once.
+    Rejected(String),
 }
 
 /// Bytes to send to a peer.
@@ -331,6 +336,9 @@ pub enum EngineError {
     /// The group's key state is unusable.
     #[error(transparent)]
     Group(#[from] GroupError),
+    /// The relay refused the envelope for good.
+    #[error("refused by the relay: {0}")]
+    Rejected(String),
     /// Only failed outgoing messages can be retried.
     #[error("message {id} is {status} and cannot be retried; only failed outgoing messages can")]
     NotRetryable {
@@ -704,6 +712,7 @@ impl<S: Store> Engine<S> {
             delivered_at: None,
             read_at: None,
             failure_reason: None,
+            waiting_reason: None,
             recipients: recipients.iter().map(|p| (*p, MessageStatus::Created)).collect(),
             stored_at: now,
             group_position,
@@ -808,7 +817,7 @@ impl<S: Store> Engine<S> {
         recipient: &PeerId,
         error: EngineError,
     ) -> Result<(), EngineError> {
-        if !matches!(error, EngineError::OutboxFull { .. }) {
+        if !matches!(error, EngineError::OutboxFull { .. } | EngineError::Rejected(_)) {
             return Err(error);
         }
         let reason = format!("not sent to {recipient}: {error}");
@@ -838,6 +847,9 @@ impl<S: Store> Engine<S> {
             if from < MessageStatus::Sent && overall == MessageStatus::Sent {
                 self.staged.events.push(Event::MessageSent { message_id: id, conversation_id, timestamp: now });
             }
+        }
+        if overall >= MessageStatus::Delivered {
+            message.waiting_reason = None;
         }
         if overall >= MessageStatus::Delivered && message.delivered_at.is_none() {
             message.delivered_at = Some(now);
@@ -1029,11 +1041,21 @@ impl<S: Store> Engine<S> {
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
         let Some(mut item) = self.store.outbox_item(seq)? else { return Ok(()) };
         item.in_flight = false;
+        if let TransmitOutcome::Rejected(reason) = &outcome {
+            self.store.delete_outbox_item(seq)?;
+            return match &item.payload {
+                OutboxPayload::Chat(id) => self.fail_message(now, id, reason),
+                OutboxPayload::Group { message_id } => {
+                    self.recipient_failed(now, message_id, &flight.peer, EngineError::Rejected(reason.clone()))
+                }
+                _ => Ok(()),
+            };
+        }
         if is_tracked(&item.payload) {
             // Kept until the peer acknowledges it; sent again if it does not.
             item.next_attempt_at = match outcome {
                 TransmitOutcome::Delivered => Some(now.saturating_add_millis(self.config.confirmation_timeout_ms)),
-                TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) => None,
+                _ => None,
             };
             self.store.put_outbox_item(&item)?;
             return Ok(());
@@ -1060,12 +1082,22 @@ impl<S: Store> Engine<S> {
             TransmitOutcome::Delivered => {
                 item.next_attempt_at = Some(now.saturating_add_millis(self.config.confirmation_timeout_ms));
             }
-            TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) => {
+            TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
                 // Held by the relay, or in our outbox under an established
                 // session: either way it is `sent`, and goes again when the
-                // peer is back.
+                // peer is back. Why it waits is recorded for the user.
                 item.next_attempt_at = None;
                 self.advance(now, &message_id, &flight.peer, MessageStatus::Sent)?;
+                let waiting = match &outcome {
+                    TransmitOutcome::Failed(reason) => Some(reason.clone()),
+                    _ => None,
+                };
+                if let Some(mut message) = self.store.message(&message_id)? {
+                    if message.status == MessageStatus::Sent && message.waiting_reason != waiting {
+                        message.waiting_reason = waiting;
+                        self.store.put_message(&message)?;
+                    }
+                }
             }
         }
         self.store.put_outbox_item(&item)?;
@@ -1347,6 +1379,9 @@ impl<S: Store> Engine<S> {
         };
         let plaintext = match sessions.decrypt(message, now) {
             Ok(plaintext) => plaintext,
+            // The same ciphertext again (a relay redelivering its mailbox
+            // after a lost acknowledgement): already handled.
+            Err(crate::DecryptionError::Duplicate { .. }) => return Ok(()),
             Err(e) => {
                 self.reject(from, &e.to_string());
                 return Ok(());
@@ -1440,6 +1475,7 @@ impl<S: Store> Engine<S> {
                 delivered_at: Some(now),
                 read_at: None,
                 failure_reason: None,
+                waiting_reason: None,
                 recipients: Vec::new(),
                 stored_at: now,
                 group_position: None,

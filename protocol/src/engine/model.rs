@@ -113,6 +113,9 @@ pub struct Message {
     pub read_at: Option<Timestamp>,
     /// Why it failed.
     pub failure_reason: Option<String>,
+    /// Why a `sent` message is still waiting (the peer is offline, the
+    /// relay's mailbox is full, …), when a transport said so.
+    pub waiting_reason: Option<String>,
     /// For outgoing messages: each recipient's own progress (one entry for
     /// 1:1). The message's status is the least advanced of them.
     pub recipients: Vec<(PeerId, MessageStatus)>,

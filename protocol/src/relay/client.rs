@@ -1,0 +1,99 @@
+//! The node's side of a relay connection: it turns the engine's transmits
+//! and lookups into relay frames, and the relay's answers into engine
+//! inputs. Sans-IO like the rest: the node moves the frames.
+
+use std::collections::BTreeSet;
+
+use super::frame::RelayFrame;
+use super::record::PeerRecord;
+use crate::engine::{Input, Transmit, TransmitId, TransmitOutcome};
+use crate::ids::PeerId;
+use crate::time::Timestamp;
+use crate::wire::WireError;
+
+/// What the node does with a relay frame's meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Hand this to the engine.
+    ToEngine(Input),
+    /// Send this to the relay.
+    ToRelay(RelayFrame),
+    /// Send this to the relay once the engine has handled (and committed)
+    /// the input before it: a mailbox entry is deleted only after it is safe.
+    AfterEngine(RelayFrame),
+}
+
+/// One node's relay client state.
+#[derive(Debug, Default)]
+pub struct RelayClient {
+    lookups: BTreeSet<PeerId>,
+}
+
+impl RelayClient {
+    /// A client with nothing pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The frames to send on (re)connecting: register (which also brings
+    /// the mailbox) and publish our record.
+    pub fn on_connect(&self, record: PeerRecord) -> Vec<RelayFrame> {
+        vec![RelayFrame::Register, RelayFrame::Publish(record)]
+    }
+
+    /// An engine transmit, sent through the relay.
+    pub fn forward(&self, transmit: Transmit) -> RelayFrame {
+        RelayFrame::Forward {
+            to: transmit.peer,
+            id: transmit.id.0,
+            mailbox_allowed: transmit.mailbox_allowed,
+            envelope: transmit.bytes,
+        }
+    }
+
+    /// An engine lookup, asked of the relay.
+    pub fn lookup(&mut self, peer: PeerId) -> RelayFrame {
+        self.lookups.insert(peer);
+        RelayFrame::Lookup { peer }
+    }
+
+    /// A frame from the relay.
+    pub fn on_frame(&mut self, now: Timestamp, bytes: &[u8]) -> Result<Vec<ClientAction>, WireError> {
+        let frame = RelayFrame::decode(bytes)?;
+        let result = |id: u64, outcome: TransmitOutcome| {
+            vec![ClientAction::ToEngine(Input::TransmitResult { id: TransmitId(id), outcome })]
+        };
+        Ok(match frame {
+            RelayFrame::Forwarded { id } => result(id, TransmitOutcome::Delivered),
+            RelayFrame::Held { id } => result(id, TransmitOutcome::HeldByRelay),
+            RelayFrame::Refused { id, reason } if reason.is_permanent() => {
+                result(id, TransmitOutcome::Rejected(reason.as_str().to_owned()))
+            }
+            RelayFrame::Refused { id, reason } => result(id, TransmitOutcome::Failed(reason.as_str().to_owned())),
+            RelayFrame::Deliver { from, mailbox_id, envelope } => {
+                let mut actions = vec![ClientAction::ToEngine(Input::Received { from, bytes: envelope })];
+                if let Some(id) = mailbox_id {
+                    actions.push(ClientAction::AfterEngine(RelayFrame::MailboxAck { ids: vec![id] }));
+                }
+                actions
+            }
+            RelayFrame::LookupResult { peer, record } => {
+                if !self.lookups.remove(&peer) {
+                    return Ok(Vec::new());
+                }
+                // Every reader checks the record itself: the relay is not trusted.
+                let valid = record.as_ref().is_some_and(|r| r.peer_id == peer && r.verify(now, None).is_ok());
+                let input = if valid { Input::PeerRecord(peer) } else { Input::LookupFailed(peer) };
+                vec![ClientAction::ToEngine(input)]
+            }
+            RelayFrame::Registered => Vec::new(),
+            // Node-to-relay frames arriving here are ignored.
+            RelayFrame::Register
+            | RelayFrame::Publish(_)
+            | RelayFrame::Lookup { .. }
+            | RelayFrame::Forward { .. }
+            | RelayFrame::FetchMailbox
+            | RelayFrame::MailboxAck { .. } => Vec::new(),
+        })
+    }
+}

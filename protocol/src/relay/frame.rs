@@ -1,0 +1,138 @@
+//! The frames between a node and its relay. Like envelopes: one version
+//! byte, then postcard; decoding is total and canonical.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::PeerRecord;
+use crate::ids::PeerId;
+use crate::wire::{decode_exact, encode_postcard, WireError, MAX_ENVELOPE_LEN, PROTOCOL_VERSION};
+
+/// The largest frame: an envelope of [`MAX_ENVELOPE_LEN`] plus headers.
+pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN + 1024;
+
+/// Why the relay refused to forward or hold an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The recipient's mailbox is full (count or bytes). Try again later.
+    Quota,
+    /// The sender is over its rate limit. Try again later.
+    Rate,
+    /// The envelope is larger than the relay accepts. Permanent.
+    TooLarge,
+    /// The recipient is not connected and the envelope may not be held
+    /// (a key exchange message). Try again when it is reachable.
+    RecipientOffline,
+    /// The sender has not registered. Register first.
+    NotRegistered,
+}
+
+impl Refusal {
+    /// Whether trying again can succeed.
+    pub fn is_permanent(self) -> bool {
+        matches!(self, Self::TooLarge)
+    }
+
+    /// The reason as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quota => "the relay's mailbox for this peer is full",
+            Self::Rate => "sending too fast for the relay's rate limit",
+            Self::TooLarge => "the envelope is larger than the relay accepts",
+            Self::RecipientOffline => "the peer is offline and this message cannot wait in a mailbox",
+            Self::NotRegistered => "not registered with the relay",
+        }
+    }
+}
+
+/// Every frame. New kinds are only appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayFrame {
+    /// Node → relay: mark me reachable (my peer ID is the connection's).
+    Register,
+    /// Relay → node: registered.
+    Registered,
+    /// Node → relay: store my signed record.
+    Publish(PeerRecord),
+    /// Node → relay: what do you know of this peer?
+    Lookup {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Relay → node: the answer to a lookup.
+    LookupResult {
+        /// The peer asked about.
+        peer: PeerId,
+        /// Its newest valid record, if any.
+        record: Option<PeerRecord>,
+    },
+    /// Node → relay: pass this envelope to `to`, or hold it.
+    Forward {
+        /// The recipient.
+        to: PeerId,
+        /// The sender's ID for this request, echoed in the answer.
+        id: u64,
+        /// Whether it may wait in the recipient's mailbox.
+        mailbox_allowed: bool,
+        /// The opaque envelope.
+        envelope: Vec<u8>,
+    },
+    /// Relay → node: passed on to the connected recipient.
+    Forwarded {
+        /// The request.
+        id: u64,
+    },
+    /// Relay → node: stored in the recipient's mailbox.
+    Held {
+        /// The request.
+        id: u64,
+    },
+    /// Relay → node: refused.
+    Refused {
+        /// The request.
+        id: u64,
+        /// Why.
+        reason: Refusal,
+    },
+    /// Relay → node: an envelope for you.
+    Deliver {
+        /// Its sender (as its connection authenticated it).
+        from: PeerId,
+        /// Set when it came from your mailbox: acknowledge it to delete it.
+        mailbox_id: Option<u64>,
+        /// The opaque envelope.
+        envelope: Vec<u8>,
+    },
+    /// Node → relay: send me my mailbox again.
+    FetchMailbox,
+    /// Node → relay: these mailbox entries arrived; delete them.
+    MailboxAck {
+        /// Their IDs.
+        ids: Vec<u64>,
+    },
+}
+
+impl RelayFrame {
+    /// version byte ‖ postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION];
+        out.extend_from_slice(&encode_postcard(self));
+        out
+    }
+
+    /// Decodes a frame; total, canonical-only.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_FRAME_LEN {
+            return Err(WireError::TooLarge { len: bytes.len(), max: MAX_FRAME_LEN });
+        }
+        let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let (kind, _) = postcard::take_from_bytes::<u32>(rest)
+            .map_err(|e| WireError::Malformed { what: "relay frame kind", reason: e.to_string() })?;
+        if kind >= 13 {
+            return Err(WireError::UnknownKind(kind));
+        }
+        decode_exact(rest, "relay frame")
+    }
+}

@@ -1,0 +1,391 @@
+//! The relay: forwarding between connected peers, a mailbox for offline
+//! ones, and the peer directory, as a sans-IO state machine.
+//!
+//! # Driving rule
+//!
+//! Tell the relay about connections (`connected`, `disconnected`, with the
+//! peer ID the transport authenticated) and frames (`handle_frame`); call
+//! `handle_timeout` when `poll_timeout` passes; after every call, drain
+//! `poll_transmit` and `poll_event`. Each call is one [`RelayStore`]
+//! transaction, and nothing it causes is released before the commit: a
+//! "held" answer is never sent for an envelope the store did not keep.
+//!
+//! The relay sees peer IDs and opaque envelopes only; it cannot read them.
+
+mod client;
+mod frame;
+mod memory;
+mod record;
+
+use std::collections::{BTreeMap, VecDeque};
+
+pub use client::{ClientAction, RelayClient};
+pub use frame::{Refusal, RelayFrame, MAX_FRAME_LEN};
+pub use memory::MemoryRelayStore;
+pub use record::{PeerRecord, RecordError, MAX_ADDRESSES, MAX_ADDRESS_LEN, PEER_RECORD_LABEL};
+
+use crate::ids::PeerId;
+use crate::time::Timestamp;
+use crate::wire::MAX_ENVELOPE_LEN;
+
+/// A storage failure; the call is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayStoreError {
+    /// The store could not do what was asked.
+    #[error("relay storage unavailable: {0}")]
+    Unavailable(String),
+    /// A read or write outside a transaction.
+    #[error("relay storage misused: {0}")]
+    Misuse(&'static str),
+}
+
+/// One envelope waiting in a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MailboxEntry {
+    /// Its ID, increasing in arrival order.
+    pub id: u64,
+    /// Whose mailbox.
+    pub recipient: PeerId,
+    /// Who sent it.
+    pub from: PeerId,
+    /// The opaque envelope.
+    pub envelope: Vec<u8>,
+    /// When it arrived.
+    pub stored_at: Timestamp,
+}
+
+/// Transactional storage for a relay's mailbox and directory.
+pub trait RelayStore {
+    /// Opens a transaction.
+    fn begin(&mut self) -> Result<(), RelayStoreError>;
+    /// Commits it; on failure the relay calls `rollback`.
+    fn commit(&mut self) -> Result<(), RelayStoreError>;
+    /// Discards it.
+    fn rollback(&mut self);
+    /// A peer's mailbox, oldest first.
+    fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError>;
+    /// Stores an entry.
+    fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError>;
+    /// Deletes an entry of `peer`'s mailbox (no-op if absent).
+    fn delete_mailbox_entry(&mut self, peer: &PeerId, id: u64) -> Result<(), RelayStoreError>;
+    /// Deletes every entry stored before `cutoff`; returns how many.
+    fn delete_mailbox_before(&mut self, cutoff: Timestamp) -> Result<usize, RelayStoreError>;
+    /// When the oldest entry was stored.
+    fn oldest_mailbox_entry(&self) -> Result<Option<Timestamp>, RelayStoreError>;
+    /// A fresh, increasing entry ID.
+    fn next_mailbox_id(&mut self) -> Result<u64, RelayStoreError>;
+    /// The newest record of a peer.
+    fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError>;
+    /// Stores a record.
+    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError>;
+}
+
+/// Relay limits; all configurable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Most entries held per recipient.
+    pub mailbox_max_count: usize,
+    /// Most bytes held per recipient.
+    pub mailbox_max_bytes: usize,
+    /// How long an entry is held: 7 days.
+    pub mailbox_ttl_ms: u64,
+    /// Forwards per second a peer may sustain.
+    pub rate_per_sec: u64,
+    /// Forwards a peer may make in a burst.
+    pub rate_burst: u64,
+    /// The largest envelope accepted. The default exceeds what a 64 KiB
+    /// message can produce.
+    pub max_envelope_len: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            mailbox_max_count: 1_000,
+            mailbox_max_bytes: 64 * 1024 * 1024,
+            mailbox_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            rate_per_sec: 50,
+            rate_burst: 200,
+            max_envelope_len: MAX_ENVELOPE_LEN,
+        }
+    }
+}
+
+/// What the relay reports to its operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// A forward was refused.
+    Refused {
+        /// The sender.
+        from: PeerId,
+        /// Why.
+        reason: Refusal,
+    },
+    /// A frame or record was refused as malformed or invalid.
+    Rejected {
+        /// The sender.
+        from: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a relay call failed; nothing changed and nothing was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] RelayStoreError),
+}
+
+/// A token bucket in thousandths of a token, refilled on injected time.
+#[derive(Clone, Debug)]
+struct Bucket {
+    milli_tokens: u64,
+    at: Timestamp,
+}
+
+#[derive(Default)]
+struct Staged {
+    transmits: Vec<(PeerId, Vec<u8>)>,
+    events: Vec<RelayEvent>,
+}
+
+/// The relay state machine.
+pub struct Relay<S: RelayStore> {
+    store: S,
+    config: RelayConfig,
+    /// Connected peers, and whether each has registered.
+    connected: BTreeMap<PeerId, bool>,
+    buckets: BTreeMap<PeerId, Bucket>,
+    staged: Staged,
+    transmits: VecDeque<(PeerId, Vec<u8>)>,
+    events: VecDeque<RelayEvent>,
+    next_deadline: Option<Timestamp>,
+}
+
+impl<S: RelayStore> core::fmt::Debug for Relay<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Relay").field("connected", &self.connected.len()).finish_non_exhaustive()
+    }
+}
+
+impl<S: RelayStore> Relay<S> {
+    /// A relay over `store` (which keeps its mailbox across restarts).
+    pub fn new(store: S, config: RelayConfig) -> Result<Self, RelayError> {
+        let mut relay = Self {
+            store,
+            config,
+            connected: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+            staged: Staged::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_deadline: None,
+        };
+        relay.transact(|_| Ok(()))?;
+        Ok(relay)
+    }
+
+    /// The store (for a restart: keep it, drop the relay).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The next frame to send: (to, bytes).
+    pub fn poll_transmit(&mut self) -> Option<(PeerId, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.next_deadline
+    }
+
+    /// A peer connected (the transport authenticated its ID).
+    pub fn connected(&mut self, peer: PeerId) {
+        self.connected.insert(peer, false);
+    }
+
+    /// A peer's connection closed.
+    pub fn disconnected(&mut self, peer: &PeerId) {
+        self.connected.remove(peer);
+    }
+
+    /// A frame from a connected peer.
+    pub fn handle_frame(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), RelayError> {
+        self.transact(|r| r.on_frame(now, from, bytes))
+    }
+
+    /// Expires old mailbox entries.
+    pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), RelayError> {
+        let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.mailbox_ttl_ms));
+        self.transact(|r| r.store.delete_mailbox_before(cutoff).map(|_| ()).map_err(RelayError::from))
+    }
+
+    fn transact(&mut self, f: impl FnOnce(&mut Self) -> Result<(), RelayError>) -> Result<(), RelayError> {
+        self.staged = Staged::default();
+        self.store.begin()?;
+        let result = f(self).and_then(|()| {
+            let oldest = self.store.oldest_mailbox_entry()?;
+            Ok(oldest.map(|at| at.saturating_add_millis(self.config.mailbox_ttl_ms.saturating_add(1))))
+        });
+        match result {
+            Ok(deadline) => match self.store.commit() {
+                Ok(()) => {
+                    let staged = core::mem::take(&mut self.staged);
+                    self.transmits.extend(staged.transmits);
+                    self.events.extend(staged.events);
+                    self.next_deadline = deadline;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.store.rollback();
+                    self.staged = Staged::default();
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                self.store.rollback();
+                self.staged = Staged::default();
+                Err(e)
+            }
+        }
+    }
+
+    fn send(&mut self, to: PeerId, frame: &RelayFrame) {
+        self.staged.transmits.push((to, frame.encode()));
+    }
+
+    fn on_frame(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), RelayError> {
+        let frame = match RelayFrame::decode(bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.staged.events.push(RelayEvent::Rejected { from, reason: e.to_string() });
+                return Ok(());
+            }
+        };
+        match frame {
+            RelayFrame::Register => {
+                self.connected.insert(from, true);
+                self.send(from, &RelayFrame::Registered);
+                self.deliver_mailbox(&from)?;
+            }
+            RelayFrame::FetchMailbox => self.deliver_mailbox(&from)?,
+            RelayFrame::MailboxAck { ids } => {
+                for id in ids.into_iter().take(MAX_ACK_IDS) {
+                    self.store.delete_mailbox_entry(&from, id)?;
+                }
+            }
+            RelayFrame::Publish(record) => {
+                let known = self.store.record(&record.peer_id)?.map(|r| r.sequence);
+                if record.peer_id != from {
+                    self.staged
+                        .events
+                        .push(RelayEvent::Rejected { from, reason: "peer record for another peer".into() });
+                } else if let Err(e) = record.verify(now, known) {
+                    self.staged.events.push(RelayEvent::Rejected { from, reason: e.to_string() });
+                } else {
+                    self.store.put_record(&record)?;
+                }
+            }
+            RelayFrame::Lookup { peer } => {
+                let record = self.store.record(&peer)?.filter(|r| r.expires_at > now);
+                self.send(from, &RelayFrame::LookupResult { peer, record });
+            }
+            RelayFrame::Forward { to, id, mailbox_allowed, envelope } => {
+                self.forward(now, from, to, id, mailbox_allowed, envelope)?;
+            }
+            RelayFrame::Registered
+            | RelayFrame::LookupResult { .. }
+            | RelayFrame::Forwarded { .. }
+            | RelayFrame::Held { .. }
+            | RelayFrame::Refused { .. }
+            | RelayFrame::Deliver { .. } => {
+                self.staged
+                    .events
+                    .push(RelayEvent::Rejected { from, reason: "a relay-to-node frame sent to the relay".into() });
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, from: PeerId, id: u64, reason: Refusal) {
+        self.staged.events.push(RelayEvent::Refused { from, reason });
+        self.send(from, &RelayFrame::Refused { id, reason });
+    }
+
+    fn forward(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        to: PeerId,
+        id: u64,
+        mailbox_allowed: bool,
+        envelope: Vec<u8>,
+    ) -> Result<(), RelayError> {
+        if self.connected.get(&from) != Some(&true) {
+            self.refuse(from, id, Refusal::NotRegistered);
+            return Ok(());
+        }
+        if envelope.len() > self.config.max_envelope_len {
+            self.refuse(from, id, Refusal::TooLarge);
+            return Ok(());
+        }
+        if !self.take_token(now, from) {
+            self.refuse(from, id, Refusal::Rate);
+            return Ok(());
+        }
+        if self.connected.get(&to) == Some(&true) {
+            self.send(to, &RelayFrame::Deliver { from, mailbox_id: None, envelope });
+            self.send(from, &RelayFrame::Forwarded { id });
+            return Ok(());
+        }
+        if !mailbox_allowed {
+            self.refuse(from, id, Refusal::RecipientOffline);
+            return Ok(());
+        }
+        let held = self.store.mailbox(&to)?;
+        let bytes: usize = held.iter().map(|e| e.envelope.len()).sum();
+        if held.len() >= self.config.mailbox_max_count || bytes + envelope.len() > self.config.mailbox_max_bytes {
+            self.refuse(from, id, Refusal::Quota);
+            return Ok(());
+        }
+        let entry = MailboxEntry { id: self.store.next_mailbox_id()?, recipient: to, from, envelope, stored_at: now };
+        self.store.put_mailbox_entry(&entry)?;
+        self.send(from, &RelayFrame::Held { id });
+        Ok(())
+    }
+
+    fn deliver_mailbox(&mut self, peer: &PeerId) -> Result<(), RelayError> {
+        for entry in self.store.mailbox(peer)? {
+            self.send(
+                *peer,
+                &RelayFrame::Deliver { from: entry.from, mailbox_id: Some(entry.id), envelope: entry.envelope },
+            );
+        }
+        Ok(())
+    }
+
+    /// Refills and takes one token; false when the peer is over its rate.
+    fn take_token(&mut self, now: Timestamp, peer: PeerId) -> bool {
+        let capacity = self.config.rate_burst.saturating_mul(1000);
+        let bucket = self.buckets.entry(peer).or_insert(Bucket { milli_tokens: capacity, at: now });
+        let refill = now.millis_since(bucket.at).saturating_mul(self.config.rate_per_sec);
+        bucket.milli_tokens = bucket.milli_tokens.saturating_add(refill).min(capacity);
+        bucket.at = now.max(bucket.at);
+        if bucket.milli_tokens < 1000 {
+            return false;
+        }
+        bucket.milli_tokens -= 1000;
+        true
+    }
+}
+
+/// The most mailbox IDs one acknowledgement is taken to name.
+const MAX_ACK_IDS: usize = 1_000;

@@ -1,0 +1,422 @@
+//! The relay with engines on a simulated network in virtual time: nodes
+//! with no direct path reach each other only through the relay.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use p2pchat_protocol::engine::{
+    Command, CommandOutcome, Conversation, Engine, EngineConfig, Input, MemoryStore, Message, MessageStatus, Store,
+};
+use p2pchat_protocol::relay::{
+    ClientAction, MemoryRelayStore, PeerRecord, RecordError, Refusal, Relay, RelayConfig, RelayEvent, RelayFrame,
+    RelayStore,
+};
+use p2pchat_protocol::testkit::NOW;
+use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+struct Node {
+    identity: IdentityKeyPair,
+    engine: Engine<MemoryStore>,
+    client: p2pchat_protocol::relay::RelayClient,
+    online: bool,
+    sequence: u64,
+}
+
+struct World {
+    relay: Relay<MemoryRelayStore>,
+    nodes: Vec<Node>,
+    now: Timestamp,
+    /// Drop the mailbox acknowledgements nodes send (a connection that dies
+    /// before they get through).
+    drop_acks: bool,
+}
+
+impl World {
+    fn new(count: usize, config: RelayConfig) -> Self {
+        let nodes = (0..count)
+            .map(|i| {
+                let mut r = ChaCha20Rng::seed_from_u64(100 + i as u64);
+                let identity = IdentityKeyPair::generate(&mut r);
+                let copy = IdentityKeyPair::from_seed(&identity.seed());
+                let engine = Engine::new(copy, MemoryStore::new(), EngineConfig::default(), r, NOW).unwrap();
+                Node { identity, engine, client: Default::default(), online: false, sequence: 0 }
+            })
+            .collect();
+        let mut world =
+            Self { relay: Relay::new(MemoryRelayStore::new(), config).unwrap(), nodes, now: NOW, drop_acks: false };
+        for i in 0..count {
+            world.connect(i);
+        }
+        world
+    }
+
+    fn id(&self, i: usize) -> PeerId {
+        self.nodes[i].engine.peer_id()
+    }
+
+    fn connect(&mut self, i: usize) {
+        self.nodes[i].online = true;
+        self.nodes[i].sequence += 1;
+        let id = self.id(i);
+        let record = PeerRecord::sign(
+            &self.nodes[i].identity,
+            vec![],
+            vec!["relay.test:4433".into()],
+            self.now,
+            self.now.saturating_add_millis(DAY_MS),
+            self.nodes[i].sequence,
+        );
+        self.relay.connected(id);
+        for frame in self.nodes[i].client.on_connect(record) {
+            self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
+        }
+        for j in 0..self.nodes.len() {
+            if j != i && self.nodes[j].online {
+                self.nodes[j].engine.handle(self.now, Input::PeerReachable(id)).unwrap();
+            }
+        }
+        self.drain();
+    }
+
+    fn disconnect(&mut self, i: usize) {
+        self.nodes[i].online = false;
+        let id = self.id(i);
+        self.relay.disconnected(&id);
+        for j in 0..self.nodes.len() {
+            if j != i {
+                self.nodes[j].engine.handle(self.now, Input::PeerUnreachable(id)).unwrap();
+            }
+        }
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        loop {
+            let mut busy = false;
+            for i in 0..self.nodes.len() {
+                let id = self.id(i);
+                while self.nodes[i].engine.poll_event().is_some() {}
+                let mut to_relay = Vec::new();
+                let mut to_engine = Vec::new();
+                while let Some(peer) = self.nodes[i].engine.poll_lookup() {
+                    if self.nodes[i].online {
+                        to_relay.push(self.nodes[i].client.lookup(peer));
+                    } else {
+                        to_engine.push(Input::LookupFailed(peer));
+                    }
+                }
+                while let Some(t) = self.nodes[i].engine.poll_transmit() {
+                    if self.nodes[i].online {
+                        to_relay.push(self.nodes[i].client.forward(t));
+                    } else {
+                        let outcome = p2pchat_protocol::engine::TransmitOutcome::Failed("no connection".into());
+                        to_engine.push(Input::TransmitResult { id: t.id, outcome });
+                    }
+                }
+                for frame in to_relay {
+                    busy = true;
+                    self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
+                }
+                for input in to_engine {
+                    busy = true;
+                    self.nodes[i].engine.handle(self.now, input).unwrap();
+                }
+            }
+            while self.relay.poll_event().is_some() {}
+            while let Some((to, bytes)) = self.relay.poll_transmit() {
+                busy = true;
+                let i = self.nodes.iter().position(|n| n.engine.peer_id() == to).unwrap();
+                if !self.nodes[i].online {
+                    continue;
+                }
+                for action in self.nodes[i].client.on_frame(self.now, &bytes).unwrap() {
+                    match action {
+                        ClientAction::ToEngine(input) => self.nodes[i].engine.handle(self.now, input).unwrap(),
+                        ClientAction::ToRelay(frame) => self.relay.handle_frame(self.now, to, &frame.encode()).unwrap(),
+                        ClientAction::AfterEngine(frame) if !self.drop_acks => {
+                            self.relay.handle_frame(self.now, to, &frame.encode()).unwrap()
+                        }
+                        ClientAction::AfterEngine(_) => {}
+                    }
+                }
+            }
+            if !busy {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, by_ms: u64) {
+        let until = self.now.saturating_add_millis(by_ms);
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.engine.poll_timeout())
+                .chain(self.relay.poll_timeout())
+                .filter(|t| *t <= until)
+                .min();
+            let Some(next) = next else { break };
+            self.now = next.max(self.now);
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.nodes[i].engine.handle(self.now, Input::Timeout).unwrap();
+                }
+            }
+            if self.relay.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.relay.handle_timeout(self.now).unwrap();
+            }
+            self.drain();
+        }
+        self.now = until;
+    }
+
+    fn conversation(&mut self, i: usize, j: usize) -> Conversation {
+        let peer = self.id(j);
+        let CommandOutcome::Conversation(c) =
+            self.nodes[i].engine.command(self.now, Command::CreateConversation { peer }).unwrap()
+        else {
+            panic!()
+        };
+        self.drain();
+        c
+    }
+
+    fn send(&mut self, i: usize, c: &ConversationId, text: &str) -> Message {
+        let command = Command::SendMessage { conversation: *c, content: text.into() };
+        let CommandOutcome::Message(m) = self.nodes[i].engine.command(self.now, command).unwrap() else { panic!() };
+        self.drain();
+        m
+    }
+
+    fn message(&mut self, i: usize, id: &MessageId) -> Option<Message> {
+        let store = self.nodes[i].engine.store_mut();
+        store.begin().unwrap();
+        let m = store.message(id).unwrap();
+        store.rollback();
+        m
+    }
+
+    fn contents(&mut self, i: usize, c: &ConversationId) -> Vec<String> {
+        let store = self.nodes[i].engine.store_mut();
+        store.begin().unwrap();
+        let m = store.messages(c).unwrap();
+        store.rollback();
+        m.into_iter().map(|m| m.content).collect()
+    }
+}
+
+#[test]
+fn delivery_through_the_relay_with_no_direct_path() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    let m = w.send(0, &c.id, "via the relay");
+    assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(w.contents(1, &c.id), vec!["via the relay"]);
+}
+
+#[test]
+fn the_mailbox_delivers_after_the_sender_has_gone_offline() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    let m = w.send(0, &c.id, "left in the mailbox");
+    assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Sent, "held by the relay");
+    w.disconnect(0);
+    w.advance(60 * 60 * 1000);
+    w.connect(1);
+    assert_eq!(w.contents(1, &c.id), vec!["hello", "left in the mailbox"]);
+    // Bob's receipt waits in Alice's mailbox in turn.
+    w.connect(0);
+    assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+#[test]
+fn mailbox_order_and_exactly_once_across_reconnects() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "first");
+    w.disconnect(1);
+    for i in 0..5 {
+        w.send(0, &c.id, &format!("queued {i}"));
+    }
+    // Alice leaves: only the mailbox can deliver now.
+    w.disconnect(0);
+    // Bob's first connection dies before its acknowledgements get through.
+    w.drop_acks = true;
+    w.connect(1);
+    w.disconnect(1);
+    w.drop_acks = false;
+    w.connect(1);
+    let expected: Vec<String> =
+        ["first"].into_iter().map(String::from).chain((0..5).map(|i| format!("queued {i}"))).collect();
+    assert_eq!(w.contents(1, &c.id), expected);
+    let store = w.relay.store();
+    let mut store = store.crash_copy();
+    store.begin().unwrap();
+    assert!(store.mailbox(&w.id(1)).unwrap().is_empty(), "acknowledged entries are deleted");
+}
+
+#[test]
+fn quota_refusals_leave_messages_sent_with_the_reason() {
+    let config = RelayConfig { mailbox_max_count: 2, ..RelayConfig::default() };
+    let mut w = World::new(2, config);
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    let held: Vec<Message> = (0..2).map(|i| w.send(0, &c.id, &format!("held {i}"))).collect();
+    let refused = w.send(0, &c.id, "over quota");
+    let at_alice = w.message(0, &refused.id).unwrap();
+    assert_eq!(at_alice.status, MessageStatus::Sent);
+    assert_eq!(at_alice.waiting_reason.as_deref(), Some(Refusal::Quota.as_str()));
+    for m in &held {
+        assert_eq!(w.message(0, &m.id).unwrap().waiting_reason, None);
+    }
+    // When Bob is back, everything arrives, the refused one from Alice's outbox.
+    w.connect(1);
+    assert_eq!(w.message(0, &refused.id).unwrap().status, MessageStatus::Delivered);
+    assert_eq!(w.contents(1, &c.id), vec!["hello", "held 0", "held 1", "over quota"]);
+}
+
+#[test]
+fn rate_refusals_leave_messages_sent_and_they_go_later() {
+    let config = RelayConfig { rate_burst: 6, rate_per_sec: 1, ..RelayConfig::default() };
+    let mut w = World::new(2, config);
+    let c = w.conversation(0, 1);
+    let sent: Vec<Message> = (0..6).map(|i| w.send(0, &c.id, &format!("burst {i}"))).collect();
+    let over = sent.iter().filter(|m| w.message(0, &m.id).unwrap().waiting_reason.is_some()).count();
+    assert!(over > 0, "a burst beyond the limit is refused");
+    let reasons: Vec<Option<String>> = sent.iter().map(|m| w.message(0, &m.id).unwrap().waiting_reason).collect();
+    assert!(reasons.iter().flatten().all(|r| r == Refusal::Rate.as_str()), "{reasons:?}");
+    // A reconnect later sends them again, within the rate.
+    w.advance(60_000);
+    w.disconnect(1);
+    w.connect(1);
+    for m in &sent {
+        assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    }
+}
+
+#[test]
+fn too_large_refusals_fail_the_message_at_once() {
+    let config = RelayConfig { max_envelope_len: 600, ..RelayConfig::default() };
+    let mut w = World::new(2, config);
+    let c = w.conversation(0, 1);
+    let m = w.send(0, &c.id, &"x".repeat(2_000));
+    let at_alice = w.message(0, &m.id).unwrap();
+    assert_eq!(at_alice.status, MessageStatus::Failed);
+    assert_eq!(at_alice.failure_reason.as_deref(), Some(Refusal::TooLarge.as_str()));
+    let ok = w.send(0, &c.id, "small");
+    assert_eq!(w.message(0, &ok.id).unwrap().status, MessageStatus::Delivered);
+}
+
+#[test]
+fn the_default_envelope_limit_fits_the_largest_message() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    let m = w.send(0, &c.id, &"y".repeat(64 * 1024));
+    assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+#[test]
+fn a_relay_restarted_from_its_store_keeps_its_mailbox() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "before");
+    w.disconnect(1);
+    w.send(0, &c.id, "kept across the restart");
+    let store = w.relay.store().crash_copy();
+    w.relay = Relay::new(store, RelayConfig::default()).unwrap();
+    // Every connection died with the relay; the sender stays away, so only
+    // the relay's mailbox can bring the message.
+    w.nodes[0].online = false;
+    w.connect(1);
+    assert_eq!(w.contents(1, &c.id), vec!["before", "kept across the restart"]);
+}
+
+#[test]
+fn mailbox_entries_expire_after_the_ttl() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    w.send(0, &c.id, "too late");
+    w.advance(8 * DAY_MS);
+    let mut store = w.relay.store().crash_copy();
+    store.begin().unwrap();
+    assert!(store.mailbox(&w.id(1)).unwrap().is_empty());
+}
+
+// ---- the directory ------------------------------------------------------------
+
+fn record(identity: &IdentityKeyPair, sequence: u64, expires_in: u64) -> PeerRecord {
+    PeerRecord::sign(
+        identity,
+        vec!["10.0.0.1:4433".into()],
+        vec![],
+        NOW,
+        NOW.saturating_add_millis(expires_in),
+        sequence,
+    )
+}
+
+#[test]
+fn directory_records_are_checked_by_every_reader() {
+    let mut r = ChaCha20Rng::seed_from_u64(9);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let mallory = IdentityKeyPair::generate(&mut r);
+    let good = record(&alice, 5, DAY_MS);
+    assert_eq!(good.verify(NOW, Some(4)), Ok(()));
+    // A wrong key: Mallory's key under Alice's peer ID.
+    let mut wrong_key = good.clone();
+    wrong_key.identity_key = mallory.public().to_bytes();
+    assert!(matches!(wrong_key.verify(NOW, None), Err(RecordError::Identity(_))));
+    // A stale sequence.
+    assert_eq!(good.verify(NOW, Some(5)), Err(RecordError::Stale { known: 5, got: 5 }));
+    // An expired record.
+    let expired = record(&alice, 6, 10);
+    assert!(matches!(expired.verify(NOW.saturating_add_millis(11), None), Err(RecordError::Expired { .. })));
+    // A bad signature.
+    let mut tampered = good.clone();
+    tampered.direct_addresses = vec!["203.0.113.9:4433".into()];
+    assert!(matches!(tampered.verify(NOW, None), Err(RecordError::Identity(_))));
+}
+
+#[test]
+fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers() {
+    let mut r = ChaCha20Rng::seed_from_u64(10);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let bob = IdentityKeyPair::generate(&mut r);
+    let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+    relay.connected(alice.peer_id());
+    relay.connected(bob.peer_id());
+    let publish = |relay: &mut Relay<MemoryRelayStore>, from: PeerId, rec: PeerRecord| {
+        relay.handle_frame(NOW, from, &RelayFrame::Publish(rec).encode()).unwrap();
+        std::iter::from_fn(|| relay.poll_event()).collect::<Vec<_>>()
+    };
+    assert!(publish(&mut relay, alice.peer_id(), record(&alice, 2, DAY_MS)).is_empty());
+    let stale = publish(&mut relay, alice.peer_id(), record(&alice, 1, DAY_MS));
+    assert!(matches!(&stale[..], [RelayEvent::Rejected { .. }]), "{stale:?}");
+    let foreign = publish(&mut relay, bob.peer_id(), record(&alice, 3, DAY_MS));
+    assert!(matches!(&foreign[..], [RelayEvent::Rejected { .. }]), "a record published by someone else");
+    let lookup = |relay: &mut Relay<MemoryRelayStore>, peer: PeerId| {
+        relay.handle_frame(NOW, bob.peer_id(), &RelayFrame::Lookup { peer }.encode()).unwrap();
+        let (_, bytes) = relay.poll_transmit().unwrap();
+        match RelayFrame::decode(&bytes).unwrap() {
+            RelayFrame::LookupResult { record, .. } => record,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(lookup(&mut relay, alice.peer_id()).map(|r| r.sequence), Some(2));
+    // A reader refuses a forged answer even if a relay sends one.
+    let mut client = p2pchat_protocol::relay::RelayClient::new();
+    let _ = client.lookup(alice.peer_id());
+    let mut forged = record(&alice, 9, DAY_MS);
+    forged.relay_addresses = vec!["evil.test:1".into()];
+    let answer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(forged) };
+    let actions = client.on_frame(NOW, &answer.encode()).unwrap();
+    assert_eq!(actions, vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))]);
+}
