@@ -7,6 +7,9 @@ use super::record::PeerRecord;
 use crate::ids::PeerId;
 use crate::wire::{decode_exact, encode_postcard, WireError, MAX_ENVELOPE_LEN, PROTOCOL_VERSION};
 
+/// The number of [`RelayFrame`] kinds this version knows.
+const RELAY_FRAME_KINDS: u32 = 12;
+
 /// The largest frame: an envelope of [`MAX_ENVELOPE_LEN`] plus headers.
 pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN + 1024;
 
@@ -130,9 +133,21 @@ impl RelayFrame {
         }
         let (kind, _) = postcard::take_from_bytes::<u32>(rest)
             .map_err(|e| WireError::Malformed { what: "relay frame kind", reason: e.to_string() })?;
-        if kind >= 13 {
+        if kind >= RELAY_FRAME_KINDS {
             return Err(WireError::UnknownKind(kind));
         }
         decode_exact(rest, "relay frame")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_malformed_frames_are_named() {
+        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 12]), Err(WireError::UnknownKind(12)));
+        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 11, 0]), Ok(RelayFrame::MailboxAck { ids: vec![] }));
+        assert!(matches!(RelayFrame::decode(&[PROTOCOL_VERSION, 5]), Err(WireError::Malformed { .. })));
     }
 }

@@ -207,14 +207,16 @@ impl<S: RelayStore> Relay<S> {
         self.next_deadline
     }
 
-    /// A peer connected (the transport authenticated its ID).
+    /// A peer connected (the transport authenticated its ID). A second
+    /// connection of a registered peer keeps it registered.
     pub fn connected(&mut self, peer: PeerId) {
-        self.connected.insert(peer, false);
+        self.connected.entry(peer).or_insert(false);
     }
 
-    /// A peer's connection closed.
+    /// A peer's connection closed; its rate state goes with it.
     pub fn disconnected(&mut self, peer: &PeerId) {
         self.connected.remove(peer);
+        self.buckets.remove(peer);
     }
 
     /// A frame from a connected peer.
@@ -272,11 +274,15 @@ impl<S: RelayStore> Relay<S> {
         };
         match frame {
             RelayFrame::Register => {
-                self.connected.insert(from, true);
+                // Only over a live connection: a late frame after the
+                // disconnect must not make the peer look reachable.
+                let Some(registered) = self.connected.get_mut(&from) else { return Ok(()) };
+                *registered = true;
                 self.send(from, &RelayFrame::Registered);
                 self.deliver_mailbox(&from)?;
             }
-            RelayFrame::FetchMailbox => self.deliver_mailbox(&from)?,
+            RelayFrame::FetchMailbox if self.connected.get(&from) == Some(&true) => self.deliver_mailbox(&from)?,
+            RelayFrame::FetchMailbox => {}
             RelayFrame::MailboxAck { ids } => {
                 for id in ids.into_iter().take(MAX_ACK_IDS) {
                     self.store.delete_mailbox_entry(&from, id)?;
