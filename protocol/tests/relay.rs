@@ -72,11 +72,6 @@ impl World {
         for frame in self.nodes[i].client.on_connect(record) {
             self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
         }
-        for j in 0..self.nodes.len() {
-            if j != i && self.nodes[j].online {
-                self.nodes[j].engine.handle(self.now, Input::PeerReachable(id)).unwrap();
-            }
-        }
         self.drain();
     }
 
@@ -84,10 +79,8 @@ impl World {
         self.nodes[i].online = false;
         let id = self.id(i);
         self.relay.disconnected(&id);
-        for j in 0..self.nodes.len() {
-            if j != i {
-                self.nodes[j].engine.handle(self.now, Input::PeerUnreachable(id)).unwrap();
-            }
+        for input in self.nodes[i].client.on_disconnect() {
+            self.nodes[i].engine.handle(self.now, input).unwrap();
         }
         self.drain();
     }
@@ -275,8 +268,10 @@ fn quota_refusals_leave_messages_sent_with_the_reason() {
     for m in &held {
         assert_eq!(w.message(0, &m.id).unwrap().waiting_reason, None);
     }
-    // When Bob is back, everything arrives, the refused one from Alice's outbox.
+    // When Bob is back, everything arrives: the held ones from the mailbox,
+    // the refused one from Alice's outbox on its next try.
     w.connect(1);
+    w.advance(31_000);
     assert_eq!(w.message(0, &refused.id).unwrap().status, MessageStatus::Delivered);
     assert_eq!(w.contents(1, &c.id), vec!["hello", "held 0", "held 1", "over quota"]);
 }
@@ -413,6 +408,19 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
     assert_eq!(lookup(&mut relay, alice.peer_id()).map(|r| r.sequence), Some(2));
     // A reader refuses a forged answer even if a relay sends one.
     let mut client = p2pchat_protocol::relay::RelayClient::new();
+    let _ = client.lookup(alice.peer_id());
+    let newer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(record(&alice, 7, DAY_MS)) };
+    assert_eq!(
+        client.on_frame(NOW, &newer.encode()).unwrap(),
+        vec![ClientAction::ToEngine(Input::PeerRecord(alice.peer_id()))]
+    );
+    // An older record than one the reader has seen is stale.
+    let _ = client.lookup(alice.peer_id());
+    let older = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(record(&alice, 3, DAY_MS)) };
+    assert_eq!(
+        client.on_frame(NOW, &older.encode()).unwrap(),
+        vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))]
+    );
     let _ = client.lookup(alice.peer_id());
     let mut forged = record(&alice, 9, DAY_MS);
     forged.relay_addresses = vec!["evil.test:1".into()];

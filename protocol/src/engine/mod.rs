@@ -1084,9 +1084,14 @@ impl<S: Store> Engine<S> {
             }
             TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
                 // Held by the relay, or in our outbox under an established
-                // session: either way it is `sent`, and goes again when the
-                // peer is back. Why it waits is recorded for the user.
-                item.next_attempt_at = None;
+                // session: either way it is `sent`. A held copy goes again
+                // when the peer is back; a refused one (peer offline, relay
+                // over quota or rate) is also tried again after the
+                // confirmation timeout. Why it waits is recorded for the user.
+                item.next_attempt_at = match &outcome {
+                    TransmitOutcome::Failed(_) => Some(now.saturating_add_millis(self.config.confirmation_timeout_ms)),
+                    _ => None,
+                };
                 self.advance(now, &message_id, &flight.peer, MessageStatus::Sent)?;
                 let waiting = match &outcome {
                     TransmitOutcome::Failed(reason) => Some(reason.clone()),
@@ -1396,7 +1401,14 @@ impl<S: Store> Engine<S> {
             }
         };
         self.on_payload(now, from, payload)?;
-        // A message from the peer proves a path: send what waits for it.
+        // A message from the peer proves a path: what was parked waiting for
+        // one (refused by a relay, or sent while the peer was offline) goes now.
+        for mut item in
+            self.store.outbox_for(&from)?.into_iter().filter(|i| !i.in_flight && i.next_attempt_at.is_none())
+        {
+            item.next_attempt_at = Some(now);
+            self.store.put_outbox_item(&item)?;
+        }
         self.pump(now, from)
     }
 

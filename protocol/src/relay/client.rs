@@ -27,6 +27,10 @@ pub enum ClientAction {
 #[derive(Debug, Default)]
 pub struct RelayClient {
     lookups: BTreeSet<PeerId>,
+    /// Forwards the relay has not answered yet.
+    pending: BTreeSet<u64>,
+    /// The highest record sequence seen per peer: older answers are stale.
+    sequences: std::collections::BTreeMap<PeerId, u64>,
 }
 
 impl RelayClient {
@@ -42,7 +46,8 @@ impl RelayClient {
     }
 
     /// An engine transmit, sent through the relay.
-    pub fn forward(&self, transmit: Transmit) -> RelayFrame {
+    pub fn forward(&mut self, transmit: Transmit) -> RelayFrame {
+        self.pending.insert(transmit.id.0);
         RelayFrame::Forward {
             to: transmit.peer,
             id: transmit.id.0,
@@ -57,9 +62,26 @@ impl RelayClient {
         RelayFrame::Lookup { peer }
     }
 
+    /// The relay connection closed: every unanswered forward failed (the
+    /// engine keeps the messages and tries again when the peer is reachable).
+    pub fn on_disconnect(&mut self) -> Vec<Input> {
+        core::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|id| Input::TransmitResult {
+                id: TransmitId(id),
+                outcome: TransmitOutcome::Failed("the relay connection closed".into()),
+            })
+            .collect()
+    }
+
     /// A frame from the relay.
     pub fn on_frame(&mut self, now: Timestamp, bytes: &[u8]) -> Result<Vec<ClientAction>, WireError> {
         let frame = RelayFrame::decode(bytes)?;
+        if let RelayFrame::Forwarded { id } | RelayFrame::Held { id } | RelayFrame::Refused { id, .. } = &frame {
+            if !self.pending.remove(id) {
+                return Ok(Vec::new()); // not ours, or already settled
+            }
+        }
         let result = |id: u64, outcome: TransmitOutcome| {
             vec![ClientAction::ToEngine(Input::TransmitResult { id: TransmitId(id), outcome })]
         };
@@ -81,8 +103,15 @@ impl RelayClient {
                 if !self.lookups.remove(&peer) {
                     return Ok(Vec::new());
                 }
-                // Every reader checks the record itself: the relay is not trusted.
-                let valid = record.as_ref().is_some_and(|r| r.peer_id == peer && r.verify(now, None).is_ok());
+                // Every reader checks the record itself: the relay is not
+                // trusted, and an answer older than one already seen is stale.
+                let known = self.sequences.get(&peer).copied();
+                let valid = record.as_ref().is_some_and(|r| {
+                    r.peer_id == peer && r.verify(now, None).is_ok() && known.is_none_or(|k| r.sequence >= k)
+                });
+                if let (true, Some(r)) = (valid, &record) {
+                    self.sequences.insert(peer, r.sequence);
+                }
                 let input = if valid { Input::PeerRecord(peer) } else { Input::LookupFailed(peer) };
                 vec![ClientAction::ToEngine(input)]
             }
