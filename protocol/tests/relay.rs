@@ -386,8 +386,14 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
     let alice = IdentityKeyPair::generate(&mut r);
     let bob = IdentityKeyPair::generate(&mut r);
     let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
-    relay.connected(alice.peer_id());
-    relay.connected(bob.peer_id());
+    for peer in [alice.peer_id(), bob.peer_id()] {
+        relay.connected(peer);
+        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    }
+    while relay.poll_transmit().is_some() {}
+    // Records valid for longer than the relay keeps them are refused.
+    relay.handle_frame(NOW, alice.peer_id(), &RelayFrame::Publish(record(&alice, 1, 30 * DAY_MS)).encode()).unwrap();
+    assert!(matches!(relay.poll_event(), Some(RelayEvent::Rejected { .. })));
     let publish = |relay: &mut Relay<MemoryRelayStore>, from: PeerId, rec: PeerRecord| {
         relay.handle_frame(NOW, from, &RelayFrame::Publish(rec).encode()).unwrap();
         std::iter::from_fn(|| relay.poll_event()).collect::<Vec<_>>()
@@ -427,4 +433,21 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
     let answer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(forged) };
     let actions = client.on_frame(NOW, &answer.encode()).unwrap();
     assert_eq!(actions, vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))]);
+}
+
+#[test]
+fn the_relay_holds_no_mailbox_for_a_peer_it_does_not_know() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    let stranger = PeerId([7; 20]);
+    let frame = RelayFrame::Forward { to: stranger, id: 99, mailbox_allowed: true, envelope: vec![1; 100] };
+    let alice = w.id(0);
+    w.relay.handle_frame(w.now, alice, &frame.encode()).unwrap();
+    let answers: Vec<RelayFrame> =
+        std::iter::from_fn(|| w.relay.poll_transmit()).map(|(_, b)| RelayFrame::decode(&b).unwrap()).collect();
+    assert_eq!(answers, vec![RelayFrame::Refused { id: 99, reason: Refusal::UnknownRecipient }]);
+    let mut store = w.relay.store().crash_copy();
+    store.begin().unwrap();
+    assert!(store.mailbox(&stranger).unwrap().is_empty());
 }

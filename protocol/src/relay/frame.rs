@@ -27,6 +27,9 @@ pub enum Refusal {
     RecipientOffline,
     /// The sender has not registered. Register first.
     NotRegistered,
+    /// The relay has no valid record of the recipient, so it holds no
+    /// mailbox for it. Try again later (the peer may publish one).
+    UnknownRecipient,
 }
 
 impl Refusal {
@@ -43,6 +46,7 @@ impl Refusal {
             Self::TooLarge => "the envelope is larger than the relay accepts",
             Self::RecipientOffline => "the peer is offline and this message cannot wait in a mailbox",
             Self::NotRegistered => "not registered with the relay",
+            Self::UnknownRecipient => "the relay does not know this peer",
         }
     }
 }

@@ -63,6 +63,11 @@ impl RelayStore for MemoryRelayStore {
         Ok(self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX)).map(|(_, e)| e.clone()).collect())
     }
 
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
+        let entries = self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX));
+        Ok(entries.fold((0, 0), |(count, bytes), (_, e)| (count + 1, bytes + e.envelope.len())))
+    }
+
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError> {
         self.write()?.mailbox.insert((entry.recipient, entry.id), entry.clone());
         Ok(())
@@ -97,5 +102,16 @@ impl RelayStore for MemoryRelayStore {
     fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError> {
         self.write()?.records.insert(record.peer_id, record.clone());
         Ok(())
+    }
+
+    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
+        let t = self.write()?;
+        let before = t.records.len();
+        t.records.retain(|_, r| r.expires_at > now);
+        Ok(before - t.records.len())
+    }
+
+    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
+        Ok(self.read()?.records.values().map(|r| r.expires_at).min())
     }
 }

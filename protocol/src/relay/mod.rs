@@ -64,6 +64,8 @@ pub trait RelayStore {
     fn rollback(&mut self);
     /// A peer's mailbox, oldest first.
     fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError>;
+    /// How many entries and bytes a peer's mailbox holds.
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError>;
     /// Stores an entry.
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError>;
     /// Deletes an entry of `peer`'s mailbox (no-op if absent).
@@ -78,6 +80,10 @@ pub trait RelayStore {
     fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError>;
     /// Stores a record.
     fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError>;
+    /// Deletes records that expired at or before `now`; returns how many.
+    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError>;
+    /// The earliest expiry among stored records.
+    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError>;
 }
 
 /// Relay limits; all configurable.
@@ -89,6 +95,8 @@ pub struct RelayConfig {
     pub mailbox_max_bytes: usize,
     /// How long an entry is held: 7 days.
     pub mailbox_ttl_ms: u64,
+    /// The longest a published record may stay valid: 7 days.
+    pub record_max_lifetime_ms: u64,
     /// Forwards per second a peer may sustain.
     pub rate_per_sec: u64,
     /// Forwards a peer may make in a burst.
@@ -104,6 +112,7 @@ impl Default for RelayConfig {
             mailbox_max_count: 1_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
             mailbox_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            record_max_lifetime_ms: 7 * 24 * 60 * 60 * 1000,
             rate_per_sec: 50,
             rate_burst: 200,
             max_envelope_len: MAX_ENVELOPE_LEN,
@@ -224,10 +233,14 @@ impl<S: RelayStore> Relay<S> {
         self.transact(|r| r.on_frame(now, from, bytes))
     }
 
-    /// Expires old mailbox entries.
+    /// Expires old mailbox entries and records.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), RelayError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.mailbox_ttl_ms));
-        self.transact(|r| r.store.delete_mailbox_before(cutoff).map(|_| ()).map_err(RelayError::from))
+        self.transact(|r| {
+            r.store.delete_mailbox_before(cutoff)?;
+            r.store.delete_expired_records(now)?;
+            Ok(())
+        })
     }
 
     fn transact(&mut self, f: impl FnOnce(&mut Self) -> Result<(), RelayError>) -> Result<(), RelayError> {
@@ -235,7 +248,8 @@ impl<S: RelayStore> Relay<S> {
         self.store.begin()?;
         let result = f(self).and_then(|()| {
             let oldest = self.store.oldest_mailbox_entry()?;
-            Ok(oldest.map(|at| at.saturating_add_millis(self.config.mailbox_ttl_ms.saturating_add(1))))
+            let mailbox = oldest.map(|at| at.saturating_add_millis(self.config.mailbox_ttl_ms.saturating_add(1)));
+            Ok(mailbox.into_iter().chain(self.store.next_record_expiry()?).min())
         });
         match result {
             Ok(deadline) => match self.store.commit() {
@@ -289,8 +303,17 @@ impl<S: RelayStore> Relay<S> {
                 }
             }
             RelayFrame::Publish(record) => {
-                let known = self.store.record(&record.peer_id)?.map(|r| r.sequence);
-                if record.peer_id != from {
+                // An expired record no longer counts against a new one.
+                let known = self.store.record(&record.peer_id)?.filter(|r| r.expires_at > now).map(|r| r.sequence);
+                let lifetime = record.expires_at.millis_since(now);
+                if self.connected.get(&from) != Some(&true) {
+                    self.staged.events.push(RelayEvent::Rejected { from, reason: "publish before registering".into() });
+                } else if lifetime > self.config.record_max_lifetime_ms {
+                    self.staged.events.push(RelayEvent::Rejected {
+                        from,
+                        reason: "peer record valid for longer than this relay keeps records".into(),
+                    });
+                } else if record.peer_id != from {
                     self.staged
                         .events
                         .push(RelayEvent::Rejected { from, reason: "peer record for another peer".into() });
@@ -356,9 +379,14 @@ impl<S: RelayStore> Relay<S> {
             self.refuse(from, id, Refusal::RecipientOffline);
             return Ok(());
         }
-        let held = self.store.mailbox(&to)?;
-        let bytes: usize = held.iter().map(|e| e.envelope.len()).sum();
-        if held.len() >= self.config.mailbox_max_count || bytes + envelope.len() > self.config.mailbox_max_bytes {
+        // A mailbox only for a peer that published a valid record here: an
+        // invented peer ID gets none.
+        if self.store.record(&to)?.is_none_or(|r| r.expires_at <= now) {
+            self.refuse(from, id, Refusal::UnknownRecipient);
+            return Ok(());
+        }
+        let (count, bytes) = self.store.mailbox_usage(&to)?;
+        if count >= self.config.mailbox_max_count || bytes + envelope.len() > self.config.mailbox_max_bytes {
             self.refuse(from, id, Refusal::Quota);
             return Ok(());
         }
