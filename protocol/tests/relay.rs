@@ -132,6 +132,8 @@ impl World {
                             self.relay.handle_frame(self.now, to, &frame.encode()).unwrap()
                         }
                         ClientAction::AfterEngine(_) => {}
+                        // No direct paths in this world: the records are not dialled.
+                        ClientAction::Record(_) => {}
                     }
                 }
             }
@@ -415,10 +417,11 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
     // A reader refuses a forged answer even if a relay sends one.
     let mut client = p2pchat_protocol::relay::RelayClient::new();
     let _ = client.lookup(alice.peer_id());
-    let newer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(record(&alice, 7, DAY_MS)) };
+    let newer_record = record(&alice, 7, DAY_MS);
+    let newer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(newer_record.clone()) };
     assert_eq!(
         client.on_frame(NOW, &newer.encode()).unwrap(),
-        vec![ClientAction::ToEngine(Input::PeerRecord(alice.peer_id()))]
+        vec![ClientAction::Record(newer_record), ClientAction::ToEngine(Input::PeerRecord(alice.peer_id()))]
     );
     // An older record than one the reader has seen is stale.
     let _ = client.lookup(alice.peer_id());
@@ -450,4 +453,22 @@ fn the_relay_holds_no_mailbox_for_a_peer_it_does_not_know() {
     let mut store = w.relay.store().crash_copy();
     store.begin().unwrap();
     assert!(store.mailbox(&stranger).unwrap().is_empty());
+}
+
+#[test]
+fn published_sequences_always_increase() {
+    let mut r = ChaCha20Rng::seed_from_u64(11);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let mut client = p2pchat_protocol::relay::RelayClient::new();
+    let seq = |frame: RelayFrame| match frame {
+        RelayFrame::Publish(record) => {
+            assert_eq!(record.verify(NOW, None), Ok(()));
+            record.sequence
+        }
+        other => panic!("{other:?}"),
+    };
+    let first = seq(client.publish(&alice, vec![], vec![], NOW, DAY_MS));
+    let same_instant = seq(client.publish(&alice, vec!["10.0.0.2:1".into()], vec![], NOW, DAY_MS));
+    let clock_back = seq(client.publish(&alice, vec![], vec![], Timestamp(NOW.0 - 5_000), DAY_MS));
+    assert!(first < same_instant && same_instant < clock_back);
 }

@@ -32,6 +32,9 @@ pub enum Event {
         /// When it reached `sent`.
         timestamp: Timestamp,
     },
+    /// `chat.message.updated` (beyond the reference): a `sent` message's
+    /// `waiting_reason` changed (e.g. the relay's mailbox is full).
+    MessageUpdated(Message),
     /// `chat.message.delivered`
     MessageDelivered {
         /// The message.
@@ -94,6 +97,7 @@ impl Event {
             Self::MessageCreated(_) => "chat.message.created",
             Self::MessageReceived(_) => "chat.message.received",
             Self::MessageSent { .. } => "chat.message.sent",
+            Self::MessageUpdated(_) => "chat.message.updated",
             Self::MessageDelivered { .. } => "chat.message.delivered",
             Self::MessageRead { .. } => "chat.message.read",
             Self::MessageFailed { .. } => "chat.message.failed",

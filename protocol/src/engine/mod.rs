@@ -1101,6 +1101,7 @@ impl<S: Store> Engine<S> {
                     if message.status == MessageStatus::Sent && message.waiting_reason != waiting {
                         message.waiting_reason = waiting;
                         self.store.put_message(&message)?;
+                        self.staged.events.push(Event::MessageUpdated(message));
                     }
                 }
             }

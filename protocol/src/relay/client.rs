@@ -21,6 +21,8 @@ pub enum ClientAction {
     /// Send this to the relay once the engine has handled (and committed)
     /// the input before it: a mailbox entry is deleted only after it is safe.
     AfterEngine(RelayFrame),
+    /// A verified record of a peer, for the node's dialler and directory.
+    Record(PeerRecord),
 }
 
 /// One node's relay client state.
@@ -29,6 +31,8 @@ pub struct RelayClient {
     lookups: BTreeSet<PeerId>,
     /// Forwards the relay has not answered yet.
     pending: BTreeSet<u64>,
+    /// The sequence of the newest record this node published.
+    published: u64,
     /// The highest record sequence seen per peer: older answers are stale.
     sequences: std::collections::BTreeMap<PeerId, u64>,
 }
@@ -43,6 +47,30 @@ impl RelayClient {
     /// the mailbox) and publish our record.
     pub fn on_connect(&self, record: PeerRecord) -> Vec<RelayFrame> {
         vec![RelayFrame::Register, RelayFrame::Publish(record)]
+    }
+
+    /// A newly signed record of this node (at start, and whenever its
+    /// addresses change), to publish. Sequences follow the clock in
+    /// milliseconds and always increase, so a reinstalled node's records
+    /// are newer than those it published before.
+    pub fn publish(
+        &mut self,
+        identity: &crate::IdentityKeyPair,
+        direct_addresses: Vec<String>,
+        relay_addresses: Vec<String>,
+        now: Timestamp,
+        lifetime_ms: u64,
+    ) -> RelayFrame {
+        self.published = now.as_millis().max(self.published.saturating_add(1));
+        let expires_at = now.saturating_add_millis(lifetime_ms);
+        RelayFrame::Publish(PeerRecord::sign(
+            identity,
+            direct_addresses,
+            relay_addresses,
+            now,
+            expires_at,
+            self.published,
+        ))
     }
 
     /// An engine transmit, sent through the relay.
@@ -109,11 +137,13 @@ impl RelayClient {
                 let valid = record.as_ref().is_some_and(|r| {
                     r.peer_id == peer && r.verify(now, None).is_ok() && known.is_none_or(|k| r.sequence >= k)
                 });
-                if let (true, Some(r)) = (valid, &record) {
-                    self.sequences.insert(peer, r.sequence);
+                match record {
+                    Some(record) if valid => {
+                        self.sequences.insert(peer, record.sequence);
+                        vec![ClientAction::Record(record), ClientAction::ToEngine(Input::PeerRecord(peer))]
+                    }
+                    _ => vec![ClientAction::ToEngine(Input::LookupFailed(peer))],
                 }
-                let input = if valid { Input::PeerRecord(peer) } else { Input::LookupFailed(peer) };
-                vec![ClientAction::ToEngine(input)]
             }
             RelayFrame::Registered => Vec::new(),
             // Node-to-relay frames arriving here are ignored.

@@ -286,6 +286,13 @@ impl<S: RelayStore> Relay<S> {
                 return Ok(());
             }
         };
+        // Every request costs a token, so no frame kind can be used to make
+        // the relay work without limit.
+        let costs = matches!(frame, RelayFrame::Publish(_) | RelayFrame::Lookup { .. } | RelayFrame::FetchMailbox);
+        if costs && !self.take_token(now, from) {
+            self.staged.events.push(RelayEvent::Refused { from, reason: Refusal::Rate });
+            return Ok(());
+        }
         match frame {
             RelayFrame::Register => {
                 // Only over a live connection: a late frame after the
