@@ -472,3 +472,64 @@ fn published_sequences_always_increase() {
     let clock_back = seq(client.publish(&alice, vec![], vec![], Timestamp(NOW.0 - 5_000), DAY_MS));
     assert!(first < same_instant && same_instant < clock_back);
 }
+
+#[test]
+fn the_byte_quota_refuses_what_would_overflow_it() {
+    let config = RelayConfig { mailbox_max_bytes: 1_500, ..RelayConfig::default() };
+    let mut w = World::new(2, config);
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    let small = w.send(0, &c.id, "fits");
+    let big = w.send(0, &c.id, &"z".repeat(2_000));
+    assert_eq!(w.message(0, &small.id).unwrap().waiting_reason, None, "held");
+    assert_eq!(w.message(0, &big.id).unwrap().waiting_reason.as_deref(), Some(Refusal::Quota.as_str()));
+}
+
+#[test]
+fn a_group_message_travels_through_the_relay() {
+    let mut w = World::new(3, RelayConfig::default());
+    let members = vec![w.id(1), w.id(2)];
+    let CommandOutcome::Conversation(g) =
+        w.nodes[0].engine.command(w.now, Command::CreateGroup { name: "Relayed".into(), members }).unwrap()
+    else {
+        panic!()
+    };
+    w.drain();
+    let command = Command::SendGroupMessage { group: g.id, content: "x".repeat(64 * 1024) };
+    let CommandOutcome::Message(m) = w.nodes[0].engine.command(w.now, command).unwrap() else { panic!() };
+    w.drain();
+    w.advance(31_000);
+    assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    for i in 1..3 {
+        assert_eq!(w.contents(i, &g.id).len(), 1, "member {i}");
+    }
+}
+
+mod hostile {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_relay_or_the_client(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..400), 1..10),
+        ) {
+            let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+            let peer = PeerId([3; 20]);
+            relay.connected(peer);
+            relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+            let mut client = p2pchat_protocol::relay::RelayClient::new();
+            for mut bytes in frames {
+                if let Some(first) = bytes.first_mut() {
+                    *first = 1; // mostly past the version check
+                }
+                relay.handle_frame(NOW, peer, &bytes).unwrap();
+                let _ = client.on_frame(NOW, &bytes);
+            }
+        }
+    }
+}
