@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message,
-    MessageStatus, OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
+    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -570,7 +570,7 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         message: &GroupMessage,
     ) -> Result<Result<(), GroupError>, EngineError> {
-        let Ok((mut conversation, _, mut group)) = self.joined_group(&message.group_id) else {
+        let Ok((conversation, _, mut group)) = self.joined_group(&message.group_id) else {
             return Ok(Err(GroupError::NotAMember { peer: self.peer_id() }));
         };
         let sender = message.sender;
@@ -601,30 +601,8 @@ impl<S: Store> Engine<S> {
             self.reject(sender, "group message too large or reusing a message ID");
             return Ok(Ok(()));
         }
-        let stored = Message {
-            id: chat.message_id,
-            conversation_id: message.group_id,
-            sender,
-            content: chat.content,
-            timestamp: chat.sent_at,
-            status: MessageStatus::Delivered,
-            sent_at: Some(chat.sent_at),
-            delivered_at: Some(now),
-            read_at: None,
-            failure_reason: None,
-            waiting_reason: None,
-            recipients: Vec::new(),
-            stored_at: now,
-            group_position: Some((message.key_id, message.message_number)),
-        };
-        self.store.put_message(&stored)?;
-        conversation.unread_count = conversation.unread_count.saturating_add(1);
-        conversation.last_message_at = Some(now);
-        conversation.last_message_id = Some(stored.id);
-        conversation.updated_at = now;
-        self.store.put_conversation(&conversation)?;
-        self.staged.events.push(Event::MessageReceived(stored.clone()));
-        self.conversation_updated(conversation)?;
+        let position = Some((message.key_id, message.message_number));
+        let stored = self.record_incoming(now, conversation, sender, chat, position)?;
         self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
         self.pump(now, sender)?;
         Ok(Ok(()))

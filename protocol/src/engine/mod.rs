@@ -690,6 +690,42 @@ impl<S: Store> Engine<S> {
         Ok(self.store.message(&message.id)?.unwrap_or(message))
     }
 
+    /// Stores a message a peer wrote, counts it unread, and emits the events.
+    pub(super) fn record_incoming(
+        &mut self,
+        now: Timestamp,
+        mut conversation: Conversation,
+        sender: PeerId,
+        chat: ChatContent,
+        group_position: Option<(u32, u32)>,
+    ) -> Result<Message, EngineError> {
+        let message = Message {
+            id: chat.message_id,
+            conversation_id: conversation.id,
+            sender,
+            content: chat.content,
+            timestamp: chat.sent_at,
+            status: MessageStatus::Delivered,
+            sent_at: Some(chat.sent_at),
+            delivered_at: Some(now),
+            read_at: None,
+            failure_reason: None,
+            waiting_reason: None,
+            recipients: Vec::new(),
+            stored_at: now,
+            group_position,
+        };
+        self.store.put_message(&message)?;
+        conversation.unread_count = conversation.unread_count.saturating_add(1);
+        conversation.last_message_at = Some(now);
+        conversation.last_message_id = Some(message.id);
+        conversation.updated_at = now;
+        self.store.put_conversation(&conversation)?;
+        self.staged.events.push(Event::MessageReceived(message.clone()));
+        self.conversation_updated(conversation)?;
+        Ok(message)
+    }
+
     /// Stores a message this node wrote, updates its conversation and emits
     /// the events for both.
     pub(super) fn record_outgoing(
@@ -1462,6 +1498,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn on_chat(&mut self, now: Timestamp, from: PeerId, chat: ChatContent) -> Result<(), EngineError> {
+        let message_id = chat.message_id;
         let conversation_id = ConversationId::for_peers(&self.peer_id(), &from);
         let known = self.store.message(&chat.message_id)?;
         if known.is_none() {
@@ -1469,7 +1506,7 @@ impl<S: Store> Engine<S> {
                 self.reject(from, "message content over the 64 KiB limit");
                 return Ok(());
             }
-            let mut conversation = match self.store.conversation(&conversation_id)? {
+            let conversation = match self.store.conversation(&conversation_id)? {
                 Some(c) if c.kind == (ConversationKind::OneOnOne { peer: from }) => c,
                 Some(_) => {
                     self.reject(from, "1:1 message for a conversation that is not a 1:1 with this peer");
@@ -1477,37 +1514,14 @@ impl<S: Store> Engine<S> {
                 }
                 None => self.create_conversation(now, from)?,
             };
-            let message = Message {
-                id: chat.message_id,
-                conversation_id,
-                sender: from,
-                content: chat.content,
-                timestamp: chat.sent_at,
-                status: MessageStatus::Delivered,
-                sent_at: Some(chat.sent_at),
-                delivered_at: Some(now),
-                read_at: None,
-                failure_reason: None,
-                waiting_reason: None,
-                recipients: Vec::new(),
-                stored_at: now,
-                group_position: None,
-            };
-            self.store.put_message(&message)?;
-            conversation.unread_count = conversation.unread_count.saturating_add(1);
-            conversation.last_message_at = Some(now);
-            conversation.last_message_id = Some(message.id);
-            conversation.updated_at = now;
-            self.store.put_conversation(&conversation)?;
-            self.staged.events.push(Event::MessageReceived(message));
-            self.conversation_updated(conversation)?;
+            self.record_incoming(now, conversation, from, chat, None)?;
         } else if known.is_some_and(|m| m.sender != from) {
             self.reject(from, "message ID already used by another sender");
             return Ok(());
         }
         // Confirm every copy, so a lost confirmation is repaired by the
         // sender's retransmission.
-        self.enqueue(now, from, OutboxPayload::Delivered(vec![chat.message_id]))
+        self.enqueue(now, from, OutboxPayload::Delivered(vec![message_id]))
     }
 
     /// A delivery or read receipt from `from` for one of our messages.
