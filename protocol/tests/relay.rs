@@ -6,8 +6,8 @@ use p2pchat_protocol::engine::{
     Command, CommandOutcome, Conversation, Engine, EngineConfig, Input, MemoryStore, Message, MessageStatus, Store,
 };
 use p2pchat_protocol::relay::{
-    ClientAction, MemoryRelayStore, PeerRecord, RecordError, Refusal, Relay, RelayConfig, RelayEvent, RelayFrame,
-    RelayStore,
+    ClientAction, MailboxEntry, MemoryRelayStore, PeerRecord, PublishRefusal, RecordError, Refusal, Relay, RelayConfig,
+    RelayFrame, RelayStore, RelayStoreError,
 };
 use p2pchat_protocol::testkit::NOW;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -134,6 +134,8 @@ impl World {
                         ClientAction::AfterEngine(_) => {}
                         // No direct paths in this world: the records are not dialled.
                         ClientAction::Record(_) => {}
+                        ClientAction::Published { .. } => {}
+                        ClientAction::PublishRefused { reason, .. } => panic!("publish refused: {reason:?}"),
                     }
                 }
             }
@@ -393,18 +395,27 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
         relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
     }
     while relay.poll_transmit().is_some() {}
-    // Records valid for longer than the relay keeps them are refused.
-    relay.handle_frame(NOW, alice.peer_id(), &RelayFrame::Publish(record(&alice, 1, 30 * DAY_MS)).encode()).unwrap();
-    assert!(matches!(relay.poll_event(), Some(RelayEvent::Rejected { .. })));
+    // Every publish is answered, and a refusal says why.
     let publish = |relay: &mut Relay<MemoryRelayStore>, from: PeerId, rec: PeerRecord| {
         relay.handle_frame(NOW, from, &RelayFrame::Publish(rec).encode()).unwrap();
-        std::iter::from_fn(|| relay.poll_event()).collect::<Vec<_>>()
+        while relay.poll_event().is_some() {}
+        let (to, bytes) = relay.poll_transmit().unwrap();
+        assert_eq!(to, from);
+        assert_eq!(relay.poll_transmit(), None);
+        RelayFrame::decode(&bytes).unwrap()
     };
-    assert!(publish(&mut relay, alice.peer_id(), record(&alice, 2, DAY_MS)).is_empty());
-    let stale = publish(&mut relay, alice.peer_id(), record(&alice, 1, DAY_MS));
-    assert!(matches!(&stale[..], [RelayEvent::Rejected { .. }]), "{stale:?}");
-    let foreign = publish(&mut relay, bob.peer_id(), record(&alice, 3, DAY_MS));
-    assert!(matches!(&foreign[..], [RelayEvent::Rejected { .. }]), "a record published by someone else");
+    let refused = |sequence, reason| RelayFrame::PublishRefused { sequence, reason };
+    // Records valid for longer than the relay keeps them are refused.
+    assert_eq!(
+        publish(&mut relay, alice.peer_id(), record(&alice, 1, 30 * DAY_MS)),
+        refused(1, PublishRefusal::LifetimeTooLong)
+    );
+    assert_eq!(publish(&mut relay, alice.peer_id(), record(&alice, 2, DAY_MS)), RelayFrame::Published { sequence: 2 });
+    assert_eq!(publish(&mut relay, alice.peer_id(), record(&alice, 1, DAY_MS)), refused(1, PublishRefusal::Stale));
+    assert_eq!(publish(&mut relay, bob.peer_id(), record(&alice, 3, DAY_MS)), refused(3, PublishRefusal::OtherPeer));
+    let mut tampered = record(&alice, 4, DAY_MS);
+    tampered.direct_addresses = vec!["203.0.113.9:4433".into()];
+    assert_eq!(publish(&mut relay, alice.peer_id(), tampered), refused(4, PublishRefusal::Invalid));
     let lookup = |relay: &mut Relay<MemoryRelayStore>, peer: PeerId| {
         relay.handle_frame(NOW, bob.peer_id(), &RelayFrame::Lookup { peer }.encode()).unwrap();
         let (_, bytes) = relay.poll_transmit().unwrap();
@@ -504,6 +515,151 @@ fn a_group_message_travels_through_the_relay() {
     for i in 1..3 {
         assert_eq!(w.contents(i, &g.id).len(), 1, "member {i}");
     }
+}
+
+#[test]
+fn a_reader_refuses_expired_and_wrong_key_answers() {
+    let mut r = ChaCha20Rng::seed_from_u64(12);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let mallory = IdentityKeyPair::generate(&mut r);
+    let mut client = p2pchat_protocol::relay::RelayClient::new();
+    let answer = |client: &mut p2pchat_protocol::relay::RelayClient, now: Timestamp, rec: PeerRecord| {
+        let _ = client.lookup(alice.peer_id());
+        let frame = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(rec) };
+        client.on_frame(now, &frame.encode()).unwrap()
+    };
+    let failed = vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))];
+    // Expired by the reader's clock, even though the relay still sent it.
+    assert_eq!(answer(&mut client, NOW.saturating_add_millis(DAY_MS + 1), record(&alice, 1, DAY_MS)), failed);
+    // Mallory's record relabelled with Alice's peer ID: the key does not hash to it.
+    let mut wrong_key = record(&mallory, 2, DAY_MS);
+    wrong_key.peer_id = alice.peer_id();
+    assert_eq!(answer(&mut client, NOW, wrong_key), failed);
+    // Mallory's own, valid record as an answer about Alice.
+    assert_eq!(answer(&mut client, NOW, record(&mallory, 3, DAY_MS)), failed);
+    // An answer nobody asked for is ignored.
+    let unasked = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(record(&alice, 4, DAY_MS)) };
+    assert_eq!(client.on_frame(NOW, &unasked.encode()).unwrap(), vec![]);
+}
+
+#[test]
+fn all_mailboxes_together_stay_within_the_total_byte_cap() {
+    let config = RelayConfig { mailbox_total_max_bytes: 2_500, ..RelayConfig::default() };
+    let mut w = World::new(3, config);
+    let to_bob = w.conversation(0, 1);
+    let to_carol = w.conversation(0, 2);
+    w.send(0, &to_bob.id, "hello");
+    w.send(0, &to_carol.id, "hello");
+    w.disconnect(1);
+    w.disconnect(2);
+    let for_bob = w.send(0, &to_bob.id, &"b".repeat(1_500));
+    let for_carol = w.send(0, &to_carol.id, &"c".repeat(1_500));
+    assert_eq!(w.message(0, &for_bob.id).unwrap().waiting_reason, None, "held");
+    assert_eq!(w.message(0, &for_carol.id).unwrap().waiting_reason.as_deref(), Some(Refusal::Quota.as_str()));
+}
+
+#[test]
+fn a_repeated_register_does_not_resend_the_mailbox() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    w.send(0, &c.id, "held");
+    let bob = w.id(1);
+    w.relay.connected(bob);
+    let delivers = |w: &mut World| {
+        w.relay.handle_frame(w.now, bob, &RelayFrame::Register.encode()).unwrap();
+        std::iter::from_fn(|| w.relay.poll_transmit())
+            .filter(|(_, b)| matches!(RelayFrame::decode(b), Ok(RelayFrame::Deliver { .. })))
+            .count()
+    };
+    assert_eq!(delivers(&mut w), 1, "the first registration brings the mailbox");
+    for _ in 0..10 {
+        assert_eq!(delivers(&mut w), 0, "a repeated one does not");
+    }
+}
+
+/// A relay store whose commits fail on demand.
+#[derive(Default)]
+struct FailingStore {
+    inner: MemoryRelayStore,
+    fail_commit: bool,
+}
+
+impl RelayStore for FailingStore {
+    fn begin(&mut self) -> Result<(), RelayStoreError> {
+        self.inner.begin()
+    }
+    fn commit(&mut self) -> Result<(), RelayStoreError> {
+        if self.fail_commit {
+            return Err(RelayStoreError::Unavailable("disk full".into()));
+        }
+        self.inner.commit()
+    }
+    fn rollback(&mut self) {
+        self.inner.rollback()
+    }
+    fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError> {
+        self.inner.mailbox(peer)
+    }
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
+        self.inner.mailbox_usage(peer)
+    }
+    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError> {
+        self.inner.mailbox_total_bytes()
+    }
+    fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError> {
+        self.inner.put_mailbox_entry(entry)
+    }
+    fn delete_mailbox_entry(&mut self, peer: &PeerId, id: u64) -> Result<(), RelayStoreError> {
+        self.inner.delete_mailbox_entry(peer, id)
+    }
+    fn delete_mailbox_before(&mut self, cutoff: Timestamp) -> Result<usize, RelayStoreError> {
+        self.inner.delete_mailbox_before(cutoff)
+    }
+    fn oldest_mailbox_entry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
+        self.inner.oldest_mailbox_entry()
+    }
+    fn next_mailbox_id(&mut self) -> Result<u64, RelayStoreError> {
+        self.inner.next_mailbox_id()
+    }
+    fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError> {
+        self.inner.record(peer)
+    }
+    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError> {
+        self.inner.put_record(record)
+    }
+    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
+        self.inner.delete_expired_records(now)
+    }
+    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
+        self.inner.next_record_expiry()
+    }
+}
+
+#[test]
+fn a_failed_commit_leaves_no_registration_and_spends_no_tokens() {
+    let config = RelayConfig { rate_burst: 2, rate_per_sec: 0, ..RelayConfig::default() };
+    let mut relay = Relay::new(FailingStore::default(), config).unwrap();
+    let peer = PeerId([5; 20]);
+    relay.connected(peer);
+    relay.store_mut().fail_commit = true;
+    for _ in 0..5 {
+        assert!(relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).is_err());
+    }
+    assert_eq!(relay.poll_transmit(), None, "nothing released");
+    relay.store_mut().fail_commit = false;
+    // Still unregistered: a forward is refused as such, not as over the rate.
+    let forward = RelayFrame::Forward { to: PeerId([6; 20]), id: 1, mailbox_allowed: true, envelope: vec![0; 10] };
+    relay.handle_frame(NOW, peer, &forward.encode()).unwrap();
+    let (_, bytes) = relay.poll_transmit().unwrap();
+    assert_eq!(RelayFrame::decode(&bytes).unwrap(), RelayFrame::Refused { id: 1, reason: Refusal::NotRegistered });
+    // Both tokens of the burst are still there: register, then publish a lookup.
+    relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    relay.handle_frame(NOW, peer, &RelayFrame::Lookup { peer }.encode()).unwrap();
+    let answers: Vec<RelayFrame> =
+        std::iter::from_fn(|| relay.poll_transmit()).map(|(_, b)| RelayFrame::decode(&b).unwrap()).collect();
+    assert_eq!(answers, vec![RelayFrame::Registered, RelayFrame::LookupResult { peer, record: None }]);
 }
 
 mod hostile {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use super::frame::RelayFrame;
+use super::frame::{PublishRefusal, RelayFrame};
 use super::record::PeerRecord;
 use crate::engine::{Input, Transmit, TransmitId, TransmitOutcome};
 use crate::ids::PeerId;
@@ -23,6 +23,20 @@ pub enum ClientAction {
     AfterEngine(RelayFrame),
     /// A verified record of a peer, for the node's dialler and directory.
     Record(PeerRecord),
+    /// The relay stored this node's newest record.
+    Published {
+        /// Its sequence.
+        sequence: u64,
+    },
+    /// The relay refused this node's newest record: publish again after a
+    /// `Rate` refusal; the others are the node's bug or the relay's policy,
+    /// to be logged.
+    PublishRefused {
+        /// Its sequence.
+        sequence: u64,
+        /// Why.
+        reason: PublishRefusal,
+    },
 }
 
 /// One node's relay client state.
@@ -45,7 +59,8 @@ impl RelayClient {
 
     /// The frames to send on (re)connecting: register (which also brings
     /// the mailbox) and publish our record.
-    pub fn on_connect(&self, record: PeerRecord) -> Vec<RelayFrame> {
+    pub fn on_connect(&mut self, record: PeerRecord) -> Vec<RelayFrame> {
+        self.published = self.published.max(record.sequence);
         vec![RelayFrame::Register, RelayFrame::Publish(record)]
     }
 
@@ -145,6 +160,15 @@ impl RelayClient {
                     _ => vec![ClientAction::ToEngine(Input::LookupFailed(peer))],
                 }
             }
+            // Only the answer about the newest record matters: an older one's
+            // fate changes nothing.
+            RelayFrame::Published { sequence } if sequence == self.published => {
+                vec![ClientAction::Published { sequence }]
+            }
+            RelayFrame::PublishRefused { sequence, reason } if sequence == self.published => {
+                vec![ClientAction::PublishRefused { sequence, reason }]
+            }
+            RelayFrame::Published { .. } | RelayFrame::PublishRefused { .. } => Vec::new(),
             RelayFrame::Registered => Vec::new(),
             // Node-to-relay frames arriving here are ignored.
             RelayFrame::Register

@@ -8,7 +8,7 @@ use crate::ids::PeerId;
 use crate::wire::{decode_exact, encode_postcard, WireError, MAX_ENVELOPE_LEN, PROTOCOL_VERSION};
 
 /// The number of [`RelayFrame`] kinds this version knows.
-const RELAY_FRAME_KINDS: u32 = 12;
+const RELAY_FRAME_KINDS: u32 = 14;
 
 /// The largest frame: an envelope of [`MAX_ENVELOPE_LEN`] plus headers.
 pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN + 1024;
@@ -47,6 +47,39 @@ impl Refusal {
             Self::RecipientOffline => "the peer is offline and this message cannot wait in a mailbox",
             Self::NotRegistered => "not registered with the relay",
             Self::UnknownRecipient => "the relay does not know this peer",
+        }
+    }
+}
+
+/// Why the relay did not store a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PublishRefusal {
+    /// The publisher has not registered on this connection. Register first.
+    NotRegistered,
+    /// The publisher is over its rate limit. Try again later.
+    Rate,
+    /// The record is for another peer than the connection's.
+    OtherPeer,
+    /// The record stays valid longer than this relay keeps records. Sign one
+    /// with a shorter lifetime.
+    LifetimeTooLong,
+    /// The record failed verification (key, signature, expiry or size).
+    Invalid,
+    /// The relay holds a record with this sequence or a higher one. Sign a
+    /// new record with a higher sequence.
+    Stale,
+}
+
+impl PublishRefusal {
+    /// The reason as shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotRegistered => "publish before registering",
+            Self::Rate => "publishing too fast for the relay's rate limit",
+            Self::OtherPeer => "peer record for another peer",
+            Self::LifetimeTooLong => "peer record valid for longer than this relay keeps records",
+            Self::Invalid => "peer record failed verification",
+            Self::Stale => "peer record not newer than the one the relay holds",
         }
     }
 }
@@ -116,6 +149,18 @@ pub enum RelayFrame {
         /// Their IDs.
         ids: Vec<u64>,
     },
+    /// Relay → node: your record with this sequence is stored.
+    Published {
+        /// The record's sequence.
+        sequence: u64,
+    },
+    /// Relay → node: your record with this sequence was not stored.
+    PublishRefused {
+        /// The record's sequence.
+        sequence: u64,
+        /// Why.
+        reason: PublishRefusal,
+    },
 }
 
 impl RelayFrame {
@@ -150,7 +195,8 @@ mod tests {
 
     #[test]
     fn unknown_and_malformed_frames_are_named() {
-        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 12]), Err(WireError::UnknownKind(12)));
+        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 14]), Err(WireError::UnknownKind(14)));
+        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 12, 7]), Ok(RelayFrame::Published { sequence: 7 }));
         assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 11, 0]), Ok(RelayFrame::MailboxAck { ids: vec![] }));
         assert!(matches!(RelayFrame::decode(&[PROTOCOL_VERSION, 5]), Err(WireError::Malformed { .. })));
     }

@@ -68,6 +68,10 @@ impl RelayStore for MemoryRelayStore {
         Ok(entries.fold((0, 0), |(count, bytes), (_, e)| (count + 1, bytes + e.envelope.len())))
     }
 
+    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError> {
+        Ok(self.read()?.mailbox.values().map(|e| e.envelope.len()).sum())
+    }
+
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError> {
         self.write()?.mailbox.insert((entry.recipient, entry.id), entry.clone());
         Ok(())

@@ -20,7 +20,7 @@ mod record;
 use std::collections::{BTreeMap, VecDeque};
 
 pub use client::{ClientAction, RelayClient};
-pub use frame::{Refusal, RelayFrame, MAX_FRAME_LEN};
+pub use frame::{PublishRefusal, Refusal, RelayFrame, MAX_FRAME_LEN};
 pub use memory::MemoryRelayStore;
 pub use record::{PeerRecord, RecordError, MAX_ADDRESSES, MAX_ADDRESS_LEN, PEER_RECORD_LABEL};
 
@@ -66,6 +66,8 @@ pub trait RelayStore {
     fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError>;
     /// How many entries and bytes a peer's mailbox holds.
     fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError>;
+    /// Bytes held in all mailboxes together.
+    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError>;
     /// Stores an entry.
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError>;
     /// Deletes an entry of `peer`'s mailbox (no-op if absent).
@@ -93,6 +95,9 @@ pub struct RelayConfig {
     pub mailbox_max_count: usize,
     /// Most bytes held per recipient.
     pub mailbox_max_bytes: usize,
+    /// Most bytes held in all mailboxes together, so many recipients cannot
+    /// fill the relay's disk between them.
+    pub mailbox_total_max_bytes: usize,
     /// How long an entry is held: 7 days.
     pub mailbox_ttl_ms: u64,
     /// The longest a published record may stay valid: 7 days.
@@ -111,6 +116,7 @@ impl Default for RelayConfig {
         Self {
             mailbox_max_count: 1_000,
             mailbox_max_bytes: 64 * 1024 * 1024,
+            mailbox_total_max_bytes: 1024 * 1024 * 1024,
             mailbox_ttl_ms: 7 * 24 * 60 * 60 * 1000,
             record_max_lifetime_ms: 7 * 24 * 60 * 60 * 1000,
             rate_per_sec: 50,
@@ -154,10 +160,19 @@ struct Bucket {
     at: Timestamp,
 }
 
+/// What one call staged; released only when its transaction commits.
 #[derive(Default)]
 struct Staged {
     transmits: Vec<(PeerId, Vec<u8>)>,
     events: Vec<RelayEvent>,
+    /// In-memory changes to undo, newest last, if the transaction fails:
+    /// a failed call must not leave a peer registered or its tokens spent.
+    undo: Vec<Undo>,
+}
+
+enum Undo {
+    Registered(PeerId, bool),
+    Bucket(PeerId, Option<Bucket>),
 }
 
 /// The relay state machine.
@@ -199,6 +214,12 @@ impl<S: RelayStore> Relay<S> {
     /// The store (for a restart: keep it, drop the relay).
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The store, mutably: for the driver's own maintenance between calls
+    /// (nothing may be left open in it).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
     }
 
     /// The next frame to send: (to, bytes).
@@ -261,15 +282,34 @@ impl<S: RelayStore> Relay<S> {
                     Ok(())
                 }
                 Err(e) => {
-                    self.store.rollback();
-                    self.staged = Staged::default();
+                    self.abort();
                     Err(e.into())
                 }
             },
             Err(e) => {
-                self.store.rollback();
-                self.staged = Staged::default();
+                self.abort();
                 Err(e)
+            }
+        }
+    }
+
+    /// Rolls back the store and undoes the call's in-memory changes.
+    fn abort(&mut self) {
+        self.store.rollback();
+        let staged = core::mem::take(&mut self.staged);
+        for undo in staged.undo.into_iter().rev() {
+            match undo {
+                Undo::Registered(peer, was) => {
+                    if let Some(registered) = self.connected.get_mut(&peer) {
+                        *registered = was;
+                    }
+                }
+                Undo::Bucket(peer, Some(bucket)) => {
+                    self.buckets.insert(peer, bucket);
+                }
+                Undo::Bucket(peer, None) => {
+                    self.buckets.remove(&peer);
+                }
             }
         }
     }
@@ -288,9 +328,16 @@ impl<S: RelayStore> Relay<S> {
         };
         // Every request costs a token, so no frame kind can be used to make
         // the relay work without limit.
-        let costs = matches!(frame, RelayFrame::Publish(_) | RelayFrame::Lookup { .. } | RelayFrame::FetchMailbox);
+        let costs = matches!(
+            frame,
+            RelayFrame::Register | RelayFrame::Publish(_) | RelayFrame::Lookup { .. } | RelayFrame::FetchMailbox
+        );
         if costs && !self.take_token(now, from) {
             self.staged.events.push(RelayEvent::Refused { from, reason: Refusal::Rate });
+            if let RelayFrame::Publish(record) = &frame {
+                let sequence = record.sequence;
+                self.send(from, &RelayFrame::PublishRefused { sequence, reason: PublishRefusal::Rate });
+            }
             return Ok(());
         }
         match frame {
@@ -298,9 +345,15 @@ impl<S: RelayStore> Relay<S> {
                 // Only over a live connection: a late frame after the
                 // disconnect must not make the peer look reachable.
                 let Some(registered) = self.connected.get_mut(&from) else { return Ok(()) };
-                *registered = true;
+                let was = core::mem::replace(registered, true);
+                self.staged.undo.push(Undo::Registered(from, was));
                 self.send(from, &RelayFrame::Registered);
-                self.deliver_mailbox(&from)?;
+                // The mailbox comes with the first registration only; a
+                // repeated Register must not make the relay resend it
+                // (FetchMailbox asks for that explicitly).
+                if !was {
+                    self.deliver_mailbox(&from)?;
+                }
             }
             RelayFrame::FetchMailbox if self.connected.get(&from) == Some(&true) => self.deliver_mailbox(&from)?,
             RelayFrame::FetchMailbox => {}
@@ -310,25 +363,18 @@ impl<S: RelayStore> Relay<S> {
                 }
             }
             RelayFrame::Publish(record) => {
-                // An expired record no longer counts against a new one.
-                let known = self.store.record(&record.peer_id)?.filter(|r| r.expires_at > now).map(|r| r.sequence);
-                let lifetime = record.expires_at.millis_since(now);
-                if self.connected.get(&from) != Some(&true) {
-                    self.staged.events.push(RelayEvent::Rejected { from, reason: "publish before registering".into() });
-                } else if lifetime > self.config.record_max_lifetime_ms {
-                    self.staged.events.push(RelayEvent::Rejected {
-                        from,
-                        reason: "peer record valid for longer than this relay keeps records".into(),
-                    });
-                } else if record.peer_id != from {
-                    self.staged
-                        .events
-                        .push(RelayEvent::Rejected { from, reason: "peer record for another peer".into() });
-                } else if let Err(e) = record.verify(now, known) {
-                    self.staged.events.push(RelayEvent::Rejected { from, reason: e.to_string() });
-                } else {
-                    self.store.put_record(&record)?;
-                }
+                let sequence = record.sequence;
+                let answer = match self.check_publish(now, from, &record)? {
+                    None => {
+                        self.store.put_record(&record)?;
+                        RelayFrame::Published { sequence }
+                    }
+                    Some(reason) => {
+                        self.staged.events.push(RelayEvent::Rejected { from, reason: reason.as_str().into() });
+                        RelayFrame::PublishRefused { sequence, reason }
+                    }
+                };
+                self.send(from, &answer);
             }
             RelayFrame::Lookup { peer } => {
                 let record = self.store.record(&peer)?.filter(|r| r.expires_at > now);
@@ -342,13 +388,40 @@ impl<S: RelayStore> Relay<S> {
             | RelayFrame::Forwarded { .. }
             | RelayFrame::Held { .. }
             | RelayFrame::Refused { .. }
-            | RelayFrame::Deliver { .. } => {
+            | RelayFrame::Deliver { .. }
+            | RelayFrame::Published { .. }
+            | RelayFrame::PublishRefused { .. } => {
                 self.staged
                     .events
                     .push(RelayEvent::Rejected { from, reason: "a relay-to-node frame sent to the relay".into() });
             }
         }
         Ok(())
+    }
+
+    /// Why a published record may not be stored, if it may not.
+    fn check_publish(
+        &self,
+        now: Timestamp,
+        from: PeerId,
+        record: &PeerRecord,
+    ) -> Result<Option<PublishRefusal>, RelayError> {
+        if self.connected.get(&from) != Some(&true) {
+            return Ok(Some(PublishRefusal::NotRegistered));
+        }
+        if record.peer_id != from {
+            return Ok(Some(PublishRefusal::OtherPeer));
+        }
+        if record.expires_at.millis_since(now) > self.config.record_max_lifetime_ms {
+            return Ok(Some(PublishRefusal::LifetimeTooLong));
+        }
+        // An expired record no longer counts against a new one.
+        let known = self.store.record(&record.peer_id)?.filter(|r| r.expires_at > now).map(|r| r.sequence);
+        Ok(match record.verify(now, known) {
+            Ok(()) => None,
+            Err(RecordError::Stale { .. }) => Some(PublishRefusal::Stale),
+            Err(_) => Some(PublishRefusal::Invalid),
+        })
     }
 
     fn refuse(&mut self, from: PeerId, id: u64, reason: Refusal) {
@@ -393,7 +466,11 @@ impl<S: RelayStore> Relay<S> {
             return Ok(());
         }
         let (count, bytes) = self.store.mailbox_usage(&to)?;
-        if count >= self.config.mailbox_max_count || bytes + envelope.len() > self.config.mailbox_max_bytes {
+        let total = self.store.mailbox_total_bytes()?;
+        if count >= self.config.mailbox_max_count
+            || bytes.saturating_add(envelope.len()) > self.config.mailbox_max_bytes
+            || total.saturating_add(envelope.len()) > self.config.mailbox_total_max_bytes
+        {
             self.refuse(from, id, Refusal::Quota);
             return Ok(());
         }
@@ -416,6 +493,7 @@ impl<S: RelayStore> Relay<S> {
     /// Refills and takes one token; false when the peer is over its rate.
     fn take_token(&mut self, now: Timestamp, peer: PeerId) -> bool {
         let capacity = self.config.rate_burst.saturating_mul(1000);
+        self.staged.undo.push(Undo::Bucket(peer, self.buckets.get(&peer).cloned()));
         let bucket = self.buckets.entry(peer).or_insert(Bucket { milli_tokens: capacity, at: now });
         let refill = now.millis_since(bucket.at).saturating_mul(self.config.rate_per_sec);
         bucket.milli_tokens = bucket.milli_tokens.saturating_add(refill).min(capacity);
