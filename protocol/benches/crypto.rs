@@ -181,7 +181,7 @@ fn p2p_group(rng: &mut ChaCha20Rng) -> (GroupSession, GroupSession) {
     let gid = ConversationId::random_group(rng);
     let sender = GroupSession::new(gid, ids[0], ids.clone(), rng).unwrap();
     let mut receiver = GroupSession::new(gid, ids[1], ids.clone(), rng).unwrap();
-    receiver.accept_distribution(&ids[0], &sender.distribution()).unwrap();
+    receiver.accept_distribution(&ids[0], &sender.distribution(), p2pchat_protocol::Timestamp(0)).unwrap();
     (sender, receiver)
 }
 

@@ -64,7 +64,7 @@ fn main() {
     let gid = ConversationId::random_group(&mut rng);
     let mut s = GroupSession::new(gid, ids[0], ids.clone(), &mut rng).unwrap();
     let mut r = GroupSession::new(gid, ids[1], ids.clone(), &mut rng).unwrap();
-    r.accept_distribution(&ids[0], &s.distribution()).unwrap();
+    r.accept_distribution(&ids[0], &s.distribution(), p2pchat_protocol::Timestamp(0)).unwrap();
     let msgs: Vec<_> = (0..n).map(|_| s.encrypt(&[0x42; 100]).unwrap()).collect();
     measure_group_decrypt(&mut r, &msgs);
     measure_group_encrypt(&mut s, n);

@@ -108,10 +108,6 @@ struct MemberKeys {
 }
 
 impl MemberKeys {
-    fn find(&self, key_id: u32) -> Option<&ReceivingSenderKey> {
-        self.current.iter().chain(self.previous.iter().rev()).find(|k| k.key_id() == key_id)
-    }
-
     fn find_mut(&mut self, key_id: u32) -> Option<&mut ReceivingSenderKey> {
         self.current.iter_mut().chain(self.previous.iter_mut().rev()).find(|k| k.key_id() == key_id)
     }
@@ -254,7 +250,12 @@ impl GroupSession {
 
     /// Accepts a sender key that arrived over `channel_peer`'s pairwise
     /// session. Only a member's own key, from that member, is accepted.
-    pub fn accept_distribution(&mut self, channel_peer: &PeerId, d: &SenderKeyDistribution) -> Result<(), GroupError> {
+    pub fn accept_distribution(
+        &mut self,
+        channel_peer: &PeerId,
+        d: &SenderKeyDistribution,
+        now: Timestamp,
+    ) -> Result<(), GroupError> {
         if d.group_id != self.group_id {
             return Err(GroupError::WrongGroup { expected: self.group_id, got: d.group_id });
         }
@@ -262,11 +263,14 @@ impl GroupSession {
             return Err(GroupError::ForwardedKey { claimed: d.sender, channel: *channel_peer });
         }
         let member = self.members.get_mut(&d.sender).ok_or(GroupError::NotAMember { peer: d.sender })?;
-        if let Some(existing) = member.find(d.key_id) {
+        if let Some(existing) = member.find_mut(d.key_id) {
             if existing.signing_public() != d.signing_public {
                 return Err(GroupError::ConflictingKey { sender: d.sender, key_id: d.key_id });
             }
-            // A repeat of a key we hold: our copy is at least as far along.
+            // A key we hold: a copy from further along adds nothing; one
+            // from earlier opens the positions we skipped past.
+            existing.extend_back(d, now)?;
+            self.enforce_skipped_key_budget();
             return Ok(());
         }
         let incoming = ReceivingSenderKey::from_distribution(d)?;
@@ -299,6 +303,12 @@ impl GroupSession {
     /// Skipped keys cached for this group, across every member's keys.
     pub fn skipped_key_count(&self) -> usize {
         self.members.values().flat_map(MemberKeys::keys).map(|k| k.skipped_keys().len()).sum()
+    }
+
+    /// The most previous sender-key states kept for any one member (at
+    /// most [`MAX_PREVIOUS_SENDER_KEYS`]).
+    pub fn most_previous_sender_keys(&self) -> usize {
+        self.members.values().map(|m| m.previous.len()).max().unwrap_or(0)
     }
 
     /// One budget of [`MAX_SKIPPED_KEYS`](crate::MAX_SKIPPED_KEYS) for the

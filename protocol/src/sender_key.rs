@@ -202,6 +202,37 @@ impl ReceivingSenderKey {
         }
     }
 
+    /// Another copy of this key that starts earlier than ours: copies may
+    /// arrive out of order (one sent at the position a member became
+    /// entitled to, a later one after a request). The message keys between
+    /// its position and ours that we do not hold become skipped keys, so the
+    /// messages there can still be read; its chain must lead to ours.
+    pub(crate) fn extend_back(&mut self, d: &SenderKeyDistribution, now: Timestamp) -> Result<(), GroupError> {
+        if d.message_number >= self.next {
+            return Ok(()); // ours is as early or earlier
+        }
+        let gap = self.next - d.message_number;
+        if gap > MAX_SKIP {
+            return Err(GroupError::TooFarAhead { skip: u64::from(gap), max: MAX_SKIP });
+        }
+        let mut chain = SenderChainKey::from_bytes(d.chain_key);
+        let mut keys = Vec::with_capacity(gap as usize);
+        for n in d.message_number..self.next {
+            let (message_key, next) = kdf::sender_chain_step(&chain);
+            keys.push((n, message_key));
+            chain = next;
+        }
+        if chain != self.chain {
+            return Err(GroupError::ConflictingKey { sender: d.sender, key_id: d.key_id });
+        }
+        for (n, key) in keys {
+            if self.skipped.get(&n).is_none() {
+                self.skipped.insert(n, key, now);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn skipped_keys(&self) -> &SkippedKeys<u32, SenderMessageKey> {
         &self.skipped
     }

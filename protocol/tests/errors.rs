@@ -370,7 +370,7 @@ fn trio(seed: u64) -> (Trio, rand_chacha::ChaCha20Rng) {
         let d = groups[i].distribution();
         for (j, g) in groups.iter_mut().enumerate() {
             if i != j {
-                g.accept_distribution(&ids[i], &d).unwrap();
+                g.accept_distribution(&ids[i], &d, p2pchat_protocol::Timestamp(0)).unwrap();
             }
         }
     }
@@ -420,27 +420,33 @@ fn group_forwarded_invalid_and_conflicting_keys() {
     let d0 = t.groups[0].distribution();
     // Member 1 forwards member 0's key to member 2.
     assert_eq!(
-        t.groups[2].accept_distribution(&t.ids[1], &d0),
+        t.groups[2].accept_distribution(&t.ids[1], &d0, p2pchat_protocol::Timestamp(0)),
         Err(GroupError::ForwardedKey { claimed: t.ids[0], channel: t.ids[1] })
     );
     let mut bad = d0.clone();
     bad.key_id ^= 1;
     bad.signing_public = not_a_point();
-    assert_eq!(t.groups[2].accept_distribution(&t.ids[0], &bad), Err(GroupError::InvalidSigningKey));
+    assert_eq!(
+        t.groups[2].accept_distribution(&t.ids[0], &bad, p2pchat_protocol::Timestamp(0)),
+        Err(GroupError::InvalidSigningKey)
+    );
     let mut conflicting = d0.clone();
     conflicting.signing_public = IdentityKeyPair::generate(&mut r).public().to_bytes();
     assert_eq!(
-        t.groups[2].accept_distribution(&t.ids[0], &conflicting),
+        t.groups[2].accept_distribution(&t.ids[0], &conflicting, p2pchat_protocol::Timestamp(0)),
         Err(GroupError::ConflictingKey { sender: t.ids[0], key_id: d0.key_id })
     );
     let (other, _) = trio(47);
     let elsewhere = other.groups[0].distribution();
-    assert!(matches!(t.groups[2].accept_distribution(&other.ids[0], &elsewhere), Err(GroupError::WrongGroup { .. })));
+    assert!(matches!(
+        t.groups[2].accept_distribution(&other.ids[0], &elsewhere, p2pchat_protocol::Timestamp(0)),
+        Err(GroupError::WrongGroup { .. })
+    ));
     let stranger = PeerId([0x66; 20]);
     let mut from_stranger = d0.clone();
     from_stranger.sender = stranger;
     assert_eq!(
-        t.groups[2].accept_distribution(&stranger, &from_stranger),
+        t.groups[2].accept_distribution(&stranger, &from_stranger, p2pchat_protocol::Timestamp(0)),
         Err(GroupError::NotAMember { peer: stranger })
     );
     // Member 0's key still works at member 2.
@@ -472,7 +478,7 @@ fn departed_member_cannot_read_after_leaving() {
     for i in 0..2 {
         let d = t.groups[i].remove_member(&leaver, &mut r).unwrap();
         let other = 1 - i;
-        t.groups[other].accept_distribution(&t.ids[i], &d).unwrap();
+        t.groups[other].accept_distribution(&t.ids[i], &d, p2pchat_protocol::Timestamp(0)).unwrap();
     }
     for i in 0..2 {
         let m = t.groups[i].encrypt(b"after the leave").unwrap();
@@ -491,7 +497,7 @@ fn previous_sender_keys_keep_in_flight_messages_readable_up_to_three() {
         in_flight.push(t.groups[0].encrypt(b"in flight").unwrap());
         let d = t.groups[0].remove_member(&t.ids[2], &mut r).unwrap();
         t.groups[0].add_member(t.ids[2]).unwrap();
-        t.groups[1].accept_distribution(&t.ids[0], &d).unwrap();
+        t.groups[1].accept_distribution(&t.ids[0], &d, p2pchat_protocol::Timestamp(0)).unwrap();
     }
     // Current key + 3 previous: the newest three in-flight messages decrypt,
     // the oldest (a fourth previous key) is gone.

@@ -157,7 +157,7 @@ proptest! {
         // Distribution goes over the (reliable, authenticated) pairwise channel.
         let distribute = |groups: &mut Vec<GroupSession>, from: usize, to: &[usize], d: &p2pchat_protocol::wire::SenderKeyDistribution| {
             for &j in to {
-                groups[j].accept_distribution(&ids[from], d).unwrap();
+                groups[j].accept_distribution(&ids[from], d, p2pchat_protocol::Timestamp(0)).unwrap();
             }
         };
         let mut members: Vec<usize> = (0..size).collect();

@@ -102,7 +102,7 @@ fn group_skipped_keys_share_one_budget_and_expire() {
         ids.iter().map(|me| GroupSession::new(gid, *me, ids.clone(), &mut r).unwrap()).collect();
     for i in 0..3 {
         let d = groups[i].distribution();
-        groups[3].accept_distribution(&ids[i], &d).unwrap();
+        groups[3].accept_distribution(&ids[i], &d, p2pchat_protocol::Timestamp(0)).unwrap();
     }
     // Members 0, 1 and 2 each send 1,001 messages; member 3 receives only
     // the last of each, at times one second apart.

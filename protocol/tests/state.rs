@@ -52,7 +52,7 @@ fn groups_carry_on_after_a_restore() {
         let d = groups[i].distribution();
         for (j, g) in groups.iter_mut().enumerate() {
             if i != j {
-                g.accept_distribution(&ids[i], &d).unwrap();
+                g.accept_distribution(&ids[i], &d, p2pchat_protocol::Timestamp(0)).unwrap();
             }
         }
     }
@@ -61,7 +61,7 @@ fn groups_carry_on_after_a_restore() {
     groups[1].decrypt(&later, NOW).unwrap();
     // Member 0 rotates once, so member 1 holds a previous key too.
     let d = groups[0].rotate_own_key(&mut r);
-    groups[1].accept_distribution(&ids[0], &d).unwrap();
+    groups[1].accept_distribution(&ids[0], &d, p2pchat_protocol::Timestamp(0)).unwrap();
 
     let saved = groups[1].to_bytes();
     let mut restored = GroupSession::from_bytes(&saved).unwrap();

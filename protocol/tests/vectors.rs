@@ -319,7 +319,7 @@ fn generate() -> Vec<(&'static str, Value)> {
     messages.push(e);
     let got = alice.sessions.decrypt(&m, T0.saturating_add_millis(600)).unwrap();
     let PairwisePayload::SenderKeyDistribution(received) = PairwisePayload::decode(&got).unwrap() else { panic!() };
-    alice_group.accept_distribution(&bob.identity.peer_id(), &received).unwrap();
+    alice_group.accept_distribution(&bob.identity.peer_id(), &received, p2pchat_protocol::Timestamp(0)).unwrap();
 
     let mut group_messages = Vec::new();
     let mut group_wire = Vec::new();

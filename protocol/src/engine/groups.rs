@@ -1,6 +1,7 @@
 //! Groups: creation, invites, leaves, Sender Keys over the pairwise
 //! sessions, and group messages (held while their sender's key is missing).
 
+use super::MessageStatus;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
@@ -141,6 +142,9 @@ impl<S: Store> Engine<S> {
         check_content(&content)?;
         let (conversation, _, mut group) = self.joined_group(&id)?;
         let recipients = self.others(&id)?;
+        if recipients.is_empty() {
+            return Err(EngineError::NoOtherMembers(id));
+        }
         let message_id = MessageId::random(&mut self.rng);
         let plaintext = ChatContent { message_id, sent_at: now, content: content.clone() }.encode();
         let encrypted = group.encrypt(&plaintext)?;
@@ -215,6 +219,24 @@ impl<S: Store> Engine<S> {
         let mine = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me);
         let epoch = mine.as_ref().map_or(0, |m| m.epoch);
         let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch });
+        // Members refuse our messages once our leave reaches them, and our
+        // keys go with it: what has not reached everyone by now never will.
+        let mut undelivered = BTreeSet::new();
+        for message in self.store.messages(&id)? {
+            if message.is_outgoing(&me) && message.status < MessageStatus::Delivered {
+                self.fail_message(
+                    now,
+                    &message.id,
+                    "this node left the group before the message reached every member",
+                )?;
+                undelivered.insert(message.id);
+            }
+        }
+        for item in self.store.outbox()? {
+            if matches!(&item.payload, OutboxPayload::Group { message_id } if undelivered.contains(message_id)) {
+                self.store.delete_outbox_item(item.seq)?;
+            }
+        }
         for peer in self.others(&id)? {
             // A leave always goes out, whatever else is queued for the peer.
             self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave.encode().to_vec()))?;
@@ -380,10 +402,65 @@ impl<S: Store> Engine<S> {
         // Everyone left rotates (the new key goes out lazily, before each
         // member's next message), so the leaver cannot read what follows.
         if group.remove_member(&from, &mut self.rng).is_some() {
+            self.reseal_unconfirmed(now, &group_id, &mut group)?;
             self.save_group(&group)?;
         }
         self.members_changed(now, &group_id)?;
         Ok(Handled::Done)
+    }
+
+    /// A member still sends us group traffic after we left: it never heard
+    /// (it joined after our leave went out, or our notice was lost). It
+    /// gets our leave again, or it would send to us for ever.
+    fn remind_of_leave(&mut self, now: Timestamp, peer: PeerId, id: ConversationId) -> Result<(), EngineError> {
+        let left = self.store.conversation(&id)?.is_some_and(|c| c.left);
+        if !left {
+            return Ok(());
+        }
+        let me = self.peer_id();
+        let epoch = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me).map_or(0, |m| m.epoch);
+        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch }).encode().to_vec();
+        let queued = self
+            .store
+            .outbox_for(&peer)?
+            .iter()
+            .any(|i| matches!(&i.payload, OutboxPayload::Control(b) if *b == leave));
+        if !queued {
+            self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave))?;
+            self.pump(now, peer)?;
+        }
+        Ok(())
+    }
+
+    /// Our messages that a member has not confirmed were sealed under the
+    /// key we just dropped, which nobody can ask us for again: a member
+    /// still waiting (offline, say) could never read them. They are sealed
+    /// again under the new key, which goes to each waiting member first.
+    fn reseal_unconfirmed(
+        &mut self,
+        now: Timestamp,
+        id: &ConversationId,
+        group: &mut GroupSession,
+    ) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        for mut message in self.store.messages(id)? {
+            if !message.is_outgoing(&me) || !matches!(message.status, MessageStatus::Created | MessageStatus::Sent) {
+                continue;
+            }
+            let content =
+                ChatContent { message_id: message.id, sent_at: message.timestamp, content: message.content.clone() };
+            let sealed = group.encrypt(&content.encode())?;
+            message.group_position = Some((sealed.key_id, sealed.message_number));
+            self.store.put_message(&message)?;
+            self.store.put_group_envelope(&message.id, &Envelope::new(EnvelopeBody::Group(sealed)).encode())?;
+            for (peer, status) in &message.recipients {
+                let waiting = matches!(status, MessageStatus::Created | MessageStatus::Sent);
+                if waiting && group.awaits_confirmation(peer) && !self.key_queued_for(group, peer)? {
+                    self.send_own_key(now, group, *peer)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -488,9 +565,10 @@ impl<S: Store> Engine<S> {
         let Ok((_, _, mut group)) = self.joined_group(&distribution.group_id) else {
             // Usually a key that overtook its group's invite: not
             // acknowledged, so the sender sends it again later.
+            self.remind_of_leave(now, from, distribution.group_id)?;
             return Ok(Handled::NotYet);
         };
-        match group.accept_distribution(&from, distribution) {
+        match group.accept_distribution(&from, distribution, now) {
             Ok(()) => {}
             // The admin's notice of this member may still be on its way.
             Err(GroupError::NotAMember { .. }) => return Ok(Handled::NotYet),
@@ -551,7 +629,7 @@ impl<S: Store> Engine<S> {
             // Not (or no longer) in the group, or its invite is still on the
             // way: nothing is held. The sender retransmits until confirmed,
             // and the copy after the invite decrypts.
-            return Ok(());
+            return self.remind_of_leave(now, from, message.group_id);
         }
         match self.open_group_message(now, &message)? {
             Err(GroupError::UnknownChain { .. }) => self.hold(now, from, bytes, &message),
@@ -597,8 +675,18 @@ impl<S: Store> Engine<S> {
             self.reject(sender, "group message content does not decode");
             return Ok(Ok(()));
         };
-        if chat.content.len() > MAX_CONTENT_LEN || self.store.message(&chat.message_id)?.is_some() {
-            self.reject(sender, "group message too large or reusing a message ID");
+        if let Some(stored) = self.store.message(&chat.message_id)? {
+            // The sender sealed the message again under a new key (a member
+            // left before everyone confirmed it): confirm the copy we hold.
+            if stored.sender == sender && stored.conversation_id == conversation.id && stored.content == chat.content {
+                self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
+                return self.pump(now, sender).map(Ok);
+            }
+            self.reject(sender, "group message reusing another message's ID");
+            return Ok(Ok(()));
+        }
+        if chat.content.len() > MAX_CONTENT_LEN {
+            self.reject(sender, "group message too large");
             return Ok(Ok(()));
         }
         let position = Some((message.key_id, message.message_number));

@@ -86,9 +86,16 @@ pub struct EngineConfig {
     pub retention_interval_ms: u64,
     /// The most items queued for one peer.
     pub max_outbox_per_peer: usize,
+    /// Once the key exchange retries are spent, how often to try again
+    /// while receipts, keys or group notices still wait for the peer.
+    pub session_retry_ms: u64,
 }
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// A copy held in a relay's mailbox is sent again after this many
+/// confirmation timeouts (5 minutes by default) if no receipt came.
+const HELD_RETRY_FACTOR: u64 = 10;
 
 impl EngineConfig {
     /// Zero intervals would make deadlines that never move forward, and a
@@ -102,6 +109,7 @@ impl EngineConfig {
             confirmation_timeout_ms: self.confirmation_timeout_ms.max(1),
             retention_interval_ms: self.retention_interval_ms.max(1),
             max_outbox_per_peer: self.max_outbox_per_peer.max(1),
+            session_retry_ms: self.session_retry_ms.max(1),
         }
     }
 }
@@ -116,6 +124,7 @@ impl Default for EngineConfig {
             confirmation_timeout_ms: 30_000,
             retention_interval_ms: DAY_MS,
             max_outbox_per_peer: 10_000,
+            session_retry_ms: 5 * 60 * 1000,
         }
     }
 }
@@ -330,6 +339,9 @@ pub enum EngineError {
     /// The peer is already a member.
     #[error("{0} is already a member of this group")]
     AlreadyMember(PeerId),
+    /// Every other member has left: a message would reach no one.
+    #[error("group {0} has no other members; invite someone before sending")]
+    NoOtherMembers(ConversationId),
     /// This node has left the group.
     #[error("this node has left group {0}")]
     LeftGroup(ConversationId),
@@ -899,7 +911,7 @@ impl<S: Store> Engine<S> {
         Ok(())
     }
 
-    fn fail_message(&mut self, now: Timestamp, id: &MessageId, reason: &str) -> Result<(), EngineError> {
+    pub(super) fn fail_message(&mut self, now: Timestamp, id: &MessageId, reason: &str) -> Result<(), EngineError> {
         let Some(mut message) = self.store.message(id)? else { return Ok(()) };
         if message.status >= MessageStatus::Delivered && message.status != MessageStatus::Failed {
             return Ok(());
@@ -988,6 +1000,7 @@ impl<S: Store> Engine<S> {
         }
         let mut sessions = self.load_sessions(&peer)?;
         let mut needs_session = false;
+        let mut chat_waits = false;
         // In queue order, so a sender key leaves before the group messages
         // it opens.
         for mut item in due {
@@ -1001,6 +1014,7 @@ impl<S: Store> Engine<S> {
             } else {
                 let Some(sessions) = sessions.as_mut() else {
                     needs_session = true;
+                    chat_waits |= matches!(item.payload, OutboxPayload::Chat(_));
                     item.next_attempt_at = None; // `release_waiting` sends it
                     self.store.put_outbox_item(&item)?;
                     continue;
@@ -1029,8 +1043,14 @@ impl<S: Store> Engine<S> {
         if let Some(sessions) = &sessions {
             self.store.put_sessions(&peer, &sessions.to_bytes())?;
         }
-        if needs_session && !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
-            self.start_key_exchange(now, peer, 1)?;
+        if needs_session {
+            let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+            // A new message deserves its own round of retries, not the slow
+            // background ones left over from earlier failures.
+            let spent = attempt.as_ref().is_some_and(|a| a.backing_off && a.attempts >= self.config.max_retries);
+            if attempt.is_none() || (chat_waits && spent) {
+                self.start_key_exchange(now, peer, 1)?;
+            }
         }
         Ok(())
     }
@@ -1089,10 +1109,7 @@ impl<S: Store> Engine<S> {
         }
         if is_tracked(&item.payload) {
             // Kept until the peer acknowledges it; sent again if it does not.
-            item.next_attempt_at = match outcome {
-                TransmitOutcome::Delivered => Some(now.saturating_add_millis(self.config.confirmation_timeout_ms)),
-                _ => None,
-            };
+            item.next_attempt_at = Some(self.retry_at(now, &outcome));
             self.store.put_outbox_item(&item)?;
             return Ok(());
         }
@@ -1114,20 +1131,13 @@ impl<S: Store> Engine<S> {
             return Ok(());
         };
         // A chat message stays queued until its delivery confirmation.
+        item.next_attempt_at = Some(self.retry_at(now, &outcome));
         match outcome {
-            TransmitOutcome::Delivered => {
-                item.next_attempt_at = Some(now.saturating_add_millis(self.config.confirmation_timeout_ms));
-            }
+            TransmitOutcome::Delivered => {}
             TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
                 // Held by the relay, or in our outbox under an established
-                // session: either way it is `sent`. A held copy goes again
-                // when the peer is back; a refused one (peer offline, relay
-                // over quota or rate) is also tried again after the
-                // confirmation timeout. Why it waits is recorded for the user.
-                item.next_attempt_at = match &outcome {
-                    TransmitOutcome::Failed(_) => Some(now.saturating_add_millis(self.config.confirmation_timeout_ms)),
-                    _ => None,
-                };
+                // session: either way it is `sent`. Why it waits is
+                // recorded for the user.
                 self.advance(now, &message_id, &flight.peer, MessageStatus::Sent)?;
                 let waiting = match &outcome {
                     TransmitOutcome::Failed(reason) => Some(reason.clone()),
@@ -1144,6 +1154,21 @@ impl<S: Store> Engine<S> {
         }
         self.store.put_outbox_item(&item)?;
         Ok(())
+    }
+
+    /// When an item that needs the peer's confirmation goes again. Every
+    /// such item has a time: one parked until "the peer shows up" would
+    /// wait for ever if its only sign of life (a receipt, an ack) was lost.
+    fn retry_at(&self, now: Timestamp, outcome: &TransmitOutcome) -> Timestamp {
+        let wait = match outcome {
+            // The relay's mailbox delivers it when the peer returns; a copy
+            // now and then covers a lost receipt without filling the mailbox.
+            TransmitOutcome::HeldByRelay => self.config.confirmation_timeout_ms.saturating_mul(HELD_RETRY_FACTOR),
+            TransmitOutcome::Delivered | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
+                self.config.confirmation_timeout_ms
+            }
+        };
+        now.saturating_add_millis(wait)
     }
 
     fn timeout(&mut self, now: Timestamp) -> Result<(), EngineError> {
@@ -1237,6 +1262,18 @@ impl<S: Store> Engine<S> {
     // ---- key exchange --------------------------------------------------------
 
     /// Starts attempt number `attempts` with `peer`: a directory lookup first.
+    /// The peer encrypts under a session we never completed (our ack or its
+    /// request was lost, and our attempt gave up): without a new key
+    /// exchange it would retransmit into the void for ever. Ours replaces
+    /// its session, and its queued messages follow under the new one. The
+    /// channel authenticated `peer`, and one attempt at a time is the limit.
+    fn replace_unknown_session(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        if self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+            return Ok(());
+        }
+        self.start_key_exchange(now, peer, 1)
+    }
+
     fn start_key_exchange(&mut self, now: Timestamp, peer: PeerId, attempts: u32) -> Result<(), EngineError> {
         let attempt = KeyExchangeAttempt {
             peer,
@@ -1293,6 +1330,17 @@ impl<S: Store> Engine<S> {
                         self.store.delete_outbox_item(item.seq)?;
                     }
                 }
+            }
+            // What is still queued (receipts, sender keys, group notices)
+            // must reach the peer one day. A peer behind a relay never shows
+            // up as directly reachable, so try again now and then rather
+            // than wait for that; each try is one more spent retry.
+            if !self.store.outbox_for(&attempt.peer)?.is_empty() {
+                attempt.pending = None;
+                attempt.backing_off = true;
+                attempt.attempts = self.config.max_retries;
+                attempt.deadline = now.saturating_add_millis(self.config.session_retry_ms);
+                self.store.put_key_exchange(&attempt)?;
             }
             return Ok(());
         }
@@ -1417,13 +1465,17 @@ impl<S: Store> Engine<S> {
     fn on_ratchet(&mut self, now: Timestamp, from: PeerId, message: &RatchetMessage) -> Result<(), EngineError> {
         let Some(mut sessions) = self.load_sessions(&from)? else {
             self.reject(from, "message under a session this node does not hold");
-            return Ok(());
+            return self.replace_unknown_session(now, from);
         };
         let plaintext = match sessions.decrypt(message, now) {
             Ok(plaintext) => plaintext,
             // The same ciphertext again (a relay redelivering its mailbox
             // after a lost acknowledgement): already handled.
             Err(crate::DecryptionError::Duplicate { .. }) => return Ok(()),
+            Err(e @ crate::DecryptionError::UnknownSession) => {
+                self.reject(from, &e.to_string());
+                return self.replace_unknown_session(now, from);
+            }
             Err(e) => {
                 self.reject(from, &e.to_string());
                 return Ok(());
