@@ -28,6 +28,66 @@ pub fn run(seed: u64, options: &Options) -> Report {
     world::World::new(seed, options.clone()).run()
 }
 
+/// Where a campaign stands, for its progress line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// Seeds finished.
+    pub done: u64,
+    /// Seeds in the campaign.
+    pub total: u64,
+    /// Seeds that broke an invariant.
+    pub failures: u64,
+    /// Deliveries so far.
+    pub deliveries: u64,
+    /// Messages accepted so far.
+    pub accepted: u64,
+}
+
+/// Runs `seeds` on `jobs` threads. `on_report` sees every report as it
+/// comes (in completion order) with the progress so far; the failing
+/// reports are returned, in seed order.
+pub fn campaign(
+    seeds: core::ops::Range<u64>,
+    jobs: usize,
+    options: &Options,
+    mut on_report: impl FnMut(&Report, &Progress),
+) -> (Progress, Vec<Report>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let total = seeds.end.saturating_sub(seeds.start);
+    let next = AtomicU64::new(seeds.start);
+    let end = seeds.end;
+    let (tx, rx) = std::sync::mpsc::channel::<Report>();
+    let mut progress = Progress { total, ..Progress::default() };
+    let mut failures = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            let tx = tx.clone();
+            let next = &next;
+            scope.spawn(move || loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end || tx.send(run(seed, options)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for report in rx {
+            progress.done += 1;
+            progress.deliveries += report.deliveries;
+            progress.accepted += report.accepted as u64;
+            if report.failure.is_some() {
+                progress.failures += 1;
+            }
+            on_report(&report, &progress);
+            if report.failure.is_some() {
+                failures.push(report);
+            }
+        }
+    });
+    failures.sort_by_key(|r| r.seed);
+    (progress, failures)
+}
+
 impl Report {
     /// One line: what the run did.
     pub fn summary(&self) -> String {

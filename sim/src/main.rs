@@ -1,11 +1,9 @@
 //! `p2pchat-sim`: run one seed, or a campaign of seeds.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use p2pchat_sim::{run, Bug, Options, Report};
+use p2pchat_sim::{run, Bug, Options};
 
 const USAGE: &str = "\
 usage: p2pchat-sim --seed N            run one seed and print its summary
@@ -93,57 +91,39 @@ fn main() -> ExitCode {
 }
 
 fn campaign(first: u64, end: u64, jobs: usize, options: &Options) -> ExitCode {
-    let total = end - first;
-    let next = AtomicU64::new(first);
-    let (tx, rx) = mpsc::channel::<Report>();
     let started = Instant::now();
-    let mut failures: Vec<Report> = Vec::new();
-    let (mut done, mut deliveries, mut accepted) = (0u64, 0u64, 0usize);
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            let tx = tx.clone();
-            let next = &next;
-            scope.spawn(move || loop {
-                let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= end || tx.send(run(seed, options)).is_err() {
-                    break;
-                }
-            });
+    let mut shown = Instant::now();
+    let (progress, failures) = p2pchat_sim::campaign(first..end, jobs, options, |report, progress| {
+        if let Some(failure) = report.failure_report() {
+            eprintln!("\n{failure}");
         }
-        drop(tx);
-        let mut shown = Instant::now();
-        for report in rx {
-            done += 1;
-            deliveries += report.deliveries;
-            accepted += report.accepted;
-            if let Some(failure) = report.failure_report() {
-                eprintln!("\n{failure}");
-                failures.push(report);
-            }
-            if shown.elapsed() >= Duration::from_secs(1) || done == total {
-                shown = Instant::now();
-                let secs = started.elapsed().as_secs_f64().max(1e-9);
-                eprint!(
-                    "\rseeds {done}/{total}  failures {}  deliveries/s {:.0}  elapsed {:.0}s ",
-                    failures.len(),
-                    deliveries as f64 / secs,
-                    secs
-                );
-            }
+        if shown.elapsed() >= Duration::from_secs(1) || progress.done == progress.total {
+            shown = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            eprint!(
+                "\rseeds {}/{}  failures {}  deliveries/s {:.0}  elapsed {:.0}s ",
+                progress.done,
+                progress.total,
+                progress.failures,
+                progress.deliveries as f64 / secs,
+                secs
+            );
         }
     });
     eprintln!();
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{total} seeds in {secs:.1}s: {} failed; {accepted} messages accepted, {deliveries} deliveries ({:.0}/s)",
-        failures.len(),
-        deliveries as f64 / secs.max(1e-9)
+        "{} seeds in {secs:.1}s: {} failed; {} messages accepted, {} deliveries ({:.0}/s)",
+        progress.total,
+        progress.failures,
+        progress.accepted,
+        progress.deliveries,
+        progress.deliveries as f64 / secs.max(1e-9)
     );
     if failures.is_empty() {
         return ExitCode::SUCCESS;
     }
-    let mut seeds: Vec<u64> = failures.iter().map(|r| r.seed).collect();
-    seeds.sort_unstable();
+    let seeds: Vec<u64> = failures.iter().map(|r| r.seed).collect();
     println!("failing seeds: {seeds:?}");
     ExitCode::FAILURE
 }

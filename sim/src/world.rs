@@ -29,6 +29,8 @@ pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 const SETTLE_MS: u64 = 20 * 60 * 1000;
 /// The relay, where a node index is expected.
 const RELAY: usize = usize::MAX;
+/// The stale-restart bug keeps a copy of the store every this many calls.
+const STALE_EVERY: u64 = 5;
 /// How long records published to the relay stay valid.
 const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -81,6 +83,8 @@ struct Node {
     relay_conn: Option<u64>,
     client: RelayClient,
     crash_pending: bool,
+    /// Engine calls so far (for the stale-restart bug's snapshots).
+    calls: u64,
     /// Direct reachability last told to the engine, per peer.
     told: Vec<bool>,
     /// Messages received, for mark-read operations.
@@ -211,6 +215,7 @@ impl World {
                 relay_conn: None,
                 client: RelayClient::new(),
                 crash_pending: false,
+                calls: 0,
                 told: vec![false; knobs.nodes],
                 inbox: Vec::new(),
                 conversations: BTreeSet::new(),
@@ -580,8 +585,13 @@ impl World {
         if let Err(e) = result {
             return self.fail(format!("n{i}'s engine failed: {e}"));
         }
-        if self.options.bug == Bug::StaleRestart && self.snapshots[i].is_none() {
-            self.snapshots[i] = Some(self.nodes[i].engine.store().crash_copy());
+        // The planted bug restarts from a copy a few calls old, as if the
+        // last commits had not been durable.
+        if self.options.bug == Bug::StaleRestart {
+            self.nodes[i].calls += 1;
+            if self.nodes[i].calls.is_multiple_of(STALE_EVERY) {
+                self.snapshots[i] = Some(self.nodes[i].engine.store().crash_copy());
+            }
         }
         if self.nodes[i].crash_pending {
             return self.crash(i);
@@ -996,9 +1006,6 @@ impl World {
                     for m in store.messages(&c.id).map_err(read)? {
                         messages.insert(m.id, m);
                     }
-                    if std::env::var_os("SIM_DEBUG").is_some() {
-                        eprintln!("n{i} {} {:?} members {:?}", c.id, c.kind, store.members(&c.id));
-                    }
                     if let ConversationKind::Group { .. } = c.kind {
                         if let Some(bytes) = store.group_keys(&c.id).map_err(read)? {
                             let group = GroupSession::from_bytes(&bytes)
@@ -1015,16 +1022,6 @@ impl World {
                                 group.most_previous_sender_keys(),
                                 p2pchat_protocol::group::MAX_PREVIOUS_SENDER_KEYS,
                             )?;
-                        }
-                    }
-                }
-                if std::env::var_os("SIM_DEBUG").is_some() {
-                    for item in store.outbox().map_err(read)? {
-                        eprintln!("n{i} outbox {item:?}");
-                    }
-                    for c in store.conversations().map_err(read)? {
-                        for h in store.held_messages(&c.id).map_err(read)? {
-                            eprintln!("n{i} held from {} at {:?}", h.sender, h.received_at);
                         }
                     }
                 }

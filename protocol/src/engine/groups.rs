@@ -299,10 +299,12 @@ impl<S: Store> Engine<S> {
         added: RosterEntry,
     ) -> Result<Handled, EngineError> {
         let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
-            // Our own invite may still be on its way; a group we left has
-            // nothing to add to.
-            let left = self.store.conversation(&group_id)?.is_some();
-            return Ok(if left { Handled::Done } else { Handled::NotYet });
+            // Our own invite may still be on its way, also when we left and
+            // the admin invited us back (this notice can overtake that
+            // invite, whose roster predates it). Left for good, we are
+            // still sent this only until our leave reaches the admin,
+            // which then drops everything queued for us.
+            return Ok(Handled::NotYet);
         };
         if from != admin {
             self.reject(from, "only the group's admin may add members");

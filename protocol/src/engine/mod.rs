@@ -1590,16 +1590,10 @@ impl<S: Store> Engine<S> {
             self.reject(from, "receipt for a message that was not sent to this peer");
             return Ok(());
         }
+        // A receipt does not show the member holds our current sender key:
+        // it may confirm a copy sealed under an older one (messages are
+        // sealed again when a member leaves). Only its ack of the key does.
         self.advance(now, id, &from, status)?;
-        // A confirmed group message shows the member holds our sender key.
-        if let Some((key_id, _)) = message.group_position {
-            if let Some(mut group) = self.load_group(&message.conversation_id)? {
-                if group.own_key_id() == key_id {
-                    group.key_confirmed(&from);
-                    self.store.put_group_keys(&message.conversation_id, &group.to_bytes())?;
-                }
-            }
-        }
         for item in self.store.outbox_for(&from)? {
             let same = match &item.payload {
                 OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => m == id,
