@@ -119,6 +119,9 @@ pub(crate) struct ReceivingSenderKey {
     key_id: u32,
     chain: SenderChainKey,
     next: u32,
+    /// The earliest position we ever held a key for: everything from here
+    /// on was either read (its key deleted) or is cached as skipped.
+    start: u32,
     verifying: VerifyingKey,
     skipped: SkippedKeys<u32, SenderMessageKey>,
 }
@@ -140,6 +143,7 @@ impl ReceivingSenderKey {
             key_id: d.key_id,
             chain: SenderChainKey::from_bytes(d.chain_key),
             next: d.message_number,
+            start: d.message_number,
             verifying,
             skipped: SkippedKeys::new(),
         })
@@ -202,34 +206,36 @@ impl ReceivingSenderKey {
         }
     }
 
-    /// Another copy of this key that starts earlier than ours: copies may
-    /// arrive out of order (one sent at the position a member became
-    /// entitled to, a later one after a request). The message keys between
-    /// its position and ours that we do not hold become skipped keys, so the
-    /// messages there can still be read; its chain must lead to ours.
+    /// Another copy of this key that starts earlier than any we held:
+    /// copies may arrive out of order (one from where a member became
+    /// entitled to the key, a later one after a request). Only the
+    /// positions before our earliest become skipped keys: those from there
+    /// on were read (their keys deleted, and they stay deleted) or are
+    /// cached already. Its chain must lead to ours.
     pub(crate) fn extend_back(&mut self, d: &SenderKeyDistribution, now: Timestamp) -> Result<(), GroupError> {
-        if d.message_number >= self.next {
-            return Ok(()); // ours is as early or earlier
+        if d.message_number >= self.start {
+            return Ok(()); // nothing earlier than what we held
         }
-        let gap = self.next - d.message_number;
-        if gap > MAX_SKIP {
-            return Err(GroupError::TooFarAhead { skip: u64::from(gap), max: MAX_SKIP });
+        let span = self.next - d.message_number;
+        if span > MAX_SKIP {
+            return Err(GroupError::TooFarAhead { skip: u64::from(span), max: MAX_SKIP });
         }
         let mut chain = SenderChainKey::from_bytes(d.chain_key);
-        let mut keys = Vec::with_capacity(gap as usize);
+        let mut earlier = Vec::with_capacity((self.start - d.message_number) as usize);
         for n in d.message_number..self.next {
             let (message_key, next) = kdf::sender_chain_step(&chain);
-            keys.push((n, message_key));
+            if n < self.start {
+                earlier.push((n, message_key));
+            }
             chain = next;
         }
         if chain != self.chain {
             return Err(GroupError::ConflictingKey { sender: d.sender, key_id: d.key_id });
         }
-        for (n, key) in keys {
-            if self.skipped.get(&n).is_none() {
-                self.skipped.insert(n, key, now);
-            }
+        for (n, key) in earlier {
+            self.skipped.insert(n, key, now);
         }
+        self.start = d.message_number;
         Ok(())
     }
 
@@ -272,6 +278,42 @@ mod tests {
         assert_eq!(&plain[..], b"hello");
     }
 
+    fn read(recv: &mut ReceivingSenderKey, m: &GroupMessage) -> Result<Vec<u8>, GroupError> {
+        let staged = recv.stage(&m.sender, m.message_number)?;
+        let plain = ReceivingSenderKey::open(&staged, &m.ciphertext)?;
+        recv.commit(staged, Timestamp(0));
+        Ok(plain.to_vec())
+    }
+
+    #[test]
+    fn an_earlier_copy_opens_only_positions_never_held() {
+        let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(10);
+        let gid = ConversationId::random_group(&mut r);
+        let mut own = SenderKey::generate(gid, PeerId([1; 20]), None, &mut r);
+        let from_start = own.distribution();
+        let early: Vec<GroupMessage> = (0..4).map(|i| own.encrypt(&[i]).unwrap()).collect();
+        // The later copy arrives first: positions 0..4 are unreadable.
+        let mut recv = ReceivingSenderKey::from_distribution(&own.distribution()).unwrap();
+        let later = own.encrypt(b"later").unwrap();
+        assert_eq!(read(&mut recv, &later).unwrap(), b"later");
+        assert!(matches!(read(&mut recv, &early[1]), Err(GroupError::Duplicate { .. })));
+        // The copy from the start opens them, once each.
+        recv.extend_back(&from_start, Timestamp(0)).unwrap();
+        for (i, m) in early.iter().enumerate() {
+            assert_eq!(read(&mut recv, m).unwrap(), vec![i as u8]);
+        }
+        // The same early copy again (a retransmission) brings nothing back:
+        // read positions stay unreadable.
+        recv.extend_back(&from_start, Timestamp(0)).unwrap();
+        assert!(matches!(read(&mut recv, &early[0]), Err(GroupError::Duplicate { .. })));
+        assert!(matches!(read(&mut recv, &later), Err(GroupError::Duplicate { .. })));
+        // A copy whose chain does not lead to ours is refused.
+        let other = SenderKey::generate(gid, PeerId([1; 20]), None, &mut r).distribution();
+        let forged = SenderKeyDistribution { key_id: from_start.key_id, message_number: 0, ..other };
+        let mut fresh = ReceivingSenderKey::from_distribution(&own.distribution()).unwrap();
+        assert!(matches!(fresh.extend_back(&forged, Timestamp(0)), Err(GroupError::ConflictingKey { .. })));
+    }
+
     #[test]
     fn exhausted_chain_refuses() {
         let (mut own, _) = setup();
@@ -298,6 +340,8 @@ pub(crate) struct ReceivingSenderKeyState {
     key_id: u32,
     chain: [u8; 32],
     next: u32,
+    /// See [`ReceivingSenderKey`]'s `start`.
+    start: u32,
     signing_public: [u8; 32],
     /// Oldest first.
     skipped: Vec<SenderSkippedState>,
@@ -340,6 +384,7 @@ impl ReceivingSenderKey {
             key_id: self.key_id,
             chain: *self.chain.as_bytes(),
             next: self.next,
+            start: self.start,
             signing_public: self.verifying.to_bytes(),
             skipped: self
                 .skipped
@@ -364,6 +409,7 @@ impl ReceivingSenderKey {
             key_id: state.key_id,
             chain: SenderChainKey::from_bytes(state.chain),
             next: state.next,
+            start: state.start.min(state.next),
             verifying,
             skipped,
         })

@@ -127,7 +127,6 @@ impl World {
                 for action in self.nodes[i].client.on_frame(self.now, &bytes).unwrap() {
                     match action {
                         ClientAction::ToEngine(input) => self.nodes[i].engine.handle(self.now, input).unwrap(),
-                        ClientAction::ToRelay(frame) => self.relay.handle_frame(self.now, to, &frame.encode()).unwrap(),
                         ClientAction::AfterEngine(frame) if !self.drop_acks => {
                             self.relay.handle_frame(self.now, to, &frame.encode()).unwrap()
                         }
@@ -602,6 +601,12 @@ impl RelayStore for FailingStore {
     fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError> {
         self.inner.mailbox(peer)
     }
+    fn mailbox_after(&self, peer: &PeerId, after: u64, limit: usize) -> Result<Vec<MailboxEntry>, RelayStoreError> {
+        self.inner.mailbox_after(peer, after, limit)
+    }
+    fn record_count(&self) -> Result<usize, RelayStoreError> {
+        self.inner.record_count()
+    }
     fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
         self.inner.mailbox_usage(peer)
     }
@@ -639,7 +644,7 @@ impl RelayStore for FailingStore {
 
 #[test]
 fn a_failed_commit_leaves_no_registration_and_spends_no_tokens() {
-    let config = RelayConfig { rate_burst: 2, rate_per_sec: 0, ..RelayConfig::default() };
+    let config = RelayConfig { rate_burst: 3, rate_per_sec: 0, ..RelayConfig::default() };
     let mut relay = Relay::new(FailingStore::default(), config).unwrap();
     let peer = PeerId([5; 20]);
     relay.connected(peer);
@@ -654,12 +659,129 @@ fn a_failed_commit_leaves_no_registration_and_spends_no_tokens() {
     relay.handle_frame(NOW, peer, &forward.encode()).unwrap();
     let (_, bytes) = relay.poll_transmit().unwrap();
     assert_eq!(RelayFrame::decode(&bytes).unwrap(), RelayFrame::Refused { id: 1, reason: Refusal::NotRegistered });
-    // Both tokens of the burst are still there: register, then publish a lookup.
+    // The other two tokens of the burst are still there: register, then look up.
     relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
     relay.handle_frame(NOW, peer, &RelayFrame::Lookup { peer }.encode()).unwrap();
     let answers: Vec<RelayFrame> =
         std::iter::from_fn(|| relay.poll_transmit()).map(|(_, b)| RelayFrame::decode(&b).unwrap()).collect();
     assert_eq!(answers, vec![RelayFrame::Registered, RelayFrame::LookupResult { peer, record: None }]);
+}
+
+fn frames(relay: &mut Relay<MemoryRelayStore>) -> Vec<(PeerId, RelayFrame)> {
+    std::iter::from_fn(|| relay.poll_transmit()).map(|(to, b)| (to, RelayFrame::decode(&b).unwrap())).collect()
+}
+
+#[test]
+fn every_frame_costs_a_token_even_refused_or_undecodable() {
+    let config = RelayConfig { rate_burst: 4, rate_per_sec: 0, max_envelope_len: 10, ..RelayConfig::default() };
+    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
+    let peer = PeerId([8; 20]);
+    relay.connected(peer);
+    relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap(); // 1
+    let too_large = RelayFrame::Forward { to: peer, id: 1, mailbox_allowed: true, envelope: vec![0; 11] };
+    relay.handle_frame(NOW, peer, &too_large.encode()).unwrap(); // 2
+    relay.handle_frame(NOW, peer, &[1, 200, 200]).unwrap(); // 3: undecodable
+    relay.handle_frame(NOW, peer, &RelayFrame::MailboxAck { ids: vec![1] }.encode()).unwrap(); // 4
+    let _ = frames(&mut relay);
+    let fits = RelayFrame::Forward { to: peer, id: 2, mailbox_allowed: true, envelope: vec![0; 5] };
+    relay.handle_frame(NOW, peer, &fits.encode()).unwrap();
+    assert_eq!(frames(&mut relay), vec![(peer, RelayFrame::Refused { id: 2, reason: Refusal::Rate })]);
+    // A peer with no open connection gets nothing, not even a rate bucket.
+    let stranger = PeerId([9; 20]);
+    relay.handle_frame(NOW, stranger, &RelayFrame::Register.encode()).unwrap();
+    assert_eq!(frames(&mut relay), vec![]);
+}
+
+#[test]
+fn an_overlapping_reconnect_keeps_the_peer_registered_and_gets_the_mailbox_again() {
+    let mut w = World::new(2, RelayConfig::default());
+    let c = w.conversation(0, 1);
+    w.send(0, &c.id, "hello");
+    w.disconnect(1);
+    w.send(0, &c.id, "held");
+    let bob = w.id(1);
+    // Two connections; the first one's mailbox copy is lost with it.
+    w.relay.connected(bob);
+    w.relay.handle_frame(w.now, bob, &RelayFrame::Register.encode()).unwrap();
+    let first = frames(&mut w.relay).into_iter().filter(|(_, f)| matches!(f, RelayFrame::Deliver { .. })).count();
+    assert_eq!(first, 1);
+    w.relay.connected(bob);
+    w.relay.disconnected(&bob); // the old connection closes after the new one opened
+    w.relay.handle_frame(w.now, bob, &RelayFrame::Register.encode()).unwrap();
+    let again = frames(&mut w.relay).into_iter().filter(|(_, f)| matches!(f, RelayFrame::Deliver { .. })).count();
+    assert_eq!(again, 1, "the new connection gets the unacknowledged entry again");
+    // And bob is still reachable: a forward to him is passed on at once.
+    let alice = w.id(0);
+    let forward = RelayFrame::Forward { to: bob, id: 77, mailbox_allowed: true, envelope: vec![1; 20] };
+    w.relay.handle_frame(w.now, alice, &forward.encode()).unwrap();
+    assert!(frames(&mut w.relay).contains(&(alice, RelayFrame::Forwarded { id: 77 })));
+}
+
+#[test]
+fn the_mailbox_goes_out_in_acknowledged_batches() {
+    let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+    let mut r = ChaCha20Rng::seed_from_u64(13);
+    let bob = IdentityKeyPair::generate(&mut r);
+    let (alice, bob_id) = (PeerId([1; 20]), bob.peer_id());
+    for peer in [alice, bob_id] {
+        relay.connected(peer);
+        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    }
+    relay.handle_frame(NOW, bob_id, &RelayFrame::Publish(record(&bob, 1, DAY_MS)).encode()).unwrap();
+    relay.disconnected(&bob_id);
+    let total = 150u64;
+    for id in 0..total {
+        let f = RelayFrame::Forward { to: bob_id, id, mailbox_allowed: true, envelope: vec![id as u8; 30] };
+        relay.handle_frame(NOW.saturating_add_millis(id * 100), alice, &f.encode()).unwrap();
+    }
+    let _ = frames(&mut relay);
+    let now = NOW.saturating_add_millis(60_000);
+    relay.connected(bob_id);
+    relay.handle_frame(now, bob_id, &RelayFrame::Register.encode()).unwrap();
+    let mut received = 0;
+    loop {
+        let ids: Vec<u64> = frames(&mut relay)
+            .into_iter()
+            .filter_map(|(_, f)| match f {
+                RelayFrame::Deliver { mailbox_id: Some(id), .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        assert!(ids.len() <= p2pchat_protocol::relay::MAILBOX_BATCH, "a batch of {}", ids.len());
+        // Nothing more comes until the batch is acknowledged.
+        relay.handle_frame(now, bob_id, &RelayFrame::FetchMailbox.encode()).unwrap();
+        let resent = frames(&mut relay).len();
+        assert_eq!(resent, ids.len(), "a fetch sends the unacknowledged batch again, and no more");
+        received += ids.len() as u64;
+        relay.handle_frame(now, bob_id, &RelayFrame::MailboxAck { ids }.encode()).unwrap();
+    }
+    assert_eq!(received, total);
+}
+
+#[test]
+fn publishing_the_same_record_again_is_accepted_and_the_records_table_is_bounded() {
+    let config = RelayConfig { max_records: 1, ..RelayConfig::default() };
+    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
+    let mut r = ChaCha20Rng::seed_from_u64(14);
+    let (alice, bob) = (IdentityKeyPair::generate(&mut r), IdentityKeyPair::generate(&mut r));
+    for peer in [alice.peer_id(), bob.peer_id()] {
+        relay.connected(peer);
+        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    }
+    let _ = frames(&mut relay);
+    let mine = record(&alice, 5, DAY_MS);
+    for _ in 0..2 {
+        relay.handle_frame(NOW, alice.peer_id(), &RelayFrame::Publish(mine.clone()).encode()).unwrap();
+        assert_eq!(frames(&mut relay), vec![(alice.peer_id(), RelayFrame::Published { sequence: 5 })]);
+    }
+    relay.handle_frame(NOW, bob.peer_id(), &RelayFrame::Publish(record(&bob, 1, DAY_MS)).encode()).unwrap();
+    assert_eq!(
+        frames(&mut relay),
+        vec![(bob.peer_id(), RelayFrame::PublishRefused { sequence: 1, reason: PublishRefusal::Full })]
+    );
 }
 
 mod hostile {

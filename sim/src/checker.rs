@@ -2,7 +2,7 @@
 //! and engine events), every envelope on the wire, and, at quiescence, each
 //! node's store; it never looks inside a running engine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use p2pchat_protocol::engine::{Event, Message, MessageStatus};
 use p2pchat_protocol::wire::{Envelope, EnvelopeBody};
@@ -36,8 +36,10 @@ pub(crate) struct Checker {
     received: HashMap<(usize, MessageId), u32>,
     /// Message key → digest of the only ciphertext it may seal.
     key_use: HashMap<Vec<u8>, u64>,
-    /// Groups each node has left (a member that left is owed nothing newer).
-    left: HashMap<(usize, ConversationId), ()>,
+    /// The groups each node has left at some time.
+    left: HashSet<(usize, ConversationId)>,
+    /// Nodes that crashed at least once (and so may have lost events).
+    crashed: Vec<bool>,
     /// Distinct ratchet public keys seen: each is one DH ratchet step.
     ratchet_keys: HashMap<[u8; 32], ()>,
     /// Messages received, in total.
@@ -68,19 +70,32 @@ impl Checker {
     /// A node's API accepted a message.
     pub(crate) fn on_accepted(&mut self, sender: usize, message: &Message, recipients: Vec<usize>) {
         let group = message.group_position.map(|_| message.conversation_id);
-        let accepted =
-            Accepted { sender, content: digest(message.content.as_bytes()), recipients, group, status: message.status };
+        let content = digest(message.content.as_bytes());
+        let accepted = Accepted { sender, content, recipients, group, status: message.status };
         self.accepted.insert(message.id, accepted);
     }
 
     /// A node left a group.
     pub(crate) fn on_left(&mut self, node: usize, group: ConversationId) {
-        self.left.insert((node, group), ());
+        self.left.insert((node, group));
     }
 
-    /// Whether a recipient is still owed a message: not if it left the group.
+    /// A node crashed: events of its last commit may be lost.
+    pub(crate) fn on_crash(&mut self, node: usize) {
+        if self.crashed.len() <= node {
+            self.crashed.resize(node + 1, false);
+        }
+        self.crashed[node] = true;
+    }
+
+    /// Whether a recipient is owed a message for certain: a member at send
+    /// time that never left the group. One that left (before the send and
+    /// came back, or after it) may be dropped by a sender that processes
+    /// its leave late; for it, only what the sender claims is checked: a
+    /// recipient the sender's store marks delivered must have stored it.
     fn owed(&self, recipient: usize, accepted: &Accepted) -> bool {
-        accepted.group.is_none_or(|g| !self.left.contains_key(&(recipient, g)))
+        let Some(group) = accepted.group else { return true };
+        !self.left.contains(&(recipient, group))
     }
 
     /// An envelope went on the wire: no message key may seal two different
@@ -138,6 +153,12 @@ impl Checker {
     /// A message found in a recipient's store whose announcement a crash
     /// lost: it counts as received.
     pub(crate) fn on_stored(&mut self, node: usize, message: &Message) -> Result<(), Violation> {
+        if !self.crashed.get(node).copied().unwrap_or(false) {
+            return Err(Violation(format!(
+                "n{node} stored message {} without announcing it, and never crashed",
+                message.id
+            )));
+        }
         self.on_received(node, message)
     }
 
@@ -244,6 +265,18 @@ impl Checker {
                     }
                 }
                 MessageStatus::Delivered | MessageStatus::Read => {}
+            }
+            for (peer, status) in &stored.recipients {
+                let Some(r) = self.peers.iter().position(|p| p == peer) else { continue };
+                let claimed = matches!(status, MessageStatus::Delivered | MessageStatus::Read);
+                let got = self.received.get(&(r, *id)).copied().unwrap_or(0);
+                if claimed && got == 0 {
+                    return Err(Violation(format!(
+                        "n{}'s message {id} is {} for n{r}, which never stored it",
+                        accepted.sender,
+                        status.as_str()
+                    )));
+                }
             }
             for &r in &accepted.recipients {
                 let got = self.received.get(&(r, *id)).copied().unwrap_or(0);

@@ -23,6 +23,11 @@ pub use store::Bug;
 pub use trace::TRACE_TAIL;
 pub use world::{Failure, Options, Report, START};
 
+/// The fault knobs a seed draws (what a run of it prints first).
+pub fn knobs_for(seed: u64) -> Knobs {
+    Knobs::draw(&mut rng::SimRng::new(seed, rng::stream::KNOBS))
+}
+
 /// Runs one seed.
 pub fn run(seed: u64, options: &Options) -> Report {
     world::World::new(seed, options.clone()).run()

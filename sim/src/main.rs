@@ -11,7 +11,7 @@ usage: p2pchat-sim --seed N            run one seed and print its summary
 options:
        --jobs N                        worker threads (default: the CPUs)
        --tail N                        steps shown before a failure (default 60)
-       --bug stale-restart|forget-incoming
+       --bug stale-restart|forget-incoming|status-regress
                                        plant a deliberately wrong behaviour (to see the checker catch it)";
 
 enum Mode {
@@ -77,8 +77,8 @@ fn main() -> ExitCode {
     let options = Options { bug: args.bug, tail: args.tail, ..Options::default() };
     match args.mode {
         Mode::One(seed) => {
+            println!("fault knobs: {}", p2pchat_sim::knobs_for(seed));
             let report = run(seed, &options);
-            println!("fault knobs: {}", report.knobs);
             println!("{}", report.summary());
             if let Some(failure) = report.failure_report() {
                 println!("{failure}");

@@ -2,7 +2,8 @@
 //! a deliberately wrong behaviour planted, to prove the checker catches it.
 
 use p2pchat_protocol::engine::{
-    Conversation, HeldMessage, KeyExchangeAttempt, Member, MemoryStore, Message, OutboxItem, Store, StoreError,
+    Conversation, HeldMessage, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus, OutboxItem, Store,
+    StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -19,6 +20,9 @@ pub enum Bug {
     StaleRestart,
     /// The store drops incoming messages while the engine reports them.
     ForgetIncoming,
+    /// The store writes our read messages back as merely delivered: a
+    /// status that moves backwards.
+    StatusRegress,
 }
 
 impl Bug {
@@ -28,6 +32,7 @@ impl Bug {
             "none" => Some(Self::None),
             "stale-restart" => Some(Self::StaleRestart),
             "forget-incoming" => Some(Self::ForgetIncoming),
+            "status-regress" => Some(Self::StatusRegress),
             _ => None,
         }
     }
@@ -68,6 +73,11 @@ impl Store for SimStore {
     fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
         if self.bug == Bug::ForgetIncoming && message.sender != self.me && self.inner.message(&message.id)?.is_none() {
             return Ok(());
+        }
+        if self.bug == Bug::StatusRegress && message.sender == self.me && message.status == MessageStatus::Read {
+            let mut regressed = message.clone();
+            regressed.status = MessageStatus::Delivered;
+            return self.inner.put_message(&regressed);
         }
         self.inner.put_message(message)
     }

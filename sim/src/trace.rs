@@ -8,9 +8,11 @@ use std::collections::VecDeque;
 /// How many recent steps a failure report shows by default.
 pub const TRACE_TAIL: usize = 60;
 
-/// FNV-1a, 64-bit: fast, and the same on every platform and Rust version
-/// (unlike the standard library's hasher), so trace hashes can be compared
-/// across builds.
+/// FNV-1a, 64-bit: fast and fixed (unlike the standard library's hasher,
+/// whose keys and algorithm may change), so trace hashes can be compared
+/// across builds. Steps are hashed through their derived `Hash`, which
+/// feeds `usize` fields at the platform's width: hashes match between
+/// machines of the same pointer width.
 #[derive(Clone, Copy)]
 pub(crate) struct Fnv(u64);
 

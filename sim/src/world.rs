@@ -29,6 +29,10 @@ pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 const SETTLE_MS: u64 = 20 * 60 * 1000;
 /// The relay, where a node index is expected.
 const RELAY: usize = usize::MAX;
+/// A run that takes more steps than this is stuck in a loop.
+const MAX_STEPS: u64 = 3_000_000;
+/// Bounded state is checked every this many steps (and at the end).
+const BOUNDS_EVERY: u64 = 2_000;
 /// The stale-restart bug keeps a copy of the store every this many calls.
 const STALE_EVERY: u64 = 5;
 /// How long records published to the relay stay valid.
@@ -178,6 +182,7 @@ pub(crate) struct World {
     groups: Vec<SimGroup>,
     operations_left: u32,
     failure: Option<Failure>,
+    next_bounds_check: u64,
     protocol_time: Duration,
     /// Snapshots of each node's committed store, for the stale-restart bug.
     snapshots: Vec<Option<SimStore>>,
@@ -251,6 +256,7 @@ impl World {
             groups: Vec::new(),
             operations_left,
             failure: None,
+            next_bounds_check: BOUNDS_EVERY,
             protocol_time: Duration::ZERO,
             snapshots,
         };
@@ -274,6 +280,17 @@ impl World {
                 break;
             }
             self.now = self.now.max(at);
+            if self.trace.steps() >= MAX_STEPS {
+                self.fail(format!("the run did not settle within {MAX_STEPS} steps"));
+                break;
+            }
+            if self.trace.steps() >= self.next_bounds_check {
+                self.next_bounds_check = self.trace.steps() + BOUNDS_EVERY;
+                if let Err(v) = self.check_bounds() {
+                    self.fail(v.0);
+                    break;
+                }
+            }
             match what {
                 Next::Queued(key) => {
                     if let Some(ev) = self.queue.remove(&key) {
@@ -285,6 +302,11 @@ impl World {
                     let now = self.node_now(i);
                     let result = self.timed(|w| w.nodes[i].engine.handle(now, Input::Timeout));
                     self.after_call(i, result.map(|_| ()));
+                    // A deadline a timeout does not move would spin for ever.
+                    let stuck = self.nodes[i].up && self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= now);
+                    if stuck && self.failure.is_none() {
+                        self.fail(format!("n{i}'s deadline did not move past its timeout"));
+                    }
                 }
                 Next::RelayTimeout => {
                     self.trace(Step::Timeout { node: RELAY });
@@ -439,7 +461,9 @@ impl World {
             }
             Fault::Restarted(i) => {
                 self.nodes[i].up = true;
-                // Whatever the engine queued while starting leaves now.
+                // Connections first, then whatever the engine queued while
+                // starting leaves over them.
+                self.refresh();
                 self.drain(i);
             }
             Fault::RelayDown => self.relay_up = false,
@@ -546,6 +570,7 @@ impl World {
             return;
         }
         self.trace(Step::Fault(format!("n{i} crashed")));
+        self.checker.on_crash(i);
         let store = match (self.options.bug, self.snapshots[i].take()) {
             (Bug::StaleRestart, Some(old)) => old,
             _ => self.nodes[i].engine.store().crash_copy(),
@@ -575,6 +600,11 @@ impl World {
     // ---- the driving rule ----
 
     fn call(&mut self, i: usize, input: Input) {
+        // A node that crashed during an earlier input of the same batch
+        // takes no more of it: those inputs died with the process.
+        if !self.nodes[i].up {
+            return;
+        }
         let now = self.node_now(i);
         let result = self.timed(|w| w.nodes[i].engine.handle(now, input));
         self.after_call(i, result);
@@ -787,9 +817,15 @@ impl World {
         self.trace(Step::Arrive { from, to, what: envelope_kind(&bytes), len: bytes.len(), digest: digest(&bytes) });
         let peer = self.nodes[from].peer;
         // The transport acknowledges on arrival, whatever the application
-        // then does with it (a crash may follow).
+        // then does with it (a crash may follow); the acknowledgement itself
+        // can be lost, and then the sender believes the datagram was.
         if let Some((incarnation, id)) = transmit {
-            self.schedule(back, Ev::Result { node: from, incarnation, id, outcome: TransmitOutcome::Delivered });
+            let outcome = if self.net.chance(self.knobs.loss_ppm / 2) {
+                TransmitOutcome::Failed("no acknowledgement from the peer".into())
+            } else {
+                TransmitOutcome::Delivered
+            };
+            self.schedule(back, Ev::Result { node: from, incarnation, id, outcome });
         }
         self.call(to, Input::Received { from: peer, bytes });
     }
@@ -818,7 +854,7 @@ impl World {
             }
             match action {
                 ClientAction::ToEngine(input) => self.call(i, input),
-                ClientAction::ToRelay(frame) | ClientAction::AfterEngine(frame) => self.send_to_relay(i, &frame),
+                ClientAction::AfterEngine(frame) => self.send_to_relay(i, &frame),
                 ClientAction::Record(_) | ClientAction::Published { .. } => {}
                 ClientAction::PublishRefused { reason, .. } => {
                     if reason != PublishRefusal::Rate {
@@ -899,7 +935,11 @@ impl World {
                 }
             }
             87..=91 => {
-                let Some(g) = self.groups.iter().filter(|g| g.admin == i).nth(0) else { return };
+                let mine: Vec<usize> = (0..self.groups.len()).filter(|&k| self.groups[k].admin == i).collect();
+                if mine.is_empty() {
+                    return;
+                }
+                let g = &self.groups[mine[self.work.index(mine.len())]];
                 let outside: Vec<usize> = (0..n).filter(|j| !g.members.contains(j)).collect();
                 if outside.is_empty() {
                     return;
@@ -995,6 +1035,42 @@ impl World {
 
     /// Quiescence: the checker's final rules, and bounded state everywhere.
     fn final_checks(&mut self) -> Result<(), Violation> {
+        let stores = self.check_bounds()?;
+        self.checker.at_quiescence(&stores)?;
+        self.check_nothing_left()
+    }
+
+    /// Once the network has healed and settled, nothing is left queued or
+    /// exchanging keys: an item that stays would be retried for ever.
+    fn check_nothing_left(&mut self) -> Result<(), Violation> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let store = node.engine.store_mut();
+            let read = |e: p2pchat_protocol::engine::StoreError| Violation(format!("n{i}'s store: {e}"));
+            store.begin().map_err(read)?;
+            let result = (|| {
+                let outbox = store.outbox().map_err(read)?;
+                if let Some(item) = outbox.first() {
+                    return Err(Violation(format!(
+                        "n{i} still has {} queued items after the network healed and settled, the first {:?} for {}",
+                        outbox.len(),
+                        item.payload,
+                        item.peer
+                    )));
+                }
+                if let Some(attempt) = store.key_exchanges().map_err(read)?.first() {
+                    return Err(Violation(format!("n{i} is still exchanging keys with {}", attempt.peer)));
+                }
+                Ok(())
+            })();
+            store.rollback();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Bounded state in every store: skipped keys, previous sender keys,
+    /// mailboxes. Returns each node's messages.
+    fn check_bounds(&mut self) -> Result<Vec<HashMap<MessageId, Message>>, Violation> {
         let mut stores = Vec::with_capacity(self.nodes.len());
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let store = node.engine.store_mut();
@@ -1059,7 +1135,7 @@ impl World {
         }
         p2pchat_protocol::relay::RelayStore::rollback(relay_store);
         quota?;
-        self.checker.at_quiescence(&stores)
+        Ok(stores)
     }
 }
 

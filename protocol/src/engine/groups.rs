@@ -232,8 +232,18 @@ impl<S: Store> Engine<S> {
                 undelivered.insert(message.id);
             }
         }
+        // Nor do our keys or key requests for the group matter any more.
         for item in self.store.outbox()? {
-            if matches!(&item.payload, OutboxPayload::Group { message_id } if undelivered.contains(message_id)) {
+            let ours = match &item.payload {
+                OutboxPayload::Group { message_id } => undelivered.contains(message_id),
+                OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
+                    Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == id,
+                    Ok(PairwisePayload::SenderKeyRequest { group_id }) => group_id == id,
+                    _ => false,
+                },
+                _ => false,
+            };
+            if ours {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }
@@ -419,8 +429,16 @@ impl<S: Store> Engine<S> {
         if !left {
             return Ok(());
         }
+        // Only peers we already deal with: a member we knew, or a peer we
+        // hold a session with. Anyone else naming the group (a relay can
+        // put any sender on a frame) would make us queue work for invented
+        // peers and tell them we were in the group.
+        let members = self.store.members(&id)?;
+        if !members.iter().any(|m| m.peer_id == peer) && self.store.sessions(&peer)?.is_none() {
+            return Ok(());
+        }
         let me = self.peer_id();
-        let epoch = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me).map_or(0, |m| m.epoch);
+        let epoch = members.into_iter().find(|m| m.peer_id == me).map_or(0, |m| m.epoch);
         let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch }).encode().to_vec();
         let queued = self
             .store
@@ -677,10 +695,14 @@ impl<S: Store> Engine<S> {
             self.reject(sender, "group message content does not decode");
             return Ok(Ok(()));
         };
-        if let Some(stored) = self.store.message(&chat.message_id)? {
+        if let Some(mut stored) = self.store.message(&chat.message_id)? {
             // The sender sealed the message again under a new key (a member
-            // left before everyone confirmed it): confirm the copy we hold.
+            // left before everyone confirmed it): confirm the copy we hold,
+            // and remember the new position, where its retransmissions (if
+            // this receipt is lost) will be recognised.
             if stored.sender == sender && stored.conversation_id == conversation.id && stored.content == chat.content {
+                stored.group_position = Some((message.key_id, message.message_number));
+                self.store.put_message(&stored)?;
                 self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
                 return self.pump(now, sender).map(Ok);
             }

@@ -1119,15 +1119,11 @@ impl<S: Store> Engine<S> {
         };
         let Some(message_id) = message_id else {
             // Delivery receipts, acks and session confirmations: done once a
-            // peer or relay has them (a lost one is repaired by the other
-            // side's retransmission); a failed one waits for the peer.
-            match outcome {
-                TransmitOutcome::Failed(_) => {
-                    item.next_attempt_at = None;
-                    self.store.put_outbox_item(&item)?;
-                }
-                _ => self.store.delete_outbox_item(seq)?,
-            }
+            // peer or relay has them, and dropped if the transmit failed.
+            // Either way a lost one is repaired by the other side, which
+            // sends its message or tracked payload again until answered (and
+            // a session confirmation's work is done by any later message).
+            self.store.delete_outbox_item(seq)?;
             return Ok(());
         };
         // A chat message stays queued until its delivery confirmation.

@@ -16,8 +16,6 @@ use crate::wire::WireError;
 pub enum ClientAction {
     /// Hand this to the engine.
     ToEngine(Input),
-    /// Send this to the relay.
-    ToRelay(RelayFrame),
     /// Send this to the relay once the engine has handled (and committed)
     /// the input before it: a mailbox entry is deleted only after it is safe.
     AfterEngine(RelayFrame),
@@ -106,15 +104,15 @@ impl RelayClient {
     }
 
     /// The relay connection closed: every unanswered forward failed (the
-    /// engine keeps the messages and tries again when the peer is reachable).
+    /// engine keeps the messages and tries again when the peer is
+    /// reachable), and every unanswered lookup found nothing.
     pub fn on_disconnect(&mut self) -> Vec<Input> {
-        core::mem::take(&mut self.pending)
-            .into_iter()
-            .map(|id| Input::TransmitResult {
-                id: TransmitId(id),
-                outcome: TransmitOutcome::Failed("the relay connection closed".into()),
-            })
-            .collect()
+        let forwards = core::mem::take(&mut self.pending).into_iter().map(|id| Input::TransmitResult {
+            id: TransmitId(id),
+            outcome: TransmitOutcome::Failed("the relay connection closed".into()),
+        });
+        let lookups = core::mem::take(&mut self.lookups).into_iter().map(Input::LookupFailed);
+        forwards.chain(lookups).collect()
     }
 
     /// A frame from the relay.

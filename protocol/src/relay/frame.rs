@@ -68,6 +68,9 @@ pub enum PublishRefusal {
     /// The relay holds a record with this sequence or a higher one. Sign a
     /// new record with a higher sequence.
     Stale,
+    /// The relay holds as many records as it is configured for. Use another
+    /// relay, or try again later.
+    Full,
 }
 
 impl PublishRefusal {
@@ -80,6 +83,7 @@ impl PublishRefusal {
             Self::LifetimeTooLong => "peer record valid for longer than this relay keeps records",
             Self::Invalid => "peer record failed verification",
             Self::Stale => "peer record not newer than the one the relay holds",
+            Self::Full => "the relay holds as many peer records as it keeps",
         }
     }
 }

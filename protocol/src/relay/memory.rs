@@ -63,6 +63,16 @@ impl RelayStore for MemoryRelayStore {
         Ok(self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX)).map(|(_, e)| e.clone()).collect())
     }
 
+    fn mailbox_after(&self, peer: &PeerId, after: u64, limit: usize) -> Result<Vec<MailboxEntry>, RelayStoreError> {
+        let from = after.saturating_add(1);
+        let entries = self.read()?.mailbox.range((*peer, from)..=(*peer, u64::MAX));
+        Ok(entries.take(limit).map(|(_, e)| e.clone()).collect())
+    }
+
+    fn record_count(&self) -> Result<usize, RelayStoreError> {
+        Ok(self.read()?.records.len())
+    }
+
     fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
         let entries = self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX));
         Ok(entries.fold((0, 0), |(count, bytes), (_, e)| (count + 1, bytes + e.envelope.len())))

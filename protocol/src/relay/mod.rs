@@ -64,6 +64,10 @@ pub trait RelayStore {
     fn rollback(&mut self);
     /// A peer's mailbox, oldest first.
     fn mailbox(&self, peer: &PeerId) -> Result<Vec<MailboxEntry>, RelayStoreError>;
+    /// Up to `limit` of `peer`'s entries with an ID above `after`, oldest first.
+    fn mailbox_after(&self, peer: &PeerId, after: u64, limit: usize) -> Result<Vec<MailboxEntry>, RelayStoreError>;
+    /// How many peers have a record.
+    fn record_count(&self) -> Result<usize, RelayStoreError>;
     /// How many entries and bytes a peer's mailbox holds.
     fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError>;
     /// Bytes held in all mailboxes together.
@@ -107,8 +111,10 @@ pub struct RelayConfig {
     /// Forwards a peer may make in a burst.
     pub rate_burst: u64,
     /// The largest envelope accepted. The default exceeds what a 64 KiB
-    /// message can produce.
+    /// message can produce; more than a frame can carry is clamped.
     pub max_envelope_len: usize,
+    /// The most peer records held (each opens a mailbox).
+    pub max_records: usize,
 }
 
 impl Default for RelayConfig {
@@ -122,6 +128,7 @@ impl Default for RelayConfig {
             rate_per_sec: 50,
             rate_burst: 200,
             max_envelope_len: MAX_ENVELOPE_LEN,
+            max_records: 100_000,
         }
     }
 }
@@ -171,16 +178,28 @@ struct Staged {
 }
 
 enum Undo {
-    Registered(PeerId, bool),
+    Peer(PeerId, PeerState),
     Bucket(PeerId, Option<Bucket>),
+}
+
+/// A connected peer.
+#[derive(Clone, Debug, Default)]
+struct PeerState {
+    /// Open connections (a reconnect may overlap the old connection).
+    connections: u32,
+    registered: bool,
+    /// A connection opened since the mailbox was last sent from its start.
+    fresh: bool,
+    /// The highest mailbox ID sent in the current pass over the mailbox.
+    sent_up_to: u64,
 }
 
 /// The relay state machine.
 pub struct Relay<S: RelayStore> {
     store: S,
     config: RelayConfig,
-    /// Connected peers, and whether each has registered.
-    connected: BTreeMap<PeerId, bool>,
+    /// Connected peers.
+    connected: BTreeMap<PeerId, PeerState>,
     buckets: BTreeMap<PeerId, Bucket>,
     staged: Staged,
     transmits: VecDeque<(PeerId, Vec<u8>)>,
@@ -196,7 +215,8 @@ impl<S: RelayStore> core::fmt::Debug for Relay<S> {
 
 impl<S: RelayStore> Relay<S> {
     /// A relay over `store` (which keeps its mailbox across restarts).
-    pub fn new(store: S, config: RelayConfig) -> Result<Self, RelayError> {
+    pub fn new(store: S, mut config: RelayConfig) -> Result<Self, RelayError> {
+        config.max_envelope_len = config.max_envelope_len.min(MAX_ENVELOPE_LEN);
         let mut relay = Self {
             store,
             config,
@@ -237,20 +257,33 @@ impl<S: RelayStore> Relay<S> {
         self.next_deadline
     }
 
-    /// A peer connected (the transport authenticated its ID). A second
-    /// connection of a registered peer keeps it registered.
+    /// A connection opened (the transport authenticated its peer ID). A
+    /// peer may hold several at once (a reconnect can overlap the old one):
+    /// it stays registered, and its next `Register` sends the mailbox again
+    /// from the start, since entries sent on a dying connection may be lost.
     pub fn connected(&mut self, peer: PeerId) {
-        self.connected.entry(peer).or_insert(false);
+        let state = self.connected.entry(peer).or_default();
+        state.connections = state.connections.saturating_add(1);
+        state.fresh = true;
     }
 
-    /// A peer's connection closed; its rate state goes with it.
+    /// A connection closed; with the peer's last one go its registration
+    /// and rate state.
     pub fn disconnected(&mut self, peer: &PeerId) {
-        self.connected.remove(peer);
-        self.buckets.remove(peer);
+        let Some(state) = self.connected.get_mut(peer) else { return };
+        state.connections = state.connections.saturating_sub(1);
+        if state.connections == 0 {
+            self.connected.remove(peer);
+            self.buckets.remove(peer);
+        }
     }
 
-    /// A frame from a connected peer.
+    /// A frame from a connected peer. Frames from a peer with no open
+    /// connection (late ones, after the close) are dropped unread.
     pub fn handle_frame(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), RelayError> {
+        if !self.connected.contains_key(&from) {
+            return Ok(());
+        }
         self.transact(|r| r.on_frame(now, from, bytes))
     }
 
@@ -299,9 +332,9 @@ impl<S: RelayStore> Relay<S> {
         let staged = core::mem::take(&mut self.staged);
         for undo in staged.undo.into_iter().rev() {
             match undo {
-                Undo::Registered(peer, was) => {
-                    if let Some(registered) = self.connected.get_mut(&peer) {
-                        *registered = was;
+                Undo::Peer(peer, state) => {
+                    if let Some(current) = self.connected.get_mut(&peer) {
+                        *current = state;
                     }
                 }
                 Undo::Bucket(peer, Some(bucket)) => {
@@ -319,6 +352,9 @@ impl<S: RelayStore> Relay<S> {
     }
 
     fn on_frame(&mut self, now: Timestamp, from: PeerId, bytes: &[u8]) -> Result<(), RelayError> {
+        // Every frame costs a token, even one that does not decode, so no
+        // kind of frame makes the relay work without limit.
+        let within_rate = self.take_token(now, from);
         let frame = match RelayFrame::decode(bytes) {
             Ok(frame) => frame,
             Err(e) => {
@@ -326,41 +362,52 @@ impl<S: RelayStore> Relay<S> {
                 return Ok(());
             }
         };
-        // Every request costs a token, so no frame kind can be used to make
-        // the relay work without limit.
-        let costs = matches!(
-            frame,
-            RelayFrame::Register | RelayFrame::Publish(_) | RelayFrame::Lookup { .. } | RelayFrame::FetchMailbox
-        );
-        if costs && !self.take_token(now, from) {
+        if !within_rate {
             self.staged.events.push(RelayEvent::Refused { from, reason: Refusal::Rate });
-            if let RelayFrame::Publish(record) = &frame {
-                let sequence = record.sequence;
-                self.send(from, &RelayFrame::PublishRefused { sequence, reason: PublishRefusal::Rate });
+            // Requests that expect an answer get one, so the node is not
+            // left waiting.
+            match &frame {
+                RelayFrame::Publish(record) => {
+                    let sequence = record.sequence;
+                    self.send(from, &RelayFrame::PublishRefused { sequence, reason: PublishRefusal::Rate });
+                }
+                RelayFrame::Forward { id, .. } => {
+                    self.send(from, &RelayFrame::Refused { id: *id, reason: Refusal::Rate });
+                }
+                _ => {}
             }
             return Ok(());
         }
         match frame {
             RelayFrame::Register => {
-                // Only over a live connection: a late frame after the
-                // disconnect must not make the peer look reachable.
-                let Some(registered) = self.connected.get_mut(&from) else { return Ok(()) };
-                let was = core::mem::replace(registered, true);
-                self.staged.undo.push(Undo::Registered(from, was));
+                let Some(state) = self.connected.get_mut(&from) else { return Ok(()) };
+                let before = state.clone();
+                let fresh = state.fresh || !state.registered;
+                state.registered = true;
+                state.fresh = false;
+                if fresh {
+                    state.sent_up_to = 0;
+                }
+                self.staged.undo.push(Undo::Peer(from, before));
                 self.send(from, &RelayFrame::Registered);
-                // The mailbox comes with the first registration only; a
-                // repeated Register must not make the relay resend it
-                // (FetchMailbox asks for that explicitly).
-                if !was {
-                    self.deliver_mailbox(&from)?;
+                // The mailbox comes with the first registration on a new
+                // connection; a repeated Register does not resend it
+                // (FetchMailbox asks for that).
+                if fresh {
+                    self.deliver_mailbox(now, &from)?;
                 }
             }
-            RelayFrame::FetchMailbox if self.connected.get(&from) == Some(&true) => self.deliver_mailbox(&from)?,
-            RelayFrame::FetchMailbox => {}
+            RelayFrame::FetchMailbox => {
+                let Some(state) = self.connected.get_mut(&from).filter(|s| s.registered) else { return Ok(()) };
+                self.staged.undo.push(Undo::Peer(from, state.clone()));
+                state.sent_up_to = 0;
+                self.deliver_mailbox(now, &from)?;
+            }
             RelayFrame::MailboxAck { ids } => {
                 for id in ids.into_iter().take(MAX_ACK_IDS) {
                     self.store.delete_mailbox_entry(&from, id)?;
                 }
+                self.deliver_mailbox(now, &from)?;
             }
             RelayFrame::Publish(record) => {
                 let sequence = record.sequence;
@@ -406,7 +453,7 @@ impl<S: RelayStore> Relay<S> {
         from: PeerId,
         record: &PeerRecord,
     ) -> Result<Option<PublishRefusal>, RelayError> {
-        if self.connected.get(&from) != Some(&true) {
+        if !self.is_registered(&from) {
             return Ok(Some(PublishRefusal::NotRegistered));
         }
         if record.peer_id != from {
@@ -416,7 +463,14 @@ impl<S: RelayStore> Relay<S> {
             return Ok(Some(PublishRefusal::LifetimeTooLong));
         }
         // An expired record no longer counts against a new one.
-        let known = self.store.record(&record.peer_id)?.filter(|r| r.expires_at > now).map(|r| r.sequence);
+        let held = self.store.record(&record.peer_id)?.filter(|r| r.expires_at > now);
+        if held.as_ref() == Some(record) {
+            return Ok(None); // the same record again, on a reconnect
+        }
+        if held.is_none() && self.store.record_count()? >= self.config.max_records {
+            return Ok(Some(PublishRefusal::Full));
+        }
+        let known = held.map(|r| r.sequence);
         Ok(match record.verify(now, known) {
             Ok(()) => None,
             Err(RecordError::Stale { .. }) => Some(PublishRefusal::Stale),
@@ -438,7 +492,7 @@ impl<S: RelayStore> Relay<S> {
         mailbox_allowed: bool,
         envelope: Vec<u8>,
     ) -> Result<(), RelayError> {
-        if self.connected.get(&from) != Some(&true) {
+        if !self.is_registered(&from) {
             self.refuse(from, id, Refusal::NotRegistered);
             return Ok(());
         }
@@ -446,11 +500,7 @@ impl<S: RelayStore> Relay<S> {
             self.refuse(from, id, Refusal::TooLarge);
             return Ok(());
         }
-        if !self.take_token(now, from) {
-            self.refuse(from, id, Refusal::Rate);
-            return Ok(());
-        }
-        if self.connected.get(&to) == Some(&true) {
+        if self.is_registered(&to) {
             self.send(to, &RelayFrame::Deliver { from, mailbox_id: None, envelope });
             self.send(from, &RelayFrame::Forwarded { id });
             return Ok(());
@@ -480,8 +530,32 @@ impl<S: RelayStore> Relay<S> {
         Ok(())
     }
 
-    fn deliver_mailbox(&mut self, peer: &PeerId) -> Result<(), RelayError> {
-        for entry in self.store.mailbox(peer)? {
+    fn is_registered(&self, peer: &PeerId) -> bool {
+        self.connected.get(peer).is_some_and(|s| s.registered)
+    }
+
+    /// Sends the next batch of the mailbox once the previous one is
+    /// acknowledged: at most [`MAILBOX_BATCH`] entries in flight, so one
+    /// request never makes the relay send a whole mailbox at once.
+    fn deliver_mailbox(&mut self, now: Timestamp, peer: &PeerId) -> Result<(), RelayError> {
+        let Some(state) = self.connected.get(peer).filter(|s| s.registered) else { return Ok(()) };
+        let sent_up_to = state.sent_up_to;
+        let in_flight = self.store.mailbox_after(peer, 0, 1)?.first().is_some_and(|e| e.id <= sent_up_to);
+        if in_flight {
+            return Ok(());
+        }
+        let batch = self.store.mailbox_after(peer, sent_up_to, MAILBOX_BATCH)?;
+        let Some(last) = batch.last().map(|e| e.id) else { return Ok(()) };
+        if let Some(state) = self.connected.get_mut(peer) {
+            self.staged.undo.push(Undo::Peer(*peer, state.clone()));
+            state.sent_up_to = last;
+        }
+        let expired_before = now.as_millis().saturating_sub(self.config.mailbox_ttl_ms);
+        for entry in batch {
+            // Expired but not yet swept: never delivered.
+            if entry.stored_at.as_millis() < expired_before {
+                continue;
+            }
             self.send(
                 *peer,
                 &RelayFrame::Deliver { from: entry.from, mailbox_id: Some(entry.id), envelope: entry.envelope },
@@ -508,3 +582,6 @@ impl<S: RelayStore> Relay<S> {
 
 /// The most mailbox IDs one acknowledgement is taken to name.
 const MAX_ACK_IDS: usize = 1_000;
+
+/// Mailbox entries sent before the node acknowledges them.
+pub const MAILBOX_BATCH: usize = 64;
