@@ -84,6 +84,8 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (141, "messages sealed under a key rotated away were unreadable: they are sealed again"),
     (244, "a member that left and came back, dropped by a sender that saw the old leave late"),
     (620, "a receipt confirming an old copy dropped the member's sender-key entitlement"),
+    (2611, "a member given a sender key from after a message it lacked: a key request now reseals it"),
+    (6493, "a member given a sender key from after a message it lacked: a key request now reseals it"),
 ];
 
 #[test]

@@ -414,7 +414,7 @@ impl<S: Store> Engine<S> {
         // Everyone left rotates (the new key goes out lazily, before each
         // member's next message), so the leaver cannot read what follows.
         if group.remove_member(&from, &mut self.rng).is_some() {
-            self.reseal_unconfirmed(now, &group_id, &mut group)?;
+            self.reseal_unconfirmed(now, &group_id, &mut group, None)?;
             self.save_group(&group)?;
         }
         self.members_changed(now, &group_id)?;
@@ -461,10 +461,15 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         id: &ConversationId,
         group: &mut GroupSession,
+        only_for: Option<PeerId>,
     ) -> Result<(), EngineError> {
         let me = self.peer_id();
+        let waiting = |s: &MessageStatus| matches!(s, MessageStatus::Created | MessageStatus::Sent);
         for mut message in self.store.messages(id)? {
-            if !message.is_outgoing(&me) || !matches!(message.status, MessageStatus::Created | MessageStatus::Sent) {
+            if !message.is_outgoing(&me) || !waiting(&message.status) {
+                continue;
+            }
+            if only_for.is_some_and(|p| !message.recipients.iter().any(|(r, s)| *r == p && waiting(s))) {
                 continue;
             }
             let content =
@@ -474,8 +479,7 @@ impl<S: Store> Engine<S> {
             self.store.put_message(&message)?;
             self.store.put_group_envelope(&message.id, &Envelope::new(EnvelopeBody::Group(sealed)).encode())?;
             for (peer, status) in &message.recipients {
-                let waiting = matches!(status, MessageStatus::Created | MessageStatus::Sent);
-                if waiting && group.awaits_confirmation(peer) && !self.key_queued_for(group, peer)? {
+                if waiting(status) && group.awaits_confirmation(peer) && !self.key_queued_for(group, peer)? {
                     self.send_own_key(now, group, *peer)?;
                 }
             }
@@ -623,12 +627,17 @@ impl<S: Store> Engine<S> {
         from: PeerId,
         id: ConversationId,
     ) -> Result<(), EngineError> {
-        let Ok((_, _, group)) = self.joined_group(&id) else { return Ok(()) };
+        let Ok((_, _, mut group)) = self.joined_group(&id) else { return Ok(()) };
         if !self.others(&id)?.contains(&from) {
             self.reject(from, "sender key request from a peer that is not a member");
             return Ok(());
         }
         self.send_own_key(now, &group, from)?;
+        // The member may hold our key only from a later position than some
+        // of our messages it still lacks (copies of keys and messages cross
+        // in flight): those go again at positions it can read.
+        self.reseal_unconfirmed(now, &id, &mut group, Some(from))?;
+        self.save_group(&group)?;
         self.pump(now, from)
     }
 
@@ -682,10 +691,14 @@ impl<S: Store> Engine<S> {
                     .messages(&message.group_id)?
                     .into_iter()
                     .find(|m| m.sender == sender && m.group_position == position);
-                if let Some(stored) = stored {
-                    self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
-                    self.pump(now, sender)?;
+                match stored {
+                    Some(stored) => self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?,
+                    // Our copy of the key starts after this position: we
+                    // can never read it. Asking for the key makes the
+                    // sender send it again where we can.
+                    None => self.request_key(now, sender, message.group_id)?,
                 }
+                self.pump(now, sender)?;
                 return Ok(Ok(()));
             }
             Err(e) => return Ok(Err(e)),
@@ -743,14 +756,25 @@ impl<S: Store> Engine<S> {
         self.store.put_held_message(&held)?;
         // Ask the sender for its key, once per batch of held messages.
         if held_from_sender == 0 {
-            self.enqueue_control(
-                now,
-                message.sender,
-                &PairwisePayload::SenderKeyRequest { group_id: message.group_id },
-            )?;
+            self.request_key(now, message.sender, message.group_id)?;
             self.pump(now, message.sender)?;
         }
         Ok(())
+    }
+
+    /// Asks a member for its sender key, unless a request is already queued.
+    fn request_key(&mut self, now: Timestamp, peer: PeerId, group_id: ConversationId) -> Result<(), EngineError> {
+        let request = PairwisePayload::SenderKeyRequest { group_id };
+        let bytes = request.encode();
+        let queued = self
+            .store
+            .outbox_for(&peer)?
+            .iter()
+            .any(|i| matches!(&i.payload, OutboxPayload::Control(b) if *b == bytes[..]));
+        if queued {
+            return Ok(());
+        }
+        self.enqueue_control(now, peer, &request)
     }
 
     /// Retries the held messages of a group after a key or an invite arrived.
