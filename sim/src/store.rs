@@ -70,6 +70,15 @@ impl Store for SimStore {
         self.inner.rollback()
     }
 
+    fn messages_page(
+        &self,
+        id: &ConversationId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner.messages_page(id, before, limit)
+    }
+
     fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
         if self.bug == Bug::ForgetIncoming && message.sender != self.me && self.inner.message(&message.id)?.is_none() {
             return Ok(());

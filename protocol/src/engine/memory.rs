@@ -145,6 +145,31 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
+    fn messages_page(
+        &self,
+        id: &ConversationId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let t = self.read()?;
+        let bound = match before {
+            Some(b) => match t.message_order.get(b) {
+                Some(&order) => order,
+                None => return Ok(Vec::new()),
+            },
+            None => u64::MAX,
+        };
+        let mut page: Vec<(u64, &Message)> = t
+            .messages
+            .values()
+            .filter(|m| m.conversation_id == *id)
+            .filter_map(|m| t.message_order.get(&m.id).map(|&o| (o, m)))
+            .filter(|(o, _)| *o < bound)
+            .collect();
+        page.sort_by_key(|(o, _)| core::cmp::Reverse(*o));
+        Ok(page.into_iter().take(limit).map(|(_, m)| m.clone()).collect())
+    }
+
     fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
         let t = self.write()?;
         if !t.message_order.contains_key(&message.id) {

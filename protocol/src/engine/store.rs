@@ -58,6 +58,14 @@ pub trait Store {
     fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError>;
     /// A conversation's messages, in the order they were first stored.
     fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError>;
+    /// Up to `limit` of a conversation's messages, newest first, all stored
+    /// before `before` (the last message of the previous page) if given.
+    fn messages_page(
+        &self,
+        id: &ConversationId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
     /// Creates or replaces a message.
     fn put_message(&mut self, message: &Message) -> Result<(), StoreError>;
     /// Messages stored before `cutoff`, in the order they were first stored (for retention).

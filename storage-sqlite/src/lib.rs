@@ -1,0 +1,118 @@
+//! SQLite storage for p2pchat: the engine's [`Store`](p2pchat_protocol::engine::Store)
+//! ([`SqliteStore`]) and the relay's
+//! [`RelayStore`](p2pchat_protocol::relay::RelayStore) ([`SqliteRelayStore`]),
+//! on bundled SQLite.
+//!
+//! - Every engine or relay call is one transaction (`BEGIN IMMEDIATE` …
+//!   `COMMIT`); the engine releases nothing before the commit.
+//! - Ratchet states, sender keys (with their skipped keys), pending key
+//!   exchanges, outbox payloads, conversation records and message texts are
+//!   sealed with XSalsa20-Poly1305 under a [`MasterKey`] derived from the
+//!   node's identity key and held only in memory.
+//! - Schemas are versioned with `PRAGMA user_version`; an older database is
+//!   upgraded, a newer one refused.
+//!
+//! `docs/STORAGE.md` gives the schema and every deviation from the reference.
+#![forbid(unsafe_code)]
+
+mod identity;
+mod node;
+mod relay;
+mod schema;
+mod seal;
+
+use std::path::PathBuf;
+
+pub use identity::{load_identity, load_or_create_identity, IDENTITY_FILE};
+pub use node::SqliteStore;
+pub use relay::SqliteRelayStore;
+pub use schema::{node_schema, relay_schema, Migration, Schema};
+pub use seal::{MasterKey, MASTER_KEY_INFO, MASTER_KEY_SALT};
+
+/// How hard a commit tries to survive failures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a committed transaction survives the
+    /// process crashing; the last ones may be lost if the machine loses
+    /// power.
+    #[default]
+    Normal,
+    /// WAL with `synchronous=FULL`: every commit is on disk before it
+    /// returns, and survives power loss.
+    Full,
+}
+
+/// Why storage could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer p2pchat.
+    #[error("the {kind} database is at schema version {found}, newer than this p2pchat supports ({supported}); upgrade p2pchat or use another data directory")]
+    NewerSchema {
+        /// Which database.
+        kind: &'static str,
+        /// Its version.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// A migration failed; the database stays at the version before it.
+    #[error("upgrading the {kind} database to version {to} ({name}) failed: {reason}")]
+    Migration {
+        /// Which database.
+        kind: &'static str,
+        /// The version it was going to.
+        to: u32,
+        /// The migration.
+        name: &'static str,
+        /// SQLite's error.
+        reason: String,
+    },
+    /// The database was sealed under another identity's key.
+    #[error("the database was sealed under another identity's key: it belongs to a different identity file")]
+    WrongKey,
+    /// The identity key file is unusable.
+    #[error("identity key file {path}: {problem}")]
+    IdentityFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+    /// A file operation failed.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+/// The page size of new databases.
+const PAGE_SIZE: u32 = 1024;
+
+/// Settings of every connection: WAL, foreign keys, a busy timeout, and
+/// the durability asked for.
+fn configure(conn: &rusqlite::Connection, durability: Durability) -> Result<(), StorageError> {
+    // Each commit appends the pages it touched to the WAL: small pages mean
+    // fewer bytes per commit. Takes effect only on a new database.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        },
+    )?;
+    // Checkpoints (copying the WAL into the database, with a sync) every
+    // 16 MiB of WAL rather than every 1,000 pages.
+    conn.pragma_update(None, "wal_autocheckpoint", 16 * 1024 * 1024 / PAGE_SIZE)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}

@@ -1,0 +1,765 @@
+//! The engine's [`Store`] on SQLite.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use zeroize::Zeroizing;
+
+use p2pchat_protocol::engine::{
+    Conversation, ConversationKind, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem, Store, StoreError,
+};
+use p2pchat_protocol::handshake::AnsweredRequest;
+use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
+
+use crate::schema::{node_schema, Schema};
+use crate::seal::MasterKey;
+use crate::{configure, Durability, StorageError};
+
+/// Labels of the sealed columns: a sealed value opens only in its own
+/// column and row.
+mod label {
+    pub(super) const CONVERSATION: &[u8] = b"conversation";
+    pub(super) const MESSAGE: &[u8] = b"message";
+    pub(super) const SESSIONS: &[u8] = b"sessions";
+    pub(super) const GROUP_KEYS: &[u8] = b"group-keys";
+    pub(super) const ANSWERED: &[u8] = b"answered-request";
+    pub(super) const KEY_EXCHANGE: &[u8] = b"key-exchange";
+    pub(super) const OUTBOX: &[u8] = b"outbox";
+}
+
+const NONCE_LEN: usize = 24;
+
+/// The node's store: one SQLite file, every secret and every message text
+/// sealed under the master key.
+pub struct SqliteStore {
+    conn: Connection,
+    key: MasterKey,
+    /// The seed the master key came from, for test copies (`testkit` only).
+    #[cfg(feature = "testkit")]
+    seed: Option<p2pchat_protocol::keys::IdentitySeed>,
+    /// Delete the file (and its WAL) on drop: temporary test stores only.
+    #[cfg(feature = "testkit")]
+    temporary: bool,
+    path: PathBuf,
+    durability: Durability,
+    in_transaction: bool,
+    fail_commits: u32,
+}
+
+impl core::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} does not open under this node's key, or does not decode"))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    postcard::to_allocvec(value).map(Zeroizing::new).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn ts(t: Timestamp) -> i64 {
+    t.as_millis() as i64
+}
+
+fn from_ts(v: i64) -> Timestamp {
+    Timestamp::from_millis(v.max(0) as u64)
+}
+
+impl SqliteStore {
+    /// Opens (creating or upgrading) the node database at `path`.
+    pub fn open(path: &Path, key: MasterKey, durability: Durability) -> Result<Self, StorageError> {
+        Self::open_with(path, key, durability, &node_schema())
+    }
+
+    /// Opens with an explicit schema (tests add a migration to exercise
+    /// upgrades).
+    pub fn open_with(
+        path: &Path,
+        key: MasterKey,
+        durability: Durability,
+        schema: &Schema,
+    ) -> Result<Self, StorageError> {
+        let mut conn = Connection::open(path)?;
+        configure(&conn, durability)?;
+        schema.migrate(&mut conn)?;
+        let store = Self {
+            conn,
+            key,
+            #[cfg(feature = "testkit")]
+            seed: None,
+            #[cfg(feature = "testkit")]
+            temporary: false,
+            path: path.to_owned(),
+            durability,
+            in_transaction: false,
+            fail_commits: 0,
+        };
+        store.check_key()?;
+        Ok(store)
+    }
+
+    /// `PRAGMA integrity_check`: `"ok"`, or what SQLite found wrong.
+    pub fn integrity_check(&self) -> Result<String, StorageError> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(rows.join("\n"))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the next `count` commits fail and roll back (for tests of the
+    /// engine's commit rule).
+    pub fn fail_next_commits(&mut self, count: u32) {
+        self.fail_commits = count;
+    }
+
+    /// A copy of the committed state, in a new file beside this one, as a
+    /// crash would leave it (for tests).
+    pub fn crash_copy(&self, to: &Path, key: MasterKey) -> Result<Self, StorageError> {
+        let _ = std::fs::remove_file(to);
+        self.conn.execute("VACUUM INTO ?1", [to.to_string_lossy()])?;
+        Self::open(to, key, self.durability)
+    }
+
+    /// Refuses a database sealed under another node's key: one sealed row
+    /// is enough to tell.
+    fn check_key(&self) -> Result<(), StorageError> {
+        let row: Option<(String, Vec<u8>)> = self
+            .conn
+            .query_row("SELECT conversation_id, sealed FROM chat_conversations LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((id, sealed)) = row {
+            if self.key.open(label::CONVERSATION, id.as_bytes(), &sealed).is_none() {
+                return Err(StorageError::WrongKey);
+            }
+        }
+        Ok(())
+    }
+
+    fn open_value<T: serde::de::DeserializeOwned>(
+        &self,
+        label: &[u8],
+        row: &[u8],
+        sealed: &[u8],
+        what: &str,
+    ) -> Result<T, StoreError> {
+        let plain = self.key.open(label, row, sealed).ok_or_else(|| corrupt(what))?;
+        postcard::from_bytes(&plain).map_err(|_| corrupt(what))
+    }
+
+    fn guard(&self) -> Result<(), StoreError> {
+        if self.in_transaction {
+            Ok(())
+        } else {
+            Err(StoreError::Misuse("read or write outside a transaction"))
+        }
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached("SELECT value FROM chat_meta WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
+            .map_err(backend)
+    }
+
+    fn set_meta(&mut self, name: &str, value: i64) -> Result<(), StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached("INSERT INTO chat_meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value")
+            .and_then(|mut s| s.execute(params![name, value]))
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    fn read_messages(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Message>, StoreError> {
+        self.guard()?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt
+            .query_map(args, |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?)))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, nonce, content) = row.map_err(backend)?;
+            let mut sealed = nonce;
+            sealed.extend_from_slice(&content);
+            out.push(self.open_value(label::MESSAGE, id.as_bytes(), &sealed, "a stored message")?);
+        }
+        Ok(out)
+    }
+
+    fn read_sealed_list<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+        label: &[u8],
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.guard()?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt.query_map(args, |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, sealed) = row.map_err(backend)?;
+            out.push(self.open_value(label, key.as_bytes(), &sealed, what)?);
+        }
+        Ok(out)
+    }
+
+    fn execute(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<(), StoreError> {
+        self.guard()?;
+        self.conn.prepare_cached(sql).and_then(|mut s| s.execute(args)).map(|_| ()).map_err(backend)
+    }
+}
+
+fn outbox_row(item: &OutboxItem) -> String {
+    item.seq.to_string()
+}
+
+const MESSAGE_COLUMNS: &str = "message_id, nonce, encrypted_content";
+
+impl Store for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if self.in_transaction {
+            return Err(StoreError::Misuse("a transaction is already open"));
+        }
+        // IMMEDIATE takes the write lock now, so a commit never fails for a
+        // lock another connection took in between.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
+        self.in_transaction = true;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.guard()?;
+        if self.fail_commits > 0 {
+            self.fail_commits -= 1;
+            return Err(StoreError::Unavailable("commit failed (injected)".into()));
+        }
+        self.conn.execute_batch("COMMIT").map_err(backend)?;
+        self.in_transaction = false;
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        if self.in_transaction {
+            // A failed rollback leaves SQLite rolled back anyway (the
+            // transaction ends with the error); nothing else to do.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.in_transaction = false;
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        let sql = "SELECT conversation_id, sealed FROM chat_conversations WHERE conversation_id = ?1";
+        Ok(self.read_sealed_list(sql, [id.to_string()], label::CONVERSATION, "a stored conversation")?.pop())
+    }
+
+    fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        let sql = "SELECT conversation_id, sealed FROM chat_conversations ORDER BY conversation_id";
+        self.read_sealed_list(sql, [], label::CONVERSATION, "a stored conversation")
+    }
+
+    fn put_conversation(&mut self, c: &Conversation) -> Result<(), StoreError> {
+        let id = c.id.to_string();
+        let sealed = self.key.seal(label::CONVERSATION, id.as_bytes(), &encode(c)?);
+        let (kind, peer) = match &c.kind {
+            ConversationKind::OneOnOne { peer } => ("1on1", Some(peer.to_string())),
+            ConversationKind::Group { .. } => ("group", None),
+        };
+        let last = c.last_message_at.map_or(0, ts);
+        self.execute(
+            "INSERT INTO chat_conversations (conversation_id, conversation_type, peer_id, group_name, created_at, \
+             updated_at, last_message_at, unread_count, sealed) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8) \
+             ON CONFLICT(conversation_id) DO UPDATE SET updated_at = excluded.updated_at, \
+             last_message_at = excluded.last_message_at, unread_count = excluded.unread_count, sealed = excluded.sealed",
+            params![id, kind, peer, ts(c.created_at), ts(c.updated_at), last, c.unread_count, sealed],
+        )
+    }
+
+    fn delete_conversation(&mut self, id: &ConversationId) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.execute(
+            "DELETE FROM chat_group_envelopes WHERE message_id IN \
+             (SELECT message_id FROM chat_messages WHERE conversation_id = ?1)",
+            [&id],
+        )?;
+        self.execute("DELETE FROM chat_messages WHERE conversation_id = ?1", [&id])?;
+        self.execute("DELETE FROM chat_group_members WHERE conversation_id = ?1", [&id])?;
+        self.execute("DELETE FROM chat_conversations WHERE conversation_id = ?1", [&id])
+    }
+
+    fn members(&self, id: &ConversationId) -> Result<Vec<Member>, StoreError> {
+        self.guard()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT peer_id, joined_at, is_admin, left_at, epoch FROM chat_group_members \
+                 WHERE conversation_id = ?1 ORDER BY peer_id",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([id.to_string()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (peer, joined, admin, left, epoch) = row.map_err(backend)?;
+            let peer_id: PeerId = peer.parse().map_err(|_| corrupt("a member's peer ID"))?;
+            out.push(Member {
+                peer_id,
+                joined_at: from_ts(joined),
+                is_admin: admin,
+                left_at: (left > 0).then(|| from_ts(left)),
+                epoch: epoch.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_member(&mut self, id: &ConversationId, m: &Member) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO chat_group_members (conversation_id, peer_id, joined_at, is_admin, left_at, epoch) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(conversation_id, peer_id) DO UPDATE SET \
+             joined_at = excluded.joined_at, is_admin = excluded.is_admin, left_at = excluded.left_at, epoch = excluded.epoch",
+            params![
+                id.to_string(),
+                m.peer_id.to_string(),
+                ts(m.joined_at),
+                m.is_admin,
+                m.left_at.map_or(0, ts),
+                m.epoch as i64
+            ],
+        )
+    }
+
+    fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        let sql = "SELECT message_id, nonce, encrypted_content FROM chat_messages WHERE message_id = ?1";
+        Ok(self.read_messages(sql, [id.to_string()])?.pop())
+    }
+
+    fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY rowid");
+        self.read_messages(&sql, [id.to_string()])
+    }
+
+    fn messages_page(
+        &self,
+        id: &ConversationId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        match before {
+            None => {
+                let sql = format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY rowid DESC LIMIT ?2"
+                );
+                self.read_messages(&sql, params![id.to_string(), limit])
+            }
+            Some(before) => {
+                let sql = format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 AND rowid < \
+                     (SELECT rowid FROM chat_messages WHERE message_id = ?2 AND conversation_id = ?1) \
+                     ORDER BY rowid DESC LIMIT ?3"
+                );
+                self.read_messages(&sql, params![id.to_string(), before.to_string(), limit])
+            }
+        }
+    }
+
+    fn put_message(&mut self, m: &Message) -> Result<(), StoreError> {
+        let id = m.id.to_string();
+        let sealed = self.key.seal(label::MESSAGE, id.as_bytes(), &encode(m)?);
+        let (nonce, content) = sealed.split_at(NONCE_LEN);
+        // An update keeps the row (and so its rowid, the message's place in
+        // its conversation).
+        self.execute(
+            "INSERT INTO chat_messages (message_id, conversation_id, sender_peer_id, encrypted_content, nonce, \
+             message_number, timestamp, status, sent_at, delivered_at, read_at, decrypted_content, stored_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, '', ?12) \
+             ON CONFLICT(message_id) DO UPDATE SET conversation_id = excluded.conversation_id, \
+             sender_peer_id = excluded.sender_peer_id, encrypted_content = excluded.encrypted_content, \
+             nonce = excluded.nonce, message_number = excluded.message_number, timestamp = excluded.timestamp, \
+             status = excluded.status, sent_at = excluded.sent_at, delivered_at = excluded.delivered_at, \
+             read_at = excluded.read_at, stored_at = excluded.stored_at",
+            params![
+                id,
+                m.conversation_id.to_string(),
+                m.sender.to_string(),
+                content,
+                nonce,
+                m.group_position.map(|(_, n)| i64::from(n)),
+                ts(m.timestamp),
+                m.status.as_str(),
+                m.sent_at.map_or(0, ts),
+                m.delivered_at.map_or(0, ts),
+                m.read_at.map_or(0, ts),
+                ts(m.stored_at),
+            ],
+        )
+    }
+
+    fn messages_stored_before(&self, cutoff: Timestamp) -> Result<Vec<Message>, StoreError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE stored_at < ?1 ORDER BY rowid");
+        self.read_messages(&sql, [ts(cutoff)])
+    }
+
+    fn delete_message(&mut self, id: &MessageId) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.execute("DELETE FROM chat_group_envelopes WHERE message_id = ?1", [&id])?;
+        self.execute("DELETE FROM chat_messages WHERE message_id = ?1", [&id])
+    }
+
+    fn sessions(&self, peer: &PeerId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.guard()?;
+        let key = peer.to_string();
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT nonce, encrypted_state FROM chat_ratchet_state WHERE peer_id = ?1")
+            .and_then(|mut s| s.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(backend)?;
+        let Some((mut sealed, state)) = row else { return Ok(None) };
+        sealed.extend_from_slice(&state);
+        self.key.open(label::SESSIONS, key.as_bytes(), &sealed).map(Some).ok_or_else(|| corrupt("a ratchet state"))
+    }
+
+    fn session_peers(&self) -> Result<Vec<PeerId>, StoreError> {
+        self.guard()?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT peer_id FROM chat_ratchet_state ORDER BY peer_id").map_err(backend)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a ratchet state's peer ID"))?);
+        }
+        Ok(out)
+    }
+
+    fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError> {
+        let key = peer.to_string();
+        let sealed = self.key.seal(label::SESSIONS, key.as_bytes(), state);
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        self.execute(
+            "INSERT INTO chat_ratchet_state (peer_id, encrypted_state, nonce) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(peer_id) DO UPDATE SET encrypted_state = excluded.encrypted_state, nonce = excluded.nonce",
+            params![key, body, nonce],
+        )
+    }
+
+    fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {
+        let sql = "SELECT peer_id, sealed FROM chat_answered_requests WHERE peer_id = ?1";
+        Ok(self.read_sealed_list(sql, [peer.to_string()], label::ANSWERED, "an answered key exchange")?.pop())
+    }
+
+    fn put_answered_request(&mut self, peer: &PeerId, answered: &AnsweredRequest) -> Result<(), StoreError> {
+        let key = peer.to_string();
+        let sealed = self.key.seal(label::ANSWERED, key.as_bytes(), &encode(answered)?);
+        self.execute(
+            "INSERT INTO chat_answered_requests (peer_id, sealed) VALUES (?1, ?2) \
+             ON CONFLICT(peer_id) DO UPDATE SET sealed = excluded.sealed",
+            params![key, sealed],
+        )
+    }
+
+    fn key_exchanges(&self) -> Result<Vec<KeyExchangeAttempt>, StoreError> {
+        let sql = "SELECT peer_id, sealed FROM chat_key_exchanges ORDER BY peer_id";
+        self.read_sealed_list(sql, [], label::KEY_EXCHANGE, "a pending key exchange")
+    }
+
+    fn put_key_exchange(&mut self, attempt: &KeyExchangeAttempt) -> Result<(), StoreError> {
+        let key = attempt.peer.to_string();
+        let sealed = self.key.seal(label::KEY_EXCHANGE, key.as_bytes(), &encode(attempt)?);
+        self.execute(
+            "INSERT INTO chat_key_exchanges (peer_id, sealed) VALUES (?1, ?2) \
+             ON CONFLICT(peer_id) DO UPDATE SET sealed = excluded.sealed",
+            params![key, sealed],
+        )
+    }
+
+    fn delete_key_exchange(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        self.execute("DELETE FROM chat_key_exchanges WHERE peer_id = ?1", [peer.to_string()])
+    }
+
+    fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        self.guard()?;
+        let key = id.to_string();
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT nonce, encrypted_chain_key FROM chat_sender_keys WHERE conversation_id = ?1")
+            .and_then(|mut s| s.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(backend)?;
+        let Some((mut sealed, body)) = row else { return Ok(None) };
+        sealed.extend_from_slice(&body);
+        self.key
+            .open(label::GROUP_KEYS, key.as_bytes(), &sealed)
+            .map(Some)
+            .ok_or_else(|| corrupt("a group's sender keys"))
+    }
+
+    fn put_group_keys(&mut self, id: &ConversationId, state: &[u8]) -> Result<(), StoreError> {
+        let key = id.to_string();
+        let sealed = self.key.seal(label::GROUP_KEYS, key.as_bytes(), state);
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        self.execute(
+            "INSERT INTO chat_sender_keys (conversation_id, encrypted_chain_key, nonce, updated_at) \
+             VALUES (?1, ?2, ?3, 0) ON CONFLICT(conversation_id) DO UPDATE SET \
+             encrypted_chain_key = excluded.encrypted_chain_key, nonce = excluded.nonce",
+            params![key, body, nonce],
+        )
+    }
+
+    fn delete_group_keys(&mut self, id: &ConversationId) -> Result<(), StoreError> {
+        self.execute("DELETE FROM chat_sender_keys WHERE conversation_id = ?1", [id.to_string()])
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        let sql = "SELECT seq, sealed FROM chat_outbox ORDER BY seq";
+        self.read_outbox(sql, [])
+    }
+
+    fn outbox_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError> {
+        let sql = "SELECT seq, sealed FROM chat_outbox WHERE peer_id = ?1 ORDER BY seq";
+        self.read_outbox(sql, [peer.to_string()])
+    }
+
+    fn outbox_item(&self, seq: u64) -> Result<Option<OutboxItem>, StoreError> {
+        let sql = "SELECT seq, sealed FROM chat_outbox WHERE seq = ?1";
+        Ok(self.read_outbox(sql, [seq as i64])?.pop())
+    }
+
+    fn next_outbox_attempt(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.guard()?;
+        let at: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM chat_outbox WHERE in_flight = 0")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(backend)?;
+        Ok(at.map(from_ts))
+    }
+
+    fn peers_due(&self, now: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        self.guard()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT DISTINCT peer_id FROM chat_outbox WHERE in_flight = 0 AND next_attempt_at <= ?1 ORDER BY peer_id",
+            )
+            .map_err(backend)?;
+        let rows = stmt.query_map([ts(now)], |r| r.get::<_, String>(0)).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("an outbox item's peer ID"))?);
+        }
+        Ok(out)
+    }
+
+    fn group_envelope(&self, id: &MessageId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached("SELECT envelope FROM chat_group_envelopes WHERE message_id = ?1")
+            .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)).optional())
+            .map_err(backend)
+    }
+
+    fn put_group_envelope(&mut self, id: &MessageId, envelope: &[u8]) -> Result<(), StoreError> {
+        // Already end-to-end encrypted for the group: stored as it is.
+        self.execute(
+            "INSERT INTO chat_group_envelopes (message_id, envelope) VALUES (?1, ?2) \
+             ON CONFLICT(message_id) DO UPDATE SET envelope = excluded.envelope",
+            params![id.to_string(), envelope],
+        )
+    }
+
+    fn put_outbox_item(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        let row = outbox_row(item);
+        let sealed = self.key.seal(label::OUTBOX, row.as_bytes(), &encode(item)?);
+        self.execute(
+            "INSERT INTO chat_outbox (seq, peer_id, next_attempt_at, in_flight, sealed) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT(seq) DO UPDATE SET peer_id = excluded.peer_id, next_attempt_at = excluded.next_attempt_at, \
+             in_flight = excluded.in_flight, sealed = excluded.sealed",
+            params![item.seq as i64, item.peer.to_string(), item.next_attempt_at.map(ts), item.in_flight, sealed],
+        )
+    }
+
+    fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.execute("DELETE FROM chat_outbox WHERE seq = ?1", [seq as i64])
+    }
+
+    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
+        self.read_held(
+            "SELECT seq, group_id, sender_peer_id, envelope, received_at FROM chat_held_messages \
+             WHERE group_id = ?1 ORDER BY seq",
+            [group.to_string()],
+        )
+    }
+
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
+        self.read_held(
+            "SELECT seq, group_id, sender_peer_id, envelope, received_at FROM chat_held_messages ORDER BY seq",
+            [],
+        )
+    }
+
+    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO chat_held_messages (seq, group_id, sender_peer_id, envelope, received_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(seq) DO UPDATE SET envelope = excluded.envelope",
+            params![
+                held.seq as i64,
+                held.group_id.to_string(),
+                held.sender.to_string(),
+                held.envelope,
+                ts(held.received_at)
+            ],
+        )
+    }
+
+    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.execute("DELETE FROM chat_held_messages WHERE seq = ?1", [seq as i64])
+    }
+
+    fn next_seq(&mut self) -> Result<u64, StoreError> {
+        let next = self.meta("next_seq")?.unwrap_or(0) + 1;
+        self.set_meta("next_seq", next)?;
+        Ok(next as u64)
+    }
+
+    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.meta("last_request_at")?.map(from_ts))
+    }
+
+    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.set_meta("last_request_at", ts(at))
+    }
+
+    fn retention_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.meta("retention_due")?.map(from_ts))
+    }
+
+    fn set_retention_due(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.set_meta("retention_due", ts(at))
+    }
+}
+
+impl SqliteStore {
+    fn read_outbox(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<OutboxItem>, StoreError> {
+        self.guard()?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt.query_map(args, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, sealed) = row.map_err(backend)?;
+            out.push(self.open_value(label::OUTBOX, seq.to_string().as_bytes(), &sealed, "an outbox item")?);
+        }
+        Ok(out)
+    }
+
+    fn read_held(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<HeldMessage>, StoreError> {
+        self.guard()?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt
+            .query_map(args, |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, group, sender, envelope, at) = row.map_err(backend)?;
+            out.push(HeldMessage {
+                seq: seq as u64,
+                group_id: group.parse().map_err(|_| corrupt("a held message's group ID"))?,
+                sender: sender.parse().map_err(|_| corrupt("a held message's sender"))?,
+                envelope,
+                received_at: from_ts(at),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "testkit")]
+mod testkit {
+    //! The engine's scenario suite runs against this store: a fresh file
+    //! per store, and crash copies made with `VACUUM INTO`.
+    #![allow(clippy::expect_used, missing_docs)]
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use p2pchat_protocol::keys::IdentitySeed;
+    use p2pchat_protocol::testkit::TestStore;
+
+    use super::SqliteStore;
+    use crate::{Durability, MasterKey};
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    fn fresh_path() -> std::path::PathBuf {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("p2pchat-scenario-{}-{n}.sqlite3", std::process::id()))
+    }
+
+    impl SqliteStore {
+        /// A store in a fresh temporary file, for tests.
+        pub fn temporary(seed: [u8; 32]) -> Self {
+            let path = fresh_path();
+            let key = MasterKey::derive(&IdentitySeed::from_bytes(seed));
+            let mut store = SqliteStore::open(&path, key, Durability::Normal).expect("a temporary database opens");
+            store.seed = Some(IdentitySeed::from_bytes(seed));
+            store.temporary = true;
+            store
+        }
+    }
+
+    impl Drop for SqliteStore {
+        fn drop(&mut self) {
+            if self.temporary {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut path = self.path.clone().into_os_string();
+                    path.push(suffix);
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+
+    impl TestStore for SqliteStore {
+        fn crash_copy(&self) -> Self {
+            let seed = self.seed.as_ref().map(|s| *s.as_bytes()).unwrap_or([7; 32]);
+            let key = MasterKey::derive(&IdentitySeed::from_bytes(seed));
+            let mut copy = SqliteStore::crash_copy(self, &fresh_path(), key).expect("a crash copy opens");
+            copy.seed = Some(IdentitySeed::from_bytes(seed));
+            copy.temporary = true;
+            copy
+        }
+
+        fn fail_next_commits(&mut self, count: u32) {
+            SqliteStore::fail_next_commits(self, count)
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Versioned migrations on `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+use crate::StorageError;
+
+/// One step from version `n - 1` to `n` (its index in the list plus one).
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    /// What it does, for errors and logs.
+    pub name: &'static str,
+    /// The SQL, run in one transaction with the version bump.
+    pub sql: &'static str,
+}
+
+/// The migrations of a database kind, oldest first.
+#[derive(Clone, Debug)]
+pub struct Schema {
+    /// Which database: named in errors.
+    pub kind: &'static str,
+    /// The migrations; the schema version is their count.
+    pub migrations: Vec<Migration>,
+}
+
+impl Schema {
+    /// The version a fully migrated database has.
+    pub fn version(&self) -> u32 {
+        self.migrations.len() as u32
+    }
+
+    /// This schema with one more migration after its last (tests use it to
+    /// exercise upgrades while only one real version exists).
+    pub fn with(mut self, migration: Migration) -> Self {
+        self.migrations.push(migration);
+        self
+    }
+
+    /// Brings `conn` to this schema's version, one transaction per step; a
+    /// database from a newer version is refused.
+    pub(crate) fn migrate(&self, conn: &mut Connection) -> Result<(), StorageError> {
+        let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let supported = self.version();
+        if found > supported {
+            return Err(StorageError::NewerSchema { kind: self.kind, found, supported });
+        }
+        for (index, migration) in self.migrations.iter().enumerate().skip(found as usize) {
+            let to = index as u32 + 1;
+            let tx = conn.transaction()?;
+            tx.execute_batch(migration.sql).map_err(|e| StorageError::Migration {
+                kind: self.kind,
+                to,
+                name: migration.name,
+                reason: e.to_string(),
+            })?;
+            tx.pragma_update(None, "user_version", to)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's database.
+pub fn node_schema() -> Schema {
+    Schema { kind: "node", migrations: vec![Migration { name: "initial node schema", sql: NODE_V1 }] }
+}
+
+/// The relay's database.
+pub fn relay_schema() -> Schema {
+    Schema { kind: "relay", migrations: vec![Migration { name: "initial relay schema", sql: RELAY_V1 }] }
+}
+
+/// Version 1 of the node's schema: the reference's tables where they fit
+/// (see `docs/STORAGE.md` for each deviation), and the engine's own.
+const NODE_V1: &str = "
+CREATE TABLE chat_conversations (
+    conversation_id TEXT PRIMARY KEY,
+    conversation_type TEXT NOT NULL CHECK(conversation_type IN ('1on1', 'group')),
+    peer_id TEXT,
+    group_name TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_message_at INTEGER DEFAULT 0,
+    unread_count INTEGER DEFAULT 0,
+    sealed BLOB NOT NULL
+);
+
+CREATE TABLE chat_messages (
+    message_id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    sender_peer_id TEXT NOT NULL,
+    encrypted_content BLOB NOT NULL,
+    nonce BLOB NOT NULL,
+    message_number INTEGER,
+    timestamp INTEGER NOT NULL,
+    status TEXT DEFAULT 'created',
+    sent_at INTEGER DEFAULT 0,
+    delivered_at INTEGER DEFAULT 0,
+    read_at INTEGER DEFAULT 0,
+    decrypted_content TEXT DEFAULT '',
+    stored_at INTEGER NOT NULL,
+    FOREIGN KEY (conversation_id) REFERENCES chat_conversations(conversation_id)
+        ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
+);
+-- Ends in the rowid, which orders a conversation's messages as stored.
+CREATE INDEX chat_messages_by_conversation ON chat_messages(conversation_id);
+CREATE INDEX chat_messages_by_age ON chat_messages(stored_at);
+
+CREATE TABLE chat_group_members (
+    conversation_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    joined_at INTEGER NOT NULL,
+    is_admin INTEGER DEFAULT 0,
+    left_at INTEGER DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    UNIQUE(conversation_id, peer_id)
+);
+
+CREATE TABLE chat_sender_keys (
+    conversation_id TEXT PRIMARY KEY,
+    encrypted_chain_key BLOB NOT NULL,
+    nonce BLOB NOT NULL,
+    signing_key BLOB,
+    message_number INTEGER DEFAULT 0,
+    updated_at INTEGER NOT NULL
+);
+
+CREATE TABLE chat_ratchet_state (
+    peer_id TEXT PRIMARY KEY,
+    encrypted_state BLOB NOT NULL,
+    nonce BLOB NOT NULL,
+    key_exchange_complete INTEGER DEFAULT 1
+);
+
+CREATE TABLE chat_answered_requests (
+    peer_id TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL
+);
+
+CREATE TABLE chat_key_exchanges (
+    peer_id TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL
+);
+
+CREATE TABLE chat_outbox (
+    seq INTEGER PRIMARY KEY,
+    peer_id TEXT NOT NULL,
+    next_attempt_at INTEGER,
+    in_flight INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX chat_outbox_by_peer ON chat_outbox(peer_id, seq);
+CREATE INDEX chat_outbox_due ON chat_outbox(in_flight, next_attempt_at);
+
+CREATE TABLE chat_group_envelopes (
+    message_id TEXT PRIMARY KEY,
+    envelope BLOB NOT NULL
+);
+
+CREATE TABLE chat_held_messages (
+    seq INTEGER PRIMARY KEY,
+    group_id TEXT NOT NULL,
+    sender_peer_id TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX chat_held_by_group ON chat_held_messages(group_id, seq);
+
+CREATE TABLE chat_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Version 1 of the relay's schema.
+const RELAY_V1: &str = "
+CREATE TABLE relay_mailbox (
+    recipient TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    stored_at INTEGER NOT NULL,
+    PRIMARY KEY (recipient, id)
+);
+CREATE INDEX relay_mailbox_by_age ON relay_mailbox(stored_at);
+
+CREATE TABLE relay_records (
+    peer_id TEXT PRIMARY KEY,
+    record BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX relay_records_by_expiry ON relay_records(expires_at);
+
+CREATE TABLE relay_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
