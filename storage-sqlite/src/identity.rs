@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand_core::{OsRng, RngCore};
@@ -83,7 +83,10 @@ pub fn load_identity(path: &Path) -> Result<IdentityKeyPair, StorageError> {
 
 fn create_identity(dir: &Path, path: &Path) -> Result<IdentityKeyPair, StorageError> {
     let io = |p: &Path, e: std::io::Error| StorageError::Io { path: p.to_owned(), reason: e.to_string() };
-    fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    if !dir.exists() {
+        // The data directory holds the key and the databases: its owner only.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io(dir, e))?;
+    }
     let mut seed = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(&mut seed[..]);
     let mut contents = Zeroizing::new(Vec::with_capacity(FILE_LEN));

@@ -91,6 +91,22 @@ pub enum StorageError {
     },
 }
 
+/// Opens `path`, creating it readable by its owner only (SQLite gives its
+/// WAL and shared-memory files the same mode).
+fn open_private(path: &std::path::Path) -> Result<rusqlite::Connection, StorageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| StorageError::Io { path: path.to_owned(), reason: e.to_string() };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(e)),
+    }
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
 /// The page size of new databases.
 const PAGE_SIZE: u32 = 1024;
 
@@ -110,6 +126,12 @@ fn configure(conn: &rusqlite::Connection, durability: Durability) -> Result<(), 
             Durability::Full => "FULL",
         },
     )?;
+    // Deleted and replaced rows are zeroed, not left in free pages: an old
+    // sealed ratchet state must not outlive its replacement for anyone who
+    // later gets the identity key. The WAL is truncated after checkpoints
+    // for the same reason.
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
     // Checkpoints (copying the WAL into the database, with a sync) every
     // 16 MiB of WAL rather than every 1,000 pages.
     conn.pragma_update(None, "wal_autocheckpoint", 16 * 1024 * 1024 / PAGE_SIZE)?;

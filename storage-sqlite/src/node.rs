@@ -25,6 +25,7 @@ mod label {
     pub(super) const ANSWERED: &[u8] = b"answered-request";
     pub(super) const KEY_EXCHANGE: &[u8] = b"key-exchange";
     pub(super) const OUTBOX: &[u8] = b"outbox";
+    pub(super) const KEY_CHECK: &[u8] = b"key-check";
 }
 
 const NONCE_LEN: usize = 24;
@@ -64,8 +65,10 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, StoreErr
     postcard::to_allocvec(value).map(Zeroizing::new).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// Milliseconds as SQLite's signed integer: "never" (`u64::MAX`, which the
+/// engine saturates to) stays the largest value rather than wrapping.
 fn ts(t: Timestamp) -> i64 {
-    t.as_millis() as i64
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn from_ts(v: i64) -> Timestamp {
@@ -86,7 +89,8 @@ impl SqliteStore {
         durability: Durability,
         schema: &Schema,
     ) -> Result<Self, StorageError> {
-        let mut conn = Connection::open(path)?;
+        let mut conn = crate::open_private(path)?;
+        schema.refuse_newer(&conn)?;
         configure(&conn, durability)?;
         schema.migrate(&mut conn)?;
         let store = Self {
@@ -112,6 +116,18 @@ impl SqliteStore {
         Ok(rows.join("\n"))
     }
 
+    /// The schema version (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<u32, StorageError> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Whether `table` has `column` (for migration tests and diagnostics).
+    pub fn table_has_column(&self, table: &str, column: &str) -> Result<bool, StorageError> {
+        let mut stmt = self.conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let names: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(names.iter().any(|n| n == column))
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -131,21 +147,23 @@ impl SqliteStore {
         Self::open(to, key, self.durability)
     }
 
-    /// Refuses a database sealed under another node's key: one sealed row
-    /// is enough to tell.
+    /// Refuses a database sealed under another node's key. A new database
+    /// gets a sealed marker at once, so even one with nothing else in it
+    /// tells.
     fn check_key(&self) -> Result<(), StorageError> {
-        let row: Option<(String, Vec<u8>)> = self
-            .conn
-            .query_row("SELECT conversation_id, sealed FROM chat_conversations LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        if let Some((id, sealed)) = row {
-            if self.key.open(label::CONVERSATION, id.as_bytes(), &sealed).is_none() {
-                return Err(StorageError::WrongKey);
+        let marker: Option<Vec<u8>> =
+            self.conn.query_row("SELECT sealed FROM chat_key_check WHERE id = 1", [], |r| r.get(0)).optional()?;
+        match marker {
+            Some(sealed) => match self.key.open(label::KEY_CHECK, b"1", &sealed) {
+                Some(plain) if plain.as_slice() == label::KEY_CHECK => Ok(()),
+                _ => Err(StorageError::WrongKey),
+            },
+            None => {
+                let sealed = self.key.seal(label::KEY_CHECK, b"1", label::KEY_CHECK);
+                self.conn.execute("INSERT INTO chat_key_check (id, sealed) VALUES (1, ?1)", [sealed])?;
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn open_value<T: serde::de::DeserializeOwned>(
@@ -254,9 +272,9 @@ impl Store for SqliteStore {
     }
 
     fn rollback(&mut self) {
-        if self.in_transaction {
-            // A failed rollback leaves SQLite rolled back anyway (the
-            // transaction ends with the error); nothing else to do.
+        // SQLite may already have rolled back (some errors end the
+        // transaction themselves); only an open one is rolled back here.
+        if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.in_transaction = false;
@@ -283,7 +301,8 @@ impl Store for SqliteStore {
         self.execute(
             "INSERT INTO chat_conversations (conversation_id, conversation_type, peer_id, group_name, created_at, \
              updated_at, last_message_at, unread_count, sealed) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8) \
-             ON CONFLICT(conversation_id) DO UPDATE SET updated_at = excluded.updated_at, \
+             ON CONFLICT(conversation_id) DO UPDATE SET conversation_type = excluded.conversation_type, \
+             peer_id = excluded.peer_id, created_at = excluded.created_at, updated_at = excluded.updated_at, \
              last_message_at = excluded.last_message_at, unread_count = excluded.unread_count, sealed = excluded.sealed",
             params![id, kind, peer, ts(c.created_at), ts(c.updated_at), last, c.unread_count, sealed],
         )
@@ -298,6 +317,8 @@ impl Store for SqliteStore {
         )?;
         self.execute("DELETE FROM chat_messages WHERE conversation_id = ?1", [&id])?;
         self.execute("DELETE FROM chat_group_members WHERE conversation_id = ?1", [&id])?;
+        self.execute("DELETE FROM chat_held_messages WHERE group_id = ?1", [&id])?;
+        self.execute("DELETE FROM chat_sender_keys WHERE conversation_id = ?1", [&id])?;
         self.execute("DELETE FROM chat_conversations WHERE conversation_id = ?1", [&id])
     }
 
@@ -358,7 +379,7 @@ impl Store for SqliteStore {
     }
 
     fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY rowid");
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY seq");
         self.read_messages(&sql, [id.to_string()])
     }
 
@@ -372,15 +393,15 @@ impl Store for SqliteStore {
         match before {
             None => {
                 let sql = format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY rowid DESC LIMIT ?2"
+                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 ORDER BY seq DESC LIMIT ?2"
                 );
                 self.read_messages(&sql, params![id.to_string(), limit])
             }
             Some(before) => {
                 let sql = format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 AND rowid < \
-                     (SELECT rowid FROM chat_messages WHERE message_id = ?2 AND conversation_id = ?1) \
-                     ORDER BY rowid DESC LIMIT ?3"
+                    "SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE conversation_id = ?1 AND seq < \
+                     (SELECT seq FROM chat_messages WHERE message_id = ?2 AND conversation_id = ?1) \
+                     ORDER BY seq DESC LIMIT ?3"
                 );
                 self.read_messages(&sql, params![id.to_string(), before.to_string(), limit])
             }
@@ -391,8 +412,8 @@ impl Store for SqliteStore {
         let id = m.id.to_string();
         let sealed = self.key.seal(label::MESSAGE, id.as_bytes(), &encode(m)?);
         let (nonce, content) = sealed.split_at(NONCE_LEN);
-        // An update keeps the row (and so its rowid, the message's place in
-        // its conversation).
+        // An update keeps the row, and so its `seq`: the message's place in
+        // its conversation.
         self.execute(
             "INSERT INTO chat_messages (message_id, conversation_id, sender_peer_id, encrypted_content, nonce, \
              message_number, timestamp, status, sent_at, delivered_at, read_at, decrypted_content, stored_at) \
@@ -420,7 +441,7 @@ impl Store for SqliteStore {
     }
 
     fn messages_stored_before(&self, cutoff: Timestamp) -> Result<Vec<Message>, StoreError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE stored_at < ?1 ORDER BY rowid");
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE stored_at < ?1 ORDER BY seq");
         self.read_messages(&sql, [ts(cutoff)])
     }
 
@@ -623,7 +644,8 @@ impl Store for SqliteStore {
     fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO chat_held_messages (seq, group_id, sender_peer_id, envelope, received_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(seq) DO UPDATE SET envelope = excluded.envelope",
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(seq) DO UPDATE SET group_id = excluded.group_id, \
+             sender_peer_id = excluded.sender_peer_id, envelope = excluded.envelope, received_at = excluded.received_at",
             params![
                 held.seq as i64,
                 held.group_id.to_string(),

@@ -28,7 +28,7 @@ fn backend(e: rusqlite::Error) -> RelayStoreError {
 }
 
 fn ts(t: Timestamp) -> i64 {
-    t.as_millis() as i64
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl SqliteRelayStore {
@@ -39,7 +39,8 @@ impl SqliteRelayStore {
 
     /// Opens with an explicit schema.
     pub fn open_with(path: &Path, durability: Durability, schema: &Schema) -> Result<Self, StorageError> {
-        let mut conn = Connection::open(path)?;
+        let mut conn = crate::open_private(path)?;
+        schema.refuse_newer(&conn)?;
         configure(&conn, durability)?;
         schema.migrate(&mut conn)?;
         Ok(Self { conn, in_transaction: false })
@@ -118,7 +119,7 @@ impl RelayStore for SqliteRelayStore {
     }
 
     fn rollback(&mut self) {
-        if self.in_transaction {
+        if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.in_transaction = false;

@@ -35,17 +35,30 @@ impl Schema {
         self
     }
 
-    /// Brings `conn` to this schema's version, one transaction per step; a
-    /// database from a newer version is refused.
-    pub(crate) fn migrate(&self, conn: &mut Connection) -> Result<(), StorageError> {
+    /// Refuses a database written by a newer version, before anything
+    /// (even the journal mode) is changed in it.
+    pub(crate) fn refuse_newer(&self, conn: &Connection) -> Result<(), StorageError> {
         let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let supported = self.version();
         if found > supported {
             return Err(StorageError::NewerSchema { kind: self.kind, found, supported });
         }
-        for (index, migration) in self.migrations.iter().enumerate().skip(found as usize) {
-            let to = index as u32 + 1;
-            let tx = conn.transaction()?;
+        Ok(())
+    }
+
+    /// Brings `conn` to this schema's version, one transaction per step. The
+    /// version is read inside each step's write transaction, so two
+    /// processes opening at once do not both migrate.
+    pub(crate) fn migrate(&self, conn: &mut Connection) -> Result<(), StorageError> {
+        loop {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let found: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let supported = self.version();
+            if found > supported {
+                return Err(StorageError::NewerSchema { kind: self.kind, found, supported });
+            }
+            let Some(migration) = self.migrations.get(found as usize) else { return Ok(()) };
+            let to = found + 1;
             tx.execute_batch(migration.sql).map_err(|e| StorageError::Migration {
                 kind: self.kind,
                 to,
@@ -55,7 +68,6 @@ impl Schema {
             tx.pragma_update(None, "user_version", to)?;
             tx.commit()?;
         }
-        Ok(())
     }
 }
 
@@ -85,7 +97,8 @@ CREATE TABLE chat_conversations (
 );
 
 CREATE TABLE chat_messages (
-    message_id TEXT PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
     conversation_id TEXT NOT NULL,
     sender_peer_id TEXT NOT NULL,
     encrypted_content BLOB NOT NULL,
@@ -101,7 +114,8 @@ CREATE TABLE chat_messages (
     FOREIGN KEY (conversation_id) REFERENCES chat_conversations(conversation_id)
         ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
 );
--- Ends in the rowid, which orders a conversation's messages as stored.
+-- Ends in `seq` (the rowid, kept by VACUUM since it is declared), which
+-- orders a conversation's messages as stored.
 CREATE INDEX chat_messages_by_conversation ON chat_messages(conversation_id);
 CREATE INDEX chat_messages_by_age ON chat_messages(stored_at);
 
@@ -164,6 +178,11 @@ CREATE TABLE chat_held_messages (
     received_at INTEGER NOT NULL
 );
 CREATE INDEX chat_held_by_group ON chat_held_messages(group_id, seq);
+
+CREATE TABLE chat_key_check (
+    id INTEGER PRIMARY KEY,
+    sealed BLOB NOT NULL
+);
 
 CREATE TABLE chat_meta (
     name TEXT PRIMARY KEY,

@@ -44,6 +44,9 @@ impl MasterKey {
     pub(crate) fn seal(&self, label: &[u8], row: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
+        // Labels are constants and row keys IDs (at most 40 bytes): a byte
+        // holds either length.
+        debug_assert!(label.len() <= 255 && row.len() <= 255);
         let mut framed = Zeroizing::new(Vec::with_capacity(label.len() + row.len() + plaintext.len() + 2));
         framed.push(label.len() as u8);
         framed.extend_from_slice(label);

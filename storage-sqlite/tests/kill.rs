@@ -1,5 +1,6 @@
 //! Crash safety: a child process stores messages under load and is killed
-//! with SIGKILL at random moments, 50 times. After each kill the database
+//! with SIGKILL at random moments, 50 times, half of them committing with
+//! `synchronous=NORMAL` and half with `FULL`. After each kill the database
 //! passes `PRAGMA integrity_check`, holds every step the child reported as
 //! committed, and no step is half-applied.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -14,6 +15,7 @@ use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp, Uuid};
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
 
 const DB_ENV: &str = "P2PCHAT_KILL_TEST_DB";
+const FULL_ENV: &str = "P2PCHAT_KILL_TEST_FULL";
 const KILLS: u32 = 50;
 const PEER: PeerId = PeerId([4; 20]);
 const CONVERSATION: ConversationId = ConversationId(Uuid([9; 16]));
@@ -58,7 +60,8 @@ fn step_of(state: &[u8]) -> u64 {
 #[ignore = "the child process of the kill test"]
 fn kill_test_child() {
     let Ok(path) = std::env::var(DB_ENV) else { return };
-    let mut store = SqliteStore::open(Path::new(&path), key(), Durability::Normal).unwrap();
+    let durability = if std::env::var_os(FULL_ENV).is_some() { Durability::Full } else { Durability::Normal };
+    let mut store = SqliteStore::open(Path::new(&path), key(), durability).unwrap();
     store.begin().unwrap();
     let mut n = store.sessions(&PEER).unwrap().map_or(0, |s| step_of(&s));
     if store.conversation(&CONVERSATION).unwrap().is_none() {
@@ -124,13 +127,13 @@ fn kills_at_random_moments_lose_nothing_committed_and_leave_nothing_half_done() 
         x ^= x >> 7;
         x ^= x << 17;
         let after = 1 + x % 120;
-        let mut child = Command::new(&exe)
-            .args(["--exact", "kill_test_child", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(DB_ENV, &db)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(&exe);
+        command.args(["--exact", "kill_test_child", "--ignored", "--nocapture", "--test-threads=1"]).env(DB_ENV, &db);
+        // Every other round commits with synchronous=FULL.
+        if round % 2 == 1 {
+            command.env(FULL_ENV, "1");
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut reported = 0;
         let mut seen = 0;

@@ -98,6 +98,8 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
     let session_secret = [0x5au8; 32];
     let group_secret = [0xa7u8; 32];
     let exchange_secret = [0x3cu8; 32];
+    let queued_key = [0x66u8; 32];
+    let group_name = "Project Nightingale launch";
     let conv = ConversationId(Uuid([9; 16]));
     let peer = PeerId([4; 20]);
     {
@@ -116,6 +118,20 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
             backing_off: false,
         };
         store.put_key_exchange(&attempt).unwrap();
+        // A queued sender key (control payloads carry them) and a group's name.
+        let item = OutboxItem {
+            seq: 1,
+            peer,
+            payload: OutboxPayload::Control(queued_key.to_vec()),
+            queued_at: Timestamp(1),
+            next_attempt_at: Some(Timestamp(2)),
+            in_flight: false,
+        };
+        store.put_outbox_item(&item).unwrap();
+        let group = ConversationId(Uuid([10; 16]));
+        let mut named = conversation(group, peer);
+        named.kind = ConversationKind::Group { name: group_name.into(), admin: peer };
+        store.put_conversation(&named).unwrap();
         store.commit().unwrap();
         store.begin().unwrap();
         store.delete_message(&message(2, conv, deleted_text, 11).id).unwrap();
@@ -126,7 +142,13 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         assert_eq!(&store.sessions(&peer).unwrap().unwrap()[..32], &session_secret);
         assert_eq!(&store.group_keys(&conv).unwrap().unwrap()[..], &group_secret);
         assert_eq!(store.key_exchanges().unwrap()[0].pending.as_deref(), Some(&exchange_secret[..]));
+        assert_eq!(store.outbox().unwrap()[0].payload, OutboxPayload::Control(queued_key.to_vec()));
+        assert!(
+            matches!(&store.conversation(&group).unwrap().unwrap().kind, ConversationKind::Group { name, .. } if name == group_name)
+        );
         store.rollback();
+        // The files are the owner's alone.
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
         // Searched while open (the WAL still holds the recent pages) …
         let bytes = raw_bytes(&db);
         assert!(bytes.len() > 4096, "the files are there");
@@ -136,7 +158,8 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
             ("ratchet state", &session_secret[..]),
             ("sender key", &group_secret[..]),
             ("pending key exchange", &exchange_secret[..]),
-            ("identity seed", &[1u8; 32][..]),
+            ("queued sender key", &queued_key[..]),
+            ("group name", group_name.as_bytes()),
         ] {
             assert!(!contains(&bytes, needle), "the {what} is readable in the database or its WAL");
         }
@@ -232,10 +255,36 @@ fn an_older_database_is_upgraded_and_a_newer_one_refused() {
     assert_eq!(m.content, FIXTURE_TEXT);
     store.rollback();
     drop(store);
+    // The test migration's objects exist: the table and the new column.
+    let conn = rusqlite_open(&db);
+    assert_eq!(conn.0, 2, "at version 2");
+    assert!(conn.1, "the new table and column exist");
     // Now at version 2: this build (version 1) refuses it, clearly.
     let err = SqliteStore::open(&db, key(7), Durability::Normal).unwrap_err();
     assert!(matches!(err, StorageError::NewerSchema { found: 2, supported: 1, .. }), "{err}");
     assert!(err.to_string().contains("newer than this p2pchat supports"), "{err}");
+}
+
+/// (user_version, whether version 2's objects exist), read with SQLite's
+/// own shell-free view: through a store opened on the v2 schema.
+fn rusqlite_open(db: &Path) -> (u32, bool) {
+    let schema = node_schema().with(TEST_V2);
+    let store = SqliteStore::open_with(db, key(7), Durability::Normal, &schema).unwrap();
+    let has = store.table_has_column("chat_conversations", "muted").unwrap()
+        && store.table_has_column("chat_reactions", "emoji").unwrap();
+    (store.schema_version().unwrap(), has)
+}
+
+#[test]
+fn a_failed_migration_leaves_the_database_at_its_version() {
+    let dir = TempDir::new("failed-migration");
+    let db = dir.path("node.sqlite3");
+    std::fs::copy(fixture(), &db).unwrap();
+    let broken = Migration { name: "test-only: broken", sql: "CREATE TABLE chat_messages (x INTEGER);" };
+    let err = SqliteStore::open_with(&db, key(7), Durability::Normal, &node_schema().with(broken)).unwrap_err();
+    assert!(matches!(err, StorageError::Migration { to: 2, .. }), "{err}");
+    let store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 1);
 }
 
 #[test]

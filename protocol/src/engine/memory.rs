@@ -153,9 +153,9 @@ impl Store for MemoryStore {
     ) -> Result<Vec<Message>, StoreError> {
         let t = self.read()?;
         let bound = match before {
-            Some(b) => match t.message_order.get(b) {
-                Some(&order) => order,
-                None => return Ok(Vec::new()),
+            Some(b) => match (t.message_order.get(b), t.messages.get(b)) {
+                (Some(&order), Some(m)) if m.conversation_id == *id => order,
+                _ => return Ok(Vec::new()),
             },
             None => u64::MAX,
         };
