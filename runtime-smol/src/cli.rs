@@ -1,0 +1,100 @@
+//! The command line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Raw, Sources};
+
+/// p2pchat: an end-to-end encrypted peer-to-peer chat node.
+#[derive(Debug, Parser)]
+#[command(name = "p2pchat", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print this node's peer ID (creating its identity on first use).
+    Id {
+        /// The data directory (default: ~/.local/share/p2pchat).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the settings a node would start with, and where each came from.
+    Config(Box<SettingsArgs>),
+}
+
+/// Every setting as a flag; flags win over `P2PCHAT_*` variables, which win
+/// over the `--config` file, which wins over the defaults.
+#[derive(Debug, Args, Default)]
+pub struct SettingsArgs {
+    /// A TOML file of settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The data directory: identity key file and databases.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The QUIC listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The API address.
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+    /// A relay, as `p2pchat relay` prints it (repeat for more).
+    #[arg(long = "relay", value_name = "PEER_ID@ADDR")]
+    pub relays: Vec<String>,
+    /// Act as if behind NAT: no direct connections, no direct address.
+    #[arg(long)]
+    pub no_direct: bool,
+    /// Where the rotating log files go.
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// off, error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// normal (survives crashes) or full (also power loss).
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<String>,
+    /// Message retention in days.
+    #[arg(long, value_name = "DAYS")]
+    pub chat_message_ttl_days: Option<String>,
+    /// Send retries before a message fails.
+    #[arg(long, value_name = "N", alias = "invoice-max-retries")]
+    pub chat_max_retries: Option<String>,
+    /// The first retry's backoff in milliseconds.
+    #[arg(long, value_name = "MS", alias = "invoice-retry-backoff-ms")]
+    pub chat_retry_backoff_ms: Option<String>,
+}
+
+impl SettingsArgs {
+    /// The flags given, as a settings source.
+    pub fn sources(&self) -> Sources {
+        let mut flags: BTreeMap<&'static str, Raw> = BTreeMap::new();
+        let mut put = |name: &'static str, value: Option<String>| {
+            if let Some(v) = value {
+                flags.insert(name, Raw::One(v));
+            }
+        };
+        put("data_dir", self.data_dir.as_ref().map(|p| p.to_string_lossy().into_owned()));
+        put("listen", self.listen.clone());
+        put("api", self.api.clone());
+        put("log_dir", self.log_dir.as_ref().map(|p| p.to_string_lossy().into_owned()));
+        put("log_level", self.log_level.clone());
+        put("durability", self.durability.clone());
+        put("chat_message_ttl_days", self.chat_message_ttl_days.clone());
+        put("chat_max_retries", self.chat_max_retries.clone());
+        put("chat_retry_backoff_ms", self.chat_retry_backoff_ms.clone());
+        if self.no_direct {
+            flags.insert("no_direct", Raw::One("true".into()));
+        }
+        if !self.relays.is_empty() {
+            flags.insert("relay", Raw::Many(self.relays.clone()));
+        }
+        Sources { flags, env: BTreeMap::new(), file: self.config.clone() }
+    }
+}

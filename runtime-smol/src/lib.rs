@@ -1,0 +1,9 @@
+//! The p2pchat node's runtime: settings, the data directory lock, logging,
+//! and (coming with the QUIC transport) the smol executor that drives the
+//! engine and the relay.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod lock;
+pub mod logging;

@@ -1,0 +1,95 @@
+//! Logs to stderr and to a rotating file (`p2pchat.log`, 10 MiB each, the
+//! last 5 kept) in the configured directory, at the configured level.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bytes a log file grows to before it is rotated.
+pub const ROTATE_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated files kept (`p2pchat.log.1` … `.5`).
+pub const KEEP: u32 = 5;
+
+struct Sink {
+    dir: PathBuf,
+    file: File,
+    written: u64,
+}
+
+/// The logger; install it once with [`init`].
+pub struct Logger {
+    level: log::LevelFilter,
+    sink: Mutex<Option<Sink>>,
+}
+
+fn open(dir: &Path) -> std::io::Result<(File, u64)> {
+    let file = OpenOptions::new().create(true).append(true).open(dir.join("p2pchat.log"))?;
+    let written = file.metadata()?.len();
+    Ok((file, written))
+}
+
+impl Sink {
+    fn rotate(&mut self) -> std::io::Result<()> {
+        for n in (1..KEEP).rev() {
+            let from = self.dir.join(format!("p2pchat.log.{n}"));
+            if from.exists() {
+                std::fs::rename(&from, self.dir.join(format!("p2pchat.log.{}", n + 1)))?;
+            }
+        }
+        std::fs::rename(self.dir.join("p2pchat.log"), self.dir.join("p2pchat.log.1"))?;
+        let (file, written) = open(&self.dir)?;
+        self.file = file;
+        self.written = written;
+        Ok(())
+    }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let line = format!("{millis} {:<5} {}: {}\n", record.level(), record.target(), record.args());
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        let Ok(mut guard) = self.sink.lock() else { return };
+        if let Some(sink) = guard.as_mut() {
+            if sink.written + line.len() as u64 > ROTATE_BYTES {
+                // A failed rotation keeps writing to the current file.
+                let _ = sink.rotate();
+            }
+            if sink.file.write_all(line.as_bytes()).is_ok() {
+                sink.written += line.len() as u64;
+            }
+        }
+    }
+
+    fn flush(&self) {
+        if let Ok(mut guard) = self.sink.lock() {
+            if let Some(sink) = guard.as_mut() {
+                let _ = sink.file.flush();
+            }
+        }
+    }
+}
+
+/// Installs the logger. Returns an error naming the directory if its log
+/// file cannot be opened (stderr logging still works then).
+pub fn init(dir: &Path, level: log::LevelFilter) -> Result<(), String> {
+    let sink = std::fs::create_dir_all(dir).and_then(|()| open(dir));
+    let (sink, problem) = match sink {
+        Ok((file, written)) => (Some(Sink { dir: dir.to_owned(), file, written }), None),
+        Err(e) => (None, Some(format!("cannot write logs to {}: {e}", dir.display()))),
+    };
+    let logger = Box::leak(Box::new(Logger { level, sink: Mutex::new(sink) }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+    problem.map_or(Ok(()), Err)
+}
