@@ -7,3 +7,4 @@ pub mod cli;
 pub mod config;
 pub mod lock;
 pub mod logging;
+pub mod tls;
