@@ -8,3 +8,4 @@ pub mod config;
 pub mod lock;
 pub mod logging;
 pub mod tls;
+pub mod transport;
