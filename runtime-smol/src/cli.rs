@@ -24,8 +24,12 @@ pub enum Command {
         /// The data directory (default: ~/.local/share/p2pchat).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// A TOML file of settings (its `data_dir` counts).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
-    /// Print the settings a node would start with, and where each came from.
+    /// Print the settings a node would start with, after the file, the
+    /// environment and the flags.
     Config(Box<SettingsArgs>),
 }
 
@@ -48,9 +52,10 @@ pub struct SettingsArgs {
     /// A relay, as `p2pchat relay` prints it (repeat for more).
     #[arg(long = "relay", value_name = "PEER_ID@ADDR")]
     pub relays: Vec<String>,
-    /// Act as if behind NAT: no direct connections, no direct address.
-    #[arg(long)]
-    pub no_direct: bool,
+    /// Act as if behind NAT: no direct connections, no direct address
+    /// (`--no-direct=false` overrides a file or the environment).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub no_direct: Option<String>,
     /// Where the rotating log files go.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -69,6 +74,21 @@ pub struct SettingsArgs {
     /// The first retry's backoff in milliseconds.
     #[arg(long, value_name = "MS", alias = "invoice-retry-backoff-ms")]
     pub chat_retry_backoff_ms: Option<String>,
+    /// Relay: most entries held per recipient.
+    #[arg(long, value_name = "N")]
+    pub mailbox_max_count: Option<String>,
+    /// Relay: most bytes held per recipient.
+    #[arg(long, value_name = "BYTES")]
+    pub mailbox_max_bytes: Option<String>,
+    /// Relay: days an entry is held.
+    #[arg(long, value_name = "DAYS")]
+    pub mailbox_ttl_days: Option<String>,
+    /// Relay: frames per second a peer may sustain.
+    #[arg(long, value_name = "N")]
+    pub relay_rate_per_sec: Option<String>,
+    /// Relay: frames a peer may send in a burst.
+    #[arg(long, value_name = "N")]
+    pub relay_rate_burst: Option<String>,
 }
 
 impl SettingsArgs {
@@ -89,9 +109,12 @@ impl SettingsArgs {
         put("chat_message_ttl_days", self.chat_message_ttl_days.clone());
         put("chat_max_retries", self.chat_max_retries.clone());
         put("chat_retry_backoff_ms", self.chat_retry_backoff_ms.clone());
-        if self.no_direct {
-            flags.insert("no_direct", Raw::One("true".into()));
-        }
+        put("mailbox_max_count", self.mailbox_max_count.clone());
+        put("mailbox_max_bytes", self.mailbox_max_bytes.clone());
+        put("mailbox_ttl_days", self.mailbox_ttl_days.clone());
+        put("relay_rate_per_sec", self.relay_rate_per_sec.clone());
+        put("relay_rate_burst", self.relay_rate_burst.clone());
+        put("no_direct", self.no_direct.clone());
         if !self.relays.is_empty() {
             flags.insert("relay", Raw::Many(self.relays.clone()));
         }

@@ -147,11 +147,15 @@ pub enum Raw {
     Many(Vec<String>),
 }
 
-/// Where defaults come from (the home directory), so tests can set it.
+/// Where defaults come from, so tests can set it.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     /// `$HOME`.
     pub home: PathBuf,
+    /// `$XDG_DATA_HOME`, if set to an absolute path.
+    pub data_home: Option<PathBuf>,
+    /// `$XDG_CACHE_HOME`, if set to an absolute path.
+    pub cache_home: Option<PathBuf>,
 }
 
 impl Defaults {
@@ -159,22 +163,20 @@ impl Defaults {
     /// `~/.cache/p2pchat/logs` unless `XDG_DATA_HOME` / `XDG_CACHE_HOME` say
     /// otherwise.
     pub fn from_env() -> Self {
-        Self { home: std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from) }
+        let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
+        Self {
+            home: std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from),
+            data_home: absolute("XDG_DATA_HOME"),
+            cache_home: absolute("XDG_CACHE_HOME"),
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
-        xdg("XDG_DATA_HOME", &self.home, ".local/share").join("p2pchat")
+        self.data_home.clone().unwrap_or_else(|| self.home.join(".local/share")).join("p2pchat")
     }
 
     fn log_dir(&self) -> PathBuf {
-        xdg("XDG_CACHE_HOME", &self.home, ".cache").join("p2pchat").join("logs")
-    }
-}
-
-fn xdg(var: &str, home: &Path, fallback: &str) -> PathBuf {
-    match std::env::var_os(var) {
-        Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
-        _ => home.join(fallback),
+        self.cache_home.clone().unwrap_or_else(|| self.home.join(".cache")).join("p2pchat").join("logs")
     }
 }
 
@@ -235,6 +237,12 @@ fn file_values(path: &Path) -> Result<BTreeMap<&'static str, Raw>, ConfigError> 
             let known = SPECS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ");
             return Err(ConfigError::Unknown { path: path.to_owned(), key, known });
         };
+        if out.contains_key(spec.name) {
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                problem: format!("`{}` is set twice (under its own name and an alias); keep one", spec.name),
+            });
+        }
         let raw = match value {
             toml::Value::String(s) => Raw::One(s),
             toml::Value::Integer(i) => Raw::One(i.to_string()),
@@ -265,6 +273,40 @@ fn file_values(path: &Path) -> Result<BTreeMap<&'static str, Raw>, ConfigError> 
     Ok(out)
 }
 
+/// Resolves only the data directory (for `p2pchat id`, which must not fail
+/// over an unrelated setting).
+pub fn resolve_data_dir(sources: &Sources, defaults: &Defaults) -> Result<PathBuf, ConfigError> {
+    let only = Sources {
+        flags: sources.flags.iter().filter(|(k, _)| **k == "data_dir").map(|(k, v)| (*k, v.clone())).collect(),
+        env: sources
+            .env
+            .iter()
+            .filter(|(k, _)| *k == "P2PCHAT_DATA_DIR")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        file: None,
+    };
+    let mut settings_file = BTreeMap::new();
+    if let Some(path) = &sources.file {
+        if let Some(raw) = file_values(path)?.remove("data_dir") {
+            settings_file.insert("data_dir", (raw, Source::File(path.clone())));
+        }
+    }
+    let (raw, origin) = if let Some(raw) = only.flags.get("data_dir") {
+        (raw.clone(), Source::Flag)
+    } else if let Some(v) = only.env.get("P2PCHAT_DATA_DIR") {
+        (Raw::One(v.clone()), Source::Env("P2PCHAT_DATA_DIR".into()))
+    } else if let Some((raw, origin)) = settings_file.remove("data_dir") {
+        (raw, origin)
+    } else {
+        (Raw::One(defaults.data_dir().to_string_lossy().into_owned()), Source::Default)
+    };
+    match raw {
+        Raw::One(s) if !s.trim().is_empty() => Ok(PathBuf::from(s)),
+        _ => Err(ConfigError::Invalid { setting: "data_dir", origin, problem: "needs one directory".into() }),
+    }
+}
+
 /// Resolves every setting: flags over environment over file over defaults.
 pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, ConfigError> {
     let file = match &sources.file {
@@ -277,10 +319,17 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         if let (Some(raw), Some(path)) = (file.get(spec.name), &sources.file) {
             value = (raw.clone(), Source::File(path.clone()));
         }
-        // The canonical name wins over an alias in the environment.
-        for name in spec.aliases.iter().rev().chain(std::iter::once(&spec.name)) {
+        let mut from_env: Option<String> = None;
+        for name in std::iter::once(&spec.name).chain(spec.aliases.iter()) {
             let var = format!("P2PCHAT_{}", name.to_uppercase());
             if let Some(v) = sources.env.get(&var) {
+                if let Some(earlier) = from_env.replace(var.clone()) {
+                    return Err(ConfigError::Invalid {
+                        setting: spec.name,
+                        origin: Source::Env(var),
+                        problem: format!("also set as ${earlier}; keep one"),
+                    });
+                }
                 let raw = if spec.name == "relay" {
                     Raw::Many(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
                 } else {
@@ -364,7 +413,7 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         chat_max_retries: number("chat_max_retries", 0, 64)? as u32,
         chat_retry_backoff_ms: number("chat_retry_backoff_ms", 1, 3_600_000)?,
         mailbox_max_count: number("mailbox_max_count", 1, 1_000_000)? as usize,
-        mailbox_max_bytes: number("mailbox_max_bytes", 1_024, 1 << 40)? as usize,
+        mailbox_max_bytes: usize::try_from(number("mailbox_max_bytes", 1_024, 1 << 40)?).unwrap_or(usize::MAX),
         mailbox_ttl_days: number("mailbox_ttl_days", 1, 365)? as u32,
         relay_rate_per_sec: number("relay_rate_per_sec", 1, 1_000_000)?,
         relay_rate_burst: number("relay_rate_burst", 1, 1_000_000)?,

@@ -1,5 +1,7 @@
-//! Logs to stderr and to a rotating file (`p2pchat.log`, 10 MiB each, the
-//! last 5 kept) in the configured directory, at the configured level.
+//! Logs to stderr and to a rotating file (`<name>.log`, 10 MiB each, the
+//! last 5 kept) in the configured directory, at the configured level. Each
+//! process logs under its own name (the node's or relay's peer ID), so
+//! several on one machine never rotate each other's files.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -14,6 +16,7 @@ pub const KEEP: u32 = 5;
 
 struct Sink {
     dir: PathBuf,
+    name: String,
     file: File,
     written: u64,
 }
@@ -24,22 +27,26 @@ pub struct Logger {
     sink: Mutex<Option<Sink>>,
 }
 
-fn open(dir: &Path) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(dir.join("p2pchat.log"))?;
+fn open(dir: &Path, name: &str) -> std::io::Result<(File, u64)> {
+    let file = OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
     let written = file.metadata()?.len();
     Ok((file, written))
 }
 
 impl Sink {
     fn rotate(&mut self) -> std::io::Result<()> {
+        // Whatever happens below, the count restarts: a rotation that fails
+        // is tried again after another full file, not on every line.
+        self.written = 0;
+        let name = &self.name;
         for n in (1..KEEP).rev() {
-            let from = self.dir.join(format!("p2pchat.log.{n}"));
+            let from = self.dir.join(format!("{name}.log.{n}"));
             if from.exists() {
-                std::fs::rename(&from, self.dir.join(format!("p2pchat.log.{}", n + 1)))?;
+                std::fs::rename(&from, self.dir.join(format!("{name}.log.{}", n + 1)))?;
             }
         }
-        std::fs::rename(self.dir.join("p2pchat.log"), self.dir.join("p2pchat.log.1"))?;
-        let (file, written) = open(&self.dir)?;
+        std::fs::rename(self.dir.join(format!("{name}.log")), self.dir.join(format!("{name}.log.1")))?;
+        let (file, written) = open(&self.dir, name)?;
         self.file = file;
         self.written = written;
         Ok(())
@@ -79,12 +86,13 @@ impl log::Log for Logger {
     }
 }
 
-/// Installs the logger. Returns an error naming the directory if its log
-/// file cannot be opened (stderr logging still works then).
-pub fn init(dir: &Path, level: log::LevelFilter) -> Result<(), String> {
-    let sink = std::fs::create_dir_all(dir).and_then(|()| open(dir));
+/// Installs the logger, writing `dir/<name>.log`. Returns an error naming
+/// the directory if the file cannot be opened (stderr logging still works
+/// then).
+pub fn init(dir: &Path, name: &str, level: log::LevelFilter) -> Result<(), String> {
+    let sink = std::fs::create_dir_all(dir).and_then(|()| open(dir, name));
     let (sink, problem) = match sink {
-        Ok((file, written)) => (Some(Sink { dir: dir.to_owned(), file, written }), None),
+        Ok((file, written)) => (Some(Sink { dir: dir.to_owned(), name: name.to_owned(), file, written }), None),
         Err(e) => (None, Some(format!("cannot write logs to {}: {e}", dir.display()))),
     };
     let logger = Box::leak(Box::new(Logger { level, sink: Mutex::new(sink) }));

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use p2pchat::cli::{Cli, Command};
-use p2pchat::config::{resolve, Defaults, Sources};
+use p2pchat::config::{resolve, resolve_data_dir, Defaults, Sources};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,12 +20,11 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Id { data_dir } => {
-            let flags = p2pchat::cli::SettingsArgs { data_dir, ..Default::default() };
-            let settings =
-                resolve(&flags.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;
-            let identity =
-                p2pchat_storage_sqlite::load_or_create_identity(&settings.data_dir).map_err(|e| e.to_string())?;
+        Command::Id { data_dir, config } => {
+            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
+            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
+                .map_err(|e| e.to_string())?;
+            let identity = p2pchat_storage_sqlite::load_or_create_identity(&dir).map_err(|e| e.to_string())?;
             println!("{}", identity.peer_id());
             Ok(())
         }

@@ -55,8 +55,9 @@ impl TlsIdentity {
     /// A self-signed certificate of `identity`'s Ed25519 key.
     pub fn new(identity: &IdentityKeyPair) -> Result<Self, TlsError> {
         let seed = identity.seed();
-        let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
+        let mut pkcs8 = zeroize::Zeroizing::new(ED25519_PKCS8_PREFIX.to_vec());
         pkcs8.extend_from_slice(seed.as_bytes());
+        let pkcs8 = pkcs8.to_vec();
         let key = PrivatePkcs8KeyDer::from(pkcs8);
         let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)
             .map_err(|e| TlsError::Certificate(e.to_string()))?;
@@ -69,6 +70,11 @@ impl TlsIdentity {
     /// This node's peer ID.
     pub fn peer_id(&self) -> PeerId {
         self.peer
+    }
+
+    /// This node's certificate.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.certificate
     }
 
     /// TLS for connections this node accepts: any p2pchat identity may

@@ -46,6 +46,17 @@ pub enum TransportError {
     /// The other side's certificate proves no p2pchat identity.
     #[error("the other side presented no p2pchat identity")]
     NoIdentity,
+    /// The frame is larger than any side accepts.
+    #[error("a frame of {len} bytes is over the {max}-byte limit")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer stopped the stream (it refused the frame) with this code.
+    #[error("the peer refused the frame (code {0})")]
+    Refused(quinn::VarInt),
 }
 
 /// A QUIC endpoint with this node's identity.
@@ -94,9 +105,12 @@ impl Transport {
         Ok(PeerConnection { connection, peer })
     }
 
-    /// The next incoming connection, with the peer its certificate proves;
-    /// `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<PeerConnection, TransportError>> {
+    /// The next incoming connection attempt; `None` once the endpoint is
+    /// closed. The handshake is the returned future: run each in its own
+    /// task, so one slow or silent dialler cannot hold up the others.
+    pub async fn accept(
+        &self,
+    ) -> Option<impl core::future::Future<Output = Result<PeerConnection, TransportError>> + Send + 'static> {
         let incoming = loop {
             let incoming = self.endpoint.accept().await?;
             if self.accept_incoming {
@@ -105,29 +119,58 @@ impl Transport {
             log::info!("refused a connection from {}: this node accepts none (--no-direct)", incoming.remote_address());
             incoming.refuse();
         };
-        Some(
-            async {
-                let connection = incoming.await?;
-                let peer = identity_of(&connection).ok_or(TransportError::NoIdentity)?;
-                Ok(PeerConnection { connection, peer })
-            }
-            .await,
-        )
+        Some(async move {
+            let connection = incoming.await?;
+            let peer = identity_of(&connection).ok_or(TransportError::NoIdentity)?;
+            Ok(PeerConnection { connection, peer })
+        })
     }
 
-    /// Closes every connection and stops accepting.
-    pub fn close(&self) {
+    /// Closes every connection, stops accepting, and waits until the peers
+    /// have been told (or a short while has passed).
+    pub async fn shutdown(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
+        let timeout = async {
+            smol::Timer::after(std::time::Duration::from_secs(2)).await;
+        };
+        smol::future::or(self.endpoint.wait_idle(), timeout).await;
     }
 }
 
 /// Connections idle for 30 s close; a keep-alive every 10 s holds NAT
-/// bindings (and relay connections) open meanwhile.
+/// bindings (and relay connections) open meanwhile. Flow control bounds
+/// what one connection can make us buffer: one frame per stream, 16 frames
+/// in flight, no bidirectional streams at all.
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     config.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))));
     config.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    let frame = quinn::VarInt::from_u32(MAX_FRAME_LEN as u32);
+    config.stream_receive_window(frame);
+    config.receive_window(quinn::VarInt::from_u32(4 * MAX_FRAME_LEN as u32));
+    config.send_window(4 * MAX_FRAME_LEN as u64);
+    config.max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_STREAMS));
+    config.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
     Arc::new(config)
+}
+
+/// Unidirectional streams (frames) a peer may have open at once.
+const MAX_STREAMS: u32 = 16;
+
+/// A stream being sent: reset if dropped before it was finished, so that a
+/// send cancelled half-way never delivers half a frame as a whole one
+/// (quinn finishes a stream that is dropped).
+struct Sending {
+    stream: quinn::SendStream,
+    finished: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.stream.reset(quinn::VarInt::from_u32(0));
+        }
+    }
 }
 
 fn identity_of(connection: &quinn::Connection) -> Option<PeerId> {
@@ -149,26 +192,32 @@ impl PeerConnection {
         self.peer
     }
 
-    /// Sends one frame; returns once the peer has acknowledged all of it.
+    /// Sends one frame; returns once the peer's QUIC stack has acknowledged
+    /// all of it (not that the application handled it: the engine's
+    /// end-to-end receipts are for that).
     pub async fn send(&self, frame: &[u8]) -> Result<(), TransportError> {
-        let mut stream = self.connection.open_uni().await?;
-        stream.write_all(frame).await?;
-        stream.finish()?;
-        match stream.stopped().await? {
+        if frame.len() > MAX_FRAME_LEN {
+            return Err(TransportError::TooLarge { len: frame.len(), max: MAX_FRAME_LEN });
+        }
+        let mut sending = Sending { stream: self.connection.open_uni().await?, finished: false };
+        sending.stream.write_all(frame).await?;
+        sending.stream.finish()?;
+        sending.finished = true;
+        match sending.stream.stopped().await? {
             None => Ok(()),
-            Some(code) => Err(TransportError::Stopped(quinn::StoppedError::ConnectionLost(
-                quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
-                    error_code: code,
-                    reason: "the peer stopped the stream".into(),
-                }),
-            ))),
+            Some(code) => Err(TransportError::Refused(code)),
         }
     }
 
-    /// The next frame from the peer.
-    pub async fn receive(&self) -> Result<Vec<u8>, TransportError> {
+    /// The next frame stream from the peer; the frame is the returned
+    /// future. Read each in its own task, so one stalled stream does not
+    /// hold up the frames behind it.
+    pub async fn accept_frame(
+        &self,
+    ) -> Result<impl core::future::Future<Output = Result<Vec<u8>, TransportError>> + Send + 'static, TransportError>
+    {
         let mut stream = self.connection.accept_uni().await?;
-        Ok(stream.read_to_end(MAX_FRAME_LEN).await?)
+        Ok(async move { Ok(stream.read_to_end(MAX_FRAME_LEN).await?) })
     }
 
     /// Closes the connection.

@@ -26,7 +26,7 @@ impl Drop for TempDir {
 }
 
 fn defaults() -> Defaults {
-    Defaults { home: PathBuf::from("/home/tester") }
+    Defaults { home: PathBuf::from("/home/tester"), data_home: None, cache_home: None }
 }
 
 #[test]
@@ -35,12 +35,12 @@ fn defaults_follow_the_reference() {
     assert_eq!(s.api.to_string(), "127.0.0.1:30069");
     assert_eq!((s.chat_message_ttl_days, s.chat_max_retries, s.chat_retry_backoff_ms), (30, 3, 2000));
     assert!(s.relays.is_empty() && !s.no_direct);
-    if std::env::var_os("XDG_DATA_HOME").is_none() {
-        assert_eq!(s.data_dir, PathBuf::from("/home/tester/.local/share/p2pchat"));
-    }
-    if std::env::var_os("XDG_CACHE_HOME").is_none() {
-        assert_eq!(s.log_dir, PathBuf::from("/home/tester/.cache/p2pchat/logs"));
-    }
+    assert_eq!(s.data_dir, PathBuf::from("/home/tester/.local/share/p2pchat"));
+    assert_eq!(s.log_dir, PathBuf::from("/home/tester/.cache/p2pchat/logs"));
+    let xdg = Defaults { data_home: Some("/xdg/data".into()), cache_home: Some("/xdg/cache".into()), ..defaults() };
+    let s = resolve(&Sources::default(), &xdg).unwrap();
+    assert_eq!(s.data_dir, PathBuf::from("/xdg/data/p2pchat"));
+    assert_eq!(s.log_dir, PathBuf::from("/xdg/cache/p2pchat/logs"));
 }
 
 #[test]
@@ -71,8 +71,46 @@ fn the_references_setting_names_are_accepted_as_aliases() {
     std::fs::write(&file, "invoice_max_retries = 7\n").unwrap();
     let mut env = BTreeMap::new();
     env.insert("P2PCHAT_INVOICE_RETRY_BACKOFF_MS".to_owned(), "900".to_owned());
-    let s = resolve(&Sources { flags: BTreeMap::new(), env, file: Some(file) }, &defaults()).unwrap();
+    let s = resolve(&Sources { flags: BTreeMap::new(), env, file: Some(file.clone()) }, &defaults()).unwrap();
     assert_eq!((s.chat_max_retries, s.chat_retry_backoff_ms), (7, 900));
+    // Both names in one source: refused, naming the setting.
+    std::fs::write(&file, "invoice_max_retries = 7\nchat_max_retries = 4\n").unwrap();
+    let err = resolve(&Sources { file: Some(file), ..Sources::default() }, &defaults()).unwrap_err().to_string();
+    assert!(err.contains("chat_max_retries") && err.contains("set twice"), "{err}");
+    let mut env = BTreeMap::new();
+    env.insert("P2PCHAT_INVOICE_MAX_RETRIES".to_owned(), "7".to_owned());
+    env.insert("P2PCHAT_CHAT_MAX_RETRIES".to_owned(), "4".to_owned());
+    let err = resolve(&Sources { env, ..Sources::default() }, &defaults()).unwrap_err().to_string();
+    assert!(err.contains("chat_max_retries") && err.contains("keep one"), "{err}");
+}
+
+#[test]
+fn flags_parse_through_the_command_line_including_the_aliases() {
+    use clap::Parser;
+    let cli = p2pchat::cli::Cli::try_parse_from([
+        "p2pchat",
+        "config",
+        "--invoice-max-retries",
+        "9",
+        "--no-direct",
+        "--relay",
+        "00112233445566778899aabbccddeeff00112233@192.0.2.1:4433",
+        "--mailbox-ttl-days",
+        "3",
+    ])
+    .unwrap();
+    let p2pchat::cli::Command::Config(args) = cli.command else { panic!("parsed as config") };
+    let s = resolve(&args.sources(), &defaults()).unwrap();
+    assert_eq!(s.chat_max_retries, 9);
+    assert!(s.no_direct);
+    assert_eq!(s.relays.len(), 1);
+    assert_eq!(s.mailbox_ttl_days, 3);
+    // --no-direct=false overrides the environment.
+    let cli = p2pchat::cli::Cli::try_parse_from(["p2pchat", "config", "--no-direct=false"]).unwrap();
+    let p2pchat::cli::Command::Config(args) = cli.command else { panic!("parsed as config") };
+    let mut sources = args.sources();
+    sources.env.insert("P2PCHAT_NO_DIRECT".to_owned(), "true".to_owned());
+    assert!(!resolve(&sources, &defaults()).unwrap().no_direct);
 }
 
 #[test]
@@ -137,9 +175,21 @@ fn the_lock_goes_with_a_killed_process() {
         .args(["sleep", "30"])
         .spawn()
         .expect("flock(1) from util-linux");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "flock --no-fork is running");
-    assert!(matches!(DataDirLock::acquire(&dir.0), Err(LockError::Held { .. })), "held by the child");
+    // Wait (up to 10 s) for the child to take the lock.
+    let mut held = false;
+    for _ in 0..200 {
+        assert!(child.try_wait().unwrap().is_none(), "flock --no-fork is running");
+        match DataDirLock::acquire(&dir.0) {
+            Err(LockError::Held { .. }) => {
+                held = true;
+                break;
+            }
+            Ok(ours) => drop(ours), // the child has not locked yet
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(held, "the child took the lock");
     child.kill().unwrap();
     child.wait().unwrap();
     DataDirLock::acquire(&dir.0).expect("the lock went with the killed process");

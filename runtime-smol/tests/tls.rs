@@ -44,7 +44,9 @@ fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Resu
 fn a_certificate_names_its_identity() {
     let alice = identity(1);
     let tls = TlsIdentity::new(&alice).unwrap();
-    assert_eq!(tls.peer_id(), alice.peer_id());
+    assert_eq!(peer_of_certificate(tls.certificate()), Some(alice.peer_id()), "read from the certificate itself");
+    let bob = TlsIdentity::new(&identity(2)).unwrap();
+    assert_eq!(peer_of_certificate(bob.certificate()), Some(identity(2).peer_id()));
     let config = tls.server_config().unwrap();
     assert_eq!(config.alpn_protocols, vec![b"p2pchat/1".to_vec()]);
 }
@@ -78,4 +80,23 @@ fn a_certificate_without_an_identity_key_is_refused() {
     let cert = rcgen::CertificateParams::new(vec!["p2pchat".to_owned()]).unwrap().self_signed(&pair).unwrap();
     assert_eq!(peer_of_certificate(cert.der()), None);
     assert_eq!(peer_of_certificate(&rustls::pki_types::CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])), None);
+    // And in a handshake: a server presenting it is refused by our dialler
+    // (we offer only Ed25519 signatures, so it cannot even sign).
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pair.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    let alice = TlsIdentity::new(&identity(1)).unwrap();
+    let err = handshake(alice.client_config(identity(2).peer_id()).unwrap(), server).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoSignatureSchemesInCommon)
+                | rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        ),
+        "{err:?}"
+    );
 }
