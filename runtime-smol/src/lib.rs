@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod lock;
 pub mod logging;
+pub mod node;
 pub mod tls;
 pub mod transport;

@@ -220,6 +220,11 @@ impl PeerConnection {
         Ok(async move { Ok(stream.read_to_end(MAX_FRAME_LEN).await?) })
     }
 
+    /// Whether the connection has closed (the peer left, or it timed out).
+    pub fn is_closed(&self) -> bool {
+        self.connection.close_reason().is_some()
+    }
+
     /// Closes the connection.
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"closed");

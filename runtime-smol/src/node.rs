@@ -1,0 +1,435 @@
+//! A running node: the engine on its own thread (its store calls block),
+//! the QUIC transport on a smol executor thread, and a channel-based
+//! [`NodeHandle`] for the API and the tests.
+//!
+//! The engine thread follows the driving rule: it takes every input that is
+//! waiting, handles them as one batch (one transaction: group commit),
+//! drains every output, and sleeps until the next input or its deadline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use p2pchat_protocol::engine::{
+    Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Transmit, TransmitOutcome,
+};
+use p2pchat_protocol::{PeerId, Timestamp};
+use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
+use rand_core::SeedableRng;
+use smol::channel;
+
+use crate::lock::DataDirLock;
+use crate::tls::TlsIdentity;
+use crate::transport::{PeerConnection, Transport};
+
+/// What a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Identity key file, databases, lock.
+    pub data_dir: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Accept no direct connections (behave as if behind NAT).
+    pub no_direct: bool,
+    /// Commit durability.
+    pub durability: Durability,
+    /// The engine's retries, backoff and retention.
+    pub engine: EngineConfig,
+}
+
+/// Why a node could not start or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory is in use.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    /// Storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] p2pchat_storage_sqlite::StorageError),
+    /// The engine refused the command or its store failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// TLS or QUIC could not be set up.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// A thread could not be started.
+    #[error("cannot start the node's threads: {0}")]
+    Thread(String),
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+enum EngineMsg {
+    Command(Command, channel::Sender<Result<CommandOutcome, EngineError>>),
+    Input(Input),
+    Stop,
+}
+
+enum NetMsg {
+    Transmit(Transmit),
+    Lookup(PeerId),
+    Stop,
+}
+
+/// Where peers can be reached directly. The node dials these; a peer with
+/// no address here is looked up (and later reached through a relay).
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    addresses: Arc<Mutex<BTreeMap<PeerId, SocketAddr>>>,
+}
+
+impl Directory {
+    /// Records a peer's direct address.
+    pub fn insert(&self, peer: PeerId, addr: SocketAddr) {
+        if let Ok(mut map) = self.addresses.lock() {
+            map.insert(peer, addr);
+        }
+    }
+
+    /// A peer's direct address, if known.
+    pub fn get(&self, peer: &PeerId) -> Option<SocketAddr> {
+        self.addresses.lock().ok().and_then(|map| map.get(peer).copied())
+    }
+}
+
+/// The handle the API and tests drive a node with.
+#[derive(Clone)]
+pub struct NodeHandle {
+    peer: PeerId,
+    listen: SocketAddr,
+    engine: mpsc::Sender<EngineMsg>,
+    events: Arc<Mutex<Vec<channel::Sender<Event>>>>,
+    directory: Directory,
+}
+
+impl core::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NodeHandle").field("peer", &self.peer).field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+/// A started node; dropping it does not stop it, [`Node::shutdown`] does.
+pub struct Node {
+    handle: NodeHandle,
+    net: channel::Sender<NetMsg>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    _lock: DataDirLock,
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+impl Node {
+    /// Opens the data directory (lock, identity, database) and starts the
+    /// engine and network threads.
+    pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        let lock = DataDirLock::acquire(&config.data_dir).or_else(|e| {
+            // A first start creates the directory with the identity.
+            std::fs::create_dir_all(&config.data_dir).map_err(|_| e)?;
+            DataDirLock::acquire(&config.data_dir)
+        })?;
+        let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
+        let peer = identity.peer_id();
+        let key = MasterKey::derive(&identity.seed());
+        let store = SqliteStore::open(&config.data_dir.join("node.sqlite3"), key, config.durability)?;
+        let tls = TlsIdentity::new(&identity).map_err(crate::transport::TransportError::from)?;
+        let transport = Transport::bind(config.listen, tls, !config.no_direct)?;
+        let listen = transport.local_addr()?;
+        // The engine's randomness is fresh from the OS on every start.
+        let rng = rand_chacha::ChaCha20Rng::from_rng(rand_core::OsRng).map_err(|e| NodeError::Thread(e.to_string()))?;
+        let engine = Engine::new(identity, store, config.engine.clone(), rng, now())?;
+
+        let (engine_tx, engine_rx) = mpsc::channel::<EngineMsg>();
+        let (net_tx, net_rx) = channel::unbounded::<NetMsg>();
+        let events: Arc<Mutex<Vec<channel::Sender<Event>>>> = Arc::default();
+        let directory = Directory::default();
+        let handle = NodeHandle { peer, listen, engine: engine_tx.clone(), events: events.clone(), directory };
+
+        let engine_thread = std::thread::Builder::new()
+            .name(format!("engine-{peer}"))
+            .spawn({
+                let net_tx = net_tx.clone();
+                move || run_engine(engine, engine_rx, net_tx, events)
+            })
+            .map_err(|e| NodeError::Thread(e.to_string()))?;
+        let net_thread = std::thread::Builder::new()
+            .name(format!("net-{peer}"))
+            .spawn({
+                let handle = handle.clone();
+                move || smol::block_on(run_network(transport, net_rx, handle))
+            })
+            .map_err(|e| NodeError::Thread(e.to_string()))?;
+        log::info!("node {peer} listening on {listen}");
+        Ok(Self { handle, net: net_tx, threads: vec![engine_thread, net_thread], _lock: lock })
+    }
+
+    /// The handle.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the engine (after its last commit) and the network, and waits.
+    pub fn shutdown(mut self) {
+        let _ = self.handle.engine.send(EngineMsg::Stop);
+        let _ = self.net.try_send(NetMsg::Stop);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl NodeHandle {
+    /// This node's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The QUIC address it listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Tells the node where a peer can be reached directly.
+    pub fn add_peer_address(&self, peer: PeerId, addr: SocketAddr) {
+        self.directory.insert(peer, addr);
+    }
+
+    /// Runs an API command on the engine.
+    pub async fn command(&self, command: Command) -> Result<CommandOutcome, NodeError> {
+        let (tx, rx) = channel::bounded(1);
+        self.engine.send(EngineMsg::Command(command, tx)).map_err(|_| NodeError::Stopped)?;
+        Ok(rx.recv().await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// Every event from now on.
+    pub fn subscribe(&self) -> channel::Receiver<Event> {
+        let (tx, rx) = channel::unbounded();
+        if let Ok(mut subscribers) = self.events.lock() {
+            subscribers.push(tx);
+        }
+        rx
+    }
+
+    fn input(&self, input: Input) {
+        let _ = self.engine.send(EngineMsg::Input(input));
+    }
+}
+
+/// The engine thread: batches of inputs, one transaction each; commands one
+/// at a time (each has its own answer).
+fn run_engine(
+    mut engine: Engine<SqliteStore>,
+    rx: mpsc::Receiver<EngineMsg>,
+    net: channel::Sender<NetMsg>,
+    events: Arc<Mutex<Vec<channel::Sender<Event>>>>,
+) {
+    loop {
+        drain(&mut engine, &net, &events);
+        let wait = engine
+            .poll_timeout()
+            .map(|deadline| Duration::from_millis(deadline.as_millis().saturating_sub(now().as_millis())));
+        let first = match wait {
+            Some(wait) => rx.recv_timeout(wait),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let msg = match first {
+            Ok(msg) => msg,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = engine.handle(now(), Input::Timeout) {
+                    log::error!("engine timeout failed: {e}");
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = Vec::new();
+        let mut pending = Some(msg);
+        while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
+            match msg {
+                EngineMsg::Input(input) => batch.push(input),
+                EngineMsg::Command(command, reply) => {
+                    flush(&mut engine, &mut batch);
+                    let _ = reply.try_send(engine.command(now(), command));
+                }
+                EngineMsg::Stop => {
+                    flush(&mut engine, &mut batch);
+                    drain(&mut engine, &net, &events);
+                    return;
+                }
+            }
+            if batch.len() >= 256 {
+                break;
+            }
+        }
+        flush(&mut engine, &mut batch);
+    }
+}
+
+/// Handles waiting inputs as one transaction (group commit).
+fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = engine.handle_batch(now(), batch.drain(..)) {
+        // Nothing of the batch was committed or sent; the peers retransmit
+        // and pending results arrive again as timeouts.
+        log::error!("engine batch failed: {e}");
+    }
+}
+
+fn drain(engine: &mut Engine<SqliteStore>, net: &channel::Sender<NetMsg>, events: &Mutex<Vec<channel::Sender<Event>>>) {
+    while let Some(event) = engine.poll_event() {
+        if let Ok(mut subscribers) = events.lock() {
+            subscribers.retain(|s| s.try_send(event.clone()).is_ok());
+        }
+    }
+    while let Some(peer) = engine.poll_lookup() {
+        let _ = net.try_send(NetMsg::Lookup(peer));
+    }
+    while let Some(transmit) = engine.poll_transmit() {
+        let _ = net.try_send(NetMsg::Transmit(transmit));
+    }
+}
+
+type Connections = Arc<Mutex<BTreeMap<PeerId, PeerConnection>>>;
+
+/// How long a frame may take to be acknowledged before the connection is
+/// given up (the peer may have gone without closing it).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The network thread: accepts connections, dials peers, and carries
+/// frames between the transport and the engine.
+async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, node: NodeHandle) {
+    let transport = Arc::new(transport);
+    let connections: Connections = Arc::default();
+    let acceptor = smol::spawn({
+        let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
+        async move {
+            while let Some(handshake) = transport.accept().await {
+                let (connections, node) = (connections.clone(), node.clone());
+                smol::spawn(async move {
+                    match handshake.await {
+                        Ok(conn) => adopt(conn, &connections, &node),
+                        Err(e) => log::info!("incoming connection failed: {e}"),
+                    }
+                })
+                .detach();
+            }
+        }
+    });
+    while let Ok(msg) = rx.recv().await {
+        match msg {
+            NetMsg::Stop => break,
+            NetMsg::Lookup(peer) => {
+                let answer = if node.directory.get(&peer).is_some() {
+                    Input::PeerRecord(peer)
+                } else {
+                    Input::LookupFailed(peer)
+                };
+                node.input(answer);
+            }
+            NetMsg::Transmit(transmit) => {
+                let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
+                smol::spawn(async move {
+                    // A peer that went without closing its connection (or an
+                    // address nobody answers at) must not hold the transmit:
+                    // every transmit gets its result.
+                    let timeout = async {
+                        smol::Timer::after(SEND_TIMEOUT).await;
+                        None
+                    };
+                    let sent = async { Some(deliver(&transport, &connections, &node, &transmit).await) };
+                    let outcome = match smol::future::or(sent, timeout).await {
+                        Some(outcome) => outcome,
+                        None => {
+                            let stale = connections.lock().ok().and_then(|mut map| map.remove(&transmit.peer));
+                            if let Some(conn) = stale {
+                                conn.close();
+                            }
+                            TransmitOutcome::Failed("no answer from the peer within 10 s".into())
+                        }
+                    };
+                    node.input(Input::TransmitResult { id: transmit.id, outcome });
+                })
+                .detach();
+            }
+        }
+    }
+    drop(acceptor);
+    transport.shutdown().await;
+}
+
+/// A new connection: remember it, tell the engine the peer is reachable,
+/// and read its frames (each in its own task).
+fn adopt(conn: PeerConnection, connections: &Connections, node: &NodeHandle) {
+    let peer = conn.peer();
+    if let Ok(mut map) = connections.lock() {
+        map.insert(peer, conn.clone());
+    }
+    node.input(Input::PeerReachable(peer));
+    let (connections, node) = (connections.clone(), node.clone());
+    smol::spawn(async move {
+        loop {
+            match conn.accept_frame().await {
+                Ok(frame) => {
+                    let node = node.clone();
+                    smol::spawn(async move {
+                        match frame.await {
+                            Ok(bytes) => node.input(Input::Received { from: peer, bytes }),
+                            Err(e) => log::info!("a frame from {peer} failed: {e}"),
+                        }
+                    })
+                    .detach();
+                }
+                Err(e) => {
+                    log::info!("connection to {peer} closed: {e}");
+                    if let Ok(mut map) = connections.lock() {
+                        map.remove(&peer);
+                    }
+                    node.input(Input::PeerUnreachable(peer));
+                    return;
+                }
+            }
+        }
+    })
+    .detach();
+}
+
+/// Sends a transmit directly, dialling if needed.
+async fn deliver(
+    transport: &Transport,
+    connections: &Connections,
+    node: &NodeHandle,
+    transmit: &Transmit,
+) -> TransmitOutcome {
+    let existing = connections.lock().ok().and_then(|map| map.get(&transmit.peer).cloned()).filter(|c| !c.is_closed());
+    let conn = match existing {
+        Some(conn) => conn,
+        None => {
+            let Some(addr) = node.directory.get(&transmit.peer) else {
+                return TransmitOutcome::Failed("no path to the peer".into());
+            };
+            match transport.dial(addr, transmit.peer).await {
+                Ok(conn) => {
+                    adopt(conn.clone(), connections, node);
+                    conn
+                }
+                Err(e) => return TransmitOutcome::Failed(format!("cannot reach the peer: {e}")),
+            }
+        }
+    };
+    match conn.send(&transmit.bytes).await {
+        Ok(()) => TransmitOutcome::Delivered,
+        Err(e) => {
+            if let Ok(mut map) = connections.lock() {
+                map.remove(&transmit.peer);
+            }
+            TransmitOutcome::Failed(format!("sending failed: {e}"))
+        }
+    }
+}
