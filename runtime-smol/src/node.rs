@@ -128,11 +128,15 @@ impl Node {
     /// Opens the data directory (lock, identity, database) and starts the
     /// engine and network threads.
     pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
-        let lock = DataDirLock::acquire(&config.data_dir).or_else(|e| {
-            // A first start creates the directory with the identity.
-            std::fs::create_dir_all(&config.data_dir).map_err(|_| e)?;
-            DataDirLock::acquire(&config.data_dir)
-        })?;
+        if !config.data_dir.exists() {
+            // The data directory holds the key and the databases: its
+            // owner's alone.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir).map_err(|e| {
+                p2pchat_storage_sqlite::StorageError::Io { path: config.data_dir.clone(), reason: e.to_string() }
+            })?;
+        }
+        let lock = DataDirLock::acquire(&config.data_dir)?;
         let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
         let peer = identity.peer_id();
         let key = MasterKey::derive(&identity.seed());
@@ -270,15 +274,31 @@ fn run_engine(
     }
 }
 
-/// Handles waiting inputs as one transaction (group commit).
+/// Handles waiting inputs as one transaction (group commit). If the batch
+/// fails (nothing of it was committed or sent), each input is tried on its
+/// own, so one bad input costs only itself: a transmit result in
+/// particular must reach the engine, or its item stays in flight.
 fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) {
-    if batch.is_empty() {
-        return;
-    }
-    if let Err(e) = engine.handle_batch(now(), batch.drain(..)) {
-        // Nothing of the batch was committed or sent; the peers retransmit
-        // and pending results arrive again as timeouts.
-        log::error!("engine batch failed: {e}");
+    match batch.len() {
+        0 => {}
+        1 => {
+            for input in batch.drain(..) {
+                if let Err(e) = engine.handle(now(), input) {
+                    log::error!("engine input failed: {e}");
+                }
+            }
+        }
+        _ => {
+            let inputs: Vec<Input> = batch.drain(..).collect();
+            if let Err(e) = engine.handle_batch(now(), inputs.clone()) {
+                log::warn!("a batch of {} inputs failed ({e}); handling them one by one", inputs.len());
+                for input in inputs {
+                    if let Err(e) = engine.handle(now(), input) {
+                        log::error!("engine input failed: {e}");
+                    }
+                }
+            }
+        }
     }
 }
 
