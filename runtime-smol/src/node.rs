@@ -289,7 +289,7 @@ fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) {
             }
         }
         _ => {
-            let inputs: Vec<Input> = batch.drain(..).collect();
+            let inputs = std::mem::take(batch);
             if let Err(e) = engine.handle_batch(now(), inputs.clone()) {
                 log::warn!("a batch of {} inputs failed ({e}); handling them one by one", inputs.len());
                 for input in inputs {
