@@ -271,6 +271,12 @@ fn run_engine(
             }
         }
         flush(&mut engine, &mut batch);
+        // A steady stream of inputs must not starve the deadlines.
+        if engine.poll_timeout().is_some_and(|deadline| deadline <= now()) {
+            if let Err(e) = engine.handle(now(), Input::Timeout) {
+                log::error!("engine timeout failed: {e}");
+            }
+        }
     }
 }
 
