@@ -8,5 +8,6 @@ pub mod config;
 pub mod lock;
 pub mod logging;
 pub mod node;
+pub mod relay_server;
 pub mod tls;
 pub mod transport;

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use p2pchat_protocol::engine::{
     Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Transmit, TransmitOutcome,
 };
+use p2pchat_protocol::relay::{ClientAction, RelayClient, RelayFrame};
 use p2pchat_protocol::{PeerId, Timestamp};
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
 use rand_core::SeedableRng;
@@ -38,6 +39,8 @@ pub struct NodeConfig {
     pub durability: Durability,
     /// The engine's retries, backoff and retention.
     pub engine: EngineConfig,
+    /// The relay to keep a connection to (the first of these is used).
+    pub relays: Vec<crate::config::RelayAddress>,
 }
 
 /// Why a node could not start or a call failed.
@@ -66,6 +69,9 @@ pub enum NodeError {
 enum EngineMsg {
     Command(Command, channel::Sender<Result<CommandOutcome, EngineError>>),
     Input(Input),
+    /// An input whose sender waits until it is committed (a relay mailbox
+    /// entry is acknowledged only then).
+    InputCommitted(Input, channel::Sender<()>),
     Stop,
 }
 
@@ -99,6 +105,7 @@ impl Directory {
 /// The handle the API and tests drive a node with.
 #[derive(Clone)]
 pub struct NodeHandle {
+    relay_up: Arc<std::sync::atomic::AtomicBool>,
     peer: PeerId,
     listen: SocketAddr,
     engine: mpsc::Sender<EngineMsg>,
@@ -120,6 +127,20 @@ pub struct Node {
     _lock: DataDirLock,
 }
 
+/// Creates the data directory, its owner's alone (it holds the identity
+/// key and the databases), if it does not exist.
+pub(crate) fn create_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| p2pchat_storage_sqlite::StorageError::Io { path: dir.to_owned(), reason: e.to_string() })?;
+    }
+    Ok(())
+}
+
 fn now() -> Timestamp {
     Timestamp::from_millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
@@ -128,14 +149,13 @@ impl Node {
     /// Opens the data directory (lock, identity, database) and starts the
     /// engine and network threads.
     pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
-        if !config.data_dir.exists() {
-            // The data directory holds the key and the databases: its
-            // owner's alone.
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir).map_err(|e| {
-                p2pchat_storage_sqlite::StorageError::Io { path: config.data_dir.clone(), reason: e.to_string() }
-            })?;
-        }
+        Self::start_subscribed(config).map(|(node, _)| node)
+    }
+
+    /// Like [`Node::start`], with a subscription to every event from the
+    /// very start (a relay's mailbox can deliver at once).
+    pub fn start_subscribed(config: NodeConfig) -> Result<(Self, channel::Receiver<Event>), NodeError> {
+        create_data_dir(&config.data_dir)?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
         let peer = identity.peer_id();
@@ -143,6 +163,7 @@ impl Node {
         let store = SqliteStore::open(&config.data_dir.join("node.sqlite3"), key, config.durability)?;
         let tls = TlsIdentity::new(&identity).map_err(crate::transport::TransportError::from)?;
         let transport = Transport::bind(config.listen, tls, !config.no_direct)?;
+        let signer = p2pchat_protocol::IdentityKeyPair::from_seed(&identity.seed());
         let listen = transport.local_addr()?;
         // The engine's randomness is fresh from the OS on every start.
         let rng = rand_chacha::ChaCha20Rng::from_rng(rand_core::OsRng).map_err(|e| NodeError::Thread(e.to_string()))?;
@@ -152,7 +173,17 @@ impl Node {
         let (net_tx, net_rx) = channel::unbounded::<NetMsg>();
         let events: Arc<Mutex<Vec<channel::Sender<Event>>>> = Arc::default();
         let directory = Directory::default();
-        let handle = NodeHandle { peer, listen, engine: engine_tx.clone(), events: events.clone(), directory };
+        let handle = NodeHandle {
+            relay_up: Arc::default(),
+            peer,
+            listen,
+            engine: engine_tx.clone(),
+            events: events.clone(),
+            directory,
+        };
+        // The first subscriber is there before anything can happen, so a
+        // caller of `start_subscribed` misses no event.
+        let first_events = handle.subscribe();
 
         let engine_thread = std::thread::Builder::new()
             .name(format!("engine-{peer}"))
@@ -165,11 +196,13 @@ impl Node {
             .name(format!("net-{peer}"))
             .spawn({
                 let handle = handle.clone();
-                move || smol::block_on(run_network(transport, net_rx, handle))
+                let relay = config.relays.first().cloned();
+                let no_direct = config.no_direct;
+                move || smol::block_on(run_network(transport, net_rx, handle, relay, signer, no_direct))
             })
             .map_err(|e| NodeError::Thread(e.to_string()))?;
         log::info!("node {peer} listening on {listen}");
-        Ok(Self { handle, net: net_tx, threads: vec![engine_thread, net_thread], _lock: lock })
+        Ok((Self { handle, net: net_tx, threads: vec![engine_thread, net_thread], _lock: lock }, first_events))
     }
 
     /// The handle.
@@ -198,6 +231,11 @@ impl NodeHandle {
         self.listen
     }
 
+    /// Whether the node is registered with its relay right now.
+    pub fn relay_connected(&self) -> bool {
+        self.relay_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Tells the node where a peer can be reached directly.
     pub fn add_peer_address(&self, peer: PeerId, addr: SocketAddr) {
         self.directory.insert(peer, addr);
@@ -221,6 +259,15 @@ impl NodeHandle {
 
     fn input(&self, input: Input) {
         let _ = self.engine.send(EngineMsg::Input(input));
+    }
+
+    /// Hands the engine an input and waits until the transaction holding it
+    /// has been committed (or failed and been retried alone).
+    async fn input_committed(&self, input: Input) {
+        let (tx, rx) = channel::bounded(1);
+        if self.engine.send(EngineMsg::InputCommitted(input, tx)).is_ok() {
+            let _ = rx.recv().await;
+        }
     }
 }
 
@@ -252,10 +299,15 @@ fn run_engine(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let mut batch = Vec::new();
+        let mut waiting: Vec<channel::Sender<()>> = Vec::new();
         let mut pending = Some(msg);
         while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
             match msg {
                 EngineMsg::Input(input) => batch.push(input),
+                EngineMsg::InputCommitted(input, done) => {
+                    batch.push(input);
+                    waiting.push(done);
+                }
                 EngineMsg::Command(command, reply) => {
                     flush(&mut engine, &mut batch);
                     let _ = reply.try_send(engine.command(now(), command));
@@ -271,6 +323,9 @@ fn run_engine(
             }
         }
         flush(&mut engine, &mut batch);
+        for done in waiting.drain(..) {
+            let _ = done.try_send(());
+        }
         // A steady stream of inputs must not starve the deadlines.
         if engine.poll_timeout().is_some_and(|deadline| deadline <= now()) {
             if let Err(e) = engine.handle(now(), Input::Timeout) {
@@ -330,9 +385,21 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The network thread: accepts connections, dials peers, and carries
 /// frames between the transport and the engine.
-async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, node: NodeHandle) {
+async fn run_network(
+    transport: Transport,
+    rx: channel::Receiver<NetMsg>,
+    node: NodeHandle,
+    relay: Option<crate::config::RelayAddress>,
+    signer: p2pchat_protocol::IdentityKeyPair,
+    no_direct: bool,
+) {
     let transport = Arc::new(transport);
     let connections: Connections = Arc::default();
+    let link: RelayLink = Arc::default();
+    let relay_task = relay.map(|relay| {
+        let (transport, node, link) = (transport.clone(), node.clone(), link.clone());
+        smol::spawn(keep_relay(transport, node, link, relay, signer, no_direct))
+    });
     let acceptor = smol::spawn({
         let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
         async move {
@@ -352,15 +419,47 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, node: 
         match msg {
             NetMsg::Stop => break,
             NetMsg::Lookup(peer) => {
-                let answer = if node.directory.get(&peer).is_some() {
-                    Input::PeerRecord(peer)
+                if node.directory.get(&peer).is_some() {
+                    node.input(Input::PeerRecord(peer));
                 } else {
-                    Input::LookupFailed(peer)
-                };
-                node.input(answer);
+                    let (conn, frame) = match link
+                        .lock()
+                        .ok()
+                        .and_then(|mut l| l.as_mut().map(|(conn, client)| (conn.clone(), client.lookup(peer))))
+                    {
+                        Some(pair) => pair,
+                        None => {
+                            node.input(Input::LookupFailed(peer));
+                            continue;
+                        }
+                    };
+                    smol::spawn(async move {
+                        if let Err(e) = conn.send(&frame.encode()).await {
+                            log::info!("lookup through the relay failed: {e}");
+                        }
+                    })
+                    .detach();
+                }
             }
             NetMsg::Transmit(transmit) => {
                 let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
+                // No direct address: through the relay, whose answer
+                // (forwarded, held or refused) becomes the result.
+                if node.directory.get(&transmit.peer).is_none() {
+                    let relayed = link.lock().ok().and_then(|mut l| {
+                        l.as_mut().map(|(conn, client)| (conn.clone(), client.forward(transmit.clone())))
+                    });
+                    if let Some((conn, frame)) = relayed {
+                        smol::spawn(async move {
+                            if let Err(e) = conn.send(&frame.encode()).await {
+                                log::info!("forwarding through the relay failed: {e}");
+                                conn.close();
+                            }
+                        })
+                        .detach();
+                        continue;
+                    }
+                }
                 smol::spawn(async move {
                     // A peer that went without closing its connection (or an
                     // address nobody answers at) must not hold the transmit:
@@ -387,8 +486,108 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, node: 
         }
     }
     drop(acceptor);
+    drop(relay_task);
     transport.shutdown().await;
 }
+
+/// The connection to the relay and its client state, while connected.
+type RelayLink = Arc<Mutex<Option<(PeerConnection, RelayClient)>>>;
+
+/// Keeps a connection to the relay: registers, publishes this node's record
+/// (its direct address, unless `--no-direct`), and carries frames both ways;
+/// reconnects with backoff (1 s doubling to 30 s).
+async fn keep_relay(
+    transport: Arc<Transport>,
+    node: NodeHandle,
+    link: RelayLink,
+    relay: crate::config::RelayAddress,
+    signer: p2pchat_protocol::IdentityKeyPair,
+    no_direct: bool,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match transport.dial(relay.addr, relay.peer).await {
+            Ok(conn) => {
+                backoff = Duration::from_secs(1);
+                let mut client = RelayClient::new();
+                let direct = if no_direct { Vec::new() } else { vec![node.listen.to_string()] };
+                let frames = match client.publish(&signer, direct, vec![relay.to_string()], now(), RECORD_LIFETIME_MS) {
+                    RelayFrame::Publish(record) => client.on_connect(record),
+                    _ => Vec::new(),
+                };
+                let mut ok = true;
+                for frame in frames {
+                    if let Err(e) = conn.send(&frame.encode()).await {
+                        log::warn!("registering with the relay failed: {e}");
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    if let Ok(mut l) = link.lock() {
+                        *l = Some((conn.clone(), client));
+                    }
+                    node.relay_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                    log::info!("connected to relay {relay}");
+                    serve_relay(&conn, &node, &link).await;
+                    node.relay_up.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                let inputs = link.lock().ok().and_then(|mut l| l.take()).map(|(_, mut c)| c.on_disconnect());
+                for input in inputs.into_iter().flatten() {
+                    node.input(input);
+                }
+                log::info!("relay connection closed; reconnecting");
+            }
+            Err(e) => log::info!("cannot reach relay {relay}: {e}"),
+        }
+        smol::Timer::after(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Frames from the relay, in order: answers and deliveries become engine
+/// inputs; a mailbox entry is acknowledged only after its input committed.
+async fn serve_relay(conn: &PeerConnection, node: &NodeHandle, link: &RelayLink) {
+    while let Ok(frame) = conn.accept_frame().await {
+        let bytes = match frame.await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log::info!("a frame from the relay failed: {e}");
+                continue;
+            }
+        };
+        let actions = match link.lock().ok().and_then(|mut l| l.as_mut().map(|(_, c)| c.on_frame(now(), &bytes))) {
+            Some(Ok(actions)) => actions,
+            Some(Err(e)) => {
+                log::warn!("the relay sent a frame that does not decode: {e}");
+                continue;
+            }
+            None => return,
+        };
+        for action in actions {
+            match action {
+                ClientAction::ToEngine(input) => node.input_committed(input).await,
+                ClientAction::AfterEngine(frame) => {
+                    if let Err(e) = conn.send(&frame.encode()).await {
+                        log::info!("acknowledging to the relay failed: {e}");
+                    }
+                }
+                ClientAction::Record(record) => {
+                    if let Some(addr) = record.direct_addresses.iter().find_map(|a| a.parse().ok()) {
+                        node.directory.insert(record.peer_id, addr);
+                    }
+                }
+                ClientAction::Published { .. } => {}
+                ClientAction::PublishRefused { reason, .. } => {
+                    log::warn!("the relay refused our record: {}", reason.as_str())
+                }
+            }
+        }
+    }
+}
+
+/// How long the records this node publishes stay valid.
+const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// A new connection: remember it, tell the engine the peer is reachable,
 /// and read its frames (each in its own task).

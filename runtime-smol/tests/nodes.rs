@@ -33,6 +33,7 @@ fn start(dir: &TempDir) -> Node {
         durability: Durability::Normal,
         // Quick retries, so a test waits seconds, not minutes.
         engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
+        relays: Vec::new(),
     })
     .unwrap()
 }
@@ -152,9 +153,116 @@ fn a_second_node_on_one_data_directory_is_refused() {
         no_direct: false,
         durability: Durability::Normal,
         engine: EngineConfig::default(),
+        relays: Vec::new(),
     })
     .err()
     .expect("refused");
     assert!(err.to_string().contains("another p2pchat process"), "{err}");
     first.shutdown();
+}
+
+fn relay_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_direct: bool) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.0.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        no_direct,
+        durability: Durability::Normal,
+        engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
+        relays: vec![relay.address().parse().unwrap()],
+    }
+}
+
+fn bob_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer) -> NodeConfig {
+    relay_config(dir, relay, true)
+}
+
+fn start_with(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_direct: bool) -> Node {
+    Node::start(relay_config(dir, relay, no_direct)).unwrap()
+}
+
+/// Waits (up to 15 s) until every node is registered with its relay.
+fn wait_registered(nodes: &[&p2pchat::node::NodeHandle]) {
+    for _ in 0..300 {
+        if nodes.iter().all(|n| n.relay_connected()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the nodes did not register with the relay within 15 s");
+}
+
+fn start_relay(dir: &TempDir) -> p2pchat::relay_server::RelayServer {
+    p2pchat::relay_server::RelayServer::start(p2pchat::relay_server::RelayServerConfig {
+        data_dir: dir.0.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        durability: Durability::Normal,
+        relay: p2pchat_protocol::relay::RelayConfig::default(),
+    })
+    .unwrap()
+}
+
+/// Sends `text` from `a` to `b`'s peer, retrying the first command until
+/// the relay connection is up (a conversation needs no network).
+fn conversation(a: &p2pchat::node::NodeHandle, peer: p2pchat_protocol::PeerId) -> p2pchat_protocol::ConversationId {
+    match smol::block_on(a.command(Command::CreateConversation { peer })).unwrap() {
+        CommandOutcome::Conversation(c) => c.id,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_no_direct_node_is_reached_only_through_the_relay() {
+    let (relay_dir, alice_dir, bob_dir) = (TempDir::new("relay-r"), TempDir::new("alice-r"), TempDir::new("bob-r"));
+    let relay = start_relay(&relay_dir);
+    let alice = start_with(&alice_dir, &relay, false);
+    let bob = start_with(&bob_dir, &relay, true);
+    let (a, b) = (alice.handle(), bob.handle());
+    let (a_events, b_events) = (a.subscribe(), b.subscribe());
+    wait_registered(&[&a, &b]);
+    let c = conversation(&a, b.peer_id());
+    let m = send(&a, c, "through the relay");
+    let got = wait_for(&b_events, |e| matches!(e, Event::MessageReceived(r) if r.id == m));
+    let Event::MessageReceived(r) = got else { unreachable!() };
+    assert_eq!(r.content, "through the relay");
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
+    // Bob accepts no direct connection: a dial to him is refused.
+    let probe = p2pchat::transport::Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        p2pchat::tls::TlsIdentity::new(&p2pchat_protocol::IdentityKeyPair::from_seed(
+            &p2pchat_protocol::keys::IdentitySeed::from_bytes([9; 32]),
+        ))
+        .unwrap(),
+        true,
+    )
+    .unwrap();
+    assert!(smol::block_on(probe.dial(b.listen_addr(), b.peer_id())).is_err());
+    alice.shutdown();
+    bob.shutdown();
+    relay.shutdown();
+}
+
+#[test]
+fn a_message_waits_in_the_relay_mailbox_after_its_sender_went_offline() {
+    let (relay_dir, alice_dir, bob_dir) = (TempDir::new("relay-m"), TempDir::new("alice-m"), TempDir::new("bob-m"));
+    let relay = start_relay(&relay_dir);
+    let alice = start_with(&alice_dir, &relay, true);
+    let bob = start_with(&bob_dir, &relay, true);
+    let (a, b) = (alice.handle(), bob.handle());
+    let (a_events, b_events) = (a.subscribe(), b.subscribe());
+    wait_registered(&[&a, &b]);
+    let c = conversation(&a, b.peer_id());
+    let first = send(&a, c, "hello");
+    wait_for(&b_events, |e| matches!(e, Event::MessageReceived(r) if r.id == first));
+    // Bob goes offline; Alice's next message is held by the relay.
+    bob.shutdown();
+    let held = send(&a, c, "held for you");
+    wait_for(&a_events, |e| matches!(e, Event::MessageSent { message_id, .. } if *message_id == held));
+    // Alice goes offline too; Bob comes back and gets it from the mailbox.
+    alice.shutdown();
+    let (bob, b_events) = Node::start_subscribed(bob_config(&bob_dir, &relay)).unwrap();
+    let got = wait_for(&b_events, |e| matches!(e, Event::MessageReceived(r) if r.id == held));
+    let Event::MessageReceived(r) = got else { unreachable!() };
+    assert_eq!(r.content, "held for you");
+    bob.shutdown();
+    relay.shutdown();
 }

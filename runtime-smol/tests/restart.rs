@@ -22,6 +22,7 @@ fn config(dir: PathBuf) -> NodeConfig {
         no_direct: false,
         durability: Durability::Normal,
         engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
+        relays: Vec::new(),
     }
 }
 

@@ -1,0 +1,231 @@
+//! `p2pchat relay`: the relay core's state machine over QUIC, with its
+//! SQLite store. The state machine runs on its own thread (its store calls
+//! block); the network runs on a smol thread and only carries frames.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use p2pchat_protocol::relay::{Relay, RelayConfig};
+use p2pchat_protocol::{PeerId, Timestamp};
+use p2pchat_storage_sqlite::{Durability, SqliteRelayStore};
+use smol::channel;
+
+use crate::lock::DataDirLock;
+use crate::node::NodeError;
+use crate::tls::TlsIdentity;
+use crate::transport::{PeerConnection, Transport, TransportError};
+
+/// What a relay needs to start.
+#[derive(Clone, Debug)]
+pub struct RelayServerConfig {
+    /// Identity key file, database, lock.
+    pub data_dir: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Commit durability.
+    pub durability: Durability,
+    /// Mailbox, rate and size limits.
+    pub relay: RelayConfig,
+}
+
+enum RelayMsg {
+    Connected(PeerId),
+    Disconnected(PeerId),
+    Frame(PeerId, Vec<u8>),
+    Stop,
+}
+
+/// A running relay.
+pub struct RelayServer {
+    peer: PeerId,
+    listen: SocketAddr,
+    tx: mpsc::Sender<RelayMsg>,
+    stop_net: channel::Sender<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    _lock: DataDirLock,
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+type Connections = Arc<Mutex<BTreeMap<PeerId, Vec<PeerConnection>>>>;
+
+impl RelayServer {
+    /// Opens the data directory and starts serving.
+    pub fn start(config: RelayServerConfig) -> Result<Self, NodeError> {
+        crate::node::create_data_dir(&config.data_dir)?;
+        let lock = DataDirLock::acquire(&config.data_dir)?;
+        let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
+        let peer = identity.peer_id();
+        let store = SqliteRelayStore::open(&config.data_dir.join("relay.sqlite3"), config.durability)?;
+        let relay = Relay::new(store, config.relay.clone())
+            .map_err(|e| NodeError::Thread(format!("the relay's store failed: {e}")))?;
+        let tls = TlsIdentity::new(&identity).map_err(TransportError::from)?;
+        let transport = Arc::new(Transport::bind(config.listen, tls, true)?);
+        let listen = transport.local_addr()?;
+        let (tx, rx) = mpsc::channel();
+        let (out_tx, out_rx) = channel::unbounded::<(PeerId, Vec<u8>)>();
+        let (stop_net, stop_rx) = channel::bounded::<()>(1);
+        let relay_thread = std::thread::Builder::new()
+            .name(format!("relay-{peer}"))
+            .spawn(move || run_relay(relay, rx, out_tx))
+            .map_err(|e| NodeError::Thread(e.to_string()))?;
+        let net_thread = std::thread::Builder::new()
+            .name(format!("relay-net-{peer}"))
+            .spawn({
+                let tx = tx.clone();
+                move || smol::block_on(run_network(transport, tx, out_rx, stop_rx))
+            })
+            .map_err(|e| NodeError::Thread(e.to_string()))?;
+        log::info!("relay {peer} listening on {listen}");
+        Ok(Self { peer, listen, tx, stop_net, threads: vec![relay_thread, net_thread], _lock: lock })
+    }
+
+    /// The relay's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Its QUIC address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// What nodes pass to `--relay`.
+    pub fn address(&self) -> String {
+        format!("{}@{}", self.peer, self.listen)
+    }
+
+    /// Stops serving and waits.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(RelayMsg::Stop);
+        let _ = self.stop_net.try_send(());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_relay(
+    mut relay: Relay<SqliteRelayStore>,
+    rx: mpsc::Receiver<RelayMsg>,
+    out: channel::Sender<(PeerId, Vec<u8>)>,
+) {
+    loop {
+        while let Some(frame) = relay.poll_transmit() {
+            let _ = out.try_send(frame);
+        }
+        while let Some(event) = relay.poll_event() {
+            log::info!("relay: {event:?}");
+        }
+        let wait = relay.poll_timeout().map(|d| Duration::from_millis(d.as_millis().saturating_sub(now().as_millis())));
+        let msg = match wait {
+            Some(wait) => rx.recv_timeout(wait),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let result = match msg {
+            Ok(RelayMsg::Connected(peer)) => {
+                relay.connected(peer);
+                Ok(())
+            }
+            Ok(RelayMsg::Disconnected(peer)) => {
+                relay.disconnected(&peer);
+                Ok(())
+            }
+            Ok(RelayMsg::Frame(peer, bytes)) => relay.handle_frame(now(), peer, &bytes),
+            Ok(RelayMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => relay.handle_timeout(now()),
+        };
+        if let Err(e) = result {
+            log::error!("relay: {e}");
+        }
+    }
+}
+
+async fn run_network(
+    transport: Arc<Transport>,
+    tx: mpsc::Sender<RelayMsg>,
+    out: channel::Receiver<(PeerId, Vec<u8>)>,
+    stop: channel::Receiver<()>,
+) {
+    let connections: Connections = Arc::default();
+    let acceptor = smol::spawn({
+        let (transport, connections, tx) = (transport.clone(), connections.clone(), tx.clone());
+        async move {
+            while let Some(handshake) = transport.accept().await {
+                let (connections, tx) = (connections.clone(), tx.clone());
+                smol::spawn(async move {
+                    match handshake.await {
+                        Ok(conn) => serve(conn, connections, tx).await,
+                        Err(e) => log::info!("relay: incoming connection failed: {e}"),
+                    }
+                })
+                .detach();
+            }
+        }
+    });
+    let sender = smol::spawn({
+        let connections = connections.clone();
+        async move {
+            // One queue and task per peer: frames to a peer keep the
+            // relay's order, and a slow peer holds up only itself.
+            let mut queues: BTreeMap<PeerId, channel::Sender<Vec<u8>>> = BTreeMap::new();
+            while let Ok((peer, bytes)) = out.recv().await {
+                queues.retain(|_, q| !q.is_closed());
+                let queue = queues.entry(peer).or_insert_with(|| {
+                    let (tx, rx) = channel::unbounded::<Vec<u8>>();
+                    let connections = connections.clone();
+                    smol::spawn(async move {
+                        while let Ok(bytes) = rx.recv().await {
+                            let conn =
+                                connections.lock().ok().and_then(|map| map.get(&peer).and_then(|c| c.last().cloned()));
+                            let Some(conn) = conn else { break };
+                            if let Err(e) = conn.send(&bytes).await {
+                                log::info!("relay: sending to {peer} failed: {e}");
+                                break;
+                            }
+                        }
+                    })
+                    .detach();
+                    tx
+                });
+                let _ = queue.try_send(bytes);
+            }
+        }
+    });
+    let _ = stop.recv().await;
+    drop(acceptor);
+    drop(sender);
+    transport.shutdown().await;
+}
+
+async fn serve(conn: PeerConnection, connections: Connections, tx: mpsc::Sender<RelayMsg>) {
+    let peer = conn.peer();
+    if let Ok(mut map) = connections.lock() {
+        map.entry(peer).or_default().push(conn.clone());
+    }
+    let _ = tx.send(RelayMsg::Connected(peer));
+    // Frames from one connection reach the relay in the order they arrive.
+    while let Ok(frame) = conn.accept_frame().await {
+        match frame.await {
+            Ok(bytes) => {
+                let _ = tx.send(RelayMsg::Frame(peer, bytes));
+            }
+            Err(e) => log::info!("relay: a frame from {peer} failed: {e}"),
+        }
+    }
+    if let Ok(mut map) = connections.lock() {
+        if let Some(list) = map.get_mut(&peer) {
+            list.retain(|c| !c.is_closed());
+            if list.is_empty() {
+                map.remove(&peer);
+            }
+        }
+    }
+    let _ = tx.send(RelayMsg::Disconnected(peer));
+}
