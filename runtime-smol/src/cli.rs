@@ -31,6 +31,18 @@ pub enum Command {
     /// Print the settings a node would start with, after the file, the
     /// environment and the flags.
     Config(Box<SettingsArgs>),
+    /// Run a node until SIGINT or SIGTERM.
+    Node(Box<SettingsArgs>),
+    /// Run a relay until SIGINT or SIGTERM; prints the address nodes pass
+    /// to `--relay`.
+    Relay(Box<SettingsArgs>),
+    /// A relay and three nodes (alice, bob, carol) on loopback, in one
+    /// process: alice makes a group with bob and carol and greets them.
+    Demo {
+        /// Keep the data here (default: a temporary directory, removed at exit).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// Every setting as a flag; flags win over `P2PCHAT_*` variables, which win

@@ -9,5 +9,6 @@ pub mod lock;
 pub mod logging;
 pub mod node;
 pub mod relay_server;
+pub mod run;
 pub mod tls;
 pub mod transport;

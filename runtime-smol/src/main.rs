@@ -18,6 +18,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr and to `<kind>-<pid>.log` in the log directory; a
+/// log directory that cannot be written is reported, and stderr still works.
+fn start_logging(settings: &p2pchat::config::Settings, kind: &str) -> Result<(), String> {
+    let name = format!("{kind}-{}", std::process::id());
+    if let Err(e) = p2pchat::logging::init(&settings.log_dir, &name, settings.log_level) {
+        eprintln!("p2pchat: {e}");
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Id { data_dir, config } => {
@@ -27,6 +37,24 @@ fn run(command: Command) -> Result<(), String> {
             let identity = p2pchat_storage_sqlite::load_or_create_identity(&dir).map_err(|e| e.to_string())?;
             println!("{}", identity.peer_id());
             Ok(())
+        }
+        Command::Node(args) => {
+            let settings =
+                resolve(&args.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;
+            start_logging(&settings, "node")?;
+            p2pchat::run::node(&settings)
+        }
+        Command::Relay(args) => {
+            let settings =
+                resolve(&args.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;
+            start_logging(&settings, "relay")?;
+            p2pchat::run::relay(&settings)
+        }
+        Command::Demo { data_dir } => {
+            let sources = p2pchat::cli::SettingsArgs::default().sources().with_process_env();
+            let settings = resolve(&sources, &Defaults::from_env()).map_err(|e| e.to_string())?;
+            start_logging(&settings, "demo")?;
+            p2pchat::run::demo(data_dir, &settings)
         }
         Command::Config(args) => {
             let sources: Sources = args.sources().with_process_env();

@@ -1,0 +1,170 @@
+//! The long-running commands: `node`, `relay` and `demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
+use p2pchat_protocol::relay::RelayConfig;
+
+use crate::config::Settings;
+use crate::node::{Node, NodeConfig, NodeError};
+use crate::relay_server::{RelayServer, RelayServerConfig};
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The engine's settings from the node's.
+pub fn engine_config(settings: &Settings) -> EngineConfig {
+    EngineConfig {
+        max_retries: settings.chat_max_retries,
+        retry_backoff_ms: settings.chat_retry_backoff_ms,
+        message_ttl_ms: u64::from(settings.chat_message_ttl_days) * DAY_MS,
+        ..EngineConfig::default()
+    }
+}
+
+/// The relay's limits from the settings.
+pub fn relay_config(settings: &Settings) -> RelayConfig {
+    RelayConfig {
+        mailbox_max_count: settings.mailbox_max_count,
+        mailbox_max_bytes: settings.mailbox_max_bytes,
+        mailbox_ttl_ms: u64::from(settings.mailbox_ttl_days) * DAY_MS,
+        rate_per_sec: settings.relay_rate_per_sec,
+        rate_burst: settings.relay_rate_burst,
+        ..RelayConfig::default()
+    }
+}
+
+/// Blocks until SIGINT or SIGTERM.
+pub fn wait_for_signal() -> Result<(), String> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("cannot listen for signals: {e}"))?;
+    let _ = signals.forever().next();
+    Ok(())
+}
+
+/// `p2pchat node`.
+pub fn node(settings: &Settings) -> Result<(), String> {
+    let node = Node::start(NodeConfig {
+        data_dir: settings.data_dir.clone(),
+        listen: settings.listen,
+        no_direct: settings.no_direct,
+        durability: settings.durability,
+        engine: engine_config(settings),
+        relays: settings.relays.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let handle = node.handle();
+    println!("node {} listening on {}", handle.peer_id(), handle.listen_addr());
+    wait_for_signal()?;
+    log::info!("shutting down");
+    node.shutdown();
+    Ok(())
+}
+
+/// `p2pchat relay`.
+pub fn relay(settings: &Settings) -> Result<(), String> {
+    let relay = RelayServer::start(RelayServerConfig {
+        data_dir: settings.data_dir.clone(),
+        listen: settings.listen,
+        durability: settings.durability,
+        relay: relay_config(settings),
+    })
+    .map_err(|e| e.to_string())?;
+    println!("relay {}", relay.address());
+    println!("nodes use it with: --relay {}", relay.address());
+    wait_for_signal()?;
+    log::info!("shutting down");
+    relay.shutdown();
+    Ok(())
+}
+
+/// `p2pchat demo`: a relay and three nodes on loopback.
+pub fn demo(data_dir: Option<PathBuf>, settings: &Settings) -> Result<(), String> {
+    let (base, temporary) = match data_dir {
+        Some(dir) => (dir, false),
+        None => (std::env::temp_dir().join(format!("p2pchat-demo-{}", std::process::id())), true),
+    };
+    let result = run_demo(&base, settings);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+    result
+}
+
+fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
+    let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let relay = RelayServer::start(RelayServerConfig {
+        data_dir: base.join("relay"),
+        listen: loopback(0),
+        durability: settings.durability,
+        relay: relay_config(settings),
+    })
+    .map_err(|e| e.to_string())?;
+    println!("relay  {}", relay.address());
+    let relays = vec![relay.address().parse().map_err(|e: String| e)?];
+    let mut nodes = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (node, events) = Node::start_subscribed(NodeConfig {
+            data_dir: base.join(name),
+            listen: loopback(0),
+            // Carol acts as if behind NAT: only the relay reaches her.
+            no_direct: name == "carol",
+            durability: settings.durability,
+            engine: engine_config(settings),
+            relays: relays.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        let h = node.handle();
+        let path = if name == "carol" { "relay only (--no-direct)" } else { "direct and relay" };
+        println!("{name:<6} {} on {} ({path})", h.peer_id(), h.listen_addr());
+        nodes.push((name, node, events));
+    }
+    println!("data in {}", base.display());
+    println!("(the REST and WebSocket API, and the web UI, come in a later release)");
+    for (_, node, _) in &nodes {
+        let h = node.handle();
+        for _ in 0..200 {
+            if h.relay_connected() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Show it working: alice makes a group with bob and carol and greets them.
+    let (alice, bob, carol) = (nodes[0].1.handle(), nodes[1].1.handle(), nodes[2].1.handle());
+    let outcome = smol::block_on(
+        alice.command(Command::CreateGroup { name: "demo".into(), members: vec![bob.peer_id(), carol.peer_id()] }),
+    )
+    .map_err(|e: NodeError| e.to_string())?;
+    let CommandOutcome::Conversation(group) = outcome else { return Err("the group was not created".into()) };
+    smol::block_on(
+        alice.command(Command::SendGroupMessage { group: group.id, content: "hello bob and carol, from alice".into() }),
+    )
+    .map_err(|e| e.to_string())?;
+    let watchers: Vec<_> = nodes
+        .iter()
+        .map(|(name, _, events)| {
+            let (name, events) = (*name, events.clone());
+            std::thread::spawn(move || {
+                while let Ok(event) = smol::block_on(events.recv()) {
+                    match event {
+                        Event::MessageReceived(m) => println!("{name} received: {:?}", m.content),
+                        Event::MessageDelivered { message_id, .. } => {
+                            println!("{name}: message {message_id} delivered")
+                        }
+                        Event::GroupInvite { group_name, .. } => println!("{name} joined group {group_name:?}"),
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    println!("running; press Ctrl-C to stop");
+    wait_for_signal()?;
+    for (_, node, _) in nodes {
+        node.shutdown();
+    }
+    relay.shutdown();
+    drop(watchers);
+    Ok(())
+}
