@@ -266,3 +266,55 @@ fn a_message_waits_in_the_relay_mailbox_after_its_sender_went_offline() {
     bob.shutdown();
     relay.shutdown();
 }
+
+#[test]
+fn a_group_of_four_over_direct_and_relay_paths() {
+    let relay_dir = TempDir::new("relay-g");
+    let relay = start_relay(&relay_dir);
+    let dirs: Vec<TempDir> = ["alice-g", "bob-g", "carol-g", "dave-g"].iter().map(|n| TempDir::new(n)).collect();
+    // Alice and Bob accept direct connections; Carol and Dave only the relay.
+    let nodes: Vec<Node> = dirs.iter().enumerate().map(|(i, d)| start_with(d, &relay, i >= 2)).collect();
+    let handles: Vec<_> = nodes.iter().map(Node::handle).collect();
+    let events: Vec<_> = handles.iter().map(|h| h.subscribe()).collect();
+    wait_registered(&handles.iter().collect::<Vec<_>>());
+    let members = handles[1..].iter().map(|h| h.peer_id()).collect();
+    let group = match smol::block_on(handles[0].command(Command::CreateGroup { name: "four".into(), members })).unwrap()
+    {
+        CommandOutcome::Conversation(c) => c.id,
+        other => panic!("{other:?}"),
+    };
+    // Everyone speaks once; everyone else hears each, once.
+    let mut sent = Vec::new();
+    for (i, h) in handles.iter().enumerate() {
+        if i > 0 {
+            wait_for(
+                &events[i],
+                |e| matches!(e, Event::GroupInvite { conversation_id, .. } if *conversation_id == group),
+            );
+        }
+        let text = format!("hello from member {i}");
+        let id = match smol::block_on(h.command(Command::SendGroupMessage { group, content: text.clone() })).unwrap() {
+            CommandOutcome::Message(m) => m.id,
+            other => panic!("{other:?}"),
+        };
+        sent.push((i, id, text));
+    }
+    // Each member collects what it receives (in whatever order it comes)
+    // until it has everyone else's message.
+    for (j, e) in events.iter().enumerate() {
+        let mut got: std::collections::BTreeMap<p2pchat_protocol::MessageId, String> = Default::default();
+        let expected: Vec<_> = sent.iter().filter(|(i, _, _)| *i != j).collect();
+        while !expected.iter().all(|(_, id, _)| got.contains_key(id)) {
+            if let Event::MessageReceived(r) = wait_for(e, |ev| matches!(ev, Event::MessageReceived(_))) {
+                assert!(got.insert(r.id, r.content).is_none(), "member {j} got a message twice");
+            }
+        }
+        for (i, id, text) in expected {
+            assert_eq!(&got[id], text, "member {j} got member {i}'s message intact");
+        }
+    }
+    for node in nodes {
+        node.shutdown();
+    }
+    relay.shutdown();
+}
