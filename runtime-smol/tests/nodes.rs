@@ -32,7 +32,12 @@ fn start(dir: &TempDir) -> Node {
         no_direct: false,
         durability: Durability::Normal,
         // Quick retries, so a test waits seconds, not minutes.
-        engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
+        engine: EngineConfig {
+            confirmation_timeout_ms: 300,
+            retry_backoff_ms: 200,
+            key_exchange_timeout_ms: 1_000,
+            ..EngineConfig::default()
+        },
         relays: Vec::new(),
     })
     .unwrap()
@@ -167,7 +172,12 @@ fn relay_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_di
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct,
         durability: Durability::Normal,
-        engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
+        engine: EngineConfig {
+            confirmation_timeout_ms: 300,
+            retry_backoff_ms: 200,
+            key_exchange_timeout_ms: 1_000,
+            ..EngineConfig::default()
+        },
         relays: vec![relay.address().parse().unwrap()],
     }
 }
@@ -317,4 +327,28 @@ fn a_group_of_four_over_direct_and_relay_paths() {
         node.shutdown();
     }
     relay.shutdown();
+}
+
+#[test]
+fn a_node_answering_for_another_peer_is_refused() {
+    let (alice_dir, bob_dir, mallory_dir) = (TempDir::new("alice-w"), TempDir::new("bob-w"), TempDir::new("mallory-w"));
+    let (alice, bob, mallory) = (start(&alice_dir), start(&bob_dir), start(&mallory_dir));
+    let (a, b, m) = (alice.handle(), bob.handle(), mallory.handle());
+    let (a_events, m_events) = (a.subscribe(), m.subscribe());
+    // Alice is told Bob lives at Mallory's address.
+    a.add_peer_address(b.peer_id(), m.listen_addr());
+    let c = match smol::block_on(a.command(Command::CreateConversation { peer: b.peer_id() })).unwrap() {
+        CommandOutcome::Conversation(c) => c.id,
+        other => panic!("{other:?}"),
+    };
+    let id = send(&a, c, "for bob only");
+    // Mallory's certificate is not Bob's: no connection, so the key
+    // exchange never starts and the message fails with a reason.
+    let failed = wait_for(&a_events, |e| matches!(e, Event::MessageFailed { message_id, .. } if *message_id == id));
+    let Event::MessageFailed { failure_reason, .. } = failed else { unreachable!() };
+    assert!(!failure_reason.is_empty());
+    assert!(m_events.try_recv().is_err(), "Mallory got nothing: {:?}", m_events.try_recv());
+    alice.shutdown();
+    bob.shutdown();
+    mallory.shutdown();
 }
