@@ -71,7 +71,7 @@ enum EngineMsg {
     Input(Input),
     /// An input whose sender waits until it is committed (a relay mailbox
     /// entry is acknowledged only then).
-    InputCommitted(Input, channel::Sender<()>),
+    InputCommitted(Input, channel::Sender<bool>),
     Stop,
 }
 
@@ -262,12 +262,14 @@ impl NodeHandle {
     }
 
     /// Hands the engine an input and waits until the transaction holding it
-    /// has been committed (or failed and been retried alone).
-    async fn input_committed(&self, input: Input) {
+    /// has been committed: true only then (false if it failed, or the
+    /// engine is gone).
+    async fn input_committed(&self, input: Input) -> bool {
         let (tx, rx) = channel::bounded(1);
-        if self.engine.send(EngineMsg::InputCommitted(input, tx)).is_ok() {
-            let _ = rx.recv().await;
+        if self.engine.send(EngineMsg::InputCommitted(input, tx)).is_err() {
+            return false;
         }
+        rx.recv().await.unwrap_or(false)
     }
 }
 
@@ -292,28 +294,32 @@ fn run_engine(
             Ok(msg) => msg,
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = engine.handle(now(), Input::Timeout) {
-                    log::error!("engine timeout failed: {e}");
+                    // The deadline stays in the past; do not spin on it.
+                    log::error!("engine timeout failed: {e}; trying again in a second");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let mut batch = Vec::new();
-        let mut waiting: Vec<channel::Sender<()>> = Vec::new();
+        // Who waits for which input of the batch (by its index).
+        let mut waiting: Vec<(usize, channel::Sender<bool>)> = Vec::new();
         let mut pending = Some(msg);
         while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
             match msg {
                 EngineMsg::Input(input) => batch.push(input),
                 EngineMsg::InputCommitted(input, done) => {
+                    waiting.push((batch.len(), done));
                     batch.push(input);
-                    waiting.push(done);
                 }
                 EngineMsg::Command(command, reply) => {
-                    flush(&mut engine, &mut batch);
+                    answer(&waiting, &flush(&mut engine, &mut batch));
+                    waiting.clear();
                     let _ = reply.try_send(engine.command(now(), command));
                 }
                 EngineMsg::Stop => {
-                    flush(&mut engine, &mut batch);
+                    answer(&waiting, &flush(&mut engine, &mut batch));
                     drain(&mut engine, &net, &events);
                     return;
                 }
@@ -322,10 +328,7 @@ fn run_engine(
                 break;
             }
         }
-        flush(&mut engine, &mut batch);
-        for done in waiting.drain(..) {
-            let _ = done.try_send(());
-        }
+        answer(&waiting, &flush(&mut engine, &mut batch));
         // A steady stream of inputs must not starve the deadlines.
         if engine.poll_timeout().is_some_and(|deadline| deadline <= now()) {
             if let Err(e) = engine.handle(now(), Input::Timeout) {
@@ -335,32 +338,39 @@ fn run_engine(
     }
 }
 
+/// Tells each waiter whether its input was committed.
+fn answer(waiting: &[(usize, channel::Sender<bool>)], committed: &[bool]) {
+    for (index, done) in waiting {
+        let _ = done.try_send(committed.get(*index).copied().unwrap_or(false));
+    }
+}
+
 /// Handles waiting inputs as one transaction (group commit). If the batch
 /// fails (nothing of it was committed or sent), each input is tried on its
 /// own, so one bad input costs only itself: a transmit result in
-/// particular must reach the engine, or its item stays in flight.
-fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) {
-    match batch.len() {
-        0 => {}
-        1 => {
-            for input in batch.drain(..) {
-                if let Err(e) = engine.handle(now(), input) {
-                    log::error!("engine input failed: {e}");
-                }
-            }
-        }
-        _ => {
-            let inputs = std::mem::take(batch);
-            if let Err(e) = engine.handle_batch(now(), inputs.clone()) {
-                log::warn!("a batch of {} inputs failed ({e}); handling them one by one", inputs.len());
-                for input in inputs {
-                    if let Err(e) = engine.handle(now(), input) {
-                        log::error!("engine input failed: {e}");
-                    }
-                }
-            }
+/// particular must reach the engine, or its item stays in flight. Returns,
+/// per input, whether it was committed.
+fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) -> Vec<bool> {
+    let inputs = std::mem::take(batch);
+    if inputs.is_empty() {
+        return Vec::new();
+    }
+    if inputs.len() > 1 {
+        match engine.handle_batch(now(), inputs.clone()) {
+            Ok(()) => return vec![true; inputs.len()],
+            Err(e) => log::warn!("a batch of {} inputs failed ({e}); handling them one by one", inputs.len()),
         }
     }
+    inputs
+        .into_iter()
+        .map(|input| match engine.handle(now(), input) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("engine input failed: {e}");
+                false
+            }
+        })
+        .collect()
 }
 
 fn drain(engine: &mut Engine<SqliteStore>, net: &channel::Sender<NetMsg>, events: &Mutex<Vec<channel::Sender<Event>>>) {
@@ -564,9 +574,13 @@ async fn serve_relay(conn: &PeerConnection, node: &NodeHandle, link: &RelayLink)
             }
             None => return,
         };
+        // An acknowledgement follows its input only if that input committed:
+        // otherwise the relay keeps the entry and sends it again.
+        let mut committed = true;
         for action in actions {
             match action {
-                ClientAction::ToEngine(input) => node.input_committed(input).await,
+                ClientAction::ToEngine(input) => committed = node.input_committed(input).await,
+                ClientAction::AfterEngine(_) if !committed => {}
                 ClientAction::AfterEngine(frame) => {
                     if let Err(e) = conn.send(&frame.encode()).await {
                         log::info!("acknowledging to the relay failed: {e}");
