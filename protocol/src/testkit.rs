@@ -17,7 +17,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::engine::{
     Command, CommandOutcome, Conversation, Engine, EngineConfig, EngineError, Event, Input, MemoryStore, Message,
-    MessageStatus, Store, Transmit, TransmitOutcome,
+    MessageStatus, Step, Store, Transmit, TransmitOutcome,
 };
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -138,6 +138,10 @@ macro_rules! scenario_tests {
         #[test]
         fn a_batch_commits_together_or_not_at_all() {
             $crate::testkit::a_batch_commits_together_or_not_at_all($make);
+        }
+        #[test]
+        fn commands_in_a_batch_commit_together_or_not_at_all() {
+            $crate::testkit::commands_in_a_batch_commit_together_or_not_at_all($make);
         }
         #[test]
         fn a_failed_commit_of_a_transmit_result_strands_nothing() {
@@ -980,12 +984,43 @@ pub fn a_batch_commits_together_or_not_at_all<S: TestStore>(make: fn() -> S) {
         transmits.push(t);
     }
     assert_eq!(transmits.len(), 2);
-    let inputs: Vec<Input> = transmits.iter().map(|t| Input::Received { from, bytes: t.bytes.clone() }).collect();
+    let inputs: Vec<Step> =
+        transmits.iter().map(|t| Step::Input(Input::Received { from, bytes: t.bytes.clone() })).collect();
     net.nodes[1].engine.store_mut().fail_next_commits(1);
     assert!(net.nodes[1].engine.handle_batch(net.now, inputs.clone()).is_err());
+    assert!(net.nodes[1].engine.poll_transmit().is_none(), "a failed batch sends nothing");
     assert_eq!(contents(&mut net, 1, &c.id), vec!["warm"], "nothing of a failed batch stays");
     net.nodes[1].engine.handle_batch(net.now, inputs).unwrap();
     assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "a", "b"]);
+    // Both messages are confirmed by one receipt: the outbox is sent once,
+    // when the batch's work is done.
+    let receipts: Vec<Transmit> = std::iter::from_fn(|| net.nodes[1].engine.poll_transmit()).collect();
+    assert_eq!(receipts.len(), 1, "one delivery receipt for the whole batch");
+}
+
+/// Scenario: commands in one batch share one transaction: each gets its
+/// outcome, and one bad command undoes the whole batch.
+pub fn commands_in_a_batch_commit_together_or_not_at_all<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 2, 34);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "warm");
+    let send = |text: &str| Step::Command(Command::SendMessage { conversation: c.id, content: text.into() });
+    let bad = vec![send("a"), send(""), send("b")];
+    assert!(matches!(net.nodes[0].engine.handle_batch(net.now, bad), Err(EngineError::EmptyContent)));
+    assert!(net.nodes[0].engine.poll_transmit().is_none(), "a failed batch sends nothing");
+    assert!(net.nodes[0].engine.poll_event().is_none(), "a failed batch reports nothing");
+    assert_eq!(contents(&mut net, 0, &c.id), vec!["warm"], "nothing of a failed batch stays");
+    let outcomes = net.nodes[0].engine.handle_batch(net.now, vec![send("a"), send("b"), send("c")]).unwrap();
+    let texts: Vec<String> = outcomes
+        .into_iter()
+        .map(|o| match o {
+            CommandOutcome::Message(m) => m.content,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts, vec!["a", "b", "c"]);
+    net.drain();
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "a", "b", "c"]);
 }
 
 /// Scenario: a transmit result whose commit fails leaves the message to be

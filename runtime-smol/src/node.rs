@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Transmit, TransmitOutcome,
+    Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Step, Transmit, TransmitOutcome,
 };
 use p2pchat_protocol::relay::{ClientAction, RelayClient, RelayFrame};
 use p2pchat_protocol::{PeerId, Timestamp};
@@ -273,8 +273,8 @@ impl NodeHandle {
     }
 }
 
-/// The engine thread: batches of inputs, one transaction each; commands one
-/// at a time (each has its own answer).
+/// The engine thread: every command and input that is waiting, in arrival
+/// order, as one transaction (group commit).
 fn run_engine(
     mut engine: Engine<SqliteStore>,
     rx: mpsc::Receiver<EngineMsg>,
@@ -302,33 +302,28 @@ fn run_engine(
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let mut batch = Vec::new();
-        // Who waits for which input of the batch (by its index).
-        let mut waiting: Vec<(usize, channel::Sender<bool>)> = Vec::new();
+        let mut batch = Batch::default();
+        let mut stop = false;
         let mut pending = Some(msg);
         while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
             match msg {
-                EngineMsg::Input(input) => batch.push(input),
-                EngineMsg::InputCommitted(input, done) => {
-                    waiting.push((batch.len(), done));
-                    batch.push(input);
-                }
-                EngineMsg::Command(command, reply) => {
-                    answer(&waiting, &flush(&mut engine, &mut batch));
-                    waiting.clear();
-                    let _ = reply.try_send(engine.command(now(), command));
-                }
+                EngineMsg::Input(input) => batch.push(Step::Input(input), Waiter::Nobody),
+                EngineMsg::InputCommitted(input, done) => batch.push(Step::Input(input), Waiter::Commit(done)),
+                EngineMsg::Command(command, reply) => batch.push(Step::Command(command), Waiter::Command(reply)),
                 EngineMsg::Stop => {
-                    answer(&waiting, &flush(&mut engine, &mut batch));
-                    drain(&mut engine, &net, &events);
-                    return;
+                    stop = true;
+                    break;
                 }
             }
-            if batch.len() >= 256 {
+            if batch.steps.len() >= MAX_BATCH {
                 break;
             }
         }
-        answer(&waiting, &flush(&mut engine, &mut batch));
+        batch.run(&mut engine);
+        if stop {
+            drain(&mut engine, &net, &events);
+            return;
+        }
         // A steady stream of inputs must not starve the deadlines.
         if engine.poll_timeout().is_some_and(|deadline| deadline <= now()) {
             if let Err(e) = engine.handle(now(), Input::Timeout) {
@@ -338,39 +333,88 @@ fn run_engine(
     }
 }
 
-/// Tells each waiter whether its input was committed.
-fn answer(waiting: &[(usize, channel::Sender<bool>)], committed: &[bool]) {
-    for (index, done) in waiting {
-        let _ = done.try_send(committed.get(*index).copied().unwrap_or(false));
-    }
+/// The most steps in one transaction: enough to amortise the commit, few
+/// enough that the first caller in a batch is not kept waiting long.
+const MAX_BATCH: usize = 256;
+
+/// Who waits for a step of a batch, and for what.
+enum Waiter {
+    Nobody,
+    /// Whether the input was committed (a relay mailbox entry is
+    /// acknowledged only then).
+    Commit(channel::Sender<bool>),
+    /// The command's outcome.
+    Command(channel::Sender<Result<CommandOutcome, EngineError>>),
 }
 
-/// Handles waiting inputs as one transaction (group commit). If the batch
-/// fails (nothing of it was committed or sent), each input is tried on its
-/// own, so one bad input costs only itself: a transmit result in
-/// particular must reach the engine, or its item stays in flight. Returns,
-/// per input, whether it was committed.
-fn flush(engine: &mut Engine<SqliteStore>, batch: &mut Vec<Input>) -> Vec<bool> {
-    let inputs = std::mem::take(batch);
-    if inputs.is_empty() {
-        return Vec::new();
+/// Steps waiting for the engine, with their waiters.
+#[derive(Default)]
+struct Batch {
+    steps: Vec<Step>,
+    waiters: Vec<Waiter>,
+}
+
+impl Batch {
+    fn push(&mut self, step: Step, waiter: Waiter) {
+        self.steps.push(step);
+        self.waiters.push(waiter);
     }
-    if inputs.len() > 1 {
-        match engine.handle_batch(now(), inputs.clone()) {
-            Ok(()) => return vec![true; inputs.len()],
-            Err(e) => log::warn!("a batch of {} inputs failed ({e}); handling them one by one", inputs.len()),
+
+    /// Runs the batch as one transaction. If it fails (nothing of it was
+    /// committed or sent), each step is tried on its own, so one bad step
+    /// costs only itself: a command with a caller's mistake gets its error,
+    /// and a transmit result in particular still reaches the engine, or its
+    /// item would stay in flight.
+    fn run(self, engine: &mut Engine<SqliteStore>) {
+        if self.steps.is_empty() {
+            return;
+        }
+        if self.steps.len() > 1 {
+            match engine.handle_batch(now(), self.steps.clone()) {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for waiter in self.waiters {
+                        match waiter {
+                            Waiter::Nobody => {}
+                            Waiter::Commit(done) => {
+                                let _ = done.try_send(true);
+                            }
+                            // One outcome per command, in order.
+                            Waiter::Command(reply) => {
+                                if let Some(outcome) = outcomes.next() {
+                                    let _ = reply.try_send(Ok(outcome));
+                                }
+                            }
+                        }
+                    }
+                    return;
+                }
+                Err(e) => log::debug!("a batch of {} steps failed ({e}); running them one by one", self.steps.len()),
+            }
+        }
+        for (step, waiter) in self.steps.into_iter().zip(self.waiters) {
+            match (step, waiter) {
+                (Step::Command(command), Waiter::Command(reply)) => {
+                    let _ = reply.try_send(engine.command(now(), command));
+                }
+                (Step::Command(command), _) => {
+                    let _ = engine.command(now(), command);
+                }
+                (Step::Input(input), waiter) => {
+                    let committed = match engine.handle(now(), input) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            log::error!("engine input failed: {e}");
+                            false
+                        }
+                    };
+                    if let Waiter::Commit(done) = waiter {
+                        let _ = done.try_send(committed);
+                    }
+                }
+            }
         }
     }
-    inputs
-        .into_iter()
-        .map(|input| match engine.handle(now(), input) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!("engine input failed: {e}");
-                false
-            }
-        })
-        .collect()
 }
 
 fn drain(engine: &mut Engine<SqliteStore>, net: &channel::Sender<NetMsg>, events: &Mutex<Vec<channel::Sender<Event>>>) {

@@ -15,6 +15,7 @@
 //! `docs/STORAGE.md` gives the schema and every deviation from the reference.
 #![forbid(unsafe_code)]
 
+mod checkpoint;
 mod identity;
 mod node;
 mod relay;
@@ -132,9 +133,10 @@ fn configure(conn: &rusqlite::Connection, durability: Durability) -> Result<(), 
     // for the same reason.
     conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
-    // Checkpoints (copying the WAL into the database, with a sync) every
-    // 16 MiB of WAL rather than every 1,000 pages.
-    conn.pragma_update(None, "wal_autocheckpoint", 16 * 1024 * 1024 / PAGE_SIZE)?;
+    // Checkpoints (copying the WAL into the database, with a sync) run on
+    // their own thread (`checkpoint`); the writer checkpoints itself only
+    // past 64 MiB of WAL, should that thread fall behind.
+    conn.pragma_update(None, "wal_autocheckpoint", 64 * 1024 * 1024 / PAGE_SIZE)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
 }

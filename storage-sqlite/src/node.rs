@@ -45,6 +45,7 @@ pub struct SqliteStore {
     durability: Durability,
     in_transaction: bool,
     fail_commits: u32,
+    checkpointer: crate::checkpoint::Checkpointer,
 }
 
 impl core::fmt::Debug for SqliteStore {
@@ -104,6 +105,7 @@ impl SqliteStore {
             durability,
             in_transaction: false,
             fail_commits: 0,
+            checkpointer: crate::checkpoint::Checkpointer::new(path),
         };
         store.check_key()?;
         Ok(store)
@@ -268,6 +270,7 @@ impl Store for SqliteStore {
         }
         self.conn.execute_batch("COMMIT").map_err(backend)?;
         self.in_transaction = false;
+        self.checkpointer.committed();
         Ok(())
     }
 
@@ -561,6 +564,27 @@ impl Store for SqliteStore {
     fn outbox_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError> {
         let sql = "SELECT seq, sealed FROM chat_outbox WHERE peer_id = ?1 ORDER BY seq";
         self.read_outbox(sql, [peer.to_string()])
+    }
+
+    fn outbox_waiting_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError> {
+        let sql = "SELECT seq, sealed FROM chat_outbox WHERE peer_id = ?1 AND in_flight = 0 ORDER BY seq";
+        self.read_outbox(sql, [peer.to_string()])
+    }
+
+    fn outbox_due_for(&self, peer: &PeerId, now: Timestamp) -> Result<Vec<OutboxItem>, StoreError> {
+        let sql = "SELECT seq, sealed FROM chat_outbox \
+                   WHERE peer_id = ?1 AND in_flight = 0 AND next_attempt_at <= ?2 ORDER BY seq";
+        self.read_outbox(sql, rusqlite::params![peer.to_string(), ts(now)])
+    }
+
+    fn outbox_len(&self, peer: &PeerId) -> Result<usize, StoreError> {
+        self.guard()?;
+        let count: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM chat_outbox WHERE peer_id = ?1")
+            .and_then(|mut s| s.query_row([peer.to_string()], |r| r.get(0)))
+            .map_err(backend)?;
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     fn outbox_item(&self, seq: u64) -> Result<Option<OutboxItem>, StoreError> {

@@ -15,6 +15,7 @@ use crate::{configure, Durability, StorageError};
 pub struct SqliteRelayStore {
     conn: Connection,
     in_transaction: bool,
+    checkpointer: crate::checkpoint::Checkpointer,
 }
 
 impl core::fmt::Debug for SqliteRelayStore {
@@ -43,7 +44,7 @@ impl SqliteRelayStore {
         schema.refuse_newer(&conn)?;
         configure(&conn, durability)?;
         schema.migrate(&mut conn)?;
-        Ok(Self { conn, in_transaction: false })
+        Ok(Self { conn, in_transaction: false, checkpointer: crate::checkpoint::Checkpointer::new(path) })
     }
 
     fn guard(&self) -> Result<(), RelayStoreError> {
@@ -115,6 +116,7 @@ impl RelayStore for SqliteRelayStore {
         self.guard()?;
         self.conn.execute_batch("COMMIT").map_err(backend)?;
         self.in_transaction = false;
+        self.checkpointer.committed();
         Ok(())
     }
 

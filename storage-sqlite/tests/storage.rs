@@ -338,6 +338,17 @@ fn the_outbox_and_retention_queries_follow_the_trait() {
     assert_eq!(store.peers_due(Timestamp(60)).unwrap(), vec![b]);
     assert_eq!(store.peers_due(Timestamp(100)).unwrap(), vec![a, b]);
     assert_eq!(store.outbox_for(&a).unwrap().iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1, 2]);
+    // The indexed shortcuts answer as the trait's filters over `outbox_for` do.
+    let seqs = |items: Vec<OutboxItem>| items.iter().map(|i| i.seq).collect::<Vec<_>>();
+    store.put_outbox_item(&item(5, a, Some(20), false)).unwrap();
+    assert_eq!(seqs(store.outbox_waiting_for(&a).unwrap()), vec![1, 5], "in-flight items are not waiting");
+    assert_eq!(seqs(store.outbox_waiting_for(&b).unwrap()), vec![3, 4], "parked items are waiting");
+    assert_eq!(seqs(store.outbox_due_for(&a, Timestamp(60)).unwrap()), vec![5]);
+    assert_eq!(seqs(store.outbox_due_for(&a, Timestamp(100)).unwrap()), vec![1, 5], "due at the very moment");
+    assert_eq!(seqs(store.outbox_due_for(&b, Timestamp(u64::MAX)).unwrap()), vec![3], "parked items are never due");
+    assert_eq!(store.outbox_len(&a).unwrap(), 3);
+    assert_eq!(store.outbox_len(&PeerId([9; 20])).unwrap(), 0);
+    store.delete_outbox_item(5).unwrap();
     store.delete_outbox_item(3).unwrap();
     assert_eq!(store.outbox().unwrap().iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1, 2, 4]);
     // Retention: messages stored before a cutoff, by injected time.
@@ -354,6 +365,31 @@ fn the_outbox_and_retention_queries_follow_the_trait() {
     store.commit().unwrap();
     // Reads outside a transaction are a misuse, said as such.
     assert!(store.outbox().is_err());
+}
+
+#[test]
+fn checkpoints_run_off_the_commit_path() {
+    let dir = TempDir::new("checkpoint");
+    let db = dir.path("node.sqlite3");
+    let mut store = SqliteStore::open(&db, key(1), Durability::Normal).unwrap();
+    let conv = ConversationId(Uuid([8; 16]));
+    store.begin().unwrap();
+    store.put_conversation(&conversation(conv, PeerId([1; 20]))).unwrap();
+    store.commit().unwrap();
+    let size = || std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    // Far below the writer's own 64 MiB checkpoint: only the checkpoint
+    // thread copies these pages into the database file.
+    for n in 0..600u128 {
+        store.begin().unwrap();
+        store.put_message(&message(n, conv, &"x".repeat(100), n as u64)).unwrap();
+        store.commit().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(size() > before, "the database file did not grow ({before} → {} bytes): no checkpoint ran", size());
 }
 
 #[test]

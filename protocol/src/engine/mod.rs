@@ -237,6 +237,15 @@ pub enum Input {
     Timeout,
 }
 
+/// One unit of work in a batch ([`Engine::handle_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A command, whose outcome the batch returns.
+    Command(Command),
+    /// An input.
+    Input(Input),
+}
+
 /// Identifies a transmit, for its result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TransmitId(pub u64);
@@ -377,6 +386,11 @@ struct Staged {
     in_flight: Vec<(TransmitId, InFlight)>,
     /// Transmits whose result this input settled.
     settled: Vec<TransmitId>,
+    /// Peers whose outbox is sent once the transaction's work is done (with
+    /// the latest time they were marked at): a batch of receipts or
+    /// messages for one peer then leaves as few envelopes as possible,
+    /// under one load and save of its sessions.
+    to_pump: BTreeMap<PeerId, Timestamp>,
 }
 
 /// One node's chat engine over a store `S`.
@@ -492,10 +506,25 @@ impl<S: Store> Engine<S> {
         self.transact(|e| e.run_input(now, input))
     }
 
-    /// Handles several inputs in one store transaction (group commit): all
-    /// of them take effect, or, if one fails or the commit fails, none does.
-    pub fn handle_batch(&mut self, now: Timestamp, inputs: impl IntoIterator<Item = Input>) -> Result<(), EngineError> {
-        self.transact(|e| inputs.into_iter().try_for_each(|input| e.run_input(now, input)))
+    /// Handles several commands and inputs, in order, in one store
+    /// transaction (group commit): all of them take effect, or, if one fails
+    /// or the commit fails, none does (and the caller may try them one by
+    /// one). Returns each command's outcome, in order.
+    pub fn handle_batch(
+        &mut self,
+        now: Timestamp,
+        steps: impl IntoIterator<Item = Step>,
+    ) -> Result<Vec<CommandOutcome>, EngineError> {
+        self.transact(|e| {
+            let mut outcomes = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Command(command) => outcomes.push(e.run_command(now, command)?),
+                    Step::Input(input) => e.run_input(now, input)?,
+                }
+            }
+            Ok(outcomes)
+        })
     }
 
     /// One transaction: everything `f` stages is released only if the
@@ -503,7 +532,10 @@ impl<S: Store> Engine<S> {
     fn transact<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, EngineError>) -> Result<T, EngineError> {
         self.staged = Staged::default();
         self.store.begin()?;
-        let result = f(self).and_then(|value| Ok((value, self.compute_deadline()?)));
+        let result = f(self).and_then(|value| {
+            self.pump_marked()?;
+            Ok((value, self.compute_deadline()?))
+        });
         match result {
             Ok((value, deadline)) => match self.store.commit() {
                 Ok(()) => {
@@ -624,7 +656,7 @@ impl<S: Store> Engine<S> {
                 if let Some(attempt) = attempt.filter(|a| a.backing_off) {
                     self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
                 }
-                for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
+                for mut item in self.store.outbox_waiting_for(&peer)? {
                     item.next_attempt_at = Some(now);
                     self.store.put_outbox_item(&item)?;
                 }
@@ -940,9 +972,10 @@ impl<S: Store> Engine<S> {
 
     /// Queues something for `peer`, within the per-peer limit.
     fn enqueue(&mut self, now: Timestamp, peer: PeerId, payload: OutboxPayload) -> Result<(), EngineError> {
-        let queued = self.store.outbox_for(&peer)?;
         // Receipts and acks still waiting to go out absorb new ones.
-        for mut item in queued.iter().filter(|i| !i.in_flight).cloned() {
+        let mergeable = matches!(payload, OutboxPayload::Delivered(_) | OutboxPayload::Ack(_));
+        let waiting = if mergeable { self.store.outbox_waiting_for(&peer)? } else { Vec::new() };
+        for mut item in waiting {
             match (&mut item.payload, &payload) {
                 (OutboxPayload::Delivered(ids), OutboxPayload::Delivered(more)) if ids.len() < MAX_IDS_PER_PAYLOAD => {
                     ids.extend(more.iter().filter(|m| !ids.contains(m)).copied().collect::<Vec<_>>());
@@ -956,7 +989,7 @@ impl<S: Store> Engine<S> {
             self.store.put_outbox_item(&item)?;
             return Ok(());
         }
-        if queued.len() >= self.config.max_outbox_per_peer {
+        if self.store.outbox_len(&peer)? >= self.config.max_outbox_per_peer {
             return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
         }
         self.enqueue_unbounded(now, peer, payload)
@@ -986,15 +1019,27 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Marks `peer`'s outbox to be sent when the transaction's work is done
+    /// (see [`Staged::to_pump`]).
+    fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        let at = self.staged.to_pump.entry(peer).or_insert(now);
+        *at = (*at).max(now);
+        Ok(())
+    }
+
+    /// Sends the outboxes marked by [`Engine::pump`].
+    fn pump_marked(&mut self) -> Result<(), EngineError> {
+        // Sending can mark more (a key exchange started on the way).
+        while let Some((peer, now)) = self.staged.to_pump.pop_first() {
+            self.pump_now(now, peer)?;
+        }
+        Ok(())
+    }
+
     /// Sends whatever is due for `peer`, in order, or starts a key exchange
     /// if there is no session yet.
-    fn pump(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        let due: Vec<OutboxItem> = self
-            .store
-            .outbox_for(&peer)?
-            .into_iter()
-            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
-            .collect();
+    fn pump_now(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        let due = self.store.outbox_due_for(&peer, now)?;
         if due.is_empty() {
             return Ok(());
         }
@@ -1181,11 +1226,11 @@ impl<S: Store> Engine<S> {
             }
         }
         for peer in self.store.peers_due(now)? {
-            match self.pump(now, peer) {
+            match self.pump_now(now, peer) {
                 // One unreadable sessions row parks that peer's items (its
                 // deadline must not stay in the past) and spares the others.
                 Err(EngineError::State(e)) => {
-                    for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
+                    for mut item in self.store.outbox_waiting_for(&peer)? {
                         item.next_attempt_at = None;
                         self.store.put_outbox_item(&item)?;
                     }
@@ -1417,7 +1462,7 @@ impl<S: Store> Engine<S> {
 
     /// After a session appears, everything waiting for it goes out now.
     fn release_waiting(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        for mut item in self.store.outbox_for(&peer)?.into_iter().filter(|i| !i.in_flight) {
+        for mut item in self.store.outbox_waiting_for(&peer)? {
             item.next_attempt_at = Some(now);
             self.store.put_outbox_item(&item)?;
         }
@@ -1488,9 +1533,7 @@ impl<S: Store> Engine<S> {
         self.on_payload(now, from, payload)?;
         // A message from the peer proves a path: what was parked waiting for
         // one (refused by a relay, or sent while the peer was offline) goes now.
-        for mut item in
-            self.store.outbox_for(&from)?.into_iter().filter(|i| !i.in_flight && i.next_attempt_at.is_none())
-        {
+        for mut item in self.store.outbox_waiting_for(&from)?.into_iter().filter(|i| i.next_attempt_at.is_none()) {
             item.next_attempt_at = Some(now);
             self.store.put_outbox_item(&item)?;
         }
@@ -1525,15 +1568,11 @@ impl<S: Store> Engine<S> {
             }
             PairwisePayload::DeliveryReceipt { message_ids } => {
                 let ids: BTreeSet<MessageId> = message_ids.into_iter().take(MAX_IDS_PER_PAYLOAD).collect();
-                for id in &ids {
-                    self.confirmed(now, from, id, MessageStatus::Delivered)?;
-                }
+                self.confirmed(now, from, &ids, MessageStatus::Delivered)?;
             }
             PairwisePayload::ReadReceipt { message_ids, .. } => {
                 let ids: BTreeSet<MessageId> = message_ids.into_iter().take(MAX_IDS_PER_PAYLOAD).collect();
-                for id in &ids {
-                    self.confirmed(now, from, id, MessageStatus::Read)?;
-                }
+                self.confirmed(now, from, &ids, MessageStatus::Read)?;
             }
             PairwisePayload::SessionConfirm => {}
             PairwisePayload::SenderKeyDistribution(distribution) => {
@@ -1572,30 +1611,39 @@ impl<S: Store> Engine<S> {
         self.enqueue(now, from, OutboxPayload::Delivered(vec![message_id]))
     }
 
-    /// A delivery or read receipt from `from` for one of our messages.
+    /// A delivery or read receipt from `from` for some of our messages.
     fn confirmed(
         &mut self,
         now: Timestamp,
         from: PeerId,
-        id: &MessageId,
+        ids: &BTreeSet<MessageId>,
         status: MessageStatus,
     ) -> Result<(), EngineError> {
         let me = self.peer_id();
-        let Some(message) = self.store.message(id)? else { return Ok(()) };
-        if !message.is_outgoing(&me) || !message.recipients.iter().any(|(p, _)| *p == from) {
-            self.reject(from, "receipt for a message that was not sent to this peer");
+        let mut settled = BTreeSet::new();
+        for id in ids {
+            let Some(message) = self.store.message(id)? else { continue };
+            if !message.is_outgoing(&me) || !message.recipients.iter().any(|(p, _)| *p == from) {
+                self.reject(from, "receipt for a message that was not sent to this peer");
+                continue;
+            }
+            // A receipt does not show the member holds our current sender
+            // key: it may confirm a copy sealed under an older one (messages
+            // are sealed again when a member leaves). Only its ack of the key
+            // does.
+            self.advance(now, id, &from, status)?;
+            settled.insert(*id);
+        }
+        if settled.is_empty() {
             return Ok(());
         }
-        // A receipt does not show the member holds our current sender key:
-        // it may confirm a copy sealed under an older one (messages are
-        // sealed again when a member leaves). Only its ack of the key does.
-        self.advance(now, id, &from, status)?;
+        // One pass over the peer's outbox for the whole receipt.
         for item in self.store.outbox_for(&from)? {
-            let same = match &item.payload {
-                OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => m == id,
+            let confirmed = match &item.payload {
+                OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => settled.contains(m),
                 _ => false,
             };
-            if item.peer == from && same {
+            if item.peer == from && confirmed {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }

@@ -104,6 +104,23 @@ pub trait Store {
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError>;
     /// The items for one peer, in `seq` order.
     fn outbox_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError>;
+    /// The items for one peer that are not in flight, in `seq` order.
+    fn outbox_waiting_for(&self, peer: &PeerId) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self.outbox_for(peer)?.into_iter().filter(|i| !i.in_flight).collect())
+    }
+    /// The items for one peer that are not in flight and due at `now`, in
+    /// `seq` order.
+    fn outbox_due_for(&self, peer: &PeerId, now: Timestamp) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self
+            .outbox_for(peer)?
+            .into_iter()
+            .filter(|i| !i.in_flight && i.next_attempt_at.is_some_and(|at| at <= now))
+            .collect())
+    }
+    /// How many items one peer has.
+    fn outbox_len(&self, peer: &PeerId) -> Result<usize, StoreError> {
+        Ok(self.outbox_for(peer)?.len())
+    }
     /// One item.
     fn outbox_item(&self, seq: u64) -> Result<Option<OutboxItem>, StoreError>;
     /// The earliest `next_attempt_at` of an item not in flight.
