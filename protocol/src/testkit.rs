@@ -144,6 +144,10 @@ macro_rules! scenario_tests {
             $crate::testkit::commands_in_a_batch_commit_together_or_not_at_all($make);
         }
         #[test]
+        fn queries_page_newest_first_and_refuse_unknown_ids() {
+            $crate::testkit::queries_page_newest_first_and_refuse_unknown_ids($make);
+        }
+        #[test]
         fn a_failed_commit_of_a_transmit_result_strands_nothing() {
             $crate::testkit::a_failed_commit_of_a_transmit_result_strands_nothing($make);
         }
@@ -1006,7 +1010,8 @@ pub fn commands_in_a_batch_commit_together_or_not_at_all<S: TestStore>(make: fn(
     net.send(0, c.id, "warm");
     let send = |text: &str| Step::Command(Command::SendMessage { conversation: c.id, content: text.into() });
     let bad = vec![send("a"), send(""), send("b")];
-    assert!(matches!(net.nodes[0].engine.handle_batch(net.now, bad), Err(EngineError::EmptyContent)));
+    let failed = net.nodes[0].engine.handle_batch(net.now, bad).unwrap_err();
+    assert_eq!((failed.step, failed.error), (Some(1), EngineError::EmptyContent), "the failing step is named");
     assert!(net.nodes[0].engine.poll_transmit().is_none(), "a failed batch sends nothing");
     assert!(net.nodes[0].engine.poll_event().is_none(), "a failed batch reports nothing");
     assert_eq!(contents(&mut net, 0, &c.id), vec!["warm"], "nothing of a failed batch stays");
@@ -1021,6 +1026,52 @@ pub fn commands_in_a_batch_commit_together_or_not_at_all<S: TestStore>(make: fn(
     assert_eq!(texts, vec!["a", "b", "c"]);
     net.drain();
     assert_eq!(contents(&mut net, 1, &c.id), vec!["warm", "a", "b", "c"]);
+}
+
+/// Scenario: reads page newest first, refuse unknown or foreign IDs, and
+/// change nothing.
+pub fn queries_page_newest_first_and_refuse_unknown_ids<S: TestStore>(make: fn() -> S) {
+    use crate::engine::{Answer, Query};
+    let mut net = Net::new(make, 4, 35);
+    let c = net.conversation(0, 1);
+    for n in 0..7 {
+        net.send(0, c.id, &format!("m{n}"));
+        net.now = net.now.saturating_add_millis(1);
+    }
+    let g = group(&mut net, 0, &[1, 2, 3], "team");
+    let page = |net: &mut Net<S>, before, limit| match net.nodes[1]
+        .engine
+        .query(Query::Messages { conversation: c.id, before, limit })
+        .unwrap()
+    {
+        Answer::Messages(m) => m,
+        other => panic!("{other:?}"),
+    };
+    let first = page(&mut net, None, 3);
+    assert_eq!(first.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), vec!["m6", "m5", "m4"]);
+    let rest = page(&mut net, first.last().map(|m| m.id), 10);
+    assert_eq!(rest.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), vec!["m3", "m2", "m1", "m0"]);
+    assert_eq!(net.nodes[1].engine.query(Query::UnreadTotal).unwrap(), Answer::Unread(7));
+    match net.nodes[1].engine.query(Query::Conversations).unwrap() {
+        Answer::Conversations(all) => {
+            assert_eq!(all.len(), 2);
+            let one = all.iter().find(|s| s.conversation.id == c.id).unwrap();
+            assert_eq!(one.last_message.as_ref().map(|m| m.content.as_str()), Some("m6"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match net.nodes[1].engine.query(Query::Members(g.id)).unwrap() {
+        Answer::Members(members) => assert_eq!(members.len(), 4),
+        other => panic!("{other:?}"),
+    }
+    let nowhere = ConversationId(crate::ids::Uuid([9; 16]));
+    assert_eq!(net.nodes[1].engine.query(Query::Conversation(nowhere)), Err(EngineError::UnknownConversation(nowhere)));
+    assert_eq!(net.nodes[1].engine.query(Query::Members(c.id)), Err(EngineError::NotAGroup(c.id)));
+    // A cursor from another conversation is refused, not an empty page.
+    let other = net.send(0, c.id, "x");
+    let foreign = net.nodes[2].engine.query(Query::Messages { conversation: g.id, before: Some(other.id), limit: 5 });
+    assert_eq!(foreign, Err(EngineError::UnknownMessage(other.id)));
+    assert!(net.nodes[1].engine.poll_transmit().is_none() && net.nodes[1].engine.poll_event().is_none());
 }
 
 /// Scenario: a transmit result whose commit fails leaves the message to be

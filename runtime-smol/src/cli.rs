@@ -28,6 +28,16 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print the API token (creating it on first use), for
+    /// `Authorization: Bearer <token>`.
+    Token {
+        /// The data directory (default: ~/.local/share/p2pchat).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// A TOML file of settings (its `data_dir` counts).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the settings a node would start with, after the file, the
     /// environment and the flags.
     Config(Box<SettingsArgs>),
@@ -61,6 +71,9 @@ pub struct SettingsArgs {
     /// The API address.
     #[arg(long, value_name = "ADDR")]
     pub api: Option<String>,
+    /// A `Host` name the API accepts besides loopback names (repeat for more).
+    #[arg(long = "api-allowed-host", value_name = "NAME")]
+    pub api_allowed_hosts: Vec<String>,
     /// A relay, as `p2pchat relay` prints it (repeat for more).
     #[arg(long = "relay", value_name = "PEER_ID@ADDR")]
     pub relays: Vec<String>,
@@ -129,6 +142,9 @@ impl SettingsArgs {
         put("no_direct", self.no_direct.clone());
         if !self.relays.is_empty() {
             flags.insert("relay", Raw::Many(self.relays.clone()));
+        }
+        if !self.api_allowed_hosts.is_empty() {
+            flags.insert("api_allowed_hosts", Raw::Many(self.api_allowed_hosts.clone()));
         }
         Sources { flags, env: BTreeMap::new(), file: self.config.clone() }
     }

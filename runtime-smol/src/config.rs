@@ -103,6 +103,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// REST and WebSocket API address.
     pub api: SocketAddr,
+    /// `Host` names the API accepts besides loopback ones.
+    pub api_allowed_hosts: Vec<String>,
     /// Relays to connect to.
     pub relays: Vec<RelayAddress>,
     /// Behave as if behind NAT: no direct connections, no direct address.
@@ -188,6 +190,7 @@ const SPECS: &[Spec] = &[
     Spec { name: "data_dir", aliases: &[], default: |d| Raw::One(d.data_dir().to_string_lossy().into_owned()) },
     Spec { name: "listen", aliases: &[], default: |_| one("0.0.0.0:30070") },
     Spec { name: "api", aliases: &[], default: |_| one("127.0.0.1:30069") },
+    Spec { name: "api_allowed_hosts", aliases: &[], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "relay", aliases: &["relays"], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "no_direct", aliases: &[], default: |_| one("false") },
     Spec { name: "log_dir", aliases: &[], default: |d| Raw::One(d.log_dir().to_string_lossy().into_owned()) },
@@ -390,6 +393,16 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
             .collect::<Result<Vec<_>, _>>()?,
         (Raw::One(s), source) => vec![s.parse::<RelayAddress>().map_err(|e| invalid("relay", source, e))?],
     };
+    let api_allowed_hosts = match get("api_allowed_hosts") {
+        (Raw::Many(items), _) => items.clone(),
+        (Raw::One(s), _) => s.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect(),
+    };
+    if let Some(bad) =
+        api_allowed_hosts.iter().find(|h| !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    {
+        let (_, source) = get("api_allowed_hosts");
+        return Err(invalid("api_allowed_hosts", source, format!("{bad:?} is not a host name")));
+    }
     let (level, level_source) = parse("log_level")?;
     let log_level = level.trim().parse::<log::LevelFilter>().map_err(|_| {
         invalid("log_level", level_source, format!("{level:?} is not one of off, error, warn, info, debug, trace"))
@@ -404,6 +417,7 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         data_dir: path("data_dir")?,
         listen: address("listen")?,
         api: address("api")?,
+        api_allowed_hosts,
         relays,
         no_direct: boolean("no_direct")?,
         log_dir: path("log_dir")?,

@@ -38,6 +38,14 @@ fn run(command: Command) -> Result<(), String> {
             println!("{}", identity.peer_id());
             Ok(())
         }
+        Command::Token { data_dir, config } => {
+            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
+            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
+                .map_err(|e| e.to_string())?;
+            let token = p2pchat::api::load_or_create_token(&dir).map_err(|e| e.to_string())?;
+            println!("{}", token.as_str());
+            Ok(())
+        }
         Command::Node(args) => {
             let settings =
                 resolve(&args.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Step, Transmit, TransmitOutcome,
+    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Transmit,
+    TransmitOutcome,
 };
 use p2pchat_protocol::relay::{ClientAction, RelayClient, RelayFrame};
 use p2pchat_protocol::{PeerId, Timestamp};
@@ -68,6 +69,7 @@ pub enum NodeError {
 
 enum EngineMsg {
     Command(Command, channel::Sender<Result<CommandOutcome, EngineError>>),
+    Query(Query, channel::Sender<Result<Answer, EngineError>>),
     Input(Input),
     /// An input whose sender waits until it is committed (a relay mailbox
     /// entry is acknowledged only then).
@@ -106,6 +108,9 @@ impl Directory {
 #[derive(Clone)]
 pub struct NodeHandle {
     relay_up: Arc<std::sync::atomic::AtomicBool>,
+    relay: Option<crate::config::RelayAddress>,
+    no_direct: bool,
+    connections: Connections,
     peer: PeerId,
     listen: SocketAddr,
     engine: mpsc::Sender<EngineMsg>,
@@ -175,6 +180,9 @@ impl Node {
         let directory = Directory::default();
         let handle = NodeHandle {
             relay_up: Arc::default(),
+            relay: config.relays.first().cloned(),
+            no_direct: config.no_direct,
+            connections: Arc::default(),
             peer,
             listen,
             engine: engine_tx.clone(),
@@ -248,13 +256,59 @@ impl NodeHandle {
         Ok(rx.recv().await.map_err(|_| NodeError::Stopped)??)
     }
 
-    /// Every event from now on.
+    /// Answers a read from committed state (after the commands already
+    /// sent).
+    pub async fn query(&self, query: Query) -> Result<Answer, NodeError> {
+        let (tx, rx) = channel::bounded(1);
+        self.engine.send(EngineMsg::Query(query, tx)).map_err(|_| NodeError::Stopped)?;
+        Ok(rx.recv().await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// Every event from now on (for the node's own use and tests: nothing
+    /// bounds this buffer).
     pub fn subscribe(&self) -> channel::Receiver<Event> {
-        let (tx, rx) = channel::unbounded();
+        self.subscribe_with(channel::unbounded())
+    }
+
+    /// Every event from now on, through a buffer of `capacity`: a
+    /// subscriber that lets it fill up is dropped (its receiver then
+    /// reports the channel closed), so a slow one cannot hold up the node.
+    pub fn subscribe_bounded(&self, capacity: usize) -> channel::Receiver<Event> {
+        self.subscribe_with(channel::bounded(capacity.max(1)))
+    }
+
+    fn subscribe_with(&self, (tx, rx): (channel::Sender<Event>, channel::Receiver<Event>)) -> channel::Receiver<Event> {
         if let Ok(mut subscribers) = self.events.lock() {
             subscribers.push(tx);
         }
         rx
+    }
+
+    /// The relay this node keeps a connection to, if any.
+    pub fn relay(&self) -> Option<&crate::config::RelayAddress> {
+        self.relay.as_ref()
+    }
+
+    /// Whether this node accepts direct connections.
+    pub fn accepts_direct(&self) -> bool {
+        !self.no_direct
+    }
+
+    /// The peers with a known direct address or an open connection: (peer,
+    /// address, connected).
+    pub fn peers(&self) -> Vec<(PeerId, Option<SocketAddr>, bool)> {
+        let mut known: BTreeMap<PeerId, (Option<SocketAddr>, bool)> = BTreeMap::new();
+        if let Ok(map) = self.directory.addresses.lock() {
+            for (peer, addr) in map.iter() {
+                known.insert(*peer, (Some(*addr), false));
+            }
+        }
+        if let Ok(map) = self.connections.lock() {
+            for (peer, conn) in map.iter() {
+                known.entry(*peer).or_insert((None, false)).1 = !conn.is_closed();
+            }
+        }
+        known.into_iter().map(|(peer, (addr, connected))| (peer, addr, connected)).collect()
     }
 
     fn input(&self, input: Input) {
@@ -303,6 +357,8 @@ fn run_engine(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let mut batch = Batch::default();
+        // Reads wait for the batch, so they see what came before them.
+        let mut queries = Vec::new();
         let mut stop = false;
         let mut pending = Some(msg);
         while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
@@ -310,6 +366,7 @@ fn run_engine(
                 EngineMsg::Input(input) => batch.push(Step::Input(input), Waiter::Nobody),
                 EngineMsg::InputCommitted(input, done) => batch.push(Step::Input(input), Waiter::Commit(done)),
                 EngineMsg::Command(command, reply) => batch.push(Step::Command(command), Waiter::Command(reply)),
+                EngineMsg::Query(query, reply) => queries.push((query, reply)),
                 EngineMsg::Stop => {
                     stop = true;
                     break;
@@ -320,6 +377,9 @@ fn run_engine(
             }
         }
         batch.run(&mut engine);
+        for (query, reply) in queries {
+            let _ = reply.try_send(engine.query(query));
+        }
         if stop {
             drain(&mut engine, &net, &events);
             return;
@@ -360,20 +420,26 @@ impl Batch {
         self.waiters.push(waiter);
     }
 
-    /// Runs the batch as one transaction. If it fails (nothing of it was
-    /// committed or sent), each step is tried on its own, so one bad step
-    /// costs only itself: a command with a caller's mistake gets its error,
-    /// and a transmit result in particular still reaches the engine, or its
-    /// item would stay in flight.
+    /// Runs the batch as one transaction. If a step fails (nothing of the
+    /// batch was committed or sent), the steps before it run again as a
+    /// batch, the failing one alone (a command with a caller's mistake gets
+    /// its error), and the rest as a batch: one bad step costs one extra
+    /// transaction, not one per step. If the commit itself fails, each step
+    /// is tried on its own, so a transmit result in particular still
+    /// reaches the engine, or its item would stay in flight.
     fn run(self, engine: &mut Engine<SqliteStore>) {
-        if self.steps.is_empty() {
-            return;
-        }
-        if self.steps.len() > 1 {
-            match engine.handle_batch(now(), self.steps.clone()) {
+        let (mut steps, mut waiters) = (self.steps, self.waiters);
+        while !steps.is_empty() {
+            if steps.len() == 1 {
+                if let (Some(step), Some(waiter)) = (steps.pop(), waiters.pop()) {
+                    run_alone(engine, step, waiter);
+                }
+                return;
+            }
+            let failed = match engine.handle_batch(now(), steps.clone()) {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
-                    for waiter in self.waiters {
+                    for waiter in waiters {
                         match waiter {
                             Waiter::Nobody => {}
                             Waiter::Commit(done) => {
@@ -389,29 +455,44 @@ impl Batch {
                     }
                     return;
                 }
-                Err(e) => log::debug!("a batch of {} steps failed ({e}); running them one by one", self.steps.len()),
-            }
+                Err(e) => e,
+            };
+            log::debug!("a batch of {} steps failed ({failed}); splitting it", steps.len());
+            let Some(index) = failed.step.filter(|i| *i < steps.len()) else {
+                for (step, waiter) in steps.into_iter().zip(waiters) {
+                    run_alone(engine, step, waiter);
+                }
+                return;
+            };
+            let mut rest_steps = steps.split_off(index);
+            let mut rest_waiters = waiters.split_off(index);
+            Batch { steps, waiters }.run(engine);
+            let (step, waiter) = (rest_steps.remove(0), rest_waiters.remove(0));
+            run_alone(engine, step, waiter);
+            (steps, waiters) = (rest_steps, rest_waiters);
         }
-        for (step, waiter) in self.steps.into_iter().zip(self.waiters) {
-            match (step, waiter) {
-                (Step::Command(command), Waiter::Command(reply)) => {
-                    let _ = reply.try_send(engine.command(now(), command));
+    }
+}
+
+/// One step in a transaction of its own, its waiter answered.
+fn run_alone(engine: &mut Engine<SqliteStore>, step: Step, waiter: Waiter) {
+    match (step, waiter) {
+        (Step::Command(command), Waiter::Command(reply)) => {
+            let _ = reply.try_send(engine.command(now(), command));
+        }
+        (Step::Command(command), _) => {
+            let _ = engine.command(now(), command);
+        }
+        (Step::Input(input), waiter) => {
+            let committed = match engine.handle(now(), input) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("engine input failed: {e}");
+                    false
                 }
-                (Step::Command(command), _) => {
-                    let _ = engine.command(now(), command);
-                }
-                (Step::Input(input), waiter) => {
-                    let committed = match engine.handle(now(), input) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            log::error!("engine input failed: {e}");
-                            false
-                        }
-                    };
-                    if let Waiter::Commit(done) = waiter {
-                        let _ = done.try_send(committed);
-                    }
-                }
+            };
+            if let Waiter::Commit(done) = waiter {
+                let _ = done.try_send(committed);
             }
         }
     }
@@ -448,7 +529,7 @@ async fn run_network(
     no_direct: bool,
 ) {
     let transport = Arc::new(transport);
-    let connections: Connections = Arc::default();
+    let connections = node.connections.clone();
     let link: RelayLink = Arc::default();
     let relay_task = relay.map(|relay| {
         let (transport, node, link) = (transport.clone(), node.clone(), link.clone());

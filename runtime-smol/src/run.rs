@@ -55,6 +55,10 @@ pub fn node(settings: &Settings) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let handle = node.handle();
     println!("node {} listening on {}", handle.peer_id(), handle.listen_addr());
+    let api = crate::api::start(&handle, settings.api, &settings.data_dir, settings.api_allowed_hosts.clone())
+        .map_err(|e| e.to_string())?;
+    println!("API on http://{} (token: `p2pchat token`)", api.addr);
+    println!("web UI: {}", api.login_link());
     wait_for_signal()?;
     log::info!("shutting down");
     node.shutdown();
@@ -116,11 +120,12 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         let h = node.handle();
         let path = if name == "carol" { "relay only (--no-direct)" } else { "direct and relay" };
+        let api = crate::api::start(&h, loopback(0), &base.join(name), Vec::new()).map_err(|e| e.to_string())?;
         println!("{name:<6} {} on {} ({path})", h.peer_id(), h.listen_addr());
+        println!("       API http://{}  web UI {}", api.addr, api.login_link());
         nodes.push((name, node, events));
     }
     println!("data in {}", base.display());
-    println!("(the REST and WebSocket API, and the web UI, come in a later release)");
     for (_, node, _) in &nodes {
         let h = node.handle();
         for _ in 0..200 {

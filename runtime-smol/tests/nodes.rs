@@ -352,3 +352,39 @@ fn a_node_answering_for_another_peer_is_refused() {
     bob.shutdown();
     mallory.shutdown();
 }
+
+#[test]
+fn concurrent_commands_each_get_their_own_answer_and_a_bad_one_spoils_none() {
+    let dir = TempDir::new("concurrent");
+    let node = start(&dir);
+    let handle = node.handle();
+    let peer = p2pchat_protocol::PeerId([7; 20]);
+    let c = conversation(&handle, peer);
+    // Sent together, they share engine batches; the empty one fails alone.
+    let texts: Vec<String> = (0..40).map(|n| if n == 17 { String::new() } else { format!("m{n}") }).collect();
+    let answers = smol::block_on(async {
+        let calls: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let handle = handle.clone();
+                let content = t.clone();
+                smol::spawn(async move { handle.command(Command::SendMessage { conversation: c, content }).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await);
+        }
+        answers
+    });
+    for (text, answer) in texts.iter().zip(answers) {
+        match answer {
+            Ok(CommandOutcome::Message(m)) => assert_eq!(&m.content, text),
+            Err(p2pchat::node::NodeError::Engine(p2pchat_protocol::engine::EngineError::EmptyContent)) => {
+                assert!(text.is_empty())
+            }
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+    node.shutdown();
+}

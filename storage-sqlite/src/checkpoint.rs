@@ -5,8 +5,11 @@
 //! automatic checkpoint), it stalls whichever commit crosses the threshold,
 //! and everything queued behind that commit. Here a second connection on
 //! its own thread runs `PASSIVE` checkpoints instead: they take no write
-//! lock, so commits go on meanwhile. The writer keeps a much larger
-//! automatic checkpoint as a backstop, should this thread fall behind.
+//! lock, so commits go on meanwhile. The writer keeps its automatic
+//! checkpoint at 16 MiB of WAL, which bounds the WAL under a steady load
+//! (a WAL restarts only once fully copied, which commits landing during
+//! every background checkpoint prevent); by then this thread has copied
+//! nearly all of it, so the writer's checkpoint is short.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
@@ -19,8 +22,8 @@ const COMMITS_PER_CHECKPOINT: u32 = 256;
 /// How often the thread checkpoints when few commits come.
 const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The checkpoint thread of one database, started at its first wake-up (a
-/// short-lived database never needs one) and stopped when this is dropped.
+/// The checkpoint thread of one database, started at its first commit (a
+/// database only read never needs one) and stopped when this is dropped.
 pub(crate) struct Checkpointer {
     path: PathBuf,
     commits: u32,
@@ -38,11 +41,6 @@ impl Checkpointer {
     /// Counts a commit, and wakes the thread every
     /// [`COMMITS_PER_CHECKPOINT`] of them. Never blocks.
     pub(crate) fn committed(&mut self) {
-        self.commits += 1;
-        if self.commits < COMMITS_PER_CHECKPOINT {
-            return;
-        }
-        self.commits = 0;
         if self.running.is_none() && !self.unavailable {
             match start(&self.path) {
                 Ok(running) => self.running = Some(running),
@@ -52,6 +50,11 @@ impl Checkpointer {
                 }
             }
         }
+        self.commits += 1;
+        if self.commits < COMMITS_PER_CHECKPOINT {
+            return;
+        }
+        self.commits = 0;
         if let Some((wake, _)) = &self.running {
             // Full means a wake-up is already pending: nothing is lost.
             let _ = wake.try_send(());
@@ -69,7 +72,9 @@ impl Drop for Checkpointer {
 }
 
 fn start(path: &Path) -> Result<(SyncSender<()>, JoinHandle<()>), String> {
-    let conn = rusqlite::Connection::open(path).map_err(|e| e.to_string())?;
+    // Never creates: a database that has gone is not made again here.
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(|e| e.to_string())?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let (wake, woken) = mpsc::sync_channel::<()>(1);
     let name = path.file_name().map_or_else(|| "checkpoint".into(), |n| format!("checkpoint-{}", n.to_string_lossy()));

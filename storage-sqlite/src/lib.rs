@@ -134,9 +134,9 @@ fn configure(conn: &rusqlite::Connection, durability: Durability) -> Result<(), 
     conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
     // Checkpoints (copying the WAL into the database, with a sync) run on
-    // their own thread (`checkpoint`); the writer checkpoints itself only
-    // past 64 MiB of WAL, should that thread fall behind.
-    conn.pragma_update(None, "wal_autocheckpoint", 64 * 1024 * 1024 / PAGE_SIZE)?;
+    // their own thread (`checkpoint`); the writer's own, every 16 MiB of
+    // WAL, finds most of it copied already.
+    conn.pragma_update(None, "wal_autocheckpoint", 16 * 1024 * 1024 / PAGE_SIZE)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
 }

@@ -208,6 +208,60 @@ pub enum CommandOutcome {
     Done,
 }
 
+/// A read for the API: answered from committed state, changing nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    /// Every conversation, most recently active first.
+    Conversations,
+    /// One conversation.
+    Conversation(ConversationId),
+    /// A page of a conversation's messages, newest first, older than
+    /// `before` (a message of that conversation) if given.
+    Messages {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Where the previous page ended.
+        before: Option<MessageId>,
+        /// At most this many (capped at [`MAX_PAGE`]).
+        limit: usize,
+    },
+    /// One message.
+    Message(MessageId),
+    /// A group's members, including those who left.
+    Members(ConversationId),
+    /// Unread incoming messages over all conversations.
+    UnreadTotal,
+}
+
+/// The most messages one [`Query::Messages`] returns.
+pub const MAX_PAGE: usize = 500;
+
+/// A conversation with its newest message, as lists show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The conversation.
+    pub conversation: Conversation,
+    /// Its newest message, if any.
+    pub last_message: Option<Message>,
+}
+
+/// What a query found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Conversations.
+    Conversations(Vec<ConversationSummary>),
+    /// One conversation.
+    Conversation(ConversationSummary),
+    /// Messages, newest first.
+    Messages(Vec<Message>),
+    /// One message.
+    Message(Message),
+    /// Group members.
+    Members(Vec<Member>),
+    /// A count.
+    Unread(u64),
+}
+
 /// An input from the transport, the directory or the clock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -244,6 +298,18 @@ pub enum Step {
     Command(Command),
     /// An input.
     Input(Input),
+}
+
+/// Why a batch failed: nothing of it took effect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {error}", match step { Some(i) => format!("step {i} of the batch failed"), None => "the batch's commit failed".into() })]
+pub struct BatchError {
+    /// The step that failed (the steps before it succeeded, and may be run
+    /// again as a batch), or `None` if the work succeeded and the commit
+    /// failed.
+    pub step: Option<usize>,
+    /// What went wrong.
+    pub error: EngineError,
 }
 
 /// Identifies a transmit, for its result.
@@ -501,6 +567,60 @@ impl<S: Store> Engine<S> {
         self.transact(|e| e.run_command(now, command))
     }
 
+    /// Answers a read in a transaction of its own, which is rolled back:
+    /// nothing changes and nothing is released.
+    pub fn query(&mut self, query: Query) -> Result<Answer, EngineError> {
+        self.store.begin()?;
+        let answer = self.answer(query);
+        self.store.rollback();
+        answer
+    }
+
+    fn answer(&self, query: Query) -> Result<Answer, EngineError> {
+        let summary = |conversation: Conversation| -> Result<ConversationSummary, EngineError> {
+            let last_message = match &conversation.last_message_id {
+                Some(id) => self.store.message(id)?,
+                None => None,
+            };
+            Ok(ConversationSummary { conversation, last_message })
+        };
+        Ok(match query {
+            Query::Conversations => {
+                let mut all = self.store.conversations()?;
+                all.sort_by(|a, b| {
+                    let active = |c: &Conversation| c.last_message_at.unwrap_or(c.created_at).max(c.updated_at);
+                    active(b).cmp(&active(a)).then_with(|| a.id.cmp(&b.id))
+                });
+                Answer::Conversations(all.into_iter().map(summary).collect::<Result<_, _>>()?)
+            }
+            Query::Conversation(id) => Answer::Conversation(summary(self.conversation(&id)?)?),
+            Query::Messages { conversation, before, limit } => {
+                self.conversation(&conversation)?;
+                if let Some(before) = &before {
+                    // A cursor from another conversation (or a deleted
+                    // message) is a client's mistake, not an empty page.
+                    match self.store.message(before)? {
+                        Some(m) if m.conversation_id == conversation => {}
+                        _ => return Err(EngineError::UnknownMessage(*before)),
+                    }
+                }
+                let limit = limit.clamp(1, MAX_PAGE);
+                Answer::Messages(self.store.messages_page(&conversation, before.as_ref(), limit)?)
+            }
+            Query::Message(id) => Answer::Message(self.store.message(&id)?.ok_or(EngineError::UnknownMessage(id))?),
+            Query::Members(id) => {
+                let conversation = self.conversation(&id)?;
+                if !matches!(conversation.kind, ConversationKind::Group { .. }) {
+                    return Err(EngineError::NotAGroup(id));
+                }
+                Answer::Members(self.store.members(&id)?)
+            }
+            Query::UnreadTotal => {
+                Answer::Unread(self.store.conversations()?.iter().map(|c| u64::from(c.unread_count)).sum())
+            }
+        })
+    }
+
     /// Handles an input.
     pub fn handle(&mut self, now: Timestamp, input: Input) -> Result<(), EngineError> {
         self.transact(|e| e.run_input(now, input))
@@ -514,17 +634,21 @@ impl<S: Store> Engine<S> {
         &mut self,
         now: Timestamp,
         steps: impl IntoIterator<Item = Step>,
-    ) -> Result<Vec<CommandOutcome>, EngineError> {
+    ) -> Result<Vec<CommandOutcome>, BatchError> {
+        let mut failed_at = None;
         self.transact(|e| {
             let mut outcomes = Vec::new();
-            for step in steps {
+            for (index, step) in steps.into_iter().enumerate() {
+                failed_at = Some(index);
                 match step {
                     Step::Command(command) => outcomes.push(e.run_command(now, command)?),
                     Step::Input(input) => e.run_input(now, input)?,
                 }
             }
+            failed_at = None;
             Ok(outcomes)
         })
+        .map_err(|error| BatchError { step: failed_at, error })
     }
 
     /// One transaction: everything `f` stages is released only if the
@@ -730,7 +854,6 @@ impl<S: Store> Engine<S> {
         let message = self.record_outgoing(now, conversation, message_id, content, &[peer], None)?;
         self.enqueue(now, peer, OutboxPayload::Chat(message.id))?;
         self.pump(now, peer)?;
-        // The pump may already have moved it on (e.g. to sent).
         Ok(self.store.message(&message.id)?.unwrap_or(message))
     }
 
@@ -1029,7 +1152,6 @@ impl<S: Store> Engine<S> {
 
     /// Sends the outboxes marked by [`Engine::pump`].
     fn pump_marked(&mut self) -> Result<(), EngineError> {
-        // Sending can mark more (a key exchange started on the way).
         while let Some((peer, now)) = self.staged.to_pump.pop_first() {
             self.pump_now(now, peer)?;
         }
