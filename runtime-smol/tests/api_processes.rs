@@ -1,0 +1,241 @@
+//! Separate `p2pchat` processes on loopback, driven only through the API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{eventually, eventually_within, Client, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_p2pchat");
+
+/// A child process whose stdout lines arrive on a channel; killed on drop.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn spawn(args: &[&str], dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("P2PCHAT_LOG_DIR", dir.join("logs"))
+            .env("P2PCHAT_LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("p2pchat starts");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line after `prefix` on a line that starts with it.
+    fn wait_line(&self, prefix: &str) -> String {
+        loop {
+            let line =
+                self.lines.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no {prefix:?} line"));
+            if let Some(rest) = line.trim_start().strip_prefix(prefix) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct ProcNode {
+    process: Process,
+    client: Client,
+    peer: String,
+}
+
+fn relay(dir: &Path) -> (Process, String) {
+    let data = dir.join("relay");
+    let p = Process::spawn(&["relay", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"], dir);
+    let address = p.wait_line("relay ");
+    (p, address)
+}
+
+fn node(dir: &Path, name: &str, relay: &str, extra: &[&str], quic: u16, api: u16) -> ProcNode {
+    let data = dir.join(name);
+    let listen = format!("127.0.0.1:{quic}");
+    let api_addr = format!("127.0.0.1:{api}");
+    let mut args = vec!["node", "--data-dir", data.to_str().unwrap(), "--listen", &listen, "--api", &api_addr];
+    args.extend(["--relay", relay]);
+    args.extend(extra);
+    let process = Process::spawn(&args, dir);
+    let peer = process.wait_line("node ").split(' ').next().unwrap().to_owned();
+    let addr = process.wait_line("API on http://").split(' ').next().unwrap().parse().unwrap();
+    let token = std::fs::read_to_string(data.join(p2pchat::api::TOKEN_FILE)).unwrap();
+    let client = Client { addr, token };
+    eventually("registered with the relay", || {
+        (client.get("/api/relay/status").body["connected"] == true).then_some(())
+    });
+    ProcNode { process, client, peer }
+}
+
+fn contents(client: &Client, conversation: &str) -> Vec<String> {
+    let page = client.get(&format!("/api/chat/conversations/{conversation}/messages?limit=500"));
+    let mut texts: Vec<String> = page.body["messages"]
+        .as_array()
+        .map(|m| m.iter().map(|m| m["content"].as_str().unwrap_or_default().to_owned()).collect())
+        .unwrap_or_default();
+    texts.reverse();
+    texts
+}
+
+fn open(client: &Client, peer: &str) -> String {
+    let created = client.post("/api/chat/conversations", json!({"peer_id": peer}));
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    created.body["conversation_id"].as_str().unwrap().to_owned()
+}
+
+fn say(client: &Client, conversation: &str, text: &str) -> String {
+    let sent = client.post(&format!("/api/chat/conversations/{conversation}/messages"), json!({"content": text}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    sent.body["message_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn two_node_processes_and_a_relay_and_a_no_direct_node() {
+    let dir = TempDir::new("procs");
+    let (_relay, address) = relay(&dir.0);
+    let alice = node(&dir.0, "alice", &address, &[], 0, 0);
+    let bob = node(&dir.0, "bob", &address, &[], 0, 0);
+    let carol = node(&dir.0, "carol", &address, &["--no-direct"], 0, 0);
+    assert_eq!(carol.client.get("/api/node").body["direct"], false);
+
+    let ab = open(&alice.client, &bob.peer);
+    say(&alice.client, &ab, "hello bob");
+    eventually("bob has it", || (contents(&bob.client, &ab) == ["hello bob"]).then_some(()));
+    say(&bob.client, &ab, "hello alice");
+    eventually("alice has the reply", || (contents(&alice.client, &ab).len() == 2).then_some(()));
+
+    // Carol is reached only through the relay.
+    let ac = open(&alice.client, &carol.peer);
+    say(&alice.client, &ac, "hello carol");
+    eventually("carol has it", || (contents(&carol.client, &ac) == ["hello carol"]).then_some(()));
+    say(&carol.client, &ac, "hi from behind NAT");
+    eventually("alice has carol's reply", || (contents(&alice.client, &ac).len() == 2).then_some(()));
+    let peers = alice.client.get("/api/peers").body;
+    let carol_entry = peers["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == carol.peer.as_str()).cloned();
+    assert!(carol_entry.is_none_or(|p| p["connected"] == false), "carol has no direct connection: {peers}");
+
+    // A group of three across both paths.
+    let g = alice.client.post("/api/chat/groups", json!({"group_name": "trio", "members": [bob.peer, carol.peer]}));
+    assert_eq!(g.status, 200, "{:?}", g.body);
+    let g = g.body["conversation_id"].as_str().unwrap().to_owned();
+    alice.client.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "hello trio"}));
+    for member in [&bob.client, &carol.client] {
+        eventually("the group message arrives", || (contents(member, &g) == ["hello trio"]).then_some(()));
+    }
+    carol.client.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "carol here"}));
+    eventually("carol's group message reaches bob", || (contents(&bob.client, &g).len() == 2).then_some(()));
+}
+
+#[test]
+fn a_recipient_killed_mid_burst_gets_every_message_exactly_once() {
+    let dir = TempDir::new("burst");
+    let (_relay, address) = relay(&dir.0);
+    let alice = node(&dir.0, "alice", &address, &[], 0, 0);
+    let (bob_quic, bob_api) = (free_udp_port(), free_tcp_port());
+    let mut bob = node(&dir.0, "bob", &address, &[], bob_quic, bob_api);
+    let c = open(&alice.client, &bob.peer);
+    say(&alice.client, &c, "m0");
+    eventually("the session is up", || (contents(&bob.client, &c) == ["m0"]).then_some(()));
+
+    // 200 messages; bob is killed with SIGKILL after the first 60 are sent.
+    let sender = {
+        let client = alice.client.clone();
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for k in 1..=200 {
+                say(&client, &c, &format!("m{k}"));
+                // Paced, so the kill lands mid-burst.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let before = eventually("bob is receiving", || {
+        let n = contents(&bob.client, &c).len();
+        (n > 40).then_some(n)
+    });
+    bob.process.kill();
+    assert!(before < 150, "the kill came mid-burst ({before} of 201 had arrived)");
+    sender.join().unwrap();
+    drop(bob);
+    let bob = node(&dir.0, "bob", &address, &[], bob_quic, bob_api);
+    let expected: Vec<String> = (0..=200).map(|k| format!("m{k}")).collect();
+    // Alice learns that bob is back when her next retry reaches him: the
+    // confirmation timeout (30 s by default) bounds the wait.
+    let got = eventually_within(90, "every message arrives", || {
+        let got = contents(&bob.client, &c);
+        (got.len() >= expected.len()).then_some(got)
+    });
+    let mut sorted = got.clone();
+    sorted.sort_by_key(|m| m[1..].parse::<u32>().unwrap());
+    assert_eq!(sorted, expected, "each message exactly once");
+    // And alice sees every one delivered.
+    eventually_within(60, "all delivered at alice", || {
+        let page = alice.client.get(&format!("/api/chat/conversations/{c}/messages?limit=500"));
+        page.body["messages"]
+            .as_array()?
+            .iter()
+            .all(|m| m["status"] == "delivered" || m["status"] == "read")
+            .then_some(())
+    });
+}
+
+#[test]
+fn the_demo_comes_up_and_answers() {
+    let dir = TempDir::new("demo");
+    let demo = Process::spawn(&["demo", "--data-dir", dir.0.join("data").to_str().unwrap()], &dir.0);
+    let mut apis = Vec::new();
+    for name in ["alice ", "bob ", "carol "] {
+        let _ = demo.wait_line(name);
+        let line = demo.wait_line("API http://");
+        let (api, ui) = line.split_once("  web UI ").unwrap();
+        assert!(ui.contains("/auth?code="), "a one-time login link: {ui}");
+        apis.push((name.trim(), api.parse::<std::net::SocketAddr>().unwrap()));
+    }
+    for (name, addr) in apis {
+        let token = std::fs::read_to_string(dir.0.join("data").join(name).join(p2pchat::api::TOKEN_FILE)).unwrap();
+        let client = Client { addr, token };
+        let info = client.get("/api/node");
+        assert_eq!(info.status, 200, "{name}: {:?}", info.body);
+        eventually("the demo group exists", || {
+            let list = client.get("/api/chat/conversations").body;
+            list["conversations"].as_array()?.iter().any(|c| c["group_name"] == "demo").then_some(())
+        });
+    }
+}
