@@ -67,6 +67,7 @@ impl ApiError {
             404 => Self::not_found("no such route or resource"),
             405 => Self::new(405, "method_not_allowed", "this route does not take that method"),
             413 => Self::new(413, "payload_too_large", "the request body is too large"),
+            426 => Self::new(426, "upgrade_required", "this route answers WebSocket upgrade requests only"),
             s if s >= 500 => Self::new(s, "internal", "the node failed to answer; see its log"),
             s => Self::new(s, "error", "the request failed"),
         }
@@ -94,6 +95,7 @@ impl From<EngineError> for ApiError {
             EngineError::NotOneOnOne(_) => (400, "not_one_on_one"),
             EngineError::SelfConversation(_) => (400, "self_conversation"),
             EngineError::EmptyGroupName => (400, "empty_group_name"),
+            EngineError::GroupNameTooLong { .. } => (400, "group_name_too_long"),
             EngineError::TooFewMembers { .. } => (400, "too_few_members"),
             EngineError::TooManyMembers { .. } => (400, "too_many_members"),
             EngineError::NotAdmin { .. } => (403, "not_admin"),

@@ -91,9 +91,7 @@ pub(crate) fn token_check<'a>(
             return Ok(next.run(req).await);
         }
         let state = req.state();
-        let bearer = req
-            .header("Authorization")
-            .and_then(|v| v.last().as_str().strip_prefix("Bearer ").map(|t| t.trim().to_owned()));
+        let bearer = req.header("Authorization").and_then(|v| bearer_token(v.last().as_str()));
         let cookie = req.header("Cookie").and_then(|v| cookie_value(v.last().as_str(), &state.cookie_name()));
         let presented = bearer.or(cookie);
         match presented {
@@ -108,6 +106,13 @@ pub(crate) fn token_check<'a>(
             .into_response()),
         }
     })
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme's
+/// name is case-insensitive (RFC 9110, section 11.1).
+pub(crate) fn bearer_token(header: &str) -> Option<String> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
 /// The value of cookie `name` in a `Cookie` header.
@@ -153,6 +158,14 @@ mod tests {
         assert!(!host_allowed("evil.example:30069", &[]));
         assert!(!host_allowed("127.0.0.1.evil.example", &[]));
         assert!(host_allowed("chat.lan:8080", &["chat.lan".into()]));
+    }
+
+    #[test]
+    fn bearer_schemes_match_in_any_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc".into()));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc".into()));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 
     #[test]

@@ -64,6 +64,7 @@ struct Inner {
     port: u16,
     /// One-time login codes and when they were made.
     login_codes: Mutex<BTreeMap<String, Instant>>,
+    hub: ws::Hub,
 }
 
 impl State {
@@ -73,6 +74,10 @@ impl State {
 
     pub(crate) fn me(&self) -> &PeerId {
         &self.0.me
+    }
+
+    pub(crate) fn hub(&self) -> &ws::Hub {
+        &self.0.hub
     }
 
     pub(crate) fn host_allowed(&self, host: &str) -> bool {
@@ -121,7 +126,8 @@ impl ApiServer {
         let listener = std::net::TcpListener::bind(addr)?;
         let port = listener.local_addr()?.port();
         let me = node.info().peer_id.parse().map_err(|_| std::io::Error::other("the node reported a bad peer ID"))?;
-        let state = State(Arc::new(Inner { node, me, config, port, login_codes: Mutex::default() }));
+        let state =
+            State(Arc::new(Inner { node, me, config, port, login_codes: Mutex::default(), hub: ws::Hub::default() }));
         let mut app = tide::with_state(state.clone());
         // Outermost first: the error shape covers every answer below it.
         app.with(guard::json_errors);
@@ -143,10 +149,101 @@ impl ApiServer {
     }
 
     /// Serves until the process ends, on async-std's executor.
+    ///
+    /// The accept loop is ours rather than tide's so that every connection
+    /// gets `TCP_NODELAY`: async-h1 writes an answer's head and body
+    /// separately, and with Nagle's algorithm on, the body waits for the
+    /// client's delayed acknowledgement (40 ms on Linux) on keep-alive
+    /// connections.
     pub fn run(self) -> std::io::Result<()> {
         let listener = async_std::net::TcpListener::from(self.listener);
-        async_std::task::block_on(self.app.listen(listener))
+        let app = self.app;
+        async_std::task::spawn(ws::pump(self.state));
+        async_std::task::block_on(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => serve_connection(app.clone(), stream, peer),
+                    Err(e) => {
+                        // Out of file descriptors, or a connection reset
+                        // before it was accepted: wait, and go on.
+                        log::warn!("the API could not accept a connection: {e}");
+                        async_std::task::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
     }
+}
+
+/// Answers one connection's requests (keep-alive, and WebSocket upgrades) on
+/// its own task.
+fn serve_connection(app: tide::Server<State>, stream: async_std::net::TcpStream, peer: SocketAddr) {
+    if let Err(e) = stream.set_nodelay(true) {
+        log::debug!("TCP_NODELAY refused on an API connection: {e}");
+    }
+    let local = stream.local_addr().ok();
+    async_std::task::spawn(async move {
+        let served = async_h1::accept(stream.clone(), |mut req| {
+            req.set_local_addr(local);
+            req.set_peer_addr(Some(peer));
+            let app = app.clone();
+            async move { app.respond(req).await }
+        })
+        .await;
+        if let Err(e) = served {
+            log::debug!("an API connection from {peer} ended: {e}");
+            // async-h1 gives up on a request it cannot parse (a method
+            // outside its list, a head over 8 KiB, HTTP/1.0) by closing the
+            // connection. The client is owed an answer in the API's error
+            // shape; an I/O error means it is gone and is owed nothing.
+            if e.downcast_ref::<std::io::Error>().is_none() {
+                let _ = answer_unparsed(stream, &e.to_string()).await;
+            }
+        }
+    });
+}
+
+/// Answers a request async-h1 could not parse, and ends the connection.
+async fn answer_unparsed(mut stream: async_std::net::TcpStream, reason: &str) -> std::io::Result<()> {
+    use async_std::io::WriteExt;
+    let error = if reason.contains("Invalid HTTP method") {
+        ApiError::for_status(405)
+    } else if reason.contains("Head byte length") {
+        ApiError::new(431, "headers_too_large", "the request line and headers must be under 8 KiB (8,192 bytes)")
+    } else {
+        ApiError::bad_request("malformed_request", format!("the request is not valid HTTP/1.1: {reason}"))
+    };
+    let body = error.to_json();
+    let reason_phrase = match error.status {
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Request",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason_phrase}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        error.status,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await?;
+    // Closing with the rest of the request unread would make the kernel
+    // reset the connection, and the client could lose the answer: end the
+    // sending side, and read what is left for a moment.
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let drain = async {
+        use async_std::io::ReadExt;
+        let mut buf = [0u8; 8192];
+        let mut left: usize = 1024 * 1024;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = async_std::future::timeout(Duration::from_secs(1), drain).await;
+    Ok(())
 }
 
 /// Mints one-time login links for a running server: each opens the page

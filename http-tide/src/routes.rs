@@ -101,7 +101,7 @@ pub(crate) fn register(app: &mut tide::Server<State>) {
             Method::Delete => at.delete(handler),
         };
     }
-    app.at("/api/ws").get(crate::ws::endpoint());
+    app.at("/api/ws").get(crate::ws::endpoint);
     app.at("/auth").get(|req: Request<State>| async move { Ok(login(&req)) });
 }
 
@@ -264,8 +264,8 @@ async fn list_messages(req: Request<State>) -> Result<Response, ApiError> {
     };
     let before = page.before.as_deref().map(message_id).transpose()?;
     match query(&req, Query::Messages { conversation: id, before, limit }).await? {
-        Answer::Messages(messages) => {
-            let next_cursor = (messages.len() == limit).then(|| messages.last().map(|m| m.id.to_string())).flatten();
+        Answer::Messages { messages, more } => {
+            let next_cursor = more.then(|| messages.last().map(|m| m.id.to_string())).flatten();
             let list: Vec<_> = messages.iter().map(|m| message_json(&req, m)).collect();
             ok(json!({ "messages": list, "next_cursor": next_cursor }))
         }

@@ -801,8 +801,21 @@ pub fn group_creation_needs_a_name_and_two_other_members<S: TestStore>(make: fn(
     );
     let two = vec![net.id(1), net.id(2)];
     assert_eq!(
-        net.command(0, Command::CreateGroup { name: "  ".into(), members: two }),
+        net.command(0, Command::CreateGroup { name: "  ".into(), members: two.clone() }),
         Err(EngineError::EmptyGroupName)
+    );
+    let long = "n".repeat(crate::engine::MAX_GROUP_NAME_LEN + 1);
+    assert_eq!(
+        net.command(0, Command::CreateGroup { name: long, members: two.clone() }),
+        Err(EngineError::GroupNameTooLong {
+            len: crate::engine::MAX_GROUP_NAME_LEN + 1,
+            max: crate::engine::MAX_GROUP_NAME_LEN
+        })
+    );
+    let longest = "n".repeat(crate::engine::MAX_GROUP_NAME_LEN);
+    assert!(
+        net.command(0, Command::CreateGroup { name: longest, members: two }).is_ok(),
+        "the limit itself is allowed"
     );
 }
 
@@ -1044,13 +1057,19 @@ pub fn queries_page_newest_first_and_refuse_unknown_ids<S: TestStore>(make: fn()
         .query(Query::Messages { conversation: c.id, before, limit })
         .unwrap()
     {
-        Answer::Messages(m) => m,
+        Answer::Messages { messages, more } => (messages, more),
         other => panic!("{other:?}"),
     };
-    let first = page(&mut net, None, 3);
+    let (first, more) = page(&mut net, None, 3);
     assert_eq!(first.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), vec!["m6", "m5", "m4"]);
-    let rest = page(&mut net, first.last().map(|m| m.id), 10);
+    assert!(more, "older messages follow");
+    let (rest, more) = page(&mut net, first.last().map(|m| m.id), 10);
     assert_eq!(rest.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), vec!["m3", "m2", "m1", "m0"]);
+    assert!(!more, "a short page is the last");
+    // A last page that is exactly full says so too.
+    let (exact, more) = page(&mut net, first.last().map(|m| m.id), 4);
+    assert_eq!(exact.len(), 4);
+    assert!(!more, "nothing is older than m0");
     assert_eq!(net.nodes[1].engine.query(Query::UnreadTotal).unwrap(), Answer::Unread(7));
     match net.nodes[1].engine.query(Query::Conversations).unwrap() {
         Answer::Conversations(all) => {

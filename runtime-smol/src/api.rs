@@ -101,13 +101,27 @@ pub enum ApiError {
 }
 
 /// The API token, created at first use (32 random bytes as hex, mode 0600).
+///
+/// The file is written under a temporary name and renamed into place, so a
+/// crash leaves either no token file or a whole one. A token file that
+/// others may read is refused, as ssh refuses such keys.
 pub fn load_or_create_token(data_dir: &Path) -> Result<Zeroizing<String>, ApiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = data_dir.join(TOKEN_FILE);
     let err = |e: std::io::Error| ApiError::Token { path: path.clone(), reason: e.to_string() };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
+            let mode = std::fs::metadata(&path).map_err(err)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ApiError::Token {
+                    path: path.clone(),
+                    reason: format!(
+                        "others may read it (mode {mode:o}); run `chmod 600 {}`, or delete it to make a new token",
+                        path.display()
+                    ),
+                });
+            }
             let token = Zeroizing::new(text.trim().to_owned());
             if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ApiError::Token {
@@ -121,10 +135,20 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<Zeroizing<String>, ApiErr
             crate::node::create_data_dir(data_dir)
                 .map_err(|e| ApiError::Token { path: path.clone(), reason: e.to_string() })?;
             let token = Zeroizing::new(random_hex());
-            let mut file =
-                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(err)?;
+            let partial = data_dir.join(format!("{TOKEN_FILE}.partial"));
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)
+                .map_err(err)?;
+            // A leftover from a crash may have been made with other modes.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(err)?;
             file.write_all(token.as_bytes()).map_err(err)?;
             file.sync_all().map_err(err)?;
+            std::fs::rename(&partial, &path).map_err(err)?;
+            std::fs::File::open(data_dir).and_then(|dir| dir.sync_all()).map_err(err)?;
             Ok(token)
         }
         Err(e) => Err(err(e)),
@@ -178,4 +202,45 @@ pub fn start(
         .map_err(|e| ApiError::Bind { addr, reason: e.to_string() })?;
     log::info!("API listening on http://{addr}");
     Ok(RunningApi { addr, links })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn fresh_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("p2pchat-token-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn the_token_is_made_once_private_and_kept() {
+        let dir = fresh_dir("made");
+        let token = load_or_create_token(&dir).unwrap();
+        assert_eq!(token.len(), 64);
+        let path = dir.join(TOKEN_FILE);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!dir.join(format!("{TOKEN_FILE}.partial")).exists(), "the partial file is renamed into place");
+        assert_eq!(load_or_create_token(&dir).unwrap(), token, "a second start reads the same token");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_or_a_broken_one_is_refused() {
+        let dir = fresh_dir("refused");
+        load_or_create_token(&dir).unwrap();
+        let path = dir.join(TOKEN_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = load_or_create_token(&dir).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
+        std::fs::write(&path, "short").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let refused = load_or_create_token(&dir).unwrap_err().to_string();
+        assert!(refused.contains("64 hexadecimal"), "{refused}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -118,7 +118,8 @@ fn one_to_one_endpoints_and_their_errors() {
         page.body["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
     assert_eq!(texts, ["more 3", "more 2"]);
     let cursor = page.body["next_cursor"].as_str().unwrap().to_owned();
-    let rest = bob.get(&format!("/api/chat/conversations/{c}/messages?limit=10&before={cursor}"));
+    // Exactly as many as are left: the last page is full, and says it is last.
+    let rest = bob.get(&format!("/api/chat/conversations/{c}/messages?limit=3&before={cursor}"));
     let texts: Vec<&str> =
         rest.body["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
     assert_eq!(texts, ["more 1", "more 0", "hello bob"]);
@@ -157,9 +158,22 @@ fn one_to_one_endpoints_and_their_errors() {
         (alice.get(&format!("/api/chat/conversations/{unknown_conv}")), 404, "not_found"),
         (alice.post_empty(&format!("/api/chat/messages/{unknown_conv}/read")), 404, "not_found"),
         (alice.get(&format!("/api/chat/groups/{c}/members")), 404, "not_found"),
+        (alice.get(&format!("/api/chat/groups/{unknown_conv}/members")), 404, "not_found"),
+        (alice.post(&format!("/api/chat/groups/{unknown_conv}/messages"), json!({"content": "hi"})), 404, "not_found"),
+        (
+            alice.post(&format!("/api/chat/groups/{unknown_conv}/invite"), json!({"peer_id": n[1].peer()})),
+            404,
+            "not_found",
+        ),
+        (alice.post_empty(&format!("/api/chat/groups/{unknown_conv}/leave")), 404, "not_found"),
+        (alice.post_empty(&format!("/api/chat/messages/{unknown_conv}/retry")), 404, "not_found"),
+        (alice.delete(&format!("/api/chat/conversations/{unknown_conv}")), 404, "not_found"),
         (alice.get("/api/no/such/route"), 404, "not_found"),
         // 405, 409, 413.
         (alice.request("PUT", "/api/chat/unread", None, &[]), 405, "method_not_allowed"),
+        // A method the HTTP parser does not know gets the same answer.
+        (alice.request("QUERY", "/api/chat/unread", None, &[]), 405, "method_not_allowed"),
+        (alice.request("GET", &format!("/api/chat/unread?{}", "a".repeat(9000)), None, &[]), 431, "headers_too_large"),
         (alice.post_empty(&format!("/api/chat/messages/{first}/retry")), 409, "not_retryable"),
         (
             alice.request(
@@ -170,6 +184,52 @@ fn one_to_one_endpoints_and_their_errors() {
             ),
             413,
             "payload_too_large",
+        ),
+        // A chunked body has no length up front: it is cut off at the cap.
+        (
+            alice.request(
+                "POST",
+                &format!("/api/chat/conversations/{c}/messages"),
+                Some(&chunked(format!("{{\"content\": \"{}\"}}", "x".repeat(p2pchat_http_tide::MAX_BODY)).as_bytes())),
+                &[("Transfer-Encoding", "chunked")],
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
+            alice.post(
+                "/api/chat/groups",
+                json!({"group_name": "n".repeat(257), "members": [n[1].peer(), "cd".repeat(20)]}),
+            ),
+            400,
+            "group_name_too_long",
+        ),
+        // The WebSocket route refuses what is not a proper upgrade.
+        (alice.get("/api/ws"), 426, "upgrade_required"),
+        (
+            alice.request(
+                "GET",
+                "/api/ws",
+                None,
+                &[("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")],
+            ),
+            400,
+            "invalid_websocket_handshake",
+        ),
+        (
+            alice.request(
+                "GET",
+                "/api/ws",
+                None,
+                &[
+                    ("Connection", "Upgrade"),
+                    ("Upgrade", "websocket"),
+                    ("Sec-WebSocket-Version", "8"),
+                    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ],
+            ),
+            426,
+            "unsupported_websocket_version",
         ),
     ];
     for (answer, status, code) in cases {
@@ -302,6 +362,18 @@ fn access_checks_refuse_with_reasons() {
     assert_eq!(with_cookie.status, 200, "the cookie authenticates");
 }
 
+/// `body` in HTTP/1.1 chunked encoding, in 64 KiB chunks.
+fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in body.chunks(64 * 1024) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
 fn ws_connect(client: &Client, query: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
     let stream = std::net::TcpStream::connect(client.addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -404,7 +476,40 @@ fn the_websocket_carries_every_event_of_an_exchange() {
     assert_eq!(invite["type"], "chat.group.invite");
     assert_eq!(invite["payload"]["group_name"], "g");
     assert_eq!(invite["payload"]["invited_by"], n[0].peer());
-    // Subscriptions can change; unknown types are refused with a reason.
+    // Subscriptions can change: carol adds the messages she receives,
+    // drops invites, and then gets a group message and nothing else.
+    carol_ws
+        .write_message(tungstenite::Message::Text(
+            json!({"type": "subscribe", "types": ["chat.message.received"]}).to_string(),
+        ))
+        .unwrap();
+    let changed = next_event(&mut carol_ws);
+    assert_eq!(changed["type"], "subscribed");
+    assert_eq!(changed["payload"]["types"], json!(["chat.group.invite", "chat.message.received"]));
+    carol_ws
+        .write_message(tungstenite::Message::Text(
+            json!({"type": "unsubscribe", "types": ["chat.group.invite"]}).to_string(),
+        ))
+        .unwrap();
+    assert_eq!(next_event(&mut carol_ws)["payload"]["types"], json!(["chat.message.received"]));
+    let groups = alice.get("/api/chat/conversations").body;
+    let g = groups["conversations"].as_array().unwrap().iter().find(|c| c["conversation_type"] == "group").unwrap()
+        ["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "to the group"}));
+    let got = next_event(&mut carol_ws);
+    assert_eq!(
+        (got["type"].as_str(), got["payload"]["content"].as_str()),
+        (Some("chat.message.received"), Some("to the group"))
+    );
+    // An empty `?types=` is every type.
+    let mut everything = ws_connect(alice, "?types=");
+    alice.post("/api/chat/key-exchange", json!({"peer_id": n[2].peer()}));
+    // (Receipts for the group message may come first; any type is welcome.)
+    while next_event(&mut everything)["type"] != "chat.key_exchange.complete" {}
+    // Unknown types are refused with a reason.
     carol_ws
         .write_message(tungstenite::Message::Text(json!({"type": "subscribe", "types": ["nope"]}).to_string()))
         .unwrap();
@@ -421,6 +526,20 @@ fn the_websocket_carries_every_event_of_an_exchange() {
             break;
         }
     }
+    // A client's close is answered with a close frame (a clean close).
+    bob_ws.close(None).unwrap();
+    let answered = loop {
+        match bob_ws.read_message() {
+            Ok(tungstenite::Message::Close(_)) => continue,
+            Ok(_) => continue,
+            Err(tungstenite::Error::ConnectionClosed) => break true,
+            Err(e) => {
+                eprintln!("closing ended with {e}");
+                break false;
+            }
+        }
+    };
+    assert!(answered, "the node answers a close frame before the socket ends");
 }
 
 #[test]
@@ -443,12 +562,43 @@ fn a_websocket_from_a_foreign_origin_is_refused() {
 }
 
 #[test]
+fn a_websocket_asking_for_unknown_types_is_closed_with_the_reason() {
+    let n = nodes(&["ws-unknown"]);
+    let made_up = format!("chat.{}", "x".repeat(300));
+    let mut ws = ws_connect(&n[0].client, &format!("?types=chat.message.read,{made_up}"));
+    let frame = loop {
+        match ws.read_message() {
+            Ok(tungstenite::Message::Close(frame)) => break frame.expect("a close frame with a reason"),
+            Ok(_) => continue,
+            Err(e) => panic!("the socket broke before its close frame: {e}"),
+        }
+    };
+    assert_eq!(u16::from(frame.code), 1008);
+    assert!(frame.reason.starts_with("unknown event types: chat.xxx"), "{}", frame.reason);
+    assert!(frame.reason.len() <= 123, "a close reason fits its frame: {} bytes", frame.reason.len());
+}
+
+#[test]
 fn a_websocket_client_that_falls_behind_is_closed_and_holds_nothing_up() {
     let n = nodes(&["ws-slow"]);
     let c = &n[0].client;
-    let mut slow = ws_connect(c, "");
-    // The client reads nothing while more events than its buffer holds
-    // are produced; the node goes on regardless.
+    // A small receive window, so that the kernel's socket buffers (which
+    // autotune to megabytes on loopback) cannot absorb what the client does
+    // not read.
+    let socket = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::STREAM, None).unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&socket, 4096).unwrap();
+    rustix::net::connect(&socket, &c.addr).unwrap();
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = tungstenite::handshake::client::Request::builder()
+        .uri(format!("ws://{}/api/ws", c.addr))
+        .header("Authorization", format!("Bearer {}", c.token))
+        .body(())
+        .unwrap();
+    let mut slow = tungstenite::client(request, stream).expect("the WebSocket opens").0;
+    // The client reads nothing while more events than its buffer and the
+    // server's socket buffer (at most 4 MiB) hold are produced: 16 KiB
+    // messages, each at least one event; the node goes on regardless.
     let handle = n[0].node.handle();
     let conversation =
         smol::block_on(handle.command(p2pchat_protocol::engine::Command::CreateConversation {
@@ -456,8 +606,8 @@ fn a_websocket_client_that_falls_behind_is_closed_and_holds_nothing_up() {
         }))
         .unwrap();
     let p2pchat_protocol::engine::CommandOutcome::Conversation(conversation) = conversation else { panic!() };
-    for k in 0..(p2pchat_http_tide::CLIENT_BUFFER + 200) {
-        let content = format!("event {k}");
+    for k in 0..(p2pchat_http_tide::CLIENT_BUFFER + 400) {
+        let content = format!("event {k} {}", "x".repeat(16 * 1024));
         smol::block_on(
             handle.command(p2pchat_protocol::engine::Command::SendMessage { conversation: conversation.id, content }),
         )

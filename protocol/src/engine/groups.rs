@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message,
-    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
+    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -96,6 +96,9 @@ impl<S: Store> Engine<S> {
         let name = name.trim().to_owned();
         if name.is_empty() {
             return Err(EngineError::EmptyGroupName);
+        }
+        if name.len() > MAX_GROUP_NAME_LEN {
+            return Err(EngineError::GroupNameTooLong { len: name.len(), max: MAX_GROUP_NAME_LEN });
         }
         let me = self.peer_id();
         let others: BTreeSet<PeerId> = members.into_iter().filter(|p| *p != me).collect();
@@ -505,6 +508,10 @@ impl<S: Store> Engine<S> {
         }
         if !group_id.is_group_id() {
             self.reject(from, "group invite with an ID that is not a group ID");
+            return Ok(());
+        }
+        if name.len() > MAX_GROUP_NAME_LEN {
+            self.reject(from, "group invite with a name over the length limit");
             return Ok(());
         }
         let roster: BTreeMap<PeerId, u64> = members.iter().map(|m| (m.peer_id, m.epoch)).collect();

@@ -51,6 +51,10 @@ use crate::wire::{
 /// The fewest members a group may be created with besides its creator.
 pub const MIN_GROUP_OTHERS: usize = 2;
 
+/// The longest group name, in bytes of UTF-8: a name travels in every
+/// invite, to every member.
+pub const MAX_GROUP_NAME_LEN: usize = 256;
+
 /// The most group messages held per sender while its key is missing.
 pub const MAX_HELD_PER_SENDER: usize = 1_000;
 
@@ -252,8 +256,13 @@ pub enum Answer {
     Conversations(Vec<ConversationSummary>),
     /// One conversation.
     Conversation(ConversationSummary),
-    /// Messages, newest first.
-    Messages(Vec<Message>),
+    /// A page of messages, newest first.
+    Messages {
+        /// The page.
+        messages: Vec<Message>,
+        /// Whether older messages follow the page's last.
+        more: bool,
+    },
     /// One message.
     Message(Message),
     /// Group members.
@@ -391,6 +400,14 @@ pub enum EngineError {
     /// A group needs a name.
     #[error("a group needs a name")]
     EmptyGroupName,
+    /// A group name over [`MAX_GROUP_NAME_LEN`].
+    #[error("a group name may be at most {max} bytes long; this one is {len}")]
+    GroupNameTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Too few members to create a group.
     #[error("a group needs at least {min} members besides its creator; {got} given")]
     TooFewMembers {
@@ -605,7 +622,11 @@ impl<S: Store> Engine<S> {
                     }
                 }
                 let limit = limit.clamp(1, MAX_PAGE);
-                Answer::Messages(self.store.messages_page(&conversation, before.as_ref(), limit)?)
+                // One more than asked tells whether another page follows.
+                let mut messages = self.store.messages_page(&conversation, before.as_ref(), limit + 1)?;
+                let more = messages.len() > limit;
+                messages.truncate(limit);
+                Answer::Messages { messages, more }
             }
             Query::Message(id) => Answer::Message(self.store.message(&id)?.ok_or(EngineError::UnknownMessage(id))?),
             Query::Members(id) => {
@@ -742,7 +763,12 @@ impl<S: Store> Engine<S> {
                 if old.status != MessageStatus::Failed || !old.is_outgoing(&self.peer_id()) {
                     return Err(EngineError::NotRetryable { id: message, status: old.status.as_str() });
                 }
-                self.send_message(now, old.conversation_id, old.content).map(CommandOutcome::Message)
+                // The copy goes the way its conversation's messages go.
+                let retried = match self.conversation(&old.conversation_id)?.kind {
+                    ConversationKind::OneOnOne { .. } => self.send_message(now, old.conversation_id, old.content),
+                    ConversationKind::Group { .. } => self.send_group_message(now, old.conversation_id, old.content),
+                };
+                retried.map(CommandOutcome::Message)
             }
             Command::CreateGroup { name, members } => {
                 self.create_group(now, name, members).map(CommandOutcome::Conversation)

@@ -85,8 +85,12 @@ impl Client {
         for (k, v) in &headers {
             request.push_str(&format!("{k}: {v}\r\n"));
         }
+        let chunked = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("Transfer-Encoding"));
         if !body.is_empty() || method == "POST" {
-            request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+            request.push_str("Content-Type: application/json\r\n");
+            if !chunked {
+                request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+            }
         }
         request.push_str("\r\n");
         let mut stream = TcpStream::connect(self.addr).expect("the API accepts connections");
@@ -94,9 +98,36 @@ impl Client {
         stream.write_all(request.as_bytes()).unwrap();
         // A server may answer (413) before reading a large body.
         let _ = stream.write_all(body);
-        let mut raw = Vec::new();
-        let _ = stream.read_to_end(&mut raw);
-        parse(&raw)
+        parse(&read_answer(&mut stream))
+    }
+}
+
+/// One whole answer: its head, then as many body bytes as it says, so that
+/// a server keeping the connection open (as after an upgrade request it
+/// refused) does not leave the reader waiting for the socket to close.
+fn read_answer(stream: &mut TcpStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let done = match length {
+                Some(length) => raw.len() >= split + 4 + length,
+                None if head.contains("transfer-encoding: chunked") => raw.ends_with(b"0\r\n\r\n"),
+                None => false,
+            };
+            if done {
+                return raw;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return raw,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
     }
 }
 
