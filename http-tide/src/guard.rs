@@ -30,6 +30,53 @@ pub(crate) fn json_errors<'a>(
     })
 }
 
+/// Reads the request body (at most [`crate::MAX_BODY`] bytes) before
+/// anything answers.
+///
+/// async-h1 discards an unread body after writing the answer, through a
+/// buffered reader that it then drops; a keep-alive client that sent its
+/// next request as soon as the answer came can have that request read into
+/// the buffer and lost, and then waits forever. Reading first leaves nothing
+/// to discard. A body over the cap is answered 413 at once with
+/// `Connection: close`, since the rest of it is still on the wire.
+pub(crate) fn body_first<'a>(
+    mut req: Request<State>,
+    next: Next<'a, State>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = tide::Result> + Send + 'a>> {
+    Box::pin(async move {
+        use async_std::io::ReadExt;
+        let cap = crate::MAX_BODY;
+        let too_large = || {
+            let mut response =
+                ApiError::new(413, "payload_too_large", format!("the request body is over the {cap}-byte limit"))
+                    .into_response();
+            response.insert_header("Connection", "close");
+            response
+        };
+        if req.len().is_some_and(|len| len > cap) {
+            return Ok(too_large());
+        }
+        let mime = req.content_type();
+        let mut bytes = Vec::new();
+        let read = req.take_body().take(cap as u64 + 1).read_to_end(&mut bytes).await;
+        if let Err(e) = read {
+            let mut response =
+                ApiError::bad_request("bad_body", format!("the request body could not be read: {e}")).into_response();
+            response.insert_header("Connection", "close");
+            return Ok(response);
+        }
+        if bytes.len() > cap {
+            return Ok(too_large());
+        }
+        let mut body = tide::Body::from_bytes(bytes);
+        if let Some(mime) = mime {
+            body.set_mime(mime);
+        }
+        req.set_body(body);
+        Ok(next.run(req).await)
+    })
+}
+
 /// Refuses requests for a `Host` that is not a loopback name or a
 /// configured one: a page on another site that rebinds its DNS name to
 /// 127.0.0.1 sends its own name.

@@ -14,6 +14,7 @@ mod error;
 mod guard;
 mod node;
 pub mod routes;
+mod ui;
 mod views;
 mod ws;
 
@@ -131,6 +132,7 @@ impl ApiServer {
         let mut app = tide::with_state(state.clone());
         // Outermost first: the error shape covers every answer below it.
         app.with(guard::json_errors);
+        app.with(guard::body_first);
         app.with(guard::host_check);
         app.with(guard::origin_check);
         app.with(guard::token_check);

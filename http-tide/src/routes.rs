@@ -88,7 +88,14 @@ pub const ROUTES: &[Route] = &[
 
 /// Paths served outside [`ROUTES`] (documented in the OpenAPI document as
 /// well): the WebSocket, the login link.
-pub const OTHER_ROUTES: &[(Method, &str)] = &[(Method::Get, "/api/ws"), (Method::Get, "/auth")];
+pub const OTHER_ROUTES: &[(Method, &str)] = &[
+    (Method::Get, "/api/ws"),
+    (Method::Get, "/auth"),
+    (Method::Post, "/auth"),
+    (Method::Get, "/"),
+    (Method::Get, "/app.js"),
+    (Method::Get, "/style.css"),
+];
 
 pub(crate) fn register(app: &mut tide::Server<State>) {
     for route in ROUTES {
@@ -103,6 +110,8 @@ pub(crate) fn register(app: &mut tide::Server<State>) {
     }
     app.at("/api/ws").get(crate::ws::endpoint);
     app.at("/auth").get(|req: Request<State>| async move { Ok(login(&req)) });
+    app.at("/auth").post(|req: Request<State>| async move { Ok(login_with_token(req).await) });
+    crate::ui::register(app);
 }
 
 /// Runs a handler and turns its error into the JSON error answer.
@@ -397,9 +406,33 @@ fn login(req: &Request<State>) -> Response {
     }
     let mut response = Response::new(303);
     response.insert_header("Location", "/");
-    response.insert_header(
-        "Set-Cookie",
-        format!("{}={}; HttpOnly; SameSite=Strict; Path=/", state.cookie_name(), state.token()),
-    );
+    response.insert_header("Set-Cookie", token_cookie(state));
+    response
+}
+
+/// The cookie that carries the token for this node's page.
+fn token_cookie(state: &State) -> String {
+    format!("{}={}; HttpOnly; SameSite=Strict; Path=/", state.cookie_name(), state.token())
+}
+
+/// `POST /auth` with `{"token": "..."}`: the page's own login, for when the
+/// printed link is spent or expired; sets the same cookie as the link.
+async fn login_with_token(mut req: Request<State>) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TokenLogin {
+        token: String,
+    }
+    let login: TokenLogin = match body(&mut req).await {
+        Ok(login) => login,
+        Err(e) => return e.into_response(),
+    };
+    let state = req.state();
+    if !state.token_matches(login.token.trim()) {
+        return ApiError::new(401, "unauthorized", "the token is wrong; `p2pchat token` prints this node's")
+            .into_response();
+    }
+    let mut response = Response::new(204);
+    response.insert_header("Set-Cookie", token_cookie(state));
     response
 }

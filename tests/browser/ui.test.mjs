@@ -1,0 +1,276 @@
+// The web UI in a real browser: `p2pchat demo` (a relay and alice, bob and
+// carol), each node's page open in one browser context as tabs, driven by
+// playwright-core in Debian's Chromium. Run by .ci/browser, which sets
+// P2PCHAT_BIN and SCREENSHOT_DIR.
+//
+// Every step waits for what a person would see, with a deadline, and saves a
+// screenshot; a failed step saves one of each page before exiting non-zero.
+import { spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.P2PCHAT_BIN;
+const SHOTS = process.env.SCREENSHOT_DIR || 'screenshots';
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const WAIT = 20_000;
+const NAMES = ['alice', 'bob', 'carol'];
+
+if (!BIN) {
+  console.error('P2PCHAT_BIN must name the p2pchat binary');
+  process.exit(2);
+}
+mkdirSync(SHOTS, { recursive: true });
+
+// ---- The demo ------------------------------------------------------------
+
+function startDemo() {
+  const demo = spawn(BIN, ['demo'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  demo.stderr.on('data', (d) => { stderr += d; });
+  return new Promise((resolve, reject) => {
+    const nodes = {};
+    let pending = null;
+    let buffer = '';
+    const timer = setTimeout(() => reject(new Error(`the demo did not come up in 60 s:\n${stderr}`)), 60_000);
+    demo.on('exit', (code) => reject(new Error(`the demo exited (${code}):\n${stderr}`)));
+    demo.stdout.on('data', (data) => {
+      buffer += data;
+      let end;
+      while ((end = buffer.indexOf('\n')) >= 0) {
+        const line = buffer.slice(0, end);
+        buffer = buffer.slice(end + 1);
+        const node = line.match(/^(alice|bob|carol)\s+([0-9a-f]{40}) on /);
+        if (node) pending = { name: node[1], peer: node[2] };
+        const api = line.match(/^\s+API (http:\/\/\S+)\s+web UI (\S+)/);
+        if (api && pending) {
+          nodes[pending.name] = { peer: pending.peer, api: api[1], link: api[2] };
+          pending = null;
+        }
+        if (line.startsWith('running;') && NAMES.every((n) => nodes[n])) {
+          clearTimeout(timer);
+          resolve({ demo, nodes });
+        }
+      }
+    });
+  });
+}
+
+// ---- Steps ---------------------------------------------------------------
+
+let stepNumber = 0;
+let pages = {};
+
+async function step(title, body) {
+  stepNumber += 1;
+  const started = Date.now();
+  process.stdout.write(`step ${stepNumber}: ${title} … `);
+  try {
+    await body();
+  } catch (e) {
+    console.log('FAILED');
+    for (const [name, page] of Object.entries(pages)) {
+      await page.screenshot({ path: join(SHOTS, `failed-step-${stepNumber}-${name}.png`) }).catch(() => {});
+    }
+    throw e;
+  }
+  console.log(`ok (${Date.now() - started} ms)`);
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: join(SHOTS, `${String(stepNumber).padStart(2, '0')}-${name}.png`) });
+}
+
+const conversationItem = (page, text) => page.locator('.conversation-item', { hasText: text });
+const bubble = (page, text) => page.locator('#messages .bubble', { hasText: text });
+
+async function send(page, text) {
+  await page.locator('#input').fill(text);
+  await page.locator('#input').press('Enter');
+  await bubble(page, text).first().waitFor({ timeout: WAIT });
+}
+
+async function expectText(locator, pattern, what) {
+  await locator.first().waitFor({ timeout: WAIT });
+  const deadline = Date.now() + WAIT;
+  let text = '';
+  while (Date.now() < deadline) {
+    text = (await locator.first().textContent()) || '';
+    if (pattern.test(text)) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`${what}: ${JSON.stringify(text)} does not match ${pattern}`);
+}
+
+// ---- The flow ------------------------------------------------------------
+
+async function main() {
+  const { demo, nodes } = await startDemo();
+  const short = (name) => nodes[name].peer.slice(0, 8);
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // Chromium's sandbox needs user namespaces, which CI containers lack.
+    args: ['--no-sandbox'],
+  });
+  const alerts = [];
+  try {
+    const context = await browser.newContext({ viewport: { width: 1200, height: 780 } });
+    for (const name of NAMES) {
+      const page = await context.newPage();
+      page.on('dialog', async (dialog) => {
+        // The page asks before leaving a group; an alert would be injected
+        // script running, which must never happen.
+        if (dialog.type() === 'confirm') await dialog.accept();
+        else {
+          alerts.push(dialog.message());
+          await dialog.dismiss();
+        }
+      });
+      pages[name] = page;
+    }
+    const { alice, bob, carol } = pages;
+
+    await step('each node\'s page opens from its login link, in one browser', async () => {
+      for (const name of NAMES) {
+        await pages[name].goto(nodes[name].link);
+        await expectText(pages[name].locator('#my-id'), new RegExp(`^${nodes[name].peer}$`), `${name}'s own ID`);
+        await expectText(pages[name].locator('#ws-status'), /^connected$/, `${name}'s WebSocket`);
+        await expectText(pages[name].locator('#relay-status'), /relay connected/, `${name}'s relay`);
+      }
+      await shot(alice, 'alice-start');
+    });
+
+    await step('alice opens a conversation with bob and sends a message', async () => {
+      await alice.locator('#new-conversation').click();
+      await alice.locator('#conversation-peer').fill(nodes.bob.peer);
+      await alice.locator('#conversation-peer').press('Enter');
+      await expectText(alice.locator('#chat-title'), new RegExp(short('bob')), 'the open conversation');
+      await send(alice, 'Hello Bob, this is Alice');
+      await shot(alice, 'alice-sent');
+    });
+
+    await step('bob\'s page shows it live, unread', async () => {
+      const item = conversationItem(bob, 'Hello Bob, this is Alice');
+      await item.waitFor({ timeout: WAIT });
+      await expectText(item.locator('.badge'), /^1$/, 'bob\'s unread count');
+      await expectText(item.locator('.name'), new RegExp(short('alice')), 'the conversation\'s name');
+      await shot(bob, 'bob-live');
+    });
+
+    await step('bob opens it, and alice\'s page shows "read"', async () => {
+      await conversationItem(bob, 'Hello Bob, this is Alice').click();
+      await bubble(bob, 'Hello Bob, this is Alice').waitFor({ timeout: WAIT });
+      const mine = alice.locator('#messages .message.out', { hasText: 'Hello Bob, this is Alice' });
+      await mine.and(alice.locator('[data-status="read"]')).waitFor({ timeout: WAIT });
+      await expectText(mine.locator('.mark'), /^✓✓$/, 'the read mark');
+      // Read, so bob's unread badge goes.
+      await conversationItem(bob, 'Hello Bob, this is Alice').locator('.badge')
+        .waitFor({ state: 'detached', timeout: WAIT });
+      await shot(alice, 'alice-read');
+    });
+
+    await step('bob answers, and peer text is shown as text, never run', async () => {
+      const hostile = '<img src=x onerror=alert(1)>';
+      await send(bob, hostile);
+      const shown = bubble(alice, 'onerror');
+      await shown.waitFor({ timeout: WAIT });
+      const text = await shown.first().textContent();
+      if (text !== hostile) throw new Error(`the text was changed: ${JSON.stringify(text)}`);
+      if (await alice.locator('#messages img').count()) throw new Error('peer text became an element');
+      await expectText(conversationItem(alice, 'onerror').locator('.last'), /<img src=x onerror=alert\(1\)>/, 'the list preview');
+      await shot(alice, 'alice-escaped');
+    });
+
+    await step('a group with fewer than three people is refused with a clear message', async () => {
+      await alice.locator('#new-group').click();
+      await alice.locator('#group-name').fill('Too small');
+      await alice.locator('#group-members').fill(nodes.bob.peer);
+      await alice.locator('#group-form button[type="submit"]').click();
+      await expectText(alice.locator('#group-error'), /at least 2 other members/, 'the group size message');
+      await shot(alice, 'group-too-small');
+      await alice.locator('#group-form .cancel').click();
+    });
+
+    await step('alice makes a group of three and all three exchange messages', async () => {
+      await alice.locator('#new-group').click();
+      await alice.locator('#group-name').fill('Trio');
+      await alice.locator('#group-members').fill(`${nodes.bob.peer}\n${nodes.carol.peer}`);
+      await alice.locator('#group-form button[type="submit"]').click();
+      await expectText(alice.locator('#chat-title'), /^Trio$/, 'the new group');
+      await expectText(alice.locator('#chat-subtitle'), /3 members/, 'the group\'s size');
+      await send(alice, 'Welcome to Trio');
+      for (const [name, page] of [['bob', bob], ['carol', carol]]) {
+        const item = conversationItem(page, 'Trio');
+        await expectText(item.locator('.last'), /Welcome to Trio/, `${name}'s list`);
+        await item.click();
+        await bubble(page, 'Welcome to Trio').waitFor({ timeout: WAIT });
+        await expectText(page.locator('#messages .message.in', { hasText: 'Welcome to Trio' }).locator('.sender'),
+          new RegExp(short('alice')), `the sender's short ID at ${name}`);
+      }
+      await send(carol, 'Carol here');
+      await send(bob, 'Bob here');
+      for (const [name, page] of [['alice', alice], ['bob', bob]]) {
+        await bubble(page, 'Carol here').waitFor({ timeout: WAIT });
+      }
+      await bubble(carol, 'Bob here').waitFor({ timeout: WAIT });
+      await bubble(alice, 'Bob here').waitFor({ timeout: WAIT });
+      const welcome = alice.locator('#messages .message.out', { hasText: 'Welcome to Trio' });
+      await welcome.and(alice.locator('[data-status="read"]')).waitFor({ timeout: WAIT });
+      await alice.locator('#members-toggle').click();
+      await expectText(alice.locator('#member-list li', { hasText: short('alice') }), /admin/, 'the admin mark');
+      await shot(alice, 'group');
+      await shot(carol, 'group-carol');
+    });
+
+    await step('carol leaves, and the others see it', async () => {
+      await carol.locator('#members-toggle').click();
+      await carol.locator('#leave').click();
+      await carol.locator('#composer-note').waitFor({ timeout: WAIT });
+      for (const [name, page] of [['alice', alice], ['bob', bob]]) {
+        if (await page.locator('#members').isHidden()) await page.locator('#members-toggle').click();
+        const carolRow = page.locator('#member-list li', { hasText: short('carol') });
+        await expectText(carolRow, /left/, `carol's row at ${name}`);
+        await expectText(page.locator('#chat-subtitle'), /2 members/, `the group's size at ${name}`);
+      }
+      await send(alice, 'Just the two of us now');
+      await bubble(bob, 'Just the two of us now').waitFor({ timeout: WAIT });
+      await shot(alice, 'carol-left');
+      await shot(carol, 'carol-after-leaving');
+    });
+
+    await step('a dropped WebSocket shows a banner and reconnects', async () => {
+      await bob.evaluate(() => state.socket.close());
+      await bob.locator('#banner').waitFor({ state: 'visible', timeout: WAIT });
+      await shot(bob, 'bob-disconnected');
+      await bob.locator('#banner').waitFor({ state: 'hidden', timeout: WAIT });
+      await expectText(bob.locator('#ws-status'), /^connected$/, 'the reconnected socket');
+      await send(alice, 'After the reconnect');
+      await bubble(bob, 'After the reconnect').waitFor({ timeout: WAIT });
+    });
+
+    await step('a narrow window shows one pane, with a way back', async () => {
+      await bob.setViewportSize({ width: 390, height: 760 });
+      // The members panel covers the narrow window; Escape closes it.
+      await shot(bob, 'narrow-members');
+      await bob.keyboard.press('Escape');
+      await bob.locator('#members').waitFor({ state: 'hidden', timeout: WAIT });
+      await bob.locator('#back').waitFor({ state: 'visible', timeout: WAIT });
+      await shot(bob, 'narrow-conversation');
+      await bob.locator('#back').click();
+      await conversationItem(bob, 'Trio').waitFor({ state: 'visible', timeout: WAIT });
+      await shot(bob, 'narrow-list');
+    });
+
+    if (alerts.length) throw new Error(`script ran in a page: alert(${alerts.join(', ')})`);
+    console.log(`all ${stepNumber} steps passed; screenshots in ${SHOTS}`);
+  } finally {
+    await browser.close();
+    demo.kill('SIGINT');
+  }
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exit(1);
+});
