@@ -150,6 +150,32 @@ impl ApiServer {
         LoginLinks { state: self.state.clone(), port: self.listener.local_addr().map(|a| a.port()).unwrap_or(0) }
     }
 
+    /// Answers one request without a socket, through every middleware and
+    /// route the server runs (for fuzzing and tests; plain types, so no
+    /// tide type leaves this crate). Blocks until the answer is complete.
+    pub fn answer(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Vec<u8>) {
+        use tide::http::{Method, Request as HttpRequest, Url};
+        let Ok(method) = method.parse::<Method>() else { return (405, Vec::new()) };
+        let Ok(url) = Url::parse("http://127.0.0.1").and_then(|base| base.join(path)) else {
+            return (400, Vec::new());
+        };
+        let mut request = HttpRequest::new(method, url);
+        for (name, value) in headers {
+            request.append_header(*name, *value);
+        }
+        request.set_body(body);
+        async_std::task::block_on(async {
+            let mut response: tide::http::Response = self.app.respond(request).await.unwrap_or_else(|e| {
+                let mut r = tide::http::Response::new(500);
+                r.set_body(e.to_string());
+                r
+            });
+            let status = u16::from(response.status());
+            let bytes = response.body_bytes().await.unwrap_or_default();
+            (status, bytes)
+        })
+    }
+
     /// Serves until the process ends, on async-std's executor.
     ///
     /// The accept loop is ours rather than tide's so that every connection

@@ -6,8 +6,9 @@
 const $ = (id) => document.getElementById(id);
 const PEER_ID = /^[0-9a-f]{40}$/;
 const PAGE = 50;
-// Status order: an event never moves a message back, except to "failed".
-const RANK = { created: 0, sent: 1, delivered: 2, read: 3 };
+// Status order: neither an event nor a page fetched before it moves a
+// message back; "failed" is final here (a retry makes a new message).
+const RANK = { created: 0, sent: 1, delivered: 2, read: 3, failed: 4 };
 const MARKS = { created: '○', sent: '✓', delivered: '✓✓', read: '✓✓', failed: '!' };
 
 const state = {
@@ -20,6 +21,10 @@ const state = {
   socket: null,
   backoff: 500,
   listTimer: null,
+  listRequest: 0, // the newest conversation-list request; older answers are stale
+  sending: false,
+  retried: new Set(), // failed messages already sent again
+  live: new Set(), // messages shown from events since the last page load
 };
 
 // ---- The API -----------------------------------------------------------
@@ -151,7 +156,10 @@ function bindControls() {
   $('older').addEventListener('click', loadOlder);
   $('back').addEventListener('click', closeConversation);
   $('members-toggle').addEventListener('click', () => toggleMembers());
-  $('members-close').addEventListener('click', () => toggleMembers(false));
+  $('members-close').addEventListener('click', () => {
+    toggleMembers(false);
+    markReadIfSeen();
+  });
   $('invite-form').addEventListener('submit', invite);
   $('leave').addEventListener('click', leaveGroup);
   document.addEventListener('visibilitychange', markReadIfSeen);
@@ -199,7 +207,11 @@ function connectSocket() {
     showBanner('');
     // Whatever happened while the socket was down is fetched again.
     refreshConversations();
-    if (state.current) reloadMessages();
+    if (state.current) {
+      reloadMessages();
+      const c = currentConversation();
+      if (c && c.conversation_type === 'group') loadMembers();
+    }
   });
   socket.addEventListener('message', (e) => {
     let event;
@@ -213,8 +225,22 @@ function connectSocket() {
     const why = e.reason ? ` (${e.reason})` : '';
     const wait = state.backoff;
     showBanner(`Lost the connection to the node${why}. Reconnecting…`);
-    setTimeout(connectSocket, wait);
     state.backoff = Math.min(state.backoff * 2, 10000);
+    setTimeout(async () => {
+      // A socket refused for the token (a new token, a cleared cookie)
+      // would only fail again: sign in instead.
+      try {
+        await api('GET', '/api/node');
+      } catch (err) {
+        if (err.status === 401) {
+          showBanner('');
+          $('app').hidden = true;
+          $('login').hidden = false;
+          return;
+        }
+      }
+      connectSocket();
+    }, wait);
   });
 }
 
@@ -237,8 +263,7 @@ function handleEvent(event) {
       const status = event.type.slice('chat.message.'.length);
       const message = state.messages.get(p.message_id);
       if (message) {
-        const advance = status === 'failed' || (RANK[status] ?? 0) > (RANK[message.status] ?? 0);
-        if (advance) {
+        if ((RANK[status] ?? 0) > (RANK[message.status] ?? 0)) {
           message.status = status;
           if (status === 'failed') message.failure_reason = p.failure_reason;
           upsertMessage(message);
@@ -276,12 +301,15 @@ function scheduleListRefresh() {
 // ---- The conversation list ---------------------------------------------
 
 async function refreshConversations() {
+  const request = ++state.listRequest;
+  let data;
   try {
-    const data = await api('GET', '/api/chat/conversations');
-    state.conversations = data.conversations;
+    data = await api('GET', '/api/chat/conversations');
   } catch (e) {
     return;
   }
+  if (request !== state.listRequest) return;
+  state.conversations = data.conversations;
   renderConversations();
   if (state.current && !currentConversation()) closeConversation();
   else if (state.current) renderHeader();
@@ -390,6 +418,7 @@ async function openConversation(id) {
   if (state.current !== id) {
     state.current = id;
     state.messages = new Map();
+    state.live = new Set();
     state.cursor = null;
     $('messages').replaceChildren();
     $('send-error').textContent = '';
@@ -408,6 +437,7 @@ async function openConversation(id) {
 }
 
 function closeConversation() {
+  const was = state.current;
   state.current = null;
   state.messages = new Map();
   $('conversation').hidden = true;
@@ -415,6 +445,8 @@ function closeConversation() {
   $('app').classList.remove('in-conversation');
   toggleMembers(false);
   renderConversations();
+  const item = was && document.querySelector(`.conversation-item[data-conversation="${CSS.escape(was)}"]`);
+  if (item) item.focus();
 }
 
 function renderHeader() {
@@ -435,6 +467,9 @@ function renderHeader() {
   $('composer-note').textContent = left ? 'You left this group: its history stays, but you can no longer send.' : '';
 }
 
+// The newest page, in the node's order (which is the order messages were
+// stored, not the peers' clocks); older pages are dropped and can be loaded
+// again, so nothing missed while disconnected is left out.
 async function reloadMessages() {
   const id = state.current;
   if (!id) return;
@@ -446,11 +481,22 @@ async function reloadMessages() {
     return;
   }
   if (state.current !== id) return;
-  for (const m of page.messages) upsertMessage(m, { quiet: true });
-  if (state.cursor === null) {
-    state.cursor = page.next_cursor;
-    $('older').hidden = !page.next_cursor;
+  const known = state.messages;
+  const live = state.live;
+  state.live = new Set();
+  state.messages = new Map();
+  $('messages').replaceChildren();
+  for (const m of [...page.messages].reverse()) {
+    const before = known.get(m.message_id);
+    placeMessage(keepStatus(m, before), 'end');
   }
+  // Messages that arrived by event while the page was on its way stay, last.
+  for (const messageId of live) {
+    const m = known.get(messageId);
+    if (m && !state.messages.has(messageId)) placeMessage(m, 'end');
+  }
+  state.cursor = page.next_cursor;
+  $('older').hidden = !page.next_cursor;
   scrollToEnd();
   markReadIfSeen();
 }
@@ -460,37 +506,51 @@ async function loadOlder() {
   if (!id || !state.cursor) return;
   const scroller = $('messages-scroll');
   const fromBottom = scroller.scrollHeight - scroller.scrollTop;
-  const page = await api('GET', `/api/chat/conversations/${id}/messages?limit=${PAGE}&before=${state.cursor}`);
+  let page;
+  try {
+    page = await api('GET', `/api/chat/conversations/${id}/messages?limit=${PAGE}&before=${state.cursor}`);
+  } catch (e) {
+    $('send-error').textContent = e.message;
+    return;
+  }
   if (state.current !== id) return;
-  for (const m of page.messages) upsertMessage(m, { quiet: true });
+  // Newest first: each goes before the ones already shown.
+  for (const m of page.messages) {
+    if (!state.messages.has(m.message_id)) placeMessage(m, 'start');
+  }
   state.cursor = page.next_cursor;
   $('older').hidden = !page.next_cursor;
   scroller.scrollTop = scroller.scrollHeight - fromBottom;
 }
 
-// Inserts or replaces one message, keeping the list in time order.
-function upsertMessage(m, { quiet = false } = {}) {
-  const known = state.messages.get(m.message_id);
-  // A page fetched before an event must not undo that event.
-  if (known && m.status !== 'failed' && (RANK[m.status] ?? 0) < (RANK[known.status] ?? 0)) {
-    m = { ...m, status: known.status };
-  }
+// A page fetched before an event must not undo that event.
+function keepStatus(m, known) {
+  if (known && (RANK[m.status] ?? 0) < (RANK[known.status] ?? 0)) return { ...m, status: known.status };
+  return m;
+}
+
+// Shows a message of the open conversation: replaced where it is, or added
+// at the end (a new message) or the start (an older page).
+function placeMessage(m, where) {
   state.messages.set(m.message_id, m);
   const list = $('messages');
   const node = renderMessage(m);
   const existing = list.querySelector(`[data-message="${CSS.escape(m.message_id)}"]`);
-  if (existing) {
-    existing.replaceWith(node);
-    return;
-  }
+  if (existing) existing.replaceWith(node);
+  else if (where === 'start') list.prepend(node);
+  else list.append(node);
+}
+
+// A live message or a new status: replaces it, or appends it.
+function upsertMessage(m, { quiet = false } = {}) {
+  if (m.conversation_id !== state.current) return;
+  m = keepStatus(m, state.messages.get(m.message_id));
   const scroller = $('messages-scroll');
   const atEnd = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40;
-  // Newest last; walk back from the end to find the place.
-  let after = list.lastElementChild;
-  while (after && Number(after.dataset.timestamp) > m.timestamp) after = after.previousElementSibling;
-  if (after) after.after(node);
-  else list.prepend(node);
-  if (!quiet && (atEnd || m.is_outgoing)) scrollToEnd();
+  const isNew = !state.messages.has(m.message_id);
+  if (isNew) state.live.add(m.message_id);
+  placeMessage(m, 'end');
+  if (isNew && !quiet && (atEnd || m.is_outgoing)) scrollToEnd();
 }
 
 function renderMessage(m) {
@@ -498,7 +558,6 @@ function renderMessage(m) {
   const out = m.is_outgoing;
   const item = el('li', `message ${out ? 'out' : 'in'}`);
   item.dataset.message = m.message_id;
-  item.dataset.timestamp = String(m.timestamp);
   item.dataset.status = m.status;
   if (!out && c && c.conversation_type === 'group') {
     const sender = el('span', 'sender', shortId(m.sender_peer_id));
@@ -518,10 +577,16 @@ function renderMessage(m) {
   if (out && m.status === 'failed') {
     const failure = el('div', 'failure');
     failure.append(el('span', '', `Not delivered: ${m.failure_reason || 'no reason given'}`));
-    const retry = el('button', 'small retry', 'Retry');
-    retry.type = 'button';
-    retry.addEventListener('click', () => retryMessage(m.message_id));
-    failure.append(retry);
+    // A retry sends a new copy; once sent, or once the group is left,
+    // there is nothing more to retry here.
+    if (state.retried.has(m.message_id)) {
+      failure.append(el('span', 'retried', '(sent again below)'));
+    } else if (!(c && c.left)) {
+      const retry = el('button', 'small retry', 'Retry');
+      retry.type = 'button';
+      retry.addEventListener('click', () => retryMessage(m.message_id));
+      failure.append(retry);
+    }
     item.append(failure);
   }
   return item;
@@ -543,29 +608,40 @@ async function sendMessage(e) {
   const c = currentConversation();
   const input = $('input');
   const content = input.value;
-  if (!c || !content.trim()) return;
+  if (!c || !content.trim() || state.sending) return;
+  state.sending = true;
+  $('send').disabled = true;
   $('send-error').textContent = '';
   try {
     if (c.conversation_type === 'group') {
       const sent = await api('POST', `/api/chat/groups/${c.conversation_id}/messages`, { content });
       // The group answer is the ID; the message itself comes as an event,
       // or with the next page if the event came first.
-      if (!state.messages.has(sent.message_id)) reloadMessages();
+      if (state.current === c.conversation_id && !state.messages.has(sent.message_id)) reloadMessages();
     } else {
       const sent = await api('POST', `/api/chat/conversations/${c.conversation_id}/messages`, { content });
       upsertMessage(sent.message);
     }
-    input.value = '';
-    growInput();
+    // Only what was sent is cleared; anything typed since stays.
+    if (input.value === content) {
+      input.value = '';
+      growInput();
+    }
   } catch (err) {
     // The text stays in the box, so nothing typed is lost.
     $('send-error').textContent = err.message;
+  } finally {
+    state.sending = false;
+    $('send').disabled = false;
   }
 }
 
 async function retryMessage(id) {
   try {
     const retried = await api('POST', `/api/chat/messages/${id}/retry`);
+    state.retried.add(id);
+    const old = state.messages.get(id);
+    if (old) placeMessage(old, 'end');
     upsertMessage(retried.message);
   } catch (err) {
     $('send-error').textContent = err.message;
@@ -576,6 +652,8 @@ async function retryMessage(id) {
 async function markReadIfSeen() {
   const c = currentConversation();
   if (!c || document.visibilityState !== 'visible') return;
+  // On a narrow window the members panel covers the messages.
+  if (!$('members').hidden && window.matchMedia('(max-width: 720px)').matches) return;
   const unseen = [...state.messages.values()].some((m) => !m.is_outgoing && m.status !== 'read');
   if (!unseen && !c.unread_count) return;
   try {
@@ -610,9 +688,11 @@ async function loadMembers() {
 function toggleMembers(show) {
   const panel = $('members');
   const visible = show === undefined ? panel.hidden : show;
+  const wasVisible = !panel.hidden;
   panel.hidden = !visible;
   $('members-toggle').setAttribute('aria-expanded', String(visible));
   if (visible) $('members-close').focus();
+  else if (wasVisible && !$('members-toggle').hidden) $('members-toggle').focus();
 }
 
 function renderMembers() {
@@ -648,9 +728,11 @@ async function invite(e) {
     return;
   }
   try {
-    const data = await api('POST', `/api/chat/groups/${state.current}/invite`, { peer_id: peer });
-    state.members = data.members;
+    const group = state.current;
+    const data = await api('POST', `/api/chat/groups/${group}/invite`, { peer_id: peer });
     $('invite-peer').value = '';
+    if (state.current !== group) return;
+    state.members = data.members;
     renderMembers();
   } catch (err) {
     error.textContent = err.message;

@@ -360,6 +360,26 @@ fn access_checks_refuse_with_reasons() {
     let pair = cookie.split(';').next().unwrap();
     let with_cookie = client.request("GET", "/api/chat/unread", None, &[("Authorization", ""), ("Cookie", pair)]);
     assert_eq!(with_cookie.status, 200, "the cookie authenticates");
+
+    // The page's own sign-in takes the token itself.
+    let wrong = client.request("POST", "/auth", Some(br#"{"token": "nope"}"#), &[("Authorization", "")]);
+    assert_eq!((wrong.status, wrong.code()), (401, "unauthorized"));
+    let right = json!({"token": c.token}).to_string();
+    let signed_in = client.request("POST", "/auth", Some(right.as_bytes()), &[("Authorization", "")]);
+    assert_eq!(signed_in.status, 204);
+    assert!(signed_in.header("Set-Cookie").is_some_and(|v| v.starts_with(&name) && v.contains("HttpOnly")));
+
+    // The page loads without a token, under a strict policy, and its files
+    // are the ones the binary carries.
+    for (path, kind) in [("/", "text/html"), ("/app.js", "text/javascript"), ("/style.css", "text/css")] {
+        let asset = client.request("GET", path, None, &[("Authorization", "")]);
+        assert_eq!(asset.status, 200, "{path}");
+        assert!(asset.header("Content-Type").is_some_and(|t| t.starts_with(kind)), "{path}");
+        let policy = asset.header("Content-Security-Policy").unwrap_or_default();
+        assert!(policy.contains("script-src 'self'") && policy.contains("default-src 'none'"), "{policy}");
+    }
+    let foreign_page = client.request("GET", "/", None, &[("Authorization", ""), ("Host", "evil.example")]);
+    assert_eq!(foreign_page.status, 403, "the page, too, is only served under a loopback name");
 }
 
 /// `body` in HTTP/1.1 chunked encoding, in 64 KiB chunks.
