@@ -1562,12 +1562,9 @@ impl<S: Store> Engine<S> {
     }
 
     fn on_request(&mut self, now: Timestamp, from: PeerId, request: &KeyExchangeRequest) -> Result<(), EngineError> {
-        if let Some(ours) = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from && a.pending.is_some()) {
-            match CrossedRequests::resolve(&self.peer_id(), &from) {
-                CrossedRequests::KeepOurs => return Ok(()),
-                CrossedRequests::AnswerTheirs => self.store.delete_key_exchange(&ours.peer)?,
-            }
-        }
+        // The request is checked before it may cancel anything of ours: a
+        // stale, replayed or forged request must not end our own attempt,
+        // or the messages waiting for it would wait with nothing to wake them.
         let answered = self.store.answered_request(&from)?;
         let response = match handshake::respond(&self.identity, &from, request, answered.as_ref(), now, &mut self.rng) {
             Ok(response) => response,
@@ -1576,9 +1573,18 @@ impl<S: Store> Engine<S> {
                 return Ok(());
             }
         };
+        let ours = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from && a.pending.is_some());
+        if ours.is_some() && CrossedRequests::resolve(&self.peer_id(), &from) == CrossedRequests::KeepOurs {
+            return Ok(());
+        }
         match response {
+            // Only the ack is sent again: a repeat starts nothing new, so it
+            // cancels nothing of ours either.
             Response::Repeat(ack) => self.transmit(from, EnvelopeBody::KeyExchangeAck(ack), false, None),
             Response::New(accepted) => {
+                if let Some(ours) = ours {
+                    self.store.delete_key_exchange(&ours.peer)?;
+                }
                 let accepted = *accepted;
                 self.store.put_answered_request(&from, &accepted.answered)?;
                 // The ack goes out before anything encrypted under the session.

@@ -1,0 +1,150 @@
+//! The node database as a peer, a bug or a disk could leave it: a real
+//! database (conversations, messages, an outbox, a key exchange, a group)
+//! whose rows the fuzzer overwrites, deletes, or whose schema version it
+//! moves back or forward, then opened and read through the engine.
+//!
+//! Checked: opening, starting the engine on it and every read answer with a
+//! value or a typed error, never a panic; sealed rows that were altered are
+//! refused, not misread.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use p2pchat_fuzz::Bytes;
+use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Engine, EngineConfig, Input, Query};
+use p2pchat_protocol::keys::IdentitySeed;
+use p2pchat_protocol::{IdentityKeyPair, PeerId, Timestamp};
+use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+const SEED: [u8; 32] = [7; 32];
+const NOW: Timestamp = Timestamp::from_millis(1_750_000_000_000);
+
+fn engine_on(store: SqliteStore) -> Option<Engine<SqliteStore>> {
+    let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(SEED));
+    Engine::new(identity, store, EngineConfig::default(), ChaCha20Rng::seed_from_u64(1), NOW).ok()
+}
+
+fn key() -> MasterKey {
+    MasterKey::derive(&IdentitySeed::from_bytes(SEED))
+}
+
+fn scratch() -> PathBuf {
+    std::env::temp_dir().join(format!("p2pchat-fuzz-storage-{}", std::process::id()))
+}
+
+/// The database every input starts from, made once per process.
+fn template() -> &'static [u8] {
+    static TEMPLATE: OnceLock<Vec<u8>> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = scratch();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let path = dir.join("template.db");
+        let store = SqliteStore::open(&path, key(), Durability::Normal).expect("a new database");
+        let mut engine = engine_on(store).expect("an engine on a new database");
+        let peer = PeerId([0x11; 20]);
+        let c = match engine.command(NOW, Command::CreateConversation { peer }) {
+            Ok(CommandOutcome::Conversation(c)) => c.id,
+            other => panic!("{other:?}"),
+        };
+        for n in 0..3 {
+            engine.command(NOW, Command::SendMessage { conversation: c, content: format!("message {n}") }).ok();
+        }
+        let members = vec![PeerId([0x22; 20]), PeerId([0x33; 20])];
+        engine.command(NOW, Command::CreateGroup { name: "group".into(), members }).ok();
+        drop(engine);
+        let conn = rusqlite::Connection::open(&path).expect("the template");
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;").expect("a checkpoint");
+        drop(conn);
+        std::fs::read(&path).expect("the template's bytes")
+    })
+}
+
+fn mutate(conn: &rusqlite::Connection, input: &mut Bytes<'_>) -> rusqlite::Result<()> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for _ in 0..1 + input.below(4) {
+        match input.byte() % 8 {
+            0 => {
+                let version = i64::from(input.byte()) - 4;
+                conn.execute_batch(&format!("PRAGMA user_version = {version}"))?;
+            }
+            1 => {
+                let table = &tables[input.below(tables.len())];
+                let offset = input.below(8);
+                conn.execute(
+                    &format!("DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} LIMIT 1 OFFSET ?1)"),
+                    [offset],
+                )?;
+            }
+            _ => {
+                let table = &tables[input.below(tables.len())];
+                let columns: Vec<String> = conn
+                    .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                if columns.is_empty() {
+                    continue;
+                }
+                let column = &columns[input.below(columns.len())];
+                let offset = input.below(8);
+                let len = input.below(64);
+                let bytes: Vec<u8> = (0..len).map(|_| input.byte()).collect();
+                let value: rusqlite::types::Value = match input.byte() % 4 {
+                    0 => rusqlite::types::Value::Null,
+                    1 => rusqlite::types::Value::Integer(i64::from_le_bytes({
+                        let mut b = [0u8; 8];
+                        for (d, s) in b.iter_mut().zip(&bytes) {
+                            *d = *s;
+                        }
+                        b
+                    })),
+                    2 => rusqlite::types::Value::Text(String::from_utf8_lossy(&bytes).into_owned()),
+                    _ => rusqlite::types::Value::Blob(bytes),
+                };
+                // Constraint failures are what the schema is for; they are
+                // not findings.
+                let _ = conn.execute(
+                    &format!("UPDATE {table} SET \"{column}\" = ?1 WHERE rowid IN (SELECT rowid FROM {table} LIMIT 1 OFFSET ?2)"),
+                    rusqlite::params![value, offset],
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Bytes(data);
+    let path = scratch().join("input.db");
+    let _ = std::fs::remove_file(path.with_extension("db-wal"));
+    let _ = std::fs::remove_file(path.with_extension("db-shm"));
+    std::fs::write(&path, template()).expect("the scratch database");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("the scratch database opens");
+        if mutate(&conn, &mut input).is_err() {
+            return;
+        }
+    }
+    let Ok(store) = SqliteStore::open(&path, key(), Durability::Normal) else { return };
+    let Some(mut engine) = engine_on(store) else { return };
+    let conversations = match engine.query(Query::Conversations) {
+        Ok(Answer::Conversations(all)) => all,
+        _ => Vec::new(),
+    };
+    for summary in &conversations {
+        let id = summary.conversation.id;
+        let _ = engine.query(Query::Messages { conversation: id, before: None, limit: 50 });
+        let _ = engine.query(Query::Members(id));
+        let _ = engine.command(NOW, Command::SendMessage { conversation: id, content: "after".into() });
+    }
+    let _ = engine.query(Query::UnreadTotal);
+    let _ = engine.handle(NOW.saturating_add_millis(3_600_000), Input::Timeout);
+    while engine.poll_transmit().is_some() || engine.poll_event().is_some() || engine.poll_lookup().is_some() {}
+});

@@ -1,0 +1,519 @@
+//! Hostile input against a real `p2pchat node` process. The attacker is a
+//! peer with its own identity: an engine of its own for real envelopes, and
+//! a QUIC connection to the victim it can send any bytes on. Each attack
+//! must be refused (the victim reports `chat.security.rejected`, or the
+//! transport refuses it), and afterwards the victim must still serve its API
+//! and carry on a genuine conversation with nothing lost or added.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command as Process, Stdio};
+use std::time::Duration;
+
+use p2pchat::tls::TlsIdentity;
+use p2pchat::transport::{PeerConnection, Transport};
+use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, TransmitOutcome};
+use p2pchat_protocol::keys::IdentitySeed;
+use p2pchat_protocol::{ConversationId, IdentityKeyPair, PeerId, Timestamp, MAX_SKIP};
+use rand_chacha::rand_core::SeedableRng;
+use serde_json::json;
+use support::{eventually, Client, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_p2pchat");
+
+struct Victim {
+    child: Child,
+    peer: PeerId,
+    quic: SocketAddr,
+    client: Client,
+    _dir: TempDir,
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn victim(name: &str) -> Victim {
+    let dir = TempDir::new(name);
+    let data = dir.0.join("data");
+    let mut child = Process::new(BIN)
+        .args(["node", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .env("P2PCHAT_LOG_DIR", dir.0.join("logs"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut child);
+    let (mut peer, mut quic, mut api) = (None, None, None);
+    while api.is_none() {
+        let line = lines.recv_timeout(Duration::from_secs(30)).expect("the node's start lines within 30 s");
+        if let Some(rest) = line.strip_prefix("node ") {
+            let mut words = rest.split(' ');
+            peer = words.next().map(|p| p.parse::<PeerId>().unwrap());
+            quic = words.nth(2).map(|a| a.parse::<SocketAddr>().unwrap());
+        }
+        if let Some(rest) = line.strip_prefix("API on http://") {
+            api = rest.split(' ').next().map(|a| a.parse::<SocketAddr>().unwrap());
+        }
+    }
+    let token = std::fs::read_to_string(data.join(p2pchat::api::TOKEN_FILE)).unwrap();
+    Victim { child, peer: peer.unwrap(), quic: quic.unwrap(), client: Client { addr: api.unwrap(), token }, _dir: dir }
+}
+
+/// The child's stdout, line by line, read on a thread of its own (so that a
+/// child that never prints cannot hang the test: callers wait with a timeout).
+fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    smol::block_on(async {
+        let timeout = async {
+            smol::Timer::after(Duration::from_secs(20)).await;
+            panic!("timed out");
+        };
+        smol::future::or(f, timeout).await
+    })
+}
+
+/// A peer whose every envelope passes through the test: it can send them,
+/// hold them back, send them twice, or alter them.
+struct Attacker {
+    engine: Engine<MemoryStore>,
+    identity_seed: [u8; 32],
+    conn: PeerConnection,
+    _transport: Transport,
+    victim: PeerId,
+    now: Timestamp,
+}
+
+impl Attacker {
+    fn connect(seed: u8, victim: &Victim) -> Self {
+        let identity_seed = [seed; 32];
+        let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(identity_seed));
+        let transport =
+            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+        let conn = block_on(transport.dial(victim.quic, victim.peer)).unwrap();
+        let now = Timestamp::from_millis(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+        );
+        let rng = rand_chacha::ChaCha20Rng::seed_from_u64(u64::from(seed));
+        let engine = Engine::new(identity, MemoryStore::new(), EngineConfig::default(), rng, now).unwrap();
+        Self { engine, identity_seed, conn, _transport: transport, victim: victim.peer, now }
+    }
+
+    fn peer(&self) -> PeerId {
+        IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(self.identity_seed)).peer_id()
+    }
+
+    /// The engine's envelopes for the victim, taken (not sent).
+    fn take(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let mut inputs = Vec::new();
+            while self.engine.poll_event().is_some() {}
+            while let Some(peer) = self.engine.poll_lookup() {
+                inputs.push(Input::PeerRecord(peer));
+            }
+            while let Some(t) = self.engine.poll_transmit() {
+                out.push(t.bytes);
+                inputs.push(Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Delivered });
+            }
+            if inputs.is_empty() {
+                return out;
+            }
+            for input in inputs {
+                self.engine.handle(self.now, input).unwrap();
+            }
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        block_on(self.conn.send(bytes)).unwrap();
+    }
+
+    /// Reads one envelope from the victim into the engine.
+    fn receive(&mut self) {
+        let bytes = block_on(async { self.conn.accept_frame().await.unwrap().await.unwrap() });
+        self.engine.handle(self.now, Input::Received { from: self.victim, bytes }).unwrap();
+    }
+
+    fn command(&mut self, command: Command) -> CommandOutcome {
+        self.engine.command(self.now, command).unwrap()
+    }
+
+    /// A session with the victim: the key exchange done for real.
+    fn open_session(&mut self) -> ConversationId {
+        let CommandOutcome::Conversation(c) = self.command(Command::CreateConversation { peer: self.victim }) else {
+            panic!()
+        };
+        self.command(Command::InitiateKeyExchange { peer: self.victim });
+        for request in self.take() {
+            self.send(&request);
+        }
+        self.receive(); // the acknowledgement
+                        // What the acknowledgement asks for in return goes too.
+        for envelope in self.take() {
+            self.send(&envelope);
+        }
+        c.id
+    }
+
+    /// `payload` sealed under this attacker's session with the victim, as
+    /// its engine would seal it (the session state is advanced and saved).
+    fn forge(&mut self, payload: &p2pchat_protocol::wire::PairwisePayload) -> Vec<u8> {
+        use p2pchat_protocol::engine::Store;
+        use p2pchat_protocol::wire::{Envelope, EnvelopeBody};
+        let store = self.engine.store_mut();
+        store.begin().unwrap();
+        let bytes = store.sessions(&self.victim).unwrap().expect("a session with the victim");
+        let mut sessions = p2pchat_protocol::PairwiseSessions::from_bytes(&bytes).unwrap();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(99);
+        let message = sessions.encrypt(&payload.encode(), &mut rng).unwrap();
+        store.put_sessions(&self.victim, &sessions.to_bytes()).unwrap();
+        store.commit().unwrap();
+        Envelope::new(EnvelopeBody::Ratchet(message)).encode()
+    }
+
+    /// A genuine chat message's envelope, not yet sent.
+    fn message(&mut self, conversation: ConversationId, text: &str) -> Vec<u8> {
+        self.command(Command::SendMessage { conversation, content: text.into() });
+        let mut envelopes = self.take();
+        assert_eq!(envelopes.len(), 1, "one envelope per message in an open session");
+        envelopes.remove(0)
+    }
+}
+
+fn ws(client: &Client) -> tungstenite::WebSocket<std::net::TcpStream> {
+    let stream = std::net::TcpStream::connect(client.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = tungstenite::handshake::client::Request::builder()
+        .uri(format!("ws://{}/api/ws?types=chat.security.rejected,chat.message.received", client.addr))
+        .header("Authorization", format!("Bearer {}", client.token))
+        .body(())
+        .unwrap();
+    tungstenite::client(request, stream).unwrap().0
+}
+
+/// The next event of `kind`, or a panic naming `what`.
+fn next(socket: &mut tungstenite::WebSocket<std::net::TcpStream>, kind: &str, what: &str) -> serde_json::Value {
+    loop {
+        let message = socket.read_message().unwrap_or_else(|e| panic!("no {kind} for {what}: {e}"));
+        if let tungstenite::Message::Text(text) = message {
+            let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+}
+
+/// Reads refusals until one whose reason contains `reason`.
+fn refused(socket: &mut tungstenite::WebSocket<std::net::TcpStream>, reason: &str, what: &str) {
+    loop {
+        let event = next(socket, "chat.security.rejected", what);
+        if event["payload"]["reason"].as_str().is_some_and(|r| r.contains(reason)) {
+            return;
+        }
+    }
+}
+
+/// The victim's messages from the attacker, oldest first.
+fn received_texts(victim: &Victim, attacker: &PeerId) -> Vec<String> {
+    let list = victim.client.get("/api/chat/conversations").body;
+    let Some(c) = list["conversations"].as_array().unwrap().iter().find(|c| c["peer_id"] == attacker.to_string())
+    else {
+        return Vec::new();
+    };
+    let id = c["conversation_id"].as_str().unwrap();
+    let page = victim.client.get(&format!("/api/chat/conversations/{id}/messages?limit=500")).body;
+    let mut texts: Vec<String> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap().to_owned()).collect();
+    texts.reverse();
+    texts
+}
+
+#[test]
+fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_nothing_is_damaged() {
+    let victim = victim("hostile-envelopes");
+    let mut events = ws(&victim.client);
+    let mut attacker = Attacker::connect(0x61, &victim);
+    let c = attacker.open_session();
+
+    // A genuine message arrives once; sent again, it is a duplicate.
+    let first = attacker.message(c, "genuine 1");
+    attacker.send(&first);
+    assert_eq!(next(&mut events, "chat.message.received", "the genuine message")["payload"]["content"], "genuine 1");
+    attacker.send(&first);
+
+    // Every bit of a genuine envelope's header and body matters.
+    let second = attacker.message(c, "genuine 2");
+    for at in [1, second.len() / 2, second.len() - 1] {
+        let mut altered = second.clone();
+        altered[at] ^= 0x04;
+        attacker.send(&altered);
+        next(&mut events, "chat.security.rejected", &format!("an envelope altered at byte {at}"));
+    }
+    // Bytes that are no envelope at all.
+    attacker.send(b"\x01garbage that is not postcard");
+    next(&mut events, "chat.security.rejected", "garbage");
+
+    // A message from further ahead in the chain than MAX_SKIP allows.
+    for n in 0..=MAX_SKIP {
+        attacker.message(c, &format!("skipped {n}"));
+    }
+    let ahead = attacker.message(c, "too far ahead");
+    attacker.send(&ahead);
+    refused(&mut events, "ahead of the chain", "a message beyond MAX_SKIP");
+
+    // Oversized: an envelope over the limit, which the transport still
+    // carries, is refused by the victim unread; a frame over the
+    // transport's limit cannot even be sent.
+    let mut oversized = vec![1u8; p2pchat_protocol::wire::MAX_ENVELOPE_LEN + 1];
+    oversized[0] = 1;
+    attacker.send(&oversized);
+    refused(&mut events, "exceeds the", "an oversized envelope");
+    let too_big = vec![1u8; p2pchat::transport::MAX_FRAME_LEN + 1];
+    assert!(block_on(attacker.conn.send(&too_big)).is_err(), "a frame over the transport's limit");
+
+    // The genuine second message, untouched, still arrives; the replay and
+    // the forgeries left nothing behind.
+    attacker.send(&second);
+    assert_eq!(next(&mut events, "chat.message.received", "the genuine second")["payload"]["content"], "genuine 2");
+    assert_eq!(received_texts(&victim, &attacker.peer()), ["genuine 1", "genuine 2"]);
+    assert_eq!(victim.client.get("/api/node").status, 200, "the victim still serves");
+}
+
+#[test]
+fn hundreds_of_connections_and_streams_do_not_stop_the_node() {
+    let victim = victim("hostile-connections");
+    let mut events = ws(&victim.client);
+    // Three hundred connections from three hundred identities, then a burst
+    // of frames from one of them on as many streams at once as it likes.
+    let flood = Attacker::connect(0x62, &victim);
+    let extra: Vec<(Transport, PeerConnection)> = (0..300u16)
+        .map(|n| {
+            let mut seed = [0x70; 32];
+            seed[..2].copy_from_slice(&n.to_le_bytes());
+            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seed));
+            let t =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+            let conn = block_on(t.dial(victim.quic, victim.peer)).unwrap();
+            (t, conn)
+        })
+        .collect();
+    block_on(async {
+        let tasks: Vec<_> = (0..200)
+            .map(|n| {
+                let conn = flood.conn.clone();
+                smol::spawn(async move { conn.send(format!("junk {n}").as_bytes()).await })
+            })
+            .collect();
+        for task in tasks {
+            // The victim may close streams it will not read; that is its
+            // right, and no failure here.
+            let _ = task.await;
+        }
+    });
+    next(&mut events, "chat.security.rejected", "the junk frames");
+    drop(extra);
+    // A genuine peer is still served.
+    let mut genuine = Attacker::connect(0x63, &victim);
+    let c = genuine.open_session();
+    let message = genuine.message(c, "still here?");
+    genuine.send(&message);
+    eventually("the genuine message", || (received_texts(&victim, &genuine.peer()) == ["still here?"]).then_some(()));
+    assert_eq!(victim.client.get("/api/node").status, 200);
+}
+
+#[test]
+fn bad_api_requests_to_a_running_node_are_refused_with_reasons() {
+    let victim = victim("hostile-api");
+    let c = &victim.client;
+    let cases = [
+        (c.request("POST", "/api/chat/conversations", Some(b"{\"peer_id\": "), &[]), 400, "invalid_json"),
+        (c.request("GET", "/api/chat/unread", None, &[("Authorization", "")]), 401, "unauthorized"),
+        (c.request("GET", "/api/chat/unread", None, &[("Authorization", "Bearer wrong")]), 401, "unauthorized"),
+        (c.request("GET", "/api/chat/unread", None, &[("Host", "attacker.example")]), 403, "host_not_allowed"),
+        (
+            c.request("POST", "/api/chat/key-exchange", Some(b"{}"), &[("Origin", "http://attacker.example")]),
+            403,
+            "origin_not_allowed",
+        ),
+        (
+            c.request("POST", "/api/chat/conversations", Some(&vec![b' '; p2pchat_http_tide::MAX_BODY + 1]), &[]),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (answer, status, code) in cases {
+        assert_eq!((answer.status, answer.code()), (status, code), "{:?}", answer.body);
+    }
+    let created = c.post("/api/chat/conversations", json!({"peer_id": "ab".repeat(20)}));
+    assert_eq!(created.status, 200, "the node still serves: {:?}", created.body);
+}
+
+#[test]
+fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
+    use p2pchat_protocol::engine::{Transmit, TransmitId};
+    use p2pchat_protocol::relay::{ClientAction, PeerRecord, RelayClient};
+
+    let dir = TempDir::new("hostile-relay");
+    let mut child = Process::new(BIN)
+        .args(["relay", "--data-dir", dir.0.join("relay").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--mailbox-max-count", "5"])
+        .env("P2PCHAT_LOG_DIR", dir.0.join("logs"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut child);
+    let address = loop {
+        let line = lines.recv_timeout(Duration::from_secs(30)).expect("the relay's address within 30 s");
+        if let Some(rest) = line.strip_prefix("relay ") {
+            break rest.trim().to_owned();
+        }
+    };
+    let (peer, addr) = address.split_once('@').unwrap();
+    let (relay_peer, relay_addr): (PeerId, SocketAddr) = (peer.parse().unwrap(), addr.parse().unwrap());
+
+    let now = Timestamp::from_millis(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+    );
+    // A client of the relay: registered, with its record published.
+    let register = |seed: u8| {
+        let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
+        let transport =
+            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+        let conn = block_on(transport.dial(relay_addr, relay_peer)).unwrap();
+        let mut client = RelayClient::new();
+        let expires = now.saturating_add_millis(600_000);
+        let record = PeerRecord::sign(&identity, Vec::new(), vec![address.clone()], now, expires, 1);
+        for frame in client.on_connect(record) {
+            block_on(conn.send(&frame.encode())).unwrap();
+        }
+        (identity.peer_id(), transport, conn, client)
+    };
+    // Reads frames until `done` says enough, handing each to the client.
+    let read = |conn: &PeerConnection, client: &mut RelayClient, done: &mut dyn FnMut(&ClientAction) -> bool| loop {
+        let bytes = block_on(async { conn.accept_frame().await.unwrap().await.unwrap() });
+        for action in client.on_frame(now, &bytes).unwrap() {
+            if done(&action) {
+                return;
+            }
+        }
+    };
+
+    // The recipient registers, then goes offline.
+    let (recipient, t, c, mut client) = register(0x65);
+    read(&c, &mut client, &mut |a| matches!(a, ClientAction::Published { .. }));
+    c.close();
+    drop(t);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Twenty envelopes for it; its mailbox holds five.
+    let (_, _attacker_transport, conn, mut attacker) = register(0x64);
+    for n in 0..20u64 {
+        let transmit = Transmit { id: TransmitId(n), peer: recipient, bytes: vec![1, 2, 3], mailbox_allowed: true };
+        block_on(conn.send(&attacker.forward(transmit).encode())).unwrap();
+    }
+    let mut outcomes = Vec::new();
+    read(&conn, &mut attacker, &mut |a| {
+        if let ClientAction::ToEngine(Input::TransmitResult { outcome, .. }) = a {
+            outcomes.push(outcome.clone());
+        }
+        outcomes.len() == 20
+    });
+    let held = outcomes.iter().filter(|o| **o == TransmitOutcome::HeldByRelay).count();
+    let refused: Vec<_> = outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(_))).collect();
+    assert_eq!((held, refused.len()), (5, 15), "the mailbox holds its quota and no more: {outcomes:?}");
+    assert!(
+        refused.iter().all(|o| matches!(o, TransmitOutcome::Failed(r) if r.contains("full"))),
+        "refused with the reason: {refused:?}"
+    );
+
+    // The relay goes on: the recipient comes back and gets exactly the five.
+    let (_, _t, c, mut client) = register(0x65);
+    let mut delivered = 0;
+    read(&c, &mut client, &mut |a| {
+        if matches!(a, ClientAction::ToEngine(Input::Received { .. })) {
+            delivered += 1;
+        }
+        delivered == 5
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn forged_group_traffic_is_refused_member_by_member() {
+    use p2pchat_protocol::wire::{
+        Envelope, EnvelopeBody, GroupControl, PairwisePayload, RosterEntry, SenderKeyDistribution,
+    };
+    use p2pchat_protocol::GroupSession;
+
+    let victim = victim("hostile-group");
+    let mut events = ws(&victim.client);
+    // The victim makes a group with the attacker (a member, not the admin)
+    // and one more member.
+    let mut member = Attacker::connect(0x66, &victim);
+    member.open_session();
+    let other = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([0x67; 32])).peer_id();
+    let created = victim.client.post(
+        "/api/chat/groups",
+        json!({"group_name": "targets", "members": [member.peer().to_string(), other.to_string()]}),
+    );
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let group: ConversationId = created.body["conversation_id"].as_str().unwrap().parse().unwrap();
+
+    // An invite by a member who is not the admin.
+    let added = PairwisePayload::GroupControl(GroupControl::MemberAdded {
+        group_id: group,
+        member: RosterEntry { peer_id: PeerId([0x68; 20]), epoch: 2 },
+    });
+    let forged = member.forge(&added);
+    member.send(&forged);
+    refused(&mut events, "only the group's admin may add members", "an invite by a non-admin");
+
+    // A sender key of another member, passed on by this one.
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let others_session = GroupSession::new(group, other, [victim.peer, member.peer()], &mut rng).unwrap();
+    let mut distribution: SenderKeyDistribution = others_session.distribution_for(&victim.peer);
+    distribution.sender = other;
+    let forwarded = member.forge(&PairwisePayload::SenderKeyDistribution(distribution));
+    member.send(&forwarded);
+    refused(&mut events, "only a key's owner may distribute it", "a sender key forwarded by a third party");
+
+    // A group message signed by a peer that is not a member.
+    let outsider = Attacker::connect(0x69, &victim);
+    let mut outsiders_session =
+        GroupSession::new(group, outsider.peer(), [victim.peer, member.peer()], &mut rng).unwrap();
+    let message = outsiders_session.encrypt(b"let me in").unwrap();
+    outsider.send(&Envelope::new(EnvelopeBody::Group(message)).encode());
+    refused(&mut events, "is not a member of this group", "a group message from a non-member");
+
+    // Nothing changed: the members are the three the victim chose.
+    let members = victim.client.get(&format!("/api/chat/groups/{group}/members")).body;
+    let mut ids: Vec<String> =
+        members["members"].as_array().unwrap().iter().map(|m| m["peer_id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    let mut expected = vec![victim.peer.to_string(), member.peer().to_string(), other.to_string()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert!(received_texts(&victim, &outsider.peer()).is_empty());
+}
