@@ -11,7 +11,7 @@ use p2pchat::node::{Node, NodeConfig};
 use p2pchat_protocol::engine::EngineConfig;
 use p2pchat_storage_sqlite::Durability;
 use serde_json::json;
-use support::{eventually, Answer, Client, TempDir};
+use support::{eventually, ws_connect, Answer, Client, TempDir};
 
 struct ApiNode {
     node: Node,
@@ -445,17 +445,6 @@ fn a_request_is_answered_only_after_its_body_and_the_connection_goes_on() {
         format!("GET /api/chat/unread HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n", c.addr, c.token);
     writer.write_all(next.as_bytes()).unwrap();
     assert_eq!(read_answer(&mut reader), 200, "the next request on the connection is answered");
-}
-
-fn ws_connect(client: &Client, query: &str) -> tungstenite::WebSocket<std::net::TcpStream> {
-    let stream = std::net::TcpStream::connect(client.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let request = tungstenite::handshake::client::Request::builder()
-        .uri(format!("ws://{}/api/ws{query}", client.addr))
-        .header("Authorization", format!("Bearer {}", client.token))
-        .body(())
-        .unwrap();
-    tungstenite::client(request, stream).expect("the WebSocket opens").0
 }
 
 fn next_event(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> serde_json::Value {

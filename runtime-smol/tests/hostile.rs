@@ -42,14 +42,8 @@ impl Drop for Victim {
 fn victim(name: &str) -> Victim {
     let dir = TempDir::new(name);
     let data = dir.0.join("data");
-    let mut child = Process::new(BIN)
-        .args(["node", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-        .env("P2PCHAT_LOG_DIR", dir.0.join("logs"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = stdout_lines(&mut child);
+    let args = ["node", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"];
+    let (child, lines) = spawn(&args, &dir);
     let (mut peer, mut quic, mut api) = (None, None, None);
     while api.is_none() {
         let line = lines.recv_timeout(Duration::from_secs(30)).expect("the node's start lines within 30 s");
@@ -66,9 +60,17 @@ fn victim(name: &str) -> Victim {
     Victim { child, peer: peer.unwrap(), quic: quic.unwrap(), client: Client { addr: api.unwrap(), token }, _dir: dir }
 }
 
-/// The child's stdout, line by line, read on a thread of its own (so that a
-/// child that never prints cannot hang the test: callers wait with a timeout).
-fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+/// A `p2pchat` process with its logs in `dir`, and its stdout line by line,
+/// read on a thread of its own (so that a child that never prints cannot
+/// hang the test: callers wait with a timeout).
+fn spawn(args: &[&str], dir: &TempDir) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Process::new(BIN)
+        .args(args)
+        .env("P2PCHAT_LOG_DIR", dir.0.join("logs"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -78,7 +80,7 @@ fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
             }
         }
     });
-    rx
+    (child, rx)
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -200,14 +202,7 @@ impl Attacker {
 }
 
 fn ws(client: &Client) -> tungstenite::WebSocket<std::net::TcpStream> {
-    let stream = std::net::TcpStream::connect(client.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let request = tungstenite::handshake::client::Request::builder()
-        .uri(format!("ws://{}/api/ws?types=chat.security.rejected,chat.message.received", client.addr))
-        .header("Authorization", format!("Bearer {}", client.token))
-        .body(())
-        .unwrap();
-    tungstenite::client(request, stream).unwrap().0
+    support::ws_connect(client, "?types=chat.security.rejected,chat.message.received")
 }
 
 /// The next event of `kind`, or a panic naming `what`.
@@ -389,15 +384,9 @@ fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
     use p2pchat_protocol::relay::{ClientAction, PeerRecord, RelayClient};
 
     let dir = TempDir::new("hostile-relay");
-    let mut child = Process::new(BIN)
-        .args(["relay", "--data-dir", dir.0.join("relay").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .args(["--mailbox-max-count", "5"])
-        .env("P2PCHAT_LOG_DIR", dir.0.join("logs"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = stdout_lines(&mut child);
+    let data = dir.0.join("relay");
+    let args = ["relay", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--mailbox-max-count", "5"];
+    let (mut child, lines) = spawn(&args, &dir);
     let address = loop {
         let line = lines.recv_timeout(Duration::from_secs(30)).expect("the relay's address within 30 s");
         if let Some(rest) = line.strip_prefix("relay ") {

@@ -178,3 +178,16 @@ pub fn eventually_within<T>(secs: u64, what: &str, mut check: impl FnMut() -> Op
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A WebSocket to the node's `/api/ws` (with `query`, e.g. `?types=...`),
+/// authenticated with the bearer token; reads time out after 20 s.
+pub fn ws_connect(client: &Client, query: &str) -> tungstenite::WebSocket<TcpStream> {
+    let stream = TcpStream::connect(client.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = tungstenite::handshake::client::Request::builder()
+        .uri(format!("ws://{}/api/ws{query}", client.addr))
+        .header("Authorization", format!("Bearer {}", client.token))
+        .body(())
+        .unwrap();
+    tungstenite::client(request, stream).expect("the WebSocket opens").0
+}
