@@ -537,19 +537,12 @@ async fn run_network(
     });
     let acceptor = smol::spawn({
         let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
-        let limits = Arc::new(IncomingLimits::default());
         async move {
             while let Some(handshake) = transport.accept().await {
-                let (connections, node, limits) = (connections.clone(), node.clone(), limits.clone());
+                let (connections, node) = (connections.clone(), node.clone());
                 smol::spawn(async move {
                     match handshake.await {
-                        Ok(conn) => match IncomingLimits::admit(&limits, conn.peer()) {
-                            Some(slot) => adopt(conn, &connections, &node, Some(slot)),
-                            None => {
-                                log::info!("refused a connection from {}: too many open", conn.peer());
-                                conn.close();
-                            }
-                        },
+                        Ok(conn) => adopt(conn, &connections, &node),
                         Err(e) => log::info!("incoming connection failed: {e}"),
                     }
                 })
@@ -735,58 +728,9 @@ async fn serve_relay(conn: &PeerConnection, node: &NodeHandle, link: &RelayLink)
 /// How long the records this node publishes stay valid.
 const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
 
-/// Incoming connections held open at once, in all.
-const MAX_INCOMING: usize = 256;
-
-/// Incoming connections held open at once from one peer. A peer that
-/// restarts or redials leaves connections behind until they time out, and a
-/// burst of sends can dial more than once, so this is generous; it bounds a
-/// single identity to a quarter of [`MAX_INCOMING`].
-const MAX_INCOMING_PER_PEER: usize = 64;
-
-/// Counts of the incoming connections held open, so that a peer (or many)
-/// opening connections without end is refused rather than served.
-#[derive(Default)]
-struct IncomingLimits {
-    open: std::sync::Mutex<BTreeMap<PeerId, usize>>,
-}
-
-/// One admitted incoming connection; its count is released on drop.
-struct IncomingSlot {
-    limits: Arc<IncomingLimits>,
-    peer: PeerId,
-}
-
-impl IncomingLimits {
-    fn admit(limits: &Arc<IncomingLimits>, peer: PeerId) -> Option<IncomingSlot> {
-        let mut open = limits.open.lock().ok()?;
-        let total: usize = open.values().sum();
-        let mine = open.get(&peer).copied().unwrap_or(0);
-        if total >= MAX_INCOMING || mine >= MAX_INCOMING_PER_PEER {
-            return None;
-        }
-        open.insert(peer, mine + 1);
-        Some(IncomingSlot { limits: limits.clone(), peer })
-    }
-}
-
-impl Drop for IncomingSlot {
-    fn drop(&mut self) {
-        if let Ok(mut open) = self.limits.open.lock() {
-            if let Some(n) = open.get_mut(&self.peer) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    open.remove(&self.peer);
-                }
-            }
-        }
-    }
-}
-
 /// A new connection: remember it, tell the engine the peer is reachable,
-/// and read its frames (each in its own task). An incoming connection's
-/// `slot` is held until the connection ends.
-fn adopt(conn: PeerConnection, connections: &Connections, node: &NodeHandle, slot: Option<IncomingSlot>) {
+/// and read its frames (each in its own task).
+fn adopt(conn: PeerConnection, connections: &Connections, node: &NodeHandle) {
     let peer = conn.peer();
     if let Ok(mut map) = connections.lock() {
         map.insert(peer, conn.clone());
@@ -794,7 +738,6 @@ fn adopt(conn: PeerConnection, connections: &Connections, node: &NodeHandle, slo
     node.input(Input::PeerReachable(peer));
     let (connections, node) = (connections.clone(), node.clone());
     smol::spawn(async move {
-        let _slot = slot;
         loop {
             match conn.accept_frame().await {
                 Ok(frame) => {
@@ -837,7 +780,7 @@ async fn deliver(
             };
             match transport.dial(addr, transmit.peer).await {
                 Ok(conn) => {
-                    adopt(conn.clone(), connections, node, None);
+                    adopt(conn.clone(), connections, node);
                     conn
                 }
                 Err(e) => return TransmitOutcome::Failed(format!("cannot reach the peer: {e}")),

@@ -295,34 +295,23 @@ fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_no
 }
 
 #[test]
-fn floods_of_connections_are_refused_and_streams_do_not_stop_the_node() {
+fn hundreds_of_connections_and_streams_do_not_stop_the_node() {
     let victim = victim("hostile-connections");
     let mut events = ws(&victim.client);
-    // One peer opening connection after connection: a few are served, the
-    // rest refused.
+    // Three hundred connections from three hundred identities, then a burst
+    // of frames from one of them on as many streams at once as it likes.
     let flood = Attacker::connect(0x62, &victim);
-    let dial = |seed: [u8; 32]| {
-        let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seed));
-        let t = Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
-        let conn = block_on(t.dial(victim.quic, victim.peer)).unwrap();
-        (t, conn)
-    };
-    let same_peer: Vec<(Transport, PeerConnection)> = (0..80).map(|_| dial([0x62; 32])).collect();
-    // Three hundred more from as many identities: more than the node holds.
-    let many: Vec<(Transport, PeerConnection)> = (0..300u16)
+    let extra: Vec<(Transport, PeerConnection)> = (0..300u16)
         .map(|n| {
             let mut seed = [0x70; 32];
             seed[..2].copy_from_slice(&n.to_le_bytes());
-            dial(seed)
+            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seed));
+            let t =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+            let conn = block_on(t.dial(victim.quic, victim.peer)).unwrap();
+            (t, conn)
         })
         .collect();
-    let open = |conns: &[(Transport, PeerConnection)]| conns.iter().filter(|(_, c)| !c.is_closed()).count();
-    // At most 64 from one peer (the first included) and 256 in all are held.
-    eventually("the connections over the limits are refused", || {
-        let from_one_peer = 1 + open(&same_peer);
-        (from_one_peer <= 64 && from_one_peer + open(&many) <= 256).then_some(())
-    });
-    assert!(!flood.conn.is_closed(), "the peer's first connection is still served");
     block_on(async {
         let tasks: Vec<_> = (0..200)
             .map(|n| {
@@ -337,11 +326,7 @@ fn floods_of_connections_are_refused_and_streams_do_not_stop_the_node() {
         }
     });
     next(&mut events, "chat.security.rejected", "the junk frames");
-    // Their slots come back when they close.
-    for (_, conn) in same_peer.iter().chain(&many) {
-        conn.close();
-    }
-    drop((same_peer, many));
+    drop(extra);
     // A genuine peer is still served.
     let mut genuine = Attacker::connect(0x63, &victim);
     let c = genuine.open_session();
