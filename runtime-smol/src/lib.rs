@@ -3,6 +3,7 @@
 //! engine and the relay.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;

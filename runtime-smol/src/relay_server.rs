@@ -14,10 +14,11 @@ use p2pchat_protocol::{PeerId, Timestamp};
 use p2pchat_storage_sqlite::{Durability, SqliteRelayStore};
 use smol::channel;
 
+use crate::admission::IncomingLimits;
 use crate::lock::DataDirLock;
 use crate::node::NodeError;
 use crate::tls::TlsIdentity;
-use crate::transport::{PeerConnection, Transport, TransportError};
+use crate::transport::{Inbound, PeerConnection, Transport, TransportError};
 
 /// What a relay needs to start.
 #[derive(Clone, Debug)]
@@ -66,7 +67,7 @@ impl RelayServer {
         let relay = Relay::new(store, config.relay.clone())
             .map_err(|e| NodeError::Thread(format!("the relay's store failed: {e}")))?;
         let tls = TlsIdentity::new(&identity).map_err(TransportError::from)?;
-        let transport = Arc::new(Transport::bind(config.listen, tls, true)?);
+        let transport = Arc::new(Transport::bind(config.listen, tls, Inbound::Limited(IncomingLimits::RELAY))?);
         let listen = transport.local_addr()?;
         let (tx, rx) = mpsc::channel();
         let (out_tx, out_rx) = channel::unbounded::<(PeerId, Vec<u8>)>();
@@ -162,6 +163,8 @@ async fn run_network(
                 smol::spawn(async move {
                     match handshake.await {
                         Ok(conn) => serve(conn, connections, tx).await,
+                        // Refusals have their own rate-limited lines.
+                        Err(e) if e.is_refusal() => log::debug!("relay: incoming connection refused: {e}"),
                         Err(e) => log::info!("relay: incoming connection failed: {e}"),
                     }
                 })

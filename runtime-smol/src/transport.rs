@@ -5,11 +5,13 @@
 //! engine's `TransmitOutcome::Delivered` means.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use p2pchat_protocol::PeerId;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
+use crate::admission::{Admission, IncomingLimits, Limit, RefusalLog};
 use crate::tls::{peer_of_certificate, TlsError, TlsIdentity};
 
 /// The largest frame accepted on a stream (a relay frame carries at most
@@ -57,22 +59,64 @@ pub enum TransportError {
     /// The peer stopped the stream (it refused the frame) with this code.
     #[error("the peer refused the frame (code {0})")]
     Refused(quinn::VarInt),
+    /// An incoming connection was refused: a limit was met.
+    #[error("refused a connection from {peer}: {limit}")]
+    OverLimit {
+        /// Who dialled.
+        peer: PeerId,
+        /// Which limit it met (also the reason the dialler is given).
+        limit: Limit,
+    },
+    /// An incoming handshake did not finish in time.
+    #[error("the handshake did not finish within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout,
+    /// A frame did not arrive whole in time.
+    #[error("a frame did not arrive whole within {} s", FRAME_TIMEOUT.as_secs())]
+    FrameTimeout,
 }
+
+impl TransportError {
+    /// Whether this is a dialler held to our limits (counted in the
+    /// refusal log, so not worth a line of its own).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, TransportError::OverLimit { .. } | TransportError::HandshakeTimeout)
+    }
+}
+
+/// Whether an endpoint takes incoming connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// None (a node behind NAT, or `--no-direct`): every dialler is refused
+    /// at once, with no handshake.
+    Refused,
+    /// Up to these limits.
+    Limited(IncomingLimits),
+}
+
+/// The application close code of a connection refused over a limit; the
+/// reason phrase names the limit.
+pub const REFUSED: u32 = 1;
+
+/// How long an incoming handshake may take before its slot is given back.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a frame may take to arrive whole once its stream opened: a
+/// peer cannot keep half-sent frames in our memory for ever.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A QUIC endpoint with this node's identity.
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
     tls: Arc<TlsIdentity>,
-    accept_incoming: bool,
+    /// `None` when every incoming connection is refused.
+    admission: Option<Arc<Admission>>,
+    refusals: Arc<RefusalLog>,
 }
 
 impl Transport {
-    /// Binds `addr`. With `accept_incoming` false (a node behind NAT, or
-    /// `--no-direct`), the endpoint only dials out: [`Transport::accept`]
-    /// refuses every incoming connection at once (the dialler gets a clear
-    /// refusal, not a timeout).
-    pub fn bind(addr: SocketAddr, tls: TlsIdentity, accept_incoming: bool) -> Result<Self, TransportError> {
+    /// Binds `addr`, taking incoming connections as `inbound` says.
+    pub fn bind(addr: SocketAddr, tls: TlsIdentity, inbound: Inbound) -> Result<Self, TransportError> {
         let crypto = QuicServerConfig::try_from(tls.server_config()?)
             .map_err(|e| TlsError::Certificate(format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -80,7 +124,11 @@ impl Transport {
         let socket = std::net::UdpSocket::bind(addr)?;
         let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::SmolRuntime))?;
-        Ok(Self { endpoint, tls: Arc::new(tls), accept_incoming })
+        let admission = match inbound {
+            Inbound::Refused => None,
+            Inbound::Limited(limits) => Some(Admission::new(limits)),
+        };
+        Ok(Self { endpoint, tls: Arc::new(tls), admission, refusals: Arc::default() })
     }
 
     /// The bound address.
@@ -102,27 +150,73 @@ impl Transport {
         config.transport_config(transport_config());
         let connection = self.endpoint.connect_with(config, addr, "p2pchat")?.await?;
         let peer = identity_of(&connection).ok_or(TransportError::NoIdentity)?;
-        Ok(PeerConnection { connection, peer })
+        Ok(PeerConnection::new(connection, peer))
     }
 
     /// The next incoming connection attempt; `None` once the endpoint is
     /// closed. The handshake is the returned future: run each in its own
     /// task, so one slow or silent dialler cannot hold up the others.
+    ///
+    /// Dialers over the [`IncomingLimits`] are refused: before the
+    /// handshake (a QUIC refusal) when too many are in progress, or right
+    /// after it, once the peer is known, with [`REFUSED`] and the limit as
+    /// the reason. A handshake gets [`HANDSHAKE_TIMEOUT`] to finish.
     pub async fn accept(
         &self,
     ) -> Option<impl core::future::Future<Output = Result<PeerConnection, TransportError>> + Send + 'static> {
-        let incoming = loop {
+        let (incoming, ticket, admission) = loop {
             let incoming = self.endpoint.accept().await?;
-            if self.accept_incoming {
-                break incoming;
+            let from = incoming.remote_address();
+            let Some(admission) = &self.admission else {
+                self.refusals.record(from, "this node accepts none (--no-direct)");
+                incoming.refuse();
+                continue;
+            };
+            // Under pressure a dialler proves it receives at its address
+            // before it costs us a handshake: spoofed floods end here.
+            if !incoming.remote_address_validated() && admission.under_pressure() {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
             }
-            log::info!("refused a connection from {}: this node accepts none (--no-direct)", incoming.remote_address());
-            incoming.refuse();
+            match admission.start_handshake(from.ip()) {
+                Ok(ticket) => break (incoming, ticket, admission.clone()),
+                Err(limit) => {
+                    self.refusals.record(from, limit);
+                    incoming.refuse();
+                }
+            }
         };
+        let refusals = self.refusals.clone();
         Some(async move {
-            let connection = incoming.await?;
+            let from = incoming.remote_address();
+            let handshake = async { Some(incoming.await) };
+            let late = async {
+                smol::Timer::after(HANDSHAKE_TIMEOUT).await;
+                None
+            };
+            let connection = smol::future::or(handshake, late).await;
+            drop(ticket);
+            let Some(connection) = connection else {
+                refusals.record(from, "the handshake took too long");
+                return Err(TransportError::HandshakeTimeout);
+            };
+            let connection = connection?;
             let peer = identity_of(&connection).ok_or(TransportError::NoIdentity)?;
-            Ok(PeerConnection { connection, peer })
+            let slot = admission.admit(from.ip(), peer).map_err(|limit| {
+                refusals.record(from, limit);
+                connection.close(REFUSED.into(), limit.to_string().as_bytes());
+                TransportError::OverLimit { peer, limit }
+            })?;
+            // The slot comes back when the connection ends, however it ends.
+            let watched = connection.clone();
+            smol::spawn(async move {
+                watched.closed().await;
+                drop(slot);
+            })
+            .detach();
+            Ok(PeerConnection::new(connection, peer))
         })
     }
 
@@ -184,9 +278,21 @@ fn identity_of(connection: &quinn::Connection) -> Option<PeerId> {
 pub struct PeerConnection {
     connection: quinn::Connection,
     peer: PeerId,
+    /// When a frame sent on it was last acknowledged, if ever.
+    progress: Arc<Mutex<Option<Instant>>>,
 }
 
 impl PeerConnection {
+    fn new(connection: quinn::Connection, peer: PeerId) -> Self {
+        Self { connection, peer, progress: Arc::default() }
+    }
+
+    /// Whether a frame sent on it was acknowledged at `since` or later: a
+    /// connection that is slow but moving is not a dead one.
+    pub fn acknowledged_since(&self, since: Instant) -> bool {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|at| at >= since)
+    }
+
     /// The peer, as its certificate proved.
     pub fn peer(&self) -> PeerId {
         self.peer
@@ -204,7 +310,10 @@ impl PeerConnection {
         sending.stream.finish()?;
         sending.finished = true;
         match sending.stream.stopped().await? {
-            None => Ok(()),
+            None => {
+                *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                Ok(())
+            }
             Some(code) => Err(TransportError::Refused(code)),
         }
     }
@@ -217,12 +326,41 @@ impl PeerConnection {
     ) -> Result<impl core::future::Future<Output = Result<Vec<u8>, TransportError>> + Send + 'static, TransportError>
     {
         let mut stream = self.connection.accept_uni().await?;
-        Ok(async move { Ok(stream.read_to_end(MAX_FRAME_LEN).await?) })
+        Ok(async move {
+            let whole = async { Some(stream.read_to_end(MAX_FRAME_LEN).await) };
+            let late = async {
+                smol::Timer::after(FRAME_TIMEOUT).await;
+                None
+            };
+            Ok(smol::future::or(whole, late).await.ok_or(TransportError::FrameTimeout)??)
+        })
     }
 
     /// Whether the connection has closed (the peer left, or it timed out).
     pub fn is_closed(&self) -> bool {
         self.connection.close_reason().is_some()
+    }
+
+    /// Why the connection closed, once it has (a refusal's reason among
+    /// them).
+    pub fn close_reason(&self) -> Option<String> {
+        self.connection.close_reason().map(|e| e.to_string())
+    }
+
+    /// The limit the other side named, if it refused this connection over
+    /// one.
+    pub fn refusal(&self) -> Option<Limit> {
+        match self.connection.close_reason()? {
+            quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from(REFUSED) => {
+                Limit::from_reason(&close.reason)
+            }
+            _ => None,
+        }
+    }
+
+    /// Identifies this connection among others to the same peer.
+    pub fn id(&self) -> usize {
+        self.connection.stable_id()
     }
 
     /// Closes the connection.

@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
+use p2pchat::admission::Limit;
 use p2pchat::tls::TlsIdentity;
-use p2pchat::transport::{PeerConnection, Transport};
+use p2pchat::transport::{Inbound, PeerConnection, Transport};
 use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, TransmitOutcome};
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, PeerId, Timestamp, MAX_SKIP};
@@ -109,7 +110,8 @@ impl Attacker {
         let identity_seed = [seed; 32];
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(identity_seed));
         let transport =
-            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused)
+                .unwrap();
         let conn = block_on(transport.dial(victim.quic, victim.peer)).unwrap();
         let now = Timestamp::from_millis(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
@@ -294,24 +296,56 @@ fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_no
     assert_eq!(victim.client.get("/api/node").status, 200, "the victim still serves");
 }
 
+/// Connections from a test endpoint at `from` with the identity `seed`.
+fn dial(victim: &Victim, seed: [u8; 32], from: [u8; 4]) -> (Transport, PeerConnection) {
+    let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seed));
+    let t = Transport::bind((from, 0).into(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused).unwrap();
+    let conn = block_on(t.dial(victim.quic, victim.peer)).unwrap();
+    (t, conn)
+}
+
+/// A fresh identity for the `n`th connection of a flood.
+fn flood_seed(tag: u8, n: u16) -> [u8; 32] {
+    let mut seed = [tag; 32];
+    seed[..2].copy_from_slice(&n.to_le_bytes());
+    seed
+}
+
 #[test]
-fn hundreds_of_connections_and_streams_do_not_stop_the_node() {
+fn floods_of_connections_are_refused_and_streams_do_not_stop_the_node() {
     let victim = victim("hostile-connections");
     let mut events = ws(&victim.client);
-    // Three hundred connections from three hundred identities, then a burst
-    // of frames from one of them on as many streams at once as it likes.
+    let open = |conns: &[(Transport, PeerConnection)]| conns.iter().filter(|(_, c)| !c.is_closed()).count();
+    let refused = |conns: &[(Transport, PeerConnection)], limit: Limit| {
+        conns.iter().filter(|(_, c)| c.refusal() == Some(limit)).count()
+    };
+    // Each flood is held to its limit, the rest refused with the limit's
+    // name; what was held before goes on being served.
     let flood = Attacker::connect(0x62, &victim);
-    let extra: Vec<(Transport, PeerConnection)> = (0..300u16)
-        .map(|n| {
-            let mut seed = [0x70; 32];
-            seed[..2].copy_from_slice(&n.to_le_bytes());
-            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(seed));
-            let t =
-                Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
-            let conn = block_on(t.dial(victim.quic, victim.peer)).unwrap();
-            (t, conn)
-        })
-        .collect();
+    // One peer, connection after connection: 16 held (its first among them).
+    let same_peer: Vec<_> = (0..60).map(|_| dial(&victim, [0x62; 32], [127, 0, 0, 1])).collect();
+    eventually("one peer's connections over 16 refused", || {
+        (open(&same_peer) == 15 && refused(&same_peer, Limit::ConnectionsFromPeer) == 45).then_some(())
+    });
+    // One host with a fresh identity for each: 64 held.
+    let same_host: Vec<_> = (0..80).map(|n| dial(&victim, flood_seed(0x70, n), [127, 0, 0, 2])).collect();
+    eventually("one address's connections over 64 refused", || {
+        (open(&same_host) == 64 && refused(&same_host, Limit::ConnectionsFromAddress) == 16).then_some(())
+    });
+    // A crowd on ten addresses: 256 held in all.
+    let crowd: Vec<_> =
+        (0..300u16).map(|n| dial(&victim, flood_seed(0x71, n), [127, 0, 1, 1 + (n % 10) as u8])).collect();
+    let room = 256 - 16 - 64;
+    eventually("connections over 256 in all refused", || {
+        (open(&crowd) == room && refused(&crowd, Limit::Connections) == 300 - room).then_some(())
+    });
+    let (_t, late) = dial(&victim, flood_seed(0x72, 0), [127, 0, 2, 1]);
+    eventually("a newcomer refused while the node is full", || {
+        (late.refusal() == Some(Limit::Connections)).then_some(())
+    });
+    assert!(!flood.conn.is_closed(), "the first connection is still served");
+    // A burst of frames from one peer on as many streams as it likes: QUIC
+    // lets it have 16 open at once, and each junk frame is refused.
     block_on(async {
         let tasks: Vec<_> = (0..200)
             .map(|n| {
@@ -326,9 +360,17 @@ fn hundreds_of_connections_and_streams_do_not_stop_the_node() {
         }
     });
     next(&mut events, "chat.security.rejected", "the junk frames");
-    drop(extra);
-    // A genuine peer is still served.
-    let mut genuine = Attacker::connect(0x63, &victim);
+    // The slots come back as the flood's connections close: a newcomer is
+    // served again.
+    for (_, conn) in same_peer.iter().chain(&same_host).chain(&crowd) {
+        conn.close();
+    }
+    drop((same_peer, same_host, crowd));
+    let mut genuine = eventually("a newcomer served once the flood has gone", || {
+        let newcomer = Attacker::connect(0x63, &victim);
+        std::thread::sleep(Duration::from_millis(500));
+        (!newcomer.conn.is_closed()).then_some(newcomer)
+    });
     let c = genuine.open_session();
     let message = genuine.message(c, "still here?");
     genuine.send(&message);
@@ -388,7 +430,8 @@ fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
     let register = |seed: u8| {
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
         let transport =
-            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), false).unwrap();
+            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused)
+                .unwrap();
         let conn = block_on(transport.dial(relay_addr, relay_peer)).unwrap();
         let mut client = RelayClient::new();
         let expires = now.saturating_add_millis(600_000);

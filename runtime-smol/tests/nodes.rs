@@ -148,6 +148,123 @@ fn a_message_to_an_offline_peer_waits_in_the_queue_and_goes_when_it_is_back() {
     bob.shutdown();
 }
 
+/// Waits (up to 15 s) until `node` has no open connection to `peer`.
+fn eventually_none(node: &p2pchat::node::NodeHandle, peer: p2pchat_protocol::PeerId) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while node.open_connections(peer) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the connection did not close within 15 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_burst_to_a_peer_with_no_connection_shares_one_dial() {
+    let (alice_dir, bob_dir) = (TempDir::new("alice-burst"), TempDir::new("bob-burst"));
+    let (alice, bob) = (start(&alice_dir), start(&bob_dir));
+    let (a, b) = (alice.handle(), bob.handle());
+    a.add_peer_address(b.peer_id(), b.listen_addr());
+    b.add_peer_address(a.peer_id(), a.listen_addr());
+    let CommandOutcome::Conversation(c) =
+        smol::block_on(a.command(Command::CreateConversation { peer: b.peer_id() })).unwrap()
+    else {
+        panic!("a conversation")
+    };
+    let a_events = a.subscribe();
+    let first = send(&a, c.id, "first");
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == first));
+
+    // Bob restarts on a new port: Alice's connection is gone, and a burst
+    // of sends at once (committed together, so transmitted together) finds
+    // none.
+    bob.shutdown();
+    let bob = start(&bob_dir);
+    let b = bob.handle();
+    let b_events = b.subscribe();
+    eventually_none(&a, b.peer_id());
+    a.add_peer_address(b.peer_id(), b.listen_addr());
+    let burst = smol::block_on(async {
+        let sends: Vec<_> = (0..40)
+            .map(|n| {
+                let a = a.clone();
+                smol::spawn(async move {
+                    a.command(Command::SendMessage { conversation: c.id, content: format!("burst {n}") }).await
+                })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for send in sends {
+            match send.await.unwrap() {
+                CommandOutcome::Message(m) => ids.push(m.id),
+                other => panic!("a message, not {other:?}"),
+            }
+        }
+        ids
+    });
+    let mut unseen: std::collections::BTreeSet<_> = burst.into_iter().collect();
+    while !unseen.is_empty() {
+        if let Event::MessageReceived(r) = wait_for(&b_events, |e| matches!(e, Event::MessageReceived(_))) {
+            unseen.remove(&r.id);
+        }
+    }
+    // One dial carried the burst (two connections at most, had Bob dialled
+    // Alice at the same moment), not one per message.
+    assert!(
+        (1..=2).contains(&a.open_connections(b.peer_id())),
+        "{} connections to Bob",
+        a.open_connections(b.peer_id())
+    );
+    assert!(b.open_connections(a.peer_id()) <= 2, "{} connections to Alice", b.open_connections(a.peer_id()));
+    alice.shutdown();
+    bob.shutdown();
+}
+
+#[test]
+fn a_peer_that_refuses_our_connection_is_not_dialled_again_at_once() {
+    use p2pchat::admission::IncomingLimits;
+    use p2pchat::transport::{Inbound, Transport, TransportError};
+
+    let alice_dir = TempDir::new("alice-refused");
+    let alice = start(&alice_dir);
+    let a = alice.handle();
+    // A peer that takes no connection from anyone: each one is refused over
+    // its per-peer limit, once the dialler is known.
+    let full = IncomingLimits { connections_per_peer: 0, ..IncomingLimits::NODE };
+    let identity =
+        p2pchat_protocol::IdentityKeyPair::from_seed(&p2pchat_protocol::keys::IdentitySeed::from_bytes([9; 32]));
+    let mallory = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        p2pchat::tls::TlsIdentity::new(&identity).unwrap(),
+        Inbound::Limited(full),
+    )
+    .unwrap();
+    a.add_peer_address(mallory.peer_id(), mallory.local_addr().unwrap());
+    let CommandOutcome::Conversation(c) =
+        smol::block_on(a.command(Command::CreateConversation { peer: mallory.peer_id() })).unwrap()
+    else {
+        panic!("a conversation")
+    };
+    send(&a, c.id, "are you there?");
+    // Alice's key exchange tries again every second or so; her dials stop
+    // for the 10 s after the refusal.
+    let refused = smol::block_on(async {
+        let mut refused = 0;
+        let window = async {
+            smol::Timer::after(Duration::from_secs(4)).await;
+        };
+        let count = async {
+            while let Some(handshake) = mallory.accept().await {
+                if let Err(TransportError::OverLimit { .. }) = handshake.await {
+                    refused += 1;
+                }
+            }
+        };
+        smol::future::or(count, window).await;
+        refused
+    });
+    assert_eq!(refused, 1, "dials after the refusal");
+    alice.shutdown();
+}
+
 #[test]
 fn a_second_node_on_one_data_directory_is_refused() {
     let dir = TempDir::new("twice");
@@ -242,7 +359,7 @@ fn a_no_direct_node_is_reached_only_through_the_relay() {
             &p2pchat_protocol::keys::IdentitySeed::from_bytes([9; 32]),
         ))
         .unwrap(),
-        true,
+        p2pchat::transport::Inbound::Refused,
     )
     .unwrap();
     assert!(smol::block_on(probe.dial(b.listen_addr(), b.peer_id())).is_err());

@@ -5,14 +5,16 @@
 
 use std::time::Duration;
 
+use p2pchat::admission::IncomingLimits;
 use p2pchat::tls::TlsIdentity;
-use p2pchat::transport::{Transport, TransportError};
+use p2pchat::transport::{Inbound, Transport, TransportError};
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::IdentityKeyPair;
 
 fn node(seed: u8, accept: bool) -> Transport {
     let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
-    Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), accept).unwrap()
+    let inbound = if accept { Inbound::Limited(IncomingLimits::NODE) } else { Inbound::Refused };
+    Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), inbound).unwrap()
 }
 
 fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {

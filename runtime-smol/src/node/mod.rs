@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use p2pchat_protocol::engine::{
     Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Transmit,
-    TransmitOutcome,
 };
 use p2pchat_protocol::relay::{ClientAction, RelayClient, RelayFrame};
 use p2pchat_protocol::{PeerId, Timestamp};
@@ -23,9 +22,13 @@ use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
 use rand_core::SeedableRng;
 use smol::channel;
 
+use crate::admission::IncomingLimits;
 use crate::lock::DataDirLock;
 use crate::tls::TlsIdentity;
-use crate::transport::{PeerConnection, Transport};
+use crate::transport::{Inbound, PeerConnection, Transport};
+
+mod direct;
+use direct::{DirectPeers, Direction};
 
 /// What a node needs to start.
 #[derive(Clone, Debug)]
@@ -110,7 +113,7 @@ pub struct NodeHandle {
     relay_up: Arc<std::sync::atomic::AtomicBool>,
     relay: Option<crate::config::RelayAddress>,
     no_direct: bool,
-    connections: Connections,
+    direct: Arc<DirectPeers>,
     peer: PeerId,
     listen: SocketAddr,
     engine: mpsc::Sender<EngineMsg>,
@@ -167,7 +170,8 @@ impl Node {
         let key = MasterKey::derive(&identity.seed());
         let store = SqliteStore::open(&config.data_dir.join("node.sqlite3"), key, config.durability)?;
         let tls = TlsIdentity::new(&identity).map_err(crate::transport::TransportError::from)?;
-        let transport = Transport::bind(config.listen, tls, !config.no_direct)?;
+        let inbound = if config.no_direct { Inbound::Refused } else { Inbound::Limited(IncomingLimits::NODE) };
+        let transport = Transport::bind(config.listen, tls, inbound)?;
         let signer = p2pchat_protocol::IdentityKeyPair::from_seed(&identity.seed());
         let listen = transport.local_addr()?;
         // The engine's randomness is fresh from the OS on every start.
@@ -182,7 +186,7 @@ impl Node {
             relay_up: Arc::default(),
             relay: config.relays.first().cloned(),
             no_direct: config.no_direct,
-            connections: Arc::default(),
+            direct: Arc::default(),
             peer,
             listen,
             engine: engine_tx.clone(),
@@ -303,12 +307,15 @@ impl NodeHandle {
                 known.insert(*peer, (Some(*addr), false));
             }
         }
-        if let Ok(map) = self.connections.lock() {
-            for (peer, conn) in map.iter() {
-                known.entry(*peer).or_insert((None, false)).1 = !conn.is_closed();
-            }
+        for peer in self.direct.peers() {
+            known.entry(peer).or_insert((None, false)).1 = self.direct.connected(&peer);
         }
         known.into_iter().map(|(peer, (addr, connected))| (peer, addr, connected)).collect()
+    }
+
+    /// How many open connections this node has to `peer`, either way.
+    pub fn open_connections(&self, peer: PeerId) -> usize {
+        self.direct.open_connections(&peer)
     }
 
     fn input(&self, input: Input) {
@@ -512,12 +519,6 @@ fn drain(engine: &mut Engine<SqliteStore>, net: &channel::Sender<NetMsg>, events
     }
 }
 
-type Connections = Arc<Mutex<BTreeMap<PeerId, PeerConnection>>>;
-
-/// How long a frame may take to be acknowledged before the connection is
-/// given up (the peer may have gone without closing it).
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The network thread: accepts connections, dials peers, and carries
 /// frames between the transport and the engine.
 async fn run_network(
@@ -529,20 +530,22 @@ async fn run_network(
     no_direct: bool,
 ) {
     let transport = Arc::new(transport);
-    let connections = node.connections.clone();
+    let direct = node.direct.clone();
     let link: RelayLink = Arc::default();
     let relay_task = relay.map(|relay| {
         let (transport, node, link) = (transport.clone(), node.clone(), link.clone());
         smol::spawn(keep_relay(transport, node, link, relay, signer, no_direct))
     });
     let acceptor = smol::spawn({
-        let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
+        let (transport, direct, node) = (transport.clone(), direct.clone(), node.clone());
         async move {
             while let Some(handshake) = transport.accept().await {
-                let (connections, node) = (connections.clone(), node.clone());
+                let (direct, node) = (direct.clone(), node.clone());
                 smol::spawn(async move {
                     match handshake.await {
-                        Ok(conn) => adopt(conn, &connections, &node),
+                        Ok(conn) => direct.adopt(conn, Direction::Incoming, &node),
+                        // Refusals have their own rate-limited lines.
+                        Err(e) if e.is_refusal() => log::debug!("incoming connection refused: {e}"),
                         Err(e) => log::info!("incoming connection failed: {e}"),
                     }
                 })
@@ -577,7 +580,7 @@ async fn run_network(
                 }
             }
             NetMsg::Transmit(transmit) => {
-                let (transport, connections, node) = (transport.clone(), connections.clone(), node.clone());
+                let (transport, direct, node) = (transport.clone(), direct.clone(), node.clone());
                 // No direct address: through the relay, whose answer
                 // (forwarded, held or refused) becomes the result.
                 if node.directory.get(&transmit.peer).is_none() {
@@ -596,24 +599,7 @@ async fn run_network(
                     }
                 }
                 smol::spawn(async move {
-                    // A peer that went without closing its connection (or an
-                    // address nobody answers at) must not hold the transmit:
-                    // every transmit gets its result.
-                    let timeout = async {
-                        smol::Timer::after(SEND_TIMEOUT).await;
-                        None
-                    };
-                    let sent = async { Some(deliver(&transport, &connections, &node, &transmit).await) };
-                    let outcome = match smol::future::or(sent, timeout).await {
-                        Some(outcome) => outcome,
-                        None => {
-                            let stale = connections.lock().ok().and_then(|mut map| map.remove(&transmit.peer));
-                            if let Some(conn) = stale {
-                                conn.close();
-                            }
-                            TransmitOutcome::Failed("no answer from the peer within 10 s".into())
-                        }
-                    };
+                    let outcome = direct.deliver(&transport, &node, &transmit).await;
                     node.input(Input::TransmitResult { id: transmit.id, outcome });
                 })
                 .detach();
@@ -727,73 +713,3 @@ async fn serve_relay(conn: &PeerConnection, node: &NodeHandle, link: &RelayLink)
 
 /// How long the records this node publishes stay valid.
 const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
-
-/// A new connection: remember it, tell the engine the peer is reachable,
-/// and read its frames (each in its own task).
-fn adopt(conn: PeerConnection, connections: &Connections, node: &NodeHandle) {
-    let peer = conn.peer();
-    if let Ok(mut map) = connections.lock() {
-        map.insert(peer, conn.clone());
-    }
-    node.input(Input::PeerReachable(peer));
-    let (connections, node) = (connections.clone(), node.clone());
-    smol::spawn(async move {
-        loop {
-            match conn.accept_frame().await {
-                Ok(frame) => {
-                    let node = node.clone();
-                    smol::spawn(async move {
-                        match frame.await {
-                            Ok(bytes) => node.input(Input::Received { from: peer, bytes }),
-                            Err(e) => log::info!("a frame from {peer} failed: {e}"),
-                        }
-                    })
-                    .detach();
-                }
-                Err(e) => {
-                    log::info!("connection to {peer} closed: {e}");
-                    if let Ok(mut map) = connections.lock() {
-                        map.remove(&peer);
-                    }
-                    node.input(Input::PeerUnreachable(peer));
-                    return;
-                }
-            }
-        }
-    })
-    .detach();
-}
-
-/// Sends a transmit directly, dialling if needed.
-async fn deliver(
-    transport: &Transport,
-    connections: &Connections,
-    node: &NodeHandle,
-    transmit: &Transmit,
-) -> TransmitOutcome {
-    let existing = connections.lock().ok().and_then(|map| map.get(&transmit.peer).cloned()).filter(|c| !c.is_closed());
-    let conn = match existing {
-        Some(conn) => conn,
-        None => {
-            let Some(addr) = node.directory.get(&transmit.peer) else {
-                return TransmitOutcome::Failed("no path to the peer".into());
-            };
-            match transport.dial(addr, transmit.peer).await {
-                Ok(conn) => {
-                    adopt(conn.clone(), connections, node);
-                    conn
-                }
-                Err(e) => return TransmitOutcome::Failed(format!("cannot reach the peer: {e}")),
-            }
-        }
-    };
-    match conn.send(&transmit.bytes).await {
-        Ok(()) => TransmitOutcome::Delivered,
-        Err(e) => {
-            if let Ok(mut map) = connections.lock() {
-                map.remove(&transmit.peer);
-            }
-            TransmitOutcome::Failed(format!("sending failed: {e}"))
-        }
-    }
-}
