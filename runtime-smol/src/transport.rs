@@ -97,6 +97,12 @@ pub enum Inbound {
 /// reason phrase names the limit.
 pub const REFUSED: u32 = 1;
 
+/// The application close code of a connection whose peer sent a frame
+/// over [`MAX_FRAME_LEN`]: our transport never sends one, so the peer is
+/// broken or hostile, and its stream alone could not tell it (a frame that
+/// fits in flight is acknowledged before it is found too long).
+pub const FRAME_TOO_LARGE: u32 = 2;
+
 /// How long an incoming handshake may take before its slot is given back.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -326,13 +332,23 @@ impl PeerConnection {
     ) -> Result<impl core::future::Future<Output = Result<Vec<u8>, TransportError>> + Send + 'static, TransportError>
     {
         let mut stream = self.connection.accept_uni().await?;
+        let connection = self.connection.clone();
         Ok(async move {
             let whole = async { Some(stream.read_to_end(MAX_FRAME_LEN).await) };
             let late = async {
                 smol::Timer::after(FRAME_TIMEOUT).await;
                 None
             };
-            Ok(smol::future::or(whole, late).await.ok_or(TransportError::FrameTimeout)??)
+            match smol::future::or(whole, late).await {
+                Some(Ok(frame)) => Ok(frame),
+                Some(Err(quinn::ReadToEndError::TooLong)) => {
+                    let reason = format!("a frame over the {MAX_FRAME_LEN}-byte limit");
+                    connection.close(FRAME_TOO_LARGE.into(), reason.as_bytes());
+                    Err(TransportError::Read(quinn::ReadToEndError::TooLong))
+                }
+                Some(Err(e)) => Err(e.into()),
+                None => Err(TransportError::FrameTimeout),
+            }
         })
     }
 

@@ -252,11 +252,17 @@ fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_no
     let mut attacker = Attacker::connect(0x61, &victim);
     let c = attacker.open_session();
 
-    // A genuine message arrives once; sent again, it is a duplicate.
+    // A genuine message arrives once. Sent again by its sender, it is
+    // recognised as already handled (as when a relay redelivers it) and
+    // changes nothing; replayed by another peer, it is refused.
     let first = attacker.message(c, "genuine 1");
     attacker.send(&first);
     assert_eq!(next(&mut events, "chat.message.received", "the genuine message")["payload"]["content"], "genuine 1");
     attacker.send(&first);
+    let thief = Attacker::connect(0x66, &victim);
+    thief.send(&first);
+    let refusal = next(&mut events, "chat.security.rejected", "a genuine envelope replayed by another peer");
+    assert_eq!(refusal["payload"]["peer_id"], thief.peer().to_string());
 
     // Every bit of a genuine envelope's header and body matters.
     let second = attacker.message(c, "genuine 2");
@@ -287,6 +293,18 @@ fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_no
     refused(&mut events, "exceeds the", "an oversized envelope");
     let too_big = vec![1u8; p2pchat::transport::MAX_FRAME_LEN + 1];
     assert!(block_on(attacker.conn.send(&too_big)).is_err(), "a frame over the transport's limit");
+    // Written all the same, past our transport's checks: the victim closes
+    // the connection, naming the limit.
+    let (_endpoint, raw) = raw_connection(&victim, 0x64);
+    block_on(async {
+        let mut stream = raw.open_uni().await.unwrap();
+        if stream.write_all(&too_big).await.is_ok() {
+            let _ = stream.finish();
+        }
+        raw.closed().await
+    });
+    let closed = raw.close_reason().unwrap().to_string();
+    assert!(closed.contains("a frame over the"), "{closed}");
 
     // The genuine second message, untouched, still arrives; the replay and
     // the forgeries left nothing behind.
@@ -294,6 +312,20 @@ fn envelopes_replayed_altered_from_too_far_ahead_or_oversized_are_refused_and_no
     assert_eq!(next(&mut events, "chat.message.received", "the genuine second")["payload"]["content"], "genuine 2");
     assert_eq!(received_texts(&victim, &attacker.peer()), ["genuine 1", "genuine 2"]);
     assert_eq!(victim.client.get("/api/node").status, 200, "the victim still serves");
+}
+
+/// A connection to the victim made with quinn directly (with the identity
+/// `seed`), so that the test can break rules our own transport keeps.
+fn raw_connection(victim: &Victim, seed: u8) -> (quinn::Endpoint, quinn::Connection) {
+    let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
+    let tls = TlsIdentity::new(&identity).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(victim.peer).unwrap()).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let runtime = std::sync::Arc::new(quinn::SmolRuntime);
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).unwrap();
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let conn = block_on(async { endpoint.connect_with(config, victim.quic, "p2pchat").unwrap().await.unwrap() });
+    (endpoint, conn)
 }
 
 /// Connections from a test endpoint at `from` with the identity `seed`.
@@ -315,6 +347,28 @@ fn flood_seed(tag: u8, n: u16) -> [u8; 32] {
 fn floods_of_connections_are_refused_and_streams_do_not_stop_the_node() {
     let victim = victim("hostile-connections");
     let mut events = ws(&victim.client);
+    // Streams: the victim gives a connection credit for 16 open at once; a
+    // peer cannot open a 17th until one of them is done.
+    let (_endpoint, raw) = raw_connection(&victim, 0x65);
+    block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            let mut stream = raw.open_uni().await.unwrap();
+            stream.write_all(b"unfinished").await.unwrap();
+            held.push(stream);
+        }
+        let seventeenth = async { Some(raw.open_uni().await) };
+        let a_second = async {
+            smol::Timer::after(Duration::from_secs(1)).await;
+            None
+        };
+        assert!(smol::future::or(seventeenth, a_second).await.is_none(), "a 17th stream opened");
+        // Once they are done, new ones may open.
+        for mut stream in held {
+            stream.finish().unwrap();
+        }
+        raw.open_uni().await.unwrap();
+    });
     let open = |conns: &[(Transport, PeerConnection)]| conns.iter().filter(|(_, c)| !c.is_closed()).count();
     let refused = |conns: &[(Transport, PeerConnection)], limit: Limit| {
         conns.iter().filter(|(_, c)| c.refusal() == Some(limit)).count()
@@ -344,8 +398,8 @@ fn floods_of_connections_are_refused_and_streams_do_not_stop_the_node() {
         (late.refusal() == Some(Limit::Connections)).then_some(())
     });
     assert!(!flood.conn.is_closed(), "the first connection is still served");
-    // A burst of frames from one peer on as many streams as it likes: QUIC
-    // lets it have 16 open at once, and each junk frame is refused.
+    // A burst of frames from one peer on as many streams as it likes: they
+    // go 16 at a time, and each junk frame is refused.
     block_on(async {
         let tasks: Vec<_> = (0..200)
             .map(|n| {
