@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use p2pchat_fuzz::corrupt::{corrupt, scratch_dir, snapshot};
 use p2pchat_fuzz::Bytes;
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Engine, EngineConfig, Input, Query};
 use p2pchat_protocol::keys::IdentitySeed;
@@ -33,7 +34,7 @@ fn key() -> MasterKey {
 }
 
 fn scratch() -> PathBuf {
-    std::env::temp_dir().join(format!("p2pchat-fuzz-storage-{}", std::process::id()))
+    scratch_dir("storage")
 }
 
 /// The database every input starts from, made once per process.
@@ -57,67 +58,8 @@ fn template() -> &'static [u8] {
         let members = vec![PeerId([0x22; 20]), PeerId([0x33; 20])];
         engine.command(NOW, Command::CreateGroup { name: "group".into(), members }).ok();
         drop(engine);
-        let conn = rusqlite::Connection::open(&path).expect("the template");
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;").expect("a checkpoint");
-        drop(conn);
-        std::fs::read(&path).expect("the template's bytes")
+        snapshot(&path)
     })
-}
-
-fn mutate(conn: &rusqlite::Connection, input: &mut Bytes<'_>) -> rusqlite::Result<()> {
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for _ in 0..1 + input.below(4) {
-        match input.byte() % 8 {
-            0 => {
-                let version = i64::from(input.byte()) - 4;
-                conn.execute_batch(&format!("PRAGMA user_version = {version}"))?;
-            }
-            1 => {
-                let table = &tables[input.below(tables.len())];
-                let offset = input.below(8);
-                conn.execute(
-                    &format!("DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} LIMIT 1 OFFSET ?1)"),
-                    [offset],
-                )?;
-            }
-            _ => {
-                let table = &tables[input.below(tables.len())];
-                let columns: Vec<String> = conn
-                    .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
-                    .query_map([], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                if columns.is_empty() {
-                    continue;
-                }
-                let column = &columns[input.below(columns.len())];
-                let offset = input.below(8);
-                let len = input.below(64);
-                let bytes: Vec<u8> = (0..len).map(|_| input.byte()).collect();
-                let value: rusqlite::types::Value = match input.byte() % 4 {
-                    0 => rusqlite::types::Value::Null,
-                    1 => rusqlite::types::Value::Integer(i64::from_le_bytes({
-                        let mut b = [0u8; 8];
-                        for (d, s) in b.iter_mut().zip(&bytes) {
-                            *d = *s;
-                        }
-                        b
-                    })),
-                    2 => rusqlite::types::Value::Text(String::from_utf8_lossy(&bytes).into_owned()),
-                    _ => rusqlite::types::Value::Blob(bytes),
-                };
-                // Constraint failures are what the schema is for; they are
-                // not findings.
-                let _ = conn.execute(
-                    &format!("UPDATE {table} SET \"{column}\" = ?1 WHERE rowid IN (SELECT rowid FROM {table} LIMIT 1 OFFSET ?2)"),
-                    rusqlite::params![value, offset],
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -128,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, template()).expect("the scratch database");
     {
         let conn = rusqlite::Connection::open(&path).expect("the scratch database opens");
-        if mutate(&conn, &mut input).is_err() {
+        if corrupt(&conn, &mut input).is_err() {
             return;
         }
     }

@@ -7,6 +7,8 @@
 //! the engines' retries finish, so that a target can check what must have
 //! arrived.
 
+pub mod corrupt;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use p2pchat_protocol::engine::{

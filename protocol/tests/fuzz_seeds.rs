@@ -1,7 +1,10 @@
 //! The decoder fuzz target's seed corpus (`fuzz/seeds/decode/`) comes from
-//! real traffic: three engines and a relay exchange 1:1 and group messages,
-//! and every envelope and relay frame they pass is a seed (with the target's
-//! selector byte in front: 0 for an envelope, 3 for a relay frame).
+//! real traffic: three engines and a relay exchange 1:1 and group messages.
+//! Every envelope and relay frame they pass is a seed, and so is what the
+//! envelopes carry (pairwise payloads and group chat contents, opened on a
+//! copy of the recipient's state) and the state the engines store (sessions,
+//! group keys, pending key exchanges). Each has the target's selector byte
+//! in front.
 //!
 //! `P2PCHAT_WRITE_FUZZ_SEEDS=1 cargo test -p p2pchat-protocol --test
 //! fuzz_seeds` writes them; without it, the test checks that every committed
@@ -11,18 +14,80 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, MemoryStore};
+use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, Store};
+use p2pchat_protocol::handshake::PendingKeyExchange;
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{
     ClientAction, MemoryRelayStore, PeerRecord, Relay, RelayClient, RelayConfig, RelayFrame,
 };
-use p2pchat_protocol::wire::Envelope;
-use p2pchat_protocol::{IdentityKeyPair, PeerId, Timestamp};
+use p2pchat_protocol::wire::{ChatContent, Envelope, EnvelopeBody, PairwisePayload};
+use p2pchat_protocol::{GroupSession, IdentityKeyPair, PairwiseSessions, PeerId, Timestamp};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+// The target's selector bytes.
 const ENVELOPE: u8 = 0;
+const PAYLOAD: u8 = 1;
+const CONTENT: u8 = 2;
 const FRAME: u8 = 3;
+const SESSIONS: u8 = 4;
+const GROUP_KEYS: u8 = 5;
+const PENDING: u8 = 6;
+
+fn tagged(selector: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut seed = vec![selector];
+    seed.extend_from_slice(bytes);
+    seed
+}
+
+/// A copy of what `engine` has committed, open for reading.
+fn committed(engine: &Engine<MemoryStore>) -> MemoryStore {
+    let mut store = engine.store().crash_copy();
+    store.begin().unwrap();
+    store
+}
+
+/// What an envelope for `engine` carries, opened on a copy of its state
+/// (the engine itself then opens the envelope as usual).
+fn contents_of(engine: &Engine<MemoryStore>, from: PeerId, bytes: &[u8], now: Timestamp, seen: &mut BTreeSet<Vec<u8>>) {
+    let Ok(envelope) = Envelope::decode(bytes) else { return };
+    match envelope.body {
+        EnvelopeBody::Ratchet(message) => {
+            let Some(state) = committed(engine).sessions(&from).unwrap() else { return };
+            if let Ok(payload) = PairwiseSessions::from_bytes(&state).unwrap().decrypt(&message, now) {
+                seen.insert(tagged(PAYLOAD, &payload));
+            }
+        }
+        EnvelopeBody::Group(message) => {
+            let Some(state) = committed(engine).group_keys(&message.group_id).unwrap() else { return };
+            if let Ok(content) = GroupSession::from_bytes(&state).unwrap().decrypt(&message, now) {
+                seen.insert(tagged(CONTENT, &content));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The state `engine` has stored: sessions, group keys and pending key
+/// exchanges.
+fn state_of(engine: &Engine<MemoryStore>, seen: &mut BTreeSet<Vec<u8>>) {
+    let store = committed(engine);
+    for peer in store.session_peers().unwrap() {
+        if let Some(state) = store.sessions(&peer).unwrap() {
+            seen.insert(tagged(SESSIONS, &state));
+        }
+    }
+    for conversation in store.conversations().unwrap() {
+        if let Some(state) = store.group_keys(&conversation.id).unwrap() {
+            seen.insert(tagged(GROUP_KEYS, &state));
+        }
+    }
+    for attempt in store.key_exchanges().unwrap() {
+        if let Some(pending) = attempt.pending {
+            seen.insert(tagged(PENDING, &pending));
+        }
+    }
+}
 
 fn seed_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode")
@@ -66,6 +131,7 @@ fn traffic() -> BTreeSet<Vec<u8>> {
                 seen: &mut BTreeSet<Vec<u8>>| {
         for _ in 0..100 {
             for i in 0..3 {
+                state_of(&engines[i], seen);
                 while engines[i].poll_event().is_some() {}
                 while let Some(peer) = engines[i].poll_lookup() {
                     to_relay.push((i, clients[i].lookup(peer)));
@@ -94,7 +160,12 @@ fn traffic() -> BTreeSet<Vec<u8>> {
                 let j = ids.iter().position(|p| *p == to).unwrap();
                 for action in clients[j].on_frame(now, &bytes).unwrap() {
                     match action {
-                        ClientAction::ToEngine(input) => engines[j].handle(now, input).unwrap(),
+                        ClientAction::ToEngine(input) => {
+                            if let Input::Received { from, bytes } = &input {
+                                contents_of(&engines[j], *from, bytes, now, seen);
+                            }
+                            engines[j].handle(now, input).unwrap();
+                        }
                         ClientAction::AfterEngine(frame) => to_relay.push((j, frame)),
                         _ => {}
                     }
@@ -129,7 +200,12 @@ fn traffic() -> BTreeSet<Vec<u8>> {
 fn decodes(seed: &[u8]) -> bool {
     match seed.split_first() {
         Some((&ENVELOPE, bytes)) => Envelope::decode(bytes).is_ok(),
+        Some((&PAYLOAD, bytes)) => PairwisePayload::decode(bytes).is_ok(),
+        Some((&CONTENT, bytes)) => ChatContent::decode(bytes).is_ok(),
         Some((&FRAME, bytes)) => RelayFrame::decode(bytes).is_ok(),
+        Some((&SESSIONS, bytes)) => PairwiseSessions::from_bytes(bytes).is_ok(),
+        Some((&GROUP_KEYS, bytes)) => GroupSession::from_bytes(bytes).is_ok(),
+        Some((&PENDING, bytes)) => PendingKeyExchange::from_bytes(bytes).is_ok(),
         _ => false,
     }
 }
@@ -154,19 +230,21 @@ fn the_decoder_seeds_are_real_traffic_that_still_decodes() {
         eprintln!("wrote {} seeds to {}", seeds.len(), dir.display());
     }
     let mut kinds = BTreeSet::new();
+    let mut selectors = BTreeSet::new();
     let mut count = 0;
     for entry in std::fs::read_dir(&dir).expect("fuzz/seeds/decode exists") {
         let seed = std::fs::read(entry.unwrap().path()).unwrap();
         assert!(decodes(&seed), "a committed seed no longer decodes: rewrite them (see the header)");
-        if seed[0] == ENVELOPE {
-            kinds.insert(("envelope", seed.get(2).copied().unwrap_or(0)));
-        } else {
-            kinds.insert(("frame", seed.get(2).copied().unwrap_or(0)));
+        selectors.insert(seed[0]);
+        if seed[0] == ENVELOPE || seed[0] == FRAME {
+            kinds.insert((seed[0], seed.get(2).copied().unwrap_or(0)));
         }
         count += 1;
     }
-    // All four envelope kinds at least, and many frame kinds.
-    let envelopes = kinds.iter().filter(|(k, _)| *k == "envelope").count();
-    let frames = kinds.iter().filter(|(k, _)| *k == "frame").count();
+    // Every decoder has seeds; all four envelope kinds at least, and many
+    // frame kinds.
+    assert_eq!(selectors.len(), 7, "decoders without seeds among {count}: {selectors:?}");
+    let envelopes = kinds.iter().filter(|(k, _)| *k == ENVELOPE).count();
+    let frames = kinds.iter().filter(|(k, _)| *k == FRAME).count();
     assert!(envelopes >= 4 && frames >= 6, "too few kinds in {count} seeds: {kinds:?}");
 }
