@@ -20,8 +20,8 @@ use p2pchat_protocol::PeerId;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IncomingLimits {
     /// Handshakes in progress, in all. More are refused before any TLS
-    /// work, so a flood of dialers cannot buy our CPU; past half of it,
-    /// dialers must first prove their address (a QUIC retry), so spoofed
+    /// work, so a flood of diallers cannot buy our CPU; past half of it,
+    /// diallers must first prove their address (a QUIC retry), so spoofed
     /// packets cannot fill it.
     pub handshakes: usize,
     /// Handshakes in progress from one IP address.
@@ -147,7 +147,7 @@ impl Admission {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether so many handshakes are in progress that new dialers should
+    /// Whether so many handshakes are in progress that new diallers should
     /// prove their address first.
     pub(crate) fn under_pressure(&self) -> bool {
         self.counts().handshakes * 2 >= self.limits.handshakes

@@ -174,7 +174,7 @@ impl Transport {
             let incoming = self.endpoint.accept().await?;
             let from = incoming.remote_address();
             let Some(admission) = &self.admission else {
-                self.refusals.record(from, "this node accepts none (--no-direct)");
+                self.refusals.record(from, "this endpoint takes no incoming connections");
                 incoming.refuse();
                 continue;
             };

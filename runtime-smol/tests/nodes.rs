@@ -244,24 +244,33 @@ fn a_peer_that_refuses_our_connection_is_not_dialled_again_at_once() {
         panic!("a conversation")
     };
     send(&a, c.id, "are you there?");
-    // Alice's key exchange tries again every second or so; her dials stop
-    // for the 10 s after the refusal.
-    let refused = smol::block_on(async {
-        let mut refused = 0;
-        let window = async {
-            smol::Timer::after(Duration::from_secs(4)).await;
-        };
-        let count = async {
-            while let Some(handshake) = mallory.accept().await {
-                if let Err(TransportError::OverLimit { .. }) = handshake.await {
-                    refused += 1;
+    // Alice's key exchange tries again every second or so; after the first
+    // refusal her dials stop for 10 s.
+    // Counts the dials Mallory refuses, until `enough` of them or the end
+    // of `window`.
+    let refusals = |enough: usize, window: Duration| {
+        smol::block_on(async {
+            let mut refused = 0;
+            let count = async {
+                while let Some(handshake) = mallory.accept().await {
+                    if let Err(TransportError::OverLimit { .. }) = handshake.await {
+                        refused += 1;
+                        if refused == enough {
+                            return;
+                        }
+                    }
                 }
-            }
-        };
-        smol::future::or(count, window).await;
-        refused
-    });
-    assert_eq!(refused, 1, "dials after the refusal");
+            };
+            let end = async {
+                smol::Timer::after(window).await;
+            };
+            smol::future::or(count, end).await;
+            refused
+        })
+    };
+    assert_eq!(refusals(1, Duration::from_secs(20)), 1, "the first dial, refused, within 20 s");
+    let refused = refusals(usize::MAX, Duration::from_secs(4));
+    assert_eq!(refused, 0, "dials after the refusal");
     alice.shutdown();
 }
 

@@ -1664,9 +1664,14 @@ impl<S: Store> Engine<S> {
         };
         let plaintext = match sessions.decrypt(message, now) {
             Ok(plaintext) => plaintext,
-            // The same ciphertext again (a relay redelivering its mailbox
-            // after a lost acknowledgement): already handled.
-            Err(crate::DecryptionError::Duplicate { .. }) => return Ok(()),
+            // The same ciphertext again: a replay, or a relay redelivering
+            // its mailbox after a lost acknowledgement (our own retries
+            // encrypt afresh). It was handled once; this copy is refused,
+            // visibly, and changes nothing.
+            Err(e @ crate::DecryptionError::Duplicate { .. }) => {
+                self.reject(from, &e.to_string());
+                return Ok(());
+            }
             Err(e @ crate::DecryptionError::UnknownSession) => {
                 self.reject(from, &e.to_string());
                 return self.replace_unknown_session(now, from);
