@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use p2pchat_fuzz::corrupt::{corrupt, scratch_dir, snapshot};
+use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot};
 use p2pchat_fuzz::Bytes;
 use p2pchat_protocol::engine::{Transmit, TransmitId};
 use p2pchat_protocol::keys::IdentitySeed;
@@ -103,16 +103,7 @@ fn template() -> &'static [u8] {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Bytes(data);
-    let path = scratch().join("input.db");
-    let _ = std::fs::remove_file(path.with_extension("db-wal"));
-    let _ = std::fs::remove_file(path.with_extension("db-shm"));
-    std::fs::write(&path, template()).expect("the scratch database");
-    {
-        let conn = rusqlite::Connection::open(&path).expect("the scratch database opens");
-        if corrupt(&conn, &mut input).is_err() {
-            return;
-        }
-    }
+    let Some(path) = corrupted_copy(template(), &scratch(), &mut input) else { return };
     let Ok(store) = SqliteRelayStore::open(&path, Durability::Normal) else { return };
     let Ok(mut relay) = Relay::new(store, RelayConfig::default()) else { return };
     let (alice, bob, carol) = (identity(1), identity(2), identity(3));

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use p2pchat_fuzz::corrupt::{corrupt, scratch_dir, snapshot};
+use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot};
 use p2pchat_fuzz::Bytes;
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Engine, EngineConfig, Input, Query};
 use p2pchat_protocol::keys::IdentitySeed;
@@ -64,16 +64,7 @@ fn template() -> &'static [u8] {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Bytes(data);
-    let path = scratch().join("input.db");
-    let _ = std::fs::remove_file(path.with_extension("db-wal"));
-    let _ = std::fs::remove_file(path.with_extension("db-shm"));
-    std::fs::write(&path, template()).expect("the scratch database");
-    {
-        let conn = rusqlite::Connection::open(&path).expect("the scratch database opens");
-        if corrupt(&conn, &mut input).is_err() {
-            return;
-        }
-    }
+    let Some(path) = corrupted_copy(template(), &scratch(), &mut input) else { return };
     let Ok(store) = SqliteStore::open(&path, key(), Durability::Normal) else { return };
     let Some(mut engine) = engine_on(store) else { return };
     let conversations = match engine.query(Query::Conversations) {

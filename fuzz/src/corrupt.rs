@@ -19,6 +19,19 @@ pub fn snapshot(path: &Path) -> Vec<u8> {
     std::fs::read(path).expect("the template's bytes")
 }
 
+/// A fresh copy of `template` in `dir`, corrupted as `input` says; `None`
+/// if the corruption itself failed (nothing to test then).
+pub fn corrupted_copy(template: &[u8], dir: &Path, input: &mut Bytes<'_>) -> Option<PathBuf> {
+    let path = dir.join("input.db");
+    let _ = std::fs::remove_file(path.with_extension("db-wal"));
+    let _ = std::fs::remove_file(path.with_extension("db-shm"));
+    std::fs::write(&path, template).expect("the scratch database");
+    let conn = rusqlite::Connection::open(&path).expect("the scratch database opens");
+    corrupt(&conn, input).ok()?;
+    drop(conn);
+    Some(path)
+}
+
 /// Corrupts a database as a bug, a disk or a hand could: one to four
 /// changes, each moving `user_version` (back or forward), deleting a row, or
 /// overwriting one cell of a row with NULL, an integer, text or a blob.
