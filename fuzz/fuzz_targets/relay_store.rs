@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot};
+use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot, template_path};
 use p2pchat_fuzz::Bytes;
 use p2pchat_protocol::engine::{Transmit, TransmitId};
 use p2pchat_protocol::keys::IdentitySeed;
@@ -76,10 +76,7 @@ fn answer<S: RelayStore>(relay: &mut Relay<S>, client: &mut RelayClient, who: &I
 fn template() -> &'static [u8] {
     static TEMPLATE: OnceLock<Vec<u8>> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let dir = scratch();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let path = dir.join("template.db");
+        let path = template_path(&scratch());
         let store = SqliteRelayStore::open(&path, Durability::Normal).expect("a new database");
         let mut relay = Relay::new(store, RelayConfig::default()).expect("a relay on a new database");
         let (alice, bob) = (identity(1), identity(2));

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot};
+use p2pchat_fuzz::corrupt::{corrupted_copy, scratch_dir, snapshot, template_path};
 use p2pchat_fuzz::Bytes;
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Engine, EngineConfig, Input, Query};
 use p2pchat_protocol::keys::IdentitySeed;
@@ -41,10 +41,7 @@ fn scratch() -> PathBuf {
 fn template() -> &'static [u8] {
     static TEMPLATE: OnceLock<Vec<u8>> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let dir = scratch();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let path = dir.join("template.db");
+        let path = template_path(&scratch());
         let store = SqliteStore::open(&path, key(), Durability::Normal).expect("a new database");
         let mut engine = engine_on(store).expect("an engine on a new database");
         let peer = PeerId([0x11; 20]);

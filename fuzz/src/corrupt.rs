@@ -11,6 +11,13 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("p2pchat-fuzz-{name}-{}", std::process::id()))
 }
 
+/// Where a target makes its template database: `dir`, emptied first.
+pub fn template_path(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("a scratch directory");
+    dir.join("template.db")
+}
+
 /// The bytes of the database at `path`, its WAL folded in, as one file.
 pub fn snapshot(path: &Path) -> Vec<u8> {
     let conn = rusqlite::Connection::open(path).expect("the template");

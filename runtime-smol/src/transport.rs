@@ -197,12 +197,7 @@ impl Transport {
         let refusals = self.refusals.clone();
         Some(async move {
             let from = incoming.remote_address();
-            let handshake = async { Some(incoming.await) };
-            let late = async {
-                smol::Timer::after(HANDSHAKE_TIMEOUT).await;
-                None
-            };
-            let connection = smol::future::or(handshake, late).await;
+            let connection = within(HANDSHAKE_TIMEOUT, async { incoming.await }).await;
             drop(ticket);
             let Some(connection) = connection else {
                 refusals.record(from, "the handshake took too long");
@@ -230,11 +225,22 @@ impl Transport {
     /// have been told (or a short while has passed).
     pub async fn shutdown(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
-        let timeout = async {
-            smol::Timer::after(std::time::Duration::from_secs(2)).await;
-        };
-        smol::future::or(self.endpoint.wait_idle(), timeout).await;
+        within(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
+
+/// `work`'s result, or `None` if it is not done by `deadline`.
+pub(crate) async fn by<T>(deadline: Instant, work: impl core::future::Future<Output = T>) -> Option<T> {
+    let late = async {
+        smol::Timer::at(deadline).await;
+        None
+    };
+    smol::future::or(async { Some(work.await) }, late).await
+}
+
+/// `work`'s result, or `None` if it takes longer than `limit`.
+pub(crate) async fn within<T>(limit: Duration, work: impl core::future::Future<Output = T>) -> Option<T> {
+    by(Instant::now() + limit, work).await
 }
 
 /// Connections idle for 30 s close; a keep-alive every 10 s holds NAT
@@ -334,12 +340,7 @@ impl PeerConnection {
         let mut stream = self.connection.accept_uni().await?;
         let connection = self.connection.clone();
         Ok(async move {
-            let whole = async { Some(stream.read_to_end(MAX_FRAME_LEN).await) };
-            let late = async {
-                smol::Timer::after(FRAME_TIMEOUT).await;
-                None
-            };
-            match smol::future::or(whole, late).await {
+            match within(FRAME_TIMEOUT, stream.read_to_end(MAX_FRAME_LEN)).await {
                 Some(Ok(frame)) => Ok(frame),
                 Some(Err(quinn::ReadToEndError::TooLong)) => {
                     let reason = format!("a frame over the {MAX_FRAME_LEN}-byte limit");

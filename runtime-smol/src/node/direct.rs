@@ -10,7 +10,7 @@ use p2pchat_protocol::PeerId;
 
 use super::NodeHandle;
 use crate::admission::Limit;
-use crate::transport::{PeerConnection, Transport};
+use crate::transport::{by, PeerConnection, Transport};
 
 /// How long a frame may take to be acknowledged (dial included) before the
 /// transmit fails; a connection on which nothing was acknowledged that
@@ -307,13 +307,4 @@ impl DirectPeers {
             }
         }
     }
-}
-
-/// `work`'s result, or `None` if it is not done by `deadline`.
-async fn by<T>(deadline: Instant, work: impl core::future::Future<Output = T>) -> Option<T> {
-    let late = async {
-        smol::Timer::at(deadline).await;
-        None
-    };
-    smol::future::or(async { Some(work.await) }, late).await
 }
