@@ -104,6 +104,14 @@ macro_rules! scenario_tests {
             $crate::testkit::an_invitee_cannot_read_older_messages_and_a_leaver_cannot_read_newer_ones($make);
         }
         #[test]
+        fn a_later_member_cannot_read_older_messages_caught_by_a_rotation() {
+            $crate::testkit::a_later_member_cannot_read_older_messages_caught_by_a_rotation($make);
+        }
+        #[test]
+        fn a_later_member_cannot_read_older_messages_answered_to_a_key_request() {
+            $crate::testkit::a_later_member_cannot_read_older_messages_answered_to_a_key_request($make);
+        }
+        #[test]
         fn non_admin_invites_and_forged_control_are_refused() {
             $crate::testkit::non_admin_invites_and_forged_control_are_refused($make);
         }
@@ -204,6 +212,9 @@ pub struct Net<S: TestStore> {
     /// Every ciphertext seen per message key: (header bytes or group
     /// position) → ciphertext. A key must never seal two different texts.
     seen_keys: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Every distinct group envelope put on the wire, delivered or not, with
+    /// its sender's index: what a relay carrying all of them would see.
+    wire_group_envelopes: Vec<(usize, Vec<u8>)>,
 }
 
 impl<S: TestStore> Net<S> {
@@ -236,6 +247,7 @@ impl<S: TestStore> Net<S> {
             crash_after_call: None,
             lookups: vec![0; count],
             seen_keys: std::collections::BTreeMap::new(),
+            wire_group_envelopes: Vec::new(),
         }
     }
 
@@ -304,6 +316,10 @@ impl<S: TestStore> Net<S> {
                 }
                 while let Some(t) = self.nodes[i].engine.poll_transmit() {
                     self.check_key_use(&t.bytes);
+                    let group = matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Group(_)));
+                    if group && !self.wire_group_envelopes.iter().any(|(_, b)| *b == t.bytes) {
+                        self.wire_group_envelopes.push((i, t.bytes.clone()));
+                    }
                     let to = self.index(&t.peer);
                     let lost = (self.lose)(i, &t);
                     if self.nodes[to].online && !lost {
@@ -752,6 +768,94 @@ pub fn an_invitee_cannot_read_older_messages_and_a_leaver_cannot_read_newer_ones
     net.advance(1_000);
     send_group(&mut net, 3, g.id, "welcome back");
     assert!(contents(&mut net, 2, &g.id).contains(&"welcome back".to_string()));
+}
+
+/// A hostile relay that carried every group envelope so far hands them all
+/// to node `to`, each as from its sender.
+fn leak_group_envelopes<S: TestStore>(net: &mut Net<S>, to: usize) {
+    for (sender, bytes) in net.wire_group_envelopes.clone() {
+        if sender != to {
+            net.input(to, Input::Received { from: net.id(sender), bytes });
+        }
+    }
+    net.advance(60_000);
+}
+
+/// Scenario: messages still waiting for an offline member when another
+/// member leaves reach it after the rotation, and a member invited before
+/// that rotation cannot read them, even with every envelope a relay saw.
+pub fn a_later_member_cannot_read_older_messages_caught_by_a_rotation<S: TestStore>(make: fn() -> S) {
+    // 0 admin, 1 member, 2 offline member, 3 leaver, 4 newcomer.
+    let mut net = Net::new(make, 5, 40);
+    let g = group(&mut net, 0, &[1, 2, 3], "Team");
+    net.advance(1_000);
+    net.set_online(2, false);
+    send_group(&mut net, 0, g.id, "from 0 while 2 is away");
+    send_group(&mut net, 1, g.id, "from 1 while 2 is away");
+    let newcomer = net.id(4);
+    net.command(0, Command::Invite { group: g.id, peer: newcomer }).unwrap();
+    net.advance(1_000);
+    net.command(3, Command::Leave { group: g.id }).unwrap();
+    net.advance(1_000);
+    send_group(&mut net, 0, g.id, "welcome from 0");
+    send_group(&mut net, 1, g.id, "welcome from 1");
+    net.set_online(2, true);
+    net.advance(120_000);
+    let returned = contents(&mut net, 2, &g.id);
+    for text in ["from 0 while 2 is away", "from 1 while 2 is away", "welcome from 0", "welcome from 1"] {
+        assert!(returned.contains(&text.to_string()), "the returning member lacks {text:?}: {returned:?}");
+    }
+    leak_group_envelopes(&mut net, 4);
+    let newcomer_has = contents(&mut net, 4, &g.id);
+    assert!(
+        !newcomer_has.iter().any(|m| m.contains("while 2 is away")),
+        "a member invited later read older messages: {newcomer_has:?}"
+    );
+    assert!(newcomer_has.contains(&"welcome from 0".to_string()));
+    assert!(newcomer_has.contains(&"welcome from 1".to_string()));
+}
+
+/// Scenario: a member that asks for a sender key gets the sender's older
+/// messages it still lacks, and a member invited since cannot read them.
+pub fn a_later_member_cannot_read_older_messages_answered_to_a_key_request<S: TestStore>(make: fn() -> S) {
+    // 0 admin, 1 sender, 2 offline member, 3 newcomer.
+    let mut net = Net::new(make, 4, 41);
+    let g = group(&mut net, 0, &[1, 2], "Team");
+    net.advance(1_000);
+    net.set_online(2, false);
+    send_group(&mut net, 1, g.id, "from 1 while 2 is away");
+    let newcomer = net.id(3);
+    net.command(0, Command::Invite { group: g.id, peer: newcomer }).unwrap();
+    net.advance(1_000);
+    send_group(&mut net, 1, g.id, "welcome from 1");
+    // Pairwise traffic from 1 to the returning member (its sender key)
+    // is lost for a minute, so the member asks 1 for the key while 1 keeps
+    // sending it the group message.
+    let blocked = std::rc::Rc::new(std::cell::Cell::new(true));
+    let block = blocked.clone();
+    let returning = net.id(2);
+    net.lose = Box::new(move |from, t| {
+        let ratchet = matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)));
+        block.get() && from == 1 && t.peer == returning && ratchet
+    });
+    net.set_online(2, true);
+    net.advance(60_000);
+    blocked.set(false);
+    net.advance(120_000);
+    let returned = contents(&mut net, 2, &g.id);
+    assert!(returned.contains(&"from 1 while 2 is away".to_string()), "{returned:?}");
+    assert!(returned.contains(&"welcome from 1".to_string()), "{returned:?}");
+    for i in 0..4 {
+        eprintln!("NODE {i} {}", net.id(i));
+    }
+    eprintln!("LEAK {}", net.wire_group_envelopes.len());
+    leak_group_envelopes(&mut net, 3);
+    let newcomer_has = contents(&mut net, 3, &g.id);
+    assert!(
+        !newcomer_has.contains(&"from 1 while 2 is away".to_string()),
+        "a member invited later read an older message: {newcomer_has:?}"
+    );
+    assert!(newcomer_has.contains(&"welcome from 1".to_string()));
 }
 
 /// Scenario: non admin invites and forged control are refused.

@@ -427,10 +427,22 @@ pub enum PairwisePayload {
         /// Their IDs.
         ids: Vec<u64>,
     },
+    /// One of the sender's group messages, sent to this one member over the
+    /// pairwise session rather than under the sender's key: a message that a
+    /// member still waits for when the sender rotates, or that the member
+    /// asked for. Only the recipients at send time can ever read it, where a
+    /// copy sealed again under the sender key could be read by anyone who
+    /// holds that key's later positions (a member invited since).
+    GroupChat {
+        /// The group.
+        group_id: ConversationId,
+        /// The message, as it was sent to the group.
+        content: ChatContent,
+    },
 }
 
 /// The number of [`PairwisePayload`] kinds this version knows.
-const PAIRWISE_KINDS: u32 = 9;
+const PAIRWISE_KINDS: u32 = 10;
 /// The kind number of [`PairwisePayload::Tracked`].
 const TRACKED_KIND: u32 = 7;
 /// The kind number of [`PairwisePayload::Ack`].
@@ -512,7 +524,7 @@ mod tests {
 
     #[test]
     fn unknown_payload_and_group_control_kinds_are_named() {
-        assert_eq!(PairwisePayload::decode(&[9]), Err(WireError::UnknownKind(9)));
+        assert_eq!(PairwisePayload::decode(&[10]), Err(WireError::UnknownKind(10)));
         assert_eq!(PairwisePayload::decode(&[5, 3]), Err(WireError::UnknownKind(3)));
         assert_eq!(PairwisePayload::decode(&[6]), Ok(PairwisePayload::SessionConfirm));
     }
@@ -531,7 +543,7 @@ mod tests {
         }
         deep.push(6);
         assert!(matches!(PairwisePayload::decode(&deep), Err(WireError::Malformed { .. })));
-        assert_eq!(PairwisePayload::decode(&[7, 0, 9]), Err(WireError::UnknownKind(9)));
+        assert_eq!(PairwisePayload::decode(&[7, 0, 10]), Err(WireError::UnknownKind(10)));
     }
 
     #[test]

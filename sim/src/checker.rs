@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use p2pchat_protocol::engine::{Event, Message, MessageStatus};
-use p2pchat_protocol::wire::{Envelope, EnvelopeBody};
+use p2pchat_protocol::wire::{ChatContent, Envelope, EnvelopeBody, GroupMessage};
 use p2pchat_protocol::{ConversationId, MessageId};
 
 use crate::trace::digest;
@@ -44,6 +44,11 @@ pub(crate) struct Checker {
     ratchet_keys: HashMap<[u8; 32], ()>,
     /// Messages received, in total.
     deliveries: u64,
+    /// Every distinct group message put on the wire: what a relay carrying
+    /// all of them could hand to anyone.
+    group_messages: Vec<GroupMessage>,
+    /// Their digests, to keep one copy of each.
+    group_digests: HashSet<u64>,
 }
 
 impl Checker {
@@ -108,6 +113,9 @@ impl Checker {
                 (m.header.to_bytes().to_vec(), m.ciphertext)
             }
             EnvelopeBody::Group(g) => {
+                if self.group_digests.insert(digest(bytes)) {
+                    self.group_messages.push(g.clone());
+                }
                 let mut key = g.group_id.as_bytes().to_vec();
                 key.extend_from_slice(&g.sender.0);
                 key.extend_from_slice(&g.key_id.to_be_bytes());
@@ -123,6 +131,31 @@ impl Checker {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The group messages on the wire so far, for the confidentiality rule.
+    pub(crate) fn group_messages(&self) -> &[GroupMessage] {
+        &self.group_messages
+    }
+
+    /// Node `node`'s stored group keys opened a group message from the wire
+    /// (whoever it was sent to): only the recipients at send time may ever
+    /// read a message, so a member invited later, or one that left, must
+    /// not, even with every envelope a relay saw.
+    pub(crate) fn on_opened(&self, node: usize, plaintext: &[u8]) -> Result<(), Violation> {
+        let Ok(chat) = ChatContent::decode(plaintext) else {
+            return Err(Violation(format!("n{node} opened a group message whose content does not decode")));
+        };
+        let Some(accepted) = self.accepted.get(&chat.message_id) else {
+            return Err(Violation(format!("n{node} opened group message {} that no API accepted", chat.message_id)));
+        };
+        if accepted.sender != node && !accepted.recipients.contains(&node) {
+            return Err(Violation(format!(
+                "n{node}'s group keys open message {} of n{}, sent when it was not a recipient",
+                chat.message_id, accepted.sender
+            )));
+        }
+        Ok(())
     }
 
     /// An event a node's engine released (so its effects are committed).

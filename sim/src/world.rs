@@ -13,6 +13,7 @@ use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{
     ClientAction, MemoryRelayStore, PublishRefusal, Relay, RelayClient, RelayConfig, RelayFrame,
 };
+use p2pchat_protocol::wire::{Envelope, EnvelopeBody, GroupMessage};
 use p2pchat_protocol::{ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, PeerId, Timestamp};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -183,6 +184,8 @@ pub(crate) struct World {
     operations_left: u32,
     failure: Option<Failure>,
     next_bounds_check: u64,
+    /// Group messages put on the wire during the current step.
+    fresh_group_messages: Vec<GroupMessage>,
     protocol_time: Duration,
     /// Snapshots of each node's committed store, for the stale-restart bug.
     snapshots: Vec<Option<SimStore>>,
@@ -257,6 +260,7 @@ impl World {
             operations_left,
             failure: None,
             next_bounds_check: BOUNDS_EVERY,
+            fresh_group_messages: Vec::new(),
             protocol_time: Duration::ZERO,
             snapshots,
         };
@@ -274,6 +278,13 @@ impl World {
         while self.failure.is_none() {
             if deadline.is_none() {
                 deadline = settle_until(&self);
+            }
+            for message in std::mem::take(&mut self.fresh_group_messages) {
+                let result = self.check_opened_by_anyone(&message);
+                self.check(result);
+            }
+            if self.failure.is_some() {
+                break;
             }
             let Some((at, what)) = self.next_step() else { break };
             if deadline.is_some_and(|d| at > d) {
@@ -702,6 +713,11 @@ impl World {
     fn route(&mut self, i: usize, transmit: Transmit) {
         let result = self.checker.on_envelope(&transmit.bytes);
         self.check(result);
+        if let Ok(Envelope { body: EnvelopeBody::Group(message) }) = Envelope::decode(&transmit.bytes) {
+            // Checked once the step is over, when its sender's API has
+            // accepted the message.
+            self.fresh_group_messages.push(message);
+        }
         let incarnation = self.nodes[i].incarnation;
         let Some(j) = self.index(&transmit.peer) else {
             let outcome = TransmitOutcome::Failed("unknown peer".into());
@@ -1035,9 +1051,42 @@ impl World {
 
     /// Quiescence: the checker's final rules, and bounded state everywhere.
     fn final_checks(&mut self) -> Result<(), Violation> {
+        self.check_confidentiality()?;
         let stores = self.check_bounds()?;
         self.checker.at_quiescence(&stores)?;
         self.check_nothing_left()
+    }
+
+    /// Every node's group keys, as stored now, tried on every group message
+    /// that went on the wire: each one they open must have been sent while
+    /// the node was a recipient (see [`Checker::on_opened`]). Run on every
+    /// group message as it leaves too, since keys move on and skipped ones
+    /// expire.
+    fn check_confidentiality(&mut self) -> Result<(), Violation> {
+        let messages = self.checker.group_messages().to_vec();
+        for message in &messages {
+            self.check_opened_by_anyone(message)?;
+        }
+        Ok(())
+    }
+
+    fn check_opened_by_anyone(&mut self, message: &GroupMessage) -> Result<(), Violation> {
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            let store = self.nodes[i].engine.store_mut();
+            if store.begin().is_err() {
+                continue;
+            }
+            let keys = store.group_keys(&message.group_id);
+            store.rollback();
+            let Ok(Some(bytes)) = keys else { continue };
+            let Ok(mut group) = GroupSession::from_bytes(&bytes) else { continue };
+            // A copy: nothing is saved, so the node's state is untouched.
+            if let Ok(plaintext) = group.decrypt(message, now) {
+                self.checker.on_opened(i, &plaintext)?;
+            }
+        }
+        Ok(())
     }
 
     /// Once the network has healed and settled, nothing is left queued or

@@ -238,7 +238,9 @@ impl<S: Store> Engine<S> {
         // Nor do our keys or key requests for the group matter any more.
         for item in self.store.outbox()? {
             let ours = match &item.payload {
-                OutboxPayload::Group { message_id } => undelivered.contains(message_id),
+                OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
+                    undelivered.contains(message_id)
+                }
                 OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
                     Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == id,
                     Ok(PairwisePayload::SenderKeyRequest { group_id }) => group_id == id,
@@ -398,7 +400,9 @@ impl<S: Store> Engine<S> {
         }
         for item in self.store.outbox_for(&from)? {
             let for_this_group = match &item.payload {
-                OutboxPayload::Group { message_id } => ours.contains(message_id),
+                OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
+                    ours.contains(message_id)
+                }
                 OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
                     Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == group_id,
                     Ok(PairwisePayload::GroupControl(
@@ -417,8 +421,8 @@ impl<S: Store> Engine<S> {
         // Everyone left rotates (the new key goes out lazily, before each
         // member's next message), so the leaver cannot read what follows.
         if group.remove_member(&from, &mut self.rng).is_some() {
-            self.reseal_unconfirmed(now, &group_id, &mut group, None)?;
             self.save_group(&group)?;
+            self.copy_unconfirmed(now, &group_id, None)?;
         }
         self.members_changed(now, &group_id)?;
         Ok(Handled::Done)
@@ -455,37 +459,51 @@ impl<S: Store> Engine<S> {
         Ok(())
     }
 
-    /// Our messages that a member has not confirmed were sealed under the
-    /// key we just dropped, which nobody can ask us for again: a member
-    /// still waiting (offline, say) could never read them. They are sealed
-    /// again under the new key, which goes to each waiting member first.
-    fn reseal_unconfirmed(
+    /// Our messages that a member has not confirmed may be out of its
+    /// reach under our sender key: sealed under the key we just dropped
+    /// (which nobody can ask us for again), or before the position from
+    /// which the member holds it. Each such member gets them over its
+    /// pairwise session instead, in place of the group envelope. Sealing them
+    /// again under our current key would let a member invited since read
+    /// them (it holds that key from where it joined), so they never are.
+    fn copy_unconfirmed(
         &mut self,
         now: Timestamp,
         id: &ConversationId,
-        group: &mut GroupSession,
         only_for: Option<PeerId>,
     ) -> Result<(), EngineError> {
         let me = self.peer_id();
         let waiting = |s: &MessageStatus| matches!(s, MessageStatus::Created | MessageStatus::Sent);
-        for mut message in self.store.messages(id)? {
+        let mut copies: BTreeMap<PeerId, BTreeSet<MessageId>> = BTreeMap::new();
+        for message in self.store.messages(id)? {
             if !message.is_outgoing(&me) || !waiting(&message.status) {
                 continue;
             }
-            if only_for.is_some_and(|p| !message.recipients.iter().any(|(r, s)| *r == p && waiting(s))) {
-                continue;
-            }
-            let content =
-                ChatContent { message_id: message.id, sent_at: message.timestamp, content: message.content.clone() };
-            let sealed = group.encrypt(&content.encode())?;
-            message.group_position = Some((sealed.key_id, sealed.message_number));
-            self.store.put_message(&message)?;
-            self.store.put_group_envelope(&message.id, &Envelope::new(EnvelopeBody::Group(sealed)).encode())?;
             for (peer, status) in &message.recipients {
-                if waiting(status) && group.awaits_confirmation(peer) && !self.key_queued_for(group, peer)? {
-                    self.send_own_key(now, group, *peer)?;
+                if waiting(status) && only_for.is_none_or(|p| p == *peer) {
+                    copies.entry(*peer).or_default().insert(message.id);
                 }
             }
+        }
+        for (peer, messages) in copies {
+            let mut queued = BTreeSet::new();
+            for item in self.store.outbox_for(&peer)? {
+                match &item.payload {
+                    OutboxPayload::Group { message_id } if messages.contains(message_id) => {
+                        self.store.delete_outbox_item(item.seq)?;
+                    }
+                    OutboxPayload::GroupCopy { message_id } => {
+                        queued.insert(*message_id);
+                    }
+                    _ => {}
+                }
+            }
+            for message_id in messages.difference(&queued) {
+                if let Err(e) = self.enqueue(now, peer, OutboxPayload::GroupCopy { message_id: *message_id }) {
+                    self.recipient_failed(now, message_id, &peer, e)?;
+                }
+            }
+            self.pump(now, peer)?;
         }
         Ok(())
     }
@@ -634,7 +652,7 @@ impl<S: Store> Engine<S> {
         from: PeerId,
         id: ConversationId,
     ) -> Result<(), EngineError> {
-        let Ok((_, _, mut group)) = self.joined_group(&id) else { return Ok(()) };
+        let Ok((_, _, group)) = self.joined_group(&id) else { return Ok(()) };
         if !self.others(&id)?.contains(&from) {
             self.reject(from, "sender key request from a peer that is not a member");
             return Ok(());
@@ -642,9 +660,8 @@ impl<S: Store> Engine<S> {
         self.send_own_key(now, &group, from)?;
         // The member may hold our key only from a later position than some
         // of our messages it still lacks (copies of keys and messages cross
-        // in flight): those go again at positions it can read.
-        self.reseal_unconfirmed(now, &id, &mut group, Some(from))?;
-        self.save_group(&group)?;
+        // in flight): those go to it over the pairwise session.
+        self.copy_unconfirmed(now, &id, Some(from))?;
         self.pump(now, from)
     }
 
@@ -715,29 +732,63 @@ impl<S: Store> Engine<S> {
             self.reject(sender, "group message content does not decode");
             return Ok(Ok(()));
         };
+        let position = Some((message.key_id, message.message_number));
+        self.store_group_chat(now, conversation, sender, chat, position).map(Ok)
+    }
+
+    /// One of a member's group messages, sent to us alone over the pairwise
+    /// session (see [`Engine::copy_unconfirmed`]).
+    pub(super) fn on_group_copy(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        group_id: ConversationId,
+        chat: ChatContent,
+    ) -> Result<(), EngineError> {
+        let Ok((conversation, _, _)) = self.joined_group(&group_id) else {
+            // As for the group envelope: nothing is kept, the sender sends
+            // it again until we confirm it.
+            return self.remind_of_leave(now, from, group_id);
+        };
+        if !self.others(&group_id)?.contains(&from) {
+            self.reject(from, "group message from a peer that is not a member");
+            return Ok(());
+        }
+        self.store_group_chat(now, conversation, from, chat, None)
+    }
+
+    /// Stores a member's group message, or confirms again one we hold: the
+    /// group envelope and a pairwise copy of the same message can both
+    /// arrive. `position` is where the envelope stood on the sender's
+    /// chain, by which its retransmissions are recognised (`None` for a
+    /// pairwise copy, which has none).
+    fn store_group_chat(
+        &mut self,
+        now: Timestamp,
+        conversation: Conversation,
+        sender: PeerId,
+        chat: ChatContent,
+        position: Option<(u32, u32)>,
+    ) -> Result<(), EngineError> {
         if let Some(mut stored) = self.store.message(&chat.message_id)? {
-            // The sender sealed the message again under a new key (a member
-            // left before everyone confirmed it): confirm the copy we hold,
-            // and remember the new position, where its retransmissions (if
-            // this receipt is lost) will be recognised.
-            if stored.sender == sender && stored.conversation_id == conversation.id && stored.content == chat.content {
-                stored.group_position = Some((message.key_id, message.message_number));
-                self.store.put_message(&stored)?;
-                self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
-                return self.pump(now, sender).map(Ok);
+            if stored.sender != sender || stored.conversation_id != conversation.id || stored.content != chat.content {
+                self.reject(sender, "group message reusing another message's ID");
+                return Ok(());
             }
-            self.reject(sender, "group message reusing another message's ID");
-            return Ok(Ok(()));
+            if position.is_some() && stored.group_position != position {
+                stored.group_position = position;
+                self.store.put_message(&stored)?;
+            }
+            self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
+            return self.pump(now, sender);
         }
         if chat.content.len() > MAX_CONTENT_LEN {
             self.reject(sender, "group message too large");
-            return Ok(Ok(()));
+            return Ok(());
         }
-        let position = Some((message.key_id, message.message_number));
         let stored = self.record_incoming(now, conversation, sender, chat, position)?;
         self.enqueue(now, sender, OutboxPayload::Delivered(vec![stored.id]))?;
-        self.pump(now, sender)?;
-        Ok(Ok(()))
+        self.pump(now, sender)
     }
 
     fn hold(&mut self, now: Timestamp, from: PeerId, bytes: &[u8], message: &GroupMessage) -> Result<(), EngineError> {

@@ -748,8 +748,8 @@ impl<S: Store> Engine<S> {
                 }
                 let ids: BTreeSet<MessageId> = self.store.messages(&conversation)?.iter().map(|m| m.id).collect();
                 for item in self.store.outbox()? {
-                    if let OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } = &item.payload {
-                        if ids.contains(id) {
+                    if let Some(id) = item.payload.message_id() {
+                        if ids.contains(&id) {
                             self.store.delete_outbox_item(item.seq)?;
                         }
                     }
@@ -1269,6 +1269,13 @@ impl<S: Store> Engine<S> {
                 Some(payload) => Some(tracked(item.seq, payload)),
                 None => None,
             },
+            OutboxPayload::GroupCopy { message_id } => match self.store.message(message_id)? {
+                Some(m) if m.status != MessageStatus::Failed => Some(PairwisePayload::GroupChat {
+                    group_id: m.conversation_id,
+                    content: ChatContent { message_id: m.id, sent_at: m.timestamp, content: m.content },
+                }),
+                _ => None,
+            },
             OutboxPayload::Group { .. } => None,
         })
     }
@@ -1294,7 +1301,7 @@ impl<S: Store> Engine<S> {
             self.store.delete_outbox_item(seq)?;
             return match &item.payload {
                 OutboxPayload::Chat(id) => self.fail_message(now, id, reason),
-                OutboxPayload::Group { message_id } => {
+                OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
                     self.recipient_failed(now, message_id, &flight.peer, EngineError::Rejected(reason.clone()))
                 }
                 _ => Ok(()),
@@ -1306,11 +1313,7 @@ impl<S: Store> Engine<S> {
             self.store.put_outbox_item(&item)?;
             return Ok(());
         }
-        let message_id = match &item.payload {
-            OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } => Some(*id),
-            _ => None,
-        };
-        let Some(message_id) = message_id else {
+        let Some(message_id) = item.payload.message_id() else {
             // Delivery receipts, acks and session confirmations: done once a
             // peer or relay has them, and dropped if the transmit failed.
             // Either way a lost one is repaired by the other side, which
@@ -1424,16 +1427,12 @@ impl<S: Store> Engine<S> {
             self.store.put_conversation(&conversation)?;
         }
         for item in self.store.outbox()? {
-            let expired_item = match &item.payload {
-                OutboxPayload::Chat(id) | OutboxPayload::Group { message_id: id, .. } => expired_ids.contains(id),
-                _ => false,
-            };
-            if expired_item {
+            if item.payload.message_id().is_some_and(|id| expired_ids.contains(&id)) {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }
         for item in self.store.outbox()? {
-            let control = !matches!(item.payload, OutboxPayload::Chat(_) | OutboxPayload::Group { .. });
+            let control = item.payload.message_id().is_none();
             if control && item.queued_at < cutoff {
                 self.store.delete_outbox_item(item.seq)?;
             }
@@ -1739,6 +1738,7 @@ impl<S: Store> Engine<S> {
             }
             PairwisePayload::SenderKeyRequest { group_id } => self.on_key_request(now, from, group_id)?,
             PairwisePayload::GroupControl(control) => return self.on_group_control(now, from, control),
+            PairwisePayload::GroupChat { group_id, content } => self.on_group_copy(now, from, group_id, content)?,
         }
         Ok(Handled::Done)
     }
@@ -1787,9 +1787,8 @@ impl<S: Store> Engine<S> {
                 continue;
             }
             // A receipt does not show the member holds our current sender
-            // key: it may confirm a copy sealed under an older one (messages
-            // are sealed again when a member leaves). Only its ack of the key
-            // does.
+            // key: it may confirm a copy sealed under an older one, or one
+            // sent over the pairwise session. Only its ack of the key does.
             self.advance(now, id, &from, status)?;
             settled.insert(*id);
         }
@@ -1798,10 +1797,7 @@ impl<S: Store> Engine<S> {
         }
         // One pass over the peer's outbox for the whole receipt.
         for item in self.store.outbox_for(&from)? {
-            let confirmed = match &item.payload {
-                OutboxPayload::Chat(m) | OutboxPayload::Group { message_id: m, .. } => settled.contains(m),
-                _ => false,
-            };
+            let confirmed = item.payload.message_id().is_some_and(|m| settled.contains(&m));
             if item.peer == from && confirmed {
                 self.store.delete_outbox_item(item.seq)?;
             }

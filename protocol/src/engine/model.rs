@@ -159,6 +159,25 @@ pub enum OutboxPayload {
     /// control or a sender key, sent as is. Holds a chain key when it is a
     /// distribution: the store seals it.
     Control(Vec<u8>),
+    /// One of our group messages for this one member, over the pairwise
+    /// session (see [`PairwisePayload::GroupChat`](crate::wire::PairwisePayload::GroupChat)):
+    /// built from the stored message when it is sent, so no plaintext
+    /// waits in the outbox.
+    GroupCopy {
+        /// The message.
+        message_id: MessageId,
+    },
+}
+
+impl OutboxPayload {
+    /// The chat message this item carries (1:1, group, or a group copy),
+    /// which stays queued until the recipient's delivery receipt.
+    pub fn message_id(&self) -> Option<MessageId> {
+        match self {
+            Self::Chat(id) | Self::Group { message_id: id } | Self::GroupCopy { message_id: id } => Some(*id),
+            _ => None,
+        }
+    }
 }
 
 /// One outbox entry.
