@@ -285,6 +285,12 @@ pub fn respond(
         return Err(KeyExchangeError::Stale { skew_ms });
     }
     let mark = RequestMark { timestamp: request.timestamp, nonce: request.nonce };
+    // A mark further ahead of our clock than any request we would accept
+    // now was taken while our clock was wrong. Kept, it would refuse every
+    // genuine request until real time caught up with it; the requests it
+    // guarded against are refused as stale anyway, since they carry its
+    // far-off time.
+    let last = last.filter(|l| l.mark.timestamp.millis_since(now) <= MAX_REQUEST_CLOCK_SKEW_MS);
     if let Some(last) = last {
         let repeat = mark == last.mark && request.ephemeral == last.ack.initiator_ephemeral;
         if repeat {

@@ -112,6 +112,10 @@ macro_rules! scenario_tests {
             $crate::testkit::a_later_member_cannot_read_older_messages_answered_to_a_key_request($make);
         }
         #[test]
+        fn a_clock_that_was_once_far_ahead_does_not_block_new_sessions() {
+            $crate::testkit::a_clock_that_was_once_far_ahead_does_not_block_new_sessions($make);
+        }
+        #[test]
         fn non_admin_invites_and_forged_control_are_refused() {
             $crate::testkit::non_admin_invites_and_forged_control_are_refused($make);
         }
@@ -768,6 +772,36 @@ pub fn an_invitee_cannot_read_older_messages_and_a_leaver_cannot_read_newer_ones
     net.advance(1_000);
     send_group(&mut net, 3, g.id, "welcome back");
     assert!(contents(&mut net, 2, &g.id).contains(&"welcome back".to_string()));
+}
+
+/// Scenario: a node whose clock was once a day ahead (it started a key
+/// exchange then, which nobody accepted) starts sessions again as soon as
+/// its clock is right, not a day later.
+pub fn a_clock_that_was_once_far_ahead_does_not_block_new_sessions<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 42);
+    net.nodes[2].online = false;
+    let ahead = net.now.saturating_add_millis(24 * 60 * 60 * 1000);
+    let away = net.id(2);
+    net.nodes[0].engine.command(ahead, Command::CreateConversation { peer: away }).unwrap();
+    let c = ConversationId::for_peers(&net.id(0), &away);
+    net.nodes[0].engine.command(ahead, Command::SendMessage { conversation: c, content: "hello".into() }).unwrap();
+    // Its request, stamped a day ahead, goes nowhere.
+    let engine = &mut net.nodes[0].engine;
+    while let Some(peer) = engine.poll_lookup() {
+        engine.handle(ahead, Input::PeerRecord(peer)).unwrap();
+    }
+    let mut requests = 0;
+    while let Some(t) = engine.poll_transmit() {
+        requests +=
+            usize::from(matches!(Envelope::decode(&t.bytes).map(|e| e.body), Ok(EnvelopeBody::KeyExchangeRequest(_))));
+    }
+    assert_eq!(requests, 1);
+    let c = net.conversation(0, 1);
+    let m = net.send(0, c.id, "my clock is right again");
+    net.advance(60_000);
+    assert_eq!(contents(&mut net, 1, &c.id), vec!["my clock is right again"]);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+    assert!(!net.kinds(1).contains(&"chat.security.rejected"), "{:?}", net.kinds(1));
 }
 
 /// A hostile relay that carried every group envelope so far hands them all

@@ -239,3 +239,21 @@ fn replaced_session_decrypts_in_flight_messages_until_the_new_one_is_used() {
     assert_eq!(&b.sessions().decrypt(&fresh, NOW).unwrap()[..], b"new session");
     assert_eq!(b.sessions().decrypt(&in_flight, NOW), Err(DecryptionError::UnknownSession));
 }
+
+#[test]
+fn a_mark_taken_while_the_responders_clock_was_far_ahead_does_not_refuse_new_requests() {
+    let mut r = rng(31);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let bob = IdentityKeyPair::generate(&mut r);
+    let day_ahead = Timestamp(NOW.0 + 24 * 60 * 60 * 1000);
+    // Both clocks were a day ahead: bob accepted alice's request then.
+    let (_, request) = handshake::initiate(&alice, bob.peer_id(), day_ahead, &mut r);
+    let accepted = common::new(handshake::respond(&bob, &alice.peer_id(), &request, None, day_ahead, &mut r).unwrap());
+    // With both clocks right again, alice's new request is fresh, not a replay.
+    let (_, fresh) = handshake::initiate(&alice, bob.peer_id(), NOW, &mut r);
+    let answer = handshake::respond(&bob, &alice.peer_id(), &fresh, Some(&accepted.answered), NOW, &mut r);
+    assert!(matches!(answer, Ok(Response::New(_))), "{:?}", answer.err());
+    // The old request itself is still refused: its time is a day off.
+    let replay = handshake::respond(&bob, &alice.peer_id(), &request, Some(&accepted.answered), NOW, &mut r);
+    assert!(matches!(replay, Err(handshake::KeyExchangeError::Stale { .. })), "{:?}", replay.err());
+}

@@ -1481,10 +1481,15 @@ impl<S: Store> Engine<S> {
         mut attempt: KeyExchangeAttempt,
     ) -> Result<(), EngineError> {
         // Request timestamps strictly increase, even within one millisecond
-        // or after the clock steps back, so a responder's freshness mark
-        // never refuses a genuine new request as a replay.
+        // or after the clock steps back a little, so a responder's freshness
+        // mark never refuses a genuine new request as a replay. A mark
+        // further ahead than any responder accepts came from a clock that
+        // was wrong then: kept, it would make every request stale until
+        // real time caught up with it, so it starts again from now.
         let at = match self.store.last_request_at()? {
-            Some(last) if last >= now => last.saturating_add_millis(1),
+            Some(last) if last >= now && last.millis_since(now) <= handshake::MAX_REQUEST_CLOCK_SKEW_MS => {
+                last.saturating_add_millis(1)
+            }
             _ => now,
         };
         self.store.set_last_request_at(at)?;
