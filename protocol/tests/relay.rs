@@ -7,7 +7,7 @@ use p2pchat_protocol::engine::{
 };
 use p2pchat_protocol::relay::{
     ClientAction, MailboxEntry, MemoryRelayStore, PeerRecord, PublishRefusal, RecordError, Refusal, Relay, RelayConfig,
-    RelayFrame, RelayStore, RelayStoreError,
+    RelayFrame, RelayStore, RelayStoreError, MAILBOX_BATCH_BYTES, MAILBOX_RESEND_INTERVAL_MS,
 };
 use p2pchat_protocol::testkit::NOW;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -735,7 +735,7 @@ fn the_mailbox_goes_out_in_acknowledged_batches() {
         relay.handle_frame(NOW.saturating_add_millis(id * 100), alice, &f.encode()).unwrap();
     }
     let _ = frames(&mut relay);
-    let now = NOW.saturating_add_millis(60_000);
+    let mut now = NOW.saturating_add_millis(60_000);
     relay.connected(bob_id);
     relay.handle_frame(now, bob_id, &RelayFrame::Register.encode()).unwrap();
     let mut received = 0;
@@ -751,7 +751,12 @@ fn the_mailbox_goes_out_in_acknowledged_batches() {
             break;
         }
         assert!(ids.len() <= p2pchat_protocol::relay::MAILBOX_BATCH, "a batch of {}", ids.len());
-        // Nothing more comes until the batch is acknowledged.
+        // Nothing more comes until the batch is acknowledged; a fetch right
+        // away sends nothing, one after the resend interval sends the
+        // unacknowledged batch again, and no more.
+        relay.handle_frame(now, bob_id, &RelayFrame::FetchMailbox.encode()).unwrap();
+        assert_eq!(frames(&mut relay).len(), 0, "a fetch within the interval sends nothing");
+        now = now.saturating_add_millis(MAILBOX_RESEND_INTERVAL_MS);
         relay.handle_frame(now, bob_id, &RelayFrame::FetchMailbox.encode()).unwrap();
         let resent = frames(&mut relay).len();
         assert_eq!(resent, ids.len(), "a fetch sends the unacknowledged batch again, and no more");
@@ -759,6 +764,121 @@ fn the_mailbox_goes_out_in_acknowledged_batches() {
         relay.handle_frame(now, bob_id, &RelayFrame::MailboxAck { ids }.encode()).unwrap();
     }
     assert_eq!(received, total);
+}
+
+/// A mailbox of 64 large entries, for one recipient who is offline; the
+/// recipient's key and the relay.
+fn full_mailbox(config: RelayConfig, entry_len: usize) -> (Relay<MemoryRelayStore>, PeerId, PeerId) {
+    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
+    let mut r = ChaCha20Rng::seed_from_u64(41);
+    let bob = IdentityKeyPair::generate(&mut r);
+    let (alice, bob_id) = (PeerId([1; 20]), bob.peer_id());
+    for peer in [alice, bob_id] {
+        relay.connected(peer);
+        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    }
+    relay.handle_frame(NOW, bob_id, &RelayFrame::Publish(record(&bob, 1, DAY_MS)).encode()).unwrap();
+    relay.disconnected(&bob_id);
+    for id in 0..64u64 {
+        let f = RelayFrame::Forward { to: bob_id, id, mailbox_allowed: true, envelope: vec![id as u8; entry_len] };
+        relay.handle_frame(NOW.saturating_add_millis(id * 1000), alice, &f.encode()).unwrap();
+    }
+    let _ = frames(&mut relay);
+    (relay, alice, bob_id)
+}
+
+fn delivered_bytes(frames: &[(PeerId, RelayFrame)]) -> usize {
+    frames
+        .iter()
+        .map(|(_, f)| match f {
+            RelayFrame::Deliver { envelope, .. } => envelope.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn a_storm_of_fetches_costs_the_relay_one_batch_per_interval() {
+    let (mut relay, _, bob) = full_mailbox(RelayConfig::default(), 200 * 1024);
+    let now = NOW.saturating_add_millis(100_000);
+    relay.connected(bob);
+    relay.handle_frame(now, bob, &RelayFrame::Register.encode()).unwrap();
+    let first = frames(&mut relay);
+    // A batch is bounded by bytes too: five entries of 200 KiB fit in 1 MiB.
+    assert_eq!(delivered_bytes(&first), 5 * 200 * 1024);
+    assert!(delivered_bytes(&first) <= MAILBOX_BATCH_BYTES);
+    // Two hundred fetches that never read: nothing more within the interval,
+    // then one batch again.
+    let mut sent = 0;
+    for i in 0..200u64 {
+        relay.handle_frame(now.saturating_add_millis(i * 10), bob, &RelayFrame::FetchMailbox.encode()).unwrap();
+        sent += delivered_bytes(&frames(&mut relay));
+    }
+    assert_eq!(sent, 0, "fetches within the resend interval send nothing");
+    let later = now.saturating_add_millis(MAILBOX_RESEND_INTERVAL_MS);
+    for _ in 0..200 {
+        relay.handle_frame(later, bob, &RelayFrame::FetchMailbox.encode()).unwrap();
+        sent += delivered_bytes(&frames(&mut relay));
+    }
+    assert_eq!(sent, 5 * 200 * 1024, "one resend of the batch in flight, however many fetches");
+}
+
+#[test]
+fn acknowledgements_over_the_rate_still_drain_the_mailbox_and_name_only_entries_in_flight() {
+    // One frame a second: the sender fills the mailbox a second apart.
+    let config = RelayConfig { rate_burst: 3, rate_per_sec: 1, ..RelayConfig::default() };
+    let (mut relay, _, bob) = full_mailbox(config, 10);
+    let now = NOW.saturating_add_millis(100_000);
+    relay.connected(bob);
+    relay.handle_frame(now, bob, &RelayFrame::Register.encode()).unwrap(); // token 1
+    let ids: Vec<u64> = frames(&mut relay)
+        .into_iter()
+        .filter_map(|(_, f)| match f {
+            RelayFrame::Deliver { mailbox_id, .. } => mailbox_id,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 64);
+    // Spend the rest of the tokens, then acknowledge over the rate.
+    for _ in 0..2 {
+        relay.handle_frame(now, bob, &RelayFrame::Lookup { peer: bob }.encode()).unwrap();
+    }
+    let _ = frames(&mut relay);
+    // IDs that are not in flight delete nothing.
+    relay.handle_frame(now, bob, &RelayFrame::MailboxAck { ids: vec![u64::MAX, 999_999] }.encode()).unwrap();
+    assert_eq!(mailbox_len(&mut relay, &bob), 64);
+    relay.handle_frame(now, bob, &RelayFrame::MailboxAck { ids }.encode()).unwrap();
+    assert_eq!(mailbox_len(&mut relay, &bob), 0, "an acknowledgement over the rate is still taken");
+}
+
+fn mailbox_len(relay: &mut Relay<MemoryRelayStore>, peer: &PeerId) -> usize {
+    relay.store_mut().begin().unwrap();
+    let len = relay.store().mailbox(peer).unwrap().len();
+    relay.store_mut().rollback();
+    len
+}
+
+#[test]
+fn reconnecting_does_not_refill_the_rate() {
+    let config = RelayConfig { rate_burst: 3, rate_per_sec: 1, ..RelayConfig::default() };
+    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
+    let peer = PeerId([8; 20]);
+    relay.connected(peer);
+    for _ in 0..3 {
+        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    }
+    relay.disconnected(&peer);
+    relay.connected(peer);
+    relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    let forward = RelayFrame::Forward { to: peer, id: 5, mailbox_allowed: true, envelope: vec![0; 5] };
+    let _ = frames(&mut relay);
+    relay.handle_frame(NOW, peer, &forward.encode()).unwrap();
+    assert_eq!(frames(&mut relay), vec![(peer, RelayFrame::Refused { id: 5, reason: Refusal::Rate })]);
+    // Refilled with time, as before.
+    let later = NOW.saturating_add_millis(2_000);
+    relay.handle_frame(later, peer, &RelayFrame::Register.encode()).unwrap();
+    relay.handle_frame(later, peer, &forward.encode()).unwrap();
+    assert!(frames(&mut relay).contains(&(peer, RelayFrame::Forwarded { id: 5 })));
 }
 
 #[test]

@@ -17,7 +17,7 @@ mod frame;
 mod memory;
 mod record;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use client::{ClientAction, RelayClient};
 pub use frame::{PublishRefusal, Refusal, RelayFrame, MAX_FRAME_LEN};
@@ -192,6 +192,10 @@ struct PeerState {
     fresh: bool,
     /// The highest mailbox ID sent in the current pass over the mailbox.
     sent_up_to: u64,
+    /// The entries of the batch in flight, not yet acknowledged.
+    batch: BTreeSet<u64>,
+    /// When that batch last went out.
+    batch_sent_at: Option<Timestamp>,
 }
 
 /// The relay state machine.
@@ -267,14 +271,14 @@ impl<S: RelayStore> Relay<S> {
         state.fresh = true;
     }
 
-    /// A connection closed; with the peer's last one go its registration
-    /// and rate state.
+    /// A connection closed; with the peer's last one goes its
+    /// registration. Its rate state stays until the bucket has refilled, so
+    /// reconnecting does not buy a fresh burst.
     pub fn disconnected(&mut self, peer: &PeerId) {
         let Some(state) = self.connected.get_mut(peer) else { return };
         state.connections = state.connections.saturating_sub(1);
         if state.connections == 0 {
             self.connected.remove(peer);
-            self.buckets.remove(peer);
         }
     }
 
@@ -362,7 +366,11 @@ impl<S: RelayStore> Relay<S> {
                 return Ok(());
             }
         };
-        if !within_rate {
+        // An acknowledgement releases work rather than making it (it names
+        // only entries in flight, at most one batch), so it is taken even
+        // over the rate: refused, the drain of a full mailbox would stall.
+        let releases_work = matches!(frame, RelayFrame::MailboxAck { .. });
+        if !within_rate && !releases_work {
             self.staged.events.push(RelayEvent::Refused { from, reason: Refusal::Rate });
             // Requests that expect an answer get one, so the node is not
             // left waiting.
@@ -387,6 +395,8 @@ impl<S: RelayStore> Relay<S> {
                 state.fresh = false;
                 if fresh {
                     state.sent_up_to = 0;
+                    state.batch.clear();
+                    state.batch_sent_at = None;
                 }
                 self.staged.undo.push(Undo::Peer(from, before));
                 self.send(from, &RelayFrame::Registered);
@@ -394,20 +404,37 @@ impl<S: RelayStore> Relay<S> {
                 // connection; a repeated Register does not resend it
                 // (FetchMailbox asks for that).
                 if fresh {
-                    self.deliver_mailbox(now, &from)?;
+                    self.deliver_mailbox(now, &from, false)?;
                 }
             }
             RelayFrame::FetchMailbox => {
-                let Some(state) = self.connected.get_mut(&from).filter(|s| s.registered) else { return Ok(()) };
-                self.staged.undo.push(Undo::Peer(from, state.clone()));
-                state.sent_up_to = 0;
-                self.deliver_mailbox(now, &from)?;
+                // The batch in flight again (its copies may be lost), at most
+                // once per interval: each fetch is two bytes, and the batch
+                // it asks for can be a megabyte.
+                let Some(state) = self.connected.get(&from).filter(|s| s.registered) else { return Ok(()) };
+                let recently = state.batch_sent_at.is_some_and(|at| now.millis_since(at) < MAILBOX_RESEND_INTERVAL_MS);
+                if !state.batch.is_empty() && recently {
+                    self.staged.events.push(RelayEvent::Rejected {
+                        from,
+                        reason: "mailbox fetched again within the resend interval".into(),
+                    });
+                    return Ok(());
+                }
+                self.deliver_mailbox(now, &from, true)?;
             }
             RelayFrame::MailboxAck { ids } => {
-                for id in ids.into_iter().take(MAX_ACK_IDS) {
+                let Some(state) = self.connected.get_mut(&from).filter(|s| s.registered) else { return Ok(()) };
+                let before = state.clone();
+                let acknowledged: Vec<u64> =
+                    ids.into_iter().take(MAX_ACK_IDS).filter(|id| state.batch.remove(id)).collect();
+                if acknowledged.is_empty() {
+                    return Ok(()); // nothing in flight named: costs nothing more
+                }
+                self.staged.undo.push(Undo::Peer(from, before));
+                for id in acknowledged {
                     self.store.delete_mailbox_entry(&from, id)?;
                 }
-                self.deliver_mailbox(now, &from)?;
+                self.deliver_mailbox(now, &from, false)?;
             }
             RelayFrame::Publish(record) => {
                 let sequence = record.sequence;
@@ -535,27 +562,55 @@ impl<S: RelayStore> Relay<S> {
     }
 
     /// Sends the next batch of the mailbox once the previous one is
-    /// acknowledged: at most [`MAILBOX_BATCH`] entries in flight, so one
-    /// request never makes the relay send a whole mailbox at once.
-    fn deliver_mailbox(&mut self, now: Timestamp, peer: &PeerId) -> Result<(), RelayError> {
+    /// acknowledged: at most [`MAILBOX_BATCH`] entries and
+    /// [`MAILBOX_BATCH_BYTES`] (or one larger entry) in flight, so one
+    /// request never makes the relay send a whole mailbox at once. With
+    /// `resend`, a batch still in flight goes again instead.
+    fn deliver_mailbox(&mut self, now: Timestamp, peer: &PeerId, resend: bool) -> Result<(), RelayError> {
         let Some(state) = self.connected.get(peer).filter(|s| s.registered) else { return Ok(()) };
-        let sent_up_to = state.sent_up_to;
-        let in_flight = self.store.mailbox_after(peer, 0, 1)?.first().is_some_and(|e| e.id <= sent_up_to);
-        if in_flight {
-            return Ok(());
-        }
-        let batch = self.store.mailbox_after(peer, sent_up_to, MAILBOX_BATCH)?;
-        let Some(last) = batch.last().map(|e| e.id) else { return Ok(()) };
-        if let Some(state) = self.connected.get_mut(peer) {
-            self.staged.undo.push(Undo::Peer(*peer, state.clone()));
-            state.sent_up_to = last;
-        }
         let expired_before = now.as_millis().saturating_sub(self.config.mailbox_ttl_ms);
-        for entry in batch {
-            // Expired but not yet swept: never delivered.
-            if entry.stored_at.as_millis() < expired_before {
-                continue;
+        // Expired but not yet swept: never delivered.
+        let live = |e: &MailboxEntry| e.stored_at.as_millis() >= expired_before;
+        let mut state = state.clone();
+        let before = state.clone();
+        let mut out = Vec::new();
+        if !state.batch.is_empty() {
+            if !resend {
+                return Ok(());
             }
+            let in_flight = self.store.mailbox_after(peer, 0, MAILBOX_BATCH)?;
+            let held: BTreeSet<u64> = in_flight.iter().map(|e| e.id).collect();
+            state.batch.retain(|id| held.contains(id)); // swept meanwhile
+            out.extend(in_flight.into_iter().filter(|e| state.batch.contains(&e.id) && live(e)));
+        }
+        // The next batch; each pass moves past at least one entry, so
+        // entries that expired unswept are skipped until one is live.
+        while state.batch.is_empty() {
+            let candidates = self.store.mailbox_after(peer, state.sent_up_to, MAILBOX_BATCH)?;
+            if candidates.is_empty() {
+                break;
+            }
+            let mut bytes = 0usize;
+            for entry in candidates {
+                if !state.batch.is_empty() && bytes.saturating_add(entry.envelope.len()) > MAILBOX_BATCH_BYTES {
+                    break;
+                }
+                state.sent_up_to = entry.id;
+                if live(&entry) {
+                    bytes = bytes.saturating_add(entry.envelope.len());
+                    state.batch.insert(entry.id);
+                    out.push(entry);
+                }
+            }
+        }
+        if !out.is_empty() {
+            state.batch_sent_at = Some(now);
+        }
+        if state.batch != before.batch || state.sent_up_to != before.sent_up_to || !out.is_empty() {
+            self.staged.undo.push(Undo::Peer(*peer, before));
+            self.connected.insert(*peer, state);
+        }
+        for entry in out {
             self.send(
                 *peer,
                 &RelayFrame::Deliver { from: entry.from, mailbox_id: Some(entry.id), envelope: entry.envelope },
@@ -567,6 +622,9 @@ impl<S: RelayStore> Relay<S> {
     /// Refills and takes one token; false when the peer is over its rate.
     fn take_token(&mut self, now: Timestamp, peer: PeerId) -> bool {
         let capacity = self.config.rate_burst.saturating_mul(1000);
+        if !self.buckets.contains_key(&peer) && self.buckets.len() >= BUCKET_PRUNE_AT {
+            self.prune_buckets(now);
+        }
         self.staged.undo.push(Undo::Bucket(peer, self.buckets.get(&peer).cloned()));
         let bucket = self.buckets.entry(peer).or_insert(Bucket { milli_tokens: capacity, at: now });
         let refill = now.millis_since(bucket.at).saturating_mul(self.config.rate_per_sec);
@@ -578,6 +636,25 @@ impl<S: RelayStore> Relay<S> {
         bucket.milli_tokens -= 1000;
         true
     }
+
+    /// Forgets the buckets that have refilled (as good as none) of peers
+    /// with no connection: the rate state outlives a connection only while
+    /// it still limits something.
+    fn prune_buckets(&mut self, now: Timestamp) {
+        let capacity = self.config.rate_burst.saturating_mul(1000);
+        let rate = self.config.rate_per_sec;
+        let full = |b: &Bucket| b.milli_tokens.saturating_add(now.millis_since(b.at).saturating_mul(rate)) >= capacity;
+        let gone: Vec<PeerId> = self
+            .buckets
+            .iter()
+            .filter(|(peer, bucket)| !self.connected.contains_key(peer) && full(bucket))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in gone {
+            let bucket = self.buckets.remove(&peer);
+            self.staged.undo.push(Undo::Bucket(peer, bucket));
+        }
+    }
 }
 
 /// The most mailbox IDs one acknowledgement is taken to name.
@@ -585,3 +662,14 @@ const MAX_ACK_IDS: usize = 1_000;
 
 /// Mailbox entries sent before the node acknowledges them.
 pub const MAILBOX_BATCH: usize = 64;
+
+/// Envelope bytes sent before the node acknowledges them (a single larger
+/// entry still goes alone).
+pub const MAILBOX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// How soon `FetchMailbox` may have the batch in flight sent again.
+pub const MAILBOX_RESEND_INTERVAL_MS: u64 = 10_000;
+
+/// Rate buckets held before the refilled ones of disconnected peers are
+/// forgotten.
+const BUCKET_PRUNE_AT: usize = 4_096;
