@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +19,16 @@ use crate::admission::IncomingLimits;
 use crate::lock::DataDirLock;
 use crate::node::NodeError;
 use crate::tls::TlsIdentity;
-use crate::transport::{Inbound, PeerConnection, Transport, TransportError};
+use crate::transport::{within, Inbound, PeerConnection, Transport, TransportError, NOT_READING};
+
+/// The most bytes of frames queued for one peer. A mailbox batch is at most
+/// 1 MiB, so an honest peer that reads stays far below; one that does not
+/// read is disconnected here instead of growing the relay's memory.
+pub const MAX_PEER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long a peer may take to acknowledge one frame before it is taken
+/// for one that does not read and disconnected.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a relay needs to start.
 #[derive(Clone, Debug)]
@@ -176,28 +186,23 @@ async fn run_network(
         let connections = connections.clone();
         async move {
             // One queue and task per peer: frames to a peer keep the
-            // relay's order, and a slow peer holds up only itself.
-            let mut queues: BTreeMap<PeerId, channel::Sender<Vec<u8>>> = BTreeMap::new();
+            // relay's order, and a slow peer holds up only itself. The
+            // queue is bounded by bytes: a peer that does not read is
+            // disconnected rather than kept in memory.
+            let mut queues: BTreeMap<PeerId, PeerQueue> = BTreeMap::new();
             while let Ok((peer, bytes)) = out.recv().await {
-                queues.retain(|_, q| !q.is_closed());
-                let queue = queues.entry(peer).or_insert_with(|| {
-                    let (tx, rx) = channel::unbounded::<Vec<u8>>();
-                    let connections = connections.clone();
-                    smol::spawn(async move {
-                        while let Ok(bytes) = rx.recv().await {
-                            let conn =
-                                connections.lock().ok().and_then(|map| map.get(&peer).and_then(|c| c.last().cloned()));
-                            let Some(conn) = conn else { break };
-                            if let Err(e) = conn.send(&bytes).await {
-                                log::info!("relay: sending to {peer} failed: {e}");
-                                break;
-                            }
-                        }
-                    })
-                    .detach();
-                    tx
-                });
-                let _ = queue.try_send(bytes);
+                queues.retain(|_, q| !q.tx.is_closed());
+                let queue = queues.entry(peer).or_insert_with(|| PeerQueue::start(peer, connections.clone()));
+                let queued = queue.queued.load(Ordering::Acquire);
+                if queued.saturating_add(bytes.len()) > MAX_PEER_QUEUE_BYTES {
+                    let reason = format!("over {MAX_PEER_QUEUE_BYTES} bytes queued for this peer: it does not read");
+                    log::info!("relay: disconnecting {peer}: {reason}");
+                    close_peer(&connections, &peer, &reason);
+                    queues.remove(&peer);
+                    continue;
+                }
+                queue.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+                let _ = queue.tx.try_send(bytes);
             }
         }
     });
@@ -205,6 +210,53 @@ async fn run_network(
     drop(acceptor);
     drop(sender);
     transport.shutdown().await;
+}
+
+/// Frames waiting to go to one peer, and their bytes.
+struct PeerQueue {
+    tx: channel::Sender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl PeerQueue {
+    /// The queue and the task that sends it, one frame at a time, each
+    /// within [`SEND_TIMEOUT`].
+    fn start(peer: PeerId, connections: Connections) -> Self {
+        let (tx, rx) = channel::unbounded::<Vec<u8>>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counter = queued.clone();
+        smol::spawn(async move {
+            while let Ok(bytes) = rx.recv().await {
+                let conn = connections.lock().ok().and_then(|map| map.get(&peer).and_then(|c| c.last().cloned()));
+                let Some(conn) = conn else { break };
+                let sent = within(SEND_TIMEOUT, conn.send(&bytes)).await;
+                counter.fetch_sub(bytes.len(), Ordering::AcqRel);
+                match sent {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        log::info!("relay: sending to {peer} failed: {e}");
+                        break;
+                    }
+                    None => {
+                        let reason = format!("a frame was not acknowledged within {} s", SEND_TIMEOUT.as_secs());
+                        log::info!("relay: disconnecting {peer}: {reason}");
+                        conn.close_because(NOT_READING, &reason);
+                        break;
+                    }
+                }
+            }
+        })
+        .detach();
+        Self { tx, queued }
+    }
+}
+
+/// Closes every connection of `peer`, telling it why.
+fn close_peer(connections: &Connections, peer: &PeerId, reason: &str) {
+    let conns = connections.lock().ok().and_then(|map| map.get(peer).cloned()).unwrap_or_default();
+    for conn in conns {
+        conn.close_because(NOT_READING, reason);
+    }
 }
 
 async fn serve(conn: PeerConnection, connections: Connections, tx: mpsc::Sender<RelayMsg>) {

@@ -103,6 +103,11 @@ pub const REFUSED: u32 = 1;
 /// fits in flight is acknowledged before it is found too long).
 pub const FRAME_TOO_LARGE: u32 = 2;
 
+/// The application close code of a connection whose peer does not take
+/// what we send it: frames queued for it passed a byte limit, or one was
+/// not acknowledged in time. The reason phrase says which.
+pub const NOT_READING: u32 = 3;
+
 /// How long an incoming handshake may take before its slot is given back.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -383,5 +388,11 @@ impl PeerConnection {
     /// Closes the connection.
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"closed");
+    }
+
+    /// Closes the connection with an application code and a reason the
+    /// peer can read.
+    pub fn close_because(&self, code: u32, reason: &str) {
+        self.connection.close(code.into(), reason.as_bytes());
     }
 }

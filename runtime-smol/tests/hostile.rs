@@ -470,72 +470,131 @@ fn bad_api_requests_to_a_running_node_are_refused_with_reasons() {
     assert_eq!(created.status, 200, "the node still serves: {:?}", created.body);
 }
 
-#[test]
-fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
-    use p2pchat_protocol::engine::{Transmit, TransmitId};
-    use p2pchat_protocol::relay::{ClientAction, PeerRecord, RelayClient};
+/// A `p2pchat relay` process with `extra` flags, and what clients need of it.
+struct RelayProcess {
+    child: Child,
+    peer: PeerId,
+    addr: SocketAddr,
+    /// `PEER@ADDR`, as records list it.
+    address: String,
+    _dir: TempDir,
+}
 
-    let dir = TempDir::new("hostile-relay");
-    let data = dir.0.join("relay");
-    let args = ["relay", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--mailbox-max-count", "5"];
-    let (mut child, lines) = spawn(&args, &dir);
-    let address = loop {
-        let line = lines.recv_timeout(Duration::from_secs(30)).expect("the relay's address within 30 s");
-        if let Some(rest) = line.strip_prefix("relay ") {
-            break rest.trim().to_owned();
-        }
-    };
-    let (peer, addr) = address.split_once('@').unwrap();
-    let (relay_peer, relay_addr): (PeerId, SocketAddr) = (peer.parse().unwrap(), addr.parse().unwrap());
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
-    let now = Timestamp::from_millis(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
-    );
-    // A client of the relay: registered, with its record published.
-    let register = |seed: u8| {
+impl RelayProcess {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new(name);
+        let data = dir.0.join("relay");
+        let mut args = vec!["relay", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let (child, lines) = spawn(&args, &dir);
+        let address = loop {
+            let line = lines.recv_timeout(Duration::from_secs(30)).expect("the relay's address within 30 s");
+            if let Some(rest) = line.strip_prefix("relay ") {
+                break rest.trim().to_owned();
+            }
+        };
+        let (peer, addr) = address.split_once('@').unwrap();
+        let (peer, addr) = (peer.parse().unwrap(), addr.parse().unwrap());
+        Self { child, peer, addr, address, _dir: dir }
+    }
+
+    /// The relay process's resident memory, in bytes.
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+}
+
+/// A client of the relay with the identity `seed`: connected, its
+/// registration and record sent (not yet read back).
+struct RelayUser {
+    peer: PeerId,
+    conn: PeerConnection,
+    client: p2pchat_protocol::relay::RelayClient,
+    now: Timestamp,
+    _transport: Transport,
+}
+
+impl RelayUser {
+    fn connect(relay: &RelayProcess, seed: u8) -> Self {
+        use p2pchat_protocol::relay::{PeerRecord, RelayClient};
+        let now = Timestamp::from_millis(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+        );
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
         let transport =
             Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused)
                 .unwrap();
-        let conn = block_on(transport.dial(relay_addr, relay_peer)).unwrap();
+        let conn = block_on(transport.dial(relay.addr, relay.peer)).unwrap();
         let mut client = RelayClient::new();
         let expires = now.saturating_add_millis(600_000);
-        let record = PeerRecord::sign(&identity, Vec::new(), vec![address.clone()], now, expires, 1);
+        let record = PeerRecord::sign(&identity, Vec::new(), vec![relay.address.clone()], now, expires, 1);
         for frame in client.on_connect(record) {
             block_on(conn.send(&frame.encode())).unwrap();
         }
-        (identity.peer_id(), transport, conn, client)
-    };
-    // Reads frames until `done` says enough, handing each to the client.
-    let read = |conn: &PeerConnection, client: &mut RelayClient, done: &mut dyn FnMut(&ClientAction) -> bool| loop {
-        let bytes = block_on(async { conn.accept_frame().await.unwrap().await.unwrap() });
-        for action in client.on_frame(now, &bytes).unwrap() {
-            if done(&action) {
-                return;
+        Self { peer: identity.peer_id(), conn, client, now, _transport: transport }
+    }
+
+    /// Reads frames until `done` says enough, handing each to the client.
+    fn read(&mut self, done: &mut dyn FnMut(&p2pchat_protocol::relay::ClientAction) -> bool) {
+        loop {
+            let bytes = block_on(async { self.conn.accept_frame().await.unwrap().await.unwrap() });
+            for action in self.client.on_frame(self.now, &bytes).unwrap() {
+                if done(&action) {
+                    return;
+                }
             }
         }
-    };
+    }
 
+    fn published(&mut self) {
+        self.read(&mut |a| matches!(a, p2pchat_protocol::relay::ClientAction::Published { .. }));
+    }
+
+    /// Forwards `count` envelopes of `len` bytes to `to`; returns the
+    /// relay's answers, once all have come.
+    fn forward(&mut self, to: PeerId, count: u64, len: usize) -> Vec<TransmitOutcome> {
+        use p2pchat_protocol::engine::{Transmit, TransmitId};
+        use p2pchat_protocol::relay::ClientAction;
+        for n in 0..count {
+            let transmit = Transmit { id: TransmitId(n), peer: to, bytes: vec![7; len], mailbox_allowed: true };
+            block_on(self.conn.send(&self.client.forward(transmit).encode())).unwrap();
+        }
+        let mut outcomes = Vec::new();
+        self.read(&mut |a| {
+            if let ClientAction::ToEngine(Input::TransmitResult { outcome, .. }) = a {
+                outcomes.push(outcome.clone());
+            }
+            outcomes.len() as u64 == count
+        });
+        outcomes
+    }
+}
+
+#[test]
+fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
+    use p2pchat_protocol::relay::ClientAction;
+
+    let relay = RelayProcess::start("hostile-relay", &["--mailbox-max-count", "5"]);
     // The recipient registers, then goes offline.
-    let (recipient, t, c, mut client) = register(0x65);
-    read(&c, &mut client, &mut |a| matches!(a, ClientAction::Published { .. }));
-    c.close();
-    drop(t);
+    let mut recipient = RelayUser::connect(&relay, 0x65);
+    recipient.published();
+    let recipient_id = recipient.peer;
+    recipient.conn.close();
+    drop(recipient);
     std::thread::sleep(Duration::from_secs(1));
 
     // Twenty envelopes for it; its mailbox holds five.
-    let (_, _attacker_transport, conn, mut attacker) = register(0x64);
-    for n in 0..20u64 {
-        let transmit = Transmit { id: TransmitId(n), peer: recipient, bytes: vec![1, 2, 3], mailbox_allowed: true };
-        block_on(conn.send(&attacker.forward(transmit).encode())).unwrap();
-    }
-    let mut outcomes = Vec::new();
-    read(&conn, &mut attacker, &mut |a| {
-        if let ClientAction::ToEngine(Input::TransmitResult { outcome, .. }) = a {
-            outcomes.push(outcome.clone());
-        }
-        outcomes.len() == 20
-    });
+    let mut attacker = RelayUser::connect(&relay, 0x64);
+    let outcomes = attacker.forward(recipient_id, 20, 3);
     let held = outcomes.iter().filter(|o| **o == TransmitOutcome::HeldByRelay).count();
     let refused: Vec<_> = outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(_))).collect();
     assert_eq!((held, refused.len()), (5, 15), "the mailbox holds its quota and no more: {outcomes:?}");
@@ -545,16 +604,67 @@ fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
     );
 
     // The relay goes on: the recipient comes back and gets exactly the five.
-    let (_, _t, c, mut client) = register(0x65);
+    let mut back = RelayUser::connect(&relay, 0x65);
     let mut delivered = 0;
-    read(&c, &mut client, &mut |a| {
+    back.read(&mut |a| {
         if matches!(a, ClientAction::ToEngine(Input::Received { .. })) {
             delivered += 1;
         }
         delivered == 5
     });
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+#[test]
+fn a_relay_peer_that_never_reads_cannot_grow_the_relays_memory() {
+    use p2pchat_protocol::relay::{ClientAction, RelayFrame};
+
+    let relay = RelayProcess::start("hostile-relay-reader", &[]);
+    // 64 envelopes of 256 KiB (16 MiB) wait in the recipient's mailbox.
+    let mut owner = RelayUser::connect(&relay, 0x70);
+    owner.published();
+    let owner_id = owner.peer;
+    owner.conn.close();
+    drop(owner);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut filler = RelayUser::connect(&relay, 0x71);
+    let len = p2pchat_protocol::wire::MAX_ENVELOPE_LEN;
+    let outcomes = filler.forward(owner_id, 64, len);
+    assert!(outcomes.iter().all(|o| *o == TransmitOutcome::HeldByRelay), "{outcomes:?}");
+    let before = relay.rss();
+
+    // The owner comes back, never reads a stream, and asks for its mailbox
+    // 200 times: each ask used to queue the whole batch again.
+    let owner = RelayUser::connect(&relay, 0x70);
+    for _ in 0..200 {
+        block_on(owner.conn.send(&RelayFrame::FetchMailbox.encode())).unwrap();
+    }
+    // An honest client is still served meanwhile.
+    let mut honest = RelayUser::connect(&relay, 0x72);
+    honest.published();
+    let lookup = honest.client.lookup(owner_id);
+    block_on(honest.conn.send(&lookup.encode())).unwrap();
+    honest.read(&mut |a| matches!(a, ClientAction::ToEngine(Input::PeerRecord(_) | Input::LookupFailed(_))));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = relay.rss();
+    assert!(
+        after < before + 64 * 1024 * 1024,
+        "the relay grew from {} MiB to {} MiB under a reader that never reads",
+        before >> 20,
+        after >> 20
+    );
+
+    // Forwards to a registered peer that never reads fill its queue past
+    // the byte limit: the relay disconnects it, saying why.
+    let mut sender = RelayUser::connect(&relay, 0x73);
+    sender.published();
+    for n in 0..64u64 {
+        use p2pchat_protocol::engine::{Transmit, TransmitId};
+        let transmit = Transmit { id: TransmitId(n), peer: owner_id, bytes: vec![9; len], mailbox_allowed: true };
+        block_on(sender.conn.send(&sender.client.forward(transmit).encode())).unwrap();
+    }
+    let reason = eventually("the relay closes a connection that does not read", || owner.conn.close_reason());
+    assert!(reason.contains("does not read"), "{reason}");
+    assert!(relay.rss() < before + 64 * 1024 * 1024, "the relay holds no more than its limits");
 }
 
 #[test]
