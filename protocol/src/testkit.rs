@@ -116,6 +116,12 @@ macro_rules! scenario_tests {
             $crate::testkit::a_clock_that_was_once_far_ahead_does_not_block_new_sessions($make);
         }
         #[test]
+        fn a_message_under_an_unknown_session_rekeys_only_known_peers_and_at_most_once_a_minute() {
+            $crate::testkit::a_message_under_an_unknown_session_rekeys_only_known_peers_and_at_most_once_a_minute(
+                $make,
+            );
+        }
+        #[test]
         fn non_admin_invites_and_forged_control_are_refused() {
             $crate::testkit::non_admin_invites_and_forged_control_are_refused($make);
         }
@@ -802,6 +808,58 @@ pub fn a_clock_that_was_once_far_ahead_does_not_block_new_sessions<S: TestStore>
     assert_eq!(contents(&mut net, 1, &c.id), vec!["my clock is right again"]);
     assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
     assert!(!net.kinds(1).contains(&"chat.security.rejected"), "{:?}", net.kinds(1));
+}
+
+/// Scenario: a ratchet message under a session this node does not hold
+/// makes it start a new key exchange only with a peer it already talks to,
+/// and at most once a minute; from anyone else (a relay can name any
+/// sender) it starts no lookup and no dial.
+pub fn a_message_under_an_unknown_session_rekeys_only_known_peers_and_at_most_once_a_minute<S: TestStore>(
+    make: fn() -> S,
+) {
+    let mut net = Net::new(make, 3, 43);
+    let c01 = net.conversation(0, 1);
+    net.send(0, c01.id, "hello 1");
+    let c21 = net.conversation(2, 1);
+    net.send(2, c21.id, "hello from 2");
+    // Envelopes under sessions node 0 does not hold.
+    let foreign: Vec<Vec<u8>> = net
+        .delivered
+        .iter()
+        .filter(|(from, to, b)| {
+            matches!((*from, *to), (1, 2) | (2, 1))
+                && matches!(Envelope::decode(b).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)))
+        })
+        .map(|(_, _, b)| b.clone())
+        .collect();
+    assert!(foreign.len() >= 2);
+    let exchanges = |net: &mut Net<S>| {
+        let store = net.nodes[0].engine.store_mut();
+        store.begin().unwrap();
+        let n = store.key_exchanges().unwrap().len();
+        store.rollback();
+        n
+    };
+
+    // As if from node 2, with whom node 0 has no conversation: nothing.
+    let lookups = net.lookups[0];
+    net.input(0, Input::Received { from: net.id(2), bytes: foreign[0].clone() });
+    assert_eq!(net.lookups[0], lookups, "a stranger made the node look it up");
+    assert_eq!(exchanges(&mut net), 0, "a stranger made the node start a key exchange");
+    assert!(net.kinds(0).contains(&"chat.security.rejected"));
+
+    // As if from node 1, a contact: one new key exchange, then none for a minute.
+    net.input(0, Input::Received { from: net.id(1), bytes: foreign[0].clone() });
+    assert_eq!(net.lookups[0], lookups + 1, "a contact's unknown session is replaced");
+    net.input(0, Input::Received { from: net.id(1), bytes: foreign[1].clone() });
+    assert_eq!(net.lookups[0], lookups + 1, "twice within a minute");
+    net.advance(61_000);
+    net.input(0, Input::Received { from: net.id(1), bytes: foreign[1].clone() });
+    assert_eq!(net.lookups[0], lookups + 2, "again after a minute");
+    // The conversation carries on.
+    let m = net.send(0, c01.id, "still here");
+    net.advance(10_000);
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
 }
 
 /// A hostile relay that carried every group envelope so far hands them all

@@ -474,7 +474,13 @@ struct Staged {
     /// messages for one peer then leaves as few envelopes as possible,
     /// under one load and save of its sessions.
     to_pump: BTreeMap<PeerId, Timestamp>,
+    /// Peers this input started a replacement key exchange with.
+    rekeyed: Vec<(PeerId, Timestamp)>,
 }
+
+/// How soon a peer whose session we do not hold may make us start a new
+/// key exchange again (see [`Engine::replace_unknown_session`]).
+const REKEY_INTERVAL_MS: u64 = 60_000;
 
 /// One node's chat engine over a store `S`.
 pub struct Engine<S: Store> {
@@ -489,6 +495,10 @@ pub struct Engine<S: Store> {
     transmits: VecDeque<Transmit>,
     lookups: VecDeque<PeerId>,
     events: VecDeque<Event>,
+    /// When each peer last made us replace its session: at most one such
+    /// key exchange per [`REKEY_INTERVAL_MS`]. Kept in memory only: after
+    /// a restart a peer gets one more.
+    rekeyed: BTreeMap<PeerId, Timestamp>,
 }
 
 impl<S: Store> core::fmt::Debug for Engine<S> {
@@ -525,6 +535,7 @@ impl<S: Store> Engine<S> {
             transmits: VecDeque::new(),
             lookups: VecDeque::new(),
             events: VecDeque::new(),
+            rekeyed: BTreeMap::new(),
         };
         engine.transact(|e| {
             // Copies that were in flight when the node stopped are unknown:
@@ -691,6 +702,10 @@ impl<S: Store> Engine<S> {
                     self.in_flight.extend(staged.in_flight);
                     for id in staged.settled {
                         self.in_flight.remove(&id);
+                    }
+                    for (peer, at) in staged.rekeyed {
+                        self.rekeyed.retain(|_, t| at.millis_since(*t) < REKEY_INTERVAL_MS);
+                        self.rekeyed.insert(peer, at);
                     }
                     self.next_deadline = deadline;
                     Ok(value)
@@ -1453,13 +1468,38 @@ impl<S: Store> Engine<S> {
     /// The peer encrypts under a session we never completed (our ack or its
     /// request was lost, and our attempt gave up): without a new key
     /// exchange it would retransmit into the void for ever. Ours replaces
-    /// its session, and its queued messages follow under the new one. The
-    /// channel authenticated `peer`, and one attempt at a time is the limit.
+    /// its session, and its queued messages follow under the new one.
+    ///
+    /// Only for a peer we already talk to (a 1:1 conversation, or a member
+    /// of a group we are in), and at most once a minute per peer. `peer` may
+    /// be whatever a relay wrote on its frame, and identities cost nothing:
+    /// anyone else would make us look up, and dial, whatever ID and record
+    /// they chose.
     fn replace_unknown_session(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        if self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+        let recently = self.rekeyed.get(&peer).is_some_and(|t| now.millis_since(*t) < REKEY_INTERVAL_MS)
+            || self.staged.rekeyed.iter().any(|(p, _)| *p == peer);
+        if recently || self.store.key_exchanges()?.iter().any(|a| a.peer == peer) || !self.talks_to(&peer)? {
             return Ok(());
         }
+        self.staged.rekeyed.push((peer, now));
         self.start_key_exchange(now, peer, 1)
+    }
+
+    /// Whether we have a 1:1 conversation with `peer`, or share a group
+    /// with it.
+    fn talks_to(&self, peer: &PeerId) -> Result<bool, EngineError> {
+        if self.store.conversation(&ConversationId::for_peers(&self.peer_id(), peer))?.is_some() {
+            return Ok(true);
+        }
+        for conversation in self.store.conversations()? {
+            if matches!(conversation.kind, ConversationKind::Group { .. }) && !conversation.left {
+                let members = self.store.members(&conversation.id)?;
+                if members.iter().any(|m| m.peer_id == *peer && m.left_at.is_none()) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn start_key_exchange(&mut self, now: Timestamp, peer: PeerId, attempts: u32) -> Result<(), EngineError> {
