@@ -56,6 +56,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod address;
 mod aead;
 pub mod engine;
 pub mod group;

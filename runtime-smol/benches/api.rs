@@ -38,6 +38,8 @@ fn start(name: &str) -> ApiNode {
         data_dir: dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability: Durability::Normal,
         engine: EngineConfig::default(),
         relays: Vec::new(),

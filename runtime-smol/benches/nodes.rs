@@ -22,6 +22,8 @@ fn start(name: &str, durability: Durability) -> Node {
         data_dir: dir,
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability,
         engine: EngineConfig::default(),
         relays: Vec::new(),

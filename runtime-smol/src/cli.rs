@@ -81,6 +81,11 @@ pub struct SettingsArgs {
     /// (`--no-direct=false` overrides a file or the environment).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub no_direct: Option<String>,
+    /// Dial loopback and private (LAN) addresses that peers' records list;
+    /// off by default, so a stranger's record cannot aim this node at its
+    /// own machine or network. For a LAN, a test or the demo.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_private_addresses: Option<String>,
     /// Where the rotating log files go.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -140,6 +145,7 @@ impl SettingsArgs {
         put("relay_rate_per_sec", self.relay_rate_per_sec.clone());
         put("relay_rate_burst", self.relay_rate_burst.clone());
         put("no_direct", self.no_direct.clone());
+        put("allow_private_addresses", self.allow_private_addresses.clone());
         if !self.relays.is_empty() {
             flags.insert("relay", Raw::Many(self.relays.clone()));
         }

@@ -109,6 +109,8 @@ pub struct Settings {
     pub relays: Vec<RelayAddress>,
     /// Behave as if behind NAT: no direct connections, no direct address.
     pub no_direct: bool,
+    /// Dial loopback and private addresses that peers' records list.
+    pub allow_private_addresses: bool,
     /// Where the rotating log files go.
     pub log_dir: PathBuf,
     /// The least severe level logged.
@@ -193,6 +195,7 @@ const SPECS: &[Spec] = &[
     Spec { name: "api_allowed_hosts", aliases: &[], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "relay", aliases: &["relays"], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "no_direct", aliases: &[], default: |_| one("false") },
+    Spec { name: "allow_private_addresses", aliases: &[], default: |_| one("false") },
     Spec { name: "log_dir", aliases: &[], default: |d| Raw::One(d.log_dir().to_string_lossy().into_owned()) },
     Spec { name: "log_level", aliases: &[], default: |_| one("info") },
     Spec { name: "durability", aliases: &[], default: |_| one("normal") },
@@ -420,6 +423,7 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         api_allowed_hosts,
         relays,
         no_direct: boolean("no_direct")?,
+        allow_private_addresses: boolean("allow_private_addresses")?,
         log_dir: path("log_dir")?,
         log_level,
         durability,

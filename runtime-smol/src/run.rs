@@ -9,6 +9,7 @@ use p2pchat_protocol::relay::RelayConfig;
 use crate::config::Settings;
 use crate::node::{Node, NodeConfig, NodeError};
 use crate::relay_server::{RelayServer, RelayServerConfig};
+use p2pchat_protocol::address::AddressPolicy;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -42,12 +43,22 @@ pub fn wait_for_signal() -> Result<(), String> {
     Ok(())
 }
 
+/// Which addresses from peers' records the node may dial.
+fn address_policy(settings: &Settings) -> AddressPolicy {
+    if settings.allow_private_addresses {
+        AddressPolicy::AllowPrivate
+    } else {
+        AddressPolicy::PublicOnly
+    }
+}
+
 /// `p2pchat node`.
 pub fn node(settings: &Settings) -> Result<(), String> {
     let node = Node::start(NodeConfig {
         data_dir: settings.data_dir.clone(),
         listen: settings.listen,
         no_direct: settings.no_direct,
+        address_policy: address_policy(settings),
         durability: settings.durability,
         engine: engine_config(settings),
         relays: settings.relays.clone(),
@@ -113,6 +124,8 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
             listen: loopback(0),
             // Carol acts as if behind NAT: only the relay reaches her.
             no_direct: name == "carol",
+            // Everyone is on this machine.
+            address_policy: AddressPolicy::AllowPrivate,
             durability: settings.durability,
             engine: engine_config(settings),
             relays: relays.clone(),

@@ -91,7 +91,7 @@ fn node(dir: &Path, name: &str, relay: &str, extra: &[&str], quic: u16, api: u16
     let listen = format!("127.0.0.1:{quic}");
     let api_addr = format!("127.0.0.1:{api}");
     let mut args = vec!["node", "--data-dir", data.to_str().unwrap(), "--listen", &listen, "--api", &api_addr];
-    args.extend(["--relay", relay]);
+    args.extend(["--relay", relay, "--allow-private-addresses"]);
     args.extend(extra);
     let process = Process::spawn(&args, dir);
     let peer = process.wait_line("node ").split(' ').next().unwrap().to_owned();

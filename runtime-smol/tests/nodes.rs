@@ -30,6 +30,8 @@ fn start(dir: &TempDir) -> Node {
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability: Durability::Normal,
         // Quick retries, so a test waits seconds, not minutes.
         engine: EngineConfig {
@@ -282,6 +284,8 @@ fn a_second_node_on_one_data_directory_is_refused() {
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability: Durability::Normal,
         engine: EngineConfig::default(),
         relays: Vec::new(),
@@ -297,6 +301,8 @@ fn relay_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_di
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability: Durability::Normal,
         engine: EngineConfig {
             confirmation_timeout_ms: 300,
@@ -372,6 +378,38 @@ fn a_no_direct_node_is_reached_only_through_the_relay() {
     )
     .unwrap();
     assert!(smol::block_on(probe.dial(b.listen_addr(), b.peer_id())).is_err());
+    alice.shutdown();
+    bob.shutdown();
+    relay.shutdown();
+}
+
+#[test]
+fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
+    let (relay_dir, alice_dir, bob_dir) = (TempDir::new("relay-p"), TempDir::new("alice-p"), TempDir::new("bob-p"));
+    let relay = start_relay(&relay_dir);
+    // Alice keeps the default policy; Bob accepts direct connections and
+    // publishes his loopback address.
+    let alice = Node::start(NodeConfig {
+        address_policy: p2pchat_protocol::address::AddressPolicy::PublicOnly,
+        ..relay_config(&alice_dir, &relay, false)
+    })
+    .unwrap();
+    let bob = start_with(&bob_dir, &relay, false);
+    let (a, b) = (alice.handle(), bob.handle());
+    let (a_events, b_events) = (a.subscribe(), b.subscribe());
+    wait_registered(&[&a, &b]);
+    let c = conversation(&a, b.peer_id());
+    let m = send(&a, c, "through the relay, not to 127.0.0.1");
+    wait_for(&b_events, |e| matches!(e, Event::MessageReceived(r) if r.id == m));
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
+    // Alice looked Bob up and got his record, but took no address from it
+    // and never dialled him.
+    assert!(
+        a.peers().iter().all(|(peer, addr, _)| *peer != b.peer_id() || addr.is_none()),
+        "alice took bob's loopback address from his record: {:?}",
+        a.peers()
+    );
+    assert_eq!(a.open_connections(b.peer_id()), 0, "alice dialled bob's loopback address");
     alice.shutdown();
     bob.shutdown();
     relay.shutdown();

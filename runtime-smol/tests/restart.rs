@@ -20,6 +20,8 @@ fn config(dir: PathBuf) -> NodeConfig {
         data_dir: dir,
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        // Every peer is on loopback.
+        address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         durability: Durability::Normal,
         engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
         relays: Vec::new(),

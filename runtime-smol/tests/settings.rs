@@ -114,6 +114,24 @@ fn flags_parse_through_the_command_line_including_the_aliases() {
 }
 
 #[test]
+fn private_addresses_are_dialled_only_when_allowed_by_flag_environment_or_file() {
+    use clap::Parser;
+    assert!(!resolve(&Sources::default(), &defaults()).unwrap().allow_private_addresses, "off by default");
+    let cli = p2pchat::cli::Cli::try_parse_from(["p2pchat", "config", "--allow-private-addresses"]).unwrap();
+    let p2pchat::cli::Command::Config(args) = cli.command else { panic!("parsed as config") };
+    assert!(resolve(&args.sources(), &defaults()).unwrap().allow_private_addresses);
+    let env = [("P2PCHAT_ALLOW_PRIVATE_ADDRESSES".to_owned(), "true".to_owned())].into_iter().collect();
+    assert!(resolve(&Sources { env, ..Sources::default() }, &defaults()).unwrap().allow_private_addresses);
+    let dir = std::env::temp_dir().join(format!("p2pchat-settings-private-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("p2pchat.toml");
+    std::fs::write(&file, "allow_private_addresses = true\n").unwrap();
+    let from_file = resolve(&Sources { file: Some(file), ..Sources::default() }, &defaults()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(from_file.allow_private_addresses);
+}
+
+#[test]
 fn bad_settings_stop_start_up_naming_the_setting_and_the_problem() {
     let check = |env: &[(&str, &str)], expect: &[&str]| {
         let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();

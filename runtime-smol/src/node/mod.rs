@@ -13,6 +13,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
     Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Transmit,
 };
@@ -39,6 +40,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Accept no direct connections (behave as if behind NAT).
     pub no_direct: bool,
+    /// Which addresses from peers' records may be dialled.
+    pub address_policy: AddressPolicy,
     /// Commit durability.
     pub durability: Durability,
     /// The engine's retries, backoff and retention.
@@ -113,6 +116,7 @@ pub struct NodeHandle {
     relay_up: Arc<std::sync::atomic::AtomicBool>,
     relay: Option<crate::config::RelayAddress>,
     no_direct: bool,
+    address_policy: AddressPolicy,
     direct: Arc<DirectPeers>,
     peer: PeerId,
     listen: SocketAddr,
@@ -186,6 +190,7 @@ impl Node {
             relay_up: Arc::default(),
             relay: config.relays.first().cloned(),
             no_direct: config.no_direct,
+            address_policy: config.address_policy,
             direct: Arc::default(),
             peer,
             listen,
@@ -697,11 +702,16 @@ async fn serve_relay(conn: &PeerConnection, node: &NodeHandle, link: &RelayLink)
                         log::info!("acknowledging to the relay failed: {e}");
                     }
                 }
-                ClientAction::Record(record) => {
-                    if let Some(addr) = record.direct_addresses.iter().find_map(|a| a.parse().ok()) {
-                        node.directory.insert(record.peer_id, addr);
-                    }
-                }
+                ClientAction::Record(record) => match node.address_policy.first_permitted(&record.direct_addresses) {
+                    Some(addr) => node.directory.insert(record.peer_id, addr),
+                    None if !record.direct_addresses.is_empty() => log::debug!(
+                        "not dialling {}: its record lists only addresses this node does not dial ({:?}; \
+                         --allow-private-addresses permits private ones)",
+                        record.peer_id,
+                        record.direct_addresses
+                    ),
+                    None => {}
+                },
                 ClientAction::Published { .. } => {}
                 ClientAction::PublishRefused { reason, .. } => {
                     log::warn!("the relay refused our record: {}", reason.as_str())
