@@ -7,7 +7,7 @@ use p2pchat_protocol::engine::{
 };
 use p2pchat_protocol::relay::{
     ClientAction, MailboxEntry, MemoryRelayStore, PeerRecord, PublishRefusal, RecordError, Refusal, Relay, RelayConfig,
-    RelayFrame, RelayStore, RelayStoreError, MAILBOX_BATCH_BYTES, MAILBOX_RESEND_INTERVAL_MS,
+    RelayFrame, RelayStore, RelayStoreError, Source, Usage, MAILBOX_BATCH_BYTES, MAILBOX_RESEND_INTERVAL_MS,
 };
 use p2pchat_protocol::testkit::NOW;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -607,11 +607,20 @@ impl RelayStore for FailingStore {
     fn record_count(&self) -> Result<usize, RelayStoreError> {
         self.inner.record_count()
     }
-    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<Usage, RelayStoreError> {
         self.inner.mailbox_usage(peer)
     }
-    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError> {
-        self.inner.mailbox_total_bytes()
+    fn mailbox_usage_by_sender(&self, recipient: &PeerId, sender: &PeerId) -> Result<Usage, RelayStoreError> {
+        self.inner.mailbox_usage_by_sender(recipient, sender)
+    }
+    fn mailbox_usage_by_source(&self, recipient: &PeerId, source: &Source) -> Result<Usage, RelayStoreError> {
+        self.inner.mailbox_usage_by_source(recipient, source)
+    }
+    fn source_usage(&self, source: &Source) -> Result<Usage, RelayStoreError> {
+        self.inner.source_usage(source)
+    }
+    fn mailbox_total(&self) -> Result<Usage, RelayStoreError> {
+        self.inner.mailbox_total()
     }
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError> {
         self.inner.put_mailbox_entry(entry)
@@ -631,8 +640,20 @@ impl RelayStore for FailingStore {
     fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError> {
         self.inner.record(peer)
     }
-    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError> {
-        self.inner.put_record(record)
+    fn put_record(&mut self, record: &PeerRecord, source: &Source, seen_at: Timestamp) -> Result<(), RelayStoreError> {
+        self.inner.put_record(record, source, seen_at)
+    }
+    fn touch_record(&mut self, peer: &PeerId, seen_at: Timestamp) -> Result<(), RelayStoreError> {
+        self.inner.touch_record(peer, seen_at)
+    }
+    fn records_from_source(&self, source: &Source) -> Result<usize, RelayStoreError> {
+        self.inner.records_from_source(source)
+    }
+    fn idle_records(&self, seen_before: Timestamp, limit: usize) -> Result<Vec<PeerId>, RelayStoreError> {
+        self.inner.idle_records(seen_before, limit)
+    }
+    fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError> {
+        self.inner.delete_record(peer)
     }
     fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
         self.inner.delete_expired_records(now)
@@ -719,7 +740,13 @@ fn an_overlapping_reconnect_keeps_the_peer_registered_and_gets_the_mailbox_again
 
 #[test]
 fn the_mailbox_goes_out_in_acknowledged_batches() {
-    let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+    // One sender fills the mailbox: its own share is raised to the whole.
+    let config = RelayConfig {
+        mailbox_max_count_per_sender: 1_000,
+        mailbox_max_count_per_source: 1_000,
+        ..RelayConfig::default()
+    };
+    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
     let mut r = ChaCha20Rng::seed_from_u64(13);
     let bob = IdentityKeyPair::generate(&mut r);
     let (alice, bob_id) = (PeerId([1; 20]), bob.peer_id());
@@ -930,4 +957,145 @@ mod hostile {
             }
         }
     }
+}
+
+/// A relay with `config`, and helpers to connect peers from sources and
+/// read the answer to each frame.
+struct QuotaRelay {
+    relay: Relay<MemoryRelayStore>,
+    now: Timestamp,
+}
+
+impl QuotaRelay {
+    fn new(config: RelayConfig) -> Self {
+        Self { relay: Relay::new(MemoryRelayStore::new(), config).unwrap(), now: NOW }
+    }
+
+    /// Connects and registers `peer` from `source`.
+    fn join(&mut self, peer: PeerId, source: u8) {
+        self.relay.connected_from(peer, Source([source; 16]));
+        self.relay.handle_frame(self.now, peer, &RelayFrame::Register.encode()).unwrap();
+        let _ = frames(&mut self.relay);
+    }
+
+    /// `identity` joins from `source`, publishes its record, and leaves;
+    /// returns the relay's answer.
+    fn publish(&mut self, identity: &IdentityKeyPair, source: u8) -> RelayFrame {
+        let peer = identity.peer_id();
+        self.join(peer, source);
+        let record = PeerRecord::sign(identity, vec![], vec![], self.now, self.now.saturating_add_millis(DAY_MS), 1);
+        self.relay.handle_frame(self.now, peer, &RelayFrame::Publish(record).encode()).unwrap();
+        let answer = frames(&mut self.relay).into_iter().map(|(_, f)| f).next().unwrap();
+        self.relay.disconnected(&peer);
+        answer
+    }
+
+    /// Forwards `len` bytes from `from` to `to`; returns the answer.
+    fn forward(&mut self, from: PeerId, to: PeerId, len: usize) -> RelayFrame {
+        let f = RelayFrame::Forward { to, id: 1, mailbox_allowed: true, envelope: vec![0; len] };
+        self.relay.handle_frame(self.now, from, &f.encode()).unwrap();
+        frames(&mut self.relay).into_iter().map(|(_, f)| f).find(|f| !matches!(f, RelayFrame::Deliver { .. })).unwrap()
+    }
+}
+
+fn identity(n: u64) -> IdentityKeyPair {
+    IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(1_000 + n))
+}
+
+const HELD: RelayFrame = RelayFrame::Held { id: 1 };
+const QUOTA: RelayFrame = RelayFrame::Refused { id: 1, reason: Refusal::Quota };
+
+#[test]
+fn a_stranger_cannot_fill_a_mailbox_with_one_identity_or_many_and_honest_senders_still_get_through() {
+    let mut r = QuotaRelay::new(RelayConfig { rate_burst: 100_000, ..RelayConfig::default() });
+    let victim = identity(0);
+    assert_eq!(r.publish(&victim, 1), RelayFrame::Published { sequence: 1 });
+    let victim = victim.peer_id();
+    // One identity: its share of the mailbox, then refused.
+    let stranger = PeerId([0x51; 20]);
+    r.join(stranger, 66);
+    let answers: Vec<RelayFrame> = (0..150).map(|_| r.forward(stranger, victim, 10)).collect();
+    assert_eq!(answers.iter().filter(|a| **a == HELD).count(), 100, "one sender's share");
+    assert!(answers[100..].iter().all(|a| *a == QUOTA));
+    // Many identities from the same address: that address's share, then refused.
+    let mut held_from_address = 100;
+    for n in 0..10u8 {
+        let puppet = PeerId([n; 20]);
+        r.join(puppet, 66);
+        held_from_address += (0..100).filter(|_| r.forward(puppet, victim, 10) == HELD).count();
+    }
+    assert_eq!(held_from_address, 250, "one address's share of a mailbox, whatever identities it uses");
+    // An honest sender elsewhere still gets through.
+    let honest = PeerId([0x77; 20]);
+    r.join(honest, 9);
+    assert_eq!(r.forward(honest, victim, 10), HELD);
+}
+
+#[test]
+fn puppet_recipients_at_one_address_cannot_take_the_relays_whole_mailbox_space() {
+    let config = RelayConfig { source_max_bytes: 1_000, rate_burst: 100_000, ..RelayConfig::default() };
+    let mut r = QuotaRelay::new(config);
+    // Ten puppet recipients, all published from the attacker's address.
+    let puppets: Vec<PeerId> = (0..10)
+        .map(|n| {
+            let id = identity(100 + n);
+            assert_eq!(r.publish(&id, 66), RelayFrame::Published { sequence: 1 });
+            id.peer_id()
+        })
+        .collect();
+    let attacker = PeerId([0x51; 20]);
+    r.join(attacker, 66);
+    let held: usize = puppets.iter().map(|p| (0..5).filter(|_| r.forward(attacker, *p, 100) == HELD).count()).sum();
+    assert_eq!(held, 10, "1,000 bytes from one address across every mailbox");
+    // Someone at another address deposits as before.
+    let honest = PeerId([0x77; 20]);
+    r.join(honest, 9);
+    assert_eq!(r.forward(honest, puppets[0], 100), HELD);
+}
+
+#[test]
+fn records_are_capped_per_address_and_a_full_relay_evicts_only_idle_records_with_empty_mailboxes() {
+    let config = RelayConfig {
+        max_records: 3,
+        max_records_per_source: 2,
+        record_idle_ms: 60_000,
+        rate_burst: 100_000,
+        ..RelayConfig::default()
+    };
+    let mut r = QuotaRelay::new(config);
+    let published = RelayFrame::Published { sequence: 1 };
+    let (a, b, c) = (identity(200), identity(201), identity(202));
+    assert_eq!(r.publish(&a, 66), published);
+    assert_eq!(r.publish(&b, 66), published);
+    assert_eq!(
+        r.publish(&c, 66),
+        RelayFrame::PublishRefused { sequence: 1, reason: PublishRefusal::TooManyFromAddress }
+    );
+    assert_eq!(r.publish(&c, 7), published);
+    // Full, and everyone was seen just now: refused.
+    let newcomer = identity(203);
+    assert_eq!(r.publish(&newcomer, 8), RelayFrame::PublishRefused { sequence: 1, reason: PublishRefusal::Full });
+    // a's mailbox holds an entry; an hour later b comes back for a moment;
+    // a minute after that, c has been away the longest and its mailbox is
+    // empty: its record goes to make room, and only it.
+    let sender = PeerId([0x77; 20]);
+    r.join(sender, 9);
+    assert_eq!(r.forward(sender, a.peer_id(), 10), HELD);
+    r.now = r.now.saturating_add_millis(3_600_000);
+    r.join(b.peer_id(), 66);
+    r.relay.disconnected(&b.peer_id());
+    r.now = r.now.saturating_add_millis(60_000);
+    assert_eq!(r.publish(&newcomer, 8), published, "an idle record makes room");
+    let lookup = |r: &mut QuotaRelay, peer: PeerId| {
+        r.relay.handle_frame(r.now, sender, &RelayFrame::Lookup { peer }.encode()).unwrap();
+        match frames(&mut r.relay).into_iter().map(|(_, f)| f).next().unwrap() {
+            RelayFrame::LookupResult { record, .. } => record.is_some(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(!lookup(&mut r, c.peer_id()), "the idle record was evicted");
+    assert!(lookup(&mut r, a.peer_id()), "a record whose mailbox holds entries is kept");
+    assert!(lookup(&mut r, b.peer_id()), "a record seen within the idle time is kept");
+    // Nothing else is idle: the next newcomer is refused.
+    assert_eq!(r.publish(&identity(204), 10), RelayFrame::PublishRefused { sequence: 1, reason: PublishRefusal::Full });
 }

@@ -380,6 +380,11 @@ impl PeerConnection {
         }
     }
 
+    /// The address the peer's packets come from.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
     /// Identifies this connection among others to the same peer.
     pub fn id(&self) -> usize {
         self.connection.stable_id()

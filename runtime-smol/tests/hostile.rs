@@ -525,14 +525,18 @@ struct RelayUser {
 
 impl RelayUser {
     fn connect(relay: &RelayProcess, seed: u8) -> Self {
+        Self::connect_from(relay, seed, [127, 0, 0, 1])
+    }
+
+    /// As [`RelayUser::connect`], from the loopback address `ip`.
+    fn connect_from(relay: &RelayProcess, seed: u8, ip: [u8; 4]) -> Self {
         use p2pchat_protocol::relay::{PeerRecord, RelayClient};
         let now = Timestamp::from_millis(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
         );
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
         let transport =
-            Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused)
-                .unwrap();
+            Transport::bind((ip, 0).into(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused).unwrap();
         let conn = block_on(transport.dial(relay.addr, relay.peer)).unwrap();
         let mut client = RelayClient::new();
         let expires = now.saturating_add_millis(600_000);
@@ -611,6 +615,45 @@ fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
             delivered += 1;
         }
         delivered == 5
+    });
+}
+
+#[test]
+fn strangers_cannot_lock_honest_senders_out_of_a_mailbox_with_one_identity_or_many() {
+    let relay = RelayProcess::start("hostile-relay-share", &[]);
+    let mut recipient = RelayUser::connect(&relay, 0x80);
+    recipient.published();
+    let recipient_id = recipient.peer;
+    recipient.conn.close();
+    drop(recipient);
+    std::thread::sleep(Duration::from_secs(1));
+    let held = |outcomes: &[TransmitOutcome]| outcomes.iter().filter(|o| **o == TransmitOutcome::HeldByRelay).count();
+    let full = |outcomes: &[TransmitOutcome]| {
+        outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(r) if r.contains("full"))).count()
+    };
+    // One identity: 100 of the mailbox's 1,000 entries, then refused.
+    let mut stranger = RelayUser::connect(&relay, 0x81);
+    let outcomes = stranger.forward(recipient_id, 110, 3);
+    assert_eq!((held(&outcomes), full(&outcomes)), (100, 10), "one sender's share: {outcomes:?}");
+    // More identities from the same address: 250 in all, then refused.
+    let mut from_address = 100;
+    for seed in [0x82, 0x83] {
+        let mut puppet = RelayUser::connect(&relay, seed);
+        let outcomes = puppet.forward(recipient_id, 100, 3);
+        from_address += held(&outcomes);
+    }
+    assert_eq!(from_address, 250, "one address's share of a mailbox");
+    // An honest sender at another address still gets through.
+    let mut honest = RelayUser::connect_from(&relay, 0x84, [127, 0, 0, 2]);
+    assert_eq!(honest.forward(recipient_id, 1, 3), vec![TransmitOutcome::HeldByRelay]);
+    // And the recipient gets the honest message with the rest when it returns.
+    let mut back = RelayUser::connect(&relay, 0x80);
+    let mut delivered = 0;
+    back.read(&mut |a| {
+        if matches!(a, p2pchat_protocol::relay::ClientAction::ToEngine(Input::Received { .. })) {
+            delivered += 1;
+        }
+        delivered == 64 // the first batch
     });
 }
 

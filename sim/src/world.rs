@@ -1175,8 +1175,9 @@ impl World {
         let mut quota = Ok(());
         for node in &self.nodes {
             match p2pchat_protocol::relay::RelayStore::mailbox_usage(relay_store, &node.peer) {
-                Ok((count, bytes)) if count > config.mailbox_max_count || bytes > config.mailbox_max_bytes => {
-                    quota = Err(Violation(format!("a mailbox holds {count} entries, {bytes} bytes: over quota")));
+                Ok(u) if u.count > config.mailbox_max_count || u.bytes > config.mailbox_max_bytes => {
+                    quota =
+                        Err(Violation(format!("a mailbox holds {} entries, {} bytes: over quota", u.count, u.bytes)));
                 }
                 Ok(_) => {}
                 Err(e) => quota = Err(read(e)),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use p2pchat_protocol::relay::{MailboxEntry, PeerRecord, RelayStore, RelayStoreError};
+use p2pchat_protocol::relay::{MailboxEntry, PeerRecord, RelayStore, RelayStoreError, Source, Usage};
 use p2pchat_protocol::{PeerId, Timestamp};
 
 use crate::schema::{relay_schema, Schema};
@@ -66,18 +66,20 @@ impl SqliteRelayStore {
                     r.get::<_, String>(2)?,
                     r.get::<_, Vec<u8>>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
                 ))
             })
             .map_err(backend)?;
         let mut out = Vec::new();
         for row in rows {
-            let (recipient, id, from, envelope, at) = row.map_err(backend)?;
+            let (recipient, id, from, envelope, at, source) = row.map_err(backend)?;
             let parse =
                 |s: &str| s.parse::<PeerId>().map_err(|_| RelayStoreError::Unavailable("corrupt peer ID".into()));
             out.push(MailboxEntry {
                 id: id as u64,
                 recipient: parse(&recipient)?,
                 from: parse(&from)?,
+                source: source_of(&source)?,
                 envelope,
                 stored_at: Timestamp::from_millis(at.max(0) as u64),
             });
@@ -90,6 +92,21 @@ impl SqliteRelayStore {
         self.conn.prepare_cached(sql).and_then(|mut s| s.execute(args)).map_err(backend)
     }
 
+    /// Entries and bytes from a counter or aggregate row (none is zero).
+    fn usage(&self, sql: &str, args: impl rusqlite::Params) -> Result<Usage, RelayStoreError> {
+        self.guard()?;
+        let row = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_row(args, |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))).optional()
+            })
+            .map_err(backend)?;
+        let (count, bytes) = row.unwrap_or((None, None));
+        let size = |v: Option<i64>| usize::try_from(v.unwrap_or(0).max(0)).unwrap_or(usize::MAX);
+        Ok(Usage { count: size(count), bytes: size(bytes) })
+    }
+
     fn scalar(&self, sql: &str, args: impl rusqlite::Params) -> Result<Option<i64>, RelayStoreError> {
         self.guard()?;
         self.conn
@@ -100,7 +117,12 @@ impl SqliteRelayStore {
     }
 }
 
-const ENTRY_COLUMNS: &str = "recipient, id, sender, envelope, stored_at";
+const ENTRY_COLUMNS: &str = "recipient, id, sender, envelope, stored_at, source";
+
+fn source_of(bytes: &[u8]) -> Result<Source, RelayStoreError> {
+    let bytes: [u8; 16] = bytes.try_into().map_err(|_| RelayStoreError::Unavailable("corrupt source".into()))?;
+    Ok(Source(bytes))
+}
 
 impl RelayStore for SqliteRelayStore {
     fn begin(&mut self) -> Result<(), RelayStoreError> {
@@ -142,25 +164,48 @@ impl RelayStore for SqliteRelayStore {
         Ok(self.scalar("SELECT COUNT(*) FROM relay_records", [])?.unwrap_or(0) as usize)
     }
 
-    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
-        self.guard()?;
-        self.conn
-            .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM relay_mailbox WHERE recipient = ?1",
-            )
-            .and_then(|mut s| s.query_row([peer.to_string()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))))
-            .map(|(c, b)| (c as usize, b as usize))
-            .map_err(backend)
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<Usage, RelayStoreError> {
+        self.usage("SELECT entries, bytes FROM relay_mailbox_usage WHERE recipient = ?1", [peer.to_string()])
     }
 
-    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError> {
-        Ok(self.scalar("SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM relay_mailbox", [])?.unwrap_or(0) as usize)
+    fn mailbox_usage_by_sender(&self, recipient: &PeerId, sender: &PeerId) -> Result<Usage, RelayStoreError> {
+        // Bounded by the per-sender quota, on an index.
+        self.usage(
+            "SELECT COUNT(*), SUM(LENGTH(envelope)) FROM relay_mailbox WHERE recipient = ?1 AND sender = ?2",
+            params![recipient.to_string(), sender.to_string()],
+        )
+    }
+
+    fn mailbox_usage_by_source(&self, recipient: &PeerId, source: &Source) -> Result<Usage, RelayStoreError> {
+        // Bounded by the per-source quota, on an index.
+        self.usage(
+            "SELECT COUNT(*), SUM(LENGTH(envelope)) FROM relay_mailbox WHERE recipient = ?1 AND source = ?2",
+            params![recipient.to_string(), source.0.as_slice()],
+        )
+    }
+
+    fn source_usage(&self, source: &Source) -> Result<Usage, RelayStoreError> {
+        self.usage("SELECT entries, bytes FROM relay_source_usage WHERE source = ?1", [source.0.as_slice()])
+    }
+
+    fn mailbox_total(&self) -> Result<Usage, RelayStoreError> {
+        self.usage("SELECT entries, bytes FROM relay_totals WHERE id = 0", [])
     }
 
     fn put_mailbox_entry(&mut self, e: &MailboxEntry) -> Result<(), RelayStoreError> {
+        // A plain INSERT: the counters' triggers see every row once (an
+        // entry ID is never reused).
         self.execute(
-            "INSERT OR REPLACE INTO relay_mailbox (recipient, id, sender, envelope, stored_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![e.recipient.to_string(), e.id as i64, e.from.to_string(), e.envelope, ts(e.stored_at)],
+            "INSERT INTO relay_mailbox (recipient, id, sender, envelope, stored_at, source) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                e.recipient.to_string(),
+                e.id as i64,
+                e.from.to_string(),
+                e.envelope,
+                ts(e.stored_at),
+                e.source.0.as_slice()
+            ],
         )
         .map(|_| ())
     }
@@ -202,14 +247,54 @@ impl RelayStore for SqliteRelayStore {
             .transpose()
     }
 
-    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError> {
+    fn put_record(&mut self, record: &PeerRecord, source: &Source, seen_at: Timestamp) -> Result<(), RelayStoreError> {
         let bytes = postcard::to_allocvec(record).map_err(|e| RelayStoreError::Unavailable(e.to_string()))?;
+        // A replacement keeps the source that first published the record.
         self.execute(
-            "INSERT INTO relay_records (peer_id, record, expires_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(peer_id) DO UPDATE SET record = excluded.record, expires_at = excluded.expires_at",
-            params![record.peer_id.to_string(), bytes, ts(record.expires_at)],
+            "INSERT INTO relay_records (peer_id, record, expires_at, source, last_seen) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT(peer_id) DO UPDATE SET record = excluded.record, expires_at = excluded.expires_at, \
+             last_seen = excluded.last_seen",
+            params![record.peer_id.to_string(), bytes, ts(record.expires_at), source.0.as_slice(), ts(seen_at)],
         )
         .map(|_| ())
+    }
+
+    fn touch_record(&mut self, peer: &PeerId, seen_at: Timestamp) -> Result<(), RelayStoreError> {
+        self.execute(
+            "UPDATE relay_records SET last_seen = ?2 WHERE peer_id = ?1",
+            params![peer.to_string(), ts(seen_at)],
+        )
+        .map(|_| ())
+    }
+
+    fn records_from_source(&self, source: &Source) -> Result<usize, RelayStoreError> {
+        let count = self.scalar("SELECT COUNT(*) FROM relay_records WHERE source = ?1", [source.0.as_slice()])?;
+        Ok(usize::try_from(count.unwrap_or(0).max(0)).unwrap_or(usize::MAX))
+    }
+
+    fn idle_records(&self, seen_before: Timestamp, limit: usize) -> Result<Vec<PeerId>, RelayStoreError> {
+        self.guard()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT peer_id FROM relay_records r WHERE last_seen < ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM relay_mailbox_usage u WHERE u.recipient = r.peer_id) \
+                 ORDER BY last_seen LIMIT ?2",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![ts(seen_before), limit.min(i64::MAX as usize) as i64], |r| r.get::<_, String>(0))
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let text = row.map_err(backend)?;
+            out.push(text.parse().map_err(|_| RelayStoreError::Unavailable("corrupt peer ID".into()))?);
+        }
+        Ok(out)
+    }
+
+    fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError> {
+        self.execute("DELETE FROM relay_records WHERE peer_id = ?1", [peer.to_string()]).map(|_| ())
     }
 
     fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {

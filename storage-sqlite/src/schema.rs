@@ -78,7 +78,13 @@ pub fn node_schema() -> Schema {
 
 /// The relay's database.
 pub fn relay_schema() -> Schema {
-    Schema { kind: "relay", migrations: vec![Migration { name: "initial relay schema", sql: RELAY_V1 }] }
+    Schema {
+        kind: "relay",
+        migrations: vec![
+            Migration { name: "initial relay schema", sql: RELAY_V1 },
+            Migration { name: "quotas per sender and source, counted usage, idle records", sql: RELAY_V2 },
+        ],
+    }
 }
 
 /// Version 1 of the node's schema: the reference's tables where they fit
@@ -213,4 +219,59 @@ CREATE TABLE relay_meta (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+";
+
+/// Version 2 of the relay's schema: where each deposit and record came from
+/// (quotas per sender and per source), when each record's peer was last
+/// seen (eviction of idle records), and usage kept in counters by triggers,
+/// so a deposit never sums a mailbox. Entries and records from version 1
+/// get the zero source.
+const RELAY_V2: &str = "
+ALTER TABLE relay_mailbox ADD COLUMN source BLOB NOT NULL DEFAULT x'00000000000000000000000000000000';
+CREATE INDEX relay_mailbox_by_sender ON relay_mailbox(recipient, sender);
+CREATE INDEX relay_mailbox_by_source ON relay_mailbox(recipient, source);
+
+ALTER TABLE relay_records ADD COLUMN source BLOB NOT NULL DEFAULT x'00000000000000000000000000000000';
+ALTER TABLE relay_records ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX relay_records_by_source ON relay_records(source);
+CREATE INDEX relay_records_by_last_seen ON relay_records(last_seen);
+
+CREATE TABLE relay_mailbox_usage (
+    recipient TEXT PRIMARY KEY,
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE relay_source_usage (
+    source BLOB PRIMARY KEY,
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE relay_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO relay_mailbox_usage (recipient, entries, bytes)
+    SELECT recipient, COUNT(*), SUM(LENGTH(envelope)) FROM relay_mailbox GROUP BY recipient;
+INSERT INTO relay_source_usage (source, entries, bytes)
+    SELECT source, COUNT(*), SUM(LENGTH(envelope)) FROM relay_mailbox GROUP BY source;
+INSERT INTO relay_totals (id, entries, bytes)
+    SELECT 0, COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM relay_mailbox;
+
+CREATE TRIGGER relay_mailbox_added AFTER INSERT ON relay_mailbox BEGIN
+    INSERT INTO relay_mailbox_usage (recipient, entries, bytes) VALUES (NEW.recipient, 1, LENGTH(NEW.envelope))
+        ON CONFLICT(recipient) DO UPDATE SET entries = entries + 1, bytes = bytes + LENGTH(NEW.envelope);
+    INSERT INTO relay_source_usage (source, entries, bytes) VALUES (NEW.source, 1, LENGTH(NEW.envelope))
+        ON CONFLICT(source) DO UPDATE SET entries = entries + 1, bytes = bytes + LENGTH(NEW.envelope);
+    UPDATE relay_totals SET entries = entries + 1, bytes = bytes + LENGTH(NEW.envelope);
+END;
+CREATE TRIGGER relay_mailbox_removed AFTER DELETE ON relay_mailbox BEGIN
+    UPDATE relay_mailbox_usage SET entries = entries - 1, bytes = bytes - LENGTH(OLD.envelope)
+        WHERE recipient = OLD.recipient;
+    DELETE FROM relay_mailbox_usage WHERE recipient = OLD.recipient AND entries <= 0;
+    UPDATE relay_source_usage SET entries = entries - 1, bytes = bytes - LENGTH(OLD.envelope)
+        WHERE source = OLD.source;
+    DELETE FROM relay_source_usage WHERE source = OLD.source AND entries <= 0;
+    UPDATE relay_totals SET entries = entries - 1, bytes = bytes - LENGTH(OLD.envelope);
+END;
 ";

@@ -10,7 +10,7 @@ use p2pchat_protocol::engine::{
     Conversation, ConversationKind, KeyExchangeAttempt, Message, MessageStatus, OutboxItem, OutboxPayload, Store,
 };
 use p2pchat_protocol::keys::IdentitySeed;
-use p2pchat_protocol::relay::{MailboxEntry, RelayStore};
+use p2pchat_protocol::relay::{MailboxEntry, RelayStore, Source, Usage};
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp, Uuid};
 use p2pchat_storage_sqlite::{
     load_or_create_identity, node_schema, Durability, MasterKey, Migration, SqliteRelayStore, SqliteStore,
@@ -406,6 +406,7 @@ fn the_relay_store_keeps_its_mailbox_across_a_restart() {
                 id,
                 recipient: bob,
                 from: alice,
+                source: Source([n as u8; 16]),
                 envelope: vec![n as u8; 40],
                 stored_at: Timestamp(n * 10),
             };
@@ -416,10 +417,80 @@ fn the_relay_store_keeps_its_mailbox_across_a_restart() {
     let mut store = SqliteRelayStore::open(&db, Durability::Normal).unwrap();
     store.begin().unwrap();
     assert_eq!(store.mailbox(&bob).unwrap().len(), 3);
-    assert_eq!(store.mailbox_usage(&bob).unwrap(), (3, 120));
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), Usage { count: 3, bytes: 120 });
     assert_eq!(store.mailbox_after(&bob, 1, 1).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(), vec![2]);
     assert_eq!(store.oldest_mailbox_entry().unwrap(), Some(Timestamp(0)));
     assert_eq!(store.delete_mailbox_before(Timestamp(15)).unwrap(), 2);
     assert_eq!(store.next_mailbox_id().unwrap(), 4, "IDs never repeat across restarts");
+    // The counters follow the sweep.
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), Usage { count: 1, bytes: 40 });
+    assert_eq!(store.mailbox_total().unwrap(), Usage { count: 1, bytes: 40 });
+    assert_eq!(store.source_usage(&Source([0; 16])).unwrap(), Usage::default());
+    assert_eq!(store.source_usage(&Source([2; 16])).unwrap(), Usage { count: 1, bytes: 40 });
     store.commit().unwrap();
+}
+
+#[test]
+fn the_relay_stores_counters_match_its_mailbox_through_deposits_deletions_sweeps_and_an_upgrade() {
+    use p2pchat_storage_sqlite::{relay_schema, Schema};
+    let dir = TempDir::new("relay-counters");
+    let db = dir.path("relay.sqlite3");
+    // A version 1 database with three entries, as the previous release wrote it.
+    let v1 = Schema { kind: "relay", migrations: relay_schema().migrations[..1].to_vec() };
+    {
+        let store = SqliteRelayStore::open_with(&db, Durability::Normal, &v1).unwrap();
+        drop(store);
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        for (recipient, id, len) in [("02", 1, 10), ("02", 2, 20), ("03", 3, 30)] {
+            let recipient = recipient.repeat(20);
+            conn.execute(
+                "INSERT INTO relay_mailbox (recipient, id, sender, envelope, stored_at) VALUES (?1, ?2, ?3, ?4, 5)",
+                rusqlite::params![recipient, id, "01".repeat(20), vec![0u8; len]],
+            )
+            .unwrap();
+        }
+        conn.execute("INSERT INTO relay_meta (name, value) VALUES ('next_mailbox_id', 3)", []).unwrap();
+    }
+    let mut store = SqliteRelayStore::open(&db, Durability::Normal).unwrap();
+    let (alice, bob, carol) = (PeerId([1; 20]), PeerId([2; 20]), PeerId([3; 20]));
+    store.begin().unwrap();
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), Usage { count: 2, bytes: 30 }, "counted when upgraded");
+    assert_eq!(store.mailbox_usage(&carol).unwrap(), Usage { count: 1, bytes: 30 });
+    assert_eq!(store.mailbox_total().unwrap(), Usage { count: 3, bytes: 60 });
+    // Deposits from two sources, then deletions: every counter agrees with
+    // the rows, and a mailbox emptied leaves no counter behind.
+    let here = Source([7; 16]);
+    for n in 0..4u64 {
+        let id = store.next_mailbox_id().unwrap();
+        let entry = MailboxEntry {
+            id,
+            recipient: bob,
+            from: alice,
+            source: here,
+            envelope: vec![1; 100],
+            stored_at: Timestamp(n),
+        };
+        store.put_mailbox_entry(&entry).unwrap();
+    }
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), Usage { count: 6, bytes: 430 });
+    assert_eq!(store.mailbox_usage_by_sender(&bob, &alice).unwrap(), Usage { count: 6, bytes: 430 });
+    assert_eq!(store.mailbox_usage_by_source(&bob, &here).unwrap(), Usage { count: 4, bytes: 400 });
+    assert_eq!(store.source_usage(&here).unwrap(), Usage { count: 4, bytes: 400 });
+    assert_eq!(store.mailbox_total().unwrap(), Usage { count: 7, bytes: 460 });
+    for entry in store.mailbox(&carol).unwrap() {
+        store.delete_mailbox_entry(&carol, entry.id).unwrap();
+    }
+    assert_eq!(store.mailbox_usage(&carol).unwrap(), Usage::default());
+    assert_eq!(store.mailbox_total().unwrap(), Usage { count: 6, bytes: 430 });
+    store.commit().unwrap();
+    // A rolled-back deposit leaves the counters as they were.
+    store.begin().unwrap();
+    let id = store.next_mailbox_id().unwrap();
+    let entry =
+        MailboxEntry { id, recipient: bob, from: alice, source: here, envelope: vec![1; 9], stored_at: Timestamp(9) };
+    store.put_mailbox_entry(&entry).unwrap();
+    store.rollback();
+    store.begin().unwrap();
+    assert_eq!(store.mailbox_total().unwrap(), Usage { count: 6, bytes: 430 });
+    store.rollback();
 }

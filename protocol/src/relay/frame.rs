@@ -68,9 +68,12 @@ pub enum PublishRefusal {
     /// The relay holds a record with this sequence or a higher one. Sign a
     /// new record with a higher sequence.
     Stale,
-    /// The relay holds as many records as it is configured for. Use another
-    /// relay, or try again later.
+    /// The relay holds as many records as it is configured for, and none
+    /// it may evict. Use another relay, or try again later.
     Full,
+    /// The relay holds as many records published from the publisher's
+    /// network address as it keeps for one address. Use another relay.
+    TooManyFromAddress,
 }
 
 impl PublishRefusal {
@@ -84,6 +87,7 @@ impl PublishRefusal {
             Self::Invalid => "peer record failed verification",
             Self::Stale => "peer record not newer than the one the relay holds",
             Self::Full => "the relay holds as many peer records as it keeps",
+            Self::TooManyFromAddress => "the relay holds as many peer records from this address as it keeps",
         }
     }
 }

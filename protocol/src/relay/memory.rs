@@ -1,17 +1,24 @@
 //! An in-memory [`RelayStore`] with transaction semantics, for tests and
-//! the simulator.
+//! the simulator. It is the reference model, so it counts usage by walking
+//! its maps; the SQLite store keeps the same figures in counters.
 
 use std::collections::BTreeMap;
 
-use super::{MailboxEntry, PeerRecord, RelayStore, RelayStoreError};
+use super::{MailboxEntry, PeerRecord, RelayStore, RelayStoreError, Source, Usage};
 use crate::ids::PeerId;
 use crate::time::Timestamp;
 
 #[derive(Clone, Default)]
 struct Tables {
     mailbox: BTreeMap<(PeerId, u64), MailboxEntry>,
-    records: BTreeMap<PeerId, PeerRecord>,
+    /// Each record, where it was published from, and when its peer was
+    /// last seen.
+    records: BTreeMap<PeerId, (PeerRecord, Source, Timestamp)>,
     next_id: u64,
+}
+
+fn usage<'a>(entries: impl Iterator<Item = &'a MailboxEntry>) -> Usage {
+    entries.fold(Usage::default(), |u, e| Usage { count: u.count + 1, bytes: u.bytes + e.envelope.len() })
 }
 
 /// The in-memory relay store.
@@ -73,13 +80,26 @@ impl RelayStore for MemoryRelayStore {
         Ok(self.read()?.records.len())
     }
 
-    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError> {
-        let entries = self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX));
-        Ok(entries.fold((0, 0), |(count, bytes), (_, e)| (count + 1, bytes + e.envelope.len())))
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<Usage, RelayStoreError> {
+        Ok(usage(self.read()?.mailbox.range((*peer, 0)..=(*peer, u64::MAX)).map(|(_, e)| e)))
     }
 
-    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError> {
-        Ok(self.read()?.mailbox.values().map(|e| e.envelope.len()).sum())
+    fn mailbox_usage_by_sender(&self, recipient: &PeerId, sender: &PeerId) -> Result<Usage, RelayStoreError> {
+        let entries = self.read()?.mailbox.range((*recipient, 0)..=(*recipient, u64::MAX));
+        Ok(usage(entries.map(|(_, e)| e).filter(|e| e.from == *sender)))
+    }
+
+    fn mailbox_usage_by_source(&self, recipient: &PeerId, source: &Source) -> Result<Usage, RelayStoreError> {
+        let entries = self.read()?.mailbox.range((*recipient, 0)..=(*recipient, u64::MAX));
+        Ok(usage(entries.map(|(_, e)| e).filter(|e| e.source == *source)))
+    }
+
+    fn source_usage(&self, source: &Source) -> Result<Usage, RelayStoreError> {
+        Ok(usage(self.read()?.mailbox.values().filter(|e| e.source == *source)))
+    }
+
+    fn mailbox_total(&self) -> Result<Usage, RelayStoreError> {
+        Ok(usage(self.read()?.mailbox.values()))
     }
 
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError> {
@@ -110,22 +130,55 @@ impl RelayStore for MemoryRelayStore {
     }
 
     fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError> {
-        Ok(self.read()?.records.get(peer).cloned())
+        Ok(self.read()?.records.get(peer).map(|(r, _, _)| r.clone()))
     }
 
-    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError> {
-        self.write()?.records.insert(record.peer_id, record.clone());
+    fn put_record(&mut self, record: &PeerRecord, source: &Source, seen_at: Timestamp) -> Result<(), RelayStoreError> {
+        let t = self.write()?;
+        // A replacement keeps the source that first published the peer's record.
+        let source = t.records.get(&record.peer_id).map_or(*source, |(_, s, _)| *s);
+        t.records.insert(record.peer_id, (record.clone(), source, seen_at));
+        Ok(())
+    }
+
+    fn touch_record(&mut self, peer: &PeerId, seen_at: Timestamp) -> Result<(), RelayStoreError> {
+        if let Some((_, _, seen)) = self.write()?.records.get_mut(peer) {
+            *seen = seen_at;
+        }
+        Ok(())
+    }
+
+    fn records_from_source(&self, source: &Source) -> Result<usize, RelayStoreError> {
+        Ok(self.read()?.records.values().filter(|(_, s, _)| s == source).count())
+    }
+
+    fn idle_records(&self, seen_before: Timestamp, limit: usize) -> Result<Vec<PeerId>, RelayStoreError> {
+        let t = self.read()?;
+        let mut idle: Vec<(Timestamp, PeerId)> = t
+            .records
+            .iter()
+            .filter(|(peer, (_, _, seen))| {
+                *seen < seen_before && t.mailbox.range((**peer, 0)..=(**peer, u64::MAX)).next().is_none()
+            })
+            .map(|(peer, (_, _, seen))| (*seen, *peer))
+            .collect();
+        idle.sort();
+        Ok(idle.into_iter().take(limit).map(|(_, p)| p).collect())
+    }
+
+    fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError> {
+        self.write()?.records.remove(peer);
         Ok(())
     }
 
     fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
         let t = self.write()?;
         let before = t.records.len();
-        t.records.retain(|_, r| r.expires_at > now);
+        t.records.retain(|_, (r, _, _)| r.expires_at > now);
         Ok(before - t.records.len())
     }
 
     fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
-        Ok(self.read()?.records.values().map(|r| r.expires_at).min())
+        Ok(self.read()?.records.values().map(|(r, _, _)| r.expires_at).min())
     }
 }

@@ -39,6 +39,37 @@ pub enum RelayStoreError {
     Misuse(&'static str),
 }
 
+/// Where a peer's connection comes from, as the driver sees it: an IPv4
+/// address, or an IPv6 /64 (one host's usual share). Identities cost
+/// nothing and addresses do, so the relay keeps quotas per source as well
+/// as per sender. Opaque to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Source(pub [u8; 16]);
+
+impl Source {
+    /// The source of a connection from `ip`.
+    pub fn of_ip(ip: std::net::IpAddr) -> Self {
+        match ip {
+            std::net::IpAddr::V4(v4) => Self(v4.to_ipv6_mapped().octets()),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(v4.to_ipv6_mapped().octets()),
+                None => {
+                    let mut prefix = [0u8; 16];
+                    prefix[..8].copy_from_slice(&v6.octets()[..8]);
+                    Self(prefix)
+                }
+            },
+        }
+    }
+
+    /// For a driver that knows no address: each peer is its own source.
+    pub fn of_peer(peer: &PeerId) -> Self {
+        let mut bytes = [0xff; 16];
+        bytes[..16].copy_from_slice(&peer.0[..16]);
+        Self(bytes)
+    }
+}
+
 /// One envelope waiting in a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailboxEntry {
@@ -48,10 +79,21 @@ pub struct MailboxEntry {
     pub recipient: PeerId,
     /// Who sent it.
     pub from: PeerId,
+    /// Where the sender's connection came from.
+    pub source: Source,
     /// The opaque envelope.
     pub envelope: Vec<u8>,
     /// When it arrived.
     pub stored_at: Timestamp,
+}
+
+/// Entries and bytes held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Entries.
+    pub count: usize,
+    /// Envelope bytes.
+    pub bytes: usize,
 }
 
 /// Transactional storage for a relay's mailbox and directory.
@@ -68,10 +110,18 @@ pub trait RelayStore {
     fn mailbox_after(&self, peer: &PeerId, after: u64, limit: usize) -> Result<Vec<MailboxEntry>, RelayStoreError>;
     /// How many peers have a record.
     fn record_count(&self) -> Result<usize, RelayStoreError>;
-    /// How many entries and bytes a peer's mailbox holds.
-    fn mailbox_usage(&self, peer: &PeerId) -> Result<(usize, usize), RelayStoreError>;
-    /// Bytes held in all mailboxes together.
-    fn mailbox_total_bytes(&self) -> Result<usize, RelayStoreError>;
+    /// What a peer's mailbox holds. Called on every deposit: a store keeps
+    /// it counted rather than summing the mailbox.
+    fn mailbox_usage(&self, peer: &PeerId) -> Result<Usage, RelayStoreError>;
+    /// What `sender` holds in `recipient`'s mailbox.
+    fn mailbox_usage_by_sender(&self, recipient: &PeerId, sender: &PeerId) -> Result<Usage, RelayStoreError>;
+    /// What senders from `source` hold in `recipient`'s mailbox.
+    fn mailbox_usage_by_source(&self, recipient: &PeerId, source: &Source) -> Result<Usage, RelayStoreError>;
+    /// What senders from `source` hold in all mailboxes together (kept
+    /// counted, like [`RelayStore::mailbox_usage`]).
+    fn source_usage(&self, source: &Source) -> Result<Usage, RelayStoreError>;
+    /// What all mailboxes hold together (kept counted).
+    fn mailbox_total(&self) -> Result<Usage, RelayStoreError>;
     /// Stores an entry.
     fn put_mailbox_entry(&mut self, entry: &MailboxEntry) -> Result<(), RelayStoreError>;
     /// Deletes an entry of `peer`'s mailbox (no-op if absent).
@@ -84,8 +134,20 @@ pub trait RelayStore {
     fn next_mailbox_id(&mut self) -> Result<u64, RelayStoreError>;
     /// The newest record of a peer.
     fn record(&self, peer: &PeerId) -> Result<Option<PeerRecord>, RelayStoreError>;
-    /// Stores a record.
-    fn put_record(&mut self, record: &PeerRecord) -> Result<(), RelayStoreError>;
+    /// Stores a record published over a connection from `source`, its peer
+    /// seen at `seen_at`.
+    fn put_record(&mut self, record: &PeerRecord, source: &Source, seen_at: Timestamp) -> Result<(), RelayStoreError>;
+    /// Notes that a peer with a record registered at `seen_at` (no-op for a
+    /// peer without one).
+    fn touch_record(&mut self, peer: &PeerId, seen_at: Timestamp) -> Result<(), RelayStoreError>;
+    /// How many records were published from `source`.
+    fn records_from_source(&self, source: &Source) -> Result<usize, RelayStoreError>;
+    /// Up to `limit` peers whose record was last seen before `seen_before`
+    /// and whose mailbox is empty, least recently seen first: the records a
+    /// full relay may evict.
+    fn idle_records(&self, seen_before: Timestamp, limit: usize) -> Result<Vec<PeerId>, RelayStoreError>;
+    /// Deletes a peer's record (no-op if absent).
+    fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError>;
     /// Deletes records that expired at or before `now`; returns how many.
     fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError>;
     /// The earliest expiry among stored records.
@@ -115,6 +177,24 @@ pub struct RelayConfig {
     pub max_envelope_len: usize,
     /// The most peer records held (each opens a mailbox).
     pub max_records: usize,
+    /// Most entries one sender may hold in one recipient's mailbox.
+    pub mailbox_max_count_per_sender: usize,
+    /// Most bytes one sender may hold in one recipient's mailbox.
+    pub mailbox_max_bytes_per_sender: usize,
+    /// Most entries senders from one source may hold in one recipient's
+    /// mailbox, whatever identities they use.
+    pub mailbox_max_count_per_source: usize,
+    /// Most bytes senders from one source may hold in one recipient's
+    /// mailbox.
+    pub mailbox_max_bytes_per_source: usize,
+    /// Most bytes senders from one source may hold in all mailboxes.
+    pub source_max_bytes: usize,
+    /// Most records published from one source.
+    pub max_records_per_source: usize,
+    /// How long a record's peer must have been away (not registered)
+    /// before a full relay may evict its record for a newcomer's; a record
+    /// whose mailbox holds entries is never evicted.
+    pub record_idle_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -129,6 +209,13 @@ impl Default for RelayConfig {
             rate_burst: 200,
             max_envelope_len: MAX_ENVELOPE_LEN,
             max_records: 100_000,
+            mailbox_max_count_per_sender: 100,
+            mailbox_max_bytes_per_sender: 16 * 1024 * 1024,
+            mailbox_max_count_per_source: 250,
+            mailbox_max_bytes_per_source: 32 * 1024 * 1024,
+            source_max_bytes: 128 * 1024 * 1024,
+            max_records_per_source: 256,
+            record_idle_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -192,6 +279,8 @@ struct PeerState {
     fresh: bool,
     /// The highest mailbox ID sent in the current pass over the mailbox.
     sent_up_to: u64,
+    /// Where its newest connection comes from.
+    source: Option<Source>,
     /// The entries of the batch in flight, not yet acknowledged.
     batch: BTreeSet<u64>,
     /// When that batch last went out.
@@ -266,9 +355,21 @@ impl<S: RelayStore> Relay<S> {
     /// it stays registered, and its next `Register` sends the mailbox again
     /// from the start, since entries sent on a dying connection may be lost.
     pub fn connected(&mut self, peer: PeerId) {
+        self.connected_from(peer, Source::of_peer(&peer));
+    }
+
+    /// [`Relay::connected`], from a known network source (quotas are kept
+    /// per source as well as per peer).
+    pub fn connected_from(&mut self, peer: PeerId, source: Source) {
         let state = self.connected.entry(peer).or_default();
         state.connections = state.connections.saturating_add(1);
         state.fresh = true;
+        state.source = Some(source);
+    }
+
+    /// Where `peer`'s newest connection comes from.
+    fn source_of(&self, peer: &PeerId) -> Source {
+        self.connected.get(peer).and_then(|s| s.source).unwrap_or_else(|| Source::of_peer(peer))
     }
 
     /// A connection closed; with the peer's last one goes its
@@ -399,6 +500,7 @@ impl<S: RelayStore> Relay<S> {
                     state.batch_sent_at = None;
                 }
                 self.staged.undo.push(Undo::Peer(from, before));
+                self.store.touch_record(&from, now)?;
                 self.send(from, &RelayFrame::Registered);
                 // The mailbox comes with the first registration on a new
                 // connection; a repeated Register does not resend it
@@ -440,7 +542,8 @@ impl<S: RelayStore> Relay<S> {
                 let sequence = record.sequence;
                 let answer = match self.check_publish(now, from, &record)? {
                     None => {
-                        self.store.put_record(&record)?;
+                        let source = self.source_of(&from);
+                        self.store.put_record(&record, &source, now)?;
                         RelayFrame::Published { sequence }
                     }
                     Some(reason) => {
@@ -475,7 +578,7 @@ impl<S: RelayStore> Relay<S> {
 
     /// Why a published record may not be stored, if it may not.
     fn check_publish(
-        &self,
+        &mut self,
         now: Timestamp,
         from: PeerId,
         record: &PeerRecord,
@@ -494,15 +597,35 @@ impl<S: RelayStore> Relay<S> {
         if held.as_ref() == Some(record) {
             return Ok(None); // the same record again, on a reconnect
         }
-        if held.is_none() && self.store.record_count()? >= self.config.max_records {
-            return Ok(Some(PublishRefusal::Full));
+        let known = held.as_ref().map(|r| r.sequence);
+        match record.verify(now, known) {
+            Ok(()) => {}
+            Err(RecordError::Stale { .. }) => return Ok(Some(PublishRefusal::Stale)),
+            Err(_) => return Ok(Some(PublishRefusal::Invalid)),
         }
-        let known = held.map(|r| r.sequence);
-        Ok(match record.verify(now, known) {
-            Ok(()) => None,
-            Err(RecordError::Stale { .. }) => Some(PublishRefusal::Stale),
-            Err(_) => Some(PublishRefusal::Invalid),
-        })
+        // A new record (a replacement costs nothing more) is counted
+        // against its source, and needs room.
+        if held.is_none() && self.store.record(&record.peer_id)?.is_none() {
+            let source = self.source_of(&from);
+            if self.store.records_from_source(&source)? >= self.config.max_records_per_source {
+                return Ok(Some(PublishRefusal::TooManyFromAddress));
+            }
+            if self.store.record_count()? >= self.config.max_records && !self.evict_idle_record(now)? {
+                return Ok(Some(PublishRefusal::Full));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes room for one record by deleting that of a peer away for at
+    /// least [`RelayConfig::record_idle_ms`] with an empty mailbox; false if
+    /// there is none.
+    fn evict_idle_record(&mut self, now: Timestamp) -> Result<bool, RelayError> {
+        let seen_before = Timestamp(now.as_millis().saturating_sub(self.config.record_idle_ms));
+        let idle = self.store.idle_records(seen_before, 16)?;
+        let Some(peer) = idle.into_iter().find(|p| !self.connected.contains_key(p)) else { return Ok(false) };
+        self.store.delete_record(&peer)?;
+        Ok(true)
     }
 
     fn refuse(&mut self, from: PeerId, id: u64, reason: Refusal) {
@@ -542,19 +665,41 @@ impl<S: RelayStore> Relay<S> {
             self.refuse(from, id, Refusal::UnknownRecipient);
             return Ok(());
         }
-        let (count, bytes) = self.store.mailbox_usage(&to)?;
-        let total = self.store.mailbox_total_bytes()?;
-        if count >= self.config.mailbox_max_count
-            || bytes.saturating_add(envelope.len()) > self.config.mailbox_max_bytes
-            || total.saturating_add(envelope.len()) > self.config.mailbox_total_max_bytes
-        {
+        let source = self.source_of(&from);
+        if !self.room_for(&to, &from, &source, envelope.len())? {
             self.refuse(from, id, Refusal::Quota);
             return Ok(());
         }
-        let entry = MailboxEntry { id: self.store.next_mailbox_id()?, recipient: to, from, envelope, stored_at: now };
+        let entry =
+            MailboxEntry { id: self.store.next_mailbox_id()?, recipient: to, from, source, envelope, stored_at: now };
         self.store.put_mailbox_entry(&entry)?;
         self.send(from, &RelayFrame::Held { id });
         Ok(())
+    }
+
+    /// Whether `to`'s mailbox takes `len` more bytes from `from` (at
+    /// `source`): within the recipient's quota, the sender's and its
+    /// source's share of it, the source's total across all mailboxes, and
+    /// the relay's. Per recipient alone, a stranger with free identities
+    /// could fill anyone's mailbox and lock honest senders out.
+    fn room_for(&self, to: &PeerId, from: &PeerId, source: &Source, len: usize) -> Result<bool, RelayError> {
+        let c = &self.config;
+        let fits = |usage: Usage, max_count: usize, max_bytes: usize| {
+            usage.count < max_count && usage.bytes.saturating_add(len) <= max_bytes
+        };
+        Ok(fits(self.store.mailbox_usage(to)?, c.mailbox_max_count, c.mailbox_max_bytes)
+            && fits(
+                self.store.mailbox_usage_by_sender(to, from)?,
+                c.mailbox_max_count_per_sender,
+                c.mailbox_max_bytes_per_sender,
+            )
+            && fits(
+                self.store.mailbox_usage_by_source(to, source)?,
+                c.mailbox_max_count_per_source,
+                c.mailbox_max_bytes_per_source,
+            )
+            && fits(self.store.source_usage(source)?, usize::MAX, c.source_max_bytes)
+            && fits(self.store.mailbox_total()?, usize::MAX, c.mailbox_total_max_bytes))
     }
 
     fn is_registered(&self, peer: &PeerId) -> bool {
