@@ -122,6 +122,12 @@ macro_rules! scenario_tests {
             );
         }
         #[test]
+        fn a_group_of_invented_members_cannot_grow_held_messages_or_key_exchanges_past_the_caps() {
+            $crate::testkit::a_group_of_invented_members_cannot_grow_held_messages_or_key_exchanges_past_the_caps(
+                $make,
+            );
+        }
+        #[test]
         fn non_admin_invites_and_forged_control_are_refused() {
             $crate::testkit::non_admin_invites_and_forged_control_are_refused($make);
         }
@@ -230,6 +236,11 @@ pub struct Net<S: TestStore> {
 impl<S: TestStore> Net<S> {
     /// `count` engines, each on a fresh store from `make`.
     pub fn new(make: fn() -> S, count: usize, seed: u64) -> Self {
+        Self::with_config(make, count, seed, EngineConfig::default())
+    }
+
+    /// As [`Net::new`], with every engine on `config`.
+    pub fn with_config(make: fn() -> S, count: usize, seed: u64, config: EngineConfig) -> Self {
         let mut r = rng(seed);
         let nodes = (0..count)
             .map(|i| {
@@ -239,7 +250,7 @@ impl<S: TestStore> Net<S> {
                 let engine = Engine::new(
                     identity,
                     make(),
-                    EngineConfig::default(),
+                    config.clone(),
                     ChaCha20Rng::seed_from_u64(seed * 1000 + i as u64),
                     NOW,
                 )
@@ -265,9 +276,6 @@ impl<S: TestStore> Net<S> {
         self.nodes[i].engine.peer_id()
     }
 
-    fn index(&self, peer: &PeerId) -> usize {
-        self.nodes.iter().position(|n| n.engine.peer_id() == *peer).unwrap()
-    }
 
     fn command(&mut self, i: usize, command: Command) -> Result<CommandOutcome, EngineError> {
         let out = self.nodes[i].engine.command(self.now, command);
@@ -330,7 +338,13 @@ impl<S: TestStore> Net<S> {
                     if group && !self.wire_group_envelopes.iter().any(|(_, b)| *b == t.bytes) {
                         self.wire_group_envelopes.push((i, t.bytes.clone()));
                     }
-                    let to = self.index(&t.peer);
+                    // A peer outside the network (an invented member) is
+                    // never reached.
+                    let Some(to) = self.nodes.iter().position(|n| n.engine.peer_id() == t.peer) else {
+                        let outcome = TransmitOutcome::Failed("no such peer".into());
+                        work.push_back((i, Input::TransmitResult { id: t.id, outcome }));
+                        continue;
+                    };
                     let lost = (self.lose)(i, &t);
                     if self.nodes[to].online && !lost {
                         self.delivered.push((i, to, t.bytes.clone()));
@@ -860,6 +874,79 @@ pub fn a_message_under_an_unknown_session_rekeys_only_known_peers_and_at_most_on
     let m = net.send(0, c01.id, "still here");
     net.advance(10_000);
     assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+/// Scenario: a group's admin lists invented members, and each "sends"
+/// group messages under keys nobody holds: what is held stays within the
+/// per-sender and overall caps, and the key exchanges the node starts for
+/// them stay within the background cap, while the real members still talk.
+pub fn a_group_of_invented_members_cannot_grow_held_messages_or_key_exchanges_past_the_caps<S: TestStore>(
+    make: fn() -> S,
+) {
+    let config = EngineConfig {
+        held_max_per_sender: 3,
+        held_max_bytes_per_sender: 600,
+        held_max: 7,
+        held_max_bytes: 1 << 20,
+        max_background_key_exchanges: 2,
+        ..EngineConfig::default()
+    };
+    let mut net = Net::with_config(make, 3, 44, config);
+    let puppets: Vec<PeerId> = (0..5u8).map(|n| PeerId([0xa0 + n; 20])).collect();
+    let mut members: Vec<PeerId> = puppets.clone();
+    members.extend([net.id(1), net.id(2)]);
+    let g = match net.command(0, Command::CreateGroup { name: "Puppets".into(), members }).unwrap() {
+        CommandOutcome::Conversation(c) => c,
+        other => panic!("{other:?}"),
+    };
+    // The admin's own exchanges with its invented members take its
+    // background slots first; the real ones get theirs as those give up.
+    net.advance(600_000);
+    assert!(net.kinds(1).contains(&"chat.group.invite"));
+    let held = |net: &mut Net<S>, sender: Option<&PeerId>| {
+        let store = net.nodes[1].engine.store_mut();
+        store.begin().unwrap();
+        let usage = store.held_usage(sender).unwrap();
+        let exchanges = store.key_exchange_count().unwrap();
+        store.rollback();
+        (usage, exchanges)
+    };
+    // The first sends large envelopes (its bytes run out first), the others
+    // small ones (their count does).
+    for (i, puppet) in puppets.iter().enumerate() {
+        let len = if i == 0 { 300 } else { 60 };
+        for n in 0..5u32 {
+            let message = crate::wire::GroupMessage {
+                group_id: g.id,
+                sender: *puppet,
+                key_id: 7,
+                message_number: n,
+                ciphertext: vec![n as u8; len],
+                signature: crate::wire::Signature64([0; 64]),
+            };
+            let bytes = Envelope::new(EnvelopeBody::Group(message)).encode();
+            net.input(1, Input::Received { from: *puppet, bytes });
+        }
+    }
+    let ((large, large_bytes), _) = held(&mut net, Some(&puppets[0]));
+    assert_eq!(large, 1, "one sender's held bytes stop at its cap ({large_bytes} bytes held)");
+    let ((small, _), _) = held(&mut net, Some(&puppets[1]));
+    assert_eq!(small, 3, "one sender's held messages stop at its cap");
+    let ((all, _), exchanges) = held(&mut net, None);
+    assert_eq!(all, 7, "held messages from everyone stop at the overall cap");
+    assert!(exchanges <= 2, "{exchanges} key exchanges with invented members");
+    assert!(net.kinds(1).contains(&"chat.security.rejected"), "refusals are reported");
+    // The real members still talk.
+    send_group(&mut net, 0, g.id, "hello, real members");
+    send_group(&mut net, 2, g.id, "hello from 2");
+    // Node 2's own exchanges with the invented members come first; its key
+    // reaches node 1 once they give up and free their places.
+    net.advance(600_000);
+    let texts = contents(&mut net, 1, &g.id);
+    assert!(texts.contains(&"hello, real members".to_string()), "{texts:?}");
+    assert!(texts.contains(&"hello from 2".to_string()), "{texts:?}");
+    let (_, exchanges) = held(&mut net, None);
+    assert!(exchanges <= 2 + 1, "{exchanges} key exchanges after the real traffic");
 }
 
 /// A hostile relay that carried every group envelope so far hands them all

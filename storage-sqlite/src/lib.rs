@@ -71,6 +71,10 @@ pub enum StorageError {
         /// SQLite's error.
         reason: String,
     },
+    /// Rows an older version left could not be brought up to date when
+    /// the store opened (a sealed row that does not open, say).
+    #[error("bringing the database's stored key exchanges up to date failed: {0}")]
+    Backfill(String),
     /// The database was sealed under another identity's key.
     #[error("the database was sealed under another identity's key: it belongs to a different identity file")]
     WrongKey,

@@ -94,7 +94,7 @@ impl SqliteStore {
         schema.refuse_newer(&conn)?;
         configure(&conn, durability)?;
         schema.migrate(&mut conn)?;
-        let store = Self {
+        let mut store = Self {
             conn,
             key,
             #[cfg(feature = "testkit")]
@@ -108,7 +108,39 @@ impl SqliteStore {
             checkpointer: crate::checkpoint::Checkpointer::new(path),
         };
         store.check_key()?;
+        store.fill_key_exchange_deadlines()?;
         Ok(store)
+    }
+
+    /// Gives the key exchanges a version 1 database left their deadline
+    /// column (unsealing each once), so that the next deadline comes from
+    /// SQL.
+    fn fill_key_exchange_deadlines(&mut self) -> Result<(), StorageError> {
+        let missing: i64 =
+            self.conn.query_row("SELECT COUNT(*) FROM chat_key_exchanges WHERE deadline IS NULL", [], |r| r.get(0))?;
+        if missing == 0 {
+            return Ok(());
+        }
+        let fill = |store: &mut Self| -> Result<(), StoreError> {
+            let attempts: Vec<KeyExchangeAttempt> = store.read_sealed_list(
+                "SELECT peer_id, sealed FROM chat_key_exchanges WHERE deadline IS NULL ORDER BY peer_id",
+                [],
+                label::KEY_EXCHANGE,
+                "a pending key exchange",
+            )?;
+            for attempt in attempts {
+                store.put_key_exchange(&attempt)?;
+            }
+            Ok(())
+        };
+        self.begin().map_err(|e| StorageError::Backfill(e.to_string()))?;
+        match fill(self).and_then(|()| self.commit()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.rollback();
+                Err(StorageError::Backfill(e.to_string()))
+            }
+        }
     }
 
     /// `PRAGMA integrity_check`: `"ok"`, or what SQLite found wrong.
@@ -236,6 +268,15 @@ impl SqliteStore {
             out.push(self.open_value(label, key.as_bytes(), &sealed, what)?);
         }
         Ok(out)
+    }
+
+    fn scalar(&self, sql: &str, args: impl rusqlite::Params) -> Result<Option<i64>, StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.query_row(args, |r| r.get::<_, Option<i64>>(0)).optional())
+            .map(Option::flatten)
+            .map_err(backend)
     }
 
     fn execute(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<(), StoreError> {
@@ -514,10 +555,28 @@ impl Store for SqliteStore {
         let key = attempt.peer.to_string();
         let sealed = self.key.seal(label::KEY_EXCHANGE, key.as_bytes(), &encode(attempt)?);
         self.execute(
-            "INSERT INTO chat_key_exchanges (peer_id, sealed) VALUES (?1, ?2) \
-             ON CONFLICT(peer_id) DO UPDATE SET sealed = excluded.sealed",
-            params![key, sealed],
+            "INSERT INTO chat_key_exchanges (peer_id, sealed, deadline) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(peer_id) DO UPDATE SET sealed = excluded.sealed, deadline = excluded.deadline",
+            params![key, sealed, ts(attempt.deadline)],
         )
+    }
+
+    fn key_exchange(&self, peer: &PeerId) -> Result<Option<KeyExchangeAttempt>, StoreError> {
+        let sql = "SELECT peer_id, sealed FROM chat_key_exchanges WHERE peer_id = ?1";
+        Ok(self.read_sealed_list(sql, [peer.to_string()], label::KEY_EXCHANGE, "a pending key exchange")?.pop())
+    }
+
+    fn key_exchanges_due(&self, now: Timestamp) -> Result<Vec<KeyExchangeAttempt>, StoreError> {
+        let sql = "SELECT peer_id, sealed FROM chat_key_exchanges WHERE deadline <= ?1 ORDER BY peer_id";
+        self.read_sealed_list(sql, [ts(now)], label::KEY_EXCHANGE, "a pending key exchange")
+    }
+
+    fn next_key_exchange_deadline(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.scalar("SELECT MIN(deadline) FROM chat_key_exchanges", [])?.map(|t| Timestamp(t.max(0) as u64)))
+    }
+
+    fn key_exchange_count(&self) -> Result<usize, StoreError> {
+        Ok(self.scalar("SELECT COUNT(*) FROM chat_key_exchanges", [])?.unwrap_or(0).max(0) as usize)
     }
 
     fn delete_key_exchange(&mut self, peer: &PeerId) -> Result<(), StoreError> {
@@ -663,6 +722,32 @@ impl Store for SqliteStore {
             "SELECT seq, group_id, sender_peer_id, envelope, received_at FROM chat_held_messages ORDER BY seq",
             [],
         )
+    }
+
+    fn held_usage(&self, sender: Option<&PeerId>) -> Result<(usize, usize), StoreError> {
+        self.guard()?;
+        let sql = "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM chat_held_messages \
+                   WHERE ?1 IS NULL OR sender_peer_id = ?1";
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_row([sender.map(|p| p.to_string())], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            })
+            .map(|(count, bytes)| (count.max(0) as usize, bytes.max(0) as usize))
+            .map_err(backend)
+    }
+
+    fn is_held(&self, group: &ConversationId, sender: &PeerId, envelope: &[u8]) -> Result<bool, StoreError> {
+        let sql = "SELECT 1 FROM chat_held_messages WHERE group_id = ?1 AND sender_peer_id = ?2 AND envelope = ?3";
+        Ok(self.scalar(sql, params![group.to_string(), sender.to_string(), envelope])?.is_some())
+    }
+
+    fn delete_held_before(&mut self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached("DELETE FROM chat_held_messages WHERE received_at < ?1")
+            .and_then(|mut s| s.execute([ts(cutoff)]))
+            .map_err(backend)
     }
 
     fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {

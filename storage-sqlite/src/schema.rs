@@ -73,7 +73,13 @@ impl Schema {
 
 /// The node's database.
 pub fn node_schema() -> Schema {
-    Schema { kind: "node", migrations: vec![Migration { name: "initial node schema", sql: NODE_V1 }] }
+    Schema {
+        kind: "node",
+        migrations: vec![
+            Migration { name: "initial node schema", sql: NODE_V1 },
+            Migration { name: "key exchange deadlines and held-message counts in SQL", sql: NODE_V2 },
+        ],
+    }
 }
 
 /// The relay's database.
@@ -86,6 +92,19 @@ pub fn relay_schema() -> Schema {
         ],
     }
 }
+
+/// Version 2 of the node's schema: each pending key exchange's deadline
+/// beside its sealed row, so the next deadline (asked after every
+/// transaction) is one indexed read instead of unsealing every row; and
+/// indexes to count held messages per sender and sweep them by age. The
+/// deadlines of rows version 1 left are filled when the store opens (they
+/// need the key).
+const NODE_V2: &str = "
+ALTER TABLE chat_key_exchanges ADD COLUMN deadline INTEGER;
+CREATE INDEX chat_key_exchanges_by_deadline ON chat_key_exchanges(deadline);
+CREATE INDEX chat_held_by_sender ON chat_held_messages(sender_peer_id);
+CREATE INDEX chat_held_by_age ON chat_held_messages(received_at);
+";
 
 /// Version 1 of the node's schema: the reference's tables where they fit
 /// (see `docs/STORAGE.md` for each deviation), and the engine's own.

@@ -200,9 +200,9 @@ fn the_identity_file_is_created_private_reused_and_never_replaced() {
     assert!(err.contains("not a p2pchat identity file"), "{err}");
 }
 
-/// A test-only second version: a new table and a column, to exercise the
-/// upgrade path while only one real version exists.
-const TEST_V2: Migration = Migration {
+/// A test-only next version: a new table and a column, to exercise the
+/// upgrade path past the newest real version.
+const TEST_NEXT: Migration = Migration {
     name: "test-only: message reactions",
     sql: "CREATE TABLE chat_reactions (message_id TEXT NOT NULL, emoji TEXT NOT NULL);
           ALTER TABLE chat_conversations ADD COLUMN muted INTEGER DEFAULT 0;",
@@ -247,8 +247,8 @@ fn an_older_database_is_upgraded_and_a_newer_one_refused() {
     let dir = TempDir::new("migrate");
     let db = dir.path("node.sqlite3");
     std::fs::copy(fixture(), &db).unwrap();
-    // Version 1 → 2 with the test migration; the data stays readable.
-    let schema = node_schema().with(TEST_V2);
+    // Version 1 → 2 (real) → 3 (the test migration); the data stays readable.
+    let schema = node_schema().with(TEST_NEXT);
     let mut store = SqliteStore::open_with(&db, key(7), Durability::Normal, &schema).unwrap();
     store.begin().unwrap();
     let m = store.message(&MessageId(Uuid(42u128.to_be_bytes()))).unwrap().expect("the fixture's message");
@@ -257,18 +257,18 @@ fn an_older_database_is_upgraded_and_a_newer_one_refused() {
     drop(store);
     // The test migration's objects exist: the table and the new column.
     let conn = rusqlite_open(&db);
-    assert_eq!(conn.0, 2, "at version 2");
+    assert_eq!(conn.0, 3, "at version 3");
     assert!(conn.1, "the new table and column exist");
-    // Now at version 2: this build (version 1) refuses it, clearly.
+    // Now at version 3: this build (version 2) refuses it, clearly.
     let err = SqliteStore::open(&db, key(7), Durability::Normal).unwrap_err();
-    assert!(matches!(err, StorageError::NewerSchema { found: 2, supported: 1, .. }), "{err}");
+    assert!(matches!(err, StorageError::NewerSchema { found: 3, supported: 2, .. }), "{err}");
     assert!(err.to_string().contains("newer than this p2pchat supports"), "{err}");
 }
 
-/// (user_version, whether version 2's objects exist), read with SQLite's
-/// own shell-free view: through a store opened on the v2 schema.
+/// (user_version, whether the test version's objects exist), read through a
+/// store opened on that schema.
 fn rusqlite_open(db: &Path) -> (u32, bool) {
-    let schema = node_schema().with(TEST_V2);
+    let schema = node_schema().with(TEST_NEXT);
     let store = SqliteStore::open_with(db, key(7), Durability::Normal, &schema).unwrap();
     let has = store.table_has_column("chat_conversations", "muted").unwrap()
         && store.table_has_column("chat_reactions", "emoji").unwrap();
@@ -282,9 +282,60 @@ fn a_failed_migration_leaves_the_database_at_its_version() {
     std::fs::copy(fixture(), &db).unwrap();
     let broken = Migration { name: "test-only: broken", sql: "CREATE TABLE chat_messages (x INTEGER);" };
     let err = SqliteStore::open_with(&db, key(7), Durability::Normal, &node_schema().with(broken)).unwrap_err();
-    assert!(matches!(err, StorageError::Migration { to: 2, .. }), "{err}");
+    assert!(matches!(err, StorageError::Migration { to: 3, .. }), "{err}");
     let store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2, "the real upgrade committed, the broken one did not");
+}
+
+#[test]
+fn key_exchange_deadlines_and_held_counts_come_from_sql_and_survive_an_upgrade() {
+    use p2pchat_protocol::engine::{HeldMessage, KeyExchangeAttempt};
+    let dir = TempDir::new("deadlines");
+    let db = dir.path("node.sqlite3");
+    let attempt = |peer: u8, deadline: u64| KeyExchangeAttempt {
+        peer: PeerId([peer; 20]),
+        pending: Some(vec![peer; 8]),
+        attempts: 1,
+        deadline: Timestamp(deadline),
+        backing_off: false,
+    };
+    // Two key exchanges as version 1 left them: sealed rows, no deadline
+    // column filled (the migration adds it empty).
+    {
+        let mut store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
+        store.begin().unwrap();
+        store.put_key_exchange(&attempt(1, 500)).unwrap();
+        store.put_key_exchange(&attempt(2, 300)).unwrap();
+        store.commit().unwrap();
+    }
+    rusqlite::Connection::open(&db).unwrap().execute("UPDATE chat_key_exchanges SET deadline = NULL", []).unwrap();
+    let mut store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
+    store.begin().unwrap();
+    assert_eq!(store.next_key_exchange_deadline().unwrap(), Some(Timestamp(300)), "filled when opened");
+    assert_eq!(store.key_exchange_count().unwrap(), 2);
+    assert_eq!(store.key_exchange(&PeerId([1; 20])).unwrap(), Some(attempt(1, 500)));
+    assert_eq!(store.key_exchanges_due(Timestamp(400)).unwrap(), vec![attempt(2, 300)]);
+    store.put_key_exchange(&attempt(2, 900)).unwrap();
+    assert_eq!(store.next_key_exchange_deadline().unwrap(), Some(Timestamp(500)));
+    // Held messages are counted per sender and in all, and swept by age.
+    let group = ConversationId(Uuid([9; 16]));
+    for (seq, sender, len, at) in [(1, 3, 100, 10), (2, 3, 50, 20), (3, 4, 7, 30)] {
+        let held = HeldMessage {
+            seq,
+            group_id: group,
+            sender: PeerId([sender; 20]),
+            envelope: vec![seq as u8; len],
+            received_at: Timestamp(at),
+        };
+        store.put_held_message(&held).unwrap();
+    }
+    assert_eq!(store.held_usage(Some(&PeerId([3; 20]))).unwrap(), (2, 150));
+    assert_eq!(store.held_usage(None).unwrap(), (3, 157));
+    assert!(store.is_held(&group, &PeerId([4; 20]), &[3; 7]).unwrap());
+    assert!(!store.is_held(&group, &PeerId([3; 20]), &[3; 7]).unwrap());
+    assert_eq!(store.delete_held_before(Timestamp(25)).unwrap(), 2);
+    assert_eq!(store.held_usage(None).unwrap(), (1, 7));
+    store.rollback();
 }
 
 #[test]

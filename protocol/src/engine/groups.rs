@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message,
-    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MAX_HELD_PER_SENDER, MIN_GROUP_OTHERS,
+    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -792,14 +792,20 @@ impl<S: Store> Engine<S> {
     }
 
     fn hold(&mut self, now: Timestamp, from: PeerId, bytes: &[u8], message: &GroupMessage) -> Result<(), EngineError> {
-        let held: Vec<HeldMessage> =
-            self.store.held_messages(&message.group_id)?.into_iter().filter(|h| h.sender == message.sender).collect();
-        if held.iter().any(|h| h.envelope == bytes) {
+        if self.store.is_held(&message.group_id, &message.sender, bytes)? {
             return Ok(()); // a retransmission of one already held
         }
-        let held_from_sender = held.len();
-        let held_anywhere = self.store.all_held_messages()?.iter().filter(|h| h.sender == message.sender).count();
-        if bytes.len() > MAX_CONTENT_LEN + 1024 || held_anywhere >= MAX_HELD_PER_SENDER {
+        // Counted in the store, not by loading what is held: every held
+        // message would otherwise cost a read of all the others.
+        let (from_sender, sender_bytes) = self.store.held_usage(Some(&message.sender))?;
+        let (all, all_bytes) = self.store.held_usage(None)?;
+        let limits = &self.config;
+        let over = bytes.len() > MAX_CONTENT_LEN + 1024
+            || from_sender >= limits.held_max_per_sender
+            || sender_bytes.saturating_add(bytes.len()) > limits.held_max_bytes_per_sender
+            || all >= limits.held_max
+            || all_bytes.saturating_add(bytes.len()) > limits.held_max_bytes;
+        if over {
             self.reject(from, "too many group messages held for a missing sender key");
             return Ok(());
         }
@@ -812,11 +818,9 @@ impl<S: Store> Engine<S> {
             received_at: now,
         };
         self.store.put_held_message(&held)?;
-        // Ask the sender for its key, once per batch of held messages.
-        if held_from_sender == 0 {
-            self.request_key(now, message.sender, message.group_id)?;
-            self.pump(now, message.sender)?;
-        }
+        // Ask the sender for its key (one request queued at a time).
+        self.request_key(now, message.sender, message.group_id)?;
+        self.pump(now, message.sender)?;
         Ok(())
     }
 
@@ -858,11 +862,7 @@ impl<S: Store> Engine<S> {
     /// skipped group keys past seven days.
     pub(super) fn group_retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
-        for held in self.store.all_held_messages()? {
-            if held.received_at < cutoff {
-                self.store.delete_held_message(held.seq)?;
-            }
-        }
+        self.store.delete_held_before(cutoff)?;
         for conversation in self.store.conversations()? {
             // One unreadable row must not stop the sweep for the others.
             let Ok(Some(mut group)) = self.load_group(&conversation.id) else { continue };

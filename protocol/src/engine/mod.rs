@@ -56,7 +56,23 @@ pub const MIN_GROUP_OTHERS: usize = 2;
 pub const MAX_GROUP_NAME_LEN: usize = 256;
 
 /// The most group messages held per sender while its key is missing.
-pub const MAX_HELD_PER_SENDER: usize = 1_000;
+pub const MAX_HELD_PER_SENDER: usize = 200;
+
+/// The most envelope bytes held per sender while its key is missing.
+pub const MAX_HELD_BYTES_PER_SENDER: usize = 4 * 1024 * 1024;
+
+/// The most group messages held from everyone together: members are
+/// chosen by a group's admin, and an admin can invent a thousand.
+pub const MAX_HELD: usize = 5_000;
+
+/// The most envelope bytes held from everyone together.
+pub const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+
+/// The most key exchanges under way that no message of the user waits for
+/// (sender keys, receipts and requests to group members met only through a
+/// group): beyond it, such items wait and try again later, so a roster of
+/// invented members cannot keep the node exchanging keys with all of them.
+pub const MAX_BACKGROUND_KEY_EXCHANGES: usize = 64;
 
 /// The most message IDs (or acknowledged IDs) one receipt is taken to name;
 /// the rest are ignored, so one envelope cannot cost unbounded work.
@@ -93,6 +109,17 @@ pub struct EngineConfig {
     /// Once the key exchange retries are spent, how often to try again
     /// while receipts, keys or group notices still wait for the peer.
     pub session_retry_ms: u64,
+    /// Most group messages held per sender while its key is missing.
+    pub held_max_per_sender: usize,
+    /// Most envelope bytes held per sender.
+    pub held_max_bytes_per_sender: usize,
+    /// Most group messages held from everyone together.
+    pub held_max: usize,
+    /// Most envelope bytes held from everyone together.
+    pub held_max_bytes: usize,
+    /// Most key exchanges under way before those that no message of the
+    /// user waits for are put off (see [`MAX_BACKGROUND_KEY_EXCHANGES`]).
+    pub max_background_key_exchanges: usize,
 }
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -114,6 +141,11 @@ impl EngineConfig {
             retention_interval_ms: self.retention_interval_ms.max(1),
             max_outbox_per_peer: self.max_outbox_per_peer.max(1),
             session_retry_ms: self.session_retry_ms.max(1),
+            held_max_per_sender: self.held_max_per_sender,
+            held_max_bytes_per_sender: self.held_max_bytes_per_sender,
+            held_max: self.held_max,
+            held_max_bytes: self.held_max_bytes,
+            max_background_key_exchanges: self.max_background_key_exchanges,
         }
     }
 }
@@ -129,6 +161,11 @@ impl Default for EngineConfig {
             retention_interval_ms: DAY_MS,
             max_outbox_per_peer: 10_000,
             session_retry_ms: 5 * 60 * 1000,
+            held_max_per_sender: MAX_HELD_PER_SENDER,
+            held_max_bytes_per_sender: MAX_HELD_BYTES_PER_SENDER,
+            held_max: MAX_HELD,
+            held_max_bytes: MAX_HELD_BYTES,
+            max_background_key_exchanges: MAX_BACKGROUND_KEY_EXCHANGES,
         }
     }
 }
@@ -726,8 +763,8 @@ impl<S: Store> Engine<S> {
     }
 
     fn compute_deadline(&self) -> Result<Option<Timestamp>, EngineError> {
-        let exchanges = self.store.key_exchanges()?.into_iter().map(|a| a.deadline);
-        Ok(exchanges.chain(self.store.next_outbox_attempt()?).chain(self.store.retention_due()?).min())
+        let exchanges = self.store.next_key_exchange_deadline()?;
+        Ok(exchanges.into_iter().chain(self.store.next_outbox_attempt()?).chain(self.store.retention_due()?).min())
     }
 
     fn run_command(&mut self, now: Timestamp, command: Command) -> Result<CommandOutcome, EngineError> {
@@ -803,7 +840,7 @@ impl<S: Store> Engine<S> {
                 if peer == self.peer_id() {
                     return Err(EngineError::SelfConversation(peer));
                 }
-                if !self.store.key_exchanges()?.iter().any(|a| a.peer == peer) {
+                if self.store.key_exchange(&peer)?.is_none() {
                     self.start_key_exchange(now, peer, 1)?;
                 }
                 Ok(CommandOutcome::Done)
@@ -815,7 +852,7 @@ impl<S: Store> Engine<S> {
         match input {
             Input::Received { from, bytes } => self.receive(now, from, &bytes),
             Input::PeerReachable(peer) => {
-                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                let attempt = self.store.key_exchange(&peer)?;
                 // A reachable peer is worth trying at once, unless a request
                 // is already out.
                 if let Some(attempt) = attempt.filter(|a| a.backing_off) {
@@ -829,7 +866,7 @@ impl<S: Store> Engine<S> {
             }
             Input::PeerUnreachable(_) => Ok(()),
             Input::PeerRecord(peer) => {
-                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                let attempt = self.store.key_exchange(&peer)?;
                 match attempt {
                     Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
                         self.send_key_exchange_request(now, attempt)
@@ -838,7 +875,7 @@ impl<S: Store> Engine<S> {
                 }
             }
             Input::LookupFailed(peer) => {
-                let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+                let attempt = self.store.key_exchange(&peer)?;
                 match attempt {
                     Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
                         self.key_exchange_failed(now, attempt, "peer is unknown to the directory")
@@ -1252,11 +1289,24 @@ impl<S: Store> Engine<S> {
             self.store.put_sessions(&peer, &sessions.to_bytes())?;
         }
         if needs_session {
-            let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == peer);
+            let attempt = self.store.key_exchange(&peer)?;
             // A new message deserves its own round of retries, not the slow
             // background ones left over from earlier failures.
             let spent = attempt.as_ref().is_some_and(|a| a.backing_off && a.attempts >= self.config.max_retries);
-            if attempt.is_none() || (chat_waits && spent) {
+            let crowded = || -> Result<bool, EngineError> {
+                Ok(self.store.key_exchange_count()? >= self.config.max_background_key_exchanges)
+            };
+            if attempt.is_none() && !chat_waits && crowded()? {
+                // Nothing the user wrote waits for this peer: its items try
+                // again later rather than add to the exchanges under way.
+                let later = now.saturating_add_millis(self.config.confirmation_timeout_ms);
+                for mut item in self.store.outbox_waiting_for(&peer)? {
+                    if item.next_attempt_at.is_none() {
+                        item.next_attempt_at = Some(later);
+                        self.store.put_outbox_item(&item)?;
+                    }
+                }
+            } else if attempt.is_none() || (chat_waits && spent) {
                 self.start_key_exchange(now, peer, 1)?;
             }
         }
@@ -1379,10 +1429,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn timeout(&mut self, now: Timestamp) -> Result<(), EngineError> {
-        for attempt in self.store.key_exchanges()? {
-            if attempt.deadline > now {
-                continue;
-            }
+        for attempt in self.store.key_exchanges_due(now)? {
             if attempt.backing_off {
                 self.start_key_exchange(now, attempt.peer, attempt.attempts.saturating_add(1))?;
             } else {
@@ -1478,7 +1525,7 @@ impl<S: Store> Engine<S> {
     fn replace_unknown_session(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
         let recently = self.rekeyed.get(&peer).is_some_and(|t| now.millis_since(*t) < REKEY_INTERVAL_MS)
             || self.staged.rekeyed.iter().any(|(p, _)| *p == peer);
-        if recently || self.store.key_exchanges()?.iter().any(|a| a.peer == peer) || !self.talks_to(&peer)? {
+        if recently || self.store.key_exchange(&peer)?.is_some() || !self.talks_to(&peer)? {
             return Ok(());
         }
         self.staged.rekeyed.push((peer, now));
@@ -1568,13 +1615,27 @@ impl<S: Store> Engine<S> {
             // must reach the peer one day. A peer behind a relay never shows
             // up as directly reachable, so try again now and then rather
             // than wait for that; each try is one more spent retry.
-            if !self.store.outbox_for(&attempt.peer)?.is_empty() {
-                attempt.pending = None;
-                attempt.backing_off = true;
-                attempt.attempts = self.config.max_retries;
-                attempt.deadline = now.saturating_add_millis(self.config.session_retry_ms);
-                self.store.put_key_exchange(&attempt)?;
+            if self.store.outbox_for(&attempt.peer)?.is_empty() {
+                return Ok(());
             }
+            let later = now.saturating_add_millis(self.config.session_retry_ms);
+            let me = self.peer_id();
+            if self.store.conversation(&ConversationId::for_peers(&me, &attempt.peer))?.is_none() {
+                // A peer met only through a group (its roster is the admin's
+                // word): no row waits for it, so its tries hold no place
+                // among the exchanges under way; its items try again later,
+                // within the background cap.
+                for mut item in self.store.outbox_waiting_for(&attempt.peer)? {
+                    item.next_attempt_at = Some(item.next_attempt_at.map_or(later, |t| t.max(later)));
+                    self.store.put_outbox_item(&item)?;
+                }
+                return Ok(());
+            }
+            attempt.pending = None;
+            attempt.backing_off = true;
+            attempt.attempts = self.config.max_retries;
+            attempt.deadline = later;
+            self.store.put_key_exchange(&attempt)?;
             return Ok(());
         }
         let backoff = self.config.retry_backoff_ms.saturating_mul(1 << (attempt.attempts - 1).min(16));
@@ -1617,7 +1678,7 @@ impl<S: Store> Engine<S> {
                 return Ok(());
             }
         };
-        let ours = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from && a.pending.is_some());
+        let ours = self.store.key_exchange(&from)?.filter(|a| a.pending.is_some());
         if ours.is_some() && CrossedRequests::resolve(&self.peer_id(), &from) == CrossedRequests::KeepOurs {
             return Ok(());
         }
@@ -1640,7 +1701,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn on_ack(&mut self, now: Timestamp, from: PeerId, ack: &KeyExchangeAck) -> Result<(), EngineError> {
-        let attempt = self.store.key_exchanges()?.into_iter().find(|a| a.peer == from);
+        let attempt = self.store.key_exchange(&from)?;
         let Some(bytes) = attempt.as_ref().and_then(|a| a.pending.as_ref()) else {
             // No request of ours is waiting: a duplicate, or the loser of a crossing.
             return Ok(());

@@ -87,6 +87,25 @@ pub trait Store {
 
     /// Key exchanges this node started and has not finished, in peer order.
     fn key_exchanges(&self) -> Result<Vec<KeyExchangeAttempt>, StoreError>;
+    /// The key exchange with one peer. A store on disk looks it up by peer
+    /// rather than unsealing every row.
+    fn key_exchange(&self, peer: &PeerId) -> Result<Option<KeyExchangeAttempt>, StoreError> {
+        Ok(self.key_exchanges()?.into_iter().find(|a| a.peer == *peer))
+    }
+    /// The key exchanges whose deadline is at or before `now`, in peer order.
+    fn key_exchanges_due(&self, now: Timestamp) -> Result<Vec<KeyExchangeAttempt>, StoreError> {
+        Ok(self.key_exchanges()?.into_iter().filter(|a| a.deadline <= now).collect())
+    }
+    /// The earliest key exchange deadline. Asked after every transaction: a
+    /// store on disk keeps deadlines where it can read them without
+    /// unsealing.
+    fn next_key_exchange_deadline(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.key_exchanges()?.into_iter().map(|a| a.deadline).min())
+    }
+    /// How many key exchanges are under way.
+    fn key_exchange_count(&self) -> Result<usize, StoreError> {
+        Ok(self.key_exchanges()?.len())
+    }
     /// Creates or replaces one.
     fn put_key_exchange(&mut self, attempt: &KeyExchangeAttempt) -> Result<(), StoreError>;
     /// Removes one.
@@ -145,6 +164,29 @@ pub trait Store {
     fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError>;
     /// Releases one.
     fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError>;
+    /// How many messages, and envelope bytes, are held from `sender` (or
+    /// from everyone). Asked for every message held: a store on disk
+    /// counts in SQL rather than loading envelopes.
+    fn held_usage(&self, sender: Option<&PeerId>) -> Result<(usize, usize), StoreError> {
+        Ok(self
+            .all_held_messages()?
+            .iter()
+            .filter(|h| sender.is_none_or(|s| h.sender == *s))
+            .fold((0, 0), |(count, bytes), h| (count + 1, bytes + h.envelope.len())))
+    }
+    /// Whether this very envelope is already held for `group` from `sender`.
+    fn is_held(&self, group: &ConversationId, sender: &PeerId, envelope: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.held_messages(group)?.iter().any(|h| h.sender == *sender && h.envelope == envelope))
+    }
+    /// Releases every message held since before `cutoff`; returns how many.
+    fn delete_held_before(&mut self, cutoff: Timestamp) -> Result<usize, StoreError> {
+        let old: Vec<u64> =
+            self.all_held_messages()?.iter().filter(|h| h.received_at < cutoff).map(|h| h.seq).collect();
+        for seq in &old {
+            self.delete_held_message(*seq)?;
+        }
+        Ok(old.len())
+    }
 
     /// A counter that never repeats, for outbox order.
     fn next_seq(&mut self) -> Result<u64, StoreError>;
