@@ -276,7 +276,6 @@ impl<S: TestStore> Net<S> {
         self.nodes[i].engine.peer_id()
     }
 
-
     fn command(&mut self, i: usize, command: Command) -> Result<CommandOutcome, EngineError> {
         let out = self.nodes[i].engine.command(self.now, command);
         self.after_call(i);

@@ -2,6 +2,10 @@
 //! last 5 kept) in the configured directory, at the configured level. Each
 //! process logs under its own name (the node's or relay's peer ID), so
 //! several on one machine never rotate each other's files.
+//!
+//! Logs name peers, addresses and what happened when: readable by their
+//! owner only. A directory this creates is 0700 and every log file 0600,
+//! tightened if an older one was looser.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -28,9 +32,22 @@ pub struct Logger {
 }
 
 fn open(dir: &Path, name: &str) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
-    let written = file.metadata()?.len();
-    Ok((file, written))
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = OpenOptions::new().create(true).append(true).mode(0o600).open(dir.join(format!("{name}.log")))?;
+    let metadata = file.metadata()?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok((file, metadata.len()))
+}
+
+/// Creates the log directory (and any parents it lacks) owner-only.
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 impl Sink {
@@ -90,7 +107,7 @@ impl log::Log for Logger {
 /// the directory if the file cannot be opened (stderr logging still works
 /// then).
 pub fn init(dir: &Path, name: &str, level: log::LevelFilter) -> Result<(), String> {
-    let sink = std::fs::create_dir_all(dir).and_then(|()| open(dir, name));
+    let sink = create_dir(dir).and_then(|()| open(dir, name));
     let (sink, problem) = match sink {
         Ok((file, written)) => (Some(Sink { dir: dir.to_owned(), name: name.to_owned(), file, written }), None),
         Err(e) => (None, Some(format!("cannot write logs to {}: {e}", dir.display()))),
@@ -100,4 +117,32 @@ pub fn init(dir: &Path, name: &str, level: log::LevelFilter) -> Result<(), Strin
         log::set_max_level(level);
     }
     problem.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn log_directories_are_created_0700_and_log_files_0600_even_when_they_were_looser() {
+        let base = std::env::temp_dir().join(format!("p2pchat-logging-{}", std::process::id()));
+        let dir = base.join("new").join("logs");
+        create_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&base.join("new")), 0o700, "parents it creates too");
+        let (_, written) = open(&dir, "node").unwrap();
+        assert_eq!(written, 0);
+        assert_eq!(mode(&dir.join("node.log")), 0o600);
+        // A file an older version left readable by others is tightened.
+        std::fs::set_permissions(dir.join("node.log"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        open(&dir, "node").unwrap();
+        assert_eq!(mode(&dir.join("node.log")), 0o600);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -69,7 +69,19 @@ pub fn node(settings: &Settings) -> Result<(), String> {
     let api = crate::api::start(&handle, settings.api, &settings.data_dir, settings.api_allowed_hosts.clone())
         .map_err(|e| e.to_string())?;
     println!("API on http://{} (token: `p2pchat token`)", api.addr);
-    println!("web UI: {}", api.login_link());
+    // A one-time link is a password while it lasts: printed only to a
+    // person at a terminal, never into the journal a service manager keeps
+    // of a captured standard output.
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("web UI: {}", api.login_link());
+    } else {
+        println!(
+            "web UI: http://{} (sign in with the output of `p2pchat token --data-dir {}`; no one-time link is \
+             printed when standard output is not a terminal)",
+            api.addr,
+            settings.data_dir.display()
+        );
+    }
     wait_for_signal()?;
     log::info!("shutting down");
     node.shutdown();

@@ -96,6 +96,11 @@ fn node(dir: &Path, name: &str, relay: &str, extra: &[&str], quic: u16, api: u16
     let process = Process::spawn(&args, dir);
     let peer = process.wait_line("node ").split(' ').next().unwrap().to_owned();
     let addr = process.wait_line("API on http://").split(' ').next().unwrap().parse().unwrap();
+    // Its standard output is a pipe, as under a service manager: no
+    // one-time link there, only how to sign in.
+    let web = process.wait_line("web UI:");
+    assert!(!web.contains("/auth"), "a sign-in link went to a captured output: {web}");
+    assert!(web.contains("p2pchat token"), "{web}");
     let token = std::fs::read_to_string(data.join(p2pchat::api::TOKEN_FILE)).unwrap();
     let client = Client { addr, token };
     eventually("registered with the relay", || {
