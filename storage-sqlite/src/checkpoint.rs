@@ -10,9 +10,20 @@
 //! (a WAL restarts only once fully copied, which commits landing during
 //! every background checkpoint prevent); by then this thread has copied
 //! nearly all of it, so the writer's checkpoint is short.
+//!
+//! Every commit of a node rewrites some ratchet or sender-key state, and
+//! the WAL keeps the superseded versions (sealed, but under a key that sits
+//! beside the database) until it is reset. So once commits pause for a
+//! second, this thread runs a `TRUNCATE` checkpoint: it copies everything
+//! back, and the WAL file goes to zero bytes (`secure_delete` already
+//! zeroes what the database file itself frees). Old key material then
+//! outlives its replacement by about a second of quiet, not until the WAL
+//! happens to wrap.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,6 +38,8 @@ const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Checkpointer {
     path: PathBuf,
     commits: u32,
+    /// Every commit, counted for the thread to see when commits pause.
+    total: Arc<AtomicU64>,
     running: Option<(SyncSender<()>, JoinHandle<()>)>,
     /// Starting the thread failed once; the writer's automatic checkpoint
     /// does the work from then on.
@@ -35,14 +48,15 @@ pub(crate) struct Checkpointer {
 
 impl Checkpointer {
     pub(crate) fn new(path: &Path) -> Self {
-        Self { path: path.to_owned(), commits: 0, running: None, unavailable: false }
+        Self { path: path.to_owned(), commits: 0, total: Arc::default(), running: None, unavailable: false }
     }
 
     /// Counts a commit, and wakes the thread every
     /// [`COMMITS_PER_CHECKPOINT`] of them. Never blocks.
     pub(crate) fn committed(&mut self) {
+        self.total.fetch_add(1, Ordering::Relaxed);
         if self.running.is_none() && !self.unavailable {
-            match start(&self.path) {
+            match start(&self.path, self.total.clone()) {
                 Ok(running) => self.running = Some(running),
                 Err(e) => {
                     log::warn!("no background checkpoints for {}: {e}", self.path.display());
@@ -71,24 +85,33 @@ impl Drop for Checkpointer {
     }
 }
 
-fn start(path: &Path) -> Result<(SyncSender<()>, JoinHandle<()>), String> {
+fn start(path: &Path, total: Arc<AtomicU64>) -> Result<(SyncSender<()>, JoinHandle<()>), String> {
     // Never creates: a database that has gone is not made again here.
     let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(|e| e.to_string())?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let (wake, woken) = mpsc::sync_channel::<()>(1);
     let name = path.file_name().map_or_else(|| "checkpoint".into(), |n| format!("checkpoint-{}", n.to_string_lossy()));
+    // Commits seen at the last wake-up, and at the last truncation.
+    let (mut seen, mut truncated) = (0u64, 0u64);
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || loop {
-            match woken.recv_timeout(IDLE_INTERVAL) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {
-                    // A busy database is tried again at the next wake-up.
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        log::debug!("background checkpoint: {e}");
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
+            let woke = woken.recv_timeout(IDLE_INTERVAL);
+            if woke == Err(RecvTimeoutError::Disconnected) {
+                return;
+            }
+            let now = total.load(Ordering::Relaxed);
+            // Quiet for a whole interval since commits that were not yet
+            // truncated away: reset the WAL. Otherwise copy what is there.
+            let quiet = woke.is_err() && now == seen && now != truncated;
+            let mode = if quiet { "TRUNCATE" } else { "PASSIVE" };
+            seen = now;
+            match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0)) {
+                // 0: not blocked; a busy database is tried again later.
+                Ok(0) if quiet => truncated = now,
+                Ok(_) => {}
+                Err(e) => log::debug!("background checkpoint: {e}"),
             }
         })
         .map_err(|e| e.to_string())?;

@@ -545,3 +545,35 @@ fn the_relay_stores_counters_match_its_mailbox_through_deposits_deletions_sweeps
     assert_eq!(store.mailbox_total().unwrap(), Usage { count: 6, bytes: 430 });
     store.rollback();
 }
+
+#[test]
+fn the_wal_is_truncated_once_commits_pause_so_superseded_session_state_does_not_linger() {
+    let dir = TempDir::new("wal-truncate");
+    let db = dir.path("node.sqlite3");
+    let mut store = SqliteStore::open(&db, key(1), Durability::Normal).unwrap();
+    let peer = PeerId([4; 20]);
+    // A burst of session updates, as a conversation makes.
+    for n in 0..50u8 {
+        store.begin().unwrap();
+        store.put_sessions(&peer, &[n; 2_000]).unwrap();
+        store.commit().unwrap();
+    }
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    assert!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0, "the burst went through the WAL");
+    // Once commits pause, the WAL is reset to nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL still holds {} bytes",
+            std::fs::metadata(&wal).unwrap().len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The newest state is intact.
+    store.begin().unwrap();
+    assert_eq!(store.sessions(&peer).unwrap().unwrap().as_slice(), &[49u8; 2_000][..]);
+    store.rollback();
+}
