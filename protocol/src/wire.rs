@@ -436,6 +436,11 @@ pub enum PairwisePayload {
     GroupChat {
         /// The group.
         group_id: ConversationId,
+        /// The sender key the message was sealed under for the group...
+        key_id: u32,
+        /// ...and its position there, so that the receiver recognises the
+        /// group envelope's retransmissions as this message.
+        message_number: u32,
         /// The message, as it was sent to the group.
         content: ChatContent,
     },

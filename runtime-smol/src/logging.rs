@@ -4,8 +4,10 @@
 //! several on one machine never rotate each other's files.
 //!
 //! Logs name peers, addresses and what happened when: readable by their
-//! owner only. A directory this creates is 0700 and every log file 0600,
-//! tightened if an older one was looser.
+//! owner only. A directory this creates is 0700 and every log file it
+//! opens 0600, tightened if an older one was looser. An existing directory
+//! is left as it is (it may be one the user chose and shares, like
+//! `/var/log`); files rotated by an older version keep their mode.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -26,6 +26,10 @@ use crate::transport::{within, Inbound, PeerConnection, Transport, TransportErro
 /// read is disconnected here instead of growing the relay's memory.
 pub const MAX_PEER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
+/// The most bytes of frames queued for all peers together: many peers
+/// that do not read, each under its own limit, still cannot take more.
+pub const MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
+
 /// How long a peer may take to acknowledge one frame before it is taken
 /// for one that does not read and disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -190,19 +194,35 @@ async fn run_network(
             // queue is bounded by bytes: a peer that does not read is
             // disconnected rather than kept in memory.
             let mut queues: BTreeMap<PeerId, PeerQueue> = BTreeMap::new();
+            let total = Arc::new(AtomicUsize::new(0));
             while let Ok((peer, bytes)) = out.recv().await {
                 queues.retain(|_, q| !q.tx.is_closed());
-                let queue = queues.entry(peer).or_insert_with(|| PeerQueue::start(peer, connections.clone()));
+                let queue =
+                    queues.entry(peer).or_insert_with(|| PeerQueue::start(peer, connections.clone(), total.clone()));
                 let queued = queue.queued.load(Ordering::Acquire);
-                if queued.saturating_add(bytes.len()) > MAX_PEER_QUEUE_BYTES {
-                    let reason = format!("over {MAX_PEER_QUEUE_BYTES} bytes queued for this peer: it does not read");
+                let over = if queued.saturating_add(bytes.len()) > MAX_PEER_QUEUE_BYTES {
+                    Some(format!("over {MAX_PEER_QUEUE_BYTES} bytes queued for this peer: it does not read"))
+                } else if total.load(Ordering::Acquire).saturating_add(bytes.len()) > MAX_QUEUED_BYTES {
+                    Some(format!("the relay has {MAX_QUEUED_BYTES} bytes queued for peers that do not read"))
+                } else {
+                    None
+                };
+                if let Some(reason) = over {
                     log::info!("relay: disconnecting {peer}: {reason}");
                     close_peer(&connections, &peer, &reason);
-                    queues.remove(&peer);
+                    if let Some(queue) = queues.remove(&peer) {
+                        // Its task sends nothing more, not even to a new
+                        // connection of the same peer.
+                        queue.tx.close();
+                    }
                     continue;
                 }
                 queue.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-                let _ = queue.tx.try_send(bytes);
+                total.fetch_add(bytes.len(), Ordering::AcqRel);
+                if queue.tx.try_send(bytes.clone()).is_err() {
+                    queue.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+                    total.fetch_sub(bytes.len(), Ordering::AcqRel);
+                }
             }
         }
     });
@@ -221,16 +241,33 @@ struct PeerQueue {
 impl PeerQueue {
     /// The queue and the task that sends it, one frame at a time, each
     /// within [`SEND_TIMEOUT`].
-    fn start(peer: PeerId, connections: Connections) -> Self {
+    fn start(peer: PeerId, connections: Connections, total: Arc<AtomicUsize>) -> Self {
         let (tx, rx) = channel::unbounded::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
         let counter = queued.clone();
         smol::spawn(async move {
+            // Whatever is left when it stops goes out of both counts.
+            let release = |rx: &channel::Receiver<Vec<u8>>| {
+                while let Ok(bytes) = rx.try_recv() {
+                    total.fetch_sub(bytes.len(), Ordering::AcqRel);
+                }
+            };
             while let Ok(bytes) = rx.recv().await {
+                if rx.is_closed() {
+                    // Given up on (the peer was disconnected): what is left
+                    // would reach a new connection stale and out of order.
+                    counter.fetch_sub(bytes.len(), Ordering::AcqRel);
+                    total.fetch_sub(bytes.len(), Ordering::AcqRel);
+                    break;
+                }
                 let conn = connections.lock().ok().and_then(|map| map.get(&peer).and_then(|c| c.last().cloned()));
-                let Some(conn) = conn else { break };
-                let sent = within(SEND_TIMEOUT, conn.send(&bytes)).await;
+                let sent = match conn {
+                    Some(conn) => Some((within(SEND_TIMEOUT, conn.send(&bytes)).await, conn)),
+                    None => None,
+                };
                 counter.fetch_sub(bytes.len(), Ordering::AcqRel);
+                total.fetch_sub(bytes.len(), Ordering::AcqRel);
+                let Some((sent, conn)) = sent else { break };
                 match sent {
                     Some(Ok(())) => {}
                     Some(Err(e)) => {
@@ -245,6 +282,8 @@ impl PeerQueue {
                     }
                 }
             }
+            rx.close();
+            release(&rx);
         })
         .detach();
         Self { tx, queued }

@@ -726,15 +726,22 @@ impl Store for SqliteStore {
 
     fn held_usage(&self, sender: Option<&PeerId>) -> Result<(usize, usize), StoreError> {
         self.guard()?;
-        let sql = "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM chat_held_messages \
-                   WHERE ?1 IS NULL OR sender_peer_id = ?1";
-        self.conn
-            .prepare_cached(sql)
-            .and_then(|mut s| {
-                s.query_row([sender.map(|p| p.to_string())], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-            })
-            .map(|(count, bytes)| (count.max(0) as usize, bytes.max(0) as usize))
-            .map_err(backend)
+        // Two statements, so that one sender's count uses its index.
+        let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?));
+        let counted = match sender {
+            Some(peer) => self
+                .conn
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM chat_held_messages \
+                     WHERE sender_peer_id = ?1",
+                )
+                .and_then(|mut s| s.query_row([peer.to_string()], row)),
+            None => self
+                .conn
+                .prepare_cached("SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM chat_held_messages")
+                .and_then(|mut s| s.query_row([], row)),
+        };
+        counted.map(|(count, bytes)| (count.max(0) as usize, bytes.max(0) as usize)).map_err(backend)
     }
 
     fn is_held(&self, group: &ConversationId, sender: &PeerId, envelope: &[u8]) -> Result<bool, StoreError> {

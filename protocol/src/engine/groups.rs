@@ -743,6 +743,7 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         from: PeerId,
         group_id: ConversationId,
+        position: (u32, u32),
         chat: ChatContent,
     ) -> Result<(), EngineError> {
         let Ok((conversation, _, _)) = self.joined_group(&group_id) else {
@@ -754,14 +755,17 @@ impl<S: Store> Engine<S> {
             self.reject(from, "group message from a peer that is not a member");
             return Ok(());
         }
-        self.store_group_chat(now, conversation, from, chat, None)
+        // The copy names where the group envelope of the message stood,
+        // so that the envelope's retransmissions (our copy of the key may
+        // start after it) are recognised and confirmed, not taken for a
+        // key we lack.
+        self.store_group_chat(now, conversation, from, chat, Some(position))
     }
 
     /// Stores a member's group message, or confirms again one we hold: the
     /// group envelope and a pairwise copy of the same message can both
     /// arrive. `position` is where the envelope stood on the sender's
-    /// chain, by which its retransmissions are recognised (`None` for a
-    /// pairwise copy, which has none).
+    /// chain, by which its retransmissions are recognised.
     fn store_group_chat(
         &mut self,
         now: Timestamp,

@@ -1259,7 +1259,9 @@ impl<S: Store> Engine<S> {
             } else {
                 let Some(sessions) = sessions.as_mut() else {
                     needs_session = true;
-                    chat_waits |= matches!(item.payload, OutboxPayload::Chat(_));
+                    // The user's own words wait here: a chat message, or a
+                    // group message re-sent pairwise.
+                    chat_waits |= matches!(item.payload, OutboxPayload::Chat(_) | OutboxPayload::GroupCopy { .. });
                     item.next_attempt_at = None; // `release_waiting` sends it
                     self.store.put_outbox_item(&item)?;
                     continue;
@@ -1335,10 +1337,15 @@ impl<S: Store> Engine<S> {
                 None => None,
             },
             OutboxPayload::GroupCopy { message_id } => match self.store.message(message_id)? {
-                Some(m) if m.status != MessageStatus::Failed => Some(PairwisePayload::GroupChat {
-                    group_id: m.conversation_id,
-                    content: ChatContent { message_id: m.id, sent_at: m.timestamp, content: m.content },
-                }),
+                Some(m) if m.status != MessageStatus::Failed => {
+                    let (key_id, message_number) = m.group_position.unwrap_or_default();
+                    Some(PairwisePayload::GroupChat {
+                        group_id: m.conversation_id,
+                        key_id,
+                        message_number,
+                        content: ChatContent { message_id: m.id, sent_at: m.timestamp, content: m.content },
+                    })
+                }
                 _ => None,
             },
             OutboxPayload::Group { .. } => None,
@@ -1574,7 +1581,8 @@ impl<S: Store> Engine<S> {
         // was wrong then: kept, it would make every request stale until
         // real time caught up with it, so it starts again from now.
         let at = match self.store.last_request_at()? {
-            Some(last) if last >= now && last.millis_since(now) <= handshake::MAX_REQUEST_CLOCK_SKEW_MS => {
+            // Strictly within the skew: one past it would be stale.
+            Some(last) if last >= now && last.millis_since(now) < handshake::MAX_REQUEST_CLOCK_SKEW_MS => {
                 last.saturating_add_millis(1)
             }
             _ => now,
@@ -1844,7 +1852,9 @@ impl<S: Store> Engine<S> {
             }
             PairwisePayload::SenderKeyRequest { group_id } => self.on_key_request(now, from, group_id)?,
             PairwisePayload::GroupControl(control) => return self.on_group_control(now, from, control),
-            PairwisePayload::GroupChat { group_id, content } => self.on_group_copy(now, from, group_id, content)?,
+            PairwisePayload::GroupChat { group_id, key_id, message_number, content } => {
+                self.on_group_copy(now, from, group_id, (key_id, message_number), content)?
+            }
         }
         Ok(Handled::Done)
     }

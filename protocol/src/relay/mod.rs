@@ -215,7 +215,9 @@ impl Default for RelayConfig {
             mailbox_max_bytes_per_source: 32 * 1024 * 1024,
             source_max_bytes: 128 * 1024 * 1024,
             max_records_per_source: 256,
-            record_idle_ms: 60 * 60 * 1000,
+            // Long enough that a phone or laptop closed for a weekend keeps
+            // its record; records live at most 7 days anyway.
+            record_idle_ms: 3 * 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -723,7 +725,10 @@ impl<S: RelayStore> Relay<S> {
             if !resend {
                 return Ok(());
             }
-            let in_flight = self.store.mailbox_after(peer, 0, MAILBOX_BATCH)?;
+            // From just before the batch's first entry: expired entries
+            // not yet swept may lie before it.
+            let first = state.batch.first().copied().unwrap_or(1);
+            let in_flight = self.store.mailbox_after(peer, first.saturating_sub(1), MAILBOX_BATCH)?;
             let held: BTreeSet<u64> = in_flight.iter().map(|e| e.id).collect();
             state.batch.retain(|id| held.contains(id)); // swept meanwhile
             out.extend(in_flight.into_iter().filter(|e| state.batch.contains(&e.id) && live(e)));
