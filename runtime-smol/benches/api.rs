@@ -40,6 +40,7 @@ fn start(name: &str) -> ApiNode {
         no_direct: false,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability: Durability::Normal,
         engine: EngineConfig::default(),
         relays: Vec::new(),

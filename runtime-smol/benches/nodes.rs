@@ -24,6 +24,7 @@ fn start(name: &str, durability: Durability) -> Node {
         no_direct: false,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability,
         engine: EngineConfig::default(),
         relays: Vec::new(),

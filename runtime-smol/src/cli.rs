@@ -27,6 +27,31 @@ pub enum Command {
         /// A TOML file of settings (its `data_dir` counts).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Read the identity key's passphrase from this file descriptor
+        /// (otherwise it is asked for at the terminal, if the key has one).
+        #[arg(long, value_name = "FD")]
+        passphrase_fd: Option<u32>,
+    },
+    /// Protect the identity key with a passphrase, change it, or remove
+    /// it. Whoever has the data directory's files otherwise has the key,
+    /// and with it every conversation stored there.
+    Passphrase {
+        /// The data directory (default: ~/.local/share/p2pchat).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// A TOML file of settings (its `data_dir` counts).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Read the current passphrase from this file descriptor.
+        #[arg(long, value_name = "FD")]
+        passphrase_fd: Option<u32>,
+        /// Read the new passphrase from this file descriptor (otherwise it
+        /// is asked for twice at the terminal).
+        #[arg(long, value_name = "FD")]
+        new_passphrase_fd: Option<u32>,
+        /// Remove the passphrase: the key is stored unwrapped again.
+        #[arg(long, conflicts_with = "new_passphrase_fd")]
+        remove: bool,
     },
     /// Print the API token (creating it on first use), for
     /// `Authorization: Bearer <token>`.
@@ -119,6 +144,11 @@ pub struct SettingsArgs {
     /// Relay: frames a peer may send in a burst.
     #[arg(long, value_name = "N")]
     pub relay_rate_burst: Option<String>,
+    /// Read the identity key's passphrase from this file descriptor
+    /// (otherwise it is asked for at the terminal, if the key has one).
+    /// Not a setting: never from a file or the environment.
+    #[arg(long, value_name = "FD")]
+    pub passphrase_fd: Option<u32>,
 }
 
 impl SettingsArgs {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod lock;
 pub mod logging;
 pub mod node;
+pub mod passphrase;
 pub mod relay_server;
 pub mod run;
 pub mod tls;

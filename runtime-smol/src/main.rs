@@ -30,12 +30,45 @@ fn start_logging(settings: &p2pchat::config::Settings, kind: &str) -> Result<(),
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Id { data_dir, config } => {
+        Command::Id { data_dir, config, passphrase_fd } => {
             let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
             let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
                 .map_err(|e| e.to_string())?;
-            let identity = p2pchat_storage_sqlite::load_or_create_identity(&dir).map_err(|e| e.to_string())?;
+            let passphrase = p2pchat::passphrase::for_start(&dir, passphrase_fd)?;
+            let identity = p2pchat_storage_sqlite::load_or_create_identity_with(&dir, passphrase.as_ref())
+                .map_err(|e| e.to_string())?;
             println!("{}", identity.peer_id());
+            Ok(())
+        }
+        Command::Passphrase { data_dir, config, passphrase_fd, new_passphrase_fd, remove } => {
+            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
+            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
+                .map_err(|e| e.to_string())?;
+            // An identity made here first, so that there is one to protect.
+            let current = p2pchat::passphrase::for_start(&dir, passphrase_fd)?;
+            p2pchat_storage_sqlite::load_or_create_identity_with(&dir, current.as_ref()).map_err(|e| e.to_string())?;
+            let new = match (remove, new_passphrase_fd) {
+                (true, _) => None,
+                (false, Some(fd)) => Some(p2pchat::passphrase::from_fd(fd)?),
+                (false, None) => {
+                    let first = p2pchat::passphrase::ask("new passphrase: ")?;
+                    let again = p2pchat::passphrase::ask("the new passphrase again: ")?;
+                    if !first.same_as(&again) {
+                        return Err("the two passphrases differ; nothing was changed".into());
+                    }
+                    Some(first)
+                }
+            };
+            let identity = p2pchat_storage_sqlite::set_identity_passphrase(&dir, current.as_ref(), new.as_ref())
+                .map_err(|e| e.to_string())?;
+            match new {
+                Some(_) => println!(
+                    "the identity key of {} is protected by the passphrase; give it at every start \
+                     (asked at the terminal, or --passphrase-fd)",
+                    identity.peer_id()
+                ),
+                None => println!("the identity key of {} has no passphrase now", identity.peer_id()),
+            }
             Ok(())
         }
         Command::Token { data_dir, config } => {
@@ -49,14 +82,16 @@ fn run(command: Command) -> Result<(), String> {
         Command::Node(args) => {
             let settings =
                 resolve(&args.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;
+            let passphrase = p2pchat::passphrase::for_start(&settings.data_dir, args.passphrase_fd)?;
             start_logging(&settings, "node")?;
-            p2pchat::run::node(&settings)
+            p2pchat::run::node(&settings, passphrase)
         }
         Command::Relay(args) => {
             let settings =
                 resolve(&args.sources().with_process_env(), &Defaults::from_env()).map_err(|e| e.to_string())?;
+            let passphrase = p2pchat::passphrase::for_start(&settings.data_dir, args.passphrase_fd)?;
             start_logging(&settings, "relay")?;
-            p2pchat::run::relay(&settings)
+            p2pchat::run::relay(&settings, passphrase)
         }
         Command::Demo { data_dir } => {
             let sources = p2pchat::cli::SettingsArgs::default().sources().with_process_env();

@@ -45,6 +45,8 @@ pub struct RelayServerConfig {
     pub durability: Durability,
     /// Mailbox, rate and size limits.
     pub relay: RelayConfig,
+    /// The passphrase that wraps the identity key, if it has one.
+    pub passphrase: Option<p2pchat_storage_sqlite::Passphrase>,
 }
 
 enum RelayMsg {
@@ -75,7 +77,8 @@ impl RelayServer {
     pub fn start(config: RelayServerConfig) -> Result<Self, NodeError> {
         crate::node::create_data_dir(&config.data_dir)?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
-        let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
+        let identity =
+            p2pchat_storage_sqlite::load_or_create_identity_with(&config.data_dir, config.passphrase.as_ref())?;
         let peer = identity.peer_id();
         let store = SqliteRelayStore::open(&config.data_dir.join("relay.sqlite3"), config.durability)?;
         let relay = Relay::new(store, config.relay.clone())

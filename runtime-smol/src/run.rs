@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::node::{Node, NodeConfig, NodeError};
 use crate::relay_server::{RelayServer, RelayServerConfig};
 use p2pchat_protocol::address::AddressPolicy;
+use p2pchat_storage_sqlite::Passphrase;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -52,13 +53,14 @@ fn address_policy(settings: &Settings) -> AddressPolicy {
     }
 }
 
-/// `p2pchat node`.
-pub fn node(settings: &Settings) -> Result<(), String> {
+/// `p2pchat node`, with the identity key's passphrase if it has one.
+pub fn node(settings: &Settings, passphrase: Option<Passphrase>) -> Result<(), String> {
     let node = Node::start(NodeConfig {
         data_dir: settings.data_dir.clone(),
         listen: settings.listen,
         no_direct: settings.no_direct,
         address_policy: address_policy(settings),
+        passphrase,
         durability: settings.durability,
         engine: engine_config(settings),
         relays: settings.relays.clone(),
@@ -88,13 +90,14 @@ pub fn node(settings: &Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// `p2pchat relay`.
-pub fn relay(settings: &Settings) -> Result<(), String> {
+/// `p2pchat relay`, with the identity key's passphrase if it has one.
+pub fn relay(settings: &Settings, passphrase: Option<Passphrase>) -> Result<(), String> {
     let relay = RelayServer::start(RelayServerConfig {
         data_dir: settings.data_dir.clone(),
         listen: settings.listen,
         durability: settings.durability,
         relay: relay_config(settings),
+        passphrase,
     })
     .map_err(|e| e.to_string())?;
     println!("relay {}", relay.address());
@@ -125,6 +128,7 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
         listen: loopback(0),
         durability: settings.durability,
         relay: relay_config(settings),
+        passphrase: None,
     })
     .map_err(|e| e.to_string())?;
     println!("relay  {}", relay.address());
@@ -138,6 +142,7 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
             no_direct: name == "carol",
             // Everyone is on this machine.
             address_policy: AddressPolicy::AllowPrivate,
+            passphrase: None,
             durability: settings.durability,
             engine: engine_config(settings),
             relays: relays.clone(),

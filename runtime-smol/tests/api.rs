@@ -28,6 +28,7 @@ impl ApiNode {
             no_direct: false,
             // Every peer is on loopback.
             address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+            passphrase: None,
             durability: Durability::Normal,
             engine: EngineConfig {
                 confirmation_timeout_ms: 300,

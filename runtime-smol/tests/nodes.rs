@@ -32,6 +32,7 @@ fn start(dir: &TempDir) -> Node {
         no_direct: false,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability: Durability::Normal,
         // Quick retries, so a test waits seconds, not minutes.
         engine: EngineConfig {
@@ -286,6 +287,7 @@ fn a_second_node_on_one_data_directory_is_refused() {
         no_direct: false,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability: Durability::Normal,
         engine: EngineConfig::default(),
         relays: Vec::new(),
@@ -303,6 +305,7 @@ fn relay_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_di
         no_direct,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability: Durability::Normal,
         engine: EngineConfig {
             confirmation_timeout_ms: 300,
@@ -339,6 +342,7 @@ fn start_relay(dir: &TempDir) -> p2pchat::relay_server::RelayServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         durability: Durability::Normal,
         relay: p2pchat_protocol::relay::RelayConfig::default(),
+        passphrase: None,
     })
     .unwrap()
 }
@@ -391,6 +395,7 @@ fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
     // publishes his loopback address.
     let alice = Node::start(NodeConfig {
         address_policy: p2pchat_protocol::address::AddressPolicy::PublicOnly,
+        passphrase: None,
         ..relay_config(&alice_dir, &relay, false)
     })
     .unwrap();

@@ -22,6 +22,7 @@ fn config(dir: PathBuf) -> NodeConfig {
         no_direct: false,
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
+        passphrase: None,
         durability: Durability::Normal,
         engine: EngineConfig { confirmation_timeout_ms: 300, retry_backoff_ms: 200, ..EngineConfig::default() },
         relays: Vec::new(),

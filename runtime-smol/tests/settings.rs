@@ -226,3 +226,48 @@ fn id_prints_the_same_peer_id_every_time() {
     assert!(first.chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(run(), first);
 }
+
+/// Runs `p2pchat ARGS --data-dir DIR` with `stdin` as its standard input.
+fn p2pchat_with_input(args: &[&str], dir: &std::path::Path, stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_p2pchat"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_passphrase_set_from_a_file_descriptor_is_needed_at_every_start() {
+    let dir = TempDir::new("passphrase-cli");
+    let plain = p2pchat_with_input(&["id"], &dir.0, "");
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let peer = String::from_utf8_lossy(&plain.stdout).trim().to_owned();
+    let set = p2pchat_with_input(&["passphrase", "--new-passphrase-fd", "0"], &dir.0, "open sesame\n");
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    assert!(String::from_utf8_lossy(&set.stdout).contains("protected by the passphrase"));
+    // Without it (no terminal to ask at): refused, saying what to do.
+    let refused = p2pchat_with_input(&["id"], &dir.0, "");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("protected by a passphrase") && why.contains("--passphrase-fd"), "{why}");
+    // A wrong one: refused.
+    let wrong = p2pchat_with_input(&["id", "--passphrase-fd", "0"], &dir.0, "open sesame!\n");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("does not open"));
+    // The right one: the same identity.
+    let opened = p2pchat_with_input(&["id", "--passphrase-fd", "0"], &dir.0, "open sesame\n");
+    assert!(opened.status.success(), "{}", String::from_utf8_lossy(&opened.stderr));
+    assert_eq!(String::from_utf8_lossy(&opened.stdout).trim(), peer);
+    // Removed again.
+    let removed = p2pchat_with_input(&["passphrase", "--remove", "--passphrase-fd", "0"], &dir.0, "open sesame\n");
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    let again = p2pchat_with_input(&["id"], &dir.0, "");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), peer);
+}

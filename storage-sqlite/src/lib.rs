@@ -24,7 +24,10 @@ mod seal;
 
 use std::path::PathBuf;
 
-pub use identity::{load_identity, load_or_create_identity, IDENTITY_FILE};
+pub use identity::{
+    identity_is_wrapped, load_identity, load_identity_with, load_or_create_identity, load_or_create_identity_with,
+    set_identity_passphrase, Passphrase, IDENTITY_FILE,
+};
 pub use node::SqliteStore;
 pub use relay::SqliteRelayStore;
 pub use schema::{node_schema, relay_schema, Migration, Schema};
@@ -75,6 +78,22 @@ pub enum StorageError {
     /// the store opened (a sealed row that does not open, say).
     #[error("bringing the database's stored key exchanges up to date failed: {0}")]
     Backfill(String),
+    /// The identity key is wrapped under a passphrase and none was given.
+    #[error("identity key file {path} is protected by a passphrase: give it (p2pchat asks at a terminal, or reads it from --passphrase-fd)")]
+    PassphraseNeeded {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The passphrase does not open the identity key (or the file was
+    /// altered).
+    #[error("the passphrase does not open identity key file {path} (or the file was altered)")]
+    WrongPassphrase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An empty passphrase was given.
+    #[error("an empty passphrase protects nothing; give one, or remove the passphrase")]
+    EmptyPassphrase,
     /// The database was sealed under another identity's key.
     #[error("the database was sealed under another identity's key: it belongs to a different identity file")]
     WrongKey,

@@ -577,3 +577,60 @@ fn the_wal_is_truncated_once_commits_pause_so_superseded_session_state_does_not_
     assert_eq!(store.sessions(&peer).unwrap().unwrap().as_slice(), &[49u8; 2_000][..]);
     store.rollback();
 }
+
+#[test]
+fn a_passphrase_wraps_the_identity_key_and_only_it_opens_it() {
+    use p2pchat_storage_sqlite::{
+        identity_is_wrapped, load_or_create_identity_with, set_identity_passphrase, Passphrase,
+    };
+    let pass = |s: &str| Passphrase::new(s.as_bytes().to_vec()).unwrap();
+    let dir = TempDir::new("passphrase");
+    let plain = load_or_create_identity(&dir.0).unwrap();
+    let file = dir.0.join("identity.key");
+    let seed_bytes = std::fs::read(&file).unwrap()[20..52].to_vec();
+    assert!(!identity_is_wrapped(&dir.0).unwrap());
+    // Wrapped: the same identity, and the seed no longer in the file.
+    let wrapped = set_identity_passphrase(&dir.0, None, Some(&pass("correct horse\n"))).unwrap();
+    assert_eq!(wrapped.peer_id(), plain.peer_id());
+    assert!(identity_is_wrapped(&dir.0).unwrap());
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(!bytes.windows(32).any(|w| w == seed_bytes.as_slice()), "the seed is still in the file");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions()) & 0o777,
+        0o600
+    );
+    // Without the passphrase, or with a wrong one: refused, clearly.
+    let err = load_or_create_identity(&dir.0).unwrap_err();
+    assert!(matches!(err, StorageError::PassphraseNeeded { .. }), "{err}");
+    assert!(err.to_string().contains("--passphrase-fd"), "{err}");
+    let err = load_or_create_identity_with(&dir.0, Some(&pass("wrong"))).unwrap_err();
+    assert!(matches!(err, StorageError::WrongPassphrase { .. }), "{err}");
+    // An altered byte fails too, and the file is not replaced.
+    let mut altered = bytes.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    std::fs::write(&file, &altered).unwrap();
+    let err = load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).unwrap_err();
+    assert!(matches!(err, StorageError::WrongPassphrase { .. }), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), altered);
+    std::fs::write(&file, &bytes).unwrap();
+    // The right one (a trailing newline is not part of it) opens it.
+    let opened = load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).unwrap();
+    assert_eq!(opened.peer_id(), plain.peer_id());
+    // Changed, then removed.
+    set_identity_passphrase(&dir.0, Some(&pass("correct horse")), Some(&pass("battery staple"))).unwrap();
+    assert!(load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).is_err());
+    set_identity_passphrase(&dir.0, Some(&pass("battery staple")), None).unwrap();
+    assert!(!identity_is_wrapped(&dir.0).unwrap());
+    assert_eq!(load_or_create_identity(&dir.0).unwrap().peer_id(), plain.peer_id());
+    // An empty passphrase protects nothing.
+    assert!(matches!(Passphrase::new(b"\n".to_vec()), Err(StorageError::EmptyPassphrase)));
+    // A new identity may be created wrapped.
+    let fresh = TempDir::new("passphrase-new");
+    let made = load_or_create_identity_with(&fresh.0, Some(&pass("from the start"))).unwrap();
+    assert!(identity_is_wrapped(&fresh.0).unwrap());
+    assert_eq!(
+        load_or_create_identity_with(&fresh.0, Some(&pass("from the start"))).unwrap().peer_id(),
+        made.peer_id()
+    );
+}

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     pub no_direct: bool,
     /// Which addresses from peers' records may be dialled.
     pub address_policy: AddressPolicy,
+    /// The passphrase that wraps the identity key, if it has one (a new
+    /// identity is created wrapped under it).
+    pub passphrase: Option<p2pchat_storage_sqlite::Passphrase>,
     /// Commit durability.
     pub durability: Durability,
     /// The engine's retries, backoff and retention.
@@ -169,7 +172,8 @@ impl Node {
     pub fn start_subscribed(config: NodeConfig) -> Result<(Self, channel::Receiver<Event>), NodeError> {
         create_data_dir(&config.data_dir)?;
         let lock = DataDirLock::acquire(&config.data_dir)?;
-        let identity = p2pchat_storage_sqlite::load_or_create_identity(&config.data_dir)?;
+        let identity =
+            p2pchat_storage_sqlite::load_or_create_identity_with(&config.data_dir, config.passphrase.as_ref())?;
         let peer = identity.peer_id();
         let key = MasterKey::derive(&identity.seed());
         let store = SqliteStore::open(&config.data_dir.join("node.sqlite3"), key, config.durability)?;
