@@ -44,9 +44,11 @@ fn run(command: Command) -> Result<(), String> {
             let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
             let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
                 .map_err(|e| e.to_string())?;
-            // An identity made here first, so that there is one to protect.
-            let current = p2pchat::passphrase::for_start(&dir, passphrase_fd)?;
-            p2pchat_storage_sqlite::load_or_create_identity_with(&dir, current.as_ref()).map_err(|e| e.to_string())?;
+            if passphrase_fd.is_some() && passphrase_fd == new_passphrase_fd {
+                return Err("--passphrase-fd and --new-passphrase-fd must be different descriptors".into());
+            }
+            let exists = dir.join(p2pchat_storage_sqlite::IDENTITY_FILE).exists();
+            let current = if exists { p2pchat::passphrase::for_start(&dir, passphrase_fd)? } else { None };
             let new = match (remove, new_passphrase_fd) {
                 (true, _) => None,
                 (false, Some(fd)) => Some(p2pchat::passphrase::from_fd(fd)?),
@@ -59,8 +61,14 @@ fn run(command: Command) -> Result<(), String> {
                     Some(first)
                 }
             };
-            let identity = p2pchat_storage_sqlite::set_identity_passphrase(&dir, current.as_ref(), new.as_ref())
-                .map_err(|e| e.to_string())?;
+            let identity = if exists {
+                p2pchat_storage_sqlite::set_identity_passphrase(&dir, current.as_ref(), new.as_ref())
+            } else {
+                // A new identity is created wrapped: its key never touches
+                // the disk unprotected.
+                p2pchat_storage_sqlite::load_or_create_identity_with(&dir, new.as_ref())
+            }
+            .map_err(|e| e.to_string())?;
             match new {
                 Some(_) => println!(
                     "the identity key of {} is protected by the passphrase; give it at every start \

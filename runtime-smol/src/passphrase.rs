@@ -44,10 +44,20 @@ pub fn ask(prompt: &str) -> Result<Passphrase, String> {
 /// The passphrase a start needs: from `fd` if given; else, if the identity
 /// in `dir` is wrapped, asked for at the terminal; else none.
 pub fn for_start(dir: &Path, fd: Option<u32>) -> Result<Option<Passphrase>, String> {
+    let wrapped = identity_is_wrapped(dir).map_err(|e| e.to_string())?;
+    let exists = dir.join(p2pchat_storage_sqlite::IDENTITY_FILE).exists();
     if let Some(fd) = fd {
-        return from_fd(fd).map(Some);
+        let passphrase = from_fd(fd)?;
+        if exists && !wrapped {
+            // Said, so nobody believes a key is protected that is not.
+            eprintln!(
+                "p2pchat: the identity key has no passphrase, so the one given was not used; \
+                 `p2pchat passphrase` sets one"
+            );
+        }
+        return Ok(Some(passphrase));
     }
-    if !identity_is_wrapped(dir).map_err(|e| e.to_string())? {
+    if !wrapped {
         return Ok(None);
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {

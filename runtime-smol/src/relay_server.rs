@@ -203,23 +203,21 @@ async fn run_network(
                 let queue =
                     queues.entry(peer).or_insert_with(|| PeerQueue::start(peer, connections.clone(), total.clone()));
                 let queued = queue.queued.load(Ordering::Acquire);
-                let over = if queued.saturating_add(bytes.len()) > MAX_PEER_QUEUE_BYTES {
-                    Some(format!("over {MAX_PEER_QUEUE_BYTES} bytes queued for this peer: it does not read"))
-                } else if total.load(Ordering::Acquire).saturating_add(bytes.len()) > MAX_QUEUED_BYTES {
-                    Some(format!("the relay has {MAX_QUEUED_BYTES} bytes queued for peers that do not read"))
-                } else {
-                    None
-                };
-                if let Some(reason) = over {
-                    log::info!("relay: disconnecting {peer}: {reason}");
-                    close_peer(&connections, &peer, &reason);
-                    if let Some(queue) = queues.remove(&peer) {
-                        // Its task sends nothing more, not even to a new
-                        // connection of the same peer.
-                        queue.tx.close();
-                    }
+                if queued.saturating_add(bytes.len()) > MAX_PEER_QUEUE_BYTES {
+                    let reason = format!("over {MAX_PEER_QUEUE_BYTES} bytes queued for this peer: it does not read");
+                    give_up(&mut queues, &connections, &peer, &reason);
                     continue;
                 }
+                // Over the relay's total, the peers with the most queued go
+                // first, whoever this frame is for: a reader that keeps up
+                // is not dropped for the ones that do not.
+                while total.load(Ordering::Acquire).saturating_add(bytes.len()) > MAX_QUEUED_BYTES {
+                    let largest = queues.iter().max_by_key(|(_, q)| q.queued.load(Ordering::Acquire)).map(|(p, _)| *p);
+                    let Some(largest) = largest else { break };
+                    let reason = format!("the relay has {MAX_QUEUED_BYTES} bytes queued, the most for this peer");
+                    give_up(&mut queues, &connections, &largest, &reason);
+                }
+                let Some(queue) = queues.get(&peer) else { continue };
                 queue.queued.fetch_add(bytes.len(), Ordering::AcqRel);
                 total.fetch_add(bytes.len(), Ordering::AcqRel);
                 if queue.tx.try_send(bytes.clone()).is_err() {
@@ -290,6 +288,16 @@ impl PeerQueue {
         })
         .detach();
         Self { tx, queued }
+    }
+}
+
+/// Disconnects `peer` with `reason` and drops its queue: its task sends
+/// nothing more, not even to a new connection of the same peer.
+fn give_up(queues: &mut BTreeMap<PeerId, PeerQueue>, connections: &Connections, peer: &PeerId, reason: &str) {
+    log::info!("relay: disconnecting {peer}: {reason}");
+    close_peer(connections, peer, reason);
+    if let Some(queue) = queues.remove(peer) {
+        queue.tx.close();
     }
 }
 

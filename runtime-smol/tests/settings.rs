@@ -270,4 +270,14 @@ fn a_passphrase_set_from_a_file_descriptor_is_needed_at_every_start() {
     assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
     let again = p2pchat_with_input(&["id"], &dir.0, "");
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), peer);
+    // On a directory with no identity yet, it is created wrapped: its key
+    // never touches the disk unprotected.
+    let fresh = TempDir::new("passphrase-cli-new");
+    let made = p2pchat_with_input(&["passphrase", "--new-passphrase-fd", "0"], &fresh.0, "from the start\n");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let file = std::fs::read(fresh.0.join("identity.key")).unwrap();
+    assert!(file.starts_with(b"p2pchat-identity-v2\n"), "created unwrapped");
+    // The same descriptor for both passphrases is refused.
+    let same = p2pchat_with_input(&["passphrase", "--passphrase-fd", "0", "--new-passphrase-fd", "0"], &fresh.0, "x\n");
+    assert!(!same.status.success());
 }

@@ -105,11 +105,25 @@ fn start(path: &Path, total: Arc<AtomicU64>) -> Result<(SyncSender<()>, JoinHand
             // Quiet for a whole interval since commits that were not yet
             // truncated away: reset the WAL. Otherwise copy what is there.
             let quiet = woke.is_err() && now == seen && now != truncated;
-            let mode = if quiet { "TRUNCATE" } else { "PASSIVE" };
             seen = now;
-            match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0)) {
-                // 0: not blocked; a busy database is tried again later.
-                Ok(0) if quiet => truncated = now,
+            // (blocked, WAL frames, frames copied): copying never blocks the
+            // writer.
+            let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+            match passive {
+                Ok((0, frames, copied)) if quiet && frames == copied => {
+                    // Everything is copied: resetting the WAL is quick, but
+                    // a TRUNCATE holds new writers back while it waits, so
+                    // it waits for nobody (busy now: the next quiet second).
+                    let _ = conn.busy_timeout(Duration::ZERO);
+                    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
+                        Ok(0) => truncated = now,
+                        Ok(_) => {}
+                        Err(e) => log::debug!("background checkpoint: {e}"),
+                    }
+                    let _ = conn.busy_timeout(Duration::from_secs(5));
+                }
                 Ok(_) => {}
                 Err(e) => log::debug!("background checkpoint: {e}"),
             }

@@ -84,12 +84,14 @@ fn wrapping_key(
     path: &Path,
 ) -> Result<Zeroizing<[u8; 32]>, StorageError> {
     let bad = |problem: String| StorageError::IdentityFile { path: path.to_owned(), problem };
-    let params =
-        scrypt::Params::new(log_n, r, p, 32).map_err(|e| bad(format!("has unusable scrypt parameters: {e}")))?;
-    if log_n > 22 || u64::from(r) * u64::from(p) > 64 {
-        // A file may name its cost; an absurd one is an attack on start-up.
+    // A file names its cost, and whoever can write it could name one that
+    // takes gigabytes or minutes: at most twice the memory and work this
+    // version writes.
+    if !(10..=SCRYPT_LOG_N + 1).contains(&log_n) || r != SCRYPT_R || p != SCRYPT_P {
         return Err(bad(format!("asks for an scrypt cost this node refuses (log_n {log_n}, r {r}, p {p})")));
     }
+    let params =
+        scrypt::Params::new(log_n, r, p, 32).map_err(|e| bad(format!("has unusable scrypt parameters: {e}")))?;
     let mut key = Zeroizing::new([0u8; 32]);
     scrypt::scrypt(&passphrase.0, salt, &params, &mut key[..]).map_err(|e| bad(format!("scrypt failed: {e}")))?;
     Ok(key)
@@ -188,8 +190,7 @@ pub fn set_identity_passphrase(
         None => plain_contents(&seed),
     };
     let io = |p: &Path, e: std::io::Error| StorageError::Io { path: p.to_owned(), reason: e.to_string() };
-    let temp: PathBuf = dir.join(format!("{IDENTITY_FILE}.new"));
-    let _ = fs::remove_file(&temp);
+    let temp = temp_path(dir);
     let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| io(&temp, e))?;
     file.write_all(&contents).and_then(|()| file.sync_all()).map_err(|e| io(&temp, e))?;
     drop(file);
@@ -232,6 +233,15 @@ fn seed_of(bytes: &[u8], passphrase: Option<&Passphrase>, path: &Path) -> Result
         });
     }
     Ok(seed)
+}
+
+/// A temporary file name of this process's own beside the identity file,
+/// so that two processes writing at once never share one.
+fn temp_path(dir: &Path) -> PathBuf {
+    let mut tag = [0u8; 8];
+    OsRng.fill_bytes(&mut tag);
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{IDENTITY_FILE}.{}.{tag}.new", std::process::id()))
 }
 
 fn plain_contents(seed: &[u8; 32]) -> Zeroizing<Vec<u8>> {
@@ -278,8 +288,7 @@ fn create_identity(dir: &Path, path: &Path, passphrase: Option<&Passphrase>) -> 
     };
     // Written beside, synced, then renamed into place: a crash leaves
     // either no file or a whole one, never a torn one to be refused.
-    let temp: PathBuf = dir.join(format!("{IDENTITY_FILE}.new"));
-    let _ = fs::remove_file(&temp);
+    let temp = temp_path(dir);
     let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| io(&temp, e))?;
     file.write_all(&contents).and_then(|()| file.sync_all()).map_err(|e| io(&temp, e))?;
     drop(file);

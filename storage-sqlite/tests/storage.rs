@@ -613,6 +613,14 @@ fn a_passphrase_wraps_the_identity_key_and_only_it_opens_it() {
     let err = load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).unwrap_err();
     assert!(matches!(err, StorageError::WrongPassphrase { .. }), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), altered);
+    // A file asking for a ruinous scrypt cost is refused before any work.
+    for (at, value) in [(20, 30u8), (24, 64), (28, 9)] {
+        let mut costly = bytes.clone();
+        costly[at] = value;
+        std::fs::write(&file, &costly).unwrap();
+        let err = load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).unwrap_err().to_string();
+        assert!(err.contains("scrypt cost"), "{err}");
+    }
     std::fs::write(&file, &bytes).unwrap();
     // The right one (a trailing newline is not part of it) opens it.
     let opened = load_or_create_identity_with(&dir.0, Some(&pass("correct horse"))).unwrap();

@@ -1259,9 +1259,11 @@ impl<S: Store> Engine<S> {
             } else {
                 let Some(sessions) = sessions.as_mut() else {
                     needs_session = true;
-                    // The user's own words wait here: a chat message, or a
-                    // group message re-sent pairwise.
-                    chat_waits |= matches!(item.payload, OutboxPayload::Chat(_) | OutboxPayload::GroupCopy { .. });
+                    // Only a chat message the user sent to this peer: group
+                    // copies are made for every waiting member at once
+                    // (a roster may be invented), so they wait within the
+                    // background cap like sender keys.
+                    chat_waits |= matches!(item.payload, OutboxPayload::Chat(_));
                     item.next_attempt_at = None; // `release_waiting` sends it
                     self.store.put_outbox_item(&item)?;
                     continue;
