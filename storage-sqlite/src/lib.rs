@@ -115,6 +115,14 @@ pub enum StorageError {
     },
 }
 
+/// The one integer (or NULL) a query answers, or `None` for no row.
+fn query_scalar(conn: &rusqlite::Connection, sql: &str, args: impl rusqlite::Params) -> rusqlite::Result<Option<i64>> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.query_row(args, |r| r.get::<_, Option<i64>>(0)).optional())
+        .map(Option::flatten)
+}
+
 /// Opens `path`, creating it readable by its owner only (SQLite gives its
 /// WAL and shared-memory files the same mode).
 fn open_private(path: &std::path::Path) -> Result<rusqlite::Connection, StorageError> {

@@ -272,11 +272,7 @@ impl SqliteStore {
 
     fn scalar(&self, sql: &str, args: impl rusqlite::Params) -> Result<Option<i64>, StoreError> {
         self.guard()?;
-        self.conn
-            .prepare_cached(sql)
-            .and_then(|mut s| s.query_row(args, |r| r.get::<_, Option<i64>>(0)).optional())
-            .map(Option::flatten)
-            .map_err(backend)
+        crate::query_scalar(&self.conn, sql, args).map_err(backend)
     }
 
     fn execute(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<(), StoreError> {
