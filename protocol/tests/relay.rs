@@ -746,23 +746,9 @@ fn the_mailbox_goes_out_in_acknowledged_batches() {
         mailbox_max_count_per_source: 1_000,
         ..RelayConfig::default()
     };
-    let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
-    let mut r = ChaCha20Rng::seed_from_u64(13);
-    let bob = IdentityKeyPair::generate(&mut r);
-    let (alice, bob_id) = (PeerId([1; 20]), bob.peer_id());
-    for peer in [alice, bob_id] {
-        relay.connected(peer);
-        relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
-    }
-    relay.handle_frame(NOW, bob_id, &RelayFrame::Publish(record(&bob, 1, DAY_MS)).encode()).unwrap();
-    relay.disconnected(&bob_id);
     let total = 150u64;
-    for id in 0..total {
-        let f = RelayFrame::Forward { to: bob_id, id, mailbox_allowed: true, envelope: vec![id as u8; 30] };
-        relay.handle_frame(NOW.saturating_add_millis(id * 100), alice, &f.encode()).unwrap();
-    }
-    let _ = frames(&mut relay);
-    let mut now = NOW.saturating_add_millis(60_000);
+    let (mut relay, _, bob_id) = full_mailbox(config, total, 30);
+    let mut now = NOW.saturating_add_millis(total * 1_000 + 60_000);
     relay.connected(bob_id);
     relay.handle_frame(now, bob_id, &RelayFrame::Register.encode()).unwrap();
     let mut received = 0;
@@ -793,9 +779,10 @@ fn the_mailbox_goes_out_in_acknowledged_batches() {
     assert_eq!(received, total);
 }
 
-/// A mailbox of 64 large entries, for one recipient who is offline; the
-/// recipient's key and the relay.
-fn full_mailbox(config: RelayConfig, entry_len: usize) -> (Relay<MemoryRelayStore>, PeerId, PeerId) {
+/// A relay whose mailbox for one offline recipient holds `count` entries
+/// of `entry_len` bytes, deposited a second apart by one sender: the relay,
+/// the sender and the recipient.
+fn full_mailbox(config: RelayConfig, count: u64, entry_len: usize) -> (Relay<MemoryRelayStore>, PeerId, PeerId) {
     let mut relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
     let mut r = ChaCha20Rng::seed_from_u64(41);
     let bob = IdentityKeyPair::generate(&mut r);
@@ -806,7 +793,7 @@ fn full_mailbox(config: RelayConfig, entry_len: usize) -> (Relay<MemoryRelayStor
     }
     relay.handle_frame(NOW, bob_id, &RelayFrame::Publish(record(&bob, 1, DAY_MS)).encode()).unwrap();
     relay.disconnected(&bob_id);
-    for id in 0..64u64 {
+    for id in 0..count {
         let f = RelayFrame::Forward { to: bob_id, id, mailbox_allowed: true, envelope: vec![id as u8; entry_len] };
         relay.handle_frame(NOW.saturating_add_millis(id * 1000), alice, &f.encode()).unwrap();
     }
@@ -826,7 +813,7 @@ fn delivered_bytes(frames: &[(PeerId, RelayFrame)]) -> usize {
 
 #[test]
 fn a_storm_of_fetches_costs_the_relay_one_batch_per_interval() {
-    let (mut relay, _, bob) = full_mailbox(RelayConfig::default(), 200 * 1024);
+    let (mut relay, _, bob) = full_mailbox(RelayConfig::default(), 64, 200 * 1024);
     let now = NOW.saturating_add_millis(100_000);
     relay.connected(bob);
     relay.handle_frame(now, bob, &RelayFrame::Register.encode()).unwrap();
@@ -854,7 +841,7 @@ fn a_storm_of_fetches_costs_the_relay_one_batch_per_interval() {
 fn acknowledgements_over_the_rate_still_drain_the_mailbox_and_name_only_entries_in_flight() {
     // One frame a second: the sender fills the mailbox a second apart.
     let config = RelayConfig { rate_burst: 3, rate_per_sec: 1, ..RelayConfig::default() };
-    let (mut relay, _, bob) = full_mailbox(config, 10);
+    let (mut relay, _, bob) = full_mailbox(config, 64, 10);
     let now = NOW.saturating_add_millis(100_000);
     relay.connected(bob);
     relay.handle_frame(now, bob, &RelayFrame::Register.encode()).unwrap(); // token 1

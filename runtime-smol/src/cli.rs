@@ -21,12 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Print this node's peer ID (creating its identity on first use).
     Id {
-        /// The data directory (default: ~/.local/share/p2pchat).
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// A TOML file of settings (its `data_dir` counts).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        /// Where the data directory is.
+        #[command(flatten)]
+        dir: DirArgs,
         /// Read the identity key's passphrase from this file descriptor
         /// (otherwise it is asked for at the terminal, if the key has one).
         #[arg(long, value_name = "FD")]
@@ -36,12 +33,9 @@ pub enum Command {
     /// it. Whoever has the data directory's files otherwise has the key,
     /// and with it every conversation stored there.
     Passphrase {
-        /// The data directory (default: ~/.local/share/p2pchat).
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// A TOML file of settings (its `data_dir` counts).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        /// Where the data directory is.
+        #[command(flatten)]
+        dir: DirArgs,
         /// Read the current passphrase from this file descriptor.
         #[arg(long, value_name = "FD")]
         passphrase_fd: Option<u32>,
@@ -56,12 +50,9 @@ pub enum Command {
     /// Print the API token (creating it on first use), for
     /// `Authorization: Bearer <token>`.
     Token {
-        /// The data directory (default: ~/.local/share/p2pchat).
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// A TOML file of settings (its `data_dir` counts).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        /// Where the data directory is.
+        #[command(flatten)]
+        dir: DirArgs,
     },
     /// Print the settings a node would start with, after the file, the
     /// environment and the flags.
@@ -78,6 +69,26 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+}
+
+/// The data directory, for the commands that need only it.
+#[derive(Debug, Args, Default)]
+pub struct DirArgs {
+    /// The data directory (default: ~/.local/share/p2pchat).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A TOML file of settings (its `data_dir` counts).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl DirArgs {
+    /// The data directory, after the file, the environment and the flag.
+    pub fn resolve(self) -> Result<PathBuf, String> {
+        let flags = SettingsArgs { data_dir: self.data_dir, config: self.config, ..Default::default() };
+        crate::config::resolve_data_dir(&flags.sources().with_process_env(), &crate::config::Defaults::from_env())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Every setting as a flag; flags win over `P2PCHAT_*` variables, which win

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use p2pchat::cli::{Cli, Command};
-use p2pchat::config::{resolve, resolve_data_dir, Defaults, Sources};
+use p2pchat::config::{resolve, Defaults, Sources};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,20 +30,16 @@ fn start_logging(settings: &p2pchat::config::Settings, kind: &str) -> Result<(),
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Id { data_dir, config, passphrase_fd } => {
-            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
-            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
-                .map_err(|e| e.to_string())?;
+        Command::Id { dir, passphrase_fd } => {
+            let dir = dir.resolve()?;
             let passphrase = p2pchat::passphrase::for_start(&dir, passphrase_fd)?;
             let identity = p2pchat_storage_sqlite::load_or_create_identity_with(&dir, passphrase.as_ref())
                 .map_err(|e| e.to_string())?;
             println!("{}", identity.peer_id());
             Ok(())
         }
-        Command::Passphrase { data_dir, config, passphrase_fd, new_passphrase_fd, remove } => {
-            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
-            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
-                .map_err(|e| e.to_string())?;
+        Command::Passphrase { dir, passphrase_fd, new_passphrase_fd, remove } => {
+            let dir = dir.resolve()?;
             if passphrase_fd.is_some() && passphrase_fd == new_passphrase_fd {
                 return Err("--passphrase-fd and --new-passphrase-fd must be different descriptors".into());
             }
@@ -79,10 +75,8 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Token { data_dir, config } => {
-            let flags = p2pchat::cli::SettingsArgs { data_dir, config, ..Default::default() };
-            let dir = resolve_data_dir(&flags.sources().with_process_env(), &Defaults::from_env())
-                .map_err(|e| e.to_string())?;
+        Command::Token { dir } => {
+            let dir = dir.resolve()?;
             let token = p2pchat::api::load_or_create_token(&dir).map_err(|e| e.to_string())?;
             println!("{}", token.as_str());
             Ok(())
