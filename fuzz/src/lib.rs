@@ -140,7 +140,11 @@ impl World {
     /// taken by the transport), lookups answered, events checked.
     fn collect(&mut self, i: usize, tampered: bool) {
         let mut inputs = Vec::new();
+        let mut invitations = Vec::new();
         while let Some(event) = self.engines[i].poll_event() {
+            if let Event::GroupInvite { conversation_id, pending: true, .. } = event {
+                invitations.push(conversation_id);
+            }
             if let Event::MessageReceived(m) = event {
                 assert!(!tampered, "node {i} accepted an altered packet as message {:?}", m.content);
                 assert!(
@@ -163,6 +167,13 @@ impl World {
         }
         for input in inputs {
             self.handle(i, input, false);
+        }
+        // Every user accepts a group invitation at once.
+        for group in invitations {
+            if let Err(e) = self.engines[i].command(self.now, Command::AcceptInvitation { group }) {
+                panic!("node {i} could not accept the invitation it was just shown: {e}");
+            }
+            self.collect(i, false);
         }
     }
 

@@ -90,6 +90,7 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownConversation(_) | EngineError::UnknownMessage(_) => (404, "not_found"),
             // A 1:1 conversation's ID on a group route names no group.
             EngineError::NotAGroup(_) => (404, "not_found"),
+            EngineError::NoInvitation(_) => (404, "not_found"),
             EngineError::EmptyContent => (400, "empty_content"),
             EngineError::ContentTooLarge { .. } => (400, "content_too_large"),
             EngineError::NotOneOnOne(_) => (400, "not_one_on_one"),

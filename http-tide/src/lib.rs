@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 pub use error::ApiError;
 pub use node::{BoxFuture, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayStatus};
 use p2pchat_protocol::PeerId;
-pub use views::{ConversationView, EventView, GroupRequest, MemberView, MessageView, PeerRequest, SendRequest};
+pub use views::{
+    ConversationView, EventView, GroupRequest, InvitationView, MemberView, MessageView, PeerRequest, SendRequest,
+};
 pub use ws::{CLIENT_BUFFER, EVENT_TYPES};
 
 /// The largest request body accepted. A message's text is at most 64 KiB,

@@ -12,7 +12,7 @@ use serde_json::json;
 use tide::{Request, Response};
 
 use crate::error::ApiError;
-use crate::views::{ConversationView, GroupRequest, MemberView, MessageView, PeerRequest, SendRequest};
+use crate::views::{ConversationView, GroupRequest, InvitationView, MemberView, MessageView, PeerRequest, SendRequest};
 use crate::{State, MAX_BODY};
 
 /// An HTTP method of a route.
@@ -77,6 +77,9 @@ pub const ROUTES: &[Route] = &[
     route!(Post, "/api/chat/groups/{id}/messages", send_group_message),
     route!(Post, "/api/chat/groups/{id}/invite", invite),
     route!(Post, "/api/chat/groups/{id}/leave", leave),
+    route!(Get, "/api/chat/invitations", invitations),
+    route!(Post, "/api/chat/groups/{id}/accept", accept_invitation),
+    route!(Post, "/api/chat/groups/{id}/decline", decline_invitation),
     route!(Get, "/api/chat/groups/{id}/members", members),
     route!(Post, "/api/chat/key-exchange", key_exchange),
     route!(Get, "/api/chat/unread", unread),
@@ -351,6 +354,31 @@ async fn leave(req: Request<State>) -> Result<Response, ApiError> {
     let id = conversation_id(&req)?;
     command(&req, Command::Leave { group: id }).await?;
     ok(json!({ "conversation_id": id.to_string(), "left": true }))
+}
+
+async fn invitations(req: Request<State>) -> Result<Response, ApiError> {
+    match query(&req, Query::Invitations).await? {
+        Answer::Invitations(all) => {
+            ok(json!({ "invitations": all.iter().map(InvitationView::new).collect::<Vec<_>>() }))
+        }
+        _ => Err(unexpected("invitation list")),
+    }
+}
+
+async fn accept_invitation(req: Request<State>) -> Result<Response, ApiError> {
+    let id = conversation_id(&req)?;
+    match command(&req, Command::AcceptInvitation { group: id }).await? {
+        CommandOutcome::Conversation(conversation) => {
+            get_summary(&req, conversation.id).await.and_then(|s| ok(conversation_json(&req, &s)))
+        }
+        _ => Err(unexpected("joined group")),
+    }
+}
+
+async fn decline_invitation(req: Request<State>) -> Result<Response, ApiError> {
+    let id = conversation_id(&req)?;
+    command(&req, Command::DeclineInvitation { group: id }).await?;
+    ok(json!({ "conversation_id": id.to_string(), "declined": true }))
 }
 
 async fn members(req: Request<State>) -> Result<Response, ApiError> {

@@ -2,7 +2,7 @@
 //! reference's field names, times in Unix seconds, `0` for a time not
 //! reached yet (as the reference's `read_at` and `left_at`).
 
-use p2pchat_protocol::engine::{ConversationKind, ConversationSummary, Event, Member, Message};
+use p2pchat_protocol::engine::{ConversationKind, ConversationSummary, Event, Invitation, Member, Message};
 use p2pchat_protocol::{PeerId, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +142,37 @@ impl MemberView {
     }
 }
 
+/// One entry of `GET /api/chat/invitations`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InvitationView {
+    /// The group.
+    pub conversation_id: String,
+    /// Its name.
+    pub group_name: String,
+    /// Its admin, who invited.
+    pub invited_by: String,
+    /// Every member the admin listed, this node and the admin included.
+    pub members: Vec<String>,
+    /// When the admin created the group.
+    pub created_at: u64,
+    /// When the invitation arrived.
+    pub received_at: u64,
+}
+
+impl InvitationView {
+    /// The view of a waiting invitation.
+    pub fn new(invitation: &Invitation) -> Self {
+        Self {
+            conversation_id: invitation.group_id.to_string(),
+            group_name: invitation.name.clone(),
+            invited_by: invitation.admin.to_string(),
+            members: invitation.members.iter().map(|m| m.peer_id.to_string()).collect(),
+            created_at: secs(invitation.created_at),
+            received_at: secs(invitation.received_at),
+        }
+    }
+}
+
 /// `POST /api/chat/conversations` and `POST /api/chat/key-exchange`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -216,10 +247,11 @@ impl EventView {
                 "failure_reason": failure_reason,
                 "timestamp": secs(*timestamp),
             }),
-            Event::GroupInvite { conversation_id, group_name, invited_by } => json!({
+            Event::GroupInvite { conversation_id, group_name, invited_by, pending } => json!({
                 "conversation_id": conversation_id.to_string(),
                 "group_name": group_name,
                 "invited_by": invited_by.to_string(),
+                "pending": pending,
             }),
             Event::KeyExchangeComplete { peer_id } => json!({ "peer_id": peer_id.to_string() }),
             Event::SecurityRejected { peer_id, reason } => json!({

@@ -16,8 +16,8 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::engine::{
-    Command, CommandOutcome, Conversation, Engine, EngineConfig, EngineError, Event, Input, MemoryStore, Message,
-    MessageStatus, Step, Store, Transmit, TransmitOutcome,
+    Answer, Command, CommandOutcome, Conversation, ConversationKind, Engine, EngineConfig, EngineError, Event, Input,
+    MemoryStore, Message, MessageStatus, Query, Step, Store, Transmit, TransmitOutcome,
 };
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -51,6 +51,18 @@ fn rng(seed: u64) -> ChaCha20Rng {
 #[macro_export]
 macro_rules! scenario_tests {
     ($make:expr) => {
+        #[test]
+        fn a_strangers_invitation_waits_for_consent_and_a_declined_group_leaves_nothing() {
+            $crate::testkit::a_strangers_invitation_waits_for_consent_and_a_declined_group_leaves_nothing($make);
+        }
+        #[test]
+        fn an_accepted_invitation_joins_and_receives_what_was_sent_while_it_waited() {
+            $crate::testkit::an_accepted_invitation_joins_and_receives_what_was_sent_while_it_waited($make);
+        }
+        #[test]
+        fn waiting_invitations_stay_within_their_caps_and_expire() {
+            $crate::testkit::waiting_invitations_stay_within_their_caps_and_expire($make);
+        }
         #[test]
         fn a_first_message_starts_the_key_exchange_and_is_delivered_then_read() {
             $crate::testkit::a_first_message_starts_the_key_exchange_and_is_delivered_then_read($make);
@@ -231,6 +243,11 @@ pub struct Net<S: TestStore> {
     /// Every distinct group envelope put on the wire, delivered or not, with
     /// its sender's index: what a relay carrying all of them would see.
     wire_group_envelopes: Vec<(usize, Vec<u8>)>,
+    /// Whether each node's user accepts a waiting group invitation as soon
+    /// as it arrives (most scenarios are about what follows).
+    accept_invitations: bool,
+    /// Invitations seen and not answered yet: (node, group).
+    accepts: VecDeque<(usize, ConversationId)>,
 }
 
 impl<S: TestStore> Net<S> {
@@ -269,6 +286,8 @@ impl<S: TestStore> Net<S> {
             lookups: vec![0; count],
             seen_keys: std::collections::BTreeMap::new(),
             wire_group_envelopes: Vec::new(),
+            accept_invitations: true,
+            accepts: VecDeque::new(),
         }
     }
 
@@ -320,6 +339,11 @@ impl<S: TestStore> Net<S> {
         loop {
             for i in 0..self.nodes.len() {
                 while let Some(event) = self.nodes[i].engine.poll_event() {
+                    if let Event::GroupInvite { conversation_id, pending: true, .. } = &event {
+                        if self.accept_invitations {
+                            self.accepts.push_back((i, *conversation_id));
+                        }
+                    }
                     self.nodes[i].events.push(event);
                 }
                 while let Some(peer) = self.nodes[i].engine.poll_lookup() {
@@ -360,7 +384,17 @@ impl<S: TestStore> Net<S> {
                     }
                 }
             }
-            let Some((i, input)) = work.pop_front() else { break };
+            let Some((i, input)) = work.pop_front() else {
+                // The network is quiet: the users answer their invitations.
+                let Some((i, group)) = self.accepts.pop_front() else { break };
+                match self.nodes[i].engine.command(self.now, Command::AcceptInvitation { group }) {
+                    // A crash may have lost the invitation with its commit.
+                    Ok(_) | Err(EngineError::NoInvitation(_)) => {}
+                    Err(e) => panic!("node {i} could not accept its invitation: {e}"),
+                }
+                self.after_call(i);
+                continue;
+            };
             self.nodes[i].engine.handle(self.now, input).unwrap();
             self.after_call(i);
         }
@@ -415,6 +449,12 @@ impl<S: TestStore> Net<S> {
         let seed = 7_000_000 + i as u64 * 100 + self.nodes[i].restarts;
         self.nodes[i].engine =
             Engine::new(identity, store, EngineConfig::default(), ChaCha20Rng::seed_from_u64(seed), self.now).unwrap();
+        // Its user's page, reloaded, lists the invitations still waiting.
+        if self.accept_invitations {
+            if let Ok(Answer::Invitations(waiting)) = self.nodes[i].engine.query(Query::Invitations) {
+                self.accepts.extend(waiting.into_iter().map(|w| (i, w.group_id)));
+            }
+        }
         // The driver tells the new engine who is reachable.
         for j in 0..self.nodes.len() {
             if j != i && self.nodes[j].online {
@@ -946,6 +986,158 @@ pub fn a_group_of_invented_members_cannot_grow_held_messages_or_key_exchanges_pa
     assert!(texts.contains(&"hello from 2".to_string()), "{texts:?}");
     let (_, exchanges) = held(&mut net, None);
     assert!(exchanges <= 2 + 1, "{exchanges} key exchanges after the real traffic");
+}
+
+fn invitations<S: TestStore>(net: &mut Net<S>, i: usize) -> Vec<crate::engine::Invitation> {
+    match net.nodes[i].engine.query(Query::Invitations).unwrap() {
+        Answer::Invitations(all) => all,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn has_left<S: TestStore>(net: &mut Net<S>, i: usize, group: &ConversationId, peer: usize) -> bool {
+    let peer = net.id(peer);
+    members_of(net, i, group).iter().any(|m| m.peer_id == peer && m.left_at.is_some())
+}
+
+/// What node `i` keeps of a group: its conversation, keys, members, messages
+/// and held messages.
+fn traces_of_group<S: TestStore>(net: &mut Net<S>, i: usize, group: &ConversationId) -> usize {
+    let store = net.nodes[i].engine.store_mut();
+    store.begin().unwrap();
+    let traces = usize::from(store.conversation(group).unwrap().is_some())
+        + usize::from(store.group_keys(group).unwrap().is_some())
+        + store.members(group).unwrap().len()
+        + store.messages(group).unwrap().len()
+        + store.held_messages(group).unwrap().len();
+    store.rollback();
+    traces
+}
+
+/// Scenario: an admin the user never wrote to (even one that wrote first)
+/// invites it: the invitation waits, and the group's traffic leaves nothing
+/// on the user's node until it answers. Declined, nothing is kept, and the
+/// admin and the other members see the invitee leave, so their messages
+/// stop waiting for it. A friend's invitation is joined at once.
+pub fn a_strangers_invitation_waits_for_consent_and_a_declined_group_leaves_nothing<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 61);
+    net.accept_invitations = false;
+    // Node 1 wrote to the admin; the admin wrote to node 2, who never answered.
+    let c1 = net.conversation(1, 0);
+    net.send(1, c1.id, "hi admin");
+    let c2 = net.conversation(0, 2);
+    net.send(0, c2.id, "hello stranger");
+    let g = group(&mut net, 0, &[1, 2], "Unasked");
+    let joined = |net: &Net<S>, i: usize, pending: bool| {
+        net.nodes[i].events.iter().any(|e| {
+            matches!(e, Event::GroupInvite { conversation_id, pending: p, .. } if *conversation_id == g.id && *p == pending)
+        })
+    };
+    assert!(joined(&net, 1, false), "a friend's invitation is joined at once");
+    assert!(joined(&net, 2, true), "a stranger's invitation is announced as waiting");
+    assert!(!joined(&net, 2, false));
+    let waiting = invitations(&mut net, 2);
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].group_id, waiting[0].admin, waiting[0].name.as_str()), (g.id, net.id(0), "Unasked"));
+    assert_eq!(waiting[0].members.len(), 3);
+    // The group talks; the invitee keeps nothing of it.
+    let m = send_group(&mut net, 0, g.id, "before the answer");
+    send_group(&mut net, 1, g.id, "from the friend");
+    net.advance(120_000);
+    assert_eq!(traces_of_group(&mut net, 2, &g.id), 0, "a waiting invitation stores nothing of the group");
+    assert!(net.nodes[2].engine.query(Query::Conversation(g.id)).is_err());
+    assert_eq!(contents(&mut net, 1, &g.id), vec!["before the answer".to_string(), "from the friend".to_string()]);
+    assert!(net.message(0, &m.id).unwrap().status < MessageStatus::Delivered, "waits for the invitee");
+    // Declined: nothing stays, the admin and the friend see the invitee gone.
+    net.command(2, Command::DeclineInvitation { group: g.id }).unwrap();
+    net.advance(60_000);
+    assert!(invitations(&mut net, 2).is_empty());
+    assert_eq!(traces_of_group(&mut net, 2, &g.id), 0, "a declined group leaves nothing behind");
+    assert!(has_left(&mut net, 0, &g.id, 2), "the admin learns of the decline");
+    assert!(has_left(&mut net, 1, &g.id, 2), "the admin tells the other members");
+    assert_eq!(net.message(0, &m.id).unwrap().status, MessageStatus::Delivered, "stops waiting for the decliner");
+    let after = send_group(&mut net, 1, g.id, "after the decline");
+    net.advance(60_000);
+    assert_eq!(net.message(1, &after.id).unwrap().recipients, vec![(net.id(0), MessageStatus::Delivered)]);
+    assert_eq!(traces_of_group(&mut net, 2, &g.id), 0);
+    // Answering twice, or an invitation never received, is a clear error.
+    for command in [Command::DeclineInvitation { group: g.id }, Command::AcceptInvitation { group: g.id }] {
+        assert_eq!(net.command(2, command).unwrap_err(), EngineError::NoInvitation(g.id));
+    }
+}
+
+/// Scenario: the invitee accepts late: it joins, and what the members sent
+/// while it waited reaches it by their retransmissions.
+pub fn an_accepted_invitation_joins_and_receives_what_was_sent_while_it_waited<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 3, 62);
+    net.accept_invitations = false;
+    let g = group(&mut net, 0, &[1, 2], "Later");
+    assert_eq!(invitations(&mut net, 1).len(), 1);
+    assert_eq!(invitations(&mut net, 2).len(), 1);
+    net.command(1, Command::AcceptInvitation { group: g.id }).unwrap();
+    send_group(&mut net, 0, g.id, "while 2 waits");
+    send_group(&mut net, 1, g.id, "from 1 while 2 waits");
+    net.advance(30 * 60_000);
+    assert_eq!(traces_of_group(&mut net, 2, &g.id), 0);
+    let joined = match net.command(2, Command::AcceptInvitation { group: g.id }).unwrap() {
+        CommandOutcome::Conversation(c) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(joined.id, g.id);
+    assert!(
+        matches!(joined.kind, ConversationKind::Group { ref name, admin } if name == "Later" && admin == net.id(0))
+    );
+    assert!(net.nodes[2].events.iter().any(|e| matches!(e, Event::ConversationCreated(c) if c.id == g.id)));
+    assert!(invitations(&mut net, 2).is_empty());
+    assert_eq!(members_of(&mut net, 2, &g.id).len(), 3);
+    net.advance(30 * 60_000);
+    let mut texts = contents(&mut net, 2, &g.id);
+    texts.sort();
+    assert_eq!(texts, vec!["from 1 while 2 waits".to_string(), "while 2 waits".to_string()]);
+    let m = send_group(&mut net, 2, g.id, "thanks");
+    net.advance(60_000);
+    assert_eq!(net.message(2, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+/// Scenario: one admin may keep only so many invitations waiting (the rest
+/// are declined at once), all admins together only so many more (the
+/// oldest is declined to make room), and one unanswered for the message
+/// TTL is declined.
+pub fn waiting_invitations_stay_within_their_caps_and_expire<S: TestStore>(make: fn() -> S) {
+    let config = EngineConfig {
+        max_invitations: 2,
+        max_invitations_per_admin: 2,
+        message_ttl_ms: 60 * 60_000,
+        retention_interval_ms: 10 * 60_000,
+        ..EngineConfig::default()
+    };
+    let mut net = Net::with_config(make, 5, 63, config);
+    net.accept_invitations = false;
+    let mut groups = Vec::new();
+    for n in 0..3 {
+        groups.push(group(&mut net, 0, &[1, 2], &format!("Spam {n}")));
+        net.advance(1_000);
+    }
+    net.advance(60_000);
+    let waiting: Vec<ConversationId> = invitations(&mut net, 1).iter().map(|i| i.group_id).collect();
+    assert_eq!(waiting, vec![groups[0].id, groups[1].id], "the admin's third invitation is declined at once");
+    assert!(has_left(&mut net, 0, &groups[2].id, 1), "and its admin is told");
+    assert!(net.kinds(1).contains(&"chat.security.rejected"));
+    // Another admin's: the cap over everyone declines the oldest.
+    net.advance(1_000);
+    let other = group(&mut net, 3, &[1, 4], "Other");
+    net.advance(60_000);
+    let waiting: Vec<ConversationId> = invitations(&mut net, 1).iter().map(|i| i.group_id).collect();
+    assert_eq!(waiting, vec![groups[1].id, other.id]);
+    assert!(has_left(&mut net, 0, &groups[0].id, 1), "the oldest invitation was declined");
+    // Unanswered for the message TTL: declined.
+    net.advance(2 * 60 * 60_000);
+    assert!(invitations(&mut net, 1).is_empty());
+    assert!(has_left(&mut net, 0, &groups[1].id, 1));
+    assert!(has_left(&mut net, 3, &other.id, 1));
+    for g in groups.iter().chain([&other]) {
+        assert_eq!(traces_of_group(&mut net, 1, &g.id), 0);
+    }
 }
 
 /// A hostile relay that carried every group envelope so far hands them all

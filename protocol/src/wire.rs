@@ -381,6 +381,14 @@ pub enum GroupControl {
         /// The sender's own join number.
         epoch: u64,
     },
+    /// The admin tells the members that a member left (or declined its
+    /// invitation), ending the join numbered `member.epoch`.
+    MemberLeft {
+        /// The group.
+        group_id: ConversationId,
+        /// The member and the join that ended.
+        member: RosterEntry,
+    },
 }
 
 /// Everything that travels inside a Double Ratchet message.
@@ -455,7 +463,7 @@ const ACK_KIND: u32 = 8;
 /// The kind number of [`PairwisePayload::GroupControl`].
 const GROUP_CONTROL_KIND: u32 = 5;
 /// The number of [`GroupControl`] kinds this version knows.
-const GROUP_CONTROL_KINDS: u32 = 3;
+const GROUP_CONTROL_KINDS: u32 = 4;
 
 impl PairwisePayload {
     /// postcard bytes, the pairwise plaintext (zeroized when dropped: it may
@@ -530,7 +538,7 @@ mod tests {
     #[test]
     fn unknown_payload_and_group_control_kinds_are_named() {
         assert_eq!(PairwisePayload::decode(&[10]), Err(WireError::UnknownKind(10)));
-        assert_eq!(PairwisePayload::decode(&[5, 3]), Err(WireError::UnknownKind(3)));
+        assert_eq!(PairwisePayload::decode(&[5, 4]), Err(WireError::UnknownKind(4)));
         assert_eq!(PairwisePayload::decode(&[6]), Ok(PairwisePayload::SessionConfirm));
     }
 

@@ -188,6 +188,9 @@ fn traffic() -> BTreeSet<Vec<u8>> {
     else {
         panic!()
     };
+    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
+    // Bob wrote to alice, so he is in; carol, who never did, accepts.
+    send(&mut engines, 2, Command::AcceptInvitation { group: g.id });
     send(&mut engines, 0, Command::SendGroupMessage { group: g.id, content: "hello group".into() });
     pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
     send(&mut engines, 2, Command::SendGroupMessage { group: g.id, content: "hello from carol".into() });

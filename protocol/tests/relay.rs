@@ -506,6 +506,10 @@ fn a_group_message_travels_through_the_relay() {
         panic!()
     };
     w.drain();
+    for i in 1..3 {
+        w.nodes[i].engine.command(w.now, Command::AcceptInvitation { group: g.id }).unwrap();
+        w.drain();
+    }
     let command = Command::SendGroupMessage { group: g.id, content: "x".repeat(64 * 1024) };
     let CommandOutcome::Message(m) = w.nodes[0].engine.command(w.now, command).unwrap() else { panic!() };
     w.drain();

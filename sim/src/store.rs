@@ -2,8 +2,8 @@
 //! a deliberately wrong behaviour planted, to prove the checker catches it.
 
 use p2pchat_protocol::engine::{
-    Conversation, HeldMessage, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus, OutboxItem, Store,
-    StoreError,
+    Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus, OutboxItem,
+    Store, StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -225,6 +225,18 @@ impl Store for SimStore {
 
     fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
         self.inner.delete_held_message(seq)
+    }
+
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
+        self.inner.invitations()
+    }
+
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
+        self.inner.put_invitation(invitation)
+    }
+
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
+        self.inner.delete_invitation(group)
     }
 
     fn next_seq(&mut self) -> Result<u64, StoreError> {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, ConversationKind, Engine, EngineConfig, Event, Input, Message, Store, Transmit,
-    TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, ConversationKind, Engine, EngineConfig, Event, Input, Message, Query, Store,
+    Transmit, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{
@@ -58,6 +58,8 @@ enum Ev {
     Fault(Fault),
     /// The crash planned for this node happens now if no call triggered it.
     CrashNow(usize),
+    /// A node's user accepts a group invitation shown to it.
+    Accept { node: usize, group: ConversationId },
     /// The workload is over: everything heals.
     Heal,
 }
@@ -476,6 +478,14 @@ impl World {
                 // starting leaves over them.
                 self.refresh();
                 self.drain(i);
+                // The user's page, reloaded, lists the invitations still
+                // waiting (their events may have died with the process).
+                if let Ok(Answer::Invitations(waiting)) = self.nodes[i].engine.query(Query::Invitations) {
+                    for invitation in waiting {
+                        let after = self.work.range(0, 10_000);
+                        self.schedule(after, Ev::Accept { node: i, group: invitation.group_id });
+                    }
+                }
             }
             Fault::RelayDown => self.relay_up = false,
             Fault::RelayUp => self.relay_up = true,
@@ -677,7 +687,12 @@ impl World {
                 self.nodes[i].inbox.push(m.id);
                 self.nodes[i].conversations.insert(m.conversation_id);
             }
-            Event::GroupInvite { conversation_id, .. } => {
+            Event::GroupInvite { conversation_id, pending: true, .. } => {
+                // The user reads the invitation and accepts it, soon.
+                let after = self.work.range(0, 10_000);
+                self.schedule(after, Ev::Accept { node: i, group: *conversation_id });
+            }
+            Event::GroupInvite { conversation_id, pending: false, .. } => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == *conversation_id) {
                     g.members.insert(i);
                 }
@@ -815,6 +830,10 @@ impl World {
                 if self.nodes[i].crash_pending {
                     self.crash(i);
                 }
+            }
+            Ev::Accept { node, group } => {
+                // Answered already (a restarted node's page lists it again).
+                self.command(node, Command::AcceptInvitation { group });
             }
             Ev::Heal => self.heal(),
         }

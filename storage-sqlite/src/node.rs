@@ -6,7 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use zeroize::Zeroizing;
 
 use p2pchat_protocol::engine::{
-    Conversation, ConversationKind, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem, Store, StoreError,
+    Conversation, ConversationKind, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem, Store,
+    StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -26,6 +27,7 @@ mod label {
     pub(super) const KEY_EXCHANGE: &[u8] = b"key-exchange";
     pub(super) const OUTBOX: &[u8] = b"outbox";
     pub(super) const KEY_CHECK: &[u8] = b"key-check";
+    pub(super) const INVITATION: &[u8] = b"invitation";
 }
 
 const NONCE_LEN: usize = 24;
@@ -770,6 +772,51 @@ impl Store for SqliteStore {
 
     fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
         self.execute("DELETE FROM chat_held_messages WHERE seq = ?1", [seq as i64])
+    }
+
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
+        let sql = "SELECT group_id, sealed FROM chat_invitations ORDER BY received_at, group_id";
+        self.read_sealed_list(sql, [], label::INVITATION, "a group invitation")
+    }
+
+    fn invitation(&self, group: &ConversationId) -> Result<Option<Invitation>, StoreError> {
+        let sql = "SELECT group_id, sealed FROM chat_invitations WHERE group_id = ?1";
+        Ok(self.read_sealed_list(sql, [group.to_string()], label::INVITATION, "a group invitation")?.pop())
+    }
+
+    fn invitation_count(&self, admin: Option<&PeerId>) -> Result<usize, StoreError> {
+        let count = match admin {
+            Some(admin) => {
+                self.scalar("SELECT COUNT(*) FROM chat_invitations WHERE admin_peer_id = ?1", [admin.to_string()])?
+            }
+            None => self.scalar("SELECT COUNT(*) FROM chat_invitations", [])?,
+        };
+        Ok(count.unwrap_or(0).max(0) as usize)
+    }
+
+    fn oldest_invitation(&self) -> Result<Option<ConversationId>, StoreError> {
+        self.guard()?;
+        let oldest: Option<String> = self
+            .conn
+            .prepare_cached("SELECT group_id FROM chat_invitations ORDER BY received_at, group_id LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .map_err(backend)?;
+        oldest.map(|id| id.parse().map_err(|_| corrupt("a group invitation's ID"))).transpose()
+    }
+
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
+        let id = invitation.group_id.to_string();
+        let sealed = self.key.seal(label::INVITATION, id.as_bytes(), &encode(invitation)?);
+        self.execute(
+            "INSERT INTO chat_invitations (group_id, admin_peer_id, received_at, sealed) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT(group_id) DO UPDATE SET admin_peer_id = excluded.admin_peer_id, \
+             received_at = excluded.received_at, sealed = excluded.sealed",
+            params![id, invitation.admin.to_string(), ts(invitation.received_at), sealed],
+        )
+    }
+
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
+        self.execute("DELETE FROM chat_invitations WHERE group_id = ?1", [group.to_string()])
     }
 
     fn next_seq(&mut self) -> Result<u64, StoreError> {

@@ -78,6 +78,7 @@ pub fn node_schema() -> Schema {
         migrations: vec![
             Migration { name: "initial node schema", sql: NODE_V1 },
             Migration { name: "key exchange deadlines and held-message counts in SQL", sql: NODE_V2 },
+            Migration { name: "group invitations waiting for the user's answer", sql: NODE_V3 },
         ],
     }
 }
@@ -92,6 +93,20 @@ pub fn relay_schema() -> Schema {
         ],
     }
 }
+
+/// Version 3 of the node's schema: group invitations waiting for the
+/// user's answer, sealed (the group's name and roster), with the admin and
+/// the arrival time beside them to count and evict without unsealing.
+const NODE_V3: &str = "
+CREATE TABLE chat_invitations (
+    group_id TEXT PRIMARY KEY,
+    admin_peer_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX chat_invitations_by_admin ON chat_invitations(admin_peer_id);
+CREATE INDEX chat_invitations_by_age ON chat_invitations(received_at, group_id);
+";
 
 /// Version 2 of the node's schema: each pending key exchange's deadline
 /// beside its sealed row, so the next deadline (asked after every

@@ -247,7 +247,9 @@ fn an_older_database_is_upgraded_and_a_newer_one_refused() {
     let dir = TempDir::new("migrate");
     let db = dir.path("node.sqlite3");
     std::fs::copy(fixture(), &db).unwrap();
-    // Version 1 → 2 (real) → 3 (the test migration); the data stays readable.
+    // Version 1 → every real version → one more (the test migration); the
+    // data stays readable.
+    let real = node_schema().version();
     let schema = node_schema().with(TEST_NEXT);
     let mut store = SqliteStore::open_with(&db, key(7), Durability::Normal, &schema).unwrap();
     store.begin().unwrap();
@@ -257,11 +259,14 @@ fn an_older_database_is_upgraded_and_a_newer_one_refused() {
     drop(store);
     // The test migration's objects exist: the table and the new column.
     let conn = rusqlite_open(&db);
-    assert_eq!(conn.0, 3, "at version 3");
+    assert_eq!(conn.0, real + 1, "at the test version");
     assert!(conn.1, "the new table and column exist");
-    // Now at version 3: this build (version 2) refuses it, clearly.
+    // Now one version ahead: this build refuses it, clearly.
     let err = SqliteStore::open(&db, key(7), Durability::Normal).unwrap_err();
-    assert!(matches!(err, StorageError::NewerSchema { found: 3, supported: 2, .. }), "{err}");
+    assert!(
+        matches!(err, StorageError::NewerSchema { found, supported, .. } if found == real + 1 && supported == real),
+        "{err}"
+    );
     assert!(err.to_string().contains("newer than this p2pchat supports"), "{err}");
 }
 
@@ -281,10 +286,11 @@ fn a_failed_migration_leaves_the_database_at_its_version() {
     let db = dir.path("node.sqlite3");
     std::fs::copy(fixture(), &db).unwrap();
     let broken = Migration { name: "test-only: broken", sql: "CREATE TABLE chat_messages (x INTEGER);" };
+    let real = node_schema().version();
     let err = SqliteStore::open_with(&db, key(7), Durability::Normal, &node_schema().with(broken)).unwrap_err();
-    assert!(matches!(err, StorageError::Migration { to: 3, .. }), "{err}");
+    assert!(matches!(err, StorageError::Migration { to, .. } if to == real + 1), "{err}");
     let store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2, "the real upgrade committed, the broken one did not");
+    assert_eq!(store.schema_version().unwrap(), real, "the real upgrades committed, the broken one did not");
 }
 
 #[test]

@@ -64,7 +64,8 @@ pub enum Event {
         /// When it failed.
         timestamp: Timestamp,
     },
-    /// `chat.group.invite`: this node was added to a group.
+    /// `chat.group.invite`: this node was added to a group, or (`pending`)
+    /// an invitation waits for the user to accept or decline it.
     GroupInvite {
         /// The group.
         conversation_id: ConversationId,
@@ -72,6 +73,9 @@ pub enum Event {
         group_name: String,
         /// The admin who invited.
         invited_by: PeerId,
+        /// Whether the invitation waits for the user's answer (the node
+        /// has not joined); `false` once it has joined.
+        pending: bool,
     },
     /// `chat.key_exchange.complete`
     KeyExchangeComplete {

@@ -5,8 +5,8 @@ use super::MessageStatus;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Member, Message,
-    OutboxPayload, Store, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MIN_GROUP_OTHERS,
+    check_content, Conversation, ConversationKind, Engine, EngineError, Event, Handled, HeldMessage, Invitation,
+    Member, Message, OutboxPayload, Store, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupError, GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -279,11 +279,13 @@ impl<S: Store> Engine<S> {
     ) -> Result<Handled, EngineError> {
         match control {
             GroupControl::Invite { group_id, name, admin, members, created_at } => {
-                self.on_invite(now, from, group_id, name, admin, members, created_at)?;
+                let invitation = Invitation { group_id, name, admin, members, created_at, received_at: now };
+                self.on_invite(now, from, invitation)?;
                 Ok(Handled::Done)
             }
             GroupControl::MemberAdded { group_id, member } => self.on_member_added(now, from, group_id, member),
             GroupControl::Leave { group_id, epoch } => self.on_leave(now, from, group_id, epoch),
+            GroupControl::MemberLeft { group_id, member } => self.on_member_left(now, from, group_id, member),
         }
     }
 
@@ -408,7 +410,8 @@ impl<S: Store> Engine<S> {
                     Ok(PairwisePayload::GroupControl(
                         GroupControl::Invite { group_id: g, .. }
                         | GroupControl::MemberAdded { group_id: g, .. }
-                        | GroupControl::Leave { group_id: g, .. },
+                        | GroupControl::Leave { group_id: g, .. }
+                        | GroupControl::MemberLeft { group_id: g, .. },
                     )) => g == group_id,
                     _ => false,
                 },
@@ -424,8 +427,40 @@ impl<S: Store> Engine<S> {
             self.save_group(&group)?;
             self.copy_unconfirmed(now, &group_id, None)?;
         }
+        if admin == me {
+            // The admin tells every member: a leaver tells only the members
+            // it knows, and an invitee that declines tells only the admin.
+            let left = PairwisePayload::GroupControl(GroupControl::MemberLeft {
+                group_id,
+                member: RosterEntry { peer_id: from, epoch },
+            });
+            for other in self.others(&group_id)? {
+                self.enqueue_control(now, other, &left)?;
+                self.pump(now, other)?;
+            }
+        }
         self.members_changed(now, &group_id)?;
         Ok(Handled::Done)
+    }
+
+    /// The admin's word that a member left (or declined its invitation).
+    fn on_member_left(
+        &mut self,
+        now: Timestamp,
+        from: PeerId,
+        group_id: ConversationId,
+        member: RosterEntry,
+    ) -> Result<Handled, EngineError> {
+        let Ok((_, admin, _)) = self.joined_group(&group_id) else { return Ok(Handled::Done) };
+        if from != admin {
+            self.reject(from, "only the group's admin may report a member's leave");
+            return Ok(Handled::Done);
+        }
+        if member.peer_id == self.peer_id() || member.peer_id == admin {
+            // Our own leave is ours to send, and the admin leaves by itself.
+            return Ok(Handled::Done);
+        }
+        self.on_leave(now, member.peer_id, group_id, member.epoch)
     }
 
     /// A member still sends us group traffic after we left: it never heard
@@ -508,18 +543,9 @@ impl<S: Store> Engine<S> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_invite(
-        &mut self,
-        now: Timestamp,
-        from: PeerId,
-        group_id: ConversationId,
-        name: String,
-        admin: PeerId,
-        members: Vec<RosterEntry>,
-        created_at: Timestamp,
-    ) -> Result<(), EngineError> {
+    fn on_invite(&mut self, now: Timestamp, from: PeerId, invitation: Invitation) -> Result<(), EngineError> {
         let me = self.peer_id();
+        let Invitation { group_id, admin, .. } = invitation;
         if from != admin {
             self.reject(from, "group invite not sent by the group's admin");
             return Ok(());
@@ -528,20 +554,21 @@ impl<S: Store> Engine<S> {
             self.reject(from, "group invite with an ID that is not a group ID");
             return Ok(());
         }
-        if name.len() > MAX_GROUP_NAME_LEN {
+        if invitation.name.len() > MAX_GROUP_NAME_LEN {
             self.reject(from, "group invite with a name over the length limit");
             return Ok(());
         }
-        let roster: BTreeMap<PeerId, u64> = members.iter().map(|m| (m.peer_id, m.epoch)).collect();
-        let Some(&my_epoch) = roster.get(&me) else {
+        let roster: BTreeSet<PeerId> = invitation.members.iter().map(|m| m.peer_id).collect();
+        let Some(my_epoch) = invitation.epoch_of(&me) else {
             self.reject(from, "group invite with a roster that does not hold this node");
             return Ok(());
         };
-        if roster.len() > MAX_GROUP_MEMBERS || !roster.contains_key(&admin) {
+        if roster.len() > MAX_GROUP_MEMBERS || !roster.contains(&admin) {
             self.reject(from, "group invite with a roster that is too large or lacks its admin");
             return Ok(());
         }
-        if let Some(existing) = self.store.conversation(&group_id)? {
+        let existing = self.store.conversation(&group_id)?;
+        if let Some(existing) = &existing {
             let same_admin = matches!(existing.kind, ConversationKind::Group { admin: a, .. } if a == admin);
             if !same_admin {
                 self.reject(from, "group invite that conflicts with a known group");
@@ -552,7 +579,109 @@ impl<S: Store> Engine<S> {
                 return Ok(()); // a repeat, or an invite older than our leave
             }
         }
-        let conversation = Conversation {
+        let in_group = existing.is_some_and(|c| !c.left);
+        if !in_group && !self.chose_to_deal_with(&admin)? {
+            return self.hold_invitation(now, invitation);
+        }
+        self.join(now, invitation)
+    }
+
+    /// Whether the user has chosen to deal with `peer`: written to it in a
+    /// 1:1 conversation, or joined a group it administers. Anyone may open
+    /// a 1:1 conversation with us by sending a message, so receiving one
+    /// is not enough.
+    fn chose_to_deal_with(&self, peer: &PeerId) -> Result<bool, EngineError> {
+        let me = self.peer_id();
+        let direct = ConversationId::for_peers(&me, peer);
+        if self.store.conversation(&direct)?.is_some() && self.store.messages(&direct)?.iter().any(|m| m.sender == me) {
+            return Ok(true);
+        }
+        for conversation in self.store.conversations()? {
+            if !conversation.left
+                && matches!(conversation.kind, ConversationKind::Group { admin, .. } if admin == *peer)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Keeps an invitation for the user's answer, within the caps.
+    fn hold_invitation(&mut self, now: Timestamp, invitation: Invitation) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        if let Some(waiting) = self.store.invitation(&invitation.group_id)? {
+            if waiting.admin != invitation.admin {
+                self.reject(invitation.admin, "group invite that conflicts with a waiting invitation");
+            } else if waiting.epoch_of(&me) < invitation.epoch_of(&me) {
+                // A newer invitation (we left and were invited again): its
+                // roster, under the first one's wait.
+                self.store.put_invitation(&Invitation { received_at: waiting.received_at, ..invitation })?;
+            }
+            return Ok(());
+        }
+        if self.store.invitation_count(Some(&invitation.admin))? >= self.config.max_invitations_per_admin {
+            self.reject(invitation.admin, "too many of this peer's group invitations are waiting; declined");
+            return self.decline(now, &invitation);
+        }
+        while self.store.invitation_count(None)? >= self.config.max_invitations {
+            let Some(oldest) = self.store.oldest_invitation()?.and_then(|id| self.store.invitation(&id).ok().flatten())
+            else {
+                break;
+            };
+            self.decline(now, &oldest)?;
+        }
+        self.store.put_invitation(&invitation)?;
+        self.staged.events.push(Event::GroupInvite {
+            conversation_id: invitation.group_id,
+            group_name: invitation.name,
+            invited_by: invitation.admin,
+            pending: true,
+        });
+        Ok(())
+    }
+
+    pub(super) fn accept_invitation(
+        &mut self,
+        now: Timestamp,
+        id: ConversationId,
+    ) -> Result<Conversation, EngineError> {
+        let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
+        self.store.delete_invitation(&id)?;
+        self.join(now, invitation)?;
+        self.conversation(&id)
+    }
+
+    pub(super) fn decline_invitation(&mut self, now: Timestamp, id: ConversationId) -> Result<(), EngineError> {
+        let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
+        self.decline(now, &invitation)
+    }
+
+    /// Forgets an invitation and tells its admin, as a leave of the join it
+    /// offered; the admin tells the other members. Nothing goes to the
+    /// members themselves, who may be strangers (or inventions).
+    fn decline(&mut self, now: Timestamp, invitation: &Invitation) -> Result<(), EngineError> {
+        self.store.delete_invitation(&invitation.group_id)?;
+        let epoch = invitation.epoch_of(&self.peer_id()).unwrap_or(0);
+        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: invitation.group_id, epoch });
+        self.enqueue_unbounded(now, invitation.admin, OutboxPayload::Control(leave.encode().to_vec()))?;
+        self.pump(now, invitation.admin)
+    }
+
+    /// Joins the group an invitation describes.
+    fn join(&mut self, now: Timestamp, invitation: Invitation) -> Result<(), EngineError> {
+        let me = self.peer_id();
+        let Invitation { group_id, name, admin, members, created_at, .. } = invitation;
+        let roster: BTreeMap<PeerId, u64> = members.iter().map(|m| (m.peer_id, m.epoch)).collect();
+        let my_epoch = roster.get(&me).copied().unwrap_or(0);
+        let old = self.store.conversation(&group_id)?;
+        if let Some(old) = &old {
+            // Joined meanwhile under this invitation or a newer one.
+            let mine = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == me);
+            if !old.left && mine.is_some_and(|m| m.epoch >= my_epoch) {
+                return Ok(());
+            }
+        }
+        let mut stored = Conversation {
             id: group_id,
             kind: ConversationKind::Group { name: name.clone(), admin },
             created_at,
@@ -562,9 +691,7 @@ impl<S: Store> Engine<S> {
             unread_count: 0,
             left: false,
         };
-        let rejoined = self.store.conversation(&group_id)?.is_some();
-        let mut stored = conversation.clone();
-        if let Some(old) = self.store.conversation(&group_id)? {
+        if let Some(old) = &old {
             stored.last_message_at = old.last_message_at;
             stored.last_message_id = old.last_message_id;
             stored.unread_count = old.unread_count;
@@ -596,12 +723,17 @@ impl<S: Store> Engine<S> {
         // roster, costs no traffic to peers we may not know.
         let group = GroupSession::new(group_id, me, others.iter().copied(), &mut self.rng)?;
         self.save_group(&group)?;
-        if rejoined {
+        if old.is_some() {
             self.conversation_updated(stored)?;
         } else {
             self.staged.events.push(Event::ConversationCreated(stored));
         }
-        self.staged.events.push(Event::GroupInvite { conversation_id: group_id, group_name: name, invited_by: from });
+        self.staged.events.push(Event::GroupInvite {
+            conversation_id: group_id,
+            group_name: name,
+            invited_by: admin,
+            pending: false,
+        });
         self.release_held(now, &group_id)
     }
 
@@ -867,6 +999,13 @@ impl<S: Store> Engine<S> {
     pub(super) fn group_retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
         self.store.delete_held_before(cutoff)?;
+        // An invitation left unanswered for the message TTL is declined.
+        let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.message_ttl_ms));
+        for invitation in self.store.invitations()? {
+            if invitation.received_at < cutoff {
+                self.decline(now, &invitation)?;
+            }
+        }
         for conversation in self.store.conversations()? {
             // One unreadable row must not stop the sweep for the others.
             let Ok(Some(mut group)) = self.load_group(&conversation.id) else { continue };

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem};
 use super::store::{Store, StoreError};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -28,6 +28,7 @@ struct Tables {
     outbox: BTreeMap<u64, OutboxItem>,
     group_envelopes: BTreeMap<MessageId, Vec<u8>>,
     held: BTreeMap<u64, HeldMessage>,
+    invitations: BTreeMap<ConversationId, Invitation>,
     next_seq: u64,
     retention_due: Option<Timestamp>,
     last_request_at: Option<Timestamp>,
@@ -306,6 +307,22 @@ impl Store for MemoryStore {
 
     fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
         self.write()?.held.remove(&seq);
+        Ok(())
+    }
+
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
+        let mut all: Vec<Invitation> = self.read()?.invitations.values().cloned().collect();
+        all.sort_by_key(|i| (i.received_at, i.group_id));
+        Ok(all)
+    }
+
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
+        self.write()?.invitations.insert(invitation.group_id, invitation.clone());
+        Ok(())
+    }
+
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
+        self.write()?.invitations.remove(group);
         Ok(())
     }
 

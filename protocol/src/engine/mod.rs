@@ -32,8 +32,8 @@ use rand_core::CryptoRngCore;
 pub use events::Event;
 pub use memory::MemoryStore;
 pub use model::{
-    Conversation, ConversationKind, HeldMessage, KeyExchangeAttempt, Member, Message, MessageStatus, OutboxItem,
-    OutboxPayload,
+    Conversation, ConversationKind, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, MessageStatus,
+    OutboxItem, OutboxPayload,
 };
 pub use store::{Store, StoreError};
 
@@ -73,6 +73,14 @@ pub const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 /// group): beyond it, such items wait and try again later, so a roster of
 /// invented members cannot keep the node exchanging keys with all of them.
 pub const MAX_BACKGROUND_KEY_EXCHANGES: usize = 64;
+
+/// The most group invitations waiting for the user's answer: beyond it,
+/// the oldest is declined to make room.
+pub const MAX_INVITATIONS: usize = 100;
+
+/// The most waiting group invitations from one admin: beyond it, its new
+/// invitations are declined at once.
+pub const MAX_INVITATIONS_PER_ADMIN: usize = 5;
 
 /// The most message IDs (or acknowledged IDs) one receipt is taken to name;
 /// the rest are ignored, so one envelope cannot cost unbounded work.
@@ -120,6 +128,10 @@ pub struct EngineConfig {
     /// Most key exchanges under way before those that no message of the
     /// user waits for are put off (see [`MAX_BACKGROUND_KEY_EXCHANGES`]).
     pub max_background_key_exchanges: usize,
+    /// Most group invitations waiting for the user's answer.
+    pub max_invitations: usize,
+    /// Most waiting group invitations from one admin.
+    pub max_invitations_per_admin: usize,
 }
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -146,6 +158,8 @@ impl EngineConfig {
             held_max: self.held_max,
             held_max_bytes: self.held_max_bytes,
             max_background_key_exchanges: self.max_background_key_exchanges,
+            max_invitations: self.max_invitations.max(1),
+            max_invitations_per_admin: self.max_invitations_per_admin,
         }
     }
 }
@@ -166,6 +180,8 @@ impl Default for EngineConfig {
             held_max: MAX_HELD,
             held_max_bytes: MAX_HELD_BYTES,
             max_background_key_exchanges: MAX_BACKGROUND_KEY_EXCHANGES,
+            max_invitations: MAX_INVITATIONS,
+            max_invitations_per_admin: MAX_INVITATIONS_PER_ADMIN,
         }
     }
 }
@@ -236,6 +252,17 @@ pub enum Command {
         /// The group.
         group: ConversationId,
     },
+    /// Join a group whose invitation waits for the user's answer.
+    AcceptInvitation {
+        /// The group.
+        group: ConversationId,
+    },
+    /// Decline a waiting invitation: the admin is told, and nothing of the
+    /// group is kept.
+    DeclineInvitation {
+        /// The group.
+        group: ConversationId,
+    },
 }
 
 /// What a command produced.
@@ -272,6 +299,8 @@ pub enum Query {
     Members(ConversationId),
     /// Unread incoming messages over all conversations.
     UnreadTotal,
+    /// Group invitations waiting for the user's answer, oldest first.
+    Invitations,
 }
 
 /// The most messages one [`Query::Messages`] returns.
@@ -306,6 +335,8 @@ pub enum Answer {
     Members(Vec<Member>),
     /// A count.
     Unread(u64),
+    /// Waiting group invitations.
+    Invitations(Vec<Invitation>),
 }
 
 /// An input from the transport, the directory or the clock.
@@ -474,6 +505,9 @@ pub enum EngineError {
     /// This node has left the group.
     #[error("this node has left group {0}")]
     LeftGroup(ConversationId),
+    /// No invitation to the group waits for an answer.
+    #[error("no invitation to group {0} is waiting for an answer (it was answered, declined or expired)")]
+    NoInvitation(ConversationId),
     /// The group's key state is unusable.
     #[error(transparent)]
     Group(#[from] GroupError),
@@ -687,6 +721,7 @@ impl<S: Store> Engine<S> {
             Query::UnreadTotal => {
                 Answer::Unread(self.store.conversations()?.iter().map(|c| u64::from(c.unread_count)).sum())
             }
+            Query::Invitations => Answer::Invitations(self.store.invitations()?),
         })
     }
 
@@ -834,6 +869,13 @@ impl<S: Store> Engine<S> {
             }
             Command::Leave { group } => {
                 self.leave(now, group)?;
+                Ok(CommandOutcome::Done)
+            }
+            Command::AcceptInvitation { group } => {
+                Ok(CommandOutcome::Conversation(self.accept_invitation(now, group)?))
+            }
+            Command::DeclineInvitation { group } => {
+                self.decline_invitation(now, group)?;
                 Ok(CommandOutcome::Done)
             }
             Command::InitiateKeyExchange { peer } => {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
+use crate::wire::RosterEntry;
 
 /// A message's place in its lifecycle. The order of the variants is the
 /// order of progress: a status never moves to a lower one, and `Failed` is
@@ -227,4 +228,31 @@ pub struct HeldMessage {
     pub envelope: Vec<u8>,
     /// When it arrived.
     pub received_at: Timestamp,
+}
+
+/// A group invitation waiting for the user's answer. An invitation from an
+/// admin to whom the user has never written in a 1:1 conversation is not
+/// joined on arrival: a stranger's group would otherwise put its roster,
+/// its members' keys and their messages on the user's disk unasked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invitation {
+    /// The group.
+    pub group_id: ConversationId,
+    /// Its display name.
+    pub name: String,
+    /// Its admin, who sent the invitation.
+    pub admin: PeerId,
+    /// The roster the admin sent, this node included.
+    pub members: Vec<RosterEntry>,
+    /// When the admin created the group.
+    pub created_at: Timestamp,
+    /// When the invitation arrived (it expires with the message TTL).
+    pub received_at: Timestamp,
+}
+
+impl Invitation {
+    /// The join number the admin gave `peer`.
+    pub fn epoch_of(&self, peer: &PeerId) -> Option<u64> {
+        self.members.iter().find(|m| m.peer_id == *peer).map(|m| m.epoch)
+    }
 }

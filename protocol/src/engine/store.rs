@@ -6,7 +6,7 @@
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, HeldMessage, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -187,6 +187,26 @@ pub trait Store {
         }
         Ok(old.len())
     }
+
+    /// Group invitations waiting for the user's answer, oldest first.
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError>;
+    /// The invitation to one group.
+    fn invitation(&self, group: &ConversationId) -> Result<Option<Invitation>, StoreError> {
+        Ok(self.invitations()?.into_iter().find(|i| i.group_id == *group))
+    }
+    /// How many invitations wait, from `admin` (or from everyone). Asked
+    /// for every invitation a stranger sends: a store on disk counts in SQL.
+    fn invitation_count(&self, admin: Option<&PeerId>) -> Result<usize, StoreError> {
+        Ok(self.invitations()?.iter().filter(|i| admin.is_none_or(|a| i.admin == *a)).count())
+    }
+    /// The group of the invitation that arrived first.
+    fn oldest_invitation(&self) -> Result<Option<ConversationId>, StoreError> {
+        Ok(self.invitations()?.first().map(|i| i.group_id))
+    }
+    /// Creates or replaces the invitation to `invitation.group_id`.
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError>;
+    /// Removes it.
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError>;
 
     /// A counter that never repeats, for outbox order.
     fn next_seq(&mut self) -> Result<u64, StoreError>;
