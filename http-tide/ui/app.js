@@ -311,6 +311,7 @@ async function refreshConversations() {
   if (request !== state.listRequest) return;
   state.conversations = data.conversations;
   renderConversations();
+  await refreshInvitations();
   if (state.current && !currentConversation()) closeConversation();
   else if (state.current) renderHeader();
 }
@@ -349,6 +350,54 @@ function renderConversations() {
     if (focused === c.conversation_id) button.focus();
   }
   $('no-conversations').hidden = state.conversations.length > 0;
+}
+
+// ---- Group invitations -------------------------------------------------
+
+async function refreshInvitations() {
+  let data;
+  try {
+    data = await api('GET', '/api/chat/invitations');
+  } catch (e) {
+    return;
+  }
+  const list = $('invitation-list');
+  list.replaceChildren();
+  for (const invitation of data.invitations) {
+    const item = el('li', 'invitation');
+    item.dataset.conversation = invitation.conversation_id;
+    const name = el('span', 'name', invitation.group_name);
+    const others = invitation.members.length - 1;
+    const from = el('span', 'from',
+      `from ${shortId(invitation.invited_by)} · ${others} other member${others === 1 ? '' : 's'}`);
+    from.title = invitation.invited_by;
+    const accept = el('button', 'small accept', 'Accept');
+    accept.type = 'button';
+    accept.addEventListener('click', () => answerInvitation(invitation, true));
+    const decline = el('button', 'small decline', 'Decline');
+    decline.type = 'button';
+    decline.addEventListener('click', () => answerInvitation(invitation, false));
+    item.append(name, from, accept, decline);
+    list.append(item);
+  }
+  $('invitations').hidden = data.invitations.length === 0;
+}
+
+async function answerInvitation(invitation, accept) {
+  const error = $('invitation-error');
+  error.textContent = '';
+  if (!accept && !window.confirm(
+    `Decline "${invitation.group_name}"? Its admin is told, and nothing of the group is kept.`)) return;
+  const id = invitation.conversation_id;
+  try {
+    await api('POST', `/api/chat/groups/${id}/${accept ? 'accept' : 'decline'}`);
+  } catch (err) {
+    error.textContent = err.message;
+    await refreshInvitations();
+    return;
+  }
+  await refreshConversations();
+  if (accept) await openConversation(id);
 }
 
 // ---- Creating chats ----------------------------------------------------

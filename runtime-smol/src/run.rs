@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
+use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event, Query};
 use p2pchat_protocol::relay::RelayConfig;
 
 use crate::config::Settings;
@@ -121,6 +121,9 @@ pub fn demo(data_dir: Option<PathBuf>, settings: &Settings) -> Result<(), String
     result
 }
 
+/// The group the demo makes, which its members accept at once.
+const DEMO_GROUP: &str = "demo";
+
 fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
     let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let relay = RelayServer::start(RelayServerConfig {
@@ -165,21 +168,12 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    // Show it working: alice makes a group with bob and carol and greets them.
     let (alice, bob, carol) = (nodes[0].1.handle(), nodes[1].1.handle(), nodes[2].1.handle());
-    let outcome = smol::block_on(
-        alice.command(Command::CreateGroup { name: "demo".into(), members: vec![bob.peer_id(), carol.peer_id()] }),
-    )
-    .map_err(|e: NodeError| e.to_string())?;
-    let CommandOutcome::Conversation(group) = outcome else { return Err("the group was not created".into()) };
-    smol::block_on(
-        alice.command(Command::SendGroupMessage { group: group.id, content: "hello bob and carol, from alice".into() }),
-    )
-    .map_err(|e| e.to_string())?;
+    let admin = alice.peer_id();
     let watchers: Vec<_> = nodes
         .iter()
-        .map(|(name, _, events)| {
-            let (name, events) = (*name, events.clone());
+        .map(|(name, node, events)| {
+            let (name, events, handle) = (*name, events.clone(), node.handle());
             std::thread::spawn(move || {
                 while let Ok(event) = smol::block_on(events.recv()) {
                     match event {
@@ -187,13 +181,46 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
                         Event::MessageDelivered { message_id, .. } => {
                             println!("{name}: message {message_id} delivered")
                         }
-                        Event::GroupInvite { group_name, .. } => println!("{name} joined group {group_name:?}"),
+                        // Bob and carol never wrote to alice, so her group
+                        // waits for their consent; in the demo they accept
+                        // her "demo" group at once. Other groups (made in
+                        // the web UI) wait for an answer on each page.
+                        Event::GroupInvite { conversation_id, group_name, invited_by, pending: true } => {
+                            println!("{name} is invited to group {group_name:?}");
+                            if invited_by == admin && group_name == DEMO_GROUP {
+                                let accept = handle.command(Command::AcceptInvitation { group: conversation_id });
+                                if let Err(e) = smol::block_on(accept) {
+                                    eprintln!("{name} could not accept: {e}");
+                                }
+                            }
+                        }
+                        Event::GroupInvite { group_name, pending: false, .. } => {
+                            println!("{name} joined group {group_name:?}")
+                        }
                         _ => {}
                     }
                 }
             })
         })
         .collect();
+    // Show it working: alice makes a group with bob and carol and, once
+    // they have joined, greets them.
+    let members = vec![bob.peer_id(), carol.peer_id()];
+    let outcome = smol::block_on(alice.command(Command::CreateGroup { name: DEMO_GROUP.into(), members }))
+        .map_err(|e: NodeError| e.to_string())?;
+    let CommandOutcome::Conversation(group) = outcome else { return Err("the group was not created".into()) };
+    for member in [&bob, &carol] {
+        for _ in 0..200 {
+            if smol::block_on(member.query(Query::Conversation(group.id))).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    smol::block_on(
+        alice.command(Command::SendGroupMessage { group: group.id, content: "hello bob and carol, from alice".into() }),
+    )
+    .map_err(|e| e.to_string())?;
     println!("running; press Ctrl-C to stop");
     wait_for_signal()?;
     for (_, node, _) in nodes {

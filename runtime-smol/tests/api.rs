@@ -280,6 +280,31 @@ fn groups_through_the_api() {
     assert_eq!(created.body["conversation_type"], "group");
     assert_eq!(created.body["group_name"], "Project Team");
     let g = created.body["conversation_id"].as_str().unwrap().to_owned();
+    // Neither bob nor carol ever wrote to alice: the invitation waits for
+    // each to accept, and nothing of the group is there until then.
+    for member in [bob, carol] {
+        let waiting = eventually("the invitation arrives", || {
+            let list = member.get("/api/chat/invitations").body;
+            (!list["invitations"].as_array()?.is_empty()).then_some(list)
+        });
+        let invitation = &waiting["invitations"][0];
+        assert_eq!(invitation["conversation_id"], g.as_str());
+        assert_eq!(
+            (invitation["group_name"].as_str(), invitation["invited_by"].as_str()),
+            (Some("Project Team"), Some(n[0].peer().as_str()))
+        );
+        assert_eq!(invitation["members"].as_array().unwrap().len(), 3);
+        assert_eq!(member.get(&format!("/api/chat/conversations/{g}")).status, 404, "not joined yet");
+        let accepted = member.post_empty(&format!("/api/chat/groups/{g}/accept"));
+        assert_eq!(accepted.status, 200, "{:?}", accepted.body);
+        assert_eq!(
+            (accepted.body["conversation_id"].as_str(), accepted.body["group_name"].as_str()),
+            (Some(g.as_str()), Some("Project Team"))
+        );
+        assert_eq!(member.get("/api/chat/invitations").body["invitations"], json!([]));
+        let again = member.post_empty(&format!("/api/chat/groups/{g}/accept"));
+        assert_eq!((again.status, again.code()), (404, "not_found"));
+    }
     let sent = alice.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "hello team"}));
     assert_eq!(sent.status, 200);
     assert_eq!(sent.body.as_object().unwrap().keys().collect::<Vec<_>>(), ["message_id"], "group sends return the ID");
@@ -308,6 +333,28 @@ fn groups_through_the_api() {
     let invited = alice.post(&format!("/api/chat/groups/{g}/invite"), json!({"peer_id": n[3].peer()}));
     assert_eq!(invited.status, 200, "{:?}", invited.body);
     assert_eq!(invited.body["members"].as_array().unwrap().len(), 4);
+    // Dave declines: alice, and through her bob, see him go; dave keeps nothing.
+    let dave = &n[3].client;
+    eventually("dave's invitation arrives", || {
+        let list = dave.get("/api/chat/invitations").body;
+        (!list["invitations"].as_array()?.is_empty()).then_some(())
+    });
+    let declined = dave.post_empty(&format!("/api/chat/groups/{g}/decline"));
+    assert_eq!((declined.status, declined.body["declined"].as_bool()), (200, Some(true)), "{:?}", declined.body);
+    assert_eq!(dave.get("/api/chat/invitations").body["invitations"], json!([]));
+    assert_eq!(dave.get(&format!("/api/chat/conversations/{g}")).status, 404);
+    let twice = dave.post_empty(&format!("/api/chat/groups/{g}/decline"));
+    assert_eq!((twice.status, twice.code()), (404, "not_found"));
+    for (name, member) in [("alice", alice), ("bob", bob)] {
+        eventually(&format!("{name} sees dave decline"), || {
+            let members = member.get(&format!("/api/chat/groups/{g}/members")).body;
+            members["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["peer_id"] == n[3].peer() && m["left_at"] != 0)
+                .then_some(())
+        });
+    }
 
     // Carol leaves; alice sees it.
     let left = carol.post_empty(&format!("/api/chat/groups/{g}/leave"));
@@ -541,6 +588,14 @@ fn the_websocket_carries_every_event_of_an_exchange() {
     assert_eq!(invite["type"], "chat.group.invite");
     assert_eq!(invite["payload"]["group_name"], "g");
     assert_eq!(invite["payload"]["invited_by"], n[0].peer());
+    assert_eq!(invite["payload"]["pending"], true, "carol never wrote to alice");
+    let g = invite["payload"]["conversation_id"].as_str().unwrap().to_owned();
+    assert_eq!(n[2].client.post_empty(&format!("/api/chat/groups/{g}/accept")).status, 200);
+    let joined = next_event(&mut carol_ws);
+    assert_eq!(
+        (joined["type"].as_str(), joined["payload"]["pending"].as_bool()),
+        (Some("chat.group.invite"), Some(false))
+    );
     // Subscriptions can change: carol adds the messages she receives,
     // drops invites, and then gets a group message and nothing else.
     carol_ws
@@ -557,12 +612,6 @@ fn the_websocket_carries_every_event_of_an_exchange() {
         ))
         .unwrap();
     assert_eq!(next_event(&mut carol_ws)["payload"]["types"], json!(["chat.message.received"]));
-    let groups = alice.get("/api/chat/conversations").body;
-    let g = groups["conversations"].as_array().unwrap().iter().find(|c| c["conversation_type"] == "group").unwrap()
-        ["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     alice.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "to the group"}));
     let got = next_event(&mut carol_ws);
     assert_eq!(

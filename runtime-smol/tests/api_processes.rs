@@ -163,6 +163,8 @@ fn two_node_processes_and_a_relay_and_a_no_direct_node() {
     alice.client.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "hello trio"}));
     for member in [&bob.client, &carol.client] {
         eventually("the group message arrives", || (contents(member, &g) == ["hello trio"]).then_some(()));
+        // Both wrote to alice before: her invitation was joined unasked.
+        assert_eq!(member.get("/api/chat/invitations").body["invitations"], json!([]));
     }
     carol.client.post(&format!("/api/chat/groups/{g}/messages"), json!({"content": "carol here"}));
     eventually("carol's group message reaches bob", || (contents(&bob.client, &g).len() == 2).then_some(()));

@@ -466,10 +466,12 @@ fn a_group_of_four_over_direct_and_relay_paths() {
     let mut sent = Vec::new();
     for (i, h) in handles.iter().enumerate() {
         if i > 0 {
+            // None of them ever wrote to alice: each accepts her invitation.
             wait_for(
                 &events[i],
-                |e| matches!(e, Event::GroupInvite { conversation_id, .. } if *conversation_id == group),
+                |e| matches!(e, Event::GroupInvite { conversation_id, pending: true, .. } if *conversation_id == group),
             );
+            smol::block_on(h.command(Command::AcceptInvitation { group })).unwrap();
         }
         let text = format!("hello from member {i}");
         let id = match smol::block_on(h.command(Command::SendGroupMessage { group, content: text.clone() })).unwrap() {

@@ -205,6 +205,10 @@ async function main() {
       await expectText(alice.locator('#chat-title'), /^Trio <b>&amp;<\/b>$/, 'the new group, its name as text');
       if (await alice.locator('.conversation-item b, #chat-title b').count()) throw new Error('a group name became markup');
       await expectText(alice.locator('#chat-subtitle'), /3 members/, 'the group\'s size');
+      // Bob wrote to alice and carol joined alice's demo group: neither is asked.
+      for (const page of [bob, carol]) {
+        if (await page.locator('#invitation-list .invitation').count()) throw new Error('a friend was asked to accept');
+      }
       await send(alice, 'Welcome to Trio');
       for (const [name, page] of [['bob', bob], ['carol', carol]]) {
         const item = conversationItem(page, 'Trio');
@@ -243,6 +247,51 @@ async function main() {
       await bubble(bob, 'Just the two of us now').waitFor({ timeout: WAIT });
       await shot(alice, 'carol-left');
       await shot(carol, 'carol-after-leaving');
+    });
+
+    // Bob makes a group with alice and carol. Alice wrote to him, so she is
+    // in at once; carol never wrote to bob, so her page asks her first.
+    const bobMakesGroup = async (name) => {
+      await bob.locator('#new-group').click();
+      await bob.locator('#group-name').fill(name);
+      await bob.locator('#group-members').fill(`${nodes.alice.peer}\n${nodes.carol.peer}`);
+      await bob.locator('#group-form button[type="submit"]').click();
+      await expectText(bob.locator('#chat-title'), new RegExp(`^${name}$`), `bob's new group ${name}`);
+      const invitation = carol.locator('#invitation-list .invitation', { hasText: name });
+      await invitation.waitFor({ timeout: WAIT });
+      await expectText(invitation.locator('.from'), new RegExp(`from ${short('bob')}.*2 other members`), 'who invites');
+      if (await conversationItem(carol, name).count()) throw new Error(`carol is in ${name} before answering`);
+      if (await alice.locator('#invitation-list .invitation').count()) throw new Error('alice was asked, though she wrote to bob');
+      await conversationItem(alice, name).waitFor({ timeout: WAIT });
+      return invitation;
+    };
+
+    await step('a stranger\'s group waits for carol, who declines it; bob sees her gone', async () => {
+      const invitation = await bobMakesGroup('Second');
+      await shot(carol, 'invitation');
+      await invitation.locator('button.decline').click();
+      await carol.locator('#invitations').waitFor({ state: 'hidden', timeout: WAIT });
+      if (await conversationItem(carol, 'Second').count()) throw new Error('a declined group was kept');
+      if (await bob.locator('#members').isHidden()) await bob.locator('#members-toggle').click();
+      await expectText(bob.locator('#member-list li', { hasText: short('carol') }), /left/, 'carol\'s row in Second');
+      await expectText(bob.locator('#chat-subtitle'), /2 members/, 'the declined group\'s size');
+      await shot(bob, 'carol-declined');
+    });
+
+    await step('carol accepts the next one and reads what was sent', async () => {
+      const invitation = await bobMakesGroup('Third');
+      await send(bob, 'Welcome to Third');
+      await invitation.locator('button.accept').click();
+      await expectText(carol.locator('#chat-title'), /^Third$/, 'the accepted group, opened');
+      await carol.locator('#invitations').waitFor({ state: 'hidden', timeout: WAIT });
+      await bubble(carol, 'Welcome to Third').waitFor({ timeout: WAIT });
+      await send(carol, 'Thanks for having me');
+      await bubble(bob, 'Thanks for having me').waitFor({ timeout: WAIT });
+      await expectText(conversationItem(alice, 'Third').locator('.last'), /Thanks for having me/, 'alice\'s list');
+      await shot(carol, 'carol-accepted');
+      // Back to Trio for the steps that follow.
+      await conversationItem(bob, 'Trio').click();
+      await expectText(bob.locator('#chat-title'), /^Trio /, 'Trio, open again at bob');
     });
 
     await step('a dropped WebSocket shows a banner, reconnects and catches up', async () => {

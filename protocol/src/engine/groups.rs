@@ -646,8 +646,15 @@ impl<S: Store> Engine<S> {
         id: ConversationId,
     ) -> Result<Conversation, EngineError> {
         let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
+        let admin = invitation.admin;
         self.store.delete_invitation(&id)?;
         self.join(now, invitation)?;
+        // What the admin sent while the invitation waited was refused
+        // unacknowledged; asking for its key has it send that again now
+        // (over the pairwise session) rather than at its next retry. The
+        // other members resend on their own schedule.
+        self.request_key(now, admin, id)?;
+        self.pump(now, admin)?;
         self.conversation(&id)
     }
 
