@@ -770,3 +770,89 @@ fn forged_group_traffic_is_refused_member_by_member() {
     assert_eq!(ids, expected);
     assert!(received_texts(&victim, &outsider.peer()).is_empty());
 }
+
+#[test]
+fn a_strangers_invitations_wait_within_their_cap_and_store_nothing_of_the_group() {
+    use p2pchat_protocol::wire::{
+        Envelope, EnvelopeBody, GroupControl, GroupMessage, PairwisePayload, RosterEntry, Signature64,
+    };
+
+    let victim = victim("hostile-invites");
+    let mut events = ws(&victim.client);
+    // A stranger opens a session (even writing first: a conversation the
+    // stranger opened is no consent) and invites the victim into groups of
+    // invented members, more than one admin may keep waiting.
+    let mut stranger = Attacker::connect(0x71, &victim);
+    let chat = stranger.open_session();
+    let hello = stranger.message(chat, "hi, join my groups");
+    stranger.send(&hello);
+    next(&mut events, "chat.message.received", "the stranger's first message");
+    let puppets: Vec<RosterEntry> = (0..200u8).map(|n| RosterEntry { peer_id: PeerId([n; 20]), epoch: 1 }).collect();
+    let mut groups = Vec::new();
+    for n in 0..8u8 {
+        let group_id = ConversationId::random_group(&mut rand_chacha::ChaCha20Rng::seed_from_u64(u64::from(n)));
+        let mut members = puppets.clone();
+        members.push(RosterEntry { peer_id: victim.peer, epoch: 1 });
+        members.push(RosterEntry { peer_id: stranger.peer(), epoch: 1 });
+        let invite = PairwisePayload::GroupControl(GroupControl::Invite {
+            group_id,
+            name: format!("spam {n}"),
+            admin: stranger.peer(),
+            members,
+            created_at: stranger.now,
+        });
+        let forged = stranger.forge(&invite);
+        stranger.send(&forged);
+        groups.push(group_id);
+    }
+    refused(&mut events, "too many of this peer's group invitations are waiting", "invitations over the cap");
+    let waiting = support::eventually("the invitations are listed", || {
+        let list = victim.client.get("/api/chat/invitations").body;
+        (list["invitations"].as_array()?.len() == 5).then_some(list)
+    });
+    for invitation in waiting["invitations"].as_array().unwrap() {
+        assert_eq!(invitation["invited_by"], stranger.peer().to_string());
+        assert_eq!(invitation["members"].as_array().unwrap().len(), 202);
+    }
+    // The stranger, and its puppets, "send" group messages: with no group
+    // joined none is held, and no group, member or key exchange appears.
+    let senders = std::iter::once(stranger.peer()).chain(puppets.iter().take(20).map(|p| p.peer_id));
+    for (i, sender) in senders.enumerate() {
+        let message = GroupMessage {
+            group_id: groups[0],
+            sender,
+            key_id: 1,
+            message_number: i as u32,
+            ciphertext: vec![0x5a; 4_000],
+            signature: Signature64([0; 64]),
+        };
+        stranger.send(&Envelope::new(EnvelopeBody::Group(message)).encode());
+    }
+    refused(&mut events, "group message whose sender is not the peer it came from", "a puppet's message");
+    let conversations = victim.client.get("/api/chat/conversations").body;
+    let kinds: Vec<&str> = conversations["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["conversation_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1on1"], "only the stranger's own 1:1 conversation");
+    for group in &groups {
+        let members = victim.client.get(&format!("/api/chat/groups/{group}/members"));
+        assert_eq!((members.status, members.code()), (404, "not_found"), "no group {group} here");
+    }
+    let peers = victim.client.get("/api/peers").body;
+    assert!(
+        peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| puppets.iter().all(|m| p["peer_id"] != m.peer_id.to_string())),
+        "no puppet is looked up or dialled: {peers}"
+    );
+    // The victim declines one: it is gone, and the stranger is told.
+    let first = waiting["invitations"][0]["conversation_id"].as_str().unwrap().to_owned();
+    let declined = victim.client.post_empty(&format!("/api/chat/groups/{first}/decline"));
+    assert_eq!(declined.status, 200, "{:?}", declined.body);
+    assert_eq!(victim.client.get("/api/chat/invitations").body["invitations"].as_array().unwrap().len(), 4);
+}
