@@ -64,6 +64,10 @@ macro_rules! scenario_tests {
             $crate::testkit::waiting_invitations_stay_within_their_caps_and_expire($make);
         }
         #[test]
+        fn a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives() {
+            $crate::testkit::a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives($make);
+        }
+        #[test]
         fn a_first_message_starts_the_key_exchange_and_is_delivered_then_read() {
             $crate::testkit::a_first_message_starts_the_key_exchange_and_is_delivered_then_read($make);
         }
@@ -1138,6 +1142,43 @@ pub fn waiting_invitations_stay_within_their_caps_and_expire<S: TestStore>(make:
     for g in groups.iter().chain([&other]) {
         assert_eq!(traces_of_group(&mut net, 1, &g.id), 0);
     }
+}
+
+/// Scenario: a stranger opens a session with node 0 and says nothing for
+/// longer than the message TTL: node 0 sweeps the session (and keeps those
+/// of the peers it talks to). When the stranger writes at last, under the
+/// session node 0 dropped, a new key exchange carries the message.
+pub fn a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives<S: TestStore>(make: fn() -> S) {
+    let config =
+        EngineConfig { message_ttl_ms: 2 * 60 * 60_000, retention_interval_ms: 30 * 60_000, ..EngineConfig::default() };
+    let mut net = Net::with_config(make, 3, 64, config);
+    let (node0, stranger, friend) = (net.id(0), net.id(1), net.id(2));
+    // The stranger keeps a conversation (so its own session stays) but
+    // only exchanges keys; the friend writes.
+    let c1 = net.conversation(1, 0);
+    net.command(1, Command::InitiateKeyExchange { peer: node0 }).unwrap();
+    let c2 = net.conversation(2, 0);
+    net.send(2, c2.id, "hello from a friend");
+    let sessions_of = |net: &mut Net<S>, i: usize, peer: &PeerId| {
+        let store = net.nodes[i].engine.store_mut();
+        store.begin().unwrap();
+        let found = (store.sessions(peer).unwrap().is_some(), store.last_heard(peer).unwrap().is_some());
+        store.rollback();
+        found
+    };
+    assert_eq!(sessions_of(&mut net, 0, &stranger), (true, true));
+    assert!(net.messages(0, &c1.id).is_empty(), "node 0 has no conversation with the stranger");
+    // A month of silence, in this configuration three hours.
+    net.advance(3 * 60 * 60_000);
+    assert_eq!(sessions_of(&mut net, 0, &stranger), (false, true), "swept, remembered as heard of");
+    assert_eq!(sessions_of(&mut net, 0, &friend), (true, true), "a peer node 0 talks to keeps its session");
+    assert_eq!(sessions_of(&mut net, 1, &node0), (true, true), "the stranger keeps its own");
+    // The stranger writes under the session node 0 dropped.
+    let m = net.send(1, c1.id, "hello after a long silence");
+    net.advance(60_000);
+    assert_eq!(contents(&mut net, 0, &c1.id), vec!["hello after a long silence".to_string()]);
+    assert!(net.message(1, &m.id).unwrap().status >= MessageStatus::Delivered);
+    assert_eq!(sessions_of(&mut net, 0, &stranger), (true, true));
 }
 
 /// A hostile relay that carried every group envelope so far hands them all

@@ -227,6 +227,26 @@ impl Store for SimStore {
         self.inner.delete_held_message(seq)
     }
 
+    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        self.inner.delete_sessions(peer)
+    }
+
+    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError> {
+        self.inner.last_heard(peer)
+    }
+
+    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError> {
+        self.inner.note_heard(peer, at)
+    }
+
+    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        self.inner.quiet_session_peers(cutoff)
+    }
+
+    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
+        self.inner.forget_quiet_peers(keep)
+    }
+
     fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
         self.inner.invitations()
     }

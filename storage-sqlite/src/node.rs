@@ -529,6 +529,56 @@ impl Store for SqliteStore {
         )
     }
 
+    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        let key = peer.to_string();
+        self.execute("DELETE FROM chat_ratchet_state WHERE peer_id = ?1", [&key])?;
+        self.execute("DELETE FROM chat_answered_requests WHERE peer_id = ?1", [&key])
+    }
+
+    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError> {
+        let sql = "SELECT last_heard_at FROM chat_peer_activity WHERE peer_id = ?1";
+        Ok(self.scalar(sql, [peer.to_string()])?.map(|t| Timestamp(t.max(0) as u64)))
+    }
+
+    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError> {
+        // At most one write an hour per peer: this runs for every message.
+        self.execute(
+            "INSERT INTO chat_peer_activity (peer_id, last_heard_at) VALUES (?1, ?2) \
+             ON CONFLICT(peer_id) DO UPDATE SET last_heard_at = excluded.last_heard_at \
+             WHERE excluded.last_heard_at >= chat_peer_activity.last_heard_at + 3600000",
+            params![peer.to_string(), ts(at)],
+        )
+    }
+
+    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        self.guard()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT r.peer_id FROM chat_ratchet_state r JOIN chat_peer_activity a ON a.peer_id = r.peer_id \
+                 WHERE a.last_heard_at < ?1 ORDER BY r.peer_id",
+            )
+            .map_err(backend)?;
+        let rows = stmt.query_map([ts(cutoff)], |r| r.get::<_, String>(0)).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a quiet peer's ID"))?);
+        }
+        Ok(out)
+    }
+
+    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
+        self.guard()?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM chat_peer_activity WHERE peer_id IN (SELECT a.peer_id FROM chat_peer_activity a \
+                 WHERE NOT EXISTS (SELECT 1 FROM chat_ratchet_state r WHERE r.peer_id = a.peer_id) \
+                 ORDER BY a.last_heard_at DESC, a.peer_id LIMIT -1 OFFSET ?1)",
+            )
+            .and_then(|mut s| s.execute([i64::try_from(keep).unwrap_or(i64::MAX)]))
+            .map_err(backend)
+    }
+
     fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {
         let sql = "SELECT peer_id, sealed FROM chat_answered_requests WHERE peer_id = ?1";
         Ok(self.read_sealed_list(sql, [peer.to_string()], label::ANSWERED, "an answered key exchange")?.pop())

@@ -78,7 +78,7 @@ pub fn node_schema() -> Schema {
         migrations: vec![
             Migration { name: "initial node schema", sql: NODE_V1 },
             Migration { name: "key exchange deadlines and held-message counts in SQL", sql: NODE_V2 },
-            Migration { name: "group invitations waiting for the user's answer", sql: NODE_V3 },
+            Migration { name: "group invitations and when each peer was last heard from", sql: NODE_V3 },
         ],
     }
 }
@@ -96,7 +96,10 @@ pub fn relay_schema() -> Schema {
 
 /// Version 3 of the node's schema: group invitations waiting for the
 /// user's answer, sealed (the group's name and roster), with the admin and
-/// the arrival time beside them to count and evict without unsealing.
+/// the arrival time beside them to count and evict without unsealing; and
+/// when each peer was last heard from, to sweep quiet strangers' sessions
+/// (the sessions already stored count as heard at the upgrade, the one
+/// moment the database knows).
 const NODE_V3: &str = "
 CREATE TABLE chat_invitations (
     group_id TEXT PRIMARY KEY,
@@ -106,6 +109,13 @@ CREATE TABLE chat_invitations (
 );
 CREATE INDEX chat_invitations_by_admin ON chat_invitations(admin_peer_id);
 CREATE INDEX chat_invitations_by_age ON chat_invitations(received_at, group_id);
+CREATE TABLE chat_peer_activity (
+    peer_id TEXT PRIMARY KEY,
+    last_heard_at INTEGER NOT NULL
+);
+CREATE INDEX chat_peer_activity_by_age ON chat_peer_activity(last_heard_at);
+INSERT INTO chat_peer_activity (peer_id, last_heard_at)
+    SELECT peer_id, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM chat_ratchet_state;
 ";
 
 /// Version 2 of the node's schema: each pending key exchange's deadline

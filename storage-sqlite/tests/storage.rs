@@ -648,3 +648,69 @@ fn a_passphrase_wraps_the_identity_key_and_only_it_opens_it() {
         made.peer_id()
     );
 }
+
+#[test]
+fn quiet_peers_come_from_sql_and_their_records_outlive_their_sessions_within_a_cap() {
+    let dir = TempDir::new("quiet");
+    let db = dir.path("node.sqlite3");
+    let (a, b, c) = (PeerId([1; 20]), PeerId([2; 20]), PeerId([3; 20]));
+    const HOUR: u64 = 3_600_000;
+    {
+        let mut store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
+        store.begin().unwrap();
+        for peer in [a, b, c] {
+            store.put_sessions(&peer, &[peer.0[0]; 64]).unwrap();
+        }
+        store.note_heard(&a, Timestamp(10 * HOUR)).unwrap();
+        store.note_heard(&b, Timestamp(50 * HOUR)).unwrap();
+        store.commit().unwrap();
+    }
+    // A database of version 2 had sessions and no record of when: the
+    // upgrade counts them as heard when it runs.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM chat_peer_activity WHERE peer_id = ?1", [c.to_string()])
+        .unwrap();
+    let mut store = SqliteStore::open(&db, key(7), Durability::Normal).unwrap();
+    store.begin().unwrap();
+    // c has no record: never quiet. a was heard before the cutoff.
+    assert_eq!(store.quiet_session_peers(Timestamp(30 * HOUR)).unwrap(), vec![a]);
+    assert_eq!(store.quiet_session_peers(Timestamp(60 * HOUR)).unwrap(), vec![a, b]);
+    // At most one write an hour per peer; an older time never moves it back.
+    store.note_heard(&a, Timestamp(10 * HOUR + 600_000)).unwrap();
+    assert_eq!(store.last_heard(&a).unwrap(), Some(Timestamp(10 * HOUR)));
+    store.note_heard(&a, Timestamp(5 * HOUR)).unwrap();
+    assert_eq!(store.last_heard(&a).unwrap(), Some(Timestamp(10 * HOUR)));
+    store.note_heard(&a, Timestamp(12 * HOUR)).unwrap();
+    assert_eq!(store.last_heard(&a).unwrap(), Some(Timestamp(12 * HOUR)));
+    // Sweeping a's sessions keeps its record; the cap then keeps only the
+    // newest records of peers without sessions.
+    store.delete_sessions(&a).unwrap();
+    store.delete_sessions(&b).unwrap();
+    assert!(store.sessions(&a).unwrap().is_none());
+    assert_eq!(store.session_peers().unwrap(), vec![c]);
+    assert_eq!(store.forget_quiet_peers(1).unwrap(), 1);
+    assert_eq!(store.last_heard(&a).unwrap(), None, "the older record went");
+    assert_eq!(store.last_heard(&b).unwrap(), Some(Timestamp(50 * HOUR)));
+    assert_eq!(store.forget_quiet_peers(0).unwrap(), 1);
+    assert_eq!(store.last_heard(&b).unwrap(), None);
+    store.commit().unwrap();
+    // The migration itself: a version 2 database's sessions get a record.
+    let v2 = dir.path("v2.sqlite3");
+    std::fs::copy(fixture(), &v2).unwrap();
+    let conn = rusqlite::Connection::open(&v2).unwrap();
+    conn.execute_batch(node_schema().migrations[1].sql).unwrap();
+    conn.pragma_update(None, "user_version", 2).unwrap();
+    conn.execute(
+        "INSERT INTO chat_ratchet_state (peer_id, encrypted_state, nonce) VALUES (?1, x'00', x'00')",
+        [c.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+    let mut upgraded = SqliteStore::open(&v2, key(7), Durability::Normal).unwrap();
+    upgraded.begin().unwrap();
+    let heard = upgraded.last_heard(&c).unwrap().expect("a record for the old session");
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(heard.as_millis().abs_diff(wall) < 120_000, "counted as heard at the upgrade: {heard:?}");
+    upgraded.rollback();
+}

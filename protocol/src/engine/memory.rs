@@ -23,6 +23,7 @@ struct Tables {
     next_message_order: u64,
     sessions: BTreeMap<PeerId, Zeroizing<Vec<u8>>>,
     answered: BTreeMap<PeerId, AnsweredRequest>,
+    heard: BTreeMap<PeerId, Timestamp>,
     key_exchanges: BTreeMap<PeerId, KeyExchangeAttempt>,
     group_keys: BTreeMap<ConversationId, Zeroizing<Vec<u8>>>,
     outbox: BTreeMap<u64, OutboxItem>,
@@ -207,6 +208,41 @@ impl Store for MemoryStore {
     fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError> {
         self.write()?.sessions.insert(*peer, Zeroizing::new(state.to_vec()));
         Ok(())
+    }
+
+    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        let t = self.write()?;
+        t.sessions.remove(peer);
+        t.answered.remove(peer);
+        Ok(())
+    }
+
+    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.read()?.heard.get(peer).copied())
+    }
+
+    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError> {
+        let t = self.write()?;
+        let entry = t.heard.entry(*peer).or_insert(at);
+        *entry = (*entry).max(at);
+        Ok(())
+    }
+
+    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        let t = self.read()?;
+        Ok(t.sessions.keys().filter(|p| t.heard.get(p).is_some_and(|at| *at < cutoff)).copied().collect())
+    }
+
+    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
+        let t = self.write()?;
+        let mut quiet: Vec<(Timestamp, PeerId)> =
+            t.heard.iter().filter(|(p, _)| !t.sessions.contains_key(*p)).map(|(p, at)| (*at, *p)).collect();
+        quiet.sort_by(|a, b| b.cmp(a));
+        let gone: Vec<PeerId> = quiet.iter().skip(keep).map(|(_, p)| *p).collect();
+        for peer in &gone {
+            t.heard.remove(peer);
+        }
+        Ok(gone.len())
     }
 
     fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {

@@ -82,6 +82,11 @@ pub const MAX_INVITATIONS: usize = 100;
 /// invitations are declined at once.
 pub const MAX_INVITATIONS_PER_ADMIN: usize = 5;
 
+/// The most records kept of when peers whose sessions were swept were last
+/// heard from (about 60 bytes each on disk): beyond it, the oldest go, and
+/// such a peer's next message under its old session is refused.
+pub const MAX_QUIET_PEERS: usize = 10_000;
+
 /// The most message IDs (or acknowledged IDs) one receipt is taken to name;
 /// the rest are ignored, so one envelope cannot cost unbounded work.
 pub const MAX_IDS_PER_PAYLOAD: usize = 1_000;
@@ -1550,6 +1555,7 @@ impl<S: Store> Engine<S> {
                 self.store.delete_outbox_item(item.seq)?;
             }
         }
+        self.sweep_quiet_sessions(cutoff)?;
         for peer in self.store.session_peers()? {
             // One unreadable row must not stop the sweep for everyone else.
             let Ok(Some(mut sessions)) = self.load_sessions(&peer) else { continue };
@@ -1558,6 +1564,51 @@ impl<S: Store> Engine<S> {
             }
         }
         self.group_retention(now)
+    }
+
+    /// Deletes the sessions of peers not heard from since `cutoff` that
+    /// nothing of the user's needs: no 1:1 conversation, no shared group, no
+    /// waiting invitation, nothing queued, no key exchange under way. A
+    /// stranger's key exchange costs it nothing but leaves us a session
+    /// (with up to thousands of skipped keys); this is how those go. The
+    /// record of when the peer was last heard from stays (up to
+    /// [`MAX_QUIET_PEERS`]), so a message it sends later, under the session
+    /// we dropped, starts a new key exchange rather than being lost.
+    fn sweep_quiet_sessions(&mut self, cutoff: Timestamp) -> Result<(), EngineError> {
+        let quiet = self.store.quiet_session_peers(cutoff)?;
+        if !quiet.is_empty() {
+            let needed = self.peers_we_talk_to()?;
+            for peer in quiet {
+                let in_use = needed.contains(&peer)
+                    || self.store.invitation_count(Some(&peer))? > 0
+                    || self.store.outbox_len(&peer)? > 0
+                    || self.store.key_exchange(&peer)?.is_some();
+                if !in_use {
+                    self.store.delete_sessions(&peer)?;
+                }
+            }
+        }
+        self.store.forget_quiet_peers(MAX_QUIET_PEERS)?;
+        Ok(())
+    }
+
+    /// The peers of our 1:1 conversations and the members of the groups we
+    /// are in.
+    fn peers_we_talk_to(&self) -> Result<BTreeSet<PeerId>, EngineError> {
+        let mut peers = BTreeSet::new();
+        for conversation in self.store.conversations()? {
+            match conversation.kind {
+                ConversationKind::OneOnOne { peer } => {
+                    peers.insert(peer);
+                }
+                ConversationKind::Group { .. } if !conversation.left => {
+                    let members = self.store.members(&conversation.id)?;
+                    peers.extend(members.into_iter().filter(|m| m.left_at.is_none()).map(|m| m.peer_id));
+                }
+                ConversationKind::Group { .. } => {}
+            }
+        }
+        Ok(peers)
     }
 
     // ---- key exchange --------------------------------------------------------
@@ -1569,14 +1620,19 @@ impl<S: Store> Engine<S> {
     /// its session, and its queued messages follow under the new one.
     ///
     /// Only for a peer we already talk to (a 1:1 conversation, or a member
-    /// of a group we are in), and at most once a minute per peer. `peer` may
+    /// of a group we are in) or once held a session with (swept as quiet),
+    /// and at most once a minute per peer. `peer` may
     /// be whatever a relay wrote on its frame, and identities cost nothing:
     /// anyone else would make us look up, and dial, whatever ID and record
     /// they chose.
     fn replace_unknown_session(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
         let recently = self.rekeyed.get(&peer).is_some_and(|t| now.millis_since(*t) < REKEY_INTERVAL_MS)
             || self.staged.rekeyed.iter().any(|(p, _)| *p == peer);
-        if recently || self.store.key_exchange(&peer)?.is_some() || !self.talks_to(&peer)? {
+        if recently || self.store.key_exchange(&peer)?.is_some() {
+            return Ok(());
+        }
+        // A peer whose quiet session we swept may write again.
+        if !self.talks_to(&peer)? && self.store.last_heard(&peer)?.is_none() {
             return Ok(());
         }
         self.staged.rekeyed.push((peer, now));
@@ -1714,6 +1770,7 @@ impl<S: Store> Engine<S> {
             None => PairwiseSessions::new(session),
         };
         self.store.put_sessions(&peer, &sessions.to_bytes())?;
+        self.store.note_heard(&peer, now)?;
         self.staged.events.push(Event::KeyExchangeComplete { peer_id: peer });
         self.release_waiting(now, peer)
     }
@@ -1839,6 +1896,7 @@ impl<S: Store> Engine<S> {
             }
         };
         self.store.put_sessions(&from, &sessions.to_bytes())?;
+        self.store.note_heard(&from, now)?;
         let payload = match PairwisePayload::decode(&plaintext) {
             Ok(payload) => payload,
             Err(e) => {

@@ -80,6 +80,23 @@ pub trait Store {
     /// Creates or replaces the sessions with a peer.
     fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError>;
 
+    /// Deletes the sessions and the answered request of a peer (a quiet
+    /// stranger's, swept).
+    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError>;
+    /// When a key exchange or a message last came from `peer`. Kept after
+    /// its sessions are swept, so that the peer's next message, under a
+    /// session we no longer hold, may start a new one.
+    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError>;
+    /// Records that something came from `peer` at `at`. A store on disk may
+    /// skip the write when its record is less than an hour older.
+    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError>;
+    /// Peers with sessions last heard from before `cutoff`, in peer ID order
+    /// (a peer with sessions and no record of when counts as heard now).
+    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError>;
+    /// Keeps the `keep` most recently heard records of peers without
+    /// sessions and forgets the rest; returns how many went.
+    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError>;
+
     /// The newest key exchange request answered for a peer.
     fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError>;
     /// Records it.
