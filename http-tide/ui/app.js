@@ -22,6 +22,7 @@ const state = {
   backoff: 500,
   listTimer: null,
   listRequest: 0, // the newest conversation-list request; older answers are stale
+  invitationRequest: 0, // the same, for the invitation list
   sending: false,
   retried: new Set(), // failed messages already sent again
   live: new Set(), // messages shown from events since the last page load
@@ -355,12 +356,15 @@ function renderConversations() {
 // ---- Group invitations -------------------------------------------------
 
 async function refreshInvitations() {
+  const request = ++state.invitationRequest;
   let data;
   try {
     data = await api('GET', '/api/chat/invitations');
   } catch (e) {
     return;
   }
+  // An older answer that arrives late would show answered invitations again.
+  if (request !== state.invitationRequest) return;
   const list = $('invitation-list');
   list.replaceChildren();
   for (const invitation of data.invitations) {

@@ -68,6 +68,14 @@ macro_rules! scenario_tests {
             $crate::testkit::a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives($make);
         }
         #[test]
+        fn a_member_who_leaves_while_an_invitation_waits_is_not_in_the_group_accepted() {
+            $crate::testkit::a_member_who_leaves_while_an_invitation_waits_is_not_in_the_group_accepted($make);
+        }
+        #[test]
+        fn the_admins_word_of_a_leave_counts_only_for_a_current_join() {
+            $crate::testkit::the_admins_word_of_a_leave_counts_only_for_a_current_join($make);
+        }
+        #[test]
         fn a_first_message_starts_the_key_exchange_and_is_delivered_then_read() {
             $crate::testkit::a_first_message_starts_the_key_exchange_and_is_delivered_then_read($make);
         }
@@ -1104,9 +1112,10 @@ pub fn an_accepted_invitation_joins_and_receives_what_was_sent_while_it_waited<S
 }
 
 /// Scenario: one admin may keep only so many invitations waiting (the rest
-/// are declined at once), all admins together only so many more (the
-/// oldest is declined to make room), and one unanswered for the message
-/// TTL is declined.
+/// are dropped at once), all admins together only so many more (the oldest
+/// is dropped to make room); neither sends anything back, so a flood
+/// cannot fill the outbox. One unanswered for the message TTL is declined,
+/// and its admin told.
 pub fn waiting_invitations_stay_within_their_caps_and_expire<S: TestStore>(make: fn() -> S) {
     let config = EngineConfig {
         max_invitations: 2,
@@ -1124,16 +1133,25 @@ pub fn waiting_invitations_stay_within_their_caps_and_expire<S: TestStore>(make:
     }
     net.advance(60_000);
     let waiting: Vec<ConversationId> = invitations(&mut net, 1).iter().map(|i| i.group_id).collect();
-    assert_eq!(waiting, vec![groups[0].id, groups[1].id], "the admin's third invitation is declined at once");
-    assert!(has_left(&mut net, 0, &groups[2].id, 1), "and its admin is told");
+    assert_eq!(waiting, vec![groups[0].id, groups[1].id], "the admin's third invitation is dropped at once");
+    assert!(!has_left(&mut net, 0, &groups[2].id, 1), "and nothing is sent back for it");
     assert!(net.kinds(1).contains(&"chat.security.rejected"));
+    let outbox_to_admin = |net: &mut Net<S>, admin: usize| {
+        let peer = net.id(admin);
+        let store = net.nodes[1].engine.store_mut();
+        store.begin().unwrap();
+        let n = store.outbox_len(&peer).unwrap();
+        store.rollback();
+        n
+    };
     // Another admin's: the cap over everyone declines the oldest.
     net.advance(1_000);
     let other = group(&mut net, 3, &[1, 4], "Other");
     net.advance(60_000);
     let waiting: Vec<ConversationId> = invitations(&mut net, 1).iter().map(|i| i.group_id).collect();
     assert_eq!(waiting, vec![groups[1].id, other.id]);
-    assert!(has_left(&mut net, 0, &groups[0].id, 1), "the oldest invitation was declined");
+    assert!(!has_left(&mut net, 0, &groups[0].id, 1), "the oldest invitation was dropped, silently");
+    assert_eq!(outbox_to_admin(&mut net, 0), 0, "nothing queued for the flooding admin");
     // Unanswered for the message TTL: declined.
     net.advance(2 * 60 * 60_000);
     assert!(invitations(&mut net, 1).is_empty());
@@ -1142,6 +1160,92 @@ pub fn waiting_invitations_stay_within_their_caps_and_expire<S: TestStore>(make:
     for g in groups.iter().chain([&other]) {
         assert_eq!(traces_of_group(&mut net, 1, &g.id), 0);
     }
+}
+
+/// `payload` sealed by node `from` for node `to` under their session, which
+/// is advanced and saved (as `from`'s engine would), for forgeries.
+fn seal_for<S: TestStore>(net: &mut Net<S>, from: usize, to: usize, payload: &crate::wire::PairwisePayload) -> Vec<u8> {
+    let peer = net.id(to);
+    let store = net.nodes[from].engine.store_mut();
+    store.begin().unwrap();
+    let bytes = store.sessions(&peer).unwrap().expect("a session to forge under");
+    let mut sessions = crate::PairwiseSessions::from_bytes(&bytes).unwrap();
+    let message = sessions.encrypt(&payload.encode(), &mut rng(from as u64 * 31 + to as u64)).unwrap();
+    store.put_sessions(&peer, &sessions.to_bytes()).unwrap();
+    store.commit().unwrap();
+    Envelope::new(EnvelopeBody::Ratchet(message)).encode()
+}
+
+/// Scenario: a member leaves while node 3's invitation waits; when node 3
+/// accepts, the leaver is not among the members it sends its key and its
+/// messages to.
+pub fn a_member_who_leaves_while_an_invitation_waits_is_not_in_the_group_accepted<S: TestStore>(make: fn() -> S) {
+    let mut net = Net::new(make, 4, 65);
+    net.accept_invitations = false;
+    let g = group(&mut net, 0, &[1, 2, 3], "Changing");
+    for i in [1, 2] {
+        net.command(i, Command::AcceptInvitation { group: g.id }).unwrap();
+    }
+    send_group(&mut net, 2, g.id, "hello from 2, about to leave");
+    net.advance(60_000);
+    net.command(2, Command::Leave { group: g.id }).unwrap();
+    net.advance(60_000);
+    let waiting = invitations(&mut net, 3);
+    assert_eq!(waiting.len(), 1);
+    assert!(!waiting[0].members.iter().any(|m| m.peer_id == net.id(2)), "the leaver left the waiting roster");
+    net.command(3, Command::AcceptInvitation { group: g.id }).unwrap();
+    let m = send_group(&mut net, 3, g.id, "hello from 3");
+    let recipients: Vec<PeerId> = m.recipients.iter().map(|(p, _)| *p).collect();
+    assert_eq!(recipients, {
+        let mut r = vec![net.id(0), net.id(1)];
+        r.sort();
+        r
+    });
+    net.advance(5 * 60_000);
+    assert!(has_left(&mut net, 3, &g.id, 2), "the leave, not acknowledged while waiting, is handled in full");
+    assert!(!contents(&mut net, 2, &g.id).contains(&"hello from 3".to_string()));
+    assert_eq!(net.message(3, &m.id).unwrap().status, MessageStatus::Delivered);
+}
+
+/// Scenario: only the admin may report a member's leave, and only of a
+/// join it issued and the receiver knows: a `MemberLeft` naming a stranger
+/// leaves no record of it, one naming an older join, the receiver or the
+/// admin changes nothing.
+pub fn the_admins_word_of_a_leave_counts_only_for_a_current_join<S: TestStore>(make: fn() -> S) {
+    use crate::wire::{GroupControl, PairwisePayload, RosterEntry};
+    let mut net = Net::new(make, 4, 66);
+    let g = group(&mut net, 0, &[1, 2], "Word");
+    for i in 0..3 {
+        send_group(&mut net, i, g.id, &format!("hello from {i}"));
+    }
+    net.advance(60_000);
+    let left = |peer: PeerId, epoch: u64| {
+        PairwisePayload::GroupControl(GroupControl::MemberLeft {
+            group_id: g.id,
+            member: RosterEntry { peer_id: peer, epoch },
+        })
+    };
+    // A member cannot.
+    let before = net.nodes[2].events.len();
+    let payload = left(net.id(0), 1);
+    let forged = seal_for(&mut net, 1, 2, &payload);
+    net.input(2, Input::Received { from: net.id(1), bytes: forged });
+    assert!(net.nodes[2].events[before..]
+        .iter()
+        .any(|e| matches!(e, Event::SecurityRejected { reason, .. } if reason.contains("only the group's admin"))));
+    // The admin's word about a stranger, an older join, the receiver itself
+    // or the admin: nothing changes at node 1.
+    let members_before = members_of(&mut net, 1, &g.id);
+    for payload in [left(net.id(3), 1), left(net.id(2), 7), left(net.id(1), 1), left(net.id(0), 1)] {
+        let bytes = seal_for(&mut net, 0, 1, &payload);
+        net.input(1, Input::Received { from: net.id(0), bytes });
+    }
+    assert_eq!(members_of(&mut net, 1, &g.id), members_before);
+    // Its word about a current join: the member is gone at node 1.
+    let payload = left(net.id(2), 1);
+    let bytes = seal_for(&mut net, 0, 1, &payload);
+    net.input(1, Input::Received { from: net.id(0), bytes });
+    assert!(has_left(&mut net, 1, &g.id, 2));
 }
 
 /// Scenario: a stranger opens a session with node 0 and says nothing for
@@ -1168,6 +1272,20 @@ pub fn a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives<S: 
     };
     assert_eq!(sessions_of(&mut net, 0, &stranger), (true, true));
     assert!(net.messages(0, &c1.id).is_empty(), "node 0 has no conversation with the stranger");
+    // While its session lives, a message from it under a session node 0
+    // does not hold (here, the friend's) starts nothing: only a swept
+    // session may be replaced for a peer node 0 does not talk to.
+    let foreign = net
+        .delivered
+        .iter()
+        .find(|(from, to, b)| {
+            (*from, *to) == (2, 0) && matches!(Envelope::decode(b).map(|e| e.body), Ok(EnvelopeBody::Ratchet(_)))
+        })
+        .map(|(_, _, b)| b.clone())
+        .unwrap();
+    let lookups = net.lookups[0];
+    net.input(0, Input::Received { from: stranger, bytes: foreign });
+    assert_eq!(net.lookups[0], lookups, "a stranger with a live session cannot make node 0 re-key");
     // A month of silence, in this configuration three hours.
     net.advance(3 * 60 * 60_000);
     assert_eq!(sessions_of(&mut net, 0, &stranger), (false, true), "swept, remembered as heard of");

@@ -30,7 +30,17 @@ struct Victim {
     peer: PeerId,
     quic: SocketAddr,
     client: Client,
-    _dir: TempDir,
+    dir: TempDir,
+}
+
+impl Victim {
+    /// How many rows of `table` the node's database holds (read beside
+    /// the running node: its journal is WAL, so readers do not block it).
+    fn rows(&self, table: &str) -> i64 {
+        let db = self.dir.0.join("data").join("node.sqlite3");
+        let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+    }
 }
 
 impl Drop for Victim {
@@ -58,7 +68,7 @@ fn victim(name: &str) -> Victim {
         }
     }
     let token = std::fs::read_to_string(data.join(p2pchat::api::TOKEN_FILE)).unwrap();
-    Victim { child, peer: peer.unwrap(), quic: quic.unwrap(), client: Client { addr: api.unwrap(), token }, _dir: dir }
+    Victim { child, peer: peer.unwrap(), quic: quic.unwrap(), client: Client { addr: api.unwrap(), token }, dir }
 }
 
 /// A `p2pchat` process with its logs in `dir`, and its stdout line by line,
@@ -850,6 +860,14 @@ fn a_strangers_invitations_wait_within_their_cap_and_store_nothing_of_the_group(
             .all(|p| puppets.iter().all(|m| p["peer_id"] != m.peer_id.to_string())),
         "no puppet is looked up or dialled: {peers}"
     );
+    // On disk: the five invitations, no member row, and nothing queued in
+    // answer to the three dropped over the cap or to the puppets.
+    assert_eq!(victim.rows("chat_invitations"), 5);
+    assert_eq!(victim.rows("chat_group_members"), 0);
+    assert_eq!(victim.rows("chat_held_messages"), 0);
+    assert_eq!(victim.rows("chat_key_exchanges"), 0);
+    let queued = victim.rows("chat_outbox");
+    assert!(queued <= 2, "{queued} items queued (receipts and acknowledgements for the stranger at most)");
     // The victim declines one: it is gone, and the stranger is told.
     let first = waiting["invitations"][0]["conversation_id"].as_str().unwrap().to_owned();
     let declined = victim.client.post_empty(&format!("/api/chat/groups/{first}/decline"));

@@ -844,6 +844,27 @@ impl Store for SqliteStore {
         Ok(count.unwrap_or(0).max(0) as usize)
     }
 
+    fn invitations_received_before(&self, cutoff: Timestamp) -> Result<Vec<ConversationId>, StoreError> {
+        self.guard()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT group_id FROM chat_invitations WHERE received_at < ?1 ORDER BY received_at, group_id",
+            )
+            .map_err(backend)?;
+        let rows = stmt.query_map([ts(cutoff)], |r| r.get::<_, String>(0)).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a group invitation's ID"))?);
+        }
+        Ok(out)
+    }
+
+    fn has_message_from(&self, id: &ConversationId, sender: &PeerId) -> Result<bool, StoreError> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM chat_messages WHERE conversation_id = ?1 AND sender_peer_id = ?2)";
+        Ok(self.scalar(sql, [id.to_string(), sender.to_string()])?.unwrap_or(0) != 0)
+    }
+
     fn oldest_invitation(&self) -> Result<Option<ConversationId>, StoreError> {
         self.guard()?;
         let oldest: Option<String> = self

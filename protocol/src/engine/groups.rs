@@ -363,7 +363,9 @@ impl<S: Store> Engine<S> {
     ) -> Result<Handled, EngineError> {
         // A group we are not in (left, deleted, or never joined) has nothing
         // to leave.
-        let Ok((_, admin, mut group)) = self.joined_group(&group_id) else { return Ok(Handled::Done) };
+        let Ok((_, admin, mut group)) = self.joined_group(&group_id) else {
+            return self.leave_while_invited(from, group_id, from, epoch);
+        };
         let members = self.store.members(&group_id)?;
         if admin == self.peer_id() && epoch > members.iter().map(|m| m.epoch).max().unwrap_or(0) {
             self.reject(from, "leave naming a join the admin never issued");
@@ -435,12 +437,41 @@ impl<S: Store> Engine<S> {
                 member: RosterEntry { peer_id: from, epoch },
             });
             for other in self.others(&group_id)? {
-                self.enqueue_control(now, other, &left)?;
+                // A member whose queue is full misses it, not the others.
+                ignore_full(self.enqueue_control(now, other, &left))?;
                 self.pump(now, other)?;
             }
         }
         self.members_changed(now, &group_id)?;
         Ok(Handled::Done)
+    }
+
+    /// A leave (the leaver's own, or the admin's word of it) for a group
+    /// whose invitation waits: the leaver goes from the waiting roster at
+    /// once, so that accepting never sends it our key, and the notice is
+    /// not acknowledged, so that it comes again, to be handled in full,
+    /// once the user accepts.
+    fn leave_while_invited(
+        &mut self,
+        from: PeerId,
+        group_id: ConversationId,
+        leaver: PeerId,
+        epoch: u64,
+    ) -> Result<Handled, EngineError> {
+        let Some(mut invitation) = self.store.invitation(&group_id)? else { return Ok(Handled::Done) };
+        if from != leaver && from != invitation.admin {
+            self.reject(from, "only the group's admin may report a member's leave");
+            return Ok(Handled::Done);
+        }
+        if leaver == invitation.admin || leaver == self.peer_id() {
+            return Ok(Handled::Done);
+        }
+        let before = invitation.members.len();
+        invitation.members.retain(|m| !(m.peer_id == leaver && m.epoch <= epoch));
+        if invitation.members.len() != before {
+            self.store.put_invitation(&invitation)?;
+        }
+        Ok(Handled::NotYet)
     }
 
     /// The admin's word that a member left (or declined its invitation).
@@ -451,13 +482,25 @@ impl<S: Store> Engine<S> {
         group_id: ConversationId,
         member: RosterEntry,
     ) -> Result<Handled, EngineError> {
-        let Ok((_, admin, _)) = self.joined_group(&group_id) else { return Ok(Handled::Done) };
+        let Ok((_, admin, _)) = self.joined_group(&group_id) else {
+            return self.leave_while_invited(from, group_id, member.peer_id, member.epoch);
+        };
         if from != admin {
             self.reject(from, "only the group's admin may report a member's leave");
             return Ok(Handled::Done);
         }
         if member.peer_id == self.peer_id() || member.peer_id == admin {
             // Our own leave is ours to send, and the admin leaves by itself.
+            return Ok(Handled::Done);
+        }
+        // Only the end of a join we know of: the admin's word creates no
+        // record of peers we never heard of, nor bars a later join.
+        let current = self
+            .store
+            .members(&group_id)?
+            .into_iter()
+            .any(|m| m.peer_id == member.peer_id && m.left_at.is_none() && m.epoch == member.epoch);
+        if !current {
             return Ok(Handled::Done);
         }
         self.on_leave(now, member.peer_id, group_id, member.epoch)
@@ -581,9 +624,9 @@ impl<S: Store> Engine<S> {
         }
         let in_group = existing.is_some_and(|c| !c.left);
         if !in_group && !self.chose_to_deal_with(&admin)? {
-            return self.hold_invitation(now, invitation);
+            return self.hold_invitation(invitation);
         }
-        self.join(now, invitation)
+        self.join(now, invitation).map(|_| ())
     }
 
     /// Whether the user has chosen to deal with `peer`: written to it in a
@@ -593,7 +636,7 @@ impl<S: Store> Engine<S> {
     fn chose_to_deal_with(&self, peer: &PeerId) -> Result<bool, EngineError> {
         let me = self.peer_id();
         let direct = ConversationId::for_peers(&me, peer);
-        if self.store.conversation(&direct)?.is_some() && self.store.messages(&direct)?.iter().any(|m| m.sender == me) {
+        if self.store.has_message_from(&direct, &me)? {
             return Ok(true);
         }
         for conversation in self.store.conversations()? {
@@ -607,7 +650,7 @@ impl<S: Store> Engine<S> {
     }
 
     /// Keeps an invitation for the user's answer, within the caps.
-    fn hold_invitation(&mut self, now: Timestamp, invitation: Invitation) -> Result<(), EngineError> {
+    fn hold_invitation(&mut self, invitation: Invitation) -> Result<(), EngineError> {
         let me = self.peer_id();
         if let Some(waiting) = self.store.invitation(&invitation.group_id)? {
             if waiting.admin != invitation.admin {
@@ -619,16 +662,16 @@ impl<S: Store> Engine<S> {
             }
             return Ok(());
         }
+        // Over a cap, nothing is sent back: a reply per refused invitation
+        // would let a stranger's flood fill our outbox instead.
         if self.store.invitation_count(Some(&invitation.admin))? >= self.config.max_invitations_per_admin {
-            self.reject(invitation.admin, "too many of this peer's group invitations are waiting; declined");
-            return self.decline(now, &invitation);
+            self.reject(invitation.admin, "too many of this peer's group invitations are waiting; dropped");
+            return Ok(());
         }
         while self.store.invitation_count(None)? >= self.config.max_invitations {
-            let Some(oldest) = self.store.oldest_invitation()?.and_then(|id| self.store.invitation(&id).ok().flatten())
-            else {
-                break;
-            };
-            self.decline(now, &oldest)?;
+            let Some(oldest) = self.store.oldest_invitation()? else { break };
+            self.store.delete_invitation(&oldest)?;
+            self.staged.events.push(Event::ConversationsUpdated);
         }
         self.store.put_invitation(&invitation)?;
         self.staged.events.push(Event::GroupInvite {
@@ -648,12 +691,15 @@ impl<S: Store> Engine<S> {
         let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
         let admin = invitation.admin;
         self.store.delete_invitation(&id)?;
-        self.join(now, invitation)?;
+        if !self.join(now, invitation)? {
+            // Another admin's group of that ID was joined meanwhile.
+            return Err(EngineError::NoInvitation(id));
+        }
         // What the admin sent while the invitation waited was refused
         // unacknowledged; asking for its key has it send that again now
         // (over the pairwise session) rather than at its next retry. The
         // other members resend on their own schedule.
-        self.request_key(now, admin, id)?;
+        ignore_full(self.request_key(now, admin, id))?;
         self.pump(now, admin)?;
         self.conversation(&id)
     }
@@ -668,24 +714,40 @@ impl<S: Store> Engine<S> {
     /// members themselves, who may be strangers (or inventions).
     fn decline(&mut self, now: Timestamp, invitation: &Invitation) -> Result<(), EngineError> {
         self.store.delete_invitation(&invitation.group_id)?;
+        self.staged.events.push(Event::ConversationsUpdated);
         let epoch = invitation.epoch_of(&self.peer_id()).unwrap_or(0);
         let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: invitation.group_id, epoch });
-        self.enqueue_unbounded(now, invitation.admin, OutboxPayload::Control(leave.encode().to_vec()))?;
+        // Within the admin's outbox cap: one whose queue is full is not told.
+        ignore_full(self.enqueue_control(now, invitation.admin, &leave))?;
         self.pump(now, invitation.admin)
     }
 
-    /// Joins the group an invitation describes.
-    fn join(&mut self, now: Timestamp, invitation: Invitation) -> Result<(), EngineError> {
+    /// Joins the group an invitation describes; `false` if a group of that
+    /// ID with another admin is known (the invitation is then refused).
+    fn join(&mut self, now: Timestamp, invitation: Invitation) -> Result<bool, EngineError> {
         let me = self.peer_id();
         let Invitation { group_id, name, admin, members, created_at, .. } = invitation;
+        // Whatever waited for this group is answered by joining it (or was
+        // another admin's claim to its ID).
+        if let Some(waiting) = self.store.invitation(&group_id)? {
+            self.store.delete_invitation(&group_id)?;
+            if waiting.admin != admin {
+                self.reject(waiting.admin, "group invite that conflicts with a known group");
+            }
+            self.staged.events.push(Event::ConversationsUpdated);
+        }
         let roster: BTreeMap<PeerId, u64> = members.iter().map(|m| (m.peer_id, m.epoch)).collect();
         let my_epoch = roster.get(&me).copied().unwrap_or(0);
         let old = self.store.conversation(&group_id)?;
         if let Some(old) = &old {
+            if !matches!(old.kind, ConversationKind::Group { admin: a, .. } if a == admin) {
+                self.reject(admin, "group invite that conflicts with a known group");
+                return Ok(false);
+            }
             // Joined meanwhile under this invitation or a newer one.
             let mine = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == me);
             if !old.left && mine.is_some_and(|m| m.epoch >= my_epoch) {
-                return Ok(());
+                return Ok(true);
             }
         }
         let mut stored = Conversation {
@@ -741,7 +803,8 @@ impl<S: Store> Engine<S> {
             invited_by: admin,
             pending: false,
         });
-        self.release_held(now, &group_id)
+        self.release_held(now, &group_id)?;
+        Ok(true)
     }
 
     pub(super) fn on_distribution(
@@ -1006,11 +1069,17 @@ impl<S: Store> Engine<S> {
     pub(super) fn group_retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(SKIPPED_KEY_MAX_AGE_MS));
         self.store.delete_held_before(cutoff)?;
-        // An invitation left unanswered for the message TTL is declined.
+        // An invitation left unanswered for the message TTL is declined. At
+        // most the waiting cap of them (100) expire per TTL: a flood evicts
+        // its own invitations silently long before.
         let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.message_ttl_ms));
-        for invitation in self.store.invitations()? {
-            if invitation.received_at < cutoff {
-                self.decline(now, &invitation)?;
+        for id in self.store.invitations_received_before(cutoff)? {
+            match self.store.invitation(&id) {
+                Ok(Some(invitation)) => self.decline(now, &invitation)?,
+                Ok(None) => {}
+                // One unreadable row must not stop the sweep.
+                Err(super::StoreError::Corrupt(_)) => self.store.delete_invitation(&id)?,
+                Err(e) => return Err(e.into()),
             }
         }
         for conversation in self.store.conversations()? {
@@ -1021,5 +1090,13 @@ impl<S: Store> Engine<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// A best-effort send: an outbox already full for that peer is not an error.
+fn ignore_full(result: Result<(), EngineError>) -> Result<(), EngineError> {
+    match result {
+        Err(EngineError::OutboxFull { .. }) => Ok(()),
+        other => other,
     }
 }

@@ -1631,9 +1631,14 @@ impl<S: Store> Engine<S> {
         if recently || self.store.key_exchange(&peer)?.is_some() {
             return Ok(());
         }
-        // A peer whose quiet session we swept may write again.
-        if !self.talks_to(&peer)? && self.store.last_heard(&peer)?.is_none() {
-            return Ok(());
+        if !self.talks_to(&peer)? {
+            // A peer whose quiet session we swept may write again; it gets
+            // one of the background places, so that a relay naming swept
+            // peers cannot keep more exchanges going than those.
+            let swept = self.store.sessions(&peer)?.is_none() && self.store.last_heard(&peer)?.is_some();
+            if !swept || self.store.key_exchange_count()? >= self.config.max_background_key_exchanges {
+                return Ok(());
+            }
         }
         self.staged.rekeyed.push((peer, now));
         self.start_key_exchange(now, peer, 1)

@@ -66,6 +66,11 @@ pub trait Store {
         before: Option<&MessageId>,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
+    /// Whether `sender` wrote any stored message of the conversation. A
+    /// store on disk answers from its plain columns, without unsealing.
+    fn has_message_from(&self, id: &ConversationId, sender: &PeerId) -> Result<bool, StoreError> {
+        Ok(self.messages(id)?.iter().any(|m| m.sender == *sender))
+    }
     /// Creates or replaces a message.
     fn put_message(&mut self, message: &Message) -> Result<(), StoreError>;
     /// Messages stored before `cutoff`, in the order they were first stored (for retention).
@@ -215,6 +220,10 @@ pub trait Store {
     /// for every invitation a stranger sends: a store on disk counts in SQL.
     fn invitation_count(&self, admin: Option<&PeerId>) -> Result<usize, StoreError> {
         Ok(self.invitations()?.iter().filter(|i| admin.is_none_or(|a| i.admin == *a)).count())
+    }
+    /// The groups of the invitations that arrived before `cutoff`.
+    fn invitations_received_before(&self, cutoff: Timestamp) -> Result<Vec<ConversationId>, StoreError> {
+        Ok(self.invitations()?.into_iter().filter(|i| i.received_at < cutoff).map(|i| i.group_id).collect())
     }
     /// The group of the invitation that arrived first.
     fn oldest_invitation(&self) -> Result<Option<ConversationId>, StoreError> {
