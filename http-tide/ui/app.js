@@ -373,8 +373,9 @@ async function refreshInvitations() {
     const name = el('span', 'name', invitation.group_name);
     const others = invitation.members.length - 1;
     const from = el('span', 'from',
-      `from ${shortId(invitation.invited_by)} · ${others} other member${others === 1 ? '' : 's'}`);
-    from.title = invitation.invited_by;
+      `from ${shortId(invitation.invited_by)} · ${others} other member${others === 1 ? '' : 's'}`
+      + ` · ${formatTime(invitation.received_at)}`);
+    from.title = `${invitation.invited_by}; unanswered invitations expire with the message TTL (30 days by default)`;
     const accept = el('button', 'small accept', 'Accept');
     accept.type = 'button';
     accept.addEventListener('click', () => answerInvitation(invitation, true));
