@@ -855,7 +855,10 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([ts(cutoff)], |r| r.get::<_, String>(0)).map_err(backend)?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a group invitation's ID"))?);
+            // An unreadable ID is skipped: one bad row must not stop the sweep.
+            if let Ok(id) = row.map_err(backend)?.parse() {
+                out.push(id);
+            }
         }
         Ok(out)
     }

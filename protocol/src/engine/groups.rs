@@ -463,7 +463,10 @@ impl<S: Store> Engine<S> {
             self.reject(from, "only the group's admin may report a member's leave");
             return Ok(Handled::Done);
         }
-        if leaver == invitation.admin || leaver == self.peer_id() {
+        // Our own leave is ours to send, and the admin's is its own to send
+        // (its word of it is ignored, as in a joined group); the admin's own
+        // leave goes from the roster like anyone's.
+        if leaver == self.peer_id() || (leaver == invitation.admin && from != leaver) {
             return Ok(Handled::Done);
         }
         let before = invitation.members.len();
@@ -493,14 +496,16 @@ impl<S: Store> Engine<S> {
             // Our own leave is ours to send, and the admin leaves by itself.
             return Ok(Handled::Done);
         }
-        // Only the end of a join we know of: the admin's word creates no
-        // record of peers we never heard of, nor bars a later join.
-        let current = self
-            .store
-            .members(&group_id)?
-            .into_iter()
-            .any(|m| m.peer_id == member.peer_id && m.left_at.is_none() && m.epoch == member.epoch);
-        if !current {
+        // Only a join numbered no later than any we have seen: a number
+        // beyond them would bar a later join for ever. A leave of a join
+        // not heard of yet is remembered (the notice of that join may come
+        // after it, its copies travelling apart), but only while the group
+        // keeps a bounded number of member records, so that the admin's
+        // word cannot grow them without end.
+        let members = self.store.members(&group_id)?;
+        let newest = members.iter().map(|m| m.epoch).max().unwrap_or(0);
+        let known = members.iter().any(|m| m.peer_id == member.peer_id);
+        if member.epoch > newest || (!known && members.len() >= 2 * MAX_GROUP_MEMBERS) {
             return Ok(Handled::Done);
         }
         self.on_leave(now, member.peer_id, group_id, member.epoch)

@@ -552,11 +552,17 @@ struct Staged {
     to_pump: BTreeMap<PeerId, Timestamp>,
     /// Peers this input started a replacement key exchange with.
     rekeyed: Vec<(PeerId, Timestamp)>,
+    /// When this input started one with a peer whose quiet session was swept.
+    swept_rekey: Option<Timestamp>,
 }
 
 /// How soon a peer whose session we do not hold may make us start a new
 /// key exchange again (see [`Engine::replace_unknown_session`]).
 const REKEY_INTERVAL_MS: u64 = 60_000;
+
+/// How soon a message under a swept session may start another re-key
+/// (with any such peer: see [`Engine::replace_unknown_session`]).
+const SWEPT_REKEY_INTERVAL_MS: u64 = 10_000;
 
 /// One node's chat engine over a store `S`.
 pub struct Engine<S: Store> {
@@ -575,6 +581,9 @@ pub struct Engine<S: Store> {
     /// key exchange per [`REKEY_INTERVAL_MS`]. Kept in memory only: after
     /// a restart a peer gets one more.
     rekeyed: BTreeMap<PeerId, Timestamp>,
+    /// When a peer whose quiet session was swept last made us re-key (in
+    /// memory, like `rekeyed`).
+    last_swept_rekey: Option<Timestamp>,
 }
 
 impl<S: Store> core::fmt::Debug for Engine<S> {
@@ -612,6 +621,7 @@ impl<S: Store> Engine<S> {
             lookups: VecDeque::new(),
             events: VecDeque::new(),
             rekeyed: BTreeMap::new(),
+            last_swept_rekey: None,
         };
         engine.transact(|e| {
             // Copies that were in flight when the node stopped are unknown:
@@ -783,6 +793,9 @@ impl<S: Store> Engine<S> {
                     for (peer, at) in staged.rekeyed {
                         self.rekeyed.retain(|_, t| at.millis_since(*t) < REKEY_INTERVAL_MS);
                         self.rekeyed.insert(peer, at);
+                    }
+                    if staged.swept_rekey.is_some() {
+                        self.last_swept_rekey = staged.swept_rekey;
                     }
                     self.next_deadline = deadline;
                     Ok(value)
@@ -1631,17 +1644,24 @@ impl<S: Store> Engine<S> {
         if recently || self.store.key_exchange(&peer)?.is_some() {
             return Ok(());
         }
+        let mut attempts = 1;
         if !self.talks_to(&peer)? {
-            // A peer whose quiet session we swept may write again; it gets
-            // one of the background places, so that a relay naming swept
-            // peers cannot keep more exchanges going than those.
+            // A peer whose quiet session we swept may write again. A relay
+            // can name any of them, so these re-keys are few: one attempt
+            // each (the peer's retransmission asks again), at most one
+            // every SWEPT_REKEY_INTERVAL_MS in all, and only while the
+            // background exchanges leave room.
             let swept = self.store.sessions(&peer)?.is_none() && self.store.last_heard(&peer)?.is_some();
-            if !swept || self.store.key_exchange_count()? >= self.config.max_background_key_exchanges {
+            let too_soon = self.last_swept_rekey.is_some_and(|t| now.millis_since(t) < SWEPT_REKEY_INTERVAL_MS)
+                || self.staged.swept_rekey.is_some();
+            if !swept || too_soon || self.store.key_exchange_count()? >= self.config.max_background_key_exchanges {
                 return Ok(());
             }
+            self.staged.swept_rekey = Some(now);
+            attempts = self.config.max_retries.saturating_add(1);
         }
         self.staged.rekeyed.push((peer, now));
-        self.start_key_exchange(now, peer, 1)
+        self.start_key_exchange(now, peer, attempts)
     }
 
     /// Whether we have a 1:1 conversation with `peer`, or share a group
