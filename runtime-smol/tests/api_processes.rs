@@ -57,6 +57,17 @@ impl Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Stops it as a user would (SIGINT), and waits for it to exit.
+    fn stop(&mut self) {
+        let status = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -INT failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "the node did not stop within 20 s of SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Process {
@@ -245,4 +256,46 @@ fn the_demo_comes_up_and_answers() {
             list["conversations"].as_array()?.iter().any(|c| c["group_name"] == "demo").then_some(())
         });
     }
+}
+
+/// Alice and dave reach each other directly. Dave stops; alice's next
+/// message cannot go directly, so it goes to dave's relay mailbox instead
+/// of waiting for a direct path; alice stops too. Dave comes back and finds
+/// it there; alice, back, sees it delivered (dave's receipt waited in her
+/// mailbox in turn).
+#[test]
+fn a_message_to_a_direct_peer_that_went_away_waits_in_its_relay_mailbox() {
+    let dir = TempDir::new("away");
+    let (_relay, address) = relay(&dir.0);
+    let (alice_quic, alice_api) = (free_udp_port(), free_tcp_port());
+    let (dave_quic, dave_api) = (free_udp_port(), free_tcp_port());
+    let mut alice = node(&dir.0, "alice", &address, &[], alice_quic, alice_api);
+    let mut dave = node(&dir.0, "dave", &address, &[], dave_quic, dave_api);
+    let c = open(&alice.client, &dave.peer);
+    say(&alice.client, &c, "hello dave");
+    eventually("dave has it", || (contents(&dave.client, &c) == ["hello dave"]).then_some(()));
+    let peers = alice.client.get("/api/peers").body;
+    let direct =
+        peers["peers"].as_array().unwrap().iter().any(|p| p["peer_id"] == dave.peer.as_str() && p["connected"] == true);
+    assert!(direct, "alice reached dave directly: {peers}");
+
+    dave.process.stop();
+    let id = say(&alice.client, &c, "are you there?");
+    eventually_within(60, "the message is held in dave's relay mailbox", || {
+        let m = alice.client.get(&format!("/api/chat/conversations/{c}/messages?limit=1")).body["messages"][0].clone();
+        (m["message_id"] == id.as_str() && m["status"] == "sent" && m["waiting_reason"].is_null()).then_some(())
+    });
+    alice.process.stop();
+
+    let dave = node(&dir.0, "dave", &address, &[], dave_quic, dave_api);
+    eventually_within(60, "dave finds it in his mailbox", || {
+        (contents(&dave.client, &c) == ["hello dave", "are you there?"]).then_some(())
+    });
+    drop(alice);
+    let alice = node(&dir.0, "alice", &address, &[], alice_quic, alice_api);
+    eventually_within(60, "alice sees it delivered", || {
+        let page = alice.client.get(&format!("/api/chat/conversations/{c}/messages?limit=1")).body;
+        let m = &page["messages"][0];
+        (m["message_id"] == id.as_str() && (m["status"] == "delivered" || m["status"] == "read")).then_some(())
+    });
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
     Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Transmit,
+    TransmitOutcome,
 };
 use p2pchat_protocol::relay::{ClientAction, RelayClient, RelayFrame};
 use p2pchat_protocol::{PeerId, Timestamp};
@@ -589,26 +590,25 @@ async fn run_network(
                 }
             }
             NetMsg::Transmit(transmit) => {
-                let (transport, direct, node) = (transport.clone(), direct.clone(), node.clone());
+                let (transport, direct, node, link) = (transport.clone(), direct.clone(), node.clone(), link.clone());
                 // No direct address: through the relay, whose answer
                 // (forwarded, held or refused) becomes the result.
-                if node.directory.get(&transmit.peer).is_none() {
-                    let relayed = link.lock().ok().and_then(|mut l| {
-                        l.as_mut().map(|(conn, client)| (conn.clone(), client.forward(transmit.clone())))
-                    });
-                    if let Some((conn, frame)) = relayed {
-                        smol::spawn(async move {
-                            if let Err(e) = conn.send(&frame.encode()).await {
-                                log::info!("forwarding through the relay failed: {e}");
-                                conn.close();
-                            }
-                        })
-                        .detach();
-                        continue;
-                    }
+                if node.directory.get(&transmit.peer).is_none() && forward_via_relay(&link, &transmit) {
+                    continue;
                 }
                 smol::spawn(async move {
                     let outcome = direct.deliver(&transport, &node, &transmit).await;
+                    // The direct path failed (the peer went away, or its
+                    // address no longer answers): the relay forwards it,
+                    // or holds it in the peer's mailbox, rather than the
+                    // message waiting for a direct path that may not come
+                    // back while we are online.
+                    if let TransmitOutcome::Failed(why) = &outcome {
+                        if forward_via_relay(&link, &transmit) {
+                            log::info!("direct delivery to {} failed ({why}); sent through the relay", transmit.peer);
+                            return;
+                        }
+                    }
                     node.input(Input::TransmitResult { id: transmit.id, outcome });
                 })
                 .detach();
@@ -622,6 +622,25 @@ async fn run_network(
 
 /// The connection to the relay and its client state, while connected.
 type RelayLink = Arc<Mutex<Option<(PeerConnection, RelayClient)>>>;
+
+/// Sends `transmit` through the relay, if connected to one; its answer
+/// (forwarded, held or refused) becomes the transmit's result. A send that
+/// fails closes the connection, whose loss fails the transmits in flight.
+fn forward_via_relay(link: &RelayLink, transmit: &Transmit) -> bool {
+    let relayed = link
+        .lock()
+        .ok()
+        .and_then(|mut l| l.as_mut().map(|(conn, client)| (conn.clone(), client.forward(transmit.clone()))));
+    let Some((conn, frame)) = relayed else { return false };
+    smol::spawn(async move {
+        if let Err(e) = conn.send(&frame.encode()).await {
+            log::info!("forwarding through the relay failed: {e}");
+            conn.close();
+        }
+    })
+    .detach();
+    true
+}
 
 /// Keeps a connection to the relay: registers, publishes this node's record
 /// (its direct address, unless `--no-direct`), and carries frames both ways;
