@@ -107,6 +107,7 @@ pub fn for_start(dir: &Path, fd: Option<u32>) -> Result<Option<Passphrase>, Stri
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::read_keys;
 
     fn typed(keys: &[u8]) -> Result<Vec<u8>, String> {
