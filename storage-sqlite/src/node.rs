@@ -272,6 +272,15 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// The first column of every row `sql` selects, as text (IDs, parsed by
+    /// the caller).
+    fn read_ids(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<String>, StoreError> {
+        self.guard()?;
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt.query_map(args, |r| r.get::<_, String>(0)).map_err(backend)?;
+        rows.map(|row| row.map_err(backend)).collect()
+    }
+
     fn scalar(&self, sql: &str, args: impl rusqlite::Params) -> Result<Option<i64>, StoreError> {
         self.guard()?;
         crate::query_scalar(&self.conn, sql, args).map_err(backend)
@@ -507,15 +516,8 @@ impl Store for SqliteStore {
     }
 
     fn session_peers(&self) -> Result<Vec<PeerId>, StoreError> {
-        self.guard()?;
-        let mut stmt =
-            self.conn.prepare_cached("SELECT peer_id FROM chat_ratchet_state ORDER BY peer_id").map_err(backend)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a ratchet state's peer ID"))?);
-        }
-        Ok(out)
+        let ids = self.read_ids("SELECT peer_id FROM chat_ratchet_state ORDER BY peer_id", [])?;
+        ids.iter().map(|id| id.parse().map_err(|_| corrupt("a ratchet state's peer ID"))).collect()
     }
 
     fn put_sessions(&mut self, peer: &PeerId, state: &[u8]) -> Result<(), StoreError> {
@@ -551,20 +553,12 @@ impl Store for SqliteStore {
     }
 
     fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
-        self.guard()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT r.peer_id FROM chat_ratchet_state r JOIN chat_peer_activity a ON a.peer_id = r.peer_id \
-                 WHERE a.last_heard_at < ?1 ORDER BY r.peer_id",
-            )
-            .map_err(backend)?;
-        let rows = stmt.query_map([ts(cutoff)], |r| r.get::<_, String>(0)).map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("a quiet peer's ID"))?);
-        }
-        Ok(out)
+        let ids = self.read_ids(
+            "SELECT r.peer_id FROM chat_ratchet_state r JOIN chat_peer_activity a ON a.peer_id = r.peer_id \
+             WHERE a.last_heard_at < ?1 ORDER BY r.peer_id",
+            [ts(cutoff)],
+        )?;
+        ids.iter().map(|id| id.parse().map_err(|_| corrupt("a quiet peer's ID"))).collect()
     }
 
     fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
@@ -710,19 +704,11 @@ impl Store for SqliteStore {
     }
 
     fn peers_due(&self, now: Timestamp) -> Result<Vec<PeerId>, StoreError> {
-        self.guard()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT DISTINCT peer_id FROM chat_outbox WHERE in_flight = 0 AND next_attempt_at <= ?1 ORDER BY peer_id",
-            )
-            .map_err(backend)?;
-        let rows = stmt.query_map([ts(now)], |r| r.get::<_, String>(0)).map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(backend)?.parse().map_err(|_| corrupt("an outbox item's peer ID"))?);
-        }
-        Ok(out)
+        let ids = self.read_ids(
+            "SELECT DISTINCT peer_id FROM chat_outbox WHERE in_flight = 0 AND next_attempt_at <= ?1 ORDER BY peer_id",
+            [ts(now)],
+        )?;
+        ids.iter().map(|id| id.parse().map_err(|_| corrupt("an outbox item's peer ID"))).collect()
     }
 
     fn group_envelope(&self, id: &MessageId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -845,22 +831,12 @@ impl Store for SqliteStore {
     }
 
     fn invitations_received_before(&self, cutoff: Timestamp) -> Result<Vec<ConversationId>, StoreError> {
-        self.guard()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT group_id FROM chat_invitations WHERE received_at < ?1 ORDER BY received_at, group_id",
-            )
-            .map_err(backend)?;
-        let rows = stmt.query_map([ts(cutoff)], |r| r.get::<_, String>(0)).map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            // An unreadable ID is skipped: one bad row must not stop the sweep.
-            if let Ok(id) = row.map_err(backend)?.parse() {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        let ids = self.read_ids(
+            "SELECT group_id FROM chat_invitations WHERE received_at < ?1 ORDER BY received_at, group_id",
+            [ts(cutoff)],
+        )?;
+        // An unreadable ID is skipped: one bad row must not stop the sweep.
+        Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
     }
 
     fn has_message_from(&self, id: &ConversationId, sender: &PeerId) -> Result<bool, StoreError> {
