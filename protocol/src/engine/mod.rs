@@ -1670,15 +1670,7 @@ impl<S: Store> Engine<S> {
         if self.store.conversation(&ConversationId::for_peers(&self.peer_id(), peer))?.is_some() {
             return Ok(true);
         }
-        for conversation in self.store.conversations()? {
-            if matches!(conversation.kind, ConversationKind::Group { .. }) && !conversation.left {
-                let members = self.store.members(&conversation.id)?;
-                if members.iter().any(|m| m.peer_id == *peer && m.left_at.is_none()) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        Ok(self.peers_we_talk_to()?.contains(peer))
     }
 
     fn start_key_exchange(&mut self, now: Timestamp, peer: PeerId, attempts: u32) -> Result<(), EngineError> {
