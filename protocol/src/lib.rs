@@ -65,6 +65,7 @@ pub mod identity;
 pub mod ids;
 pub mod kdf;
 pub mod keys;
+pub mod node;
 pub mod ratchet;
 pub mod relay;
 pub mod sender_key;

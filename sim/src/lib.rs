@@ -3,9 +3,10 @@
 //! One seed decides everything in a run: the fault knobs, the network's
 //! latency, loss and duplication, the fault schedule (partitions, nodes
 //! going offline, crashes with restarts from the store, relay outages,
-//! clock skew), the workload, and every engine's randomness. Engines and a
-//! relay, each on its in-memory store, are driven in virtual time by the
-//! engine's rule; a checker holds them to the invariants after every step
+//! clock skew), the workload, and every engine's randomness. Nodes (the
+//! same `protocol::node::Node` the binary ships, routing included) and a
+//! relay, each on its in-memory store, are driven in virtual time by their
+//! driving rules; a checker holds them to the invariants after every step
 //! and once the network has healed and gone quiet. The same seed gives the
 //! same trace, bit for bit.
 #![forbid(unsafe_code)]

@@ -94,6 +94,13 @@ pub(crate) enum Step {
         /// The message or conversation it is about.
         about: String,
     },
+    /// A node's path changed: a dial or a relay connection, made or failed.
+    Path {
+        /// Node index.
+        node: usize,
+        /// What happened.
+        what: String,
+    },
     /// A deadline fired.
     Timeout {
         /// Node index ("relay" is `usize::MAX`).
@@ -130,6 +137,7 @@ impl fmt::Display for Entry {
             Step::Result { node, outcome } => write!(f, "n{node} transmit {outcome}"),
             Step::Fault(what) => write!(f, "FAULT {what}"),
             Step::Event { node, kind, about } => write!(f, "n{node} {kind} {about}"),
+            Step::Path { node, what } => write!(f, "n{node} {what}"),
             Step::Timeout { node } => write!(f, "{} timeout", who(*node)),
         }
     }

@@ -1,18 +1,19 @@
-//! One run: engines, a relay and a network in virtual time, driven by the
-//! engine's rule (after every input, drain every output), with faults and
-//! a workload drawn from the seed.
+//! One run: nodes, a relay and a network in virtual time, each node the
+//! same `protocol::node::Node` the binary ships, driven by its rule (after
+//! every input, drain every output), with faults and a workload drawn from
+//! the seed. The network decides only whether bytes arrive; which path they
+//! take is the nodes' choice.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, ConversationKind, Engine, EngineConfig, Event, Input, Message, Query, Store,
-    Transmit, TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, ConversationKind, Event, Message, Query, Store, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
-use p2pchat_protocol::relay::{
-    ClientAction, MemoryRelayStore, PublishRefusal, Relay, RelayClient, RelayConfig, RelayFrame,
-};
+use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
+use p2pchat_protocol::relay::{MemoryRelayStore, PublishRefusal, Relay, RelayConfig, RelayFrame};
 use p2pchat_protocol::wire::{Envelope, EnvelopeBody, GroupMessage};
 use p2pchat_protocol::{ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, PeerId, Timestamp};
 use rand_chacha::ChaCha20Rng;
@@ -36,18 +37,26 @@ const MAX_STEPS: u64 = 3_000_000;
 const BOUNDS_EVERY: u64 = 2_000;
 /// The stale-restart bug keeps a copy of the store every this many calls.
 const STALE_EVERY: u64 = 5;
-/// How long records published to the relay stay valid.
-const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
+/// How long a dial to a peer the network does not reach takes to fail (a
+/// handshake that is never answered), counted after its round trip.
+const DIAL_TIMEOUT_MS: u64 = 3_000;
+/// The relay's address as records list it.
+const RELAY_ADDRESS: &str = "relay.sim:4433";
 
 /// What the queue holds.
 enum Ev {
-    /// A direct datagram arrives; `transmit` is set on the original copy
-    /// (not a duplicate), whose sender learns the outcome.
-    Datagram { from: usize, to: usize, bytes: Vec<u8>, transmit: Option<(u32, TransmitId)> },
-    /// A transmit's outcome reaches its sender (if still the same process).
+    /// A datagram on direct connection `link` arrives; `transmit` is set
+    /// on the original copy (not a duplicate), whose sender learns the
+    /// outcome.
+    Datagram { from: usize, to: usize, link: u64, bytes: Vec<u8>, transmit: Option<(u32, TransmitId)> },
+    /// A direct send's outcome reaches its sender (if still the same process).
     Result { node: usize, incarnation: u32, id: TransmitId, outcome: TransmitOutcome },
-    /// A directory answer reaches a node.
-    Lookup { node: usize, incarnation: u32, input: Input },
+    /// A node's dial of another reaches its end (a handshake round trip).
+    Dialled { from: usize, to: usize, incarnation: u32 },
+    /// A dial the network did not carry times out.
+    DialTimedOut { from: usize, to: usize, incarnation: u32 },
+    /// A node's connection attempt to the relay reaches its end.
+    RelayDialled { node: usize, incarnation: u32 },
     /// A frame on a node's relay connection `conn` reaches the relay.
     ToRelay { from: usize, conn: u64, bytes: Vec<u8> },
     /// A frame from the relay reaches a node on connection `conn`.
@@ -76,11 +85,12 @@ enum Fault {
     RelayUp,
 }
 
-struct Node {
+struct Machine {
     identity_seed: [u8; 32],
     peer: PeerId,
-    engine: Engine<SimStore>,
+    node: Node<SimStore>,
     skew_ms: i64,
+    /// It accepts direct connections (it is not behind NAT).
     direct: bool,
     /// The process runs.
     up: bool,
@@ -88,12 +98,10 @@ struct Node {
     online: bool,
     incarnation: u32,
     relay_conn: Option<u64>,
-    client: RelayClient,
     crash_pending: bool,
-    /// Engine calls so far (for the stale-restart bug's snapshots).
+    /// Node calls so far (for the stale-restart bug's snapshots).
     calls: u64,
-    /// Direct reachability last told to the engine, per peer.
-    told: Vec<bool>,
+    next_ticket: u64,
     /// Messages received, for mark-read operations.
     inbox: Vec<MessageId>,
     conversations: BTreeSet<ConversationId>,
@@ -168,7 +176,9 @@ pub(crate) struct World {
     now: Timestamp,
     queue: BTreeMap<(Timestamp, u64), Ev>,
     next_seq: u64,
-    nodes: Vec<Node>,
+    nodes: Vec<Machine>,
+    /// Open direct connections, by their ends (lower index first).
+    links: BTreeMap<(usize, usize), u64>,
     relay: Relay<MemoryRelayStore>,
     relay_up: bool,
     /// Which side of the current partition each node is on (the relay is on
@@ -208,25 +218,25 @@ impl World {
             let rng = ChaCha20Rng::from_seed(keys.bytes32());
             let skew_ms = faults.range(0, 2 * knobs.max_skew_ms) as i64 - knobs.max_skew_ms as i64;
             let node_now = Timestamp::from_millis((START.as_millis() as i64 + skew_ms) as u64);
+            let direct = i >= knobs.relay_only;
             // An in-memory store cannot fail, so neither can the first start.
-            let engine = match Engine::new(identity, store, EngineConfig::default(), rng, node_now) {
-                Ok(engine) => engine,
-                Err(e) => unreachable!("a fresh engine on an empty in-memory store failed: {e}"),
+            let node = match Node::new(identity, store, node_config(i, direct), rng, node_now) {
+                Ok(node) => node,
+                Err(e) => unreachable!("a fresh node on an empty in-memory store failed: {e}"),
             };
-            nodes.push(Node {
+            nodes.push(Machine {
                 identity_seed,
                 peer,
-                engine,
+                node,
                 skew_ms,
-                direct: i >= knobs.relay_only,
+                direct,
                 up: true,
                 online: true,
                 incarnation: 0,
                 relay_conn: None,
-                client: RelayClient::new(),
                 crash_pending: false,
                 calls: 0,
-                told: vec![false; knobs.nodes],
+                next_ticket: 0,
                 inbox: Vec::new(),
                 conversations: BTreeSet::new(),
             });
@@ -247,6 +257,7 @@ impl World {
             queue: BTreeMap::new(),
             next_seq: 0,
             nodes,
+            links: BTreeMap::new(),
             relay,
             relay_up: true,
             partition: Vec::new(),
@@ -274,7 +285,10 @@ impl World {
     /// Runs to the end (or the first broken invariant) and reports.
     pub(crate) fn run(mut self) -> Report {
         let started = Instant::now();
-        self.refresh();
+        // Each node's first outputs connect it to the relay.
+        for i in 0..self.nodes.len() {
+            self.run_node(i);
+        }
         let settle_until = |w: &Self| w.healed.then(|| w.now.saturating_add_millis(SETTLE_MS));
         let mut deadline: Option<Timestamp> = None;
         while self.failure.is_none() {
@@ -310,13 +324,14 @@ impl World {
                         self.handle(ev);
                     }
                 }
-                Next::EngineTimeout(i) => {
+                Next::NodeTimeout(i) => {
                     self.trace(Step::Timeout { node: i });
                     let now = self.node_now(i);
-                    let result = self.timed(|w| w.nodes[i].engine.handle(now, Input::Timeout));
-                    self.after_call(i, result.map(|_| ()));
+                    self.timed(|w| w.nodes[i].node.handle_timeout(now));
+                    self.run_node(i);
+                    self.note_call(i);
                     // A deadline a timeout does not move would spin for ever.
-                    let stuck = self.nodes[i].up && self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= now);
+                    let stuck = self.nodes[i].up && self.nodes[i].node.poll_timeout().is_some_and(|t| t <= now);
                     if stuck && self.failure.is_none() {
                         self.fail(format!("n{i}'s deadline did not move past its timeout"));
                     }
@@ -373,9 +388,9 @@ impl World {
             }
         };
         for (i, node) in self.nodes.iter().enumerate() {
-            if let (true, Some(deadline)) = (node.up, node.engine.poll_timeout()) {
+            if let (true, Some(deadline)) = (node.up, node.node.poll_timeout()) {
                 let global = (deadline.as_millis() as i64 - node.skew_ms).max(0) as u64;
-                consider(Timestamp::from_millis(global).max(self.now), Next::EngineTimeout(i));
+                consider(Timestamp::from_millis(global).max(self.now), Next::NodeTimeout(i));
             }
         }
         if let Some(deadline) = self.relay.poll_timeout() {
@@ -474,13 +489,12 @@ impl World {
             }
             Fault::Restarted(i) => {
                 self.nodes[i].up = true;
-                // Connections first, then whatever the engine queued while
-                // starting leaves over them.
-                self.refresh();
-                self.drain(i);
+                // Its first outputs connect to the relay; what the engine
+                // queued while starting follows the paths it finds.
+                self.run_node(i);
                 // The user's page, reloaded, lists the invitations still
                 // waiting (their events may have died with the process).
-                if let Ok(Answer::Invitations(waiting)) = self.nodes[i].engine.query(Query::Invitations) {
+                if let Ok(Answer::Invitations(waiting)) = self.nodes[i].node.engine_mut().query(Query::Invitations) {
                     for invitation in waiting {
                         let after = self.work.range(0, 10_000);
                         self.schedule(after, Ev::Accept { node: i, group: invitation.group_id });
@@ -512,76 +526,46 @@ impl World {
         side(a) == side(b)
     }
 
-    fn direct(&self, a: usize, b: usize) -> bool {
-        let ok = |i: usize| self.nodes[i].up && self.nodes[i].online && self.nodes[i].direct;
+    /// The network carries datagrams between `a` and `b`.
+    fn path(&self, a: usize, b: usize) -> bool {
+        let ok = |i: usize| self.nodes[i].up && self.nodes[i].online;
         a != b && ok(a) && ok(b) && self.together(a, b)
+    }
+
+    /// A dial from `a` reaches `b`: the path works and `b` accepts direct
+    /// connections (a node behind NAT can dial out, but not be dialled).
+    fn dialable(&self, a: usize, b: usize) -> bool {
+        self.path(a, b) && self.nodes[b].direct
     }
 
     fn relay_reachable(&self, i: usize) -> bool {
         self.relay_up && self.nodes[i].up && self.nodes[i].online && self.together(i, RELAY)
     }
 
-    /// Brings connections and the engines' reachability in line with the
-    /// network as it now is.
+    /// Closes the connections the network no longer carries, telling the
+    /// ends that are still running (as their transports would, at once).
     fn refresh(&mut self) {
         for i in 0..self.nodes.len() {
-            let want = self.relay_reachable(i);
-            match (want, self.nodes[i].relay_conn) {
-                (true, None) => self.connect_relay(i),
-                (false, Some(_)) => self.disconnect_relay(i),
-                _ => {}
+            if self.nodes[i].relay_conn.is_some() && !self.relay_reachable(i) {
+                self.disconnect_relay(i);
             }
         }
-        for i in 0..self.nodes.len() {
-            if !self.nodes[i].up {
-                continue;
-            }
-            for j in 0..self.nodes.len() {
-                let reach = self.direct(i, j);
-                if reach == self.nodes[i].told[j] || i == j {
-                    continue;
-                }
-                self.nodes[i].told[j] = reach;
-                let peer = self.nodes[j].peer;
-                let input = if reach { Input::PeerReachable(peer) } else { Input::PeerUnreachable(peer) };
-                self.call(i, input);
-            }
-        }
-    }
-
-    fn connect_relay(&mut self, i: usize) {
-        self.next_conn += 1;
-        let conn = self.next_conn;
-        self.nodes[i].relay_conn = Some(conn);
-        let peer = self.nodes[i].peer;
-        let now = self.node_now(i);
-        let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(self.nodes[i].identity_seed));
-        let direct = if self.nodes[i].direct { vec![format!("10.0.0.{i}:4433")] } else { Vec::new() };
-        let frames = self.timed(|w| {
-            w.relay.connected(peer);
-            let client = &mut w.nodes[i].client;
-            match client.publish(&identity, direct, vec!["relay.sim:4433".into()], now, RECORD_LIFETIME_MS) {
-                RelayFrame::Publish(record) => client.on_connect(record),
-                _ => Vec::new(),
-            }
-        });
-        for frame in frames {
-            self.send_to_relay(i, &frame);
+        let broken: Vec<(usize, usize)> = self.links.keys().copied().filter(|&(a, b)| !self.path(a, b)).collect();
+        for (a, b) in broken {
+            self.links.remove(&(a, b));
+            self.trace(Step::Path { node: a, what: format!("direct connection with n{b} closed") });
+            let (peer_a, peer_b) = (self.nodes[a].peer, self.nodes[b].peer);
+            self.call(a, NodeInput::DirectDown { peer: peer_b });
+            self.call(b, NodeInput::DirectDown { peer: peer_a });
         }
     }
 
     fn disconnect_relay(&mut self, i: usize) {
         self.nodes[i].relay_conn = None;
         let peer = self.nodes[i].peer;
-        let inputs = self.timed(|w| {
-            w.relay.disconnected(&peer);
-            w.nodes[i].client.on_disconnect()
-        });
-        if self.nodes[i].up {
-            for input in inputs {
-                self.call(i, input);
-            }
-        }
+        self.timed(|w| w.relay.disconnected(&peer));
+        self.trace(Step::Path { node: i, what: "relay connection closed".into() });
+        self.call(i, NodeInput::RelayDisconnected { relay: 0, reason: "the relay connection closed".into() });
     }
 
     fn crash(&mut self, i: usize) {
@@ -594,25 +578,24 @@ impl World {
         self.checker.on_crash(i);
         let store = match (self.options.bug, self.snapshots[i].take()) {
             (Bug::StaleRestart, Some(old)) => old,
-            _ => self.nodes[i].engine.store().crash_copy(),
+            _ => self.nodes[i].node.engine().store().crash_copy(),
         };
+        let direct = self.nodes[i].direct;
         let node = &mut self.nodes[i];
         node.up = false;
         node.incarnation += 1;
-        node.told = vec![false; self.knobs.nodes];
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(node.identity_seed));
         let rng = ChaCha20Rng::from_seed(self.keys.bytes32());
         let now = self.node_now(i);
-        match self.timed(|_| Engine::new(identity, store, EngineConfig::default(), rng, now)) {
-            Ok(engine) => self.nodes[i].engine = engine,
+        match self.timed(|_| Node::new(identity, store, node_config(i, direct), rng, now)) {
+            Ok(node) => self.nodes[i].node = node,
             Err(e) => return self.fail(format!("n{i} did not restart from its store: {e}")),
         }
-        // Its relay connection died with it.
+        // Its connections died with it.
         if self.nodes[i].relay_conn.take().is_some() {
             let peer = self.nodes[i].peer;
             self.timed(|w| w.relay.disconnected(&peer));
         }
-        self.nodes[i].client = RelayClient::new();
         let down_for = self.faults.range(100, 5_000);
         self.schedule(down_for, Ev::Fault(Fault::Restarted(i)));
         self.refresh();
@@ -620,54 +603,107 @@ impl World {
 
     // ---- the driving rule ----
 
-    fn call(&mut self, i: usize, input: Input) {
+    /// Hands node `i` an input and drains its outputs.
+    fn call(&mut self, i: usize, input: NodeInput) {
         // A node that crashed during an earlier input of the same batch
         // takes no more of it: those inputs died with the process.
         if !self.nodes[i].up {
             return;
         }
         let now = self.node_now(i);
-        let result = self.timed(|w| w.nodes[i].engine.handle(now, input));
-        self.after_call(i, result);
+        self.timed(|w| w.nodes[i].node.handle(now, input));
+        self.run_node(i);
+        self.note_call(i);
     }
 
-    /// After a call: crash now if planned, else release every output.
-    fn after_call(&mut self, i: usize, result: Result<(), p2pchat_protocol::engine::EngineError>) {
-        if let Err(e) = result {
-            return self.fail(format!("n{i}'s engine failed: {e}"));
-        }
-        // The planted bug restarts from a copy a few calls old, as if the
-        // last commits had not been durable.
-        if self.options.bug == Bug::StaleRestart {
+    /// The planted bug restarts from a copy a few calls old, as if the last
+    /// commits had not been durable: it keeps one every few calls.
+    fn note_call(&mut self, i: usize) {
+        if self.options.bug == Bug::StaleRestart && self.nodes[i].up {
             self.nodes[i].calls += 1;
             if self.nodes[i].calls.is_multiple_of(STALE_EVERY) {
-                self.snapshots[i] = Some(self.nodes[i].engine.store().crash_copy());
+                self.snapshots[i] = Some(self.nodes[i].node.engine().store().crash_copy());
             }
         }
-        if self.nodes[i].crash_pending {
-            return self.crash(i);
-        }
-        self.drain(i);
     }
 
-    fn drain(&mut self, i: usize) {
-        while let Some(event) = self.timed(|w| w.nodes[i].engine.poll_event()) {
-            self.on_event(i, event);
-        }
-        while let Some(peer) = self.timed(|w| w.nodes[i].engine.poll_lookup()) {
-            let j = self.index(&peer);
-            let incarnation = self.nodes[i].incarnation;
-            if j.is_some_and(|j| self.direct(i, j)) {
-                self.schedule(0, Ev::Lookup { node: i, incarnation, input: Input::PeerRecord(peer) });
-            } else if self.nodes[i].relay_conn.is_some() {
-                let frame = self.timed(|w| w.nodes[i].client.lookup(peer));
-                self.send_to_relay(i, &frame);
-            } else {
-                self.schedule(0, Ev::Lookup { node: i, incarnation, input: Input::LookupFailed(peer) });
+    /// Drains node `i`'s outputs. Its first poll runs the waiting engine
+    /// work (one commit); a planned crash strikes right after that, before
+    /// any output leaves.
+    fn run_node(&mut self, i: usize) {
+        loop {
+            if !self.nodes[i].up || self.failure.is_some() {
+                return;
+            }
+            let now = self.node_now(i);
+            let Some(output) = self.timed(|w| w.nodes[i].node.poll_output(now)) else { return };
+            if !self.release(i, output) {
+                return;
             }
         }
-        while let Some(transmit) = self.timed(|w| w.nodes[i].engine.poll_transmit()) {
-            self.route(i, transmit);
+    }
+
+    /// Releases one output of node `i`, or crashes it first if a crash is
+    /// planned (the output dies with the process). False if it crashed.
+    fn release(&mut self, i: usize, output: NodeOutput) -> bool {
+        if self.nodes[i].crash_pending {
+            self.crash(i);
+            return false;
+        }
+        self.output(i, output);
+        true
+    }
+
+    fn output(&mut self, i: usize, output: NodeOutput) {
+        let incarnation = self.nodes[i].incarnation;
+        match output {
+            NodeOutput::Dial { peer, addr } => {
+                let Some(j) = self.index(&peer).filter(|&j| addr.to_string() == address_of(j)) else {
+                    return self.fail(format!("n{i} dialled {peer} at {addr}, which it never published"));
+                };
+                self.trace(Step::Path { node: i, what: format!("dials n{j}") });
+                let after = 2 * self.latency();
+                self.schedule(after, Ev::Dialled { from: i, to: j, incarnation });
+            }
+            NodeOutput::SendDirect { peer, id, bytes } => self.send_direct(i, peer, id, bytes),
+            NodeOutput::ConnectRelay { .. } => {
+                let after = 2 * self.knobs.relay_latency_ms;
+                self.schedule(after, Ev::RelayDialled { node: i, incarnation });
+            }
+            NodeOutput::SendToRelay { bytes, .. } => {
+                if let Ok(RelayFrame::Forward { envelope, .. }) = RelayFrame::decode(&bytes) {
+                    self.on_wire(&envelope);
+                }
+                self.send_to_relay(i, bytes);
+            }
+            NodeOutput::Event(event) => self.on_event(i, event),
+            // Only the workload's commands have tickets; `command` takes
+            // their replies.
+            NodeOutput::Reply { .. } => {}
+            NodeOutput::Notice(Notice::InputFailed(e)) => self.fail(format!("n{i}'s engine failed: {e}")),
+            NodeOutput::Notice(Notice::BadRelayFrame { error, .. }) => {
+                self.fail(format!("n{i} could not read the relay's frame: {error}"))
+            }
+            NodeOutput::Notice(Notice::PublishRefused { reason, .. }) if reason != PublishRefusal::Rate => {
+                self.fail(format!("n{i}'s record was refused: {}", reason.as_str()))
+            }
+            NodeOutput::Notice(Notice::DirectFellBack { peer, reason }) => {
+                let j = self.index(&peer).unwrap_or(RELAY);
+                self.trace(Step::Path { node: i, what: format!("to n{j} through the relay: {reason}") });
+            }
+            NodeOutput::Notice(_) => {}
+        }
+    }
+
+    /// An envelope leaves a node, directly or inside a relay frame: the
+    /// checker sees every one.
+    fn on_wire(&mut self, envelope: &[u8]) {
+        let result = self.checker.on_envelope(envelope);
+        self.check(result);
+        if let Ok(Envelope { body: EnvelopeBody::Group(message) }) = Envelope::decode(envelope) {
+            // Checked once the step is over, when its sender's API has
+            // accepted the message.
+            self.fresh_group_messages.push(message);
         }
     }
 
@@ -713,7 +749,7 @@ impl World {
 
     /// A message as node `i`'s store holds it (outside any call).
     fn stored_message(&mut self, i: usize, id: &MessageId) -> Option<Message> {
-        let store = self.nodes[i].engine.store_mut();
+        let store = self.nodes[i].node.engine_mut().store_mut();
         store.begin().ok()?;
         let message = store.message(id).ok().flatten();
         store.rollback();
@@ -724,47 +760,37 @@ impl World {
         self.nodes.iter().position(|n| n.peer == *peer)
     }
 
-    /// Direct first, the relay as the fallback.
-    fn route(&mut self, i: usize, transmit: Transmit) {
-        let result = self.checker.on_envelope(&transmit.bytes);
-        self.check(result);
-        if let Ok(Envelope { body: EnvelopeBody::Group(message) }) = Envelope::decode(&transmit.bytes) {
-            // Checked once the step is over, when its sender's API has
-            // accepted the message.
-            self.fresh_group_messages.push(message);
-        }
-        let incarnation = self.nodes[i].incarnation;
-        let Some(j) = self.index(&transmit.peer) else {
-            let outcome = TransmitOutcome::Failed("unknown peer".into());
-            return self.schedule(0, Ev::Result { node: i, incarnation, id: transmit.id, outcome });
-        };
-        if self.direct(i, j) {
-            if self.net.chance(self.knobs.loss_ppm) {
-                self.trace(Step::Drop { from: i, to: j, why: "lost" });
-                let timeout = 3 * (self.knobs.latency_ms + self.knobs.jitter_ms) + 10;
-                let outcome = TransmitOutcome::Failed("no acknowledgement from the peer".into());
-                return self.schedule(timeout, Ev::Result { node: i, incarnation, id: transmit.id, outcome });
-            }
-            if self.net.chance(self.knobs.duplicate_ppm) {
-                let later = self.latency();
-                let bytes = transmit.bytes.clone();
-                self.schedule(later, Ev::Datagram { from: i, to: j, bytes, transmit: None });
-            }
-            let after = self.latency();
-            let ev = Ev::Datagram { from: i, to: j, bytes: transmit.bytes, transmit: Some((incarnation, transmit.id)) };
-            return self.schedule(after, ev);
-        }
-        if self.nodes[i].relay_conn.is_some() {
-            let frame = self.timed(|w| w.nodes[i].client.forward(transmit));
-            return self.send_to_relay(i, &frame);
-        }
-        let outcome = TransmitOutcome::Failed("no path to the peer".into());
-        self.schedule(0, Ev::Result { node: i, incarnation, id: transmit.id, outcome });
+    fn link_key(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
     }
 
-    fn send_to_relay(&mut self, i: usize, frame: &RelayFrame) {
+    /// A datagram on the open connection with `peer`, lost, duplicated or
+    /// late as the knobs say; with no connection, the send fails at once.
+    fn send_direct(&mut self, i: usize, peer: PeerId, id: TransmitId, bytes: Vec<u8>) {
+        self.on_wire(&bytes);
+        let incarnation = self.nodes[i].incarnation;
+        let link = self.index(&peer).and_then(|j| self.links.get(&Self::link_key(i, j)).map(|l| (j, *l)));
+        let Some((j, link)) = link else {
+            let outcome = TransmitOutcome::Failed("no connection to the peer".into());
+            return self.schedule(0, Ev::Result { node: i, incarnation, id, outcome });
+        };
+        if self.net.chance(self.knobs.loss_ppm) {
+            self.trace(Step::Drop { from: i, to: j, why: "lost" });
+            let timeout = 3 * (self.knobs.latency_ms + self.knobs.jitter_ms) + 10;
+            let outcome = TransmitOutcome::Failed("no acknowledgement from the peer".into());
+            return self.schedule(timeout, Ev::Result { node: i, incarnation, id, outcome });
+        }
+        if self.net.chance(self.knobs.duplicate_ppm) {
+            let later = self.latency();
+            let bytes = bytes.clone();
+            self.schedule(later, Ev::Datagram { from: i, to: j, link, bytes, transmit: None });
+        }
+        let after = self.latency();
+        self.schedule(after, Ev::Datagram { from: i, to: j, link, bytes, transmit: Some((incarnation, id)) });
+    }
+
+    fn send_to_relay(&mut self, i: usize, bytes: Vec<u8>) {
         if let Some(conn) = self.nodes[i].relay_conn {
-            let bytes = frame.encode();
             // One ordered stream per connection: a constant latency keeps order.
             let after = self.knobs.relay_latency_ms;
             self.schedule(after, Ev::ToRelay { from: i, conn, bytes });
@@ -784,18 +810,22 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Datagram { from, to, bytes, transmit } => self.datagram(from, to, bytes, transmit),
+            Ev::Datagram { from, to, link, bytes, transmit } => self.datagram(from, to, link, bytes, transmit),
             Ev::Result { node, incarnation, id, outcome } => {
                 if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
                     self.trace(Step::Result { node, outcome: format!("{outcome:?}") });
-                    self.call(node, Input::TransmitResult { id, outcome });
+                    self.call(node, NodeInput::DirectSent { id, outcome });
                 }
             }
-            Ev::Lookup { node, incarnation, input } => {
-                if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
-                    self.call(node, input);
+            Ev::Dialled { from, to, incarnation } => self.dialled(from, to, incarnation),
+            Ev::DialTimedOut { from, to, incarnation } => {
+                if self.nodes[from].up && self.nodes[from].incarnation == incarnation {
+                    self.trace(Step::Path { node: from, what: format!("dial of n{to} timed out") });
+                    let peer = self.nodes[to].peer;
+                    self.call(from, NodeInput::DialFailed { peer, reason: "the handshake timed out".into() });
                 }
             }
+            Ev::RelayDialled { node, incarnation } => self.relay_dialled(node, incarnation),
             Ev::ToRelay { from, conn, bytes } => {
                 if self.nodes[from].relay_conn != Some(conn) {
                     return;
@@ -813,9 +843,14 @@ impl World {
                 }
                 self.drain_relay();
             }
-            Ev::FromRelay { to, conn, bytes } => self.frame_from_relay(to, conn, &bytes),
+            Ev::FromRelay { to, conn, bytes } => self.frame_from_relay(to, conn, bytes),
             Ev::Operation => {
                 self.operation();
+                // What the commands caused leaves now that the checker
+                // knows what was accepted.
+                for i in 0..self.nodes.len() {
+                    self.run_node(i);
+                }
                 if self.operations_left > 0 {
                     self.operations_left -= 1;
                     let gap = self.work.range(0, 2 * self.knobs.operation_gap_ms);
@@ -834,15 +869,56 @@ impl World {
             Ev::Accept { node, group } => {
                 // Answered already (a restarted node's page lists it again).
                 self.command(node, Command::AcceptInvitation { group });
+                self.run_node(node);
             }
             Ev::Heal => self.heal(),
         }
     }
 
-    fn datagram(&mut self, from: usize, to: usize, bytes: Vec<u8>, transmit: Option<(u32, TransmitId)>) {
+    /// A dial's handshake is over: connected if the network carries it and
+    /// the peer accepts direct connections, else it times out later.
+    fn dialled(&mut self, from: usize, to: usize, incarnation: u32) {
+        if !self.nodes[from].up || self.nodes[from].incarnation != incarnation {
+            return;
+        }
+        if !self.dialable(from, to) {
+            return self.schedule(DIAL_TIMEOUT_MS, Ev::DialTimedOut { from, to, incarnation });
+        }
+        let key = Self::link_key(from, to);
+        let new = !self.links.contains_key(&key);
+        if new {
+            self.next_conn += 1;
+            self.links.insert(key, self.next_conn);
+            self.trace(Step::Path { node: from, what: format!("connected to n{to}") });
+        }
+        let (peer_from, peer_to) = (self.nodes[from].peer, self.nodes[to].peer);
+        self.call(from, NodeInput::DirectUp { peer: peer_to });
+        if new {
+            self.call(to, NodeInput::DirectUp { peer: peer_from });
+        }
+    }
+
+    fn relay_dialled(&mut self, i: usize, incarnation: u32) {
+        if !self.nodes[i].up || self.nodes[i].incarnation != incarnation || self.nodes[i].relay_conn.is_some() {
+            return;
+        }
+        if !self.relay_reachable(i) {
+            self.trace(Step::Path { node: i, what: "cannot reach the relay".into() });
+            let reason = "the relay did not answer".to_owned();
+            return self.call(i, NodeInput::RelayDisconnected { relay: 0, reason });
+        }
+        self.next_conn += 1;
+        self.nodes[i].relay_conn = Some(self.next_conn);
+        let peer = self.nodes[i].peer;
+        self.timed(|w| w.relay.connected(peer));
+        self.trace(Step::Path { node: i, what: "connected to the relay".into() });
+        self.call(i, NodeInput::RelayConnected { relay: 0 });
+    }
+
+    fn datagram(&mut self, from: usize, to: usize, link: u64, bytes: Vec<u8>, transmit: Option<(u32, TransmitId)>) {
         let back = self.latency();
-        if !self.direct(from, to) {
-            self.trace(Step::Drop { from, to, why: "no path on arrival" });
+        if self.links.get(&Self::link_key(from, to)) != Some(&link) || !self.path(from, to) {
+            self.trace(Step::Drop { from, to, why: "the connection closed" });
             if let Some((incarnation, id)) = transmit {
                 let outcome = TransmitOutcome::Failed("the connection to the peer closed".into());
                 self.schedule(back, Ev::Result { node: from, incarnation, id, outcome });
@@ -862,42 +938,21 @@ impl World {
             };
             self.schedule(back, Ev::Result { node: from, incarnation, id, outcome });
         }
-        self.call(to, Input::Received { from: peer, bytes });
+        self.call(to, NodeInput::DirectReceived { from: peer, bytes });
     }
 
-    fn frame_from_relay(&mut self, i: usize, conn: u64, bytes: &[u8]) {
+    fn frame_from_relay(&mut self, i: usize, conn: u64, bytes: Vec<u8>) {
         if self.nodes[i].relay_conn != Some(conn) || !self.nodes[i].up {
             return;
         }
         self.trace(Step::Arrive {
             from: RELAY,
             to: i,
-            what: frame_kind(bytes),
+            what: frame_kind(&bytes),
             len: bytes.len(),
-            digest: digest(bytes),
+            digest: digest(&bytes),
         });
-        let now = self.node_now(i);
-        let actions = match self.timed(|w| w.nodes[i].client.on_frame(now, bytes)) {
-            Ok(actions) => actions,
-            Err(e) => return self.fail(format!("n{i} could not read the relay's frame: {e}")),
-        };
-        let incarnation = self.nodes[i].incarnation;
-        for action in actions {
-            // A crash during the engine's call ends this connection's work.
-            if self.nodes[i].incarnation != incarnation || self.failure.is_some() {
-                return;
-            }
-            match action {
-                ClientAction::ToEngine(input) => self.call(i, input),
-                ClientAction::AfterEngine(frame) => self.send_to_relay(i, &frame),
-                ClientAction::Record(_) | ClientAction::Published { .. } => {}
-                ClientAction::PublishRefused { reason, .. } => {
-                    if reason != PublishRefusal::Rate {
-                        return self.fail(format!("n{i}'s record was refused: {}", reason.as_str()));
-                    }
-                }
-            }
-        }
+        self.call(i, NodeInput::RelayFrame { relay: 0, bytes });
     }
 
     // ---- the workload ----
@@ -1019,27 +1074,47 @@ impl World {
         let what = format!("{command:?}");
         let what = what.chars().take(120).collect::<String>();
         let now = self.node_now(i);
-        let result = self.timed(|w| w.nodes[i].engine.command(now, command));
-        let shown = match &result {
+        let ticket = Ticket(self.nodes[i].next_ticket);
+        self.nodes[i].next_ticket += 1;
+        let incarnation = self.nodes[i].incarnation;
+        self.timed(|w| w.nodes[i].node.handle(now, NodeInput::Command { ticket, command }));
+        // Earlier outputs leave first; the command's reply comes straight
+        // after its commit, and what it caused waits for the caller's
+        // `run_node`, so the checker hears of an accepted message before
+        // anything about it.
+        let reply = loop {
+            if !self.nodes[i].up || self.failure.is_some() {
+                return None;
+            }
+            let now = self.node_now(i);
+            match self.timed(|w| w.nodes[i].node.poll_output(now)) {
+                Some(NodeOutput::Reply { ticket: t, reply: Reply::Command(result) }) if t == ticket => break result,
+                Some(output) => {
+                    if !self.release(i, output) {
+                        return None;
+                    }
+                }
+                None => {
+                    self.fail(format!("n{i} (incarnation {incarnation}) gave no reply to a command"));
+                    return None;
+                }
+            }
+        };
+        self.note_call(i);
+        let shown = match &reply {
             Ok(CommandOutcome::Message(m)) => format!("message {}", m.id),
             Ok(CommandOutcome::Conversation(c)) => format!("conversation {}", c.id),
             Ok(CommandOutcome::Done) => "done".into(),
             Err(e) => format!("refused: {e}"),
         };
         self.trace(Step::Command { node: i, what, result: shown });
-        match result {
-            Ok(outcome) => {
-                self.after_call(i, Ok(()));
-                Some(outcome)
-            }
+        match reply {
+            Ok(outcome) => Some(outcome),
             Err(p2pchat_protocol::engine::EngineError::Store(e)) => {
                 self.fail(format!("n{i}'s store failed: {e}"));
                 None
             }
-            Err(_) => {
-                self.after_call(i, Ok(()));
-                None
-            }
+            Err(_) => None,
         }
     }
 
@@ -1048,7 +1123,7 @@ impl World {
     fn count_failed(&mut self) -> usize {
         let mut failed = 0;
         for node in &mut self.nodes {
-            let store = node.engine.store_mut();
+            let store = node.node.engine_mut().store_mut();
             if store.begin().is_err() {
                 continue;
             }
@@ -1092,7 +1167,7 @@ impl World {
     fn check_opened_by_anyone(&mut self, message: &GroupMessage) -> Result<(), Violation> {
         let now = self.now;
         for i in 0..self.nodes.len() {
-            let store = self.nodes[i].engine.store_mut();
+            let store = self.nodes[i].node.engine_mut().store_mut();
             if store.begin().is_err() {
                 continue;
             }
@@ -1112,7 +1187,7 @@ impl World {
     /// exchanging keys: an item that stays would be retried for ever.
     fn check_nothing_left(&mut self) -> Result<(), Violation> {
         for (i, node) in self.nodes.iter_mut().enumerate() {
-            let store = node.engine.store_mut();
+            let store = node.node.engine_mut().store_mut();
             let read = |e: p2pchat_protocol::engine::StoreError| Violation(format!("n{i}'s store: {e}"));
             store.begin().map_err(read)?;
             let result = (|| {
@@ -1141,7 +1216,7 @@ impl World {
     fn check_bounds(&mut self) -> Result<Vec<HashMap<MessageId, Message>>, Violation> {
         let mut stores = Vec::with_capacity(self.nodes.len());
         for (i, node) in self.nodes.iter_mut().enumerate() {
-            let store = node.engine.store_mut();
+            let store = node.node.engine_mut().store_mut();
             let read = |e: p2pchat_protocol::engine::StoreError| Violation(format!("n{i}'s store: {e}"));
             store.begin().map_err(read)?;
             let mut messages = HashMap::new();
@@ -1208,6 +1283,23 @@ impl World {
     }
 }
 
+/// Node `i`'s configuration: the one relay, its address if it accepts
+/// direct connections, and private addresses allowed (the simulated network
+/// uses 10.0.0.0/8).
+fn node_config(i: usize, direct: bool) -> NodeConfig {
+    NodeConfig {
+        relays: vec![RelaySpec { peer: PeerId([0xee; 20]), address: RELAY_ADDRESS.into() }],
+        direct_addresses: if direct { vec![address_of(i)] } else { Vec::new() },
+        address_policy: AddressPolicy::AllowPrivate,
+        ..NodeConfig::default()
+    }
+}
+
+/// Where node `i` accepts direct connections.
+fn address_of(i: usize) -> String {
+    format!("10.0.0.{i}:4433")
+}
+
 fn bound(node: usize, what: &str, value: usize, max: usize) -> Result<(), Violation> {
     if value > max {
         return Err(Violation(format!("n{node} holds {value} {what}; the bound is {max}")));
@@ -1217,6 +1309,6 @@ fn bound(node: usize, what: &str, value: usize, max: usize) -> Result<(), Violat
 
 enum Next {
     Queued((Timestamp, u64)),
-    EngineTimeout(usize),
+    NodeTimeout(usize),
     RelayTimeout,
 }

@@ -808,7 +808,7 @@ impl<S: RelayStore> Relay<S> {
 }
 
 /// The most mailbox IDs one acknowledgement is taken to name.
-const MAX_ACK_IDS: usize = 1_000;
+pub const MAX_ACK_IDS: usize = 1_000;
 
 /// Mailbox entries sent before the node acknowledges them.
 pub const MAILBOX_BATCH: usize = 64;

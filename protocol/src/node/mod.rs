@@ -1,0 +1,666 @@
+//! The node: one chat engine and every path to its peers (direct
+//! connections and relays), as a sans-IO state machine. The binary, the
+//! simulator and embedders drive this same type; none of them decides
+//! routes, fallbacks or batching on its own.
+//!
+//! # Driving rule
+//!
+//! 1. Hand the node what happened with [`Node::handle`] (API commands and
+//!    queries with a [`Ticket`], bytes from a peer or a relay, connections
+//!    up and down, dials that failed, direct sends acknowledged or failed),
+//!    each with the time.
+//! 2. Drain [`Node::poll_output`] until it returns `None`: dial a peer or
+//!    connect to a relay, send bytes on a direct connection or to a relay,
+//!    deliver events and replies. Inputs for the engine wait until this
+//!    drain and then run together, in one store transaction (group commit);
+//!    nothing they cause is output before that commit.
+//! 3. Call [`Node::handle_timeout`] when [`Node::poll_timeout`] passes, then
+//!    drain again.
+//!
+//! A driver keeps at most one connection attempt per relay, reports each
+//! relay connection's end with [`NodeInput::RelayDisconnected`] before it
+//! connects again, and hands in frames only from the current connection.
+//!
+//! # Routing
+//!
+//! Every engine transmit goes, in this order of preference: on an open
+//! direct connection; after a dial of the peer's known address, if it has
+//! not failed in the last [`DIRECT_RETRY_AFTER_MS`] and connects within
+//! [`DIRECT_DIAL_BUDGET_MS`]; otherwise through a connected relay, which
+//! forwards it to the peer or holds it in the peer's mailbox. A direct send
+//! that fails goes through a relay at once. The two paths never race: a
+//! transmit is on one path at a time, so the engine sees one result.
+
+mod batch;
+mod paths;
+mod relays;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+
+use rand_core::CryptoRngCore;
+
+use crate::address::AddressPolicy;
+use crate::engine::{
+    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Store, Transmit,
+    TransmitId, TransmitOutcome,
+};
+use crate::identity::IdentityKeyPair;
+use crate::ids::PeerId;
+use crate::relay::{ClientAction, PeerRecord, PublishRefusal, RelayFrame, MAX_ACK_IDS};
+use crate::time::Timestamp;
+use crate::wire::WireError;
+
+pub use batch::MAX_BATCH;
+pub use paths::{
+    AddressSource, PathState, PeerPath, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS, LOOKUP_INTERVAL_MS, MAX_PATHS,
+    MAX_WAITING_FOR_DIAL,
+};
+pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS};
+
+use batch::{After, Batch, Done};
+use paths::{Dial, Paths, Route};
+use relays::RelayLink;
+
+/// How long the records this node publishes stay valid by default.
+pub const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
+/// How long after a failed engine timeout the node tries it again.
+const TIMEOUT_RETRY_MS: u64 = 1_000;
+
+/// What a node needs besides its identity and store.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The engine's retries, backoff and retention.
+    pub engine: EngineConfig,
+    /// The relays to keep a connection to, in order of preference.
+    pub relays: Vec<RelaySpec>,
+    /// The addresses this node publishes for direct connections (none for
+    /// a node that accepts no direct connections).
+    pub direct_addresses: Vec<String>,
+    /// Which addresses from peers' records may be dialled.
+    pub address_policy: AddressPolicy,
+    /// How long published records stay valid.
+    pub record_lifetime_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            relays: Vec::new(),
+            direct_addresses: Vec::new(),
+            address_policy: AddressPolicy::default(),
+            record_lifetime_ms: RECORD_LIFETIME_MS,
+        }
+    }
+}
+
+/// Names a command or query, for its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// What happened, for the node to handle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeInput {
+    /// An API command; its outcome comes back as [`NodeOutput::Reply`].
+    Command {
+        /// For the reply.
+        ticket: Ticket,
+        /// The command.
+        command: Command,
+    },
+    /// A read, answered after the commands handed in before it.
+    Query {
+        /// For the reply.
+        ticket: Ticket,
+        /// The read.
+        query: Query,
+    },
+    /// Bytes a peer sent on a direct connection (whose certificate proved
+    /// `from`).
+    DirectReceived {
+        /// The peer.
+        from: PeerId,
+        /// The envelope.
+        bytes: Vec<u8>,
+    },
+    /// A direct connection with the peer opened (either side dialled).
+    DirectUp {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The last direct connection with the peer closed.
+    DirectDown {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A dial asked for by [`NodeOutput::Dial`] failed.
+    DialFailed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// What became of a [`NodeOutput::SendDirect`]: acknowledged by the
+    /// peer's transport, or failed.
+    DirectSent {
+        /// The send.
+        id: TransmitId,
+        /// Delivered, or failed with the reason.
+        outcome: TransmitOutcome,
+    },
+    /// The connection to a relay is up (its certificate proved the relay's
+    /// peer ID).
+    RelayConnected {
+        /// The relay's index in [`NodeConfig::relays`].
+        relay: usize,
+    },
+    /// The connection to a relay could not be made, or closed.
+    RelayDisconnected {
+        /// The relay's index.
+        relay: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A frame from a relay.
+    RelayFrame {
+        /// The relay's index.
+        relay: usize,
+        /// The frame.
+        bytes: Vec<u8>,
+    },
+    /// Where a peer can be reached directly, from the user or the driver
+    /// (trusted as given: no address policy applies).
+    PeerAddress {
+        /// The peer.
+        peer: PeerId,
+        /// Its address.
+        addr: SocketAddr,
+    },
+}
+
+/// The answer to a command or query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A command's outcome.
+    Command(Result<CommandOutcome, EngineError>),
+    /// A query's answer.
+    Query(Result<Answer, EngineError>),
+}
+
+/// Something the node reports for the driver's log (or the simulator's
+/// checker): never needed for delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// An engine input failed even on its own; nothing of it took effect.
+    InputFailed(EngineError),
+    /// A relay refused this node's record.
+    PublishRefused {
+        /// The relay's index.
+        relay: usize,
+        /// Why.
+        reason: PublishRefusal,
+    },
+    /// A relay sent a frame that does not decode.
+    BadRelayFrame {
+        /// The relay's index.
+        relay: usize,
+        /// Why.
+        error: WireError,
+    },
+    /// A direct transmit failed and went through a relay instead.
+    DirectFellBack {
+        /// The peer.
+        peer: PeerId,
+        /// Why the direct path failed.
+        reason: String,
+    },
+    /// A peer's record lists only addresses this node may not dial.
+    AddressNotPermitted {
+        /// The peer.
+        peer: PeerId,
+        /// What its record lists.
+        addresses: Vec<String>,
+    },
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutput {
+    /// Dial the peer at this address; report [`NodeInput::DirectUp`] or
+    /// [`NodeInput::DialFailed`].
+    Dial {
+        /// The peer the connection must prove.
+        peer: PeerId,
+        /// Where.
+        addr: SocketAddr,
+    },
+    /// Send these bytes on the open direct connection with the peer;
+    /// report [`NodeInput::DirectSent`].
+    SendDirect {
+        /// The peer.
+        peer: PeerId,
+        /// For the result.
+        id: TransmitId,
+        /// The envelope.
+        bytes: Vec<u8>,
+    },
+    /// Connect to this relay; report [`NodeInput::RelayConnected`] or
+    /// [`NodeInput::RelayDisconnected`].
+    ConnectRelay {
+        /// The relay's index.
+        relay: usize,
+    },
+    /// Send this frame to the relay on its current connection.
+    SendToRelay {
+        /// The relay's index.
+        relay: usize,
+        /// The encoded frame.
+        bytes: Vec<u8>,
+    },
+    /// An event for subscribers (committed).
+    Event(Event),
+    /// The reply to a command or query.
+    Reply {
+        /// Its ticket.
+        ticket: Ticket,
+        /// The reply.
+        reply: Reply,
+    },
+    /// For the log.
+    Notice(Notice),
+}
+
+/// A chat node: the engine, its relays and its direct paths.
+pub struct Node<S: Store> {
+    engine: Engine<S>,
+    signer: IdentityKeyPair,
+    config: NodeConfig,
+    batch: Batch,
+    queries: Vec<(Ticket, Query)>,
+    timeout_queued: bool,
+    timeout_retry_at: Option<Timestamp>,
+    paths: Paths,
+    relays: Vec<RelayLink>,
+    /// Direct sends not yet acknowledged, kept for the relay fallback.
+    direct_in_flight: BTreeMap<TransmitId, Transmit>,
+    outputs: VecDeque<NodeOutput>,
+}
+
+impl<S: Store> core::fmt::Debug for Node<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Node").field("peer", &self.engine.peer_id()).finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> Node<S> {
+    /// A node over `store`; `rng` must be freshly seeded on every start (see
+    /// [`Engine::new`]). The first outputs connect to every relay.
+    pub fn new(
+        identity: IdentityKeyPair,
+        store: S,
+        config: NodeConfig,
+        rng: impl CryptoRngCore + Send + 'static,
+        now: Timestamp,
+    ) -> Result<Self, EngineError> {
+        let signer = IdentityKeyPair::from_seed(&identity.seed());
+        let engine = Engine::new(identity, store, config.engine.clone(), rng, now)?;
+        let relays = config.relays.iter().map(|spec| RelayLink::new(spec.clone(), now)).collect();
+        let mut node = Self {
+            engine,
+            signer,
+            config,
+            batch: Batch::default(),
+            queries: Vec::new(),
+            timeout_queued: false,
+            timeout_retry_at: None,
+            paths: Paths::default(),
+            relays,
+            direct_in_flight: BTreeMap::new(),
+            outputs: VecDeque::new(),
+        };
+        node.connect_due_relays(now);
+        Ok(node)
+    }
+
+    /// This node's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.engine.peer_id()
+    }
+
+    /// The engine (for reads of its store).
+    pub fn engine(&self) -> &Engine<S> {
+        &self.engine
+    }
+
+    /// The engine, mutably (for read transactions on its store).
+    pub fn engine_mut(&mut self) -> &mut Engine<S> {
+        &mut self.engine
+    }
+
+    /// Each relay's connection.
+    pub fn relays(&self) -> Vec<RelayStatus> {
+        self.relays.iter().map(RelayLink::status).collect()
+    }
+
+    /// Every peer the node has a path for.
+    pub fn peers(&self, now: Timestamp) -> Vec<PeerPath> {
+        self.paths.view(now)
+    }
+
+    /// Handles what happened. Engine work waits for the next
+    /// [`Node::poll_output`].
+    pub fn handle(&mut self, now: Timestamp, input: NodeInput) {
+        match input {
+            NodeInput::Command { ticket, command } => self.batch.push(Step::Command(command), After::Reply(ticket)),
+            NodeInput::Query { ticket, query } => self.queries.push((ticket, query)),
+            NodeInput::DirectReceived { from, bytes } => self.for_engine(Input::Received { from, bytes }),
+            NodeInput::DirectUp { peer } => self.direct_up(now, peer),
+            NodeInput::DirectDown { peer } => {
+                let path = self.paths.entry(peer, now);
+                if path.connected {
+                    path.connected = false;
+                    self.for_engine(Input::PeerUnreachable(peer));
+                }
+            }
+            NodeInput::DialFailed { peer, reason } => self.dial_failed(now, peer, reason),
+            NodeInput::DirectSent { id, outcome } => {
+                let Some(transmit) = self.direct_in_flight.remove(&id) else { return };
+                match outcome {
+                    TransmitOutcome::Failed(reason) => self.fall_back(now, transmit, reason),
+                    outcome => self.for_engine(Input::TransmitResult { id, outcome }),
+                }
+            }
+            NodeInput::RelayConnected { relay } => self.relay_connected(now, relay),
+            NodeInput::RelayDisconnected { relay, reason } => self.relay_disconnected(now, relay, reason),
+            NodeInput::RelayFrame { relay, bytes } => self.relay_frame(now, relay, &bytes),
+            NodeInput::PeerAddress { peer, addr } => {
+                let path = self.paths.entry(peer, now);
+                path.address = Some(addr);
+                path.source = Some(AddressSource::Given);
+                path.failed_until = None;
+            }
+        }
+    }
+
+    /// When to call [`Node::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let engine = self.engine.poll_timeout().map(|t| self.timeout_retry_at.map_or(t, |r| t.max(r)));
+        let relays = self.relays.iter().filter_map(RelayLink::retry_at);
+        [engine, self.paths.next_deadline()].into_iter().flatten().chain(relays).min()
+    }
+
+    /// Handles every deadline that passed: dials over their budget, relays
+    /// due for another attempt, the engine's timeout.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        for peer in self.paths.overdue(now) {
+            let reason = format!("no direct connection within {DIRECT_DIAL_BUDGET_MS} ms");
+            self.dial_failed(now, peer, reason);
+        }
+        self.connect_due_relays(now);
+        let due = self.engine.poll_timeout().is_some_and(|t| t <= now);
+        if due && !self.timeout_queued && self.timeout_retry_at.is_none_or(|r| r <= now) {
+            self.timeout_queued = true;
+            self.batch.push(Step::Input(Input::Timeout), After::Timeout);
+        }
+    }
+
+    /// The next thing to do, running the waiting engine work (one
+    /// transaction) first if there is nothing else.
+    pub fn poll_output(&mut self, now: Timestamp) -> Option<NodeOutput> {
+        loop {
+            if let Some(output) = self.outputs.pop_front() {
+                return Some(output);
+            }
+            if self.batch.is_empty() && self.queries.is_empty() {
+                return None;
+            }
+            self.process(now);
+        }
+    }
+
+    /// Runs the waiting engine work as one transaction, then routes what it
+    /// released.
+    fn process(&mut self, now: Timestamp) {
+        let batch = core::mem::take(&mut self.batch);
+        self.timeout_queued = false;
+        let mut done = Vec::new();
+        batch.run(&mut self.engine, now, &mut done);
+        let mut acks: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for item in done {
+            match item {
+                Done::Reply(ticket, result) => {
+                    self.outputs.push_back(NodeOutput::Reply { ticket, reply: Reply::Command(result) })
+                }
+                // Acknowledgements travel together: one frame per relay.
+                Done::Send { relay, frame } => match *frame {
+                    RelayFrame::MailboxAck { ids } => acks.entry(relay).or_default().extend(ids),
+                    frame => self.send_to_relay(relay, &frame),
+                },
+                Done::InputFailed { timeout, error } => {
+                    if timeout {
+                        self.timeout_retry_at = Some(now.saturating_add_millis(TIMEOUT_RETRY_MS));
+                    }
+                    self.outputs.push_back(NodeOutput::Notice(Notice::InputFailed(error)));
+                }
+            }
+        }
+        if self.engine.poll_timeout().is_none_or(|t| t > now) {
+            self.timeout_retry_at = None;
+        }
+        for (relay, ids) in acks {
+            for chunk in ids.chunks(MAX_ACK_IDS) {
+                self.send_to_relay(relay, &RelayFrame::MailboxAck { ids: chunk.to_vec() });
+            }
+        }
+        for (ticket, query) in core::mem::take(&mut self.queries) {
+            let reply = Reply::Query(self.engine.query(query));
+            self.outputs.push_back(NodeOutput::Reply { ticket, reply });
+        }
+        self.drain_engine(now);
+    }
+
+    fn drain_engine(&mut self, now: Timestamp) {
+        while let Some(event) = self.engine.poll_event() {
+            self.outputs.push_back(NodeOutput::Event(event));
+        }
+        while let Some(peer) = self.engine.poll_lookup() {
+            self.look_up(now, peer);
+        }
+        while let Some(transmit) = self.engine.poll_transmit() {
+            self.route(now, transmit);
+        }
+    }
+
+    fn for_engine(&mut self, input: Input) {
+        self.batch.push(Step::Input(input), After::Nothing);
+    }
+
+    // ---- routing ----
+
+    /// Sends a transmit on the path the routing table chooses.
+    fn route(&mut self, now: Timestamp, transmit: Transmit) {
+        let peer = transmit.peer;
+        match self.paths.route(&peer, now) {
+            Route::Direct => self.send_direct(transmit),
+            Route::WaitForDial => {
+                if let Some(dial) = self.paths.entry(peer, now).dial.as_mut() {
+                    dial.waiting.push(transmit);
+                }
+            }
+            Route::Dial(addr) => {
+                let deadline = now.saturating_add_millis(DIRECT_DIAL_BUDGET_MS);
+                self.paths.entry(peer, now).dial = Some(Dial { deadline, waiting: vec![transmit] });
+                self.outputs.push_back(NodeOutput::Dial { peer, addr });
+            }
+            Route::Relay => self.via_relay(now, transmit, "no direct connection and no relay connected".into()),
+        }
+    }
+
+    fn send_direct(&mut self, transmit: Transmit) {
+        let Transmit { id, peer, ref bytes, .. } = transmit;
+        self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes: bytes.clone() });
+        self.direct_in_flight.insert(id, transmit);
+    }
+
+    /// Through the first connected relay (which forwards it, or holds it in
+    /// the peer's mailbox if the transmit allows), or, with none connected,
+    /// failed for now with `reason` (the engine tries again later).
+    fn via_relay(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+        let peer = transmit.peer;
+        let Some(index) = self.relays.iter().position(RelayLink::is_up) else {
+            let outcome = TransmitOutcome::Failed(reason);
+            return self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
+        };
+        let frame = self.relays[index].client.forward(transmit);
+        self.send_to_relay(index, &frame);
+        // A peer reached only through relays may have published a direct
+        // address since: ask now and then.
+        let path = self.paths.entry(peer, now);
+        path.relayed_via = Some(index);
+        let ask = path.address.is_none() && path.last_lookup.is_none_or(|t| now.millis_since(t) >= LOOKUP_INTERVAL_MS);
+        if ask {
+            path.last_lookup = Some(now);
+            let frame = self.relays[index].client.lookup(peer);
+            self.send_to_relay(index, &frame);
+        }
+    }
+
+    /// A direct send failed: the relay path takes it at once, so a peer that
+    /// went away gets it from its mailbox.
+    fn fall_back(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+        if self.relays.iter().any(RelayLink::is_up) {
+            let peer = transmit.peer;
+            self.outputs.push_back(NodeOutput::Notice(Notice::DirectFellBack { peer, reason: reason.clone() }));
+        }
+        self.via_relay(now, transmit, reason);
+    }
+
+    fn direct_up(&mut self, now: Timestamp, peer: PeerId) {
+        let path = self.paths.entry(peer, now);
+        let was_connected = path.connected;
+        path.connected = true;
+        path.failed_until = None;
+        path.last_failure = None;
+        let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
+        for transmit in waiting {
+            self.send_direct(transmit);
+        }
+        if !was_connected {
+            // The engine sends what waits for this peer at once.
+            self.for_engine(Input::PeerReachable(peer));
+        }
+    }
+
+    fn dial_failed(&mut self, now: Timestamp, peer: PeerId, reason: String) {
+        let path = self.paths.entry(peer, now);
+        if path.connected {
+            return; // the peer dialled us meanwhile
+        }
+        path.failed_until = Some(now.saturating_add_millis(DIRECT_RETRY_AFTER_MS));
+        path.last_failure = Some(reason.clone());
+        let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
+        for transmit in waiting {
+            self.fall_back(now, transmit, reason.clone());
+        }
+    }
+
+    /// An engine lookup: answered at once for a peer with a direct path,
+    /// else asked of the first connected relay.
+    fn look_up(&mut self, now: Timestamp, peer: PeerId) {
+        let direct = self.paths.get(&peer).is_some_and(|p| p.connected || p.address.is_some());
+        if direct {
+            return self.for_engine(Input::PeerRecord(peer));
+        }
+        let Some(index) = self.relays.iter().position(RelayLink::is_up) else {
+            return self.for_engine(Input::LookupFailed(peer));
+        };
+        self.paths.entry(peer, now).last_lookup = Some(now);
+        let frame = self.relays[index].client.lookup(peer);
+        self.send_to_relay(index, &frame);
+    }
+
+    /// A verified record: its first dialable address becomes the peer's.
+    fn learn_record(&mut self, now: Timestamp, relay: usize, record: PeerRecord) {
+        let permitted = self.config.address_policy.first_permitted(&record.direct_addresses);
+        if permitted.is_none() && !record.direct_addresses.is_empty() {
+            let notice = Notice::AddressNotPermitted { peer: record.peer_id, addresses: record.direct_addresses };
+            self.outputs.push_back(NodeOutput::Notice(notice));
+            return;
+        }
+        let path = self.paths.entry(record.peer_id, now);
+        if path.source == Some(AddressSource::Given) {
+            return; // what the user said wins over what a record says
+        }
+        if path.address != permitted {
+            path.failed_until = None;
+        }
+        path.address = permitted;
+        path.source = permitted.map(|_| AddressSource::Record { relay });
+    }
+
+    // ---- relays ----
+
+    fn connect_due_relays(&mut self, now: Timestamp) {
+        for (relay, link) in self.relays.iter_mut().enumerate() {
+            if link.start_if_due(now) {
+                self.outputs.push_back(NodeOutput::ConnectRelay { relay });
+            }
+        }
+    }
+
+    fn send_to_relay(&mut self, relay: usize, frame: &RelayFrame) {
+        self.outputs.push_back(NodeOutput::SendToRelay { relay, bytes: frame.encode() });
+    }
+
+    /// Registers (which brings the mailbox) and publishes this node's
+    /// record, listing every relay it uses.
+    fn relay_connected(&mut self, now: Timestamp, relay: usize) {
+        let relay_addresses: Vec<String> = self.config.relays.iter().map(|r| r.address.clone()).collect();
+        let direct = self.config.direct_addresses.clone();
+        let lifetime = self.config.record_lifetime_ms;
+        let Some(link) = self.relays.get_mut(relay) else { return };
+        link.connected(now);
+        let frames = match link.client.publish(&self.signer, direct, relay_addresses, now, lifetime) {
+            RelayFrame::Publish(record) => link.client.on_connect(record),
+            _ => Vec::new(),
+        };
+        for frame in frames {
+            self.send_to_relay(relay, &frame);
+        }
+    }
+
+    /// Every forward the relay had not answered failed (the engine tries
+    /// again), every lookup found nothing; the relay is tried again after
+    /// its backoff.
+    fn relay_disconnected(&mut self, now: Timestamp, relay: usize, reason: String) {
+        let Some(link) = self.relays.get_mut(relay) else { return };
+        let inputs = link.client.on_disconnect();
+        link.disconnected(now, reason);
+        for input in inputs {
+            self.for_engine(input);
+        }
+    }
+
+    fn relay_frame(&mut self, now: Timestamp, relay: usize, bytes: &[u8]) {
+        let Some(link) = self.relays.get_mut(relay).filter(|l| l.is_up()) else { return };
+        let actions = match link.client.on_frame(now, bytes) {
+            Ok(actions) => actions,
+            Err(error) => return self.outputs.push_back(NodeOutput::Notice(Notice::BadRelayFrame { relay, error })),
+        };
+        for action in actions {
+            match action {
+                ClientAction::ToEngine(input) => self.for_engine(input),
+                // It follows the input just queued, and only its commit.
+                ClientAction::AfterEngine(frame) => {
+                    self.batch.push_after_last(After::Send { relay, frame: Box::new(frame) });
+                }
+                ClientAction::Record(record) => self.learn_record(now, relay, record),
+                ClientAction::Published { .. } => {}
+                ClientAction::PublishRefused { reason, .. } => {
+                    self.outputs.push_back(NodeOutput::Notice(Notice::PublishRefused { relay, reason }))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The node's connections to its relays: each one's state, its client,
+//! and reconnection with backoff.
+
+use crate::ids::PeerId;
+use crate::relay::RelayClient;
+use crate::time::Timestamp;
+
+/// The first wait before reconnecting to a relay that failed.
+pub const RELAY_BACKOFF_MIN_MS: u64 = 1_000;
+/// The longest wait between reconnection attempts.
+pub const RELAY_BACKOFF_MAX_MS: u64 = 30_000;
+
+/// A relay the node keeps a connection to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelaySpec {
+    /// The relay's peer ID, which its connection must prove.
+    pub peer: PeerId,
+    /// How others reach it, as listed in this node's record
+    /// (`PEER_ID@HOST:PORT`).
+    pub address: String,
+}
+
+/// One relay's connection, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// The relay.
+    pub relay: RelaySpec,
+    /// Registered with it now.
+    pub connected: bool,
+    /// Since when it is connected, or since when it is not.
+    pub since: Timestamp,
+    /// Why the last connection failed or closed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkState {
+    /// Not connected; the next attempt is due then.
+    Down { retry_at: Timestamp },
+    /// The driver is connecting.
+    Connecting,
+    /// Connected and registered.
+    Up,
+}
+
+#[derive(Debug)]
+pub(crate) struct RelayLink {
+    pub(crate) spec: RelaySpec,
+    pub(crate) state: LinkState,
+    pub(crate) client: RelayClient,
+    backoff_ms: u64,
+    since: Timestamp,
+    last_error: Option<String>,
+}
+
+impl RelayLink {
+    pub(crate) fn new(spec: RelaySpec, now: Timestamp) -> Self {
+        Self {
+            spec,
+            state: LinkState::Down { retry_at: now },
+            client: RelayClient::new(),
+            backoff_ms: RELAY_BACKOFF_MIN_MS,
+            since: now,
+            last_error: None,
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.state == LinkState::Up
+    }
+
+    pub(crate) fn connected(&mut self, now: Timestamp) {
+        self.state = LinkState::Up;
+        self.since = now;
+        self.backoff_ms = RELAY_BACKOFF_MIN_MS;
+        self.last_error = None;
+    }
+
+    /// The connection failed or closed: try again after the backoff, which
+    /// doubles up to [`RELAY_BACKOFF_MAX_MS`].
+    pub(crate) fn disconnected(&mut self, now: Timestamp, reason: String) {
+        if self.is_up() {
+            self.since = now;
+        }
+        self.state = LinkState::Down { retry_at: now.saturating_add_millis(self.backoff_ms) };
+        self.backoff_ms = (self.backoff_ms * 2).min(RELAY_BACKOFF_MAX_MS);
+        self.last_error = Some(reason);
+    }
+
+    /// Whether an attempt is due; if so, it is under way from now.
+    pub(crate) fn start_if_due(&mut self, now: Timestamp) -> bool {
+        match self.state {
+            LinkState::Down { retry_at } if retry_at <= now => {
+                self.state = LinkState::Connecting;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn retry_at(&self) -> Option<Timestamp> {
+        match self.state {
+            LinkState::Down { retry_at } => Some(retry_at),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn status(&self) -> RelayStatus {
+        RelayStatus {
+            relay: self.spec.clone(),
+            connected: self.is_up(),
+            since: self.since,
+            last_error: self.last_error.clone(),
+        }
+    }
+}

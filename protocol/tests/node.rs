@@ -1,0 +1,358 @@
+//! The node's routing, relay links and group commit, driven through its
+//! public driving rule against a real in-memory relay: which path each
+//! transmit takes, what happens when one fails, and how a returning node
+//! drains its mailbox.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+
+use p2pchat_protocol::address::AddressPolicy;
+use p2pchat_protocol::engine::{
+    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, TransmitOutcome,
+};
+use p2pchat_protocol::node::{
+    Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket, DIRECT_DIAL_BUDGET_MS,
+    RELAY_BACKOFF_MAX_MS,
+};
+use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame};
+use p2pchat_protocol::{IdentityKeyPair, MessageId, PeerId, Timestamp};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+/// What the test network does with direct dials.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dials {
+    /// They connect at once.
+    Connect,
+    /// They are never answered.
+    Blackhole,
+}
+
+/// Nodes and one relay, with every output applied at once.
+struct Net {
+    now: Timestamp,
+    nodes: Vec<Node<MemoryStore>>,
+    peers: Vec<PeerId>,
+    relay: Relay<MemoryRelayStore>,
+    /// Nodes the relay cannot be reached from.
+    cut_off: BTreeSet<usize>,
+    registered: BTreeSet<usize>,
+    dials: Dials,
+    /// Direct sends fail even on an open connection.
+    direct_sends_fail: bool,
+    direct: BTreeSet<(usize, usize)>,
+    log: Vec<(Timestamp, usize, NodeOutput)>,
+    next_ticket: u64,
+}
+
+impl Net {
+    fn new(count: usize, dials: Dials) -> Self {
+        let relay_spec = RelaySpec { peer: PeerId([0xee; 20]), address: "relay.test:4433".into() };
+        let mut nodes = Vec::new();
+        let mut peers = Vec::new();
+        for i in 0..count {
+            let identity = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(100 + i as u64));
+            peers.push(identity.peer_id());
+            let config = NodeConfig {
+                relays: vec![relay_spec.clone()],
+                direct_addresses: vec![format!("10.0.0.{i}:4433")],
+                address_policy: AddressPolicy::AllowPrivate,
+                ..NodeConfig::default()
+            };
+            let rng = ChaCha20Rng::seed_from_u64(200 + i as u64);
+            nodes.push(Node::new(identity, MemoryStore::new(), config, rng, START).unwrap());
+        }
+        let relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+        let mut net = Self {
+            now: START,
+            nodes,
+            peers,
+            relay,
+            cut_off: BTreeSet::new(),
+            registered: BTreeSet::new(),
+            dials,
+            direct_sends_fail: false,
+            direct: BTreeSet::new(),
+            log: Vec::new(),
+            next_ticket: 0,
+        };
+        net.pump();
+        net
+    }
+
+    fn index(&self, peer: &PeerId) -> usize {
+        self.peers.iter().position(|p| p == peer).unwrap()
+    }
+
+    /// Applies every output until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some(output) = self.nodes[i].poll_output(self.now) {
+                    moved = true;
+                    self.log.push((self.now, i, output.clone()));
+                    self.apply(i, output);
+                }
+            }
+            while let Some((peer, bytes)) = self.relay.poll_transmit() {
+                moved = true;
+                let j = self.index(&peer);
+                if self.registered.contains(&j) {
+                    self.nodes[j].handle(self.now, NodeInput::RelayFrame { relay: 0, bytes });
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn apply(&mut self, i: usize, output: NodeOutput) {
+        let now = self.now;
+        match output {
+            NodeOutput::Dial { peer, .. } => {
+                if self.dials == Dials::Connect {
+                    let j = self.index(&peer);
+                    self.direct.insert((i.min(j), i.max(j)));
+                    self.nodes[i].handle(now, NodeInput::DirectUp { peer });
+                    let me = self.peers[i];
+                    self.nodes[j].handle(now, NodeInput::DirectUp { peer: me });
+                }
+            }
+            NodeOutput::SendDirect { peer, id, bytes } => {
+                let j = self.index(&peer);
+                let open = self.direct.contains(&(i.min(j), i.max(j)));
+                let outcome = if open && !self.direct_sends_fail {
+                    let from = self.peers[i];
+                    self.nodes[j].handle(now, NodeInput::DirectReceived { from, bytes });
+                    TransmitOutcome::Delivered
+                } else {
+                    TransmitOutcome::Failed("the connection to the peer closed".into())
+                };
+                self.nodes[i].handle(now, NodeInput::DirectSent { id, outcome });
+            }
+            NodeOutput::ConnectRelay { relay } => {
+                if self.cut_off.contains(&i) {
+                    let reason = "the relay did not answer".into();
+                    self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
+                } else {
+                    self.relay.connected(self.peers[i]);
+                    self.registered.insert(i);
+                    self.nodes[i].handle(now, NodeInput::RelayConnected { relay });
+                }
+            }
+            NodeOutput::SendToRelay { bytes, .. } => {
+                if self.registered.contains(&i) {
+                    self.relay.handle_frame(now, self.peers[i], &bytes).unwrap();
+                }
+            }
+            NodeOutput::Notice(Notice::InputFailed(e)) => panic!("n{i}'s engine failed: {e}"),
+            NodeOutput::Event(_) | NodeOutput::Reply { .. } | NodeOutput::Notice(_) => {}
+        }
+    }
+
+    /// Lets `ms` of virtual time pass, firing every deadline on the way.
+    fn advance(&mut self, ms: u64) {
+        let until = self.now.saturating_add_millis(ms);
+        loop {
+            self.pump();
+            let next = self.nodes.iter().filter_map(|n| n.poll_timeout()).chain(self.relay.poll_timeout()).min();
+            let Some(next) = next.filter(|t| *t <= until) else { break };
+            self.now = self.now.max(next);
+            for node in &mut self.nodes {
+                if node.poll_timeout().is_some_and(|t| t <= self.now) {
+                    node.handle_timeout(self.now);
+                }
+            }
+            if self.relay.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.relay.handle_timeout(self.now).unwrap();
+            }
+        }
+        self.now = until;
+        self.pump();
+    }
+
+    /// Takes node `i` off the relay: its connection closes, and attempts to
+    /// reconnect fail until `reconnect`.
+    fn cut_off(&mut self, i: usize) {
+        self.cut_off.insert(i);
+        self.registered.remove(&i);
+        self.relay.disconnected(&self.peers[i]);
+        let reason = "the relay connection closed".into();
+        self.nodes[i].handle(self.now, NodeInput::RelayDisconnected { relay: 0, reason });
+        self.pump();
+    }
+
+    fn reconnect(&mut self, i: usize) {
+        self.cut_off.remove(&i);
+    }
+
+    fn command(&mut self, i: usize, command: Command) -> CommandOutcome {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.nodes[i].handle(self.now, NodeInput::Command { ticket, command });
+        self.pump();
+        self.log
+            .iter()
+            .find_map(|(_, node, output)| match output {
+                NodeOutput::Reply { ticket: t, reply: Reply::Command(result) } if *node == i && *t == ticket => {
+                    Some(result.clone().unwrap())
+                }
+                _ => None,
+            })
+            .expect("every command is answered")
+    }
+
+    /// Node `i` sends `text` to node `j` in their 1:1 conversation.
+    fn send(&mut self, i: usize, j: usize, text: &str) -> MessageId {
+        let CommandOutcome::Conversation(c) = self.command(i, Command::CreateConversation { peer: self.peers[j] })
+        else {
+            panic!("a conversation")
+        };
+        let command = Command::SendMessage { conversation: c.id, content: text.into() };
+        let CommandOutcome::Message(m) = self.command(i, command) else { panic!("a message") };
+        m.id
+    }
+
+    fn received(&self, j: usize) -> Vec<String> {
+        self.log
+            .iter()
+            .filter_map(|(_, node, output)| match output {
+                NodeOutput::Event(Event::MessageReceived(m)) if *node == j => Some(m.content.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn status(&mut self, i: usize, id: MessageId) -> MessageStatus {
+        match self.nodes[i].engine_mut().query(Query::Message(id)).unwrap() {
+            Answer::Message(m) => m.status,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// The relay frames node `i` sent, decoded.
+    fn frames_from(&self, i: usize) -> Vec<RelayFrame> {
+        self.log
+            .iter()
+            .filter_map(|(_, node, output)| match output {
+                NodeOutput::SendToRelay { bytes, .. } if *node == i => Some(RelayFrame::decode(bytes).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn give_address(&mut self, i: usize, j: usize) {
+        let addr = format!("10.0.0.{j}:4433").parse().unwrap();
+        self.nodes[i].handle(self.now, NodeInput::PeerAddress { peer: self.peers[j], addr });
+    }
+}
+
+#[test]
+fn an_open_direct_connection_carries_everything() {
+    let mut net = Net::new(2, Dials::Connect);
+    net.give_address(0, 1);
+    let id = net.send(0, 1, "hi bob");
+    net.advance(1_000);
+    assert_eq!(net.received(1), ["hi bob"]);
+    assert_eq!(net.status(0, id), MessageStatus::Delivered);
+    let forwards = net.frames_from(0).into_iter().filter(|f| matches!(f, RelayFrame::Forward { .. })).count();
+    assert_eq!(forwards, 0, "nothing went through the relay");
+    let dials = net.log.iter().filter(|(_, n, o)| *n == 0 && matches!(o, NodeOutput::Dial { .. })).count();
+    assert_eq!(dials, 1, "one dial served every transmit");
+    assert_eq!(net.nodes[0].peers(net.now)[0].state, PathState::Direct);
+}
+
+#[test]
+fn a_dial_that_does_not_connect_within_its_budget_sends_through_the_relay() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    net.give_address(0, 1);
+    let id = net.send(0, 1, "are you there?");
+    net.advance(DIRECT_DIAL_BUDGET_MS - 1);
+    assert!(net.received(1).is_empty(), "the transmit waits for its dial within the budget");
+    net.advance(1);
+    assert_eq!(net.received(1), ["are you there?"], "past the budget, the relay carried it");
+    // Bob's receipt waits for his own dial of alice's published address,
+    // then takes the relay too.
+    net.advance(DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.status(0, id), MessageStatus::Delivered);
+    assert!(
+        matches!(net.nodes[0].peers(net.now)[0].state, PathState::DirectFailedUntil(_)),
+        "the address is left alone for a while"
+    );
+    // The next message does not wait for another dial.
+    let before = net.log.len();
+    net.send(0, 1, "still there?");
+    assert_eq!(net.received(1).len(), 2);
+    assert!(!net.log[before..].iter().any(|(_, _, o)| matches!(o, NodeOutput::Dial { .. })));
+}
+
+#[test]
+fn a_failed_direct_send_goes_through_the_relay_at_once() {
+    let mut net = Net::new(2, Dials::Connect);
+    net.direct_sends_fail = true;
+    net.give_address(0, 1);
+    net.send(0, 1, "hello");
+    // No time passes: the fallback does not wait for a retry.
+    assert_eq!(net.received(1), ["hello"]);
+    let fell_back =
+        net.log.iter().any(|(_, n, o)| *n == 0 && matches!(o, NodeOutput::Notice(Notice::DirectFellBack { .. })));
+    assert!(fell_back);
+}
+
+#[test]
+fn a_peer_that_is_away_gets_its_mailbox_and_acknowledges_it_in_one_frame() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    // The key exchange is interactive: it happens while both are online.
+    let first = net.send(0, 1, "first");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.cut_off(1);
+    let later: Vec<MessageId> = (0..5).map(|k| net.send(0, 1, &format!("later {k}"))).collect();
+    net.advance(10_000);
+    assert_eq!(net.received(1).len(), 1, "bob is away");
+    for id in &later {
+        assert_eq!(net.status(0, *id), MessageStatus::Sent, "held in bob's mailbox");
+    }
+    let acks_before = net.frames_from(1).iter().filter(|f| matches!(f, RelayFrame::MailboxAck { .. })).count();
+    net.reconnect(1);
+    net.advance(RELAY_BACKOFF_MAX_MS);
+    assert_eq!(net.received(1).len(), 6, "bob got his mailbox: {:?}", net.received(1));
+    let acks: Vec<Vec<u64>> = net
+        .frames_from(1)
+        .into_iter()
+        .filter_map(|f| match f {
+            RelayFrame::MailboxAck { ids } => Some(ids),
+            _ => None,
+        })
+        .skip(acks_before)
+        .collect();
+    assert_eq!(acks.len(), 1, "one acknowledgement for the whole batch: {acks:?}");
+    assert_eq!(acks[0].len(), 5);
+    net.advance(1_000);
+    for id in later {
+        assert_eq!(net.status(0, id), MessageStatus::Delivered, "bob's receipts came back");
+    }
+}
+
+#[test]
+fn a_relay_that_cannot_be_reached_is_retried_with_doubling_backoff() {
+    let mut net = Net::new(1, Dials::Blackhole);
+    net.cut_off(0);
+    net.advance(200_000);
+    let attempts: Vec<u64> = net
+        .log
+        .iter()
+        .filter(|(_, _, o)| matches!(o, NodeOutput::ConnectRelay { .. }))
+        .map(|(at, _, _)| at.millis_since(START))
+        .collect();
+    let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    // The first attempt connected; the cut-off came at once, then
+    // 1 s, 2 s, 4 s ... up to 30 s between attempts.
+    assert_eq!(&gaps[..7], &[1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000], "attempts at {attempts:?}");
+    assert!(!net.nodes[0].relays()[0].connected);
+    assert_eq!(net.nodes[0].relays()[0].last_error.as_deref(), Some("the relay did not answer"));
+}
