@@ -70,8 +70,8 @@ impl NodeApi for FuzzNode {
         }
     }
 
-    fn peers(&self) -> Vec<PeerInfo> {
-        Vec::new()
+    fn peers(&self) -> BoxFuture<Result<Vec<PeerInfo>, NodeCallError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     fn relay_status(&self) -> RelayStatus {

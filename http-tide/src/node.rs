@@ -32,8 +32,9 @@ pub trait NodeApi: Send + Sync + 'static {
     fn subscribe(&self, capacity: usize) -> async_channel::Receiver<Event>;
     /// Who and where this node is.
     fn info(&self) -> NodeInfo;
-    /// The peers this node knows a path to.
-    fn peers(&self) -> Vec<PeerInfo>;
+    /// The peers this node knows a path to (asked of the node, which
+    /// answers between batches).
+    fn peers(&self) -> BoxFuture<Result<Vec<PeerInfo>, NodeCallError>>;
     /// The relay connection.
     fn relay_status(&self) -> RelayStatus;
 }

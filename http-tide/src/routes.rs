@@ -401,7 +401,8 @@ async fn unread(req: Request<State>) -> Result<Response, ApiError> {
 }
 
 async fn peers(req: Request<State>) -> Result<Response, ApiError> {
-    ok(json!({ "peers": req.state().node().peers() }))
+    let peers = req.state().node().peers().await?;
+    ok(json!({ "peers": peers }))
 }
 
 async fn relay_status(req: Request<State>) -> Result<Response, ApiError> {

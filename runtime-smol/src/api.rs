@@ -58,16 +58,19 @@ impl NodeApi for Adapter {
         }
     }
 
-    fn peers(&self) -> Vec<PeerInfo> {
-        self.node
-            .peers()
-            .into_iter()
-            .map(|(peer, address, connected)| PeerInfo {
-                peer_id: peer.to_string(),
-                address: address.map(|a| a.to_string()),
-                connected,
-            })
-            .collect()
+    fn peers(&self) -> BoxFuture<Result<Vec<PeerInfo>, NodeCallError>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let peers = node.peers().await.map_err(call_error)?;
+            Ok(peers
+                .into_iter()
+                .map(|(peer, address, connected)| PeerInfo {
+                    peer_id: peer.to_string(),
+                    address: address.map(|a| a.to_string()),
+                    connected,
+                })
+                .collect())
+        })
     }
 
     fn relay_status(&self) -> RelayStatus {

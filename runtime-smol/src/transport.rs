@@ -284,6 +284,27 @@ impl Drop for Sending {
     }
 }
 
+/// A frame written whole on its stream, waiting for the peer's
+/// acknowledgement.
+pub struct WrittenFrame {
+    sending: Sending,
+    progress: Arc<Mutex<Option<Instant>>>,
+}
+
+impl WrittenFrame {
+    /// Returns once the peer's QUIC stack has acknowledged all of the frame
+    /// (not that the application handled it), or why it did not.
+    pub async fn acknowledged(self) -> Result<(), TransportError> {
+        match self.sending.stream.stopped().await? {
+            None => {
+                *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                Ok(())
+            }
+            Some(code) => Err(TransportError::Refused(code)),
+        }
+    }
+}
+
 fn identity_of(connection: &quinn::Connection) -> Option<PeerId> {
     let identity = connection.peer_identity()?;
     let certificates = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
@@ -319,6 +340,14 @@ impl PeerConnection {
     /// all of it (not that the application handled it: the engine's
     /// end-to-end receipts are for that).
     pub async fn send(&self, frame: &[u8]) -> Result<(), TransportError> {
+        self.write(frame).await?.acknowledged().await
+    }
+
+    /// Opens a stream and writes one frame on it, finished; the returned
+    /// [`WrittenFrame`] tells when the peer acknowledged it. Frames written
+    /// one after another reach a peer that reads streams in order (a relay)
+    /// in that order, while their acknowledgements are awaited together.
+    pub async fn write(&self, frame: &[u8]) -> Result<WrittenFrame, TransportError> {
         if frame.len() > MAX_FRAME_LEN {
             return Err(TransportError::TooLarge { len: frame.len(), max: MAX_FRAME_LEN });
         }
@@ -326,13 +355,7 @@ impl PeerConnection {
         sending.stream.write_all(frame).await?;
         sending.stream.finish()?;
         sending.finished = true;
-        match sending.stream.stopped().await? {
-            None => {
-                *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-                Ok(())
-            }
-            Some(code) => Err(TransportError::Refused(code)),
-        }
+        Ok(WrittenFrame { sending, progress: self.progress.clone() })
     }
 
     /// The next frame stream from the peer; the frame is the returned

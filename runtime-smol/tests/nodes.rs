@@ -392,11 +392,12 @@ fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
     let (relay_dir, alice_dir, bob_dir) = (TempDir::new("relay-p"), TempDir::new("alice-p"), TempDir::new("bob-p"));
     let relay = start_relay(&relay_dir);
     // Alice keeps the default policy; Bob accepts direct connections and
-    // publishes his loopback address.
+    // publishes his loopback address. Alice accepts no direct connections,
+    // so any connection between them would be one she dialled.
     let alice = Node::start(NodeConfig {
         address_policy: p2pchat_protocol::address::AddressPolicy::PublicOnly,
         passphrase: None,
-        ..relay_config(&alice_dir, &relay, false)
+        ..relay_config(&alice_dir, &relay, true)
     })
     .unwrap();
     let bob = start_with(&bob_dir, &relay, false);
@@ -409,10 +410,10 @@ fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
     wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
     // Alice looked Bob up and got his record, but took no address from it
     // and never dialled him.
+    let peers = smol::block_on(a.peers()).unwrap();
     assert!(
-        a.peers().iter().all(|(peer, addr, _)| *peer != b.peer_id() || addr.is_none()),
-        "alice took bob's loopback address from his record: {:?}",
-        a.peers()
+        peers.iter().all(|(peer, addr, _)| *peer != b.peer_id() || addr.is_none()),
+        "alice took bob's loopback address from his record: {peers:?}"
     );
     assert_eq!(a.open_connections(b.peer_id()), 0, "alice dialled bob's loopback address");
     alice.shutdown();
