@@ -90,7 +90,7 @@ fn template() -> &'static [u8] {
                 bytes: vec![1, 2, 3, n as u8],
                 mailbox_allowed: true,
             };
-            let _ = relay.handle_frame(NOW, alice.peer_id(), &client.forward(transmit).encode());
+            let _ = relay.handle_frame(NOW, alice.peer_id(), &client.forward(NOW, transmit).encode());
         }
         answer(&mut relay, &mut client, &alice);
         drop(relay);
@@ -107,9 +107,9 @@ fuzz_target!(|data: &[u8]| {
     // Bob comes back for his mailbox; carol looks him up and writes to him.
     register(&mut relay, &bob);
     let mut client = register(&mut relay, &carol);
-    let _ = relay.handle_frame(NOW, carol.peer_id(), &client.lookup(bob.peer_id()).encode());
+    let _ = relay.handle_frame(NOW, carol.peer_id(), &client.lookup(NOW, bob.peer_id()).encode());
     let transmit = Transmit { id: TransmitId(9), peer: alice.peer_id(), bytes: vec![9], mailbox_allowed: true };
-    let _ = relay.handle_frame(NOW, carol.peer_id(), &client.forward(transmit).encode());
+    let _ = relay.handle_frame(NOW, carol.peer_id(), &client.forward(NOW, transmit).encode());
     answer(&mut relay, &mut client, &carol);
     // Days later: records and mailboxes past their time are swept.
     let _ = relay.handle_timeout(NOW.saturating_add_millis(30 * 24 * 3_600_000));

@@ -134,13 +134,13 @@ fn traffic() -> BTreeSet<Vec<u8>> {
                 state_of(&engines[i], seen);
                 while engines[i].poll_event().is_some() {}
                 while let Some(peer) = engines[i].poll_lookup() {
-                    to_relay.push((i, clients[i].lookup(peer)));
+                    to_relay.push((i, clients[i].lookup(now, peer)));
                 }
                 while let Some(t) = engines[i].poll_transmit() {
                     let mut seed = vec![ENVELOPE];
                     seed.extend_from_slice(&t.bytes);
                     seen.insert(seed);
-                    to_relay.push((i, clients[i].forward(t)));
+                    to_relay.push((i, clients[i].forward(now, t)));
                 }
             }
             if to_relay.is_empty() {

@@ -12,9 +12,9 @@ use p2pchat_protocol::engine::{
 };
 use p2pchat_protocol::node::{
     Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket, DIRECT_DIAL_BUDGET_MS,
-    RELAY_BACKOFF_MAX_MS,
+    LOOKUP_INTERVAL_MS, RELAY_BACKOFF_MAX_MS,
 };
-use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame};
+use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame, RELAY_ANSWER_TIMEOUT_MS};
 use p2pchat_protocol::{IdentityKeyPair, MessageId, PeerId, Timestamp};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -38,6 +38,11 @@ struct Net {
     relay: Relay<MemoryRelayStore>,
     /// Nodes the relay cannot be reached from.
     cut_off: BTreeSet<usize>,
+    /// Nodes whose relay connection closes as soon as it opens.
+    closes_at_once: BTreeSet<usize>,
+    /// Nodes whose frames to the relay are lost (on a connection that
+    /// stays up).
+    frames_lost: BTreeSet<usize>,
     registered: BTreeSet<usize>,
     dials: Dials,
     /// Direct sends fail even on an open connection.
@@ -71,6 +76,8 @@ impl Net {
             peers,
             relay,
             cut_off: BTreeSet::new(),
+            closes_at_once: BTreeSet::new(),
+            frames_lost: BTreeSet::new(),
             registered: BTreeSet::new(),
             dials,
             direct_sends_fail: false,
@@ -138,6 +145,10 @@ impl Net {
                 if self.cut_off.contains(&i) {
                     let reason = "the relay did not answer".into();
                     self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
+                } else if self.closes_at_once.contains(&i) {
+                    self.nodes[i].handle(now, NodeInput::RelayConnected { relay });
+                    let reason = "the relay closed the connection".into();
+                    self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
                 } else {
                     self.relay.connected(self.peers[i]);
                     self.registered.insert(i);
@@ -145,7 +156,7 @@ impl Net {
                 }
             }
             NodeOutput::SendToRelay { bytes, .. } => {
-                if self.registered.contains(&i) {
+                if self.registered.contains(&i) && !self.frames_lost.contains(&i) {
                     self.relay.handle_frame(now, self.peers[i], &bytes).unwrap();
                 }
             }
@@ -243,6 +254,25 @@ impl Net {
                 _ => None,
             })
             .collect()
+    }
+
+    fn connect_relay_times(&self, i: usize) -> Vec<u64> {
+        self.log
+            .iter()
+            .filter(|(_, n, o)| *n == i && matches!(o, NodeOutput::ConnectRelay { .. }))
+            .map(|(at, _, _)| at.millis_since(START))
+            .collect()
+    }
+
+    fn lookups_of(&self, i: usize, peer: PeerId) -> usize {
+        self.frames_from(i).iter().filter(|f| matches!(f, RelayFrame::Lookup { peer: p } if *p == peer)).count()
+    }
+
+    fn message(&mut self, i: usize, id: MessageId) -> p2pchat_protocol::engine::Message {
+        match self.nodes[i].engine_mut().query(Query::Message(id)).unwrap() {
+            Answer::Message(m) => m,
+            other => panic!("unexpected answer {other:?}"),
+        }
     }
 
     fn give_address(&mut self, i: usize, j: usize) {
@@ -343,16 +373,66 @@ fn a_relay_that_cannot_be_reached_is_retried_with_doubling_backoff() {
     let mut net = Net::new(1, Dials::Blackhole);
     net.cut_off(0);
     net.advance(200_000);
-    let attempts: Vec<u64> = net
-        .log
-        .iter()
-        .filter(|(_, _, o)| matches!(o, NodeOutput::ConnectRelay { .. }))
-        .map(|(at, _, _)| at.millis_since(START))
-        .collect();
+    let attempts = net.connect_relay_times(0);
     let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
     // The first attempt connected; the cut-off came at once, then
     // 1 s, 2 s, 4 s ... up to 30 s between attempts.
     assert_eq!(&gaps[..7], &[1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000], "attempts at {attempts:?}");
     assert!(!net.nodes[0].relays()[0].connected);
     assert_eq!(net.nodes[0].relays()[0].last_error.as_deref(), Some("the relay did not answer"));
+}
+
+#[test]
+fn a_relay_that_closes_every_connection_at_once_is_not_redialled_every_second() {
+    let mut net = Net::new(1, Dials::Blackhole);
+    net.closes_at_once.insert(0);
+    net.cut_off(0);
+    net.advance(120_000);
+    let attempts = net.connect_relay_times(0);
+    let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(&gaps[..6], &[1_000, 2_000, 4_000, 8_000, 16_000, 30_000], "attempts at {attempts:?}");
+}
+
+#[test]
+fn a_forward_the_relay_never_answers_fails_back_to_the_engine() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    let first = net.send(0, 1, "first");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    // Frames from alice to the relay are lost from now on, on a connection
+    // that stays up: nothing will ever answer her forward.
+    net.frames_lost.insert(0);
+    let id = net.send(0, 1, "lost on the way");
+    net.advance(RELAY_ANSWER_TIMEOUT_MS - 1);
+    assert_eq!(net.message(0, id).waiting_reason, None, "still waiting for the relay's answer");
+    net.advance(1);
+    let message = net.message(0, id);
+    assert_eq!(message.status, MessageStatus::Sent);
+    assert!(
+        message.waiting_reason.as_deref().is_some_and(|r| r.contains("did not answer")),
+        "the engine knows it failed and retries: {message:?}"
+    );
+}
+
+#[test]
+fn a_peer_whose_recorded_address_fails_is_looked_up_again_at_most_once_a_minute() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    let bob = net.peers[1];
+    // Alice learns bob's address from his record (her engine looks him up
+    // to exchange keys), dials it in vain, and goes through the relay.
+    let first = net.send(0, 1, "first");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    assert_eq!(net.lookups_of(0, bob), 1, "the key exchange's lookup");
+    for k in 0..5 {
+        net.send(0, 1, &format!("more {k}"));
+        net.advance(1_000);
+    }
+    assert_eq!(net.lookups_of(0, bob), 1, "not again within the minute");
+    // A minute on, the address is dialled again, fails again, and this time
+    // the record is asked for again: bob may have moved.
+    net.advance(LOOKUP_INTERVAL_MS);
+    net.send(0, 1, "a minute later");
+    net.advance(DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.lookups_of(0, bob), 2);
 }

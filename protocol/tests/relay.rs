@@ -95,14 +95,14 @@ impl World {
                 let mut to_engine = Vec::new();
                 while let Some(peer) = self.nodes[i].engine.poll_lookup() {
                     if self.nodes[i].online {
-                        to_relay.push(self.nodes[i].client.lookup(peer));
+                        to_relay.push(self.nodes[i].client.lookup(self.now, peer));
                     } else {
                         to_engine.push(Input::LookupFailed(peer));
                     }
                 }
                 while let Some(t) = self.nodes[i].engine.poll_transmit() {
                     if self.nodes[i].online {
-                        to_relay.push(self.nodes[i].client.forward(t));
+                        to_relay.push(self.nodes[i].client.forward(self.now, t));
                     } else {
                         let outcome = p2pchat_protocol::engine::TransmitOutcome::Failed("no connection".into());
                         to_engine.push(Input::TransmitResult { id: t.id, outcome });
@@ -426,7 +426,7 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
     assert_eq!(lookup(&mut relay, alice.peer_id()).map(|r| r.sequence), Some(2));
     // A reader refuses a forged answer even if a relay sends one.
     let mut client = p2pchat_protocol::relay::RelayClient::new();
-    let _ = client.lookup(alice.peer_id());
+    let _ = client.lookup(NOW, alice.peer_id());
     let newer_record = record(&alice, 7, DAY_MS);
     let newer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(newer_record.clone()) };
     assert_eq!(
@@ -434,13 +434,13 @@ fn the_relay_keeps_only_the_newest_valid_record_and_readers_refuse_bad_answers()
         vec![ClientAction::Record(newer_record), ClientAction::ToEngine(Input::PeerRecord(alice.peer_id()))]
     );
     // An older record than one the reader has seen is stale.
-    let _ = client.lookup(alice.peer_id());
+    let _ = client.lookup(NOW, alice.peer_id());
     let older = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(record(&alice, 3, DAY_MS)) };
     assert_eq!(
         client.on_frame(NOW, &older.encode()).unwrap(),
         vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))]
     );
-    let _ = client.lookup(alice.peer_id());
+    let _ = client.lookup(NOW, alice.peer_id());
     let mut forged = record(&alice, 9, DAY_MS);
     forged.relay_addresses = vec!["evil.test:1".into()];
     let answer = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(forged) };
@@ -527,7 +527,7 @@ fn a_reader_refuses_expired_and_wrong_key_answers() {
     let mallory = IdentityKeyPair::generate(&mut r);
     let mut client = p2pchat_protocol::relay::RelayClient::new();
     let answer = |client: &mut p2pchat_protocol::relay::RelayClient, now: Timestamp, rec: PeerRecord| {
-        let _ = client.lookup(alice.peer_id());
+        let _ = client.lookup(NOW, alice.peer_id());
         let frame = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(rec) };
         client.on_frame(now, &frame.encode()).unwrap()
     };

@@ -580,7 +580,7 @@ impl RelayUser {
         use p2pchat_protocol::relay::ClientAction;
         for n in 0..count {
             let transmit = Transmit { id: TransmitId(n), peer: to, bytes: vec![7; len], mailbox_allowed: true };
-            block_on(self.conn.send(&self.client.forward(transmit).encode())).unwrap();
+            block_on(self.conn.send(&self.client.forward(wall_clock(), transmit).encode())).unwrap();
         }
         let mut outcomes = Vec::new();
         self.read(&mut |a| {
@@ -694,7 +694,7 @@ fn a_relay_peer_that_never_reads_cannot_grow_the_relays_memory() {
     // An honest client is still served meanwhile.
     let mut honest = RelayUser::connect(&relay, 0x72);
     honest.published();
-    let lookup = honest.client.lookup(owner_id);
+    let lookup = honest.client.lookup(wall_clock(), owner_id);
     block_on(honest.conn.send(&lookup.encode())).unwrap();
     honest.read(&mut |a| matches!(a, ClientAction::ToEngine(Input::PeerRecord(_) | Input::LookupFailed(_))));
     std::thread::sleep(Duration::from_secs(2));
@@ -714,7 +714,7 @@ fn a_relay_peer_that_never_reads_cannot_grow_the_relays_memory() {
     for n in 0..64u64 {
         use p2pchat_protocol::engine::{Transmit, TransmitId};
         let transmit = Transmit { id: TransmitId(n), peer: owner_id, bytes: vec![9; len], mailbox_allowed: true };
-        block_on(sender.conn.send(&sender.client.forward(transmit).encode())).unwrap();
+        block_on(sender.conn.send(&sender.client.forward(wall_clock(), transmit).encode())).unwrap();
     }
     let reason = eventually("the relay closes a connection that does not read", || owner.conn.close_reason());
     assert!(reason.contains("does not read"), "{reason}");
@@ -873,4 +873,11 @@ fn a_strangers_invitations_wait_within_their_cap_and_store_nothing_of_the_group(
     let declined = victim.client.post_empty(&format!("/api/chat/groups/{first}/decline"));
     assert_eq!(declined.status, 200, "{:?}", declined.body);
     assert_eq!(victim.client.get("/api/chat/invitations").body["invitations"].as_array().unwrap().len(), 4);
+}
+
+/// The time now, as the relay client takes it.
+fn wall_clock() -> Timestamp {
+    Timestamp::from_millis(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    )
 }

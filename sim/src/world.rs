@@ -891,9 +891,12 @@ impl World {
             self.links.insert(key, self.next_conn);
             self.trace(Step::Path { node: from, what: format!("connected to n{to}") });
         }
+        let link = self.links.get(&key).copied();
         let (peer_from, peer_to) = (self.nodes[from].peer, self.nodes[to].peer);
         self.call(from, NodeInput::DirectUp { peer: peer_to });
-        if new {
+        // The dialler may have crashed in that call, which closed the
+        // connection: the other end then never hears of it.
+        if new && self.links.get(&key).copied() == link {
             self.call(to, NodeInput::DirectUp { peer: peer_from });
         }
     }

@@ -56,7 +56,7 @@ pub use paths::{
     AddressSource, PathState, PeerPath, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS, LOOKUP_INTERVAL_MS, MAX_PATHS,
     MAX_WAITING_FOR_DIAL,
 };
-pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS};
+pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS, RELAY_STABLE_MS};
 
 use batch::{After, Batch, Done};
 use paths::{Dial, Paths, Route};
@@ -357,7 +357,7 @@ impl<S: Store> Node<S> {
             NodeInput::DirectReceived { from, bytes } => self.for_engine(Input::Received { from, bytes }),
             NodeInput::DirectUp { peer } => self.direct_up(now, peer),
             NodeInput::DirectDown { peer } => {
-                let path = self.paths.entry(peer, now);
+                let Some(path) = self.paths.get_mut(&peer) else { return };
                 if path.connected {
                     path.connected = false;
                     self.for_engine(Input::PeerUnreachable(peer));
@@ -386,7 +386,7 @@ impl<S: Store> Node<S> {
     /// When to call [`Node::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let engine = self.engine.poll_timeout().map(|t| self.timeout_retry_at.map_or(t, |r| t.max(r)));
-        let relays = self.relays.iter().filter_map(RelayLink::retry_at);
+        let relays = self.relays.iter().filter_map(RelayLink::next_deadline);
         [engine, self.paths.next_deadline()].into_iter().flatten().chain(relays).min()
     }
 
@@ -398,6 +398,12 @@ impl<S: Store> Node<S> {
             self.dial_failed(now, peer, reason);
         }
         self.connect_due_relays(now);
+        // Requests a relay left unanswered on a connection still up.
+        let expired: Vec<Input> =
+            self.relays.iter_mut().filter(|l| l.is_up()).flat_map(|l| l.client.expire(now)).collect();
+        for input in expired {
+            self.for_engine(input);
+        }
         let due = self.engine.poll_timeout().is_some_and(|t| t <= now);
         if due && !self.timeout_queued && self.timeout_retry_at.is_none_or(|r| r <= now) {
             self.timeout_queued = true;
@@ -512,16 +518,21 @@ impl<S: Store> Node<S> {
             let outcome = TransmitOutcome::Failed(reason);
             return self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
         };
-        let frame = self.relays[index].client.forward(transmit);
+        let frame = self.relays[index].client.forward(now, transmit);
         self.send_to_relay(index, &frame);
         // A peer reached only through relays may have published a direct
-        // address since: ask now and then.
+        // address since, or moved from the one its record gave that now
+        // fails: ask now and then.
         let path = self.paths.entry(peer, now);
         path.relayed_via = Some(index);
-        let ask = path.address.is_none() && path.last_lookup.is_none_or(|t| now.millis_since(t) >= LOOKUP_INTERVAL_MS);
-        if ask {
+        let stale = match path.source {
+            None => true,
+            Some(AddressSource::Record { .. }) => path.failed_until.is_some_and(|until| until > now),
+            Some(AddressSource::Given) => false,
+        };
+        if stale && path.last_lookup.is_none_or(|t| now.millis_since(t) >= LOOKUP_INTERVAL_MS) {
             path.last_lookup = Some(now);
-            let frame = self.relays[index].client.lookup(peer);
+            let frame = self.relays[index].client.lookup(now, peer);
             self.send_to_relay(index, &frame);
         }
     }
@@ -553,7 +564,8 @@ impl<S: Store> Node<S> {
     }
 
     fn dial_failed(&mut self, now: Timestamp, peer: PeerId, reason: String) {
-        let path = self.paths.entry(peer, now);
+        // A peer the node has no path for was never dialled by it.
+        let Some(path) = self.paths.get_mut(&peer) else { return };
         if path.connected {
             return; // the peer dialled us meanwhile
         }
@@ -565,10 +577,14 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// An engine lookup: answered at once for a peer with a direct path,
-    /// else asked of the first connected relay.
+    /// An engine lookup: answered at once for a peer with a direct path
+    /// that works (a connection, or an address that has not failed), else
+    /// asked of the first connected relay.
     fn look_up(&mut self, now: Timestamp, peer: PeerId) {
-        let direct = self.paths.get(&peer).is_some_and(|p| p.connected || p.address.is_some());
+        let direct = self
+            .paths
+            .get(&peer)
+            .is_some_and(|p| p.connected || (p.address.is_some() && p.failed_until.is_none_or(|until| until <= now)));
         if direct {
             return self.for_engine(Input::PeerRecord(peer));
         }
@@ -576,7 +592,7 @@ impl<S: Store> Node<S> {
             return self.for_engine(Input::LookupFailed(peer));
         };
         self.paths.entry(peer, now).last_lookup = Some(now);
-        let frame = self.relays[index].client.lookup(peer);
+        let frame = self.relays[index].client.lookup(now, peer);
         self.send_to_relay(index, &frame);
     }
 

@@ -19,7 +19,9 @@ pub const DIRECT_RETRY_AFTER_MS: u64 = 60_000;
 /// The most transmits waiting for one peer's dial; more go through a relay.
 pub const MAX_WAITING_FOR_DIAL: usize = 64;
 /// The most peers whose path the node remembers; the least recently used
-/// idle one is forgotten for a newcomer.
+/// idle one (no connection, no dial, no address the user gave) is
+/// forgotten for a newcomer. Finding it scans the table: bounded, and paid
+/// only when a new peer arrives at a full table.
 pub const MAX_PATHS: usize = 10_000;
 /// How often, at most, the node asks a relay for the record of a peer it
 /// reaches only through relays (to learn a direct address).
@@ -102,8 +104,10 @@ impl Path {
         }
     }
 
+    /// Whether it may be forgotten for a newcomer: nothing under way, and
+    /// no address the user gave.
     fn idle(&self) -> bool {
-        !self.connected && self.dial.is_none()
+        !self.connected && self.dial.is_none() && self.source != Some(AddressSource::Given)
     }
 
     fn state(&self, now: Timestamp) -> PathState {
@@ -163,6 +167,10 @@ impl Paths {
 
     pub(crate) fn get(&self, peer: &PeerId) -> Option<&Path> {
         self.peers.get(peer)
+    }
+
+    pub(crate) fn get_mut(&mut self, peer: &PeerId) -> Option<&mut Path> {
+        self.peers.get_mut(peer)
     }
 
     /// The peer's path, made if new (forgetting the least recently used

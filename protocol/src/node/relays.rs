@@ -9,6 +9,10 @@ use crate::time::Timestamp;
 pub const RELAY_BACKOFF_MIN_MS: u64 = 1_000;
 /// The longest wait between reconnection attempts.
 pub const RELAY_BACKOFF_MAX_MS: u64 = 30_000;
+/// How long a connection must have lasted for its end to reset the
+/// backoff: a relay that accepts connections and closes them at once
+/// (refusing us, or crashing in a loop) is not reconnected to every second.
+pub const RELAY_STABLE_MS: u64 = 10_000;
 
 /// A relay the node keeps a connection to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,7 +29,7 @@ pub struct RelaySpec {
 pub struct RelayStatus {
     /// The relay.
     pub relay: RelaySpec,
-    /// Registered with it now.
+    /// Connected to it now (registration follows at once).
     pub connected: bool,
     /// Since when it is connected, or since when it is not.
     pub since: Timestamp,
@@ -39,7 +43,7 @@ pub(crate) enum LinkState {
     Down { retry_at: Timestamp },
     /// The driver is connecting.
     Connecting,
-    /// Connected and registered.
+    /// Connected (its first frames register and publish).
     Up,
 }
 
@@ -72,14 +76,18 @@ impl RelayLink {
     pub(crate) fn connected(&mut self, now: Timestamp) {
         self.state = LinkState::Up;
         self.since = now;
-        self.backoff_ms = RELAY_BACKOFF_MIN_MS;
         self.last_error = None;
     }
 
     /// The connection failed or closed: try again after the backoff, which
-    /// doubles up to [`RELAY_BACKOFF_MAX_MS`].
+    /// doubles up to [`RELAY_BACKOFF_MAX_MS`], and starts again from
+    /// [`RELAY_BACKOFF_MIN_MS`] after a connection that lasted
+    /// [`RELAY_STABLE_MS`].
     pub(crate) fn disconnected(&mut self, now: Timestamp, reason: String) {
         if self.is_up() {
+            if now.millis_since(self.since) >= RELAY_STABLE_MS {
+                self.backoff_ms = RELAY_BACKOFF_MIN_MS;
+            }
             self.since = now;
         }
         self.state = LinkState::Down { retry_at: now.saturating_add_millis(self.backoff_ms) };
@@ -98,10 +106,13 @@ impl RelayLink {
         }
     }
 
-    pub(crate) fn retry_at(&self) -> Option<Timestamp> {
+    /// When this link needs the node next: a reconnection attempt, or the
+    /// oldest request its relay has not answered.
+    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
         match self.state {
             LinkState::Down { retry_at } => Some(retry_at),
-            _ => None,
+            LinkState::Connecting => None,
+            LinkState::Up => self.client.next_deadline(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! and lookups into relay frames, and the relay's answers into engine
 //! inputs. Sans-IO like the rest: the node moves the frames.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use super::frame::{PublishRefusal, RelayFrame};
 use super::record::PeerRecord;
@@ -37,12 +37,19 @@ pub enum ClientAction {
     },
 }
 
+/// How long the relay has to answer a forward or a lookup. A relay answers
+/// at once; a request unanswered this long was lost with a frame that
+/// failed on a connection still up, and is failed back so the engine tries
+/// again rather than wait for the connection to close.
+pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 30_000;
+
 /// One node's relay client state.
 #[derive(Debug, Default)]
 pub struct RelayClient {
-    lookups: BTreeSet<PeerId>,
-    /// Forwards the relay has not answered yet.
-    pending: BTreeSet<u64>,
+    /// Lookups the relay has not answered yet, with when they were asked.
+    lookups: BTreeMap<PeerId, Timestamp>,
+    /// Forwards the relay has not answered yet, with when they were sent.
+    pending: BTreeMap<u64, Timestamp>,
     /// The sequence of the newest record this node published.
     published: u64,
     /// The highest record sequence seen per peer: older answers are stale.
@@ -87,8 +94,8 @@ impl RelayClient {
     }
 
     /// An engine transmit, sent through the relay.
-    pub fn forward(&mut self, transmit: Transmit) -> RelayFrame {
-        self.pending.insert(transmit.id.0);
+    pub fn forward(&mut self, now: Timestamp, transmit: Transmit) -> RelayFrame {
+        self.pending.insert(transmit.id.0, now);
         RelayFrame::Forward {
             to: transmit.peer,
             id: transmit.id.0,
@@ -98,20 +105,47 @@ impl RelayClient {
     }
 
     /// An engine lookup, asked of the relay.
-    pub fn lookup(&mut self, peer: PeerId) -> RelayFrame {
-        self.lookups.insert(peer);
+    pub fn lookup(&mut self, now: Timestamp, peer: PeerId) -> RelayFrame {
+        self.lookups.entry(peer).or_insert(now);
         RelayFrame::Lookup { peer }
+    }
+
+    /// When the oldest unanswered request runs out of time.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        let oldest = self.pending.values().chain(self.lookups.values()).min()?;
+        Some(oldest.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS))
+    }
+
+    /// Fails every request unanswered for [`RELAY_ANSWER_TIMEOUT_MS`] (a late
+    /// answer is then ignored): forwards as failed transmits, lookups as
+    /// found nothing.
+    pub fn expire(&mut self, now: Timestamp) -> Vec<Input> {
+        let overdue = |asked: &Timestamp| now.millis_since(*asked) >= RELAY_ANSWER_TIMEOUT_MS;
+        let forwards: Vec<u64> = self.pending.iter().filter(|(_, t)| overdue(t)).map(|(id, _)| *id).collect();
+        let lookups: Vec<PeerId> = self.lookups.iter().filter(|(_, t)| overdue(t)).map(|(p, _)| *p).collect();
+        let reason = format!("the relay did not answer within {} s", RELAY_ANSWER_TIMEOUT_MS / 1000);
+        let mut inputs = Vec::new();
+        for id in forwards {
+            self.pending.remove(&id);
+            let outcome = TransmitOutcome::Failed(reason.clone());
+            inputs.push(Input::TransmitResult { id: TransmitId(id), outcome });
+        }
+        for peer in lookups {
+            self.lookups.remove(&peer);
+            inputs.push(Input::LookupFailed(peer));
+        }
+        inputs
     }
 
     /// The relay connection closed: every unanswered forward failed (the
     /// engine keeps the messages and tries again when the peer is
     /// reachable), and every unanswered lookup found nothing.
     pub fn on_disconnect(&mut self) -> Vec<Input> {
-        let forwards = core::mem::take(&mut self.pending).into_iter().map(|id| Input::TransmitResult {
+        let forwards = core::mem::take(&mut self.pending).into_keys().map(|id| Input::TransmitResult {
             id: TransmitId(id),
             outcome: TransmitOutcome::Failed("the relay connection closed".into()),
         });
-        let lookups = core::mem::take(&mut self.lookups).into_iter().map(Input::LookupFailed);
+        let lookups = core::mem::take(&mut self.lookups).into_keys().map(Input::LookupFailed);
         forwards.chain(lookups).collect()
     }
 
@@ -119,7 +153,7 @@ impl RelayClient {
     pub fn on_frame(&mut self, now: Timestamp, bytes: &[u8]) -> Result<Vec<ClientAction>, WireError> {
         let frame = RelayFrame::decode(bytes)?;
         if let RelayFrame::Forwarded { id } | RelayFrame::Held { id } | RelayFrame::Refused { id, .. } = &frame {
-            if !self.pending.remove(id) {
+            if self.pending.remove(id).is_none() {
                 return Ok(Vec::new()); // not ours, or already settled
             }
         }
@@ -141,7 +175,7 @@ impl RelayClient {
                 actions
             }
             RelayFrame::LookupResult { peer, record } => {
-                if !self.lookups.remove(&peer) {
+                if self.lookups.remove(&peer).is_none() {
                     return Ok(Vec::new());
                 }
                 // Every reader checks the record itself: the relay is not

@@ -81,8 +81,13 @@ impl DirectPeers {
     /// alone for a while rather than dialling into the same refusal.
     pub(super) fn adopt(self: &Arc<Self>, conn: PeerConnection, direction: Direction, inputs: &Inputs) {
         let peer = conn.peer();
-        lock(&self.connections).entry(peer).or_default().push(conn.clone());
-        inputs.send(NodeInput::DirectUp { peer });
+        {
+            // Told under the lock, so the node hears of connections opening
+            // and closing in the order they did.
+            let mut connections = lock(&self.connections);
+            connections.entry(peer).or_default().push(conn.clone());
+            inputs.send(NodeInput::DirectUp { peer });
+        }
         let (direct, inputs) = (self.clone(), inputs.clone());
         smol::spawn(async move {
             loop {
@@ -99,9 +104,7 @@ impl DirectPeers {
                     }
                     Err(e) => {
                         log::info!("a connection to {peer} closed: {e}");
-                        if direct.forget(&conn) {
-                            inputs.send(NodeInput::DirectDown { peer });
-                        }
+                        direct.forget(&conn, &inputs);
                         if let (Direction::Outgoing, Some(limit)) = (direction, conn.refusal()) {
                             let reason = format!("the peer refused our connection ({limit})");
                             inputs.send(NodeInput::DialFailed { peer, reason });
@@ -114,9 +117,10 @@ impl DirectPeers {
         .detach();
     }
 
-    /// Forgets a closed connection (and any others found closed); true if
-    /// none to its peer is left.
-    fn forget(&self, conn: &PeerConnection) -> bool {
+    /// Forgets a closed connection (and any others found closed); if none
+    /// to its peer is left, tells the node (under the lock, so a connection
+    /// adopted meanwhile is announced after this).
+    fn forget(&self, conn: &PeerConnection, inputs: &Inputs) {
         let peer = conn.peer();
         let mut map = lock(&self.connections);
         let left = map.get_mut(&peer).map_or(0, |conns| {
@@ -125,8 +129,8 @@ impl DirectPeers {
         });
         if left == 0 {
             map.remove(&peer);
+            inputs.send(NodeInput::DirectDown { peer });
         }
-        left == 0
     }
 
     /// Sends a frame on the newest open connection to `peer`; the outcome

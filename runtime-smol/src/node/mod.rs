@@ -236,11 +236,16 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Stops the node (after its last commit) and the network, and waits.
+    /// Stops the node (after its last commit), then the network, which
+    /// carries out the node's last outputs first, and waits for both.
     pub fn shutdown(mut self) {
         let _ = self.handle.node.send(NodeMsg::Stop);
+        let mut threads = self.threads.drain(..);
+        if let Some(node_thread) = threads.next() {
+            let _ = node_thread.join();
+        }
         let _ = self.net.try_send(NetMsg::Stop);
-        for thread in self.threads.drain(..) {
+        for thread in threads {
             let _ = thread.join();
         }
     }
