@@ -436,3 +436,17 @@ fn a_peer_whose_recorded_address_fails_is_looked_up_again_at_most_once_a_minute(
     net.advance(DIRECT_DIAL_BUDGET_MS);
     assert_eq!(net.lookups_of(0, bob), 2);
 }
+
+#[test]
+fn a_node_connected_for_days_keeps_its_record_fresh_for_those_who_look_it_up() {
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+    let mut net = Net::new(2, Dials::Blackhole);
+    net.advance(2 * DAY_MS);
+    let publishes = net.frames_from(0).iter().filter(|f| matches!(f, RelayFrame::Publish(_))).count();
+    assert_eq!(publishes, 5, "at connection, then every half of its 24 h lifetime");
+    // Two days on, bob still finds alice's record and reaches her.
+    let id = net.send(1, 0, "still there?");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.received(0), ["still there?"]);
+    assert_eq!(net.status(1, id), MessageStatus::Delivered);
+}

@@ -342,6 +342,8 @@ fn mailbox_entries_expire_after_the_ttl() {
     w.send(0, &c.id, "hello");
     w.disconnect(1);
     w.send(0, &c.id, "too late");
+    // Alice goes too, so no fresh copy follows the first into the mailbox.
+    w.disconnect(0);
     w.advance(8 * DAY_MS);
     let mut store = w.relay.store().crash_copy();
     store.begin().unwrap();
@@ -659,11 +661,8 @@ impl RelayStore for FailingStore {
     fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError> {
         self.inner.delete_record(peer)
     }
-    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
-        self.inner.delete_expired_records(now)
-    }
-    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
-        self.inner.next_record_expiry()
+    fn delete_expired_records(&mut self, now: Timestamp, seen_before: Timestamp) -> Result<usize, RelayStoreError> {
+        self.inner.delete_expired_records(now, seen_before)
     }
 }
 
@@ -969,6 +968,19 @@ impl QuotaRelay {
         let _ = frames(&mut self.relay);
     }
 
+    /// Connects `peer` from `source` without registering: a stranger here.
+    fn visit(&mut self, peer: PeerId, source: u8) {
+        self.relay.connected_from(peer, Source([source; 16]));
+    }
+
+    fn lookup(&mut self, from: PeerId, peer: PeerId) -> Option<PeerRecord> {
+        self.relay.handle_frame(self.now, from, &RelayFrame::Lookup { peer }.encode()).unwrap();
+        match frames(&mut self.relay).into_iter().map(|(_, f)| f).next() {
+            Some(RelayFrame::LookupResult { record, .. }) => record,
+            other => panic!("expected a lookup result, got {other:?}"),
+        }
+    }
+
     /// `identity` joins from `source`, publishes its record, and leaves;
     /// returns the relay's answer.
     fn publish(&mut self, identity: &IdentityKeyPair, source: u8) -> RelayFrame {
@@ -1089,4 +1101,49 @@ fn records_are_capped_per_address_and_a_full_relay_evicts_only_idle_records_with
     assert!(lookup(&mut r, b.peer_id()), "a record seen within the idle time is kept");
     // Nothing else is idle: the next newcomer is refused.
     assert_eq!(r.publish(&identity(204), 10), RelayFrame::PublishRefused { sequence: 1, reason: PublishRefusal::Full });
+}
+
+const NOT_REGISTERED: RelayFrame = RelayFrame::Refused { id: 1, reason: Refusal::NotRegistered };
+
+#[test]
+fn a_stranger_reaches_the_relays_members_within_its_share_and_no_one_else() {
+    let mut r = QuotaRelay::new(RelayConfig { rate_burst: 100_000, ..RelayConfig::default() });
+    // A member away (its record is here) and a member online.
+    let away = identity(300);
+    assert_eq!(r.publish(&away, 1), RelayFrame::Published { sequence: 1 });
+    let away = away.peer_id();
+    let online = identity(301).peer_id();
+    r.join(online, 2);
+    // A stranger: connected, authenticated, never registered here.
+    let stranger = PeerId([0x5a; 20]);
+    r.visit(stranger, 3);
+    assert_eq!(r.forward(stranger, online, 10), RelayFrame::Forwarded { id: 1 }, "passed on to a member online");
+    assert_eq!(r.forward(stranger, away, 10), HELD, "deposited for a member away");
+    // Between two non-members the relay is nobody's proxy.
+    assert_eq!(r.forward(stranger, PeerId([0x6b; 20]), 10), NOT_REGISTERED);
+    // And a stranger's share of a member's mailbox is a sender's share.
+    let held = 1 + (0..150).filter(|_| r.forward(stranger, away, 10) == HELD).count();
+    assert_eq!(held, 100, "one sender's share, stranger or not");
+}
+
+#[test]
+fn a_members_mailbox_outlives_its_record_until_the_mailbox_lifetime_since_it_was_last_seen() {
+    let mut r = QuotaRelay::new(RelayConfig { rate_burst: 100_000, ..RelayConfig::default() });
+    let member = identity(310);
+    // Its record is valid for a day; it is last seen now.
+    assert_eq!(r.publish(&member, 1), RelayFrame::Published { sequence: 1 });
+    let member = member.peer_id();
+    let sender = PeerId([0x33; 20]);
+    r.join(sender, 4);
+    // Three days later the record has expired, and is no longer handed
+    // out, but the member's mailbox still takes deposits.
+    r.now = NOW.saturating_add_millis(3 * DAY_MS);
+    r.relay.handle_timeout(r.now).unwrap();
+    assert_eq!(r.lookup(sender, member), None, "an expired record is not handed out");
+    assert_eq!(r.forward(sender, member, 10), HELD);
+    // A mailbox lifetime (7 days) after it was last seen, it is no member.
+    let ttl = RelayConfig::default().mailbox_ttl_ms;
+    r.now = NOW.saturating_add_millis(ttl + 2 * 60 * 60 * 1000);
+    r.relay.handle_timeout(r.now).unwrap();
+    assert_eq!(r.forward(sender, member, 10), RelayFrame::Refused { id: 1, reason: Refusal::UnknownRecipient });
 }

@@ -293,13 +293,10 @@ impl RelayStore for SqliteRelayStore {
         self.execute("DELETE FROM relay_records WHERE peer_id = ?1", [peer.to_string()]).map(|_| ())
     }
 
-    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
-        self.execute("DELETE FROM relay_records WHERE expires_at <= ?1", [ts(now)])
-    }
-
-    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
-        Ok(self
-            .scalar("SELECT MIN(expires_at) FROM relay_records", [])?
-            .map(|t| Timestamp::from_millis(t.max(0) as u64)))
+    fn delete_expired_records(&mut self, now: Timestamp, seen_before: Timestamp) -> Result<usize, RelayStoreError> {
+        self.execute(
+            "DELETE FROM relay_records WHERE expires_at <= ?1 AND last_seen < ?2",
+            params![ts(now), ts(seen_before)],
+        )
     }
 }

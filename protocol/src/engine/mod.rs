@@ -141,9 +141,14 @@ pub struct EngineConfig {
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
-/// A copy held in a relay's mailbox is sent again after this many
-/// confirmation timeouts (5 minutes by default) if no receipt came.
+/// A copy held in a relay's mailbox is sent again, if no receipt came,
+/// after this many confirmation timeouts (5 minutes by default) or the
+/// item's age, whichever is longer, up to [`HELD_RETRY_MAX_MS`]: a
+/// safety net against a relay that lost it, spaced out so a peer away for
+/// a week finds a handful of copies in its mailbox, not thousands.
 const HELD_RETRY_FACTOR: u64 = 10;
+/// The longest wait between copies of a message held by a relay.
+const HELD_RETRY_MAX_MS: u64 = 12 * 60 * 60 * 1000;
 
 impl EngineConfig {
     /// Zero intervals would make deadlines that never move forward, and a
@@ -1443,7 +1448,7 @@ impl<S: Store> Engine<S> {
         }
         if is_tracked(&item.payload) {
             // Kept until the peer acknowledges it; sent again if it does not.
-            item.next_attempt_at = Some(self.retry_at(now, &outcome));
+            item.next_attempt_at = Some(self.retry_at(now, item.queued_at, &outcome));
             self.store.put_outbox_item(&item)?;
             return Ok(());
         }
@@ -1457,7 +1462,7 @@ impl<S: Store> Engine<S> {
             return Ok(());
         };
         // A chat message stays queued until its delivery confirmation.
-        item.next_attempt_at = Some(self.retry_at(now, &outcome));
+        item.next_attempt_at = Some(self.retry_at(now, item.queued_at, &outcome));
         match outcome {
             TransmitOutcome::Delivered => {}
             TransmitOutcome::HeldByRelay | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
@@ -1485,11 +1490,14 @@ impl<S: Store> Engine<S> {
     /// When an item that needs the peer's confirmation goes again. Every
     /// such item has a time: one parked until "the peer shows up" would
     /// wait for ever if its only sign of life (a receipt, an ack) was lost.
-    fn retry_at(&self, now: Timestamp, outcome: &TransmitOutcome) -> Timestamp {
+    fn retry_at(&self, now: Timestamp, queued_at: Timestamp, outcome: &TransmitOutcome) -> Timestamp {
         let wait = match outcome {
             // The relay's mailbox delivers it when the peer returns; a copy
             // now and then covers a lost receipt without filling the mailbox.
-            TransmitOutcome::HeldByRelay => self.config.confirmation_timeout_ms.saturating_mul(HELD_RETRY_FACTOR),
+            TransmitOutcome::HeldByRelay => {
+                let base = self.config.confirmation_timeout_ms.saturating_mul(HELD_RETRY_FACTOR);
+                base.max(now.millis_since(queued_at)).min(HELD_RETRY_MAX_MS.max(base))
+            }
             TransmitOutcome::Delivered | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
                 self.config.confirmation_timeout_ms
             }

@@ -398,6 +398,7 @@ impl<S: Store> Node<S> {
             self.dial_failed(now, peer, reason);
         }
         self.connect_due_relays(now);
+        self.republish_due(now);
         // Requests a relay left unanswered on a connection still up.
         let expired: Vec<Input> =
             self.relays.iter_mut().filter(|l| l.is_up()).flat_map(|l| l.client.expire(now)).collect();
@@ -632,17 +633,40 @@ impl<S: Store> Node<S> {
     /// Registers (which brings the mailbox) and publishes this node's
     /// record, listing every relay it uses.
     fn relay_connected(&mut self, now: Timestamp, relay: usize) {
+        let Some(record) = self.sign_record(now, relay) else { return };
+        let Some(link) = self.relays.get_mut(relay) else { return };
+        link.connected(now);
+        let frames = link.client.on_connect(record);
+        for frame in frames {
+            self.send_to_relay(relay, &frame);
+        }
+    }
+
+    /// A freshly signed record of this node for relay `relay`'s client, and
+    /// when to publish the next: halfway through its lifetime, so a node
+    /// connected for days never leaves an expired record behind.
+    fn sign_record(&mut self, now: Timestamp, relay: usize) -> Option<PeerRecord> {
         let relay_addresses: Vec<String> = self.config.relays.iter().map(|r| r.address.clone()).collect();
         let direct = self.config.direct_addresses.clone();
         let lifetime = self.config.record_lifetime_ms;
-        let Some(link) = self.relays.get_mut(relay) else { return };
-        link.connected(now);
-        let frames = match link.client.publish(&self.signer, direct, relay_addresses, now, lifetime) {
-            RelayFrame::Publish(record) => link.client.on_connect(record),
-            _ => Vec::new(),
-        };
-        for frame in frames {
-            self.send_to_relay(relay, &frame);
+        let link = self.relays.get_mut(relay)?;
+        link.republish_at = Some(now.saturating_add_millis((lifetime / 2).max(1)));
+        match link.client.publish(&self.signer, direct, relay_addresses, now, lifetime) {
+            RelayFrame::Publish(record) => Some(record),
+            _ => None,
+        }
+    }
+
+    /// Publishes this node's record again to every connected relay whose
+    /// copy is halfway through its lifetime.
+    fn republish_due(&mut self, now: Timestamp) {
+        let due: Vec<usize> = (0..self.relays.len())
+            .filter(|&r| self.relays[r].is_up() && self.relays[r].republish_at.is_some_and(|at| at <= now))
+            .collect();
+        for relay in due {
+            if let Some(record) = self.sign_record(now, relay) {
+                self.send_to_relay(relay, &RelayFrame::Publish(record));
+            }
         }
     }
 

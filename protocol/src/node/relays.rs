@@ -55,6 +55,9 @@ pub(crate) struct RelayLink {
     backoff_ms: u64,
     since: Timestamp,
     last_error: Option<String>,
+    /// While connected, when this node's record is published again (before
+    /// the one the relay holds expires).
+    pub(crate) republish_at: Option<Timestamp>,
 }
 
 impl RelayLink {
@@ -66,6 +69,7 @@ impl RelayLink {
             backoff_ms: RELAY_BACKOFF_MIN_MS,
             since: now,
             last_error: None,
+            republish_at: None,
         }
     }
 
@@ -91,6 +95,7 @@ impl RelayLink {
             self.since = now;
         }
         self.state = LinkState::Down { retry_at: now.saturating_add_millis(self.backoff_ms) };
+        self.republish_at = None;
         self.backoff_ms = (self.backoff_ms * 2).min(RELAY_BACKOFF_MAX_MS);
         self.last_error = Some(reason);
     }
@@ -112,7 +117,7 @@ impl RelayLink {
         match self.state {
             LinkState::Down { retry_at } => Some(retry_at),
             LinkState::Connecting => None,
-            LinkState::Up => self.client.next_deadline(),
+            LinkState::Up => [self.client.next_deadline(), self.republish_at].into_iter().flatten().min(),
         }
     }
 

@@ -171,14 +171,10 @@ impl RelayStore for MemoryRelayStore {
         Ok(())
     }
 
-    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError> {
+    fn delete_expired_records(&mut self, now: Timestamp, seen_before: Timestamp) -> Result<usize, RelayStoreError> {
         let t = self.write()?;
         let before = t.records.len();
-        t.records.retain(|_, (r, _, _)| r.expires_at > now);
+        t.records.retain(|_, (r, _, seen)| r.expires_at > now || *seen >= seen_before);
         Ok(before - t.records.len())
-    }
-
-    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError> {
-        Ok(self.read()?.records.values().map(|(r, _, _)| r.expires_at).min())
     }
 }

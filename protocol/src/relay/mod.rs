@@ -148,10 +148,9 @@ pub trait RelayStore {
     fn idle_records(&self, seen_before: Timestamp, limit: usize) -> Result<Vec<PeerId>, RelayStoreError>;
     /// Deletes a peer's record (no-op if absent).
     fn delete_record(&mut self, peer: &PeerId) -> Result<(), RelayStoreError>;
-    /// Deletes records that expired at or before `now`; returns how many.
-    fn delete_expired_records(&mut self, now: Timestamp) -> Result<usize, RelayStoreError>;
-    /// The earliest expiry among stored records.
-    fn next_record_expiry(&self) -> Result<Option<Timestamp>, RelayStoreError>;
+    /// Deletes the records that expired at or before `now` and whose peer
+    /// was last seen before `seen_before`; returns how many.
+    fn delete_expired_records(&mut self, now: Timestamp, seen_before: Timestamp) -> Result<usize, RelayStoreError>;
 }
 
 /// Relay limits; all configurable.
@@ -300,6 +299,8 @@ pub struct Relay<S: RelayStore> {
     transmits: VecDeque<(PeerId, Vec<u8>)>,
     events: VecDeque<RelayEvent>,
     next_deadline: Option<Timestamp>,
+    /// When records are next swept (set by the first call with a time).
+    record_sweep_at: Option<Timestamp>,
 }
 
 impl<S: RelayStore> core::fmt::Debug for Relay<S> {
@@ -321,6 +322,7 @@ impl<S: RelayStore> Relay<S> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_deadline: None,
+            record_sweep_at: None,
         };
         relay.transact(|_| Ok(()))?;
         Ok(relay)
@@ -391,17 +393,31 @@ impl<S: RelayStore> Relay<S> {
         if !self.connected.contains_key(&from) {
             return Ok(());
         }
+        self.record_sweep_at.get_or_insert(now.saturating_add_millis(RECORD_SWEEP_INTERVAL_MS));
         self.transact(|r| r.on_frame(now, from, bytes))
     }
 
     /// Expires old mailbox entries and records.
+    ///
+    /// A member's record outlives its expiry for as long as its mailbox
+    /// would keep an entry (the mailbox's TTL from when the member was last
+    /// seen), so deposits for someone away for days still find their
+    /// mailbox; such records are swept at most once per
+    /// [`RECORD_SWEEP_INTERVAL_MS`].
     pub fn handle_timeout(&mut self, now: Timestamp) -> Result<(), RelayError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.mailbox_ttl_ms));
+        let sweep = self.record_sweep_at.is_none_or(|at| at <= now);
         self.transact(|r| {
             r.store.delete_mailbox_before(cutoff)?;
-            r.store.delete_expired_records(now)?;
+            if sweep {
+                r.store.delete_expired_records(now, cutoff)?;
+            }
             Ok(())
-        })
+        })?;
+        if sweep {
+            self.record_sweep_at = Some(now.saturating_add_millis(RECORD_SWEEP_INTERVAL_MS));
+        }
+        Ok(())
     }
 
     fn transact(&mut self, f: impl FnOnce(&mut Self) -> Result<(), RelayError>) -> Result<(), RelayError> {
@@ -410,7 +426,7 @@ impl<S: RelayStore> Relay<S> {
         let result = f(self).and_then(|()| {
             let oldest = self.store.oldest_mailbox_entry()?;
             let mailbox = oldest.map(|at| at.saturating_add_millis(self.config.mailbox_ttl_ms.saturating_add(1)));
-            Ok(mailbox.into_iter().chain(self.store.next_record_expiry()?).min())
+            Ok(mailbox.into_iter().chain(self.record_sweep_at).min())
         });
         match result {
             Ok(deadline) => match self.store.commit() {
@@ -644,7 +660,11 @@ impl<S: RelayStore> Relay<S> {
         mailbox_allowed: bool,
         envelope: Vec<u8>,
     ) -> Result<(), RelayError> {
-        if !self.is_registered(&from) {
+        // A peer that is not registered here may still reach the relay's
+        // members (registered now, or holding a record): a sender reaches
+        // a recipient through the recipient's relays. Between two
+        // non-members the relay is no one's free proxy.
+        if !self.is_registered(&from) && !self.is_registered(&to) && self.store.record(&to)?.is_none() {
             self.refuse(from, id, Refusal::NotRegistered);
             return Ok(());
         }
@@ -661,9 +681,10 @@ impl<S: RelayStore> Relay<S> {
             self.refuse(from, id, Refusal::RecipientOffline);
             return Ok(());
         }
-        // A mailbox only for a peer that published a valid record here: an
-        // invented peer ID gets none.
-        if self.store.record(&to)?.is_none_or(|r| r.expires_at <= now) {
+        // A mailbox only for a member, a peer that published a record here
+        // (kept while its mailbox could hold anything): an invented peer ID
+        // gets none.
+        if self.store.record(&to)?.is_none() {
             self.refuse(from, id, Refusal::UnknownRecipient);
             return Ok(());
         }
@@ -809,6 +830,10 @@ impl<S: RelayStore> Relay<S> {
 
 /// The most mailbox IDs one acknowledgement is taken to name.
 pub const MAX_ACK_IDS: usize = 1_000;
+
+/// How often records past their expiry are looked at for deletion (a
+/// member's stays while its mailbox could hold anything).
+pub const RECORD_SWEEP_INTERVAL_MS: u64 = 60 * 60 * 1000;
 
 /// Mailbox entries sent before the node acknowledges them.
 pub const MAILBOX_BATCH: usize = 64;
