@@ -67,6 +67,7 @@ impl NodeApi for FuzzNode {
             direct: true,
             relay: None,
             relay_connected: false,
+            relays: Vec::new(),
         }
     }
 
@@ -75,7 +76,7 @@ impl NodeApi for FuzzNode {
     }
 
     fn relay_status(&self) -> RelayStatus {
-        RelayStatus { configured: false, relay: None, connected: false }
+        RelayStatus { configured: false, relay: None, connected: false, relays: Vec::new() }
     }
 }
 

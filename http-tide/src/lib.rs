@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use error::ApiError;
-pub use node::{BoxFuture, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayStatus};
+pub use node::{BoxFuture, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayLink, RelayStatus};
 use p2pchat_protocol::PeerId;
 pub use views::{
     ConversationView, EventView, GroupRequest, InvitationView, MemberView, MessageView, PeerRequest, SendRequest,

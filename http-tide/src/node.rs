@@ -52,10 +52,25 @@ pub struct NodeInfo {
     pub api_address: String,
     /// Whether it accepts direct connections (`--no-direct` turns that off).
     pub direct: bool,
-    /// Its relay, as `PEER_ID@ADDR`, if one is configured.
+    /// Its first relay, as `PEER_ID@ADDR`, if one is configured.
     pub relay: Option<String>,
-    /// Whether it is registered with that relay now.
+    /// Whether it is connected to that relay now.
     pub relay_connected: bool,
+    /// Every relay it keeps a connection to.
+    pub relays: Vec<RelayLink>,
+}
+
+/// One relay and this node's connection to it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RelayLink {
+    /// The relay, as `PEER_ID@ADDR`.
+    pub address: String,
+    /// Whether this node is connected to it now.
+    pub connected: bool,
+    /// Since when it is connected, or not (Unix seconds).
+    pub since: u64,
+    /// Why the last attempt failed or the last connection closed.
+    pub last_error: Option<String>,
 }
 
 /// One entry of `GET /api/peers`.
@@ -65,8 +80,24 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// Its direct address, if known.
     pub address: Option<String>,
+    /// Where that address came from: `given` (by the user) or `record`
+    /// (the peer's signed record, from a relay).
+    pub address_source: Option<&'static str>,
+    /// The relay whose answer gave the record, as `PEER_ID@ADDR`.
+    pub record_from: Option<String>,
     /// Whether a direct QUIC connection to it is open.
     pub connected: bool,
+    /// How it is reached now: `direct` (a connection is open), `dialling`,
+    /// `direct_failed` (its address failed; relays until
+    /// `direct_failed_until`), `relayed` (the last message went through
+    /// `relayed_via`) or `unknown` (nothing tried yet).
+    pub path: &'static str,
+    /// Until when the failed direct address is left alone (Unix seconds).
+    pub direct_failed_until: Option<u64>,
+    /// The relay the last message to it went through, as `PEER_ID@ADDR`.
+    pub relayed_via: Option<String>,
+    /// Why the last direct attempt failed.
+    pub last_failure: Option<String>,
 }
 
 /// `GET /api/relay/status`.
@@ -74,8 +105,10 @@ pub struct PeerInfo {
 pub struct RelayStatus {
     /// Whether a relay is configured.
     pub configured: bool,
-    /// The relay, as `PEER_ID@ADDR`.
+    /// The first relay, as `PEER_ID@ADDR`.
     pub relay: Option<String>,
-    /// Whether this node is registered with it now.
+    /// Whether this node is connected to the first relay now.
     pub connected: bool,
+    /// Every relay, in the order configured.
+    pub relays: Vec<RelayLink>,
 }

@@ -187,9 +187,16 @@ async function copyMyId() {
 
 async function refreshRelay() {
   try {
-    const relay = await api('GET', '/api/relay/status');
-    $('relay-status').textContent = !relay.configured ? 'no relay'
-      : relay.connected ? 'relay connected' : 'relay unreachable';
+    const status = await api('GET', '/api/relay/status');
+    const relays = status.relays || [];
+    const up = relays.filter((r) => r.connected).length;
+    $('relay-status').textContent = relays.length === 0 ? 'no relay'
+      : relays.length === 1 ? (up ? 'relay connected' : 'relay unreachable')
+      : up === 0 ? `relays unreachable (0 of ${relays.length})`
+      : `${up} of ${relays.length} relays connected`;
+    // Each relay, and why one is down, on hover.
+    $('relay-status').title = relays.map((r) => `${r.address}: `
+      + (r.connected ? 'connected' : `not connected${r.last_error ? ` (${r.last_error})` : ''}`)).join('\n');
   } catch (e) {
     $('relay-status').textContent = 'relay status unknown';
   }

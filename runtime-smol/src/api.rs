@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use p2pchat_http_tide::{
-    ApiConfig, ApiServer, BoxFuture, LoginLinks, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayStatus,
+    ApiConfig, ApiServer, BoxFuture, LoginLinks, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayLink, RelayStatus,
 };
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Event, Query};
+use p2pchat_protocol::node::{AddressSource, PathState};
 use rand_core::RngCore;
 use zeroize::Zeroizing;
 
@@ -55,6 +56,7 @@ impl NodeApi for Adapter {
             direct: self.node.accepts_direct(),
             relay: self.node.relay().map(ToString::to_string),
             relay_connected: self.node.relay_connected(),
+            relays: relay_links(&self.node),
         }
     }
 
@@ -62,12 +64,33 @@ impl NodeApi for Adapter {
         let node = self.node.clone();
         Box::pin(async move {
             let peers = node.peers().await.map_err(call_error)?;
+            let relay_name = |index: usize| node.relays().get(index).map(|(address, _)| address.to_string());
             Ok(peers
                 .into_iter()
-                .map(|(peer, address, connected)| PeerInfo {
-                    peer_id: peer.to_string(),
-                    address: address.map(|a| a.to_string()),
-                    connected,
+                .map(|p| {
+                    let (path, direct_failed_until, relayed_via) = match p.state {
+                        PathState::Direct => ("direct", None, None),
+                        PathState::Dialling => ("dialling", None, None),
+                        PathState::DirectFailedUntil(until) => ("direct_failed", Some(until.as_millis() / 1000), None),
+                        PathState::RelayedVia(relay) => ("relayed", None, relay_name(relay)),
+                        PathState::Unknown => ("unknown", None, None),
+                    };
+                    let (address_source, record_from) = match p.source {
+                        Some(AddressSource::Given) => (Some("given"), None),
+                        Some(AddressSource::Record { relay }) => (Some("record"), relay_name(relay)),
+                        None => (None, None),
+                    };
+                    PeerInfo {
+                        peer_id: p.peer.to_string(),
+                        address: p.address.map(|a| a.to_string()),
+                        address_source,
+                        record_from,
+                        connected: p.state == PathState::Direct,
+                        path,
+                        direct_failed_until,
+                        relayed_via,
+                        last_failure: p.last_failure,
+                    }
                 })
                 .collect())
         })
@@ -78,8 +101,22 @@ impl NodeApi for Adapter {
             configured: self.node.relay().is_some(),
             relay: self.node.relay().map(ToString::to_string),
             connected: self.node.relay_connected(),
+            relays: relay_links(&self.node),
         }
     }
+}
+
+/// Every relay and the node's connection to it, as the API shows them.
+fn relay_links(node: &NodeHandle) -> Vec<RelayLink> {
+    node.relays()
+        .into_iter()
+        .map(|(address, link)| RelayLink {
+            address: address.to_string(),
+            connected: link.connected,
+            since: link.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            last_error: link.last_error,
+        })
+        .collect()
 }
 
 /// Why the API could not start.

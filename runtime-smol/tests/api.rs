@@ -82,9 +82,17 @@ fn one_to_one_endpoints_and_their_errors() {
     assert_eq!(info.status, 200);
     assert_eq!(info.body["peer_id"], n[0].peer());
     assert_eq!(info.body["direct"], true);
-    assert_eq!(alice.get("/api/relay/status").body, json!({"configured": false, "relay": null, "connected": false}));
+    assert_eq!(
+        alice.get("/api/relay/status").body,
+        json!({"configured": false, "relay": null, "connected": false, "relays": []})
+    );
+    assert_eq!(info.body["relays"], json!([]));
+    // Bob's address was given to alice: nothing has been sent yet.
     let peers = alice.get("/api/peers").body;
-    assert!(peers["peers"].as_array().unwrap().iter().any(|p| p["peer_id"] == n[1].peer()));
+    let bob_path = peers["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == n[1].peer()).cloned();
+    let bob_path = bob_path.unwrap_or_else(|| panic!("bob is listed: {peers}"));
+    assert_eq!(bob_path["address_source"], "given", "{bob_path}");
+    assert!(bob_path["address"].is_string(), "{bob_path}");
     let doc = alice.get("/api/openapi.json");
     assert_eq!((doc.status, doc.body["openapi"].as_str()), (200, Some("3.0.3")));
 

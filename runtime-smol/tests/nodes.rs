@@ -412,7 +412,7 @@ fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
     // and never dialled him.
     let peers = smol::block_on(a.peers()).unwrap();
     assert!(
-        peers.iter().all(|(peer, addr, _)| *peer != b.peer_id() || addr.is_none()),
+        peers.iter().all(|p| p.peer != b.peer_id() || p.address.is_none()),
         "alice took bob's loopback address from his record: {peers:?}"
     );
     assert_eq!(a.open_connections(b.peer_id()), 0, "alice dialled bob's loopback address");

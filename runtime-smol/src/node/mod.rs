@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, EngineConfig, EngineError, Event, Query};
 use p2pchat_protocol::node::{
-    Node as ProtocolNode, NodeConfig as ProtocolConfig, NodeInput, NodeOutput, Notice, PathState, PeerPath, RelaySpec,
-    Reply, Ticket, MAX_BATCH, RECORD_LIFETIME_MS,
+    Node as ProtocolNode, NodeConfig as ProtocolConfig, NodeInput, NodeOutput, Notice, PeerPath, RelaySpec, Reply,
+    Ticket, MAX_BATCH, RECORD_LIFETIME_MS,
 };
 use p2pchat_protocol::{PeerId, Timestamp};
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
@@ -116,8 +115,8 @@ type Subscribers = Arc<Mutex<Vec<channel::Sender<Event>>>>;
 #[derive(Clone)]
 pub struct NodeHandle {
     relays: Arc<Vec<RelayAddress>>,
-    /// Per relay, whether a connection to it is up.
-    relay_up: Arc<Vec<AtomicBool>>,
+    /// Per relay, its connection as the network thread sees it.
+    relay_links: Arc<Mutex<Vec<RelayLinkStatus>>>,
     no_direct: bool,
     direct: Arc<DirectPeers>,
     peer: PeerId,
@@ -194,7 +193,7 @@ impl Node {
         let (net_tx, net_rx) = channel::unbounded::<NetMsg>();
         let relays = Arc::new(config.relays.clone());
         let handle = NodeHandle {
-            relay_up: Arc::new(relays.iter().map(|_| AtomicBool::new(false)).collect()),
+            relay_links: Arc::new(Mutex::new(relays.iter().map(|_| RelayLinkStatus::new()).collect())),
             relays,
             no_direct: config.no_direct,
             direct: Arc::default(),
@@ -221,7 +220,7 @@ impl Node {
                     inputs: Inputs(handle.node.clone()),
                     direct: handle.direct.clone(),
                     relays: handle.relays.clone(),
-                    relay_up: handle.relay_up.clone(),
+                    relay_links: handle.relay_links.clone(),
                     links: Mutex::new(handle.relays.iter().map(|_| None).collect()),
                 };
                 move || smol::block_on(run_network(transport, net_rx, Arc::new(network)))
@@ -264,7 +263,7 @@ impl NodeHandle {
 
     /// Whether the node is connected to its first relay right now.
     pub fn relay_connected(&self) -> bool {
-        self.relay_up.first().is_some_and(|up| up.load(Ordering::Relaxed))
+        self.relay_links.lock().unwrap_or_else(PoisonError::into_inner).first().is_some_and(|l| l.connected)
     }
 
     /// Tells the node where a peer can be reached directly.
@@ -310,18 +309,22 @@ impl NodeHandle {
         self.relays.first()
     }
 
+    /// Every relay this node keeps a connection to, with that connection.
+    pub fn relays(&self) -> Vec<(RelayAddress, RelayLinkStatus)> {
+        let links = self.relay_links.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        self.relays.iter().cloned().zip(links).collect()
+    }
+
     /// Whether this node accepts direct connections.
     pub fn accepts_direct(&self) -> bool {
         !self.no_direct
     }
 
-    /// The peers the node has a path for: (peer, direct address if known,
-    /// whether a direct connection is open).
-    pub async fn peers(&self) -> Result<Vec<(PeerId, Option<SocketAddr>, bool)>, NodeError> {
+    /// The peers the node has a path for, and how each is reached.
+    pub async fn peers(&self) -> Result<Vec<PeerPath>, NodeError> {
         let (tx, rx) = channel::bounded(1);
         self.node.send(NodeMsg::Peers(tx)).map_err(|_| NodeError::Stopped)?;
-        let paths = rx.recv().await.map_err(|_| NodeError::Stopped)?;
-        Ok(paths.into_iter().map(|p| (p.peer, p.address, p.state == PathState::Direct)).collect())
+        rx.recv().await.map_err(|_| NodeError::Stopped)
     }
 
     /// How many open connections this node has to `peer`, either way.
@@ -468,23 +471,49 @@ fn log_notice(notice: &Notice) {
     }
 }
 
+/// One relay's connection, as `GET /api/relay/status` shows it.
+#[derive(Clone, Debug)]
+pub struct RelayLinkStatus {
+    /// Connected now.
+    pub connected: bool,
+    /// Since when it is connected, or not.
+    pub since: SystemTime,
+    /// Why the last attempt failed or the last connection closed.
+    pub last_error: Option<String>,
+}
+
+impl RelayLinkStatus {
+    fn new() -> Self {
+        Self { connected: false, since: SystemTime::now(), last_error: None }
+    }
+}
+
 /// What the network thread shares with its tasks.
 struct Network {
     inputs: Inputs,
     direct: Arc<DirectPeers>,
     relays: Arc<Vec<RelayAddress>>,
-    relay_up: Arc<Vec<AtomicBool>>,
+    relay_links: Arc<Mutex<Vec<RelayLinkStatus>>>,
     /// Per relay, the queue of frames to its current connection.
     links: Mutex<Vec<Option<channel::Sender<Vec<u8>>>>>,
 }
 
 impl Network {
-    fn set_link(&self, relay: usize, link: Option<channel::Sender<Vec<u8>>>) {
+    /// The relay's connection opened (with its frame queue) or closed
+    /// (with why).
+    fn set_link(&self, relay: usize, link: Option<channel::Sender<Vec<u8>>>, error: Option<String>) {
+        let connected = link.is_some();
         if let Some(slot) = self.links.lock().unwrap_or_else(PoisonError::into_inner).get_mut(relay) {
             *slot = link;
         }
-        if let Some(up) = self.relay_up.get(relay) {
-            up.store(self.link(relay).is_some(), Ordering::Relaxed);
+        if let Some(status) = self.relay_links.lock().unwrap_or_else(PoisonError::into_inner).get_mut(relay) {
+            if status.connected != connected {
+                status.since = SystemTime::now();
+            }
+            status.connected = connected;
+            if error.is_some() || connected {
+                status.last_error = error;
+            }
         }
     }
 
@@ -555,11 +584,12 @@ async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, rel
                 _ => format!("no answer within {} s", RELAY_DIAL_TIMEOUT.as_secs()),
             };
             log::info!("cannot reach relay {address}: {reason}");
+            net.set_link(relay, None, Some(reason.clone()));
             return net.inputs.send(NodeInput::RelayDisconnected { relay, reason });
         }
     };
     let (tx, frames) = channel::unbounded::<Vec<u8>>();
-    net.set_link(relay, Some(tx));
+    net.set_link(relay, Some(tx), None);
     log::info!("connected to relay {address}");
     net.inputs.send(NodeInput::RelayConnected { relay });
     let writer = smol::spawn(write_frames(conn.clone(), frames));
@@ -572,7 +602,7 @@ async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, rel
             Err(e) => break e.to_string(),
         }
     };
-    net.set_link(relay, None);
+    net.set_link(relay, None, Some(reason.clone()));
     drop(writer);
     conn.close();
     log::info!("the connection to relay {address} closed ({reason}); reconnecting");
