@@ -155,6 +155,12 @@ impl Net {
                     self.nodes[i].handle(now, NodeInput::RelayConnected { relay });
                 }
             }
+            NodeOutput::CloseRelay { relay } => {
+                self.registered.remove(&i);
+                self.relay.disconnected(&self.peers[i]);
+                let reason = "closed by the node".into();
+                self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
+            }
             NodeOutput::SendToRelay { bytes, .. } => {
                 if self.registered.contains(&i) && !self.frames_lost.contains(&i) {
                     self.relay.handle_frame(now, self.peers[i], &bytes).unwrap();

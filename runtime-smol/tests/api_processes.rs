@@ -91,7 +91,11 @@ struct ProcNode {
 }
 
 fn relay(dir: &Path) -> (Process, String) {
-    let data = dir.join("relay");
+    relay_named(dir, "relay")
+}
+
+fn relay_named(dir: &Path, name: &str) -> (Process, String) {
+    let data = dir.join(name);
     let p = Process::spawn(&["relay", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"], dir);
     let address = p.wait_line("relay ");
     (p, address)
@@ -300,4 +304,56 @@ fn a_message_to_a_direct_peer_that_went_away_waits_in_its_relay_mailbox() {
         let m = &page["messages"][0];
         (m["message_id"] == id.as_str() && (m["status"] == "delivered" || m["status"] == "read")).then_some(())
     });
+}
+
+/// The status of the newest message of a conversation, if it is `id`.
+fn newest_status(client: &Client, conversation: &str, id: &str) -> Option<String> {
+    let page = client.get(&format!("/api/chat/conversations/{conversation}/messages?limit=1")).body;
+    let m = &page["messages"][0];
+    (m["message_id"] == id).then(|| m["status"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn two_relays_and_one_killed_the_conversation_goes_on_through_the_other() {
+    let dir = TempDir::new("two-relays");
+    let (mut first, first_address) = relay_named(&dir.0, "relay1");
+    let (_second, second_address) = relay_named(&dir.0, "relay2");
+    // Neither accepts direct connections: relays are their only path.
+    let extra = ["--relay", second_address.as_str(), "--no-direct"];
+    let alice = node(&dir.0, "alice", &first_address, &extra, 0, 0);
+    let dave = node(&dir.0, "dave", &first_address, &extra, 0, 0);
+    for n in [&alice, &dave] {
+        eventually("connected to both relays", || {
+            let status = n.client.get("/api/relay/status").body;
+            let relays = status["relays"].as_array().cloned().unwrap_or_default();
+            (relays.len() == 2 && relays.iter().all(|r| r["connected"] == true)).then_some(())
+        });
+    }
+    let c = open(&alice.client, &dave.peer);
+    let first_id = say(&alice.client, &c, "one");
+    eventually("dave has it", || (contents(&dave.client, &c) == ["one"]).then_some(()));
+    eventually("delivered", || (newest_status(&alice.client, &c, &first_id)? == "delivered").then_some(()));
+
+    // The first relay dies without a word: no QUIC close reaches anyone.
+    first.kill();
+    let id = say(&alice.client, &c, "two");
+    eventually_within(15, "dave gets it through the second relay", || {
+        (contents(&dave.client, &c) == ["one", "two"]).then_some(())
+    });
+    eventually_within(15, "alice sees it delivered", || {
+        (newest_status(&alice.client, &c, &id)? == "delivered").then_some(())
+    });
+    let reply = say(&dave.client, &c, "three");
+    eventually_within(15, "alice gets dave's reply", || {
+        (contents(&alice.client, &c) == ["one", "two", "three"]).then_some(())
+    });
+    eventually_within(15, "dave sees it delivered", || {
+        (newest_status(&dave.client, &c, &reply)? == "delivered").then_some(())
+    });
+    // Nothing was shown twice, and the status says which relay is down.
+    assert_eq!(contents(&dave.client, &c), ["one", "two", "three"]);
+    let status = alice.client.get("/api/relay/status").body;
+    assert_eq!(status["relays"][0]["connected"], false, "{status}");
+    assert!(status["relays"][0]["last_error"].is_string(), "{status}");
+    assert_eq!(status["relays"][1]["connected"], true, "{status}");
 }

@@ -57,6 +57,9 @@ enum Ev {
     DialTimedOut { from: usize, to: usize, incarnation: u32 },
     /// A node's connection attempt to the relay reaches its end.
     RelayDialled { node: usize, incarnation: u32 },
+    /// A node closes its relay connection `conn` (the relay left a request
+    /// unanswered).
+    CloseRelay { node: usize, conn: u64 },
     /// A frame on a node's relay connection `conn` reaches the relay.
     ToRelay { from: usize, conn: u64, bytes: Vec<u8> },
     /// A frame from the relay reaches a node on connection `conn`.
@@ -670,6 +673,11 @@ impl World {
                 let after = 2 * self.knobs.relay_latency_ms;
                 self.schedule(after, Ev::RelayDialled { node: i, incarnation });
             }
+            NodeOutput::CloseRelay { .. } => {
+                if let Some(conn) = self.nodes[i].relay_conn {
+                    self.schedule(0, Ev::CloseRelay { node: i, conn });
+                }
+            }
             NodeOutput::SendToRelay { bytes, .. } => {
                 if let Ok(RelayFrame::Forward { envelope, .. }) = RelayFrame::decode(&bytes) {
                     self.on_wire(&envelope);
@@ -826,6 +834,11 @@ impl World {
                 }
             }
             Ev::RelayDialled { node, incarnation } => self.relay_dialled(node, incarnation),
+            Ev::CloseRelay { node, conn } => {
+                if self.nodes[node].relay_conn == Some(conn) {
+                    self.disconnect_relay(node);
+                }
+            }
             Ev::ToRelay { from, conn, bytes } => {
                 if self.nodes[from].relay_conn != Some(conn) {
                     return;

@@ -251,6 +251,13 @@ pub enum NodeOutput {
         /// The relay's index.
         relay: usize,
     },
+    /// Close the current connection to this relay (it left a request
+    /// unanswered); report [`NodeInput::RelayDisconnected`] when it is
+    /// closed.
+    CloseRelay {
+        /// The relay's index.
+        relay: usize,
+    },
     /// Send this frame to the relay on its current connection.
     SendToRelay {
         /// The relay's index.
@@ -284,6 +291,9 @@ pub struct Node<S: Store> {
     relays: Vec<RelayLink>,
     /// Direct sends not yet acknowledged, kept for the relay fallback.
     direct_in_flight: BTreeMap<TransmitId, Transmit>,
+    /// Forwards no relay has answered yet, with the relays tried, kept to
+    /// try the next relay.
+    relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<usize>)>,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -317,6 +327,7 @@ impl<S: Store> Node<S> {
             paths: Paths::default(),
             relays,
             direct_in_flight: BTreeMap::new(),
+            relay_in_flight: BTreeMap::new(),
             outputs: VecDeque::new(),
         };
         node.connect_due_relays(now);
@@ -399,11 +410,17 @@ impl<S: Store> Node<S> {
         }
         self.connect_due_relays(now);
         self.republish_due(now);
-        // Requests a relay left unanswered on a connection still up.
-        let expired: Vec<Input> =
-            self.relays.iter_mut().filter(|l| l.is_up()).flat_map(|l| l.client.expire(now)).collect();
-        for input in expired {
-            self.for_engine(input);
+        // Requests a relay left unanswered on a connection still up: an
+        // unanswered forward means the relay is gone or lost a frame.
+        for relay in 0..self.relays.len() {
+            if !self.relays[relay].is_up() {
+                continue;
+            }
+            let expired = self.relays[relay].client.expire(now);
+            if expired.iter().any(|i| matches!(i, Input::TransmitResult { .. })) {
+                self.relay_unresponsive(now, relay);
+            }
+            self.relay_gave_back(now, expired);
         }
         let due = self.engine.poll_timeout().is_some_and(|t| t <= now);
         if due && !self.timeout_queued && self.timeout_retry_at.is_none_or(|r| r <= now) {
@@ -519,8 +536,7 @@ impl<S: Store> Node<S> {
             let outcome = TransmitOutcome::Failed(reason);
             return self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
         };
-        let frame = self.relays[index].client.forward(now, transmit);
-        self.send_to_relay(index, &frame);
+        self.forward_via(now, index, transmit, Vec::new());
         // A peer reached only through relays may have published a direct
         // address since, or moved from the one its record gave that now
         // fails: ask now and then.
@@ -536,6 +552,16 @@ impl<S: Store> Node<S> {
             let frame = self.relays[index].client.lookup(now, peer);
             self.send_to_relay(index, &frame);
         }
+    }
+
+    /// Forwards through relay `relay`, remembering the transmit (and the
+    /// relays already tried) until the relay answers.
+    fn forward_via(&mut self, now: Timestamp, relay: usize, transmit: Transmit, mut tried: Vec<usize>) {
+        let frame = self.relays[relay].client.forward(now, transmit.clone());
+        self.send_to_relay(relay, &frame);
+        tried.push(relay);
+        self.paths.entry(transmit.peer, now).relayed_via = Some(relay);
+        self.relay_in_flight.insert(transmit.id, (transmit, tried));
     }
 
     /// A direct send failed: the relay path takes it at once, so a peer that
@@ -677,9 +703,41 @@ impl<S: Store> Node<S> {
         let Some(link) = self.relays.get_mut(relay) else { return };
         let inputs = link.client.on_disconnect();
         link.disconnected(now, reason);
+        self.relay_gave_back(now, inputs);
+    }
+
+    /// What a relay gave back unanswered or refused: a forward goes through
+    /// the next connected relay it has not tried, so a sender tries each of
+    /// its relays in turn; with none left, the engine hears it failed and
+    /// retries later. Anything else goes to the engine.
+    fn relay_gave_back(&mut self, now: Timestamp, inputs: Vec<Input>) {
         for input in inputs {
-            self.for_engine(input);
+            let Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) } = input else {
+                self.for_engine(input);
+                continue;
+            };
+            let Some((transmit, tried)) = self.relay_in_flight.remove(&id) else {
+                self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) });
+                continue;
+            };
+            let next = (0..self.relays.len()).find(|r| self.relays[*r].is_up() && !tried.contains(r));
+            match next {
+                Some(relay) => self.forward_via(now, relay, transmit, tried),
+                None => self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) }),
+            }
         }
+    }
+
+    /// A relay left a forward unanswered on a connection that is still up:
+    /// it is unresponsive, or a frame was lost. The connection is closed
+    /// (the node reconnects after its backoff), and what it held goes
+    /// through another relay.
+    fn relay_unresponsive(&mut self, now: Timestamp, relay: usize) {
+        let Some(link) = self.relays.get_mut(relay) else { return };
+        link.closing();
+        let inputs = link.client.on_disconnect();
+        self.outputs.push_back(NodeOutput::CloseRelay { relay });
+        self.relay_gave_back(now, inputs);
     }
 
     fn relay_frame(&mut self, now: Timestamp, relay: usize, bytes: &[u8]) {
@@ -690,7 +748,15 @@ impl<S: Store> Node<S> {
         };
         for action in actions {
             match action {
-                ClientAction::ToEngine(input) => self.for_engine(input),
+                ClientAction::ToEngine(input @ Input::TransmitResult { outcome: TransmitOutcome::Failed(_), .. }) => {
+                    self.relay_gave_back(now, vec![input])
+                }
+                ClientAction::ToEngine(input) => {
+                    if let Input::TransmitResult { id, .. } = &input {
+                        self.relay_in_flight.remove(id);
+                    }
+                    self.for_engine(input)
+                }
                 // It follows the input just queued, and only its commit.
                 ClientAction::AfterEngine(frame) => {
                     self.batch.push_after_last(After::Send { relay, frame: Box::new(frame) });

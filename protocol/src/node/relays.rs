@@ -45,6 +45,9 @@ pub(crate) enum LinkState {
     Connecting,
     /// Connected (its first frames register and publish).
     Up,
+    /// The node asked the driver to close the connection, and waits to
+    /// hear it closed before connecting again.
+    Closing,
 }
 
 #[derive(Debug)]
@@ -100,6 +103,13 @@ impl RelayLink {
         self.last_error = Some(reason);
     }
 
+    /// The node gave up on the connection: it is closing.
+    pub(crate) fn closing(&mut self) {
+        self.state = LinkState::Closing;
+        self.republish_at = None;
+        self.last_error = Some("the relay did not answer in time".into());
+    }
+
     /// Whether an attempt is due; if so, it is under way from now.
     pub(crate) fn start_if_due(&mut self, now: Timestamp) -> bool {
         match self.state {
@@ -116,7 +126,7 @@ impl RelayLink {
     pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
         match self.state {
             LinkState::Down { retry_at } => Some(retry_at),
-            LinkState::Connecting => None,
+            LinkState::Connecting | LinkState::Closing => None,
             LinkState::Up => [self.client.next_deadline(), self.republish_at].into_iter().flatten().min(),
         }
     }

@@ -38,10 +38,12 @@ pub enum ClientAction {
 }
 
 /// How long the relay has to answer a forward or a lookup. A relay answers
-/// at once; a request unanswered this long was lost with a frame that
-/// failed on a connection still up, and is failed back so the engine tries
-/// again rather than wait for the connection to close.
-pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 30_000;
+/// at once (a forward over its rate too); a forward unanswered this long
+/// means the relay is gone (a crash leaves the connection looking open
+/// until QUIC's 30 s idle timeout) or lost a frame, and the node moves on
+/// to another relay. A lookup over the relay's rate is never answered, so
+/// an unanswered lookup only counts as found nothing.
+pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 5_000;
 
 /// One node's relay client state.
 #[derive(Debug, Default)]

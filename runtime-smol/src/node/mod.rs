@@ -95,6 +95,7 @@ enum NetMsg {
     Dial { peer: PeerId, addr: SocketAddr },
     SendDirect { peer: PeerId, id: p2pchat_protocol::engine::TransmitId, bytes: Vec<u8> },
     ConnectRelay(usize),
+    CloseRelay(usize),
     SendToRelay { relay: usize, bytes: Vec<u8> },
     Stop,
 }
@@ -426,6 +427,7 @@ fn carry_out(
             NodeOutput::Dial { peer, addr } => NetMsg::Dial { peer, addr },
             NodeOutput::SendDirect { peer, id, bytes } => NetMsg::SendDirect { peer, id, bytes },
             NodeOutput::ConnectRelay { relay } => NetMsg::ConnectRelay(relay),
+            NodeOutput::CloseRelay { relay } => NetMsg::CloseRelay(relay),
             NodeOutput::SendToRelay { relay, bytes } => NetMsg::SendToRelay { relay, bytes },
             NodeOutput::Event(event) => {
                 events.lock().unwrap_or_else(PoisonError::into_inner).retain(|s| s.try_send(event.clone()).is_ok());
@@ -488,20 +490,23 @@ impl RelayLinkStatus {
     }
 }
 
+/// A relay's open connection and the queue of frames to write on it.
+type RelayConnection = (PeerConnection, channel::Sender<Vec<u8>>);
+
 /// What the network thread shares with its tasks.
 struct Network {
     inputs: Inputs,
     direct: Arc<DirectPeers>,
     relays: Arc<Vec<RelayAddress>>,
     relay_links: Arc<Mutex<Vec<RelayLinkStatus>>>,
-    /// Per relay, the queue of frames to its current connection.
-    links: Mutex<Vec<Option<channel::Sender<Vec<u8>>>>>,
+    /// Per relay, its current connection and the queue of frames to it.
+    links: Mutex<Vec<Option<RelayConnection>>>,
 }
 
 impl Network {
     /// The relay's connection opened (with its frame queue) or closed
     /// (with why).
-    fn set_link(&self, relay: usize, link: Option<channel::Sender<Vec<u8>>>, error: Option<String>) {
+    fn set_link(&self, relay: usize, link: Option<(PeerConnection, channel::Sender<Vec<u8>>)>, error: Option<String>) {
         let connected = link.is_some();
         if let Some(slot) = self.links.lock().unwrap_or_else(PoisonError::into_inner).get_mut(relay) {
             *slot = link;
@@ -517,7 +522,7 @@ impl Network {
         }
     }
 
-    fn link(&self, relay: usize) -> Option<channel::Sender<Vec<u8>>> {
+    fn link(&self, relay: usize) -> Option<RelayConnection> {
         self.links.lock().unwrap_or_else(PoisonError::into_inner).get(relay).cloned().flatten()
     }
 }
@@ -552,9 +557,15 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, net: A
                 relay_tasks.retain(|task: &smol::Task<()>| !task.is_finished());
                 relay_tasks.push(smol::spawn(keep_relay_connection(transport.clone(), net.clone(), relay)));
             }
+            // Its reader then ends and reports the close.
+            NetMsg::CloseRelay(relay) => {
+                if let Some((conn, _)) = net.link(relay) {
+                    conn.close();
+                }
+            }
             NetMsg::SendToRelay { relay, bytes } => match net.link(relay) {
-                Some(link) => {
-                    let _ = link.try_send(bytes);
+                Some((_, frames)) => {
+                    let _ = frames.try_send(bytes);
                 }
                 // The connection just closed: the node hears of it, and
                 // fails back what it had sent through it.
@@ -589,7 +600,7 @@ async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, rel
         }
     };
     let (tx, frames) = channel::unbounded::<Vec<u8>>();
-    net.set_link(relay, Some(tx), None);
+    net.set_link(relay, Some((conn.clone(), tx)), None);
     log::info!("connected to relay {address}");
     net.inputs.send(NodeInput::RelayConnected { relay });
     let writer = smol::spawn(write_frames(conn.clone(), frames));
