@@ -141,7 +141,7 @@ impl Net {
                 };
                 self.nodes[i].handle(now, NodeInput::DirectSent { id, outcome });
             }
-            NodeOutput::ConnectRelay { relay } => {
+            NodeOutput::ConnectRelay { relay, .. } => {
                 if self.cut_off.contains(&i) {
                     let reason = "the relay did not answer".into();
                     self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });

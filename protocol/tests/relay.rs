@@ -1119,8 +1119,14 @@ fn a_stranger_reaches_the_relays_members_within_its_share_and_no_one_else() {
     r.visit(stranger, 3);
     assert_eq!(r.forward(stranger, online, 10), RelayFrame::Forwarded { id: 1 }, "passed on to a member online");
     assert_eq!(r.forward(stranger, away, 10), HELD, "deposited for a member away");
-    // Between two non-members the relay is nobody's proxy.
-    assert_eq!(r.forward(stranger, PeerId([0x6b; 20]), 10), NOT_REGISTERED);
+    // A member answers the stranger while it is connected.
+    assert_eq!(r.forward(online, stranger, 10), RelayFrame::Forwarded { id: 1 }, "a member's answer to a visitor");
+    // Between two non-members the relay is nobody's proxy, even when both
+    // are connected.
+    let other = PeerId([0x6b; 20]);
+    r.visit(other, 5);
+    assert_eq!(r.forward(stranger, other, 10), NOT_REGISTERED);
+    assert_eq!(r.forward(stranger, PeerId([0x6c; 20]), 10), NOT_REGISTERED);
     // And a stranger's share of a member's mailbox is a sender's share.
     let held = 1 + (0..150).filter(|_| r.forward(stranger, away, 10) == HELD).count();
     assert_eq!(held, 100, "one sender's share, stranger or not");

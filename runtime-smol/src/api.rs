@@ -63,8 +63,8 @@ impl NodeApi for Adapter {
     fn peers(&self) -> BoxFuture<Result<Vec<PeerInfo>, NodeCallError>> {
         let node = self.node.clone();
         Box::pin(async move {
-            let peers = node.peers().await.map_err(call_error)?;
-            let relay_name = |index: usize| node.relays().get(index).map(|(address, _)| address.to_string());
+            let (peers, relays) = node.peers().await.map_err(call_error)?;
+            let relay_name = |index: usize| relays.get(index).cloned();
             Ok(peers
                 .into_iter()
                 .map(|p| {
@@ -77,7 +77,7 @@ impl NodeApi for Adapter {
                     };
                     let (address_source, record_from) = match p.source {
                         Some(AddressSource::Given) => (Some("given"), None),
-                        Some(AddressSource::Record { relay }) => (Some("record"), relay_name(relay)),
+                        Some(AddressSource::Record { relay }) => (Some("record"), relay.and_then(relay_name)),
                         None => (None, None),
                     };
                     PeerInfo {

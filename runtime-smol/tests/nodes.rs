@@ -410,7 +410,7 @@ fn a_record_listing_a_loopback_or_private_address_is_not_dialled_by_default() {
     wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
     // Alice looked Bob up and got his record, but took no address from it
     // and never dialled him.
-    let peers = smol::block_on(a.peers()).unwrap();
+    let (peers, _) = smol::block_on(a.peers()).unwrap();
     assert!(
         peers.iter().all(|p| p.peer != b.peer_id() || p.address.is_none()),
         "alice took bob's loopback address from his record: {peers:?}"
@@ -559,4 +559,41 @@ fn concurrent_commands_each_get_their_own_answer_and_a_bad_one_spoils_none() {
         }
     }
     node.shutdown();
+}
+
+#[test]
+fn a_peer_on_another_relay_is_reached_through_its_relay_online_and_offline() {
+    let dirs = (TempDir::new("relay-1"), TempDir::new("relay-2"), TempDir::new("alice-2r"), TempDir::new("dave-2r"));
+    let (r1_dir, r2_dir, alice_dir, dave_dir) = dirs;
+    let (r1, r2) = (start_relay(&r1_dir), start_relay(&r2_dir));
+    // Alice is on R1 only, dave on R2 only; neither can be dialled.
+    let alice = start_with(&alice_dir, &r1, true);
+    let (dave, d_events) = Node::start_subscribed(relay_config(&dave_dir, &r2, true)).unwrap();
+    let (a, d) = (alice.handle(), dave.handle());
+    let a_events = a.subscribe();
+    wait_registered(&[&a, &d]);
+    // Alice is given dave's record (as a contact card would carry it).
+    a.add_peer_record(smol::block_on(d.own_record()).unwrap());
+
+    let c = conversation(&a, d.peer_id());
+    let m = send(&a, c, "hello from another relay");
+    wait_for(&d_events, |e| matches!(e, Event::MessageReceived(r) if r.id == m));
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
+
+    // Dave goes away; what alice sends waits in his mailbox on R2.
+    dave.shutdown();
+    let away = send(&a, c, "while you were away");
+    wait_for(&a_events, |e| matches!(e, Event::MessageSent { message_id, .. } if *message_id == away));
+    let (dave, d_events) = Node::start_subscribed(relay_config(&dave_dir, &r2, true)).unwrap();
+    wait_for(&d_events, |e| matches!(e, Event::MessageReceived(r) if r.id == away));
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == away));
+    // R1 never saw dave: alice reached him through R2 both times.
+    let (peers, relays) = smol::block_on(a.peers()).unwrap();
+    let path = peers.iter().find(|p| p.peer == d.peer_id()).expect("alice has a path to dave");
+    let p2pchat_protocol::node::PathState::RelayedVia(via) = path.state else { panic!("{path:?}") };
+    assert_eq!(relays[via], r2.address(), "{relays:?}");
+    alice.shutdown();
+    dave.shutdown();
+    r1.shutdown();
+    r2.shutdown();
 }

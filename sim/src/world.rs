@@ -40,8 +40,9 @@ const STALE_EVERY: u64 = 5;
 /// How long a dial to a peer the network does not reach takes to fail (a
 /// handshake that is never answered), counted after its round trip.
 const DIAL_TIMEOUT_MS: u64 = 3_000;
-/// The relay's address as records list it.
-const RELAY_ADDRESS: &str = "relay.sim:4433";
+/// The relay's peer ID (it has no identity in the simulation: it is
+/// never dialled by certificate).
+const RELAY_PEER: PeerId = PeerId([0xee; 20]);
 
 /// What the queue holds.
 enum Ev {
@@ -1304,7 +1305,7 @@ impl World {
 /// uses 10.0.0.0/8).
 fn node_config(i: usize, direct: bool) -> NodeConfig {
     NodeConfig {
-        relays: vec![RelaySpec { peer: PeerId([0xee; 20]), address: RELAY_ADDRESS.into() }],
+        relays: vec![RelaySpec { peer: RELAY_PEER, address: format!("{RELAY_PEER}@10.255.0.1:4433") }],
         direct_addresses: if direct { vec![address_of(i)] } else { Vec::new() },
         address_policy: AddressPolicy::AllowPrivate,
         ..NodeConfig::default()

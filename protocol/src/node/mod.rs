@@ -64,6 +64,9 @@ use relays::RelayLink;
 
 /// How long the records this node publishes stay valid by default.
 pub const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
+/// The most relays of other peers the node connects to at once, as a
+/// visitor, to reach those peers.
+pub const MAX_VISITED_RELAYS: usize = 8;
 /// How long after a failed engine timeout the node tries it again.
 const TIMEOUT_RETRY_MS: u64 = 1_000;
 
@@ -169,6 +172,13 @@ pub enum NodeInput {
         /// The frame.
         bytes: Vec<u8>,
     },
+    /// A peer's signed record from elsewhere than a relay (the user, a
+    /// contact card), checked like any other: its direct addresses and
+    /// relays are used as if a relay had answered with it.
+    PeerRecord {
+        /// The record.
+        record: PeerRecord,
+    },
     /// Where a peer can be reached directly, from the user or the driver
     /// (trusted as given: no address policy applies).
     PeerAddress {
@@ -215,6 +225,13 @@ pub enum Notice {
         /// Why the direct path failed.
         reason: String,
     },
+    /// A record handed in did not check out.
+    RecordRefused {
+        /// Whose it claims to be.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
     /// A peer's record lists only addresses this node may not dial.
     AddressNotPermitted {
         /// The peer.
@@ -248,8 +265,10 @@ pub enum NodeOutput {
     /// Connect to this relay; report [`NodeInput::RelayConnected`] or
     /// [`NodeInput::RelayDisconnected`].
     ConnectRelay {
-        /// The relay's index.
+        /// The relay's index, which later inputs about it name.
         relay: usize,
+        /// The relay: one of the node's own, or one a peer's record lists.
+        spec: RelaySpec,
     },
     /// Close the current connection to this relay (it left a request
     /// unanswered); report [`NodeInput::RelayDisconnected`] when it is
@@ -349,6 +368,15 @@ impl<S: Store> Node<S> {
         &mut self.engine
     }
 
+    /// This node's record as it publishes it now, valid for the configured
+    /// lifetime: for someone who shares none of its relays to reach it.
+    pub fn own_record(&self, now: Timestamp) -> PeerRecord {
+        let relays = self.config.relays.iter().map(|r| r.address.clone()).collect();
+        let expires_at = now.saturating_add_millis(self.config.record_lifetime_ms);
+        let direct = self.config.direct_addresses.clone();
+        PeerRecord::sign(&self.signer, direct, relays, now, expires_at, now.as_millis())
+    }
+
     /// Each relay's connection.
     pub fn relays(&self) -> Vec<RelayStatus> {
         self.relays.iter().map(RelayLink::status).collect()
@@ -385,6 +413,13 @@ impl<S: Store> Node<S> {
             NodeInput::RelayConnected { relay } => self.relay_connected(now, relay),
             NodeInput::RelayDisconnected { relay, reason } => self.relay_disconnected(now, relay, reason),
             NodeInput::RelayFrame { relay, bytes } => self.relay_frame(now, relay, &bytes),
+            NodeInput::PeerRecord { record } => match record.verify(now, None) {
+                Ok(()) => self.learn_record(now, None, record),
+                Err(error) => {
+                    let notice = Notice::RecordRefused { peer: record.peer_id, reason: error.to_string() };
+                    self.outputs.push_back(NodeOutput::Notice(notice));
+                }
+            },
             NodeInput::PeerAddress { peer, addr } => {
                 let path = self.paths.entry(peer, now);
                 path.address = Some(addr);
@@ -532,16 +567,15 @@ impl<S: Store> Node<S> {
     /// failed for now with `reason` (the engine tries again later).
     fn via_relay(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
         let peer = transmit.peer;
-        let Some(index) = self.relays.iter().position(RelayLink::is_up) else {
+        if !self.try_next_relay(now, transmit.clone(), Vec::new()) {
             let outcome = TransmitOutcome::Failed(reason);
             return self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
-        };
-        self.forward_via(now, index, transmit, Vec::new());
+        }
         // A peer reached only through relays may have published a direct
         // address since, or moved from the one its record gave that now
-        // fails: ask now and then.
+        // fails: ask now and then, of a relay of ours.
+        let Some(index) = self.relays.iter().position(|l| l.is_up() && !l.visiting) else { return };
         let path = self.paths.entry(peer, now);
-        path.relayed_via = Some(index);
         let stale = match path.source {
             None => true,
             Some(AddressSource::Record { .. }) => path.failed_until.is_some_and(|until| until > now),
@@ -552,6 +586,68 @@ impl<S: Store> Node<S> {
             let frame = self.relays[index].client.lookup(now, peer);
             self.send_to_relay(index, &frame);
         }
+    }
+
+    /// Sends a forward on through the best relay not yet tried, in this
+    /// order: one the peer's record lists that is connected; one it lists
+    /// that the node connects to now, as a visitor (the transmit waits for
+    /// the connection); any other connected relay. False if none is left.
+    fn try_next_relay(&mut self, now: Timestamp, transmit: Transmit, tried: Vec<usize>) -> bool {
+        let listed: Vec<RelaySpec> = self.paths.get(&transmit.peer).map(|p| p.relays.clone()).unwrap_or_default();
+        let index_of = |links: &[RelayLink], spec: &RelaySpec| links.iter().position(|l| l.spec == *spec);
+        let untried = |r: &usize| !tried.contains(r);
+        let listed_up = listed
+            .iter()
+            .filter_map(|spec| index_of(&self.relays, spec))
+            .find(|r| untried(r) && self.relays[*r].is_up());
+        if let Some(relay) = listed_up {
+            self.forward_via(now, relay, transmit, tried);
+            return true;
+        }
+        for spec in &listed {
+            let relay = match index_of(&self.relays, spec) {
+                Some(r) if !untried(&r) => continue,
+                Some(r) if self.relays[r].is_connecting() => r,
+                Some(r) if self.relays[r].reusable() => {
+                    self.relays[r].state = relays::LinkState::Connecting;
+                    self.outputs.push_back(NodeOutput::ConnectRelay { relay: r, spec: spec.clone() });
+                    r
+                }
+                Some(_) => continue,
+                None => match self.visit(now, spec.clone()) {
+                    Some(r) => r,
+                    None => continue,
+                },
+            };
+            if self.relays[relay].waiting.len() < MAX_WAITING_FOR_DIAL {
+                self.relays[relay].waiting.push((transmit, tried));
+                return true;
+            }
+        }
+        match (0..self.relays.len()).find(|r| untried(r) && self.relays[*r].is_up()) {
+            Some(relay) => {
+                self.forward_via(now, relay, transmit, tried);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Opens a visiting link to a peer's relay (reusing an idle one when
+    /// [`MAX_VISITED_RELAYS`] are open); its index, or `None` if all are
+    /// busy.
+    fn visit(&mut self, now: Timestamp, spec: RelaySpec) -> Option<usize> {
+        let visiting = self.relays.iter().filter(|l| l.visiting).count();
+        let relay = if visiting < MAX_VISITED_RELAYS {
+            self.relays.push(RelayLink::visiting(spec.clone(), now));
+            self.relays.len() - 1
+        } else {
+            let r = self.relays.iter().position(RelayLink::reusable)?;
+            self.relays[r] = RelayLink::visiting(spec.clone(), now);
+            r
+        };
+        self.outputs.push_back(NodeOutput::ConnectRelay { relay, spec });
+        Some(relay)
     }
 
     /// Forwards through relay `relay`, remembering the transmit (and the
@@ -604,18 +700,18 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// An engine lookup: answered at once for a peer with a direct path
-    /// that works (a connection, or an address that has not failed), else
-    /// asked of the first connected relay.
+    /// An engine lookup: answered at once for a peer with a path that
+    /// works (a connection, an address that has not failed, or relays its
+    /// record lists), else asked of the first connected relay of ours.
     fn look_up(&mut self, now: Timestamp, peer: PeerId) {
-        let direct = self
-            .paths
-            .get(&peer)
-            .is_some_and(|p| p.connected || (p.address.is_some() && p.failed_until.is_none_or(|until| until <= now)));
-        if direct {
+        let known = self.paths.get(&peer).is_some_and(|p| {
+            let address_works = p.address.is_some() && p.failed_until.is_none_or(|until| until <= now);
+            p.connected || address_works || !p.relays.is_empty()
+        });
+        if known {
             return self.for_engine(Input::PeerRecord(peer));
         }
-        let Some(index) = self.relays.iter().position(RelayLink::is_up) else {
+        let Some(index) = self.relays.iter().position(|l| l.is_up() && !l.visiting) else {
             return self.for_engine(Input::LookupFailed(peer));
         };
         self.paths.entry(peer, now).last_lookup = Some(now);
@@ -624,14 +720,20 @@ impl<S: Store> Node<S> {
     }
 
     /// A verified record: its first dialable address becomes the peer's.
-    fn learn_record(&mut self, now: Timestamp, relay: usize, record: PeerRecord) {
-        let permitted = self.config.address_policy.first_permitted(&record.direct_addresses);
+    fn learn_record(&mut self, now: Timestamp, relay: Option<usize>, record: PeerRecord) {
+        let policy = self.config.address_policy;
+        let relays: Vec<RelaySpec> =
+            record.relay_addresses.iter().filter_map(|a| RelaySpec::parse(a, policy)).collect();
+        let path = self.paths.entry(record.peer_id, now);
+        if !relays.is_empty() {
+            path.relays = relays;
+        }
+        let permitted = policy.first_permitted(&record.direct_addresses);
         if permitted.is_none() && !record.direct_addresses.is_empty() {
             let notice = Notice::AddressNotPermitted { peer: record.peer_id, addresses: record.direct_addresses };
             self.outputs.push_back(NodeOutput::Notice(notice));
             return;
         }
-        let path = self.paths.entry(record.peer_id, now);
         if path.source == Some(AddressSource::Given) {
             return; // what the user said wins over what a record says
         }
@@ -647,7 +749,7 @@ impl<S: Store> Node<S> {
     fn connect_due_relays(&mut self, now: Timestamp) {
         for (relay, link) in self.relays.iter_mut().enumerate() {
             if link.start_if_due(now) {
-                self.outputs.push_back(NodeOutput::ConnectRelay { relay });
+                self.outputs.push_back(NodeOutput::ConnectRelay { relay, spec: link.spec.clone() });
             }
         }
     }
@@ -659,12 +761,26 @@ impl<S: Store> Node<S> {
     /// Registers (which brings the mailbox) and publishes this node's
     /// record, listing every relay it uses.
     fn relay_connected(&mut self, now: Timestamp, relay: usize) {
+        let Some(link) = self.relays.get_mut(relay) else { return };
+        if link.visiting {
+            // A visitor sends only what it came for.
+            link.connected(now);
+            for (transmit, tried) in core::mem::take(&mut link.waiting) {
+                self.forward_via(now, relay, transmit, tried);
+            }
+            return;
+        }
         let Some(record) = self.sign_record(now, relay) else { return };
         let Some(link) = self.relays.get_mut(relay) else { return };
         link.connected(now);
         let frames = link.client.on_connect(record);
+        let waiting = core::mem::take(&mut link.waiting);
         for frame in frames {
             self.send_to_relay(relay, &frame);
+        }
+        // What waited for this connection follows the registration.
+        for (transmit, tried) in waiting {
+            self.forward_via(now, relay, transmit, tried);
         }
     }
 
@@ -702,8 +818,17 @@ impl<S: Store> Node<S> {
     fn relay_disconnected(&mut self, now: Timestamp, relay: usize, reason: String) {
         let Some(link) = self.relays.get_mut(relay) else { return };
         let inputs = link.client.on_disconnect();
-        link.disconnected(now, reason);
+        let waiting = core::mem::take(&mut link.waiting);
+        link.disconnected(now, reason.clone());
         self.relay_gave_back(now, inputs);
+        for (transmit, mut tried) in waiting {
+            tried.push(relay);
+            let id = transmit.id;
+            if !self.try_next_relay(now, transmit, tried) {
+                let outcome = TransmitOutcome::Failed(format!("cannot reach the peer's relay: {reason}"));
+                self.for_engine(Input::TransmitResult { id, outcome });
+            }
+        }
     }
 
     /// What a relay gave back unanswered or refused: a forward goes through
@@ -720,10 +845,8 @@ impl<S: Store> Node<S> {
                 self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) });
                 continue;
             };
-            let next = (0..self.relays.len()).find(|r| self.relays[*r].is_up() && !tried.contains(r));
-            match next {
-                Some(relay) => self.forward_via(now, relay, transmit, tried),
-                None => self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) }),
+            if !self.try_next_relay(now, transmit, tried) {
+                self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) });
             }
         }
     }
@@ -761,7 +884,7 @@ impl<S: Store> Node<S> {
                 ClientAction::AfterEngine(frame) => {
                     self.batch.push_after_last(After::Send { relay, frame: Box::new(frame) });
                 }
-                ClientAction::Record(record) => self.learn_record(now, relay, record),
+                ClientAction::Record(record) => self.learn_record(now, Some(relay), record),
                 ClientAction::Published { .. } => {}
                 ClientAction::PublishRefused { reason, .. } => {
                     self.outputs.push_back(NodeOutput::Notice(Notice::PublishRefused { relay, reason }))

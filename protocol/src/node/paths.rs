@@ -32,10 +32,11 @@ pub const LOOKUP_INTERVAL_MS: u64 = 60_000;
 pub enum AddressSource {
     /// The driver or the user gave it.
     Given,
-    /// The peer's signed record, from the relay with this index.
+    /// The peer's signed record, from the relay with this index (none: the
+    /// user or driver handed the record in).
     Record {
-        /// The relay's index in the node's configuration.
-        relay: usize,
+        /// The relay's index in the node's list of relays.
+        relay: Option<usize>,
     },
 }
 
@@ -87,6 +88,9 @@ pub(crate) struct Path {
     pub(crate) relayed_via: Option<usize>,
     pub(crate) last_lookup: Option<Timestamp>,
     pub(crate) last_used: Timestamp,
+    /// The relays its newest record lists (those this node may dial), kept
+    /// after the record expires: the peer is most likely still there.
+    pub(crate) relays: Vec<super::RelaySpec>,
 }
 
 impl Path {
@@ -101,6 +105,7 @@ impl Path {
             relayed_via: None,
             last_lookup: None,
             last_used: now,
+            relays: Vec::new(),
         }
     }
 

@@ -24,6 +24,18 @@ pub struct RelaySpec {
     pub address: String,
 }
 
+impl RelaySpec {
+    /// A relay address as records list it, `PEER_ID@HOST:PORT`, if it
+    /// parses and `policy` lets the node dial it (a record's relays are
+    /// its peer's word, like its direct addresses).
+    pub fn parse(address: &str, policy: crate::address::AddressPolicy) -> Option<Self> {
+        let (peer, addr) = address.split_once('@')?;
+        let peer: PeerId = peer.parse().ok()?;
+        let addr: std::net::SocketAddr = addr.parse().ok()?;
+        policy.permits(&addr).then(|| Self { peer, address: address.to_owned() })
+    }
+}
+
 /// One relay's connection, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayStatus {
@@ -61,6 +73,12 @@ pub(crate) struct RelayLink {
     /// While connected, when this node's record is published again (before
     /// the one the relay holds expires).
     pub(crate) republish_at: Option<Timestamp>,
+    /// A relay of someone else's, connected to only to reach its members:
+    /// never registered with, connected when needed, not kept up.
+    pub(crate) visiting: bool,
+    /// Forwards waiting for this link to connect, with the relays each has
+    /// tried.
+    pub(crate) waiting: Vec<(crate::engine::Transmit, Vec<usize>)>,
 }
 
 impl RelayLink {
@@ -73,11 +91,27 @@ impl RelayLink {
             since: now,
             last_error: None,
             republish_at: None,
+            visiting: false,
+            waiting: Vec::new(),
         }
+    }
+
+    /// A link to a peer's relay, connecting now.
+    pub(crate) fn visiting(spec: RelaySpec, now: Timestamp) -> Self {
+        Self { state: LinkState::Connecting, visiting: true, ..Self::new(spec, now) }
     }
 
     pub(crate) fn is_up(&self) -> bool {
         self.state == LinkState::Up
+    }
+
+    pub(crate) fn is_connecting(&self) -> bool {
+        self.state == LinkState::Connecting
+    }
+
+    /// A visiting link not in use, free for another relay.
+    pub(crate) fn reusable(&self) -> bool {
+        self.visiting && matches!(self.state, LinkState::Down { .. }) && self.waiting.is_empty()
     }
 
     pub(crate) fn connected(&mut self, now: Timestamp) {
@@ -113,7 +147,7 @@ impl RelayLink {
     /// Whether an attempt is due; if so, it is under way from now.
     pub(crate) fn start_if_due(&mut self, now: Timestamp) -> bool {
         match self.state {
-            LinkState::Down { retry_at } if retry_at <= now => {
+            LinkState::Down { retry_at } if retry_at <= now && !self.visiting => {
                 self.state = LinkState::Connecting;
                 true
             }
@@ -125,6 +159,7 @@ impl RelayLink {
     /// oldest request its relay has not answered.
     pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
         match self.state {
+            LinkState::Down { .. } if self.visiting => None,
             LinkState::Down { retry_at } => Some(retry_at),
             LinkState::Connecting | LinkState::Closing => None,
             LinkState::Up => [self.client.next_deadline(), self.republish_at].into_iter().flatten().min(),

@@ -664,7 +664,9 @@ impl<S: RelayStore> Relay<S> {
         // members (registered now, or holding a record): a sender reaches
         // a recipient through the recipient's relays. Between two
         // non-members the relay is no one's free proxy.
-        if !self.is_registered(&from) && !self.is_registered(&to) && self.store.record(&to)?.is_none() {
+        let from_member = self.is_registered(&from) || self.store.record(&from)?.is_some();
+        let to_member = self.is_registered(&to) || self.store.record(&to)?.is_some();
+        if !from_member && !to_member {
             self.refuse(from, id, Refusal::NotRegistered);
             return Ok(());
         }
@@ -672,7 +674,10 @@ impl<S: RelayStore> Relay<S> {
             self.refuse(from, id, Refusal::TooLarge);
             return Ok(());
         }
-        if self.is_registered(&to) {
+        // Passed on to a member connected now, or to a visitor connected now
+        // when a member writes to it (a member's answer to someone who came
+        // to this relay to reach it).
+        if self.is_registered(&to) || (from_member && self.connected.contains_key(&to)) {
             self.send(to, &RelayFrame::Deliver { from, mailbox_id: None, envelope });
             self.send(from, &RelayFrame::Forwarded { id });
             return Ok(());

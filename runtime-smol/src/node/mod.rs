@@ -86,7 +86,8 @@ enum NodeMsg {
     Command(Command, channel::Sender<Result<CommandOutcome, EngineError>>),
     Query(Query, channel::Sender<Result<Answer, EngineError>>),
     Input(NodeInput),
-    Peers(channel::Sender<Vec<PeerPath>>),
+    Peers(channel::Sender<(Vec<PeerPath>, Vec<String>)>),
+    OwnRecord(channel::Sender<p2pchat_protocol::relay::PeerRecord>),
     Stop,
 }
 
@@ -94,7 +95,7 @@ enum NodeMsg {
 enum NetMsg {
     Dial { peer: PeerId, addr: SocketAddr },
     SendDirect { peer: PeerId, id: p2pchat_protocol::engine::TransmitId, bytes: Vec<u8> },
-    ConnectRelay(usize),
+    ConnectRelay(usize, RelaySpec),
     CloseRelay(usize),
     SendToRelay { relay: usize, bytes: Vec<u8> },
     Stop,
@@ -222,7 +223,7 @@ impl Node {
                     direct: handle.direct.clone(),
                     relays: handle.relays.clone(),
                     relay_links: handle.relay_links.clone(),
-                    links: Mutex::new(handle.relays.iter().map(|_| None).collect()),
+                    links: Mutex::default(),
                 };
                 move || smol::block_on(run_network(transport, net_rx, Arc::new(network)))
             })
@@ -310,6 +311,20 @@ impl NodeHandle {
         self.relays.first()
     }
 
+    /// This node's record as it publishes it now: for someone who shares
+    /// none of its relays (a contact card, a test).
+    pub async fn own_record(&self) -> Result<p2pchat_protocol::relay::PeerRecord, NodeError> {
+        let (tx, rx) = channel::bounded(1);
+        self.node.send(NodeMsg::OwnRecord(tx)).map_err(|_| NodeError::Stopped)?;
+        rx.recv().await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Hands the node a peer's signed record (checked there like one from
+    /// a relay): its addresses and relays become paths to the peer.
+    pub fn add_peer_record(&self, record: p2pchat_protocol::relay::PeerRecord) {
+        let _ = self.node.send(NodeMsg::Input(NodeInput::PeerRecord { record }));
+    }
+
     /// Every relay this node keeps a connection to, with that connection.
     pub fn relays(&self) -> Vec<(RelayAddress, RelayLinkStatus)> {
         let links = self.relay_links.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -321,8 +336,10 @@ impl NodeHandle {
         !self.no_direct
     }
 
-    /// The peers the node has a path for, and how each is reached.
-    pub async fn peers(&self) -> Result<Vec<PeerPath>, NodeError> {
+    /// The peers the node has a path for, and how each is reached; and
+    /// every relay the node knows (its own, then others' it visits), as
+    /// the paths' relay indexes name them.
+    pub async fn peers(&self) -> Result<(Vec<PeerPath>, Vec<String>), NodeError> {
         let (tx, rx) = channel::bounded(1);
         self.node.send(NodeMsg::Peers(tx)).map_err(|_| NodeError::Stopped)?;
         rx.recv().await.map_err(|_| NodeError::Stopped)
@@ -391,7 +408,11 @@ fn run_node(
                 }
                 NodeMsg::Input(input) => node.handle(at, input),
                 NodeMsg::Peers(reply) => {
-                    let _ = reply.try_send(node.peers(at));
+                    let relays = node.relays().into_iter().map(|r| r.relay.address).collect();
+                    let _ = reply.try_send((node.peers(at), relays));
+                }
+                NodeMsg::OwnRecord(reply) => {
+                    let _ = reply.try_send(node.own_record(at));
                 }
                 NodeMsg::Stop => {
                     stop = true;
@@ -426,7 +447,7 @@ fn carry_out(
         let to_net = match output {
             NodeOutput::Dial { peer, addr } => NetMsg::Dial { peer, addr },
             NodeOutput::SendDirect { peer, id, bytes } => NetMsg::SendDirect { peer, id, bytes },
-            NodeOutput::ConnectRelay { relay } => NetMsg::ConnectRelay(relay),
+            NodeOutput::ConnectRelay { relay, spec } => NetMsg::ConnectRelay(relay, spec),
             NodeOutput::CloseRelay { relay } => NetMsg::CloseRelay(relay),
             NodeOutput::SendToRelay { relay, bytes } => NetMsg::SendToRelay { relay, bytes },
             NodeOutput::Event(event) => {
@@ -466,6 +487,7 @@ fn log_notice(notice: &Notice) {
         Notice::DirectFellBack { peer, reason } => {
             log::info!("direct delivery to {peer} failed ({reason}); sent through a relay")
         }
+        Notice::RecordRefused { peer, reason } => log::warn!("a record given for {peer} was refused: {reason}"),
         Notice::AddressNotPermitted { peer, addresses } => log::debug!(
             "not dialling {peer}: its record lists only addresses this node does not dial ({addresses:?}; \
              --allow-private-addresses permits private ones)"
@@ -499,8 +521,9 @@ struct Network {
     direct: Arc<DirectPeers>,
     relays: Arc<Vec<RelayAddress>>,
     relay_links: Arc<Mutex<Vec<RelayLinkStatus>>>,
-    /// Per relay, its current connection and the queue of frames to it.
-    links: Mutex<Vec<Option<RelayConnection>>>,
+    /// Per relay (this node's own, then others' it visits), its current
+    /// connection and the queue of frames to it.
+    links: Mutex<BTreeMap<usize, RelayConnection>>,
 }
 
 impl Network {
@@ -508,8 +531,12 @@ impl Network {
     /// (with why).
     fn set_link(&self, relay: usize, link: Option<(PeerConnection, channel::Sender<Vec<u8>>)>, error: Option<String>) {
         let connected = link.is_some();
-        if let Some(slot) = self.links.lock().unwrap_or_else(PoisonError::into_inner).get_mut(relay) {
-            *slot = link;
+        {
+            let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            match link {
+                Some(link) => links.insert(relay, link),
+                None => links.remove(&relay),
+            };
         }
         if let Some(status) = self.relay_links.lock().unwrap_or_else(PoisonError::into_inner).get_mut(relay) {
             if status.connected != connected {
@@ -523,7 +550,7 @@ impl Network {
     }
 
     fn link(&self, relay: usize) -> Option<RelayConnection> {
-        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(relay).cloned().flatten()
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&relay).cloned()
     }
 }
 
@@ -553,9 +580,20 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, net: A
             NetMsg::Stop => break,
             NetMsg::Dial { peer, addr } => net.direct.dial(&transport, &net.inputs, peer, addr),
             NetMsg::SendDirect { peer, id, bytes } => net.direct.send(&net.inputs, peer, id, bytes),
-            NetMsg::ConnectRelay(relay) => {
-                relay_tasks.retain(|task: &smol::Task<()>| !task.is_finished());
-                relay_tasks.push(smol::spawn(keep_relay_connection(transport.clone(), net.clone(), relay)));
+            NetMsg::ConnectRelay(relay, spec) => {
+                // One of ours by its index; another peer's by its address.
+                let address = match net.relays.get(relay) {
+                    Some(address) => Ok(address.clone()),
+                    None => spec.address.parse::<RelayAddress>(),
+                };
+                match address {
+                    Ok(address) => {
+                        relay_tasks.retain(|task: &smol::Task<()>| !task.is_finished());
+                        let task = keep_relay_connection(transport.clone(), net.clone(), relay, address);
+                        relay_tasks.push(smol::spawn(task));
+                    }
+                    Err(reason) => net.inputs.send(NodeInput::RelayDisconnected { relay, reason }),
+                }
             }
             // Its reader then ends and reports the close.
             NetMsg::CloseRelay(relay) => {
@@ -585,8 +623,7 @@ const RELAY_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// are written in order (the relay reads them in order: registration
 /// first), frames from the relay reach the node in order, and its end is
 /// reported so the node can reconnect after its backoff.
-async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, relay: usize) {
-    let Some(address) = net.relays.get(relay).cloned() else { return };
+async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, relay: usize, address: RelayAddress) {
     let conn = match by(Instant::now() + RELAY_DIAL_TIMEOUT, transport.dial(address.addr, address.peer)).await {
         Some(Ok(conn)) => conn,
         failed => {
