@@ -141,6 +141,11 @@ impl Net {
                 };
                 self.nodes[i].handle(now, NodeInput::DirectSent { id, outcome });
             }
+            // Only relay 0 exists here: any other a record names is down.
+            NodeOutput::ConnectRelay { relay, .. } if relay != 0 => {
+                let reason = "no answer".into();
+                self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
+            }
             NodeOutput::ConnectRelay { relay, .. } => {
                 if self.cut_off.contains(&i) {
                     let reason = "the relay did not answer".into();
@@ -455,4 +460,35 @@ fn a_node_connected_for_days_keeps_its_record_fresh_for_those_who_look_it_up() {
     net.advance(3 * DIRECT_DIAL_BUDGET_MS);
     assert_eq!(net.received(0), ["still there?"]);
     assert_eq!(net.status(1, id), MessageStatus::Delivered);
+}
+
+#[test]
+fn a_record_naming_relays_that_are_down_costs_one_try_each_then_the_nodes_own_relay() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    // Bob's record, as a card would carry it, names two relays that never
+    // answer (and none of alice's).
+    let bob = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(101));
+    let relays = vec![format!("{}@10.9.9.2:4433", PeerId([0x22; 20])), format!("{}@10.9.9.3:4433", PeerId([0x33; 20]))];
+    let record = p2pchat_protocol::relay::PeerRecord::sign(
+        &bob,
+        vec![],
+        relays,
+        net.now,
+        net.now.saturating_add_millis(60_000),
+        1,
+    );
+    net.nodes[0].handle(net.now, NodeInput::PeerRecord { record });
+    let id = net.send(0, 1, "through whatever works");
+    // (Bob's own record, which alice's relay also returns, lists a direct
+    // address: the message waits out a dial before the relay takes it.)
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    let visits = |net: &Net| {
+        net.log
+            .iter()
+            .filter(|(_, n, o)| *n == 0 && matches!(o, NodeOutput::ConnectRelay { relay, .. } if *relay != 0))
+            .count()
+    };
+    assert_eq!(visits(&net), 2, "each of bob's relays tried once");
+    assert_eq!(net.received(1), ["through whatever works"], "then alice's own relay, where bob is too");
+    assert_eq!(net.status(0, id), MessageStatus::Delivered);
 }

@@ -1153,3 +1153,26 @@ fn a_members_mailbox_outlives_its_record_until_the_mailbox_lifetime_since_it_was
     r.relay.handle_timeout(r.now).unwrap();
     assert_eq!(r.forward(sender, member, 10), RelayFrame::Refused { id: 1, reason: Refusal::UnknownRecipient });
 }
+
+#[test]
+fn a_relay_that_stays_silent_fails_a_forward_but_a_busy_one_does_not() {
+    use p2pchat_protocol::engine::{Transmit, TransmitId, TransmitOutcome};
+    use p2pchat_protocol::relay::{RelayClient, RELAY_ANSWER_TIMEOUT_MS};
+    let transmit =
+        |id| Transmit { id: TransmitId(id), peer: PeerId([1; 20]), bytes: vec![0; 10], mailbox_allowed: true };
+    let mut client = RelayClient::new();
+    let _ = client.forward(NOW, transmit(1));
+    // The relay is busy (a mailbox drains one frame at a time) but talks.
+    let busy = NOW.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS - 1);
+    client.on_frame(busy, &RelayFrame::Registered.encode()).unwrap();
+    assert_eq!(client.expire(NOW.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS + 1)), vec![]);
+    // Then silence, for the whole time.
+    let silent = busy.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS);
+    let expired = client.expire(silent);
+    assert!(
+        matches!(&expired[..], [Input::TransmitResult { id: TransmitId(1), outcome: TransmitOutcome::Failed(_) }]),
+        "{expired:?}"
+    );
+    // A late answer is ignored.
+    assert_eq!(client.on_frame(silent, &RelayFrame::Forwarded { id: 1 }.encode()).unwrap(), vec![]);
+}

@@ -142,13 +142,16 @@ pub struct EngineConfig {
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// A copy held in a relay's mailbox is sent again, if no receipt came,
-/// after this many confirmation timeouts (5 minutes by default) or the
-/// item's age, whichever is longer, up to [`HELD_RETRY_MAX_MS`]: a
-/// safety net against a relay that lost it, spaced out so a peer away for
-/// a week finds a handful of copies in its mailbox, not thousands.
+/// after this many confirmation timeouts (5 minutes by default) or three
+/// times the item's age, whichever is longer, up to [`HELD_RETRY_MAX_MS`]:
+/// a safety net against a relay that lost it, spaced out so a peer away
+/// for a week finds about nine copies in its mailbox (at 0, 5, 20 and
+/// 80 minutes, 5 and 21 hours, then every two days), not thousands.
 const HELD_RETRY_FACTOR: u64 = 10;
+/// How the wait before another copy grows with the item's age.
+const HELD_RETRY_AGE_FACTOR: u64 = 3;
 /// The longest wait between copies of a message held by a relay.
-const HELD_RETRY_MAX_MS: u64 = 12 * 60 * 60 * 1000;
+const HELD_RETRY_MAX_MS: u64 = 2 * DAY_MS;
 
 impl EngineConfig {
     /// Zero intervals would make deadlines that never move forward, and a
@@ -1496,7 +1499,8 @@ impl<S: Store> Engine<S> {
             // now and then covers a lost receipt without filling the mailbox.
             TransmitOutcome::HeldByRelay => {
                 let base = self.config.confirmation_timeout_ms.saturating_mul(HELD_RETRY_FACTOR);
-                base.max(now.millis_since(queued_at)).min(HELD_RETRY_MAX_MS.max(base))
+                let by_age = now.millis_since(queued_at).saturating_mul(HELD_RETRY_AGE_FACTOR);
+                base.max(by_age).min(HELD_RETRY_MAX_MS.max(base))
             }
             TransmitOutcome::Delivered | TransmitOutcome::Failed(_) | TransmitOutcome::Rejected(_) => {
                 self.config.confirmation_timeout_ms

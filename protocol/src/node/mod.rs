@@ -67,6 +67,8 @@ pub const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
 /// The most relays of other peers the node connects to at once, as a
 /// visitor, to reach those peers.
 pub const MAX_VISITED_RELAYS: usize = 8;
+/// How long a visiting link with nothing under way is kept open.
+pub const VISIT_IDLE_MS: u64 = 60_000;
 /// How long after a failed engine timeout the node tries it again.
 const TIMEOUT_RETRY_MS: u64 = 1_000;
 
@@ -312,7 +314,7 @@ pub struct Node<S: Store> {
     direct_in_flight: BTreeMap<TransmitId, Transmit>,
     /// Forwards no relay has answered yet, with the relays tried, kept to
     /// try the next relay.
-    relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<usize>)>,
+    relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<PeerId>)>,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -445,6 +447,7 @@ impl<S: Store> Node<S> {
         }
         self.connect_due_relays(now);
         self.republish_due(now);
+        self.close_idle_visits(now);
         // Requests a relay left unanswered on a connection still up: an
         // unanswered forward means the relay is gone or lost a frame.
         for relay in 0..self.relays.len() {
@@ -588,27 +591,29 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// Sends a forward on through the best relay not yet tried, in this
+    /// Sends a forward on through the best relay not yet tried (relays
+    /// are told apart by peer ID, whatever address names them), in this
     /// order: one the peer's record lists that is connected; one it lists
     /// that the node connects to now, as a visitor (the transmit waits for
-    /// the connection); any other connected relay. False if none is left.
-    fn try_next_relay(&mut self, now: Timestamp, transmit: Transmit, tried: Vec<usize>) -> bool {
+    /// the connection; a relay that failed is not dialled again before its
+    /// backoff); any other connected relay of the node's own. Each relay is
+    /// tried at most once per transmit. False if none is left.
+    fn try_next_relay(&mut self, now: Timestamp, transmit: Transmit, tried: Vec<PeerId>) -> bool {
         let listed: Vec<RelaySpec> = self.paths.get(&transmit.peer).map(|p| p.relays.clone()).unwrap_or_default();
-        let index_of = |links: &[RelayLink], spec: &RelaySpec| links.iter().position(|l| l.spec == *spec);
-        let untried = |r: &usize| !tried.contains(r);
+        let index_of = |links: &[RelayLink], spec: &RelaySpec| links.iter().position(|l| l.spec.peer == spec.peer);
         let listed_up = listed
             .iter()
+            .filter(|spec| !tried.contains(&spec.peer))
             .filter_map(|spec| index_of(&self.relays, spec))
-            .find(|r| untried(r) && self.relays[*r].is_up());
+            .find(|r| self.relays[*r].is_up());
         if let Some(relay) = listed_up {
             self.forward_via(now, relay, transmit, tried);
             return true;
         }
-        for spec in &listed {
+        for spec in listed.iter().filter(|spec| !tried.contains(&spec.peer)) {
             let relay = match index_of(&self.relays, spec) {
-                Some(r) if !untried(&r) => continue,
                 Some(r) if self.relays[r].is_connecting() => r,
-                Some(r) if self.relays[r].reusable() => {
+                Some(r) if self.relays[r].reusable() && self.relays[r].retry_due(now) => {
                     self.relays[r].state = relays::LinkState::Connecting;
                     self.outputs.push_back(NodeOutput::ConnectRelay { relay: r, spec: spec.clone() });
                     r
@@ -624,7 +629,11 @@ impl<S: Store> Node<S> {
                 return true;
             }
         }
-        match (0..self.relays.len()).find(|r| untried(r) && self.relays[*r].is_up()) {
+        let own = (0..self.relays.len()).find(|r| {
+            let link = &self.relays[*r];
+            !link.visiting && link.is_up() && !tried.contains(&link.spec.peer)
+        });
+        match own {
             Some(relay) => {
                 self.forward_via(now, relay, transmit, tried);
                 true
@@ -633,16 +642,17 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// Opens a visiting link to a peer's relay (reusing an idle one when
-    /// [`MAX_VISITED_RELAYS`] are open); its index, or `None` if all are
-    /// busy.
+    /// Opens a visiting link to a peer's relay (reusing the least recently
+    /// used idle one when [`MAX_VISITED_RELAYS`] are open); its index, or
+    /// `None` if all are busy.
     fn visit(&mut self, now: Timestamp, spec: RelaySpec) -> Option<usize> {
         let visiting = self.relays.iter().filter(|l| l.visiting).count();
         let relay = if visiting < MAX_VISITED_RELAYS {
             self.relays.push(RelayLink::visiting(spec.clone(), now));
             self.relays.len() - 1
         } else {
-            let r = self.relays.iter().position(RelayLink::reusable)?;
+            let (r, _) =
+                self.relays.iter().enumerate().filter(|(_, l)| l.reusable()).min_by_key(|(_, l)| l.last_used)?;
             self.relays[r] = RelayLink::visiting(spec.clone(), now);
             r
         };
@@ -652,10 +662,12 @@ impl<S: Store> Node<S> {
 
     /// Forwards through relay `relay`, remembering the transmit (and the
     /// relays already tried) until the relay answers.
-    fn forward_via(&mut self, now: Timestamp, relay: usize, transmit: Transmit, mut tried: Vec<usize>) {
-        let frame = self.relays[relay].client.forward(now, transmit.clone());
+    fn forward_via(&mut self, now: Timestamp, relay: usize, transmit: Transmit, mut tried: Vec<PeerId>) {
+        let link = &mut self.relays[relay];
+        let frame = link.client.forward(now, transmit.clone());
+        link.last_used = now;
+        tried.push(link.spec.peer);
         self.send_to_relay(relay, &frame);
-        tried.push(relay);
         self.paths.entry(transmit.peer, now).relayed_via = Some(relay);
         self.relay_in_flight.insert(transmit.id, (transmit, tried));
     }
@@ -725,9 +737,13 @@ impl<S: Store> Node<S> {
         let relays: Vec<RelaySpec> =
             record.relay_addresses.iter().filter_map(|a| RelaySpec::parse(a, policy)).collect();
         let path = self.paths.entry(record.peer_id, now);
-        if !relays.is_empty() {
-            path.relays = relays;
+        // An older record than one already seen (a stale answer, an old
+        // card) changes nothing.
+        if path.record_sequence.is_some_and(|seen| record.sequence < seen) {
+            return;
         }
+        path.record_sequence = Some(record.sequence);
+        path.relays = relays;
         let permitted = policy.first_permitted(&record.direct_addresses);
         if permitted.is_none() && !record.direct_addresses.is_empty() {
             let notice = Notice::AddressNotPermitted { peer: record.peer_id, addresses: record.direct_addresses };
@@ -799,6 +815,17 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// Closes visiting links with nothing under way for
+    /// [`VISIT_IDLE_MS`]: they were opened for a purpose, not to be kept.
+    fn close_idle_visits(&mut self, now: Timestamp) {
+        for relay in 0..self.relays.len() {
+            if self.relays[relay].idle_visit_until().is_some_and(|until| until <= now) {
+                self.relays[relay].closing("no longer needed");
+                self.outputs.push_back(NodeOutput::CloseRelay { relay });
+            }
+        }
+    }
+
     /// Publishes this node's record again to every connected relay whose
     /// copy is halfway through its lifetime.
     fn republish_due(&mut self, now: Timestamp) {
@@ -821,8 +848,9 @@ impl<S: Store> Node<S> {
         let waiting = core::mem::take(&mut link.waiting);
         link.disconnected(now, reason.clone());
         self.relay_gave_back(now, inputs);
+        let relay_peer = self.relays[relay].spec.peer;
         for (transmit, mut tried) in waiting {
-            tried.push(relay);
+            tried.push(relay_peer);
             let id = transmit.id;
             if !self.try_next_relay(now, transmit, tried) {
                 let outcome = TransmitOutcome::Failed(format!("cannot reach the peer's relay: {reason}"));
@@ -857,7 +885,7 @@ impl<S: Store> Node<S> {
     /// through another relay.
     fn relay_unresponsive(&mut self, now: Timestamp, relay: usize) {
         let Some(link) = self.relays.get_mut(relay) else { return };
-        link.closing();
+        link.closing("the relay did not answer in time");
         let inputs = link.client.on_disconnect();
         self.outputs.push_back(NodeOutput::CloseRelay { relay });
         self.relay_gave_back(now, inputs);

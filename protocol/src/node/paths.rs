@@ -91,6 +91,8 @@ pub(crate) struct Path {
     /// The relays its newest record lists (those this node may dial), kept
     /// after the record expires: the peer is most likely still there.
     pub(crate) relays: Vec<super::RelaySpec>,
+    /// The sequence of the newest record seen.
+    pub(crate) record_sequence: Option<u64>,
 }
 
 impl Path {
@@ -106,6 +108,7 @@ impl Path {
             last_lookup: None,
             last_used: now,
             relays: Vec::new(),
+            record_sequence: None,
         }
     }
 

@@ -78,7 +78,9 @@ pub(crate) struct RelayLink {
     pub(crate) visiting: bool,
     /// Forwards waiting for this link to connect, with the relays each has
     /// tried.
-    pub(crate) waiting: Vec<(crate::engine::Transmit, Vec<usize>)>,
+    pub(crate) waiting: Vec<(crate::engine::Transmit, Vec<PeerId>)>,
+    /// When a forward last went through it.
+    pub(crate) last_used: Timestamp,
 }
 
 impl RelayLink {
@@ -93,6 +95,7 @@ impl RelayLink {
             republish_at: None,
             visiting: false,
             waiting: Vec::new(),
+            last_used: now,
         }
     }
 
@@ -125,7 +128,8 @@ impl RelayLink {
     /// [`RELAY_BACKOFF_MIN_MS`] after a connection that lasted
     /// [`RELAY_STABLE_MS`].
     pub(crate) fn disconnected(&mut self, now: Timestamp, reason: String) {
-        if self.is_up() {
+        let was_closing = self.state == LinkState::Closing;
+        if matches!(self.state, LinkState::Up | LinkState::Closing) {
             if now.millis_since(self.since) >= RELAY_STABLE_MS {
                 self.backoff_ms = RELAY_BACKOFF_MIN_MS;
             }
@@ -134,14 +138,29 @@ impl RelayLink {
         self.state = LinkState::Down { retry_at: now.saturating_add_millis(self.backoff_ms) };
         self.republish_at = None;
         self.backoff_ms = (self.backoff_ms * 2).min(RELAY_BACKOFF_MAX_MS);
-        self.last_error = Some(reason);
+        // Why the node closed it says more than the transport's close.
+        if !was_closing {
+            self.last_error = Some(reason);
+        }
     }
 
     /// The node gave up on the connection: it is closing.
-    pub(crate) fn closing(&mut self) {
+    pub(crate) fn closing(&mut self, why: &str) {
         self.state = LinkState::Closing;
         self.republish_at = None;
-        self.last_error = Some("the relay did not answer in time".into());
+        self.last_error = Some(why.into());
+    }
+
+    /// A visiting link's relay may be dialled again (its backoff is over).
+    pub(crate) fn retry_due(&self, now: Timestamp) -> bool {
+        matches!(self.state, LinkState::Down { retry_at } if retry_at <= now)
+    }
+
+    /// For a visiting link that is up with nothing under way, when it
+    /// becomes idle long enough to close.
+    pub(crate) fn idle_visit_until(&self) -> Option<Timestamp> {
+        let idle = self.visiting && self.is_up() && self.waiting.is_empty() && self.client.next_deadline().is_none();
+        idle.then(|| self.last_used.saturating_add_millis(super::VISIT_IDLE_MS))
     }
 
     /// Whether an attempt is due; if so, it is under way from now.
@@ -162,7 +181,9 @@ impl RelayLink {
             LinkState::Down { .. } if self.visiting => None,
             LinkState::Down { retry_at } => Some(retry_at),
             LinkState::Connecting | LinkState::Closing => None,
-            LinkState::Up => [self.client.next_deadline(), self.republish_at].into_iter().flatten().min(),
+            LinkState::Up => {
+                [self.client.next_deadline(), self.republish_at, self.idle_visit_until()].into_iter().flatten().min()
+            }
         }
     }
 

@@ -37,11 +37,12 @@ pub enum ClientAction {
     },
 }
 
-/// How long the relay has to answer a forward or a lookup. A relay answers
-/// at once (a forward over its rate too); a forward unanswered this long
-/// means the relay is gone (a crash leaves the connection looking open
-/// until QUIC's 30 s idle timeout) or lost a frame, and the node moves on
-/// to another relay. A lookup over the relay's rate is never answered, so
+/// How long a relay may stay silent while a forward or a lookup waits for
+/// its answer. A relay answers a forward as soon as it reads it (one over
+/// its rate too), and any frame from it counts as a sign of life; silence
+/// this long while a forward waits means the relay is gone (a crash leaves
+/// the connection looking open until QUIC's 30 s idle timeout) or lost a
+/// frame, and the node moves on to another relay. A lookup over the relay's rate is never answered, so
 /// an unanswered lookup only counts as found nothing.
 pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 5_000;
 
@@ -154,6 +155,12 @@ impl RelayClient {
     /// A frame from the relay.
     pub fn on_frame(&mut self, now: Timestamp, bytes: &[u8]) -> Result<Vec<ClientAction>, WireError> {
         let frame = RelayFrame::decode(bytes)?;
+        // Any frame is a sign of life: the relay is busy (a mailbox drains
+        // one acknowledged frame at a time), not gone, so what waits for an
+        // answer gets its full time again.
+        for asked in self.pending.values_mut().chain(self.lookups.values_mut()) {
+            *asked = (*asked).max(now);
+        }
         if let RelayFrame::Forwarded { id } | RelayFrame::Held { id } | RelayFrame::Refused { id, .. } = &frame {
             if self.pending.remove(id).is_none() {
                 return Ok(Vec::new()); // not ours, or already settled
