@@ -38,6 +38,7 @@ fn start(name: &str) -> ApiNode {
         data_dir: dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        public_addrs: Vec::new(),
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         passphrase: None,

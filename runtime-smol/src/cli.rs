@@ -117,6 +117,11 @@ pub struct SettingsArgs {
     /// (`--no-direct=false` overrides a file or the environment).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub no_direct: Option<String>,
+    /// An address this node is reached at, to publish in its record (a
+    /// port forwarded on a router; repeat for more). The listen address is
+    /// published too when it is a specific one, never `0.0.0.0`.
+    #[arg(long = "public-addr", value_name = "ADDR")]
+    pub public_addrs: Vec<String>,
     /// Dial loopback and private (LAN) addresses that peers' records list;
     /// off by default, so a stranger's record cannot aim this node at its
     /// own machine or network. For a LAN, a test or the demo.
@@ -189,6 +194,9 @@ impl SettingsArgs {
         put("allow_private_addresses", self.allow_private_addresses.clone());
         if !self.relays.is_empty() {
             flags.insert("relay", Raw::Many(self.relays.clone()));
+        }
+        if !self.public_addrs.is_empty() {
+            flags.insert("public_addr", Raw::Many(self.public_addrs.clone()));
         }
         if !self.api_allowed_hosts.is_empty() {
             flags.insert("api_allowed_hosts", Raw::Many(self.api_allowed_hosts.clone()));

@@ -109,6 +109,9 @@ pub struct Settings {
     pub relays: Vec<RelayAddress>,
     /// Behave as if behind NAT: no direct connections, no direct address.
     pub no_direct: bool,
+    /// Addresses this node is reached at, to publish (a port forwarded on a
+    /// router, a public IP in front of a private listen address).
+    pub public_addrs: Vec<SocketAddr>,
     /// Dial loopback and private addresses that peers' records list.
     pub allow_private_addresses: bool,
     /// Where the rotating log files go.
@@ -195,6 +198,7 @@ const SPECS: &[Spec] = &[
     Spec { name: "api_allowed_hosts", aliases: &[], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "relay", aliases: &["relays"], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "no_direct", aliases: &[], default: |_| one("false") },
+    Spec { name: "public_addr", aliases: &["public_addrs"], default: |_| Raw::Many(Vec::new()) },
     Spec { name: "allow_private_addresses", aliases: &[], default: |_| one("false") },
     Spec { name: "log_dir", aliases: &[], default: |d| Raw::One(d.log_dir().to_string_lossy().into_owned()) },
     Spec { name: "log_level", aliases: &[], default: |_| one("info") },
@@ -208,6 +212,20 @@ const SPECS: &[Spec] = &[
     Spec { name: "relay_rate_per_sec", aliases: &[], default: |_| one("50") },
     Spec { name: "relay_rate_burst", aliases: &[], default: |_| one("200") },
 ];
+
+/// An address given to publish: one others can dial, so never an
+/// unspecified one (`0.0.0.0`, `::`) nor port 0.
+fn public_address(text: &str, source: &Source) -> Result<SocketAddr, ConfigError> {
+    let problem = |why: String| ConfigError::Invalid { setting: "public_addr", origin: source.clone(), problem: why };
+    let addr: SocketAddr =
+        text.trim().parse().map_err(|_| problem(format!("{text:?} is not an address such as 203.0.113.7:30070")))?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(problem(format!(
+            "{addr} is not an address others can dial; give the address and port this node is reached at"
+        )));
+    }
+    Ok(addr)
+}
 
 fn spec_for(key: &str) -> Option<&'static Spec> {
     SPECS.iter().find(|s| s.name == key || s.aliases.contains(&key))
@@ -406,6 +424,17 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         let (_, source) = get("api_allowed_hosts");
         return Err(invalid("api_allowed_hosts", source, format!("{bad:?} is not a host name")));
     }
+    let public_addrs = match get("public_addr") {
+        (Raw::Many(items), source) => {
+            items.iter().map(|a| public_address(a, &source)).collect::<Result<Vec<_>, _>>()?
+        }
+        (Raw::One(s), source) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| public_address(a, &source))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     let (level, level_source) = parse("log_level")?;
     let log_level = level.trim().parse::<log::LevelFilter>().map_err(|_| {
         invalid("log_level", level_source, format!("{level:?} is not one of off, error, warn, info, debug, trace"))
@@ -423,6 +452,7 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         api_allowed_hosts,
         relays,
         no_direct: boolean("no_direct")?,
+        public_addrs,
         allow_private_addresses: boolean("allow_private_addresses")?,
         log_dir: path("log_dir")?,
         log_level,

@@ -59,6 +59,7 @@ pub fn node(settings: &Settings, passphrase: Option<Passphrase>) -> Result<(), S
         data_dir: settings.data_dir.clone(),
         listen: settings.listen,
         no_direct: settings.no_direct,
+        public_addrs: settings.public_addrs.clone(),
         address_policy: address_policy(settings),
         passphrase,
         durability: settings.durability,
@@ -143,6 +144,7 @@ fn run_demo(base: &Path, settings: &Settings) -> Result<(), String> {
             listen: loopback(0),
             // Carol acts as if behind NAT: only the relay reaches her.
             no_direct: name == "carol",
+            public_addrs: Vec::new(),
             // Everyone is on this machine.
             address_policy: AddressPolicy::AllowPrivate,
             passphrase: None,

@@ -26,6 +26,7 @@ impl ApiNode {
             data_dir: dir.0.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             no_direct: false,
+            public_addrs: Vec::new(),
             // Every peer is on loopback.
             address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
             passphrase: None,

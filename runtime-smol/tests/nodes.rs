@@ -30,6 +30,7 @@ fn start(dir: &TempDir) -> Node {
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        public_addrs: Vec::new(),
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         passphrase: None,
@@ -285,6 +286,7 @@ fn a_second_node_on_one_data_directory_is_refused() {
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct: false,
+        public_addrs: Vec::new(),
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         passphrase: None,
@@ -303,6 +305,7 @@ fn relay_config(dir: &TempDir, relay: &p2pchat::relay_server::RelayServer, no_di
         data_dir: dir.0.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         no_direct,
+        public_addrs: Vec::new(),
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         passphrase: None,
@@ -596,4 +599,43 @@ fn a_peer_on_another_relay_is_reached_through_its_relay_online_and_offline() {
     dave.shutdown();
     r1.shutdown();
     r2.shutdown();
+}
+
+#[test]
+fn a_node_listening_on_every_interface_publishes_only_addresses_others_can_dial() {
+    let (relay_dir, alice_dir, bob_dir, carol_dir) =
+        (TempDir::new("relay-pa"), TempDir::new("alice-pa"), TempDir::new("bob-pa"), TempDir::new("carol-pa"));
+    let relay = start_relay(&relay_dir);
+    let alice = start_with(&alice_dir, &relay, true);
+    // Bob listens on 0.0.0.0 and says nothing else: he publishes no
+    // address. Carol listens on 0.0.0.0 too, and gives her public address.
+    let bob = Node::start(NodeConfig { listen: "0.0.0.0:0".parse().unwrap(), ..relay_config(&bob_dir, &relay, false) })
+        .unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let carol_public: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let carol = Node::start(NodeConfig {
+        listen: format!("0.0.0.0:{port}").parse().unwrap(),
+        public_addrs: vec![carol_public],
+        ..relay_config(&carol_dir, &relay, false)
+    })
+    .unwrap();
+    let (a, b, c) = (alice.handle(), bob.handle(), carol.handle());
+    let a_events = a.subscribe();
+    wait_registered(&[&a, &b, &c]);
+    let bob_record = smol::block_on(b.own_record()).unwrap();
+    assert!(bob_record.direct_addresses.is_empty(), "bob publishes no unspecified address: {bob_record:?}");
+    let carol_record = smol::block_on(c.own_record()).unwrap();
+    assert_eq!(carol_record.direct_addresses, [carol_public.to_string()]);
+    // Alice looks carol up through the relay and dials the published address.
+    let conversation_with_carol = conversation(&a, c.peer_id());
+    let m = send(&a, conversation_with_carol, "hello carol");
+    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
+    let (peers, _) = smol::block_on(a.peers()).unwrap();
+    let path = peers.iter().find(|p| p.peer == c.peer_id()).expect("alice has a path to carol");
+    assert_eq!(path.address, Some(carol_public), "{path:?}");
+    assert_eq!(path.state, p2pchat_protocol::node::PathState::Direct, "{path:?}");
+    for node in [alice, bob, carol] {
+        node.shutdown();
+    }
+    relay.shutdown();
 }

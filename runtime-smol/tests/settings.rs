@@ -281,3 +281,33 @@ fn a_passphrase_set_from_a_file_descriptor_is_needed_at_every_start() {
     let same = p2pchat_with_input(&["passphrase", "--passphrase-fd", "0", "--new-passphrase-fd", "0"], &fresh.0, "x\n");
     assert!(!same.status.success());
 }
+
+#[test]
+fn public_addresses_come_from_every_source_and_an_unspecified_one_is_refused() {
+    use clap::Parser;
+    assert!(resolve(&Sources::default(), &defaults()).unwrap().public_addrs.is_empty(), "none by default");
+    let cli = p2pchat::cli::Cli::try_parse_from([
+        "p2pchat",
+        "config",
+        "--public-addr",
+        "203.0.113.7:30070",
+        "--public-addr",
+        "[2001:db8::7]:30070",
+    ])
+    .unwrap();
+    let p2pchat::cli::Command::Config(args) = cli.command else { panic!("parsed as config") };
+    let from_flags = resolve(&args.sources(), &defaults()).unwrap().public_addrs;
+    assert_eq!(from_flags, ["203.0.113.7:30070".parse().unwrap(), "[2001:db8::7]:30070".parse().unwrap()]);
+    let env = [("P2PCHAT_PUBLIC_ADDR".to_owned(), "198.51.100.1:1, 198.51.100.2:2".to_owned())].into_iter().collect();
+    assert_eq!(resolve(&Sources { env, ..Sources::default() }, &defaults()).unwrap().public_addrs.len(), 2);
+    let dir = TempDir::new("public-addr");
+    let file = dir.0.join("p2pchat.toml");
+    std::fs::write(&file, "public_addr = [\"192.0.2.9:30070\"]\n").unwrap();
+    let from_file = resolve(&Sources { file: Some(file), ..Sources::default() }, &defaults()).unwrap();
+    assert_eq!(from_file.public_addrs, ["192.0.2.9:30070".parse().unwrap()]);
+    for bad in ["0.0.0.0:30070", "[::]:30070", "192.0.2.9:0", "somewhere"] {
+        let env = [("P2PCHAT_PUBLIC_ADDR".to_owned(), bad.to_owned())].into_iter().collect();
+        let err = resolve(&Sources { env, ..Sources::default() }, &defaults()).unwrap_err().to_string();
+        assert!(err.contains("public_addr"), "{bad}: {err}");
+    }
+}

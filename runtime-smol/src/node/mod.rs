@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Accept no direct connections (behave as if behind NAT).
     pub no_direct: bool,
+    /// Addresses this node is reached at, published besides a specific
+    /// listen address.
+    pub public_addrs: Vec<SocketAddr>,
     /// Which addresses from peers' records may be dialled.
     pub address_policy: AddressPolicy,
     /// The passphrase that wraps the identity key, if it has one (a new
@@ -155,6 +158,20 @@ pub(crate) fn create_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The direct addresses a node publishes: none with `--no-direct`; else
+/// every `--public-addr`, and the listen address when it is a specific one
+/// (an unspecified one, `0.0.0.0`, is nowhere anyone can dial).
+fn published_addresses(config: &NodeConfig, listen: SocketAddr) -> Vec<String> {
+    if config.no_direct {
+        return Vec::new();
+    }
+    let mut addresses: Vec<SocketAddr> = config.public_addrs.clone();
+    if !listen.ip().is_unspecified() && listen.port() != 0 && !addresses.contains(&listen) {
+        addresses.push(listen);
+    }
+    addresses.iter().map(ToString::to_string).collect()
+}
+
 fn now() -> Timestamp {
     Timestamp::from_millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
@@ -183,7 +200,7 @@ impl Node {
         let protocol_config = ProtocolConfig {
             engine: config.engine.clone(),
             relays: config.relays.iter().map(|r| RelaySpec { peer: r.peer, address: r.to_string() }).collect(),
-            direct_addresses: if config.no_direct { Vec::new() } else { vec![listen.to_string()] },
+            direct_addresses: published_addresses(&config, listen),
             address_policy: config.address_policy,
             record_lifetime_ms: RECORD_LIFETIME_MS,
         };
