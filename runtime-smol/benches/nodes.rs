@@ -5,30 +5,54 @@
 //! Reports sustained throughput (messages per second until the last is
 //! delivered) and latency percentiles (send command to `delivered` at the
 //! sender) at a fixed 1,000 messages per second, with `synchronous=NORMAL`
-//! and `FULL`.
+//! and `FULL`, over a direct connection; and, with `NORMAL`, through a relay
+//! only (both nodes `--no-direct`, the relay's per-sender rate limit lifted
+//! so it measures the path, not the limit).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use p2pchat::node::{Node, NodeConfig};
+use p2pchat::relay_server::{RelayServer, RelayServerConfig};
 use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
 use p2pchat_storage_sqlite::Durability;
 
-fn start(name: &str, durability: Durability) -> Node {
+fn bench_dir(name: &str, durability: Durability) -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("node-bench-{name}-{durability:?}"));
     let _ = std::fs::remove_dir_all(&dir);
-    Node::start(NodeConfig {
-        data_dir: dir,
+    dir
+}
+
+/// A relay on loopback with no per-sender rate limit to speak of.
+fn start_relay(durability: Durability) -> RelayServer {
+    RelayServer::start(RelayServerConfig {
+        data_dir: bench_dir("relay", durability),
         listen: "127.0.0.1:0".parse().unwrap(),
-        no_direct: false,
+        durability,
+        relay: p2pchat_protocol::relay::RelayConfig {
+            rate_per_sec: 1_000_000,
+            rate_burst: 1_000_000,
+            ..p2pchat_protocol::relay::RelayConfig::default()
+        },
+        passphrase: None,
+    })
+    .unwrap()
+}
+
+/// A node; with a relay, reachable only through it.
+fn start(name: &str, durability: Durability, relay: Option<&RelayServer>) -> Node {
+    Node::start(NodeConfig {
+        data_dir: bench_dir(name, durability),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        no_direct: relay.is_some(),
         public_addrs: Vec::new(),
         // Every peer is on loopback.
         address_policy: p2pchat_protocol::address::AddressPolicy::AllowPrivate,
         passphrase: None,
         durability,
         engine: EngineConfig::default(),
-        relays: Vec::new(),
+        relays: relay.map(|r| r.address().parse().unwrap()).into_iter().collect(),
     })
     .unwrap()
 }
@@ -36,11 +60,20 @@ fn start(name: &str, durability: Durability) -> Node {
 /// Sends in flight at once.
 const WINDOW: usize = 64;
 
-fn run(durability: Durability, count: usize, rate: Option<u32>) -> (f64, Vec<Duration>) {
-    let (alice, bob) = (start("alice", durability), start("bob", durability));
+fn run(durability: Durability, count: usize, rate: Option<u32>, via_relay: bool) -> (f64, Vec<Duration>) {
+    let relay = via_relay.then(|| start_relay(durability));
+    let (alice, bob) = (start("alice", durability, relay.as_ref()), start("bob", durability, relay.as_ref()));
     let (a, b) = (alice.handle(), bob.handle());
-    a.add_peer_address(b.peer_id(), b.listen_addr());
-    b.add_peer_address(a.peer_id(), a.listen_addr());
+    if via_relay {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !(a.relay_connected() && b.relay_connected()) {
+            assert!(Instant::now() < deadline, "the nodes did not connect to the relay");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        a.add_peer_address(b.peer_id(), b.listen_addr());
+        b.add_peer_address(a.peer_id(), a.listen_addr());
+    }
     let events = a.subscribe();
     let c = match smol::block_on(a.command(Command::CreateConversation { peer: b.peer_id() })).unwrap() {
         CommandOutcome::Conversation(c) => c.id,
@@ -118,6 +151,9 @@ fn run(durability: Durability, count: usize, rate: Option<u32>) -> (f64, Vec<Dur
     latencies.sort();
     alice.shutdown();
     bob.shutdown();
+    if let Some(relay) = relay {
+        relay.shutdown();
+    }
     (count as f64 / elapsed, latencies)
 }
 
@@ -130,18 +166,20 @@ fn main() {
     // runs one half.
     let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
-    for durability in [Durability::Normal, Durability::Full] {
+    let paths = [(Durability::Normal, false), (Durability::Full, false), (Durability::Normal, true)];
+    for (durability, via_relay) in paths {
+        let name = if via_relay { format!("{durability:?}, relay only") } else { format!("{durability:?}") };
         if wants("throughput") {
-            let count = 20_000;
-            let (throughput, _) = run(durability, count, None);
-            println!(
-                "{durability:?}: {count} messages, {WINDOW} sends in flight: {throughput:.0} delivered per second"
-            );
+            // Through a relay fewer: the path is slower, and a sender keeps
+            // at most 10,000 messages queued for one peer.
+            let count = if via_relay { 5_000 } else { 20_000 };
+            let (throughput, _) = run(durability, count, None, via_relay);
+            println!("{name}: {count} messages, {WINDOW} sends in flight: {throughput:.0} delivered per second");
         }
         if wants("latency") {
-            let (_, l) = run(durability, 3_000, Some(1_000));
+            let (_, l) = run(durability, 3_000, Some(1_000), via_relay);
             println!(
-                "{durability:?}: at 1,000 messages per second, send to delivered: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                "{name}: at 1,000 messages per second, send to delivered: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                 pct(&l, 0.5),
                 pct(&l, 0.9),
                 pct(&l, 0.99),

@@ -240,8 +240,8 @@ struct PeerQueue {
 }
 
 impl PeerQueue {
-    /// The queue and the task that sends it, one frame at a time, each
-    /// within [`SEND_TIMEOUT`].
+    /// The queue and the task that sends it: frames written in order, each
+    /// written and acknowledged within [`SEND_TIMEOUT`].
     fn start(peer: PeerId, connections: Connections, total: Arc<AtomicUsize>) -> Self {
         let (tx, rx) = channel::unbounded::<Vec<u8>>();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -262,21 +262,37 @@ impl PeerQueue {
                     break;
                 }
                 let conn = connections.lock().ok().and_then(|map| map.get(&peer).and_then(|c| c.last().cloned()));
-                let sent = match conn {
-                    Some(conn) => Some((within(SEND_TIMEOUT, conn.send(&bytes)).await, conn)),
+                // Written in order (flow control holds back a peer that does
+                // not read); acknowledgements are awaited side by side, so a
+                // round trip, and the peer's delayed acknowledgements, do not
+                // cap the peer at one frame per round trip.
+                let written = match &conn {
+                    Some(conn) => Some(within(SEND_TIMEOUT, conn.write(&bytes)).await),
                     None => None,
                 };
                 counter.fetch_sub(bytes.len(), Ordering::AcqRel);
                 total.fetch_sub(bytes.len(), Ordering::AcqRel);
-                let Some((sent, conn)) = sent else { break };
-                match sent {
-                    Some(Ok(())) => {}
+                let (Some(written), Some(conn)) = (written, conn) else { break };
+                let reason = format!("a frame was not acknowledged within {} s", SEND_TIMEOUT.as_secs());
+                match written {
+                    Some(Ok(frame)) => {
+                        smol::spawn(async move {
+                            match within(SEND_TIMEOUT, frame.acknowledged()).await {
+                                Some(Ok(())) => {}
+                                Some(Err(e)) => log::info!("relay: a frame to {peer} failed: {e}"),
+                                None => {
+                                    log::info!("relay: disconnecting {peer}: {reason}");
+                                    conn.close_because(NOT_READING, &reason);
+                                }
+                            }
+                        })
+                        .detach();
+                    }
                     Some(Err(e)) => {
                         log::info!("relay: sending to {peer} failed: {e}");
                         break;
                     }
                     None => {
-                        let reason = format!("a frame was not acknowledged within {} s", SEND_TIMEOUT.as_secs());
                         log::info!("relay: disconnecting {peer}: {reason}");
                         conn.close_because(NOT_READING, &reason);
                         break;
