@@ -250,10 +250,7 @@ impl Net {
     }
 
     fn status(&mut self, i: usize, id: MessageId) -> MessageStatus {
-        match self.nodes[i].engine_mut().query(Query::Message(id)).unwrap() {
-            Answer::Message(m) => m.status,
-            other => panic!("unexpected answer {other:?}"),
-        }
+        self.message(i, id).status
     }
 
     /// The relay frames node `i` sent, decoded.

@@ -123,9 +123,7 @@ impl Attacker {
             Transport::bind("127.0.0.1:0".parse().unwrap(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused)
                 .unwrap();
         let conn = block_on(transport.dial(victim.quic, victim.peer)).unwrap();
-        let now = Timestamp::from_millis(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
-        );
+        let now = wall_clock();
         let rng = rand_chacha::ChaCha20Rng::seed_from_u64(u64::from(seed));
         let engine = Engine::new(identity, MemoryStore::new(), EngineConfig::default(), rng, now).unwrap();
         Self { engine, identity_seed, conn, _transport: transport, victim: victim.peer, now }
@@ -541,9 +539,7 @@ impl RelayUser {
     /// As [`RelayUser::connect`], from the loopback address `ip`.
     fn connect_from(relay: &RelayProcess, seed: u8, ip: [u8; 4]) -> Self {
         use p2pchat_protocol::relay::{PeerRecord, RelayClient};
-        let now = Timestamp::from_millis(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
-        );
+        let now = wall_clock();
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([seed; 32]));
         let transport =
             Transport::bind((ip, 0).into(), TlsIdentity::new(&identity).unwrap(), Inbound::Refused).unwrap();
