@@ -14,7 +14,7 @@ use p2pchat_protocol::node::{
     Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket, DIRECT_DIAL_BUDGET_MS,
     LOOKUP_INTERVAL_MS, RELAY_BACKOFF_MAX_MS,
 };
-use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame, RELAY_ANSWER_TIMEOUT_MS};
+use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame, RelayStore, RELAY_ANSWER_TIMEOUT_MS};
 use p2pchat_protocol::{IdentityKeyPair, MessageId, PeerId, Timestamp};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -54,18 +54,24 @@ struct Net {
 
 impl Net {
     fn new(count: usize, dials: Dials) -> Self {
+        Self::new_with(count, dials, |_, _| {})
+    }
+
+    /// Like [`Net::new`], with each node's config adjusted first.
+    fn new_with(count: usize, dials: Dials, configure: impl Fn(usize, &mut NodeConfig)) -> Self {
         let relay_spec = RelaySpec { peer: PeerId([0xee; 20]), address: "relay.test:4433".into() };
         let mut nodes = Vec::new();
         let mut peers = Vec::new();
         for i in 0..count {
             let identity = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(100 + i as u64));
             peers.push(identity.peer_id());
-            let config = NodeConfig {
+            let mut config = NodeConfig {
                 relays: vec![relay_spec.clone()],
                 direct_addresses: vec![format!("10.0.0.{i}:4433")],
                 address_policy: AddressPolicy::AllowPrivate,
                 ..NodeConfig::default()
             };
+            configure(i, &mut config);
             let rng = ChaCha20Rng::seed_from_u64(200 + i as u64);
             nodes.push(Node::new(identity, MemoryStore::new(), config, rng, START).unwrap());
         }
@@ -155,7 +161,10 @@ impl Net {
                     let reason = "the relay closed the connection".into();
                     self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
                 } else {
-                    self.relay.connected(self.peers[i]);
+                    // Every node sits behind a NAT that maps it to a port
+                    // of its own on one public address.
+                    let public = std::net::SocketAddr::from(([203, 0, 113, 7], 50_000 + i as u16));
+                    self.relay.connected_at(self.peers[i], public);
                     self.registered.insert(i);
                     self.nodes[i].handle(now, NodeInput::RelayConnected { relay });
                 }
@@ -488,4 +497,68 @@ fn a_record_naming_relays_that_are_down_costs_one_try_each_then_the_nodes_own_re
     assert_eq!(visits(&net), 2, "each of bob's relays tried once");
     assert_eq!(net.received(1), ["through whatever works"], "then alice's own relay, where bob is too");
     assert_eq!(net.status(0, id), MessageStatus::Delivered);
+}
+
+#[test]
+fn a_node_publishes_the_address_its_relay_sees_once_and_only_if_it_takes_direct_connections() {
+    // Alice takes direct connections; bob does not (he publishes nothing).
+    let mut net = Net::new_with(2, Dials::Connect, |i, config| {
+        config.publish_observed = i == 0;
+        if i == 1 {
+            config.direct_addresses.clear();
+        }
+    });
+    let (alice, bob) = (net.peers[0], net.peers[1]);
+    let publishes = |net: &Net, i| net.frames_from(i).iter().filter(|f| matches!(f, RelayFrame::Publish(_))).count();
+    let stored = |net: &mut Net, peer| {
+        let store = net.relay.store_mut();
+        store.begin().unwrap();
+        let record = store.record(&peer);
+        store.rollback();
+        record.unwrap().expect("the relay holds the record").direct_addresses
+    };
+    let nat = "203.0.113.7:50000".to_owned();
+    // Alice's configured address comes first; the relay's observation is
+    // published in a second record, at once.
+    assert_eq!(net.nodes[0].published_addresses(), ["10.0.0.0:4433".to_owned(), nat.clone()]);
+    assert_eq!(stored(&mut net, alice), ["10.0.0.0:4433".to_owned(), nat.clone()]);
+    assert_eq!(publishes(&net, 0), 2);
+    assert_eq!(stored(&mut net, bob), Vec::<String>::new());
+    assert_eq!(publishes(&net, 1), 1);
+    // Reconnecting to a relay that sees the same address signs nothing new
+    // beyond the record every connection publishes.
+    net.cut_off(0);
+    net.reconnect(0);
+    net.advance(RELAY_BACKOFF_MAX_MS);
+    assert_eq!(publishes(&net, 0), 3);
+    assert_eq!(net.nodes[0].own_record(net.now).direct_addresses, ["10.0.0.0:4433".to_owned(), nat]);
+}
+
+#[test]
+fn a_relay_cannot_make_a_node_publish_what_no_one_can_dial_or_sign_records_without_end() {
+    let mut net = Net::new_with(1, Dials::Connect, |_, config| config.publish_observed = true);
+    let before = net.frames_from(0).len();
+    let now = net.now;
+    for address in ["0.0.0.0:4433", "198.51.100.1:0", "not an address", "198.51.100.2:4433"] {
+        let bytes = RelayFrame::Observed { address: address.into() }.encode();
+        net.nodes[0].handle(now, NodeInput::RelayFrame { relay: 0, bytes });
+        net.pump();
+    }
+    // The relay already said what it sees on this connection: nothing else
+    // it says then is heard, so no frame went out.
+    assert_eq!(net.frames_from(0).len(), before);
+    assert_eq!(net.nodes[0].published_addresses(), ["10.0.0.0:4433".to_owned(), "203.0.113.7:50000".to_owned()]);
+    // On a new connection, an address no one could dial is refused with a
+    // notice and not published.
+    net.cut_off(0);
+    net.reconnect(0);
+    net.frames_lost.insert(0); // the relay's own Observed never comes
+    net.advance(RELAY_BACKOFF_MAX_MS);
+    let bytes = RelayFrame::Observed { address: "0.0.0.0:4433".into() }.encode();
+    net.nodes[0].handle(net.now, NodeInput::RelayFrame { relay: 0, bytes });
+    net.pump();
+    let refused =
+        net.log.iter().any(|(_, _, o)| matches!(o, NodeOutput::Notice(Notice::ObservedAddressRefused { .. })));
+    assert!(refused);
+    assert_eq!(net.nodes[0].published_addresses(), ["10.0.0.0:4433".to_owned(), "203.0.113.7:50000".to_owned()]);
 }

@@ -132,7 +132,7 @@ impl World {
                         }
                         ClientAction::AfterEngine(_) => {}
                         // No direct paths in this world: the records are not dialled.
-                        ClientAction::Record(_) => {}
+                        ClientAction::Record(_) | ClientAction::Observed { .. } => {}
                         ClientAction::Published { .. } => {}
                         ClientAction::PublishRefused { reason, .. } => panic!("publish refused: {reason:?}"),
                     }
@@ -1175,4 +1175,33 @@ fn a_relay_that_stays_silent_fails_a_forward_but_a_busy_one_does_not() {
     );
     // A late answer is ignored.
     assert_eq!(client.on_frame(silent, &RelayFrame::Forwarded { id: 1 }.encode()).unwrap(), vec![]);
+}
+
+#[test]
+fn a_relay_tells_a_registering_peer_the_address_its_connection_comes_from() {
+    let mut relay = Relay::new(MemoryRelayStore::new(), RelayConfig::default()).unwrap();
+    let (peer, other) = (PeerId([1; 20]), PeerId([2; 20]));
+    // A dual-stack socket shows an IPv4 peer as IPv4-mapped IPv6; the peer
+    // is told the IPv4 address others would dial.
+    relay.connected_at(peer, "[::ffff:198.51.100.4]:40001".parse().unwrap());
+    relay.connected(other);
+    relay.handle_frame(NOW, peer, &RelayFrame::Register.encode()).unwrap();
+    relay.handle_frame(NOW, other, &RelayFrame::Register.encode()).unwrap();
+    let mut frames = Vec::new();
+    while let Some((to, bytes)) = relay.poll_transmit() {
+        frames.push((to, RelayFrame::decode(&bytes).unwrap()));
+    }
+    assert_eq!(
+        frames,
+        [
+            (peer, RelayFrame::Registered),
+            (peer, RelayFrame::Observed { address: "198.51.100.4:40001".into() }),
+            // A driver that knows no address tells nothing.
+            (other, RelayFrame::Registered),
+        ]
+    );
+    // The observation is the relay's to send: one from a node is refused.
+    relay.handle_frame(NOW, peer, &RelayFrame::Observed { address: "192.0.2.1:1".into() }.encode()).unwrap();
+    assert!(relay.poll_transmit().is_none());
+    assert!(matches!(relay.poll_event(), Some(p2pchat_protocol::relay::RelayEvent::Rejected { .. })));
 }

@@ -17,7 +17,9 @@ use p2pchat_protocol::sender_key::group_message_transcript;
 use p2pchat_protocol::wire::{
     ChatContent, Envelope, EnvelopeBody, PairwisePayload, RatchetMessage, SenderKeyDistribution,
 };
-use p2pchat_protocol::{kdf, ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, Timestamp};
+use p2pchat_protocol::{
+    kdf, ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, PeerId, Timestamp,
+};
 use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -380,7 +382,61 @@ fn generate() -> Vec<(&'static str, Value)> {
         "messages": group_messages,
         "delivery_order": group_order,
     });
-    vec![("kdf", kdf_vectors()), ("key_exchange", key_exchange), ("ratchet", ratchet), ("group", group)]
+    vec![
+        ("kdf", kdf_vectors()),
+        ("key_exchange", key_exchange),
+        ("ratchet", ratchet),
+        ("group", group),
+        ("relay", relay_vectors()),
+    ]
+}
+
+/// Relay frames (§7a), each with its fields and its encoding; the frames
+/// whose layout is easiest to get wrong: options, lists, strings, and the
+/// newest kinds.
+fn relay_vectors() -> Value {
+    use p2pchat_protocol::relay::{Refusal, RelayFrame};
+    let peer = PeerId([0x5a; 20]);
+    let frames = [
+        (json!({"kind": "Register"}), RelayFrame::Register),
+        (json!({"kind": "Registered"}), RelayFrame::Registered),
+        (json!({"kind": "Lookup", "peer": h(peer.0)}), RelayFrame::Lookup { peer }),
+        (
+            json!({"kind": "Forward", "to": h(peer.0), "id": 300, "mailbox_allowed": true, "envelope": h([1, 2, 3])}),
+            RelayFrame::Forward { to: peer, id: 300, mailbox_allowed: true, envelope: vec![1, 2, 3] },
+        ),
+        (
+            json!({"kind": "Refused", "id": 7, "reason": "UnknownRecipient"}),
+            RelayFrame::Refused { id: 7, reason: Refusal::UnknownRecipient },
+        ),
+        (
+            json!({"kind": "Deliver", "from": h(peer.0), "mailbox_id": 129, "envelope": h([0xff])}),
+            RelayFrame::Deliver { from: peer, mailbox_id: Some(129), envelope: vec![0xff] },
+        ),
+        (
+            json!({"kind": "Deliver", "from": h(peer.0), "mailbox_id": null, "envelope": h([])}),
+            RelayFrame::Deliver { from: peer, mailbox_id: None, envelope: vec![] },
+        ),
+        (json!({"kind": "MailboxAck", "ids": [1, 128, 70000]}), RelayFrame::MailboxAck { ids: vec![1, 128, 70_000] }),
+        (
+            json!({"kind": "Observed", "address": "203.0.113.7:50000"}),
+            RelayFrame::Observed { address: "203.0.113.7:50000".into() },
+        ),
+        (
+            json!({"kind": "Observed", "address": "[2001:db8::7]:443"}),
+            RelayFrame::Observed { address: "[2001:db8::7]:443".into() },
+        ),
+    ];
+    let frames: Vec<Value> = frames
+        .into_iter()
+        .map(|(mut fields, frame)| {
+            let encoding = frame.encode();
+            assert_eq!(RelayFrame::decode(&encoding).unwrap(), frame, "the encoding decodes back");
+            fields["encoding"] = h(&encoding);
+            fields
+        })
+        .collect();
+    json!({ "frames": frames })
 }
 
 #[test]

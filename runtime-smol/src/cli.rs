@@ -119,7 +119,8 @@ pub struct SettingsArgs {
     pub no_direct: Option<String>,
     /// An address this node is reached at, to publish in its record (a
     /// port forwarded on a router; repeat for more). The listen address is
-    /// published too when it is a specific one, never `0.0.0.0`.
+    /// published too when it is a specific one, never `0.0.0.0`, and so is
+    /// the address each relay sees this node's connection come from.
     #[arg(long = "public-addr", value_name = "ADDR")]
     pub public_addrs: Vec<String>,
     /// Dial loopback and private (LAN) addresses that peers' records list;

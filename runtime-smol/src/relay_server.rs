@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use p2pchat_protocol::relay::{Relay, RelayConfig, Source};
+use p2pchat_protocol::relay::{Relay, RelayConfig};
 use p2pchat_protocol::{PeerId, Timestamp};
 use p2pchat_storage_sqlite::{Durability, SqliteRelayStore};
 use smol::channel;
@@ -50,7 +50,7 @@ pub struct RelayServerConfig {
 }
 
 enum RelayMsg {
-    Connected(PeerId, Source),
+    Connected(PeerId, std::net::SocketAddr),
     Disconnected(PeerId),
     Frame(PeerId, Vec<u8>),
     Stop,
@@ -147,8 +147,8 @@ fn run_relay(
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         let result = match msg {
-            Ok(RelayMsg::Connected(peer, source)) => {
-                relay.connected_from(peer, source);
+            Ok(RelayMsg::Connected(peer, remote)) => {
+                relay.connected_at(peer, remote);
                 Ok(())
             }
             Ok(RelayMsg::Disconnected(peer)) => {
@@ -330,7 +330,7 @@ async fn serve(conn: PeerConnection, connections: Connections, tx: mpsc::Sender<
     if let Ok(mut map) = connections.lock() {
         map.entry(peer).or_default().push(conn.clone());
     }
-    let _ = tx.send(RelayMsg::Connected(peer, Source::of_ip(conn.remote_address().ip())));
+    let _ = tx.send(RelayMsg::Connected(peer, conn.remote_address()));
     // Frames from one connection reach the relay in the order they arrive.
     while let Ok(frame) = conn.accept_frame().await {
         match frame.await {

@@ -601,40 +601,60 @@ fn a_peer_on_another_relay_is_reached_through_its_relay_online_and_offline() {
     r2.shutdown();
 }
 
+/// Waits (up to 10 s) until `node` publishes exactly `want`.
+fn wait_published(node: &p2pchat::node::NodeHandle, want: &[String]) {
+    let mut published = Vec::new();
+    for _ in 0..200 {
+        published = smol::block_on(node.own_record()).unwrap().direct_addresses;
+        if published == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} publishes {published:?}, not {want:?}", node.peer_id());
+}
+
 #[test]
 fn a_node_listening_on_every_interface_publishes_only_addresses_others_can_dial() {
-    let (relay_dir, alice_dir, bob_dir, carol_dir) =
-        (TempDir::new("relay-pa"), TempDir::new("alice-pa"), TempDir::new("bob-pa"), TempDir::new("carol-pa"));
-    let relay = start_relay(&relay_dir);
-    let alice = start_with(&alice_dir, &relay, true);
-    // Bob listens on 0.0.0.0 and says nothing else: he publishes no
-    // address. Carol listens on 0.0.0.0 too, and gives her public address.
-    let bob = Node::start(NodeConfig { listen: "0.0.0.0:0".parse().unwrap(), ..relay_config(&bob_dir, &relay, false) })
-        .unwrap();
+    let dirs = ["relay-pa", "alice-pa", "bob-pa", "carol-pa", "dave-pa"].map(TempDir::new);
+    let [relay_dir, alice_dir, bob_dir, carol_dir, dave_dir] = &dirs;
+    let relay = start_relay(relay_dir);
+    let alice = start_with(alice_dir, &relay, true);
+    let every_interface = |config: NodeConfig| NodeConfig { listen: "0.0.0.0:0".parse().unwrap(), ..config };
+    // Bob listens on 0.0.0.0 and says nothing else: he publishes the
+    // address the relay sees his connection come from, never 0.0.0.0.
+    let bob = Node::start(every_interface(relay_config(bob_dir, &relay, false))).unwrap();
+    // Carol gives her public address: it comes first, and the relay's
+    // observation of the same address adds nothing.
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let carol_public: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let carol = Node::start(NodeConfig {
         listen: format!("0.0.0.0:{port}").parse().unwrap(),
         public_addrs: vec![carol_public],
-        ..relay_config(&carol_dir, &relay, false)
+        ..relay_config(carol_dir, &relay, false)
     })
     .unwrap();
-    let (a, b, c) = (alice.handle(), bob.handle(), carol.handle());
+    // Dave takes no direct connections: he publishes nothing, observed or not.
+    let dave = Node::start(every_interface(relay_config(dave_dir, &relay, true))).unwrap();
+    let (a, b, c, d) = (alice.handle(), bob.handle(), carol.handle(), dave.handle());
     let a_events = a.subscribe();
-    wait_registered(&[&a, &b, &c]);
-    let bob_record = smol::block_on(b.own_record()).unwrap();
-    assert!(bob_record.direct_addresses.is_empty(), "bob publishes no unspecified address: {bob_record:?}");
-    let carol_record = smol::block_on(c.own_record()).unwrap();
-    assert_eq!(carol_record.direct_addresses, [carol_public.to_string()]);
-    // Alice looks carol up through the relay and dials the published address.
-    let conversation_with_carol = conversation(&a, c.peer_id());
-    let m = send(&a, conversation_with_carol, "hello carol");
-    wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
-    let (peers, _) = smol::block_on(a.peers()).unwrap();
-    let path = peers.iter().find(|p| p.peer == c.peer_id()).expect("alice has a path to carol");
-    assert_eq!(path.address, Some(carol_public), "{path:?}");
-    assert_eq!(path.state, p2pchat_protocol::node::PathState::Direct, "{path:?}");
-    for node in [alice, bob, carol] {
+    wait_registered(&[&a, &b, &c, &d]);
+    let bob_observed: std::net::SocketAddr = format!("127.0.0.1:{}", b.listen_addr().port()).parse().unwrap();
+    wait_published(&b, &[bob_observed.to_string()]);
+    wait_published(&c, &[carol_public.to_string()]);
+    // Bob's observed address was published after dave's registration was
+    // answered too; dave's record still lists nothing.
+    assert_eq!(smol::block_on(d.own_record()).unwrap().direct_addresses, Vec::<String>::new());
+    // Alice looks each up through the relay and dials what they publish.
+    for (peer, published) in [(b.peer_id(), bob_observed), (c.peer_id(), carol_public)] {
+        let m = send(&a, conversation(&a, peer), "hello");
+        wait_for(&a_events, |e| matches!(e, Event::MessageDelivered { message_id, .. } if *message_id == m));
+        let (peers, _) = smol::block_on(a.peers()).unwrap();
+        let path = peers.iter().find(|p| p.peer == peer).expect("alice has a path");
+        assert_eq!(path.address, Some(published), "{path:?}");
+        assert_eq!(path.state, p2pchat_protocol::node::PathState::Direct, "{path:?}");
+    }
+    for node in [alice, bob, carol, dave] {
         node.shutdown();
     }
     relay.shutdown();

@@ -82,6 +82,10 @@ pub struct NodeConfig {
     /// The addresses this node publishes for direct connections (none for
     /// a node that accepts no direct connections).
     pub direct_addresses: Vec<String>,
+    /// Whether to publish, after those, the addresses its relays say its
+    /// connections come from (for a node that takes direct connections on
+    /// the socket it reaches its relays from).
+    pub publish_observed: bool,
     /// Which addresses from peers' records may be dialled.
     pub address_policy: AddressPolicy,
     /// How long published records stay valid.
@@ -94,6 +98,7 @@ impl Default for NodeConfig {
             engine: EngineConfig::default(),
             relays: Vec::new(),
             direct_addresses: Vec::new(),
+            publish_observed: false,
             address_policy: AddressPolicy::default(),
             record_lifetime_ms: RECORD_LIFETIME_MS,
         }
@@ -241,6 +246,14 @@ pub enum Notice {
         /// What its record lists.
         addresses: Vec<String>,
     },
+    /// A relay said this node's connection comes from an address no one
+    /// could dial (or one that is not an address): not published.
+    ObservedAddressRefused {
+        /// The relay's index.
+        relay: usize,
+        /// What it said.
+        address: String,
+    },
 }
 
 /// What the driver must do.
@@ -375,8 +388,24 @@ impl<S: Store> Node<S> {
     pub fn own_record(&self, now: Timestamp) -> PeerRecord {
         let relays = self.config.relays.iter().map(|r| r.address.clone()).collect();
         let expires_at = now.saturating_add_millis(self.config.record_lifetime_ms);
-        let direct = self.config.direct_addresses.clone();
-        PeerRecord::sign(&self.signer, direct, relays, now, expires_at, now.as_millis())
+        PeerRecord::sign(&self.signer, self.published_addresses(), relays, now, expires_at, now.as_millis())
+    }
+
+    /// The direct addresses this node publishes: those configured, then
+    /// each distinct address its own relays observed, up to what a record
+    /// may list.
+    pub fn published_addresses(&self) -> Vec<String> {
+        let mut addresses = self.config.direct_addresses.clone();
+        if self.config.publish_observed {
+            let observed = self.relays.iter().filter(|l| !l.visiting).filter_map(|l| l.observed);
+            for address in observed.map(|a| a.to_string()) {
+                if !addresses.contains(&address) {
+                    addresses.push(address);
+                }
+            }
+        }
+        addresses.truncate(crate::relay::MAX_ADDRESSES);
+        addresses
     }
 
     /// Each relay's connection.
@@ -805,7 +834,7 @@ impl<S: Store> Node<S> {
     /// connected for days never leaves an expired record behind.
     fn sign_record(&mut self, now: Timestamp, relay: usize) -> Option<PeerRecord> {
         let relay_addresses: Vec<String> = self.config.relays.iter().map(|r| r.address.clone()).collect();
-        let direct = self.config.direct_addresses.clone();
+        let direct = self.published_addresses();
         let lifetime = self.config.record_lifetime_ms;
         let link = self.relays.get_mut(relay)?;
         link.republish_at = Some(now.saturating_add_millis((lifetime / 2).max(1)));
@@ -917,6 +946,38 @@ impl<S: Store> Node<S> {
                 ClientAction::PublishRefused { reason, .. } => {
                     self.outputs.push_back(NodeOutput::Notice(Notice::PublishRefused { relay, reason }))
                 }
+                ClientAction::Observed { address } => self.observed(now, relay, address),
+            }
+        }
+    }
+
+    /// A relay of ours says where this node's connection comes from. An
+    /// address anyone could dial is published, and the record signed again
+    /// for every connected relay when the addresses change. Only the
+    /// node's own relays are asked: a relay visited to reach someone else
+    /// has no say in this node's record.
+    fn observed(&mut self, now: Timestamp, relay: usize, address: String) {
+        match self.relays.get_mut(relay) {
+            Some(link) if self.config.publish_observed && !link.visiting && !link.observed_heard => {
+                link.observed_heard = true;
+            }
+            _ => return,
+        }
+        let Some(addr) = address.parse::<SocketAddr>().ok().filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+        else {
+            let notice = Notice::ObservedAddressRefused { relay, address };
+            return self.outputs.push_back(NodeOutput::Notice(notice));
+        };
+        let before = self.published_addresses();
+        self.relays[relay].observed = Some(addr);
+        if self.published_addresses() == before {
+            return;
+        }
+        let up: Vec<usize> =
+            (0..self.relays.len()).filter(|&r| self.relays[r].is_up() && !self.relays[r].visiting).collect();
+        for relay in up {
+            if let Some(record) = self.sign_record(now, relay) {
+                self.send_to_relay(relay, &RelayFrame::Publish(record));
             }
         }
     }

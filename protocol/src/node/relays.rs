@@ -81,6 +81,13 @@ pub(crate) struct RelayLink {
     pub(crate) waiting: Vec<(crate::engine::Transmit, Vec<PeerId>)>,
     /// When a forward last went through it.
     pub(crate) last_used: Timestamp,
+    /// The address this node's connection came from, as the relay last
+    /// said it saw it.
+    pub(crate) observed: Option<std::net::SocketAddr>,
+    /// Whether the relay has said so on the current connection: it is
+    /// heard once per connection, so a relay cannot make the node sign
+    /// and publish records without end.
+    pub(crate) observed_heard: bool,
 }
 
 impl RelayLink {
@@ -96,6 +103,8 @@ impl RelayLink {
             visiting: false,
             waiting: Vec::new(),
             last_used: now,
+            observed: None,
+            observed_heard: false,
         }
     }
 
@@ -119,6 +128,7 @@ impl RelayLink {
 
     pub(crate) fn connected(&mut self, now: Timestamp) {
         self.state = LinkState::Up;
+        self.observed_heard = false;
         self.since = now;
         self.last_error = None;
     }

@@ -35,6 +35,12 @@ pub enum ClientAction {
         /// Why.
         reason: PublishRefusal,
     },
+    /// The relay says this connection comes from `address`. Unchecked: the
+    /// node decides whether it is an address to publish.
+    Observed {
+        /// As the relay wrote it.
+        address: String,
+    },
 }
 
 /// How long a relay may stay silent while a forward or a lookup waits for
@@ -211,6 +217,7 @@ impl RelayClient {
             }
             RelayFrame::Published { .. } | RelayFrame::PublishRefused { .. } => Vec::new(),
             RelayFrame::Registered => Vec::new(),
+            RelayFrame::Observed { address } => vec![ClientAction::Observed { address }],
             // Node-to-relay frames arriving here are ignored.
             RelayFrame::Register
             | RelayFrame::Publish(_)

@@ -8,7 +8,7 @@ use crate::ids::PeerId;
 use crate::wire::{decode_exact, encode_postcard, WireError, MAX_ENVELOPE_LEN, PROTOCOL_VERSION};
 
 /// The number of [`RelayFrame`] kinds this version knows.
-const RELAY_FRAME_KINDS: u32 = 14;
+const RELAY_FRAME_KINDS: u32 = 15;
 
 /// The largest frame: an envelope of [`MAX_ENVELOPE_LEN`] plus headers.
 pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN + 1024;
@@ -169,6 +169,13 @@ pub enum RelayFrame {
         /// Why.
         reason: PublishRefusal,
     },
+    /// Relay → node, after `Registered`: the address this connection comes
+    /// from as the relay sees it (`ip:port`, after any NAT on the way). A
+    /// node that takes direct connections may publish it.
+    Observed {
+        /// The address, written like a socket address.
+        address: String,
+    },
 }
 
 impl RelayFrame {
@@ -203,7 +210,7 @@ mod tests {
 
     #[test]
     fn unknown_and_malformed_frames_are_named() {
-        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 14]), Err(WireError::UnknownKind(14)));
+        assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 15]), Err(WireError::UnknownKind(15)));
         assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 12, 7]), Ok(RelayFrame::Published { sequence: 7 }));
         assert_eq!(RelayFrame::decode(&[PROTOCOL_VERSION, 11, 0]), Ok(RelayFrame::MailboxAck { ids: vec![] }));
         assert!(matches!(RelayFrame::decode(&[PROTOCOL_VERSION, 5]), Err(WireError::Malformed { .. })));

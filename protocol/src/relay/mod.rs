@@ -282,6 +282,9 @@ struct PeerState {
     sent_up_to: u64,
     /// Where its newest connection comes from.
     source: Option<Source>,
+    /// Its newest connection's address as the driver saw it, told to the
+    /// peer on `Register`.
+    observed: Option<std::net::SocketAddr>,
     /// The entries of the batch in flight, not yet acknowledged.
     batch: BTreeSet<u64>,
     /// When that batch last went out.
@@ -369,6 +372,27 @@ impl<S: RelayStore> Relay<S> {
         state.connections = state.connections.saturating_add(1);
         state.fresh = true;
         state.source = Some(source);
+        state.observed = None;
+    }
+
+    /// [`Relay::connected`], from the address `remote` (after any NAT on
+    /// the way): quotas are kept per its [`Source`], and the peer is told
+    /// the address in [`RelayFrame::Observed`] when it registers, so it can
+    /// publish where others may reach it.
+    pub fn connected_at(&mut self, peer: PeerId, remote: std::net::SocketAddr) {
+        // A dual-stack socket shows IPv4 peers as IPv4-mapped IPv6; the
+        // peer is told the address others would dial.
+        let remote = match remote.ip() {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => std::net::SocketAddr::new(v4.into(), remote.port()),
+                None => remote,
+            },
+            std::net::IpAddr::V4(_) => remote,
+        };
+        self.connected_from(peer, Source::of_ip(remote.ip()));
+        if let Some(state) = self.connected.get_mut(&peer) {
+            state.observed = Some(remote);
+        }
     }
 
     /// Where `peer`'s newest connection comes from.
@@ -518,8 +542,12 @@ impl<S: RelayStore> Relay<S> {
                     state.batch_sent_at = None;
                 }
                 self.staged.undo.push(Undo::Peer(from, before));
+                let observed = state.observed;
                 self.store.touch_record(&from, now)?;
                 self.send(from, &RelayFrame::Registered);
+                if let Some(address) = observed {
+                    self.send(from, &RelayFrame::Observed { address: address.to_string() });
+                }
                 // The mailbox comes with the first registration on a new
                 // connection; a repeated Register does not resend it
                 // (FetchMailbox asks for that).
@@ -585,7 +613,8 @@ impl<S: RelayStore> Relay<S> {
             | RelayFrame::Refused { .. }
             | RelayFrame::Deliver { .. }
             | RelayFrame::Published { .. }
-            | RelayFrame::PublishRefused { .. } => {
+            | RelayFrame::PublishRefused { .. }
+            | RelayFrame::Observed { .. } => {
                 self.staged
                     .events
                     .push(RelayEvent::Rejected { from, reason: "a relay-to-node frame sent to the relay".into() });

@@ -6,7 +6,8 @@ disagreement between this script and the vectors points at a bug in either
 the document or the reference implementation.
 
 Usage:  python3 check_vectors.py [DIR]
-DIR holds kdf.json, key_exchange.json, ratchet.json and group.json; it
+DIR holds kdf.json, key_exchange.json, ratchet.json, group.json and
+relay.json; it
 defaults to the directory this script lives in.
 
 Every individual comparison is counted. A mismatch prints its name, the
@@ -1214,12 +1215,101 @@ def check_group(c, v, kx, ratchet_messages):
 
 # ---------------------------------------------------------------------------
 
+
+# ---------------------------------------------------------------------------
+# relay.json (§7a): relay frames
+# ---------------------------------------------------------------------------
+
+REFUSALS = ["Quota", "Rate", "TooLarge", "RecipientOffline", "NotRegistered",
+            "UnknownRecipient"]
+
+
+def read_option(r, read_one):
+    """option<T>: byte 0 for none, 1 then the value."""
+    tag = r.u8()
+    if tag == 0:
+        return None
+    if tag == 1:
+        return read_one()
+    raise Malformed(f"option tag {tag}")
+
+
+def read_bool(r):
+    byte = r.u8()
+    if byte not in (0, 1):
+        raise Malformed(f"bool byte {byte}")
+    return byte == 1
+
+
+def read_refusal(r):
+    kind = r.u32()
+    if kind >= len(REFUSALS):
+        raise Malformed(f"unknown refusal {kind}")
+    return REFUSALS[kind]
+
+
+# The frame kinds this checker reads, by number, with their fields in order
+# as §7a lists them. Values come back as the vectors write them: bytes as
+# hex, none as None.
+RELAY_FRAMES = {
+    0: ("Register", []),
+    1: ("Registered", []),
+    3: ("Lookup", [("peer", lambda r: r.fixed(20).hex())]),
+    5: ("Forward", [("to", lambda r: r.fixed(20).hex()), ("id", Reader.u64),
+                    ("mailbox_allowed", read_bool),
+                    ("envelope", lambda r: r.byte_string().hex())]),
+    8: ("Refused", [("id", Reader.u64), ("reason", read_refusal)]),
+    9: ("Deliver", [("from", lambda r: r.fixed(20).hex()),
+                    ("mailbox_id", lambda r: read_option(r, r.u64)),
+                    ("envelope", lambda r: r.byte_string().hex())]),
+    11: ("MailboxAck", [("ids", lambda r: r.list_of(r.u64))]),
+    14: ("Observed", [("address", Reader.string)]),
+}
+
+
+def read_relay_frame(r):
+    if r.u8() != VERSION[0]:
+        raise Malformed("not version 1")
+    kind = r.u32()
+    if kind not in RELAY_FRAMES:
+        raise Malformed(f"relay frame kind {kind} not read by this checker")
+    name, fields = RELAY_FRAMES[kind]
+    frame = {"kind": name}
+    for field, read in fields:
+        frame[field] = read(r)
+    return frame
+
+
+def check_relay(c, v):
+    for i, vector in enumerate(v["frames"]):
+        name = f"relay.json frames[{i}] {vector['kind']}"
+        frame = check_parse(c, f"{name} decodes exactly",
+                            h(vector["encoding"]), read_relay_frame)
+        if frame is None:
+            continue
+        for field, value in frame.items():
+            c.equal(f"{name} .{field}", vector[field], value)
+        # Every field the vector names was decoded from the bytes.
+        c.equal(f"{name} fields", sorted(set(dict.keys(vector)) - {"encoding"}),
+                sorted(frame))
+    # A frame of a kind this version does not know, and an Observed with a
+    # byte missing, are refused, not guessed at.
+    for label, data in (("unknown kind 15", b"\x01\x0f"),
+                        ("Observed cut short", h(v["frames"][-1]["encoding"])[:-1])):
+        try:
+            parse_exact(data, read_relay_frame)
+            c.fail(f"relay.json {label}", "decoded")
+        except Malformed:
+            c.true(f"relay.json {label} is refused", True)
+
+
 def main(argv):
     directory = argv[1] if len(argv) > 1 else os.path.dirname(
         os.path.abspath(__file__))
     c = Checker()
     docs = {}
-    for name in ("kdf.json", "key_exchange.json", "ratchet.json", "group.json"):
+    for name in ("kdf.json", "key_exchange.json", "ratchet.json", "group.json",
+                 "relay.json"):
         try:
             docs[name] = load_json(directory, name)
         except (OSError, ValueError) as error:
@@ -1240,6 +1330,8 @@ def main(argv):
     if ratchet_messages is not None and "group.json" in docs:
         c.section("group.json", check_group, docs["group.json"], kx,
                   ratchet_messages)
+    if "relay.json" in docs:
+        c.section("relay.json", check_relay, docs["relay.json"])
 
     # Coverage: a vector field nobody looked at was not checked.
     for name, doc in docs.items():

@@ -201,6 +201,9 @@ impl Node {
             engine: config.engine.clone(),
             relays: config.relays.iter().map(|r| RelaySpec { peer: r.peer, address: r.to_string() }).collect(),
             direct_addresses: published_addresses(&config, listen),
+            // Relay connections leave from the listening socket, so what a
+            // relay sees is where a NAT in front of it forwards to us.
+            publish_observed: !config.no_direct,
             address_policy: config.address_policy,
             record_lifetime_ms: RECORD_LIFETIME_MS,
         };
@@ -509,6 +512,11 @@ fn log_notice(notice: &Notice) {
             "not dialling {peer}: its record lists only addresses this node does not dial ({addresses:?}; \
              --allow-private-addresses permits private ones)"
         ),
+        Notice::ObservedAddressRefused { relay, address } => {
+            log::warn!(
+                "relay {relay} says our connection comes from {address:?}, which no one could dial; not published"
+            )
+        }
     }
 }
 
