@@ -152,6 +152,13 @@ pub struct SettingsArgs {
     /// Relay: most bytes held per recipient.
     #[arg(long, value_name = "BYTES")]
     pub mailbox_max_bytes: Option<String>,
+    /// Relay: most entries one sender may hold in one recipient's mailbox.
+    #[arg(long, value_name = "N")]
+    pub mailbox_max_count_per_sender: Option<String>,
+    /// Relay: most entries senders from one address may hold in one
+    /// recipient's mailbox, whatever identities they use.
+    #[arg(long, value_name = "N")]
+    pub mailbox_max_count_per_source: Option<String>,
     /// Relay: days an entry is held.
     #[arg(long, value_name = "DAYS")]
     pub mailbox_ttl_days: Option<String>,
@@ -188,6 +195,8 @@ impl SettingsArgs {
         put("chat_retry_backoff_ms", self.chat_retry_backoff_ms.clone());
         put("mailbox_max_count", self.mailbox_max_count.clone());
         put("mailbox_max_bytes", self.mailbox_max_bytes.clone());
+        put("mailbox_max_count_per_sender", self.mailbox_max_count_per_sender.clone());
+        put("mailbox_max_count_per_source", self.mailbox_max_count_per_source.clone());
         put("mailbox_ttl_days", self.mailbox_ttl_days.clone());
         put("relay_rate_per_sec", self.relay_rate_per_sec.clone());
         put("relay_rate_burst", self.relay_rate_burst.clone());

@@ -130,6 +130,11 @@ pub struct Settings {
     pub mailbox_max_count: usize,
     /// Relay: most bytes per recipient's mailbox.
     pub mailbox_max_bytes: usize,
+    /// Relay: most entries one sender may hold in one recipient's mailbox.
+    pub mailbox_max_count_per_sender: usize,
+    /// Relay: most entries senders from one address may hold in one
+    /// recipient's mailbox.
+    pub mailbox_max_count_per_source: usize,
     /// Relay: days a mailbox entry is kept.
     pub mailbox_ttl_days: u32,
     /// Relay: sustained frames per second per peer.
@@ -207,6 +212,8 @@ const SPECS: &[Spec] = &[
     Spec { name: "chat_max_retries", aliases: &["invoice_max_retries"], default: |_| one("3") },
     Spec { name: "chat_retry_backoff_ms", aliases: &["invoice_retry_backoff_ms"], default: |_| one("2000") },
     Spec { name: "mailbox_max_count", aliases: &[], default: |_| one("1000") },
+    Spec { name: "mailbox_max_count_per_sender", aliases: &[], default: |_| one("100") },
+    Spec { name: "mailbox_max_count_per_source", aliases: &[], default: |_| one("250") },
     Spec { name: "mailbox_max_bytes", aliases: &[], default: |_| one("67108864") },
     Spec { name: "mailbox_ttl_days", aliases: &[], default: |_| one("7") },
     Spec { name: "relay_rate_per_sec", aliases: &[], default: |_| one("50") },
@@ -461,6 +468,8 @@ pub fn resolve(sources: &Sources, defaults: &Defaults) -> Result<Settings, Confi
         chat_max_retries: number("chat_max_retries", 0, 64)? as u32,
         chat_retry_backoff_ms: number("chat_retry_backoff_ms", 1, 3_600_000)?,
         mailbox_max_count: number("mailbox_max_count", 1, 1_000_000)? as usize,
+        mailbox_max_count_per_sender: number("mailbox_max_count_per_sender", 1, 1_000_000)? as usize,
+        mailbox_max_count_per_source: number("mailbox_max_count_per_source", 1, 1_000_000)? as usize,
         mailbox_max_bytes: usize::try_from(number("mailbox_max_bytes", 1_024, 1 << 40)?).unwrap_or(usize::MAX),
         mailbox_ttl_days: number("mailbox_ttl_days", 1, 365)? as u32,
         relay_rate_per_sec: number("relay_rate_per_sec", 1, 1_000_000)?,

@@ -29,6 +29,8 @@ pub fn relay_config(settings: &Settings) -> RelayConfig {
     RelayConfig {
         mailbox_max_count: settings.mailbox_max_count,
         mailbox_max_bytes: settings.mailbox_max_bytes,
+        mailbox_max_count_per_sender: settings.mailbox_max_count_per_sender,
+        mailbox_max_count_per_source: settings.mailbox_max_count_per_source,
         mailbox_ttl_ms: u64::from(settings.mailbox_ttl_days) * DAY_MS,
         rate_per_sec: settings.relay_rate_per_sec,
         rate_burst: settings.relay_rate_burst,

@@ -357,3 +357,76 @@ fn two_relays_and_one_killed_the_conversation_goes_on_through_the_other() {
     assert!(status["relays"][0]["last_error"].is_string(), "{status}");
     assert_eq!(status["relays"][1]["connected"], true, "{status}");
 }
+
+/// Every message of a conversation, oldest first, page by page.
+fn all_messages(client: &Client, conversation: &str) -> Vec<serde_json::Value> {
+    let mut messages = Vec::new();
+    let mut path = format!("/api/chat/conversations/{conversation}/messages?limit=500");
+    loop {
+        let page = client.get(&path).body;
+        messages.extend(page["messages"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/chat/conversations/{conversation}/messages?limit=500&before={cursor}"),
+            None => break,
+        }
+    }
+    messages.reverse();
+    messages
+}
+
+#[test]
+fn a_returning_node_drains_a_full_mailbox_of_a_thousand_in_one_connection() {
+    const HELD: usize = 1_000;
+    let dir = TempDir::new("drain");
+    // One sender fills the whole mailbox: its share of it is raised to the
+    // mailbox's size, and its burst to what it sends at once. Dave's side
+    // (batches of 64, acknowledged after each commit) is the relay's
+    // default.
+    let data = dir.0.join("relay");
+    let relay_args = [
+        "relay",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--mailbox-max-count-per-sender",
+        "1000",
+        "--mailbox-max-count-per-source",
+        "1000",
+        "--relay-rate-burst",
+        "1100",
+    ];
+    let relay = Process::spawn(&relay_args, &dir.0);
+    let address = relay.wait_line("relay ");
+    let alice = node(&dir.0, "alice", &address, &[], 0, 0);
+    let (dave_quic, dave_api) = (free_udp_port(), free_tcp_port());
+    let mut dave = node(&dir.0, "dave", &address, &["--no-direct"], dave_quic, dave_api);
+    let c = open(&alice.client, &dave.peer);
+    say(&alice.client, &c, "m0");
+    eventually("the session is up", || (contents(&dave.client, &c) == ["m0"]).then_some(()));
+
+    dave.process.stop();
+    for k in 1..=HELD {
+        say(&alice.client, &c, &format!("m{k}"));
+    }
+    eventually_within(60, "every message is held in dave's mailbox", || {
+        let messages = all_messages(&alice.client, &c);
+        let held = messages.iter().filter(|m| m["status"] == "sent" && m["waiting_reason"].is_null()).count();
+        (held == HELD).then_some(())
+    });
+
+    drop(dave);
+    let dave = node(&dir.0, "dave", &address, &["--no-direct"], dave_quic, dave_api);
+    let got = eventually_within(120, "dave drains his mailbox", || {
+        let got = all_messages(&dave.client, &c);
+        (got.len() > HELD).then_some(got)
+    });
+    let mut texts: Vec<String> = got.iter().map(|m| m["content"].as_str().unwrap().to_owned()).collect();
+    texts.sort_by_key(|m| m[1..].parse::<usize>().unwrap());
+    let expected: Vec<String> = (0..=HELD).map(|k| format!("m{k}")).collect();
+    assert_eq!(texts, expected, "each message exactly once");
+    // One connection did it: dave's relay connection never closed.
+    let status = dave.client.get("/api/relay/status").body;
+    assert_eq!(status["relays"][0]["connected"], true, "{status}");
+    assert!(status["relays"][0]["last_error"].is_null(), "{status}");
+}
