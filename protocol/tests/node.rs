@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, TransmitOutcome,
+    Answer, Command, CommandOutcome, EngineConfig, Event, MemoryStore, MessageStatus, Query, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket, DIRECT_DIAL_BUDGET_MS,
@@ -47,6 +47,9 @@ struct Net {
     dials: Dials,
     /// Direct sends fail even on an open connection.
     direct_sends_fail: bool,
+    /// Nodes whose queue to the relay is full: the driver gives their
+    /// frames back unsent.
+    relay_queue_full: BTreeSet<usize>,
     direct: BTreeSet<(usize, usize)>,
     log: Vec<(Timestamp, usize, NodeOutput)>,
     next_ticket: u64,
@@ -87,6 +90,7 @@ impl Net {
             registered: BTreeSet::new(),
             dials,
             direct_sends_fail: false,
+            relay_queue_full: BTreeSet::new(),
             direct: BTreeSet::new(),
             log: Vec::new(),
             next_ticket: 0,
@@ -174,6 +178,9 @@ impl Net {
                 self.relay.disconnected(&self.peers[i]);
                 let reason = "closed by the node".into();
                 self.nodes[i].handle(now, NodeInput::RelayDisconnected { relay, reason });
+            }
+            NodeOutput::SendToRelay { relay, bytes } if self.relay_queue_full.contains(&i) => {
+                self.nodes[i].handle(now, NodeInput::RelayFrameUnsent { relay, bytes });
             }
             NodeOutput::SendToRelay { bytes, .. } => {
                 if self.registered.contains(&i) && !self.frames_lost.contains(&i) {
@@ -561,4 +568,43 @@ fn a_relay_cannot_make_a_node_publish_what_no_one_can_dial_or_sign_records_witho
         net.log.iter().any(|(_, _, o)| matches!(o, NodeOutput::Notice(Notice::ObservedAddressRefused { .. })));
     assert!(refused);
     assert_eq!(net.nodes[0].published_addresses(), ["10.0.0.0:4433".to_owned(), "203.0.113.7:50000".to_owned()]);
+}
+
+#[test]
+fn a_forward_the_driver_cannot_queue_waits_in_the_outbox_and_goes_later() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    let first = net.send(0, 1, "first");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    // Alice's queue to the relay is full: her forward comes back unsent.
+    net.relay_queue_full.insert(0);
+    let id = net.send(0, 1, "second");
+    net.advance(1_000);
+    assert_eq!(net.received(1), ["first"]);
+    let message = net.message(0, id);
+    assert_eq!(message.status, MessageStatus::Sent, "kept in the outbox: {message:?}");
+    assert_eq!(message.waiting_reason.as_deref(), Some("the queue to the relay is full"));
+    // The relay connection stays up: a congested queue is not a dead relay.
+    let closed = net.log.iter().any(|(_, n, o)| *n == 0 && matches!(o, NodeOutput::CloseRelay { .. }));
+    assert!(!closed);
+    // Once the queue drains, the engine's retry takes it, once.
+    net.relay_queue_full.clear();
+    net.advance(EngineConfig::default().confirmation_timeout_ms + 3 * DIRECT_DIAL_BUDGET_MS);
+    assert_eq!(net.received(1), ["first", "second"]);
+    assert_eq!(net.status(0, id), MessageStatus::Delivered);
+}
+
+#[test]
+fn an_acknowledgement_the_driver_cannot_queue_closes_the_relay_connection_to_start_afresh() {
+    let mut net = Net::new(1, Dials::Blackhole);
+    let bytes = RelayFrame::MailboxAck { ids: vec![1] }.encode();
+    let now = net.now;
+    net.nodes[0].handle(now, NodeInput::RelayFrameUnsent { relay: 0, bytes });
+    net.pump();
+    // Dropped, it would leave the relay waiting for it, and the mailbox
+    // stalled; a new connection sends the mailbox again from its start.
+    let closed = net.log.iter().any(|(_, _, o)| matches!(o, NodeOutput::CloseRelay { relay: 0 }));
+    assert!(closed);
+    net.advance(RELAY_BACKOFF_MAX_MS);
+    assert!(net.nodes[0].relays()[0].connected);
 }

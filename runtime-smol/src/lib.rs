@@ -11,6 +11,7 @@ pub mod lock;
 pub mod logging;
 pub mod node;
 pub mod passphrase;
+pub mod queues;
 pub mod relay_server;
 pub mod run;
 pub mod tls;

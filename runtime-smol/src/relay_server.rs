@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use smol::channel;
 use crate::admission::IncomingLimits;
 use crate::lock::DataDirLock;
 use crate::node::NodeError;
+use crate::queues::{recv_within, NETWORK_QUEUE, STATE_MACHINE_QUEUE};
 use crate::tls::TlsIdentity;
 use crate::transport::{within, Inbound, PeerConnection, Transport, TransportError, NOT_READING};
 
@@ -60,7 +61,7 @@ enum RelayMsg {
 pub struct RelayServer {
     peer: PeerId,
     listen: SocketAddr,
-    tx: mpsc::Sender<RelayMsg>,
+    tx: channel::Sender<RelayMsg>,
     stop_net: channel::Sender<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
     _lock: DataDirLock,
@@ -86,8 +87,13 @@ impl RelayServer {
         let tls = TlsIdentity::new(&identity).map_err(TransportError::from)?;
         let transport = Arc::new(Transport::bind(config.listen, tls, Inbound::Limited(IncomingLimits::RELAY))?);
         let listen = transport.local_addr()?;
-        let (tx, rx) = mpsc::channel();
-        let (out_tx, out_rx) = channel::unbounded::<(PeerId, Vec<u8>)>();
+        // Bounded: a connection whose frames the relay has not taken yet
+        // waits to read more, and QUIC's flow control holds its peer back.
+        let (tx, rx) = channel::bounded(STATE_MACHINE_QUEUE);
+        // Bounded: the relay thread waits for the network, which never waits
+        // for the relay thread on this path (it only sorts frames into
+        // per-peer queues, bounded by bytes).
+        let (out_tx, out_rx) = channel::bounded::<(PeerId, Vec<u8>)>(NETWORK_QUEUE);
         let (stop_net, stop_rx) = channel::bounded::<()>(1);
         let relay_thread = std::thread::Builder::new()
             .name(format!("relay-{peer}"))
@@ -121,7 +127,7 @@ impl RelayServer {
 
     /// Stops serving and waits.
     pub fn shutdown(mut self) {
-        let _ = self.tx.send(RelayMsg::Stop);
+        let _ = self.tx.send_blocking(RelayMsg::Stop);
         let _ = self.stop_net.try_send(());
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -131,21 +137,18 @@ impl RelayServer {
 
 fn run_relay(
     mut relay: Relay<SqliteRelayStore>,
-    rx: mpsc::Receiver<RelayMsg>,
+    rx: channel::Receiver<RelayMsg>,
     out: channel::Sender<(PeerId, Vec<u8>)>,
 ) {
     loop {
         while let Some(frame) = relay.poll_transmit() {
-            let _ = out.try_send(frame);
+            let _ = out.send_blocking(frame);
         }
         while let Some(event) = relay.poll_event() {
             log::info!("relay: {event:?}");
         }
         let wait = relay.poll_timeout().map(|d| Duration::from_millis(d.as_millis().saturating_sub(now().as_millis())));
-        let msg = match wait {
-            Some(wait) => rx.recv_timeout(wait),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        let msg = recv_within(&rx, wait);
         let result = match msg {
             Ok(RelayMsg::Connected(peer, remote)) => {
                 relay.connected_at(peer, remote);
@@ -167,7 +170,7 @@ fn run_relay(
 
 async fn run_network(
     transport: Arc<Transport>,
-    tx: mpsc::Sender<RelayMsg>,
+    tx: channel::Sender<RelayMsg>,
     out: channel::Receiver<(PeerId, Vec<u8>)>,
     stop: channel::Receiver<()>,
 ) {
@@ -325,17 +328,17 @@ fn close_peer(connections: &Connections, peer: &PeerId, reason: &str) {
     }
 }
 
-async fn serve(conn: PeerConnection, connections: Connections, tx: mpsc::Sender<RelayMsg>) {
+async fn serve(conn: PeerConnection, connections: Connections, tx: channel::Sender<RelayMsg>) {
     let peer = conn.peer();
     if let Ok(mut map) = connections.lock() {
         map.entry(peer).or_default().push(conn.clone());
     }
-    let _ = tx.send(RelayMsg::Connected(peer, conn.remote_address()));
+    let _ = tx.send(RelayMsg::Connected(peer, conn.remote_address())).await;
     // Frames from one connection reach the relay in the order they arrive.
     while let Ok(frame) = conn.accept_frame().await {
         match frame.await {
             Ok(bytes) => {
-                let _ = tx.send(RelayMsg::Frame(peer, bytes));
+                let _ = tx.send(RelayMsg::Frame(peer, bytes)).await;
             }
             Err(e) => log::info!("relay: a frame from {peer} failed: {e}"),
         }
@@ -348,5 +351,5 @@ async fn serve(conn: PeerConnection, connections: Connections, tx: mpsc::Sender<
             }
         }
     }
-    let _ = tx.send(RelayMsg::Disconnected(peer));
+    let _ = tx.send(RelayMsg::Disconnected(peer)).await;
 }

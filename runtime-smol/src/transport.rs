@@ -266,7 +266,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 }
 
 /// Unidirectional streams (frames) a peer may have open at once.
-const MAX_STREAMS: u32 = 16;
+pub(crate) const MAX_STREAMS: u32 = 16;
 
 /// A stream being sent: reset if dropped before it was finished, so that a
 /// send cancelled half-way never delivers half a frame as a whole one

@@ -179,6 +179,18 @@ pub enum NodeInput {
         /// The frame.
         bytes: Vec<u8>,
     },
+    /// A frame for a relay that the driver could not send (its queue to
+    /// the relay is full: the relay is not reading). A forward fails back
+    /// to the next relay or the engine, whose outbox keeps the message; a
+    /// lookup finds nothing; anything else (a registration, a mailbox
+    /// acknowledgement) cannot be dropped without the connection going
+    /// wrong, so it is closed and made again after the backoff.
+    RelayFrameUnsent {
+        /// The relay's index.
+        relay: usize,
+        /// The frame, as [`NodeOutput::SendToRelay`] gave it.
+        bytes: Vec<u8>,
+    },
     /// A peer's signed record from elsewhere than a relay (the user, a
     /// contact card), checked like any other: its direct addresses and
     /// relays are used as if a relay had answered with it.
@@ -444,6 +456,7 @@ impl<S: Store> Node<S> {
             NodeInput::RelayConnected { relay } => self.relay_connected(now, relay),
             NodeInput::RelayDisconnected { relay, reason } => self.relay_disconnected(now, relay, reason),
             NodeInput::RelayFrame { relay, bytes } => self.relay_frame(now, relay, &bytes),
+            NodeInput::RelayFrameUnsent { relay, bytes } => self.relay_frame_unsent(now, relay, &bytes),
             NodeInput::PeerRecord { record } => match record.verify(now, None) {
                 Ok(()) => self.learn_record(now, None, record),
                 Err(error) => {
@@ -485,7 +498,7 @@ impl<S: Store> Node<S> {
             }
             let expired = self.relays[relay].client.expire(now);
             if expired.iter().any(|i| matches!(i, Input::TransmitResult { .. })) {
-                self.relay_unresponsive(now, relay);
+                self.relay_unresponsive(now, relay, "the relay did not answer in time");
             }
             self.relay_gave_back(now, expired);
         }
@@ -912,12 +925,27 @@ impl<S: Store> Node<S> {
     /// it is unresponsive, or a frame was lost. The connection is closed
     /// (the node reconnects after its backoff), and what it held goes
     /// through another relay.
-    fn relay_unresponsive(&mut self, now: Timestamp, relay: usize) {
+    fn relay_unresponsive(&mut self, now: Timestamp, relay: usize, why: &str) {
         let Some(link) = self.relays.get_mut(relay) else { return };
-        link.closing("the relay did not answer in time");
+        link.closing(why);
         let inputs = link.client.on_disconnect();
         self.outputs.push_back(NodeOutput::CloseRelay { relay });
         self.relay_gave_back(now, inputs);
+    }
+
+    /// See [`NodeInput::RelayFrameUnsent`].
+    fn relay_frame_unsent(&mut self, now: Timestamp, relay: usize, bytes: &[u8]) {
+        let Some(link) = self.relays.get_mut(relay).filter(|l| l.is_up()) else { return };
+        // The node encoded it itself: it decodes.
+        let Ok(frame) = RelayFrame::decode(bytes) else { return };
+        match frame {
+            RelayFrame::Forward { .. } | RelayFrame::Lookup { .. } => {
+                if let Some(input) = link.client.withdraw(&frame, "the queue to the relay is full") {
+                    self.relay_gave_back(now, vec![input]);
+                }
+            }
+            _ => self.relay_unresponsive(now, relay, "the relay does not read what the node sends"),
+        }
     }
 
     fn relay_frame(&mut self, now: Timestamp, relay: usize, bytes: &[u8]) {

@@ -146,6 +146,21 @@ impl RelayClient {
         inputs
     }
 
+    /// A request of this client's that never reached the relay (the driver
+    /// could not queue it): forgotten, and what the engine must hear about
+    /// it returned: a forward failed with `reason`, a lookup found nothing.
+    /// `None` for a frame that asked nothing, or whose answer came already.
+    pub fn withdraw(&mut self, frame: &RelayFrame, reason: &str) -> Option<Input> {
+        match frame {
+            RelayFrame::Forward { id, .. } => self.pending.remove(id).map(|_| Input::TransmitResult {
+                id: TransmitId(*id),
+                outcome: TransmitOutcome::Failed(reason.to_owned()),
+            }),
+            RelayFrame::Lookup { peer } => self.lookups.remove(peer).map(|_| Input::LookupFailed(*peer)),
+            _ => None,
+        }
+    }
+
     /// The relay connection closed: every unanswered forward failed (the
     /// engine keeps the messages and tries again when the peer is
     /// reachable), and every unanswered lookup found nothing.

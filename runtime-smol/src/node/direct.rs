@@ -12,8 +12,14 @@ use p2pchat_protocol::engine::{TransmitId, TransmitOutcome};
 use p2pchat_protocol::node::NodeInput;
 use p2pchat_protocol::PeerId;
 
+use smol::channel;
+
 use super::Inputs;
 use crate::transport::{by, PeerConnection, Transport};
+
+/// Frames of one connection being read or waiting for the node at once:
+/// as many as the peer may have streams open.
+const FRAMES_IN_HAND: usize = crate::transport::MAX_STREAMS as usize;
 
 /// How long a dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,7 +75,7 @@ impl DirectPeers {
                 None => format!("no answer from the peer at {addr} within {} s", DIAL_TIMEOUT.as_secs()),
             };
             log::info!("dialling {peer} failed: {reason}");
-            inputs.send(NodeInput::DialFailed { peer, reason });
+            inputs.control(NodeInput::DialFailed { peer, reason });
         })
         .detach();
     }
@@ -86,19 +92,28 @@ impl DirectPeers {
             // and closing in the order they did.
             let mut connections = lock(&self.connections);
             connections.entry(peer).or_default().push(conn.clone());
-            inputs.send(NodeInput::DirectUp { peer });
+            inputs.control(NodeInput::DirectUp { peer });
         }
         let (direct, inputs) = (self.clone(), inputs.clone());
         smol::spawn(async move {
+            // A place for each frame being read or waiting for the node: a
+            // stream is accepted only when one is free, so a peer whose
+            // frames the node has not taken yet is held back by QUIC's flow
+            // control instead of filling memory.
+            let (places, freed) = channel::bounded::<()>(FRAMES_IN_HAND);
             loop {
+                if places.send(()).await.is_err() {
+                    return;
+                }
                 match conn.accept_frame().await {
                     Ok(frame) => {
-                        let inputs = inputs.clone();
+                        let (inputs, freed) = (inputs.clone(), freed.clone());
                         smol::spawn(async move {
                             match frame.await {
-                                Ok(bytes) => inputs.send(NodeInput::DirectReceived { from: peer, bytes }),
+                                Ok(bytes) => inputs.data(NodeInput::DirectReceived { from: peer, bytes }).await,
                                 Err(e) => log::info!("a frame from {peer} failed: {e}"),
                             }
+                            let _ = freed.try_recv();
                         })
                         .detach();
                     }
@@ -107,7 +122,7 @@ impl DirectPeers {
                         direct.forget(&conn, &inputs);
                         if let (Direction::Outgoing, Some(limit)) = (direction, conn.refusal()) {
                             let reason = format!("the peer refused our connection ({limit})");
-                            inputs.send(NodeInput::DialFailed { peer, reason });
+                            inputs.control(NodeInput::DialFailed { peer, reason });
                         }
                         return;
                     }
@@ -129,7 +144,7 @@ impl DirectPeers {
         });
         if left == 0 {
             map.remove(&peer);
-            inputs.send(NodeInput::DirectDown { peer });
+            inputs.control(NodeInput::DirectDown { peer });
         }
     }
 
@@ -141,7 +156,7 @@ impl DirectPeers {
     pub(super) fn send(self: &Arc<Self>, inputs: &Inputs, peer: PeerId, id: TransmitId, bytes: Vec<u8>) {
         let Some(conn) = self.open_connection(&peer) else {
             let outcome = TransmitOutcome::Failed("no open connection to the peer".into());
-            return inputs.send(NodeInput::DirectSent { id, outcome });
+            return inputs.control(NodeInput::DirectSent { id, outcome });
         };
         let inputs = inputs.clone();
         smol::spawn(async move {
@@ -161,7 +176,7 @@ impl DirectPeers {
                     TransmitOutcome::Failed(format!("no answer from the peer within {} s", SEND_TIMEOUT.as_secs()))
                 }
             };
-            inputs.send(NodeInput::DirectSent { id, outcome });
+            inputs.control(NodeInput::DirectSent { id, outcome });
         })
         .detach();
     }

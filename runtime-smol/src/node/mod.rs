@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,7 @@ use smol::channel;
 use crate::admission::IncomingLimits;
 use crate::config::RelayAddress;
 use crate::lock::DataDirLock;
+use crate::queues::{recv_either, NETWORK_QUEUE, RELAY_WRITE_QUEUE_BYTES, STATE_MACHINE_QUEUE, SUBSCRIBER_BUFFER};
 use crate::tls::TlsIdentity;
 use crate::transport::{by, Inbound, PeerConnection, Transport};
 
@@ -104,14 +106,42 @@ enum NetMsg {
     Stop,
 }
 
-/// How the network thread hands the node what happened.
+/// How the node thread is handed its work, on two queues. `data` is
+/// bounded: frames from peers and API requests, whose senders wait while
+/// it is full. `control` is not, and never needs to be: each of its
+/// messages answers something the node asked for (a dial, a send, a relay
+/// connection) or reports a connection opening or closing, so there are
+/// never more of them than the node's outputs and connections, and they
+/// must never wait behind a flood of data. The node thread takes control
+/// messages first.
 #[derive(Clone)]
-pub(crate) struct Inputs(mpsc::Sender<NodeMsg>);
+pub(crate) struct Inputs {
+    data: channel::Sender<NodeMsg>,
+    control: channel::Sender<NodeMsg>,
+}
 
 impl Inputs {
-    fn send(&self, input: NodeInput) {
-        let _ = self.0.send(NodeMsg::Input(input));
+    /// An answer to the node's own request, or a connection's change.
+    fn control(&self, input: NodeInput) {
+        let _ = self.control.try_send(NodeMsg::Input(input));
     }
+
+    /// Bytes a peer sent, or what a relay connection carried; waits while
+    /// the node is behind.
+    async fn data(&self, input: NodeInput) {
+        let _ = self.data.send(NodeMsg::Input(input)).await;
+    }
+
+    /// A request that waits its turn (and for room) on the data queue.
+    async fn request(&self, msg: NodeMsg) -> Result<(), NodeError> {
+        self.data.send(msg).await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+/// The node thread's ends of [`Inputs`].
+struct Received {
+    data: channel::Receiver<NodeMsg>,
+    control: channel::Receiver<NodeMsg>,
 }
 
 type Subscribers = Arc<Mutex<Vec<channel::Sender<Event>>>>;
@@ -126,7 +156,7 @@ pub struct NodeHandle {
     direct: Arc<DirectPeers>,
     peer: PeerId,
     listen: SocketAddr,
-    node: mpsc::Sender<NodeMsg>,
+    inputs: Inputs,
     events: Subscribers,
 }
 
@@ -211,8 +241,10 @@ impl Node {
         let rng = rand_chacha::ChaCha20Rng::from_rng(rand_core::OsRng).map_err(|e| NodeError::Thread(e.to_string()))?;
         let node = ProtocolNode::new(identity, store, protocol_config, rng, now())?;
 
-        let (node_tx, node_rx) = mpsc::channel::<NodeMsg>();
-        let (net_tx, net_rx) = channel::unbounded::<NetMsg>();
+        let (data, data_rx) = channel::bounded::<NodeMsg>(STATE_MACHINE_QUEUE);
+        let (control, control_rx) = channel::unbounded::<NodeMsg>();
+        let received = Received { data: data_rx, control: control_rx };
+        let (net_tx, net_rx) = channel::bounded::<NetMsg>(NETWORK_QUEUE);
         let relays = Arc::new(config.relays.clone());
         let handle = NodeHandle {
             relay_links: Arc::new(Mutex::new(relays.iter().map(|_| RelayLinkStatus::new()).collect())),
@@ -221,7 +253,7 @@ impl Node {
             direct: Arc::default(),
             peer,
             listen,
-            node: node_tx,
+            inputs: Inputs { data, control },
             events: Subscribers::default(),
         };
         // The first subscriber is there before anything can happen, so a
@@ -232,14 +264,14 @@ impl Node {
             .name(format!("node-{peer}"))
             .spawn({
                 let (net_tx, events) = (net_tx.clone(), handle.events.clone());
-                move || run_node(node, node_rx, net_tx, events)
+                move || run_node(node, received, net_tx, events)
             })
             .map_err(|e| NodeError::Thread(e.to_string()))?;
         let net_thread = std::thread::Builder::new()
             .name(format!("net-{peer}"))
             .spawn({
                 let network = Network {
-                    inputs: Inputs(handle.node.clone()),
+                    inputs: handle.inputs.clone(),
                     direct: handle.direct.clone(),
                     relays: handle.relays.clone(),
                     relay_links: handle.relay_links.clone(),
@@ -260,12 +292,13 @@ impl Node {
     /// Stops the node (after its last commit), then the network, which
     /// carries out the node's last outputs first, and waits for both.
     pub fn shutdown(mut self) {
-        let _ = self.handle.node.send(NodeMsg::Stop);
+        let _ = self.handle.inputs.control.try_send(NodeMsg::Stop);
         let mut threads = self.threads.drain(..);
         if let Some(node_thread) = threads.next() {
             let _ = node_thread.join();
         }
-        let _ = self.net.try_send(NetMsg::Stop);
+        // The network thread takes what the node asked before this.
+        let _ = self.net.send_blocking(NetMsg::Stop);
         for thread in threads {
             let _ = thread.join();
         }
@@ -290,13 +323,13 @@ impl NodeHandle {
 
     /// Tells the node where a peer can be reached directly.
     pub fn add_peer_address(&self, peer: PeerId, addr: SocketAddr) {
-        let _ = self.node.send(NodeMsg::Input(NodeInput::PeerAddress { peer, addr }));
+        let _ = self.inputs.data.send_blocking(NodeMsg::Input(NodeInput::PeerAddress { peer, addr }));
     }
 
     /// Runs an API command on the engine.
     pub async fn command(&self, command: Command) -> Result<CommandOutcome, NodeError> {
         let (tx, rx) = channel::bounded(1);
-        self.node.send(NodeMsg::Command(command, tx)).map_err(|_| NodeError::Stopped)?;
+        self.inputs.request(NodeMsg::Command(command, tx)).await?;
         Ok(rx.recv().await.map_err(|_| NodeError::Stopped)??)
     }
 
@@ -304,14 +337,15 @@ impl NodeHandle {
     /// sent).
     pub async fn query(&self, query: Query) -> Result<Answer, NodeError> {
         let (tx, rx) = channel::bounded(1);
-        self.node.send(NodeMsg::Query(query, tx)).map_err(|_| NodeError::Stopped)?;
+        self.inputs.request(NodeMsg::Query(query, tx)).await?;
         Ok(rx.recv().await.map_err(|_| NodeError::Stopped)??)
     }
 
-    /// Every event from now on (for the node's own use and tests: nothing
-    /// bounds this buffer).
+    /// Every event from now on, through a buffer of
+    /// [`SUBSCRIBER_BUFFER`] events (a subscriber that lets it fill up is
+    /// dropped, as with [`NodeHandle::subscribe_bounded`]).
     pub fn subscribe(&self) -> channel::Receiver<Event> {
-        self.subscribe_with(channel::unbounded())
+        self.subscribe_bounded(SUBSCRIBER_BUFFER)
     }
 
     /// Every event from now on, through a buffer of `capacity`: a
@@ -335,14 +369,14 @@ impl NodeHandle {
     /// none of its relays (a contact card, a test).
     pub async fn own_record(&self) -> Result<p2pchat_protocol::relay::PeerRecord, NodeError> {
         let (tx, rx) = channel::bounded(1);
-        self.node.send(NodeMsg::OwnRecord(tx)).map_err(|_| NodeError::Stopped)?;
+        self.inputs.request(NodeMsg::OwnRecord(tx)).await?;
         rx.recv().await.map_err(|_| NodeError::Stopped)
     }
 
     /// Hands the node a peer's signed record (checked there like one from
     /// a relay): its addresses and relays become paths to the peer.
     pub fn add_peer_record(&self, record: p2pchat_protocol::relay::PeerRecord) {
-        let _ = self.node.send(NodeMsg::Input(NodeInput::PeerRecord { record }));
+        let _ = self.inputs.data.send_blocking(NodeMsg::Input(NodeInput::PeerRecord { record }));
     }
 
     /// Every relay this node keeps a connection to, with that connection.
@@ -361,7 +395,7 @@ impl NodeHandle {
     /// the paths' relay indexes name them.
     pub async fn peers(&self) -> Result<(Vec<PeerPath>, Vec<String>), NodeError> {
         let (tx, rx) = channel::bounded(1);
-        self.node.send(NodeMsg::Peers(tx)).map_err(|_| NodeError::Stopped)?;
+        self.inputs.request(NodeMsg::Peers(tx)).await?;
         rx.recv().await.map_err(|_| NodeError::Stopped)
     }
 
@@ -381,12 +415,7 @@ enum Waiter {
 /// handed to the node, whose engine work then runs as one transaction;
 /// every output carried out; then sleep until the next message or the
 /// node's deadline.
-fn run_node(
-    mut node: ProtocolNode<SqliteStore>,
-    rx: mpsc::Receiver<NodeMsg>,
-    net: channel::Sender<NetMsg>,
-    events: Subscribers,
-) {
+fn run_node(mut node: ProtocolNode<SqliteStore>, rx: Received, net: channel::Sender<NetMsg>, events: Subscribers) {
     let mut waiters: BTreeMap<Ticket, Waiter> = BTreeMap::new();
     let mut next_ticket = 0u64;
     loop {
@@ -394,11 +423,7 @@ fn run_node(
         let wait = node
             .poll_timeout()
             .map(|deadline| Duration::from_millis(deadline.as_millis().saturating_sub(now().as_millis())));
-        let first = match wait {
-            Some(wait) => rx.recv_timeout(wait),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        let msg = match first {
+        let msg = match recv_either(&rx.control, &rx.data, wait) {
             Ok(msg) => msg,
             Err(RecvTimeoutError::Timeout) => {
                 node.handle_timeout(now());
@@ -410,7 +435,8 @@ fn run_node(
         let mut stop = false;
         let mut taken = 0;
         let mut pending = Some(msg);
-        while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
+        let next = || rx.control.try_recv().or_else(|_| rx.data.try_recv()).ok();
+        while let Some(msg) = pending.take().or_else(next) {
             let mut ticket = || {
                 next_ticket += 1;
                 Ticket(next_ticket)
@@ -491,7 +517,10 @@ fn carry_out(
                 continue;
             }
         };
-        let _ = net.try_send(to_net);
+        // A full queue holds the node thread here, and so its intake, until
+        // the network catches up (the network thread never waits for the
+        // node).
+        let _ = net.send_blocking(to_net);
     }
 }
 
@@ -538,7 +567,31 @@ impl RelayLinkStatus {
 }
 
 /// A relay's open connection and the queue of frames to write on it.
-type RelayConnection = (PeerConnection, channel::Sender<Vec<u8>>);
+type RelayConnection = (PeerConnection, RelayWriter);
+
+/// The queue of frames waiting to be written to one relay, bounded by
+/// bytes ([`RELAY_WRITE_QUEUE_BYTES`]).
+#[derive(Clone)]
+struct RelayWriter {
+    tx: channel::Sender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl RelayWriter {
+    /// Queues a frame, or gives it back if the queue is full.
+    fn push(&self, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
+        let len = bytes.len();
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel);
+        if queued.saturating_add(len) > RELAY_WRITE_QUEUE_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(bytes);
+        }
+        self.tx.try_send(bytes).map_err(|e| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            e.into_inner()
+        })
+    }
+}
 
 /// What the network thread shares with its tasks.
 struct Network {
@@ -554,7 +607,7 @@ struct Network {
 impl Network {
     /// The relay's connection opened (with its frame queue) or closed
     /// (with why).
-    fn set_link(&self, relay: usize, link: Option<(PeerConnection, channel::Sender<Vec<u8>>)>, error: Option<String>) {
+    fn set_link(&self, relay: usize, link: Option<RelayConnection>, error: Option<String>) {
         let connected = link.is_some();
         {
             let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
@@ -617,7 +670,7 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, net: A
                         let task = keep_relay_connection(transport.clone(), net.clone(), relay, address);
                         relay_tasks.push(smol::spawn(task));
                     }
-                    Err(reason) => net.inputs.send(NodeInput::RelayDisconnected { relay, reason }),
+                    Err(reason) => net.inputs.control(NodeInput::RelayDisconnected { relay, reason }),
                 }
             }
             // Its reader then ends and reports the close.
@@ -627,8 +680,13 @@ async fn run_network(transport: Transport, rx: channel::Receiver<NetMsg>, net: A
                 }
             }
             NetMsg::SendToRelay { relay, bytes } => match net.link(relay) {
-                Some((_, frames)) => {
-                    let _ = frames.try_send(bytes);
+                Some((_, writer)) => {
+                    // The relay leaves too much unread: what this frame
+                    // asked fails back to the node, rather than waiting here.
+                    if let Err(bytes) = writer.push(bytes) {
+                        log::info!("the queue to relay {relay} is full; a frame fails back to the node");
+                        net.inputs.control(NodeInput::RelayFrameUnsent { relay, bytes });
+                    }
                 }
                 // The connection just closed: the node hears of it, and
                 // fails back what it had sent through it.
@@ -658,18 +716,21 @@ async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, rel
             };
             log::info!("cannot reach relay {address}: {reason}");
             net.set_link(relay, None, Some(reason.clone()));
-            return net.inputs.send(NodeInput::RelayDisconnected { relay, reason });
+            return net.inputs.data(NodeInput::RelayDisconnected { relay, reason }).await;
         }
     };
+    // Its end of the connection's life goes through the data queue with
+    // its frames, so the node hears of them in order.
     let (tx, frames) = channel::unbounded::<Vec<u8>>();
-    net.set_link(relay, Some((conn.clone(), tx)), None);
+    let queued = Arc::new(AtomicUsize::new(0));
+    net.set_link(relay, Some((conn.clone(), RelayWriter { tx, queued: queued.clone() })), None);
     log::info!("connected to relay {address}");
-    net.inputs.send(NodeInput::RelayConnected { relay });
-    let writer = smol::spawn(write_frames(conn.clone(), frames));
+    net.inputs.data(NodeInput::RelayConnected { relay }).await;
+    let writer = smol::spawn(write_frames(conn.clone(), frames, queued));
     let reason = loop {
         match conn.accept_frame().await {
             Ok(frame) => match frame.await {
-                Ok(bytes) => net.inputs.send(NodeInput::RelayFrame { relay, bytes }),
+                Ok(bytes) => net.inputs.data(NodeInput::RelayFrame { relay, bytes }).await,
                 Err(e) => log::info!("a frame from relay {address} failed: {e}"),
             },
             Err(e) => break e.to_string(),
@@ -679,15 +740,17 @@ async fn keep_relay_connection(transport: Arc<Transport>, net: Arc<Network>, rel
     drop(writer);
     conn.close();
     log::info!("the connection to relay {address} closed ({reason}); reconnecting");
-    net.inputs.send(NodeInput::RelayDisconnected { relay, reason });
+    net.inputs.data(NodeInput::RelayDisconnected { relay, reason }).await;
 }
 
 /// Writes frames to a relay in order; their acknowledgements are awaited
 /// side by side. A frame that cannot be sent is logged, and the connection
 /// kept: if it is dead, its reader reports that.
-async fn write_frames(conn: PeerConnection, frames: channel::Receiver<Vec<u8>>) {
+async fn write_frames(conn: PeerConnection, frames: channel::Receiver<Vec<u8>>, queued: Arc<AtomicUsize>) {
     while let Ok(bytes) = frames.recv().await {
-        match conn.write(&bytes).await {
+        let written = conn.write(&bytes).await;
+        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+        match written {
             Ok(written) => smol::spawn(async move {
                 if let Err(e) = written.acknowledged().await {
                     log::info!("a frame to the relay was not acknowledged: {e}");
@@ -696,5 +759,30 @@ async fn write_frames(conn: PeerConnection, frames: channel::Receiver<Vec<u8>>) 
             .detach(),
             Err(e) => log::info!("writing a frame to the relay failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_queue_takes_frames_up_to_its_bytes_and_gives_the_rest_back() {
+        let (tx, rx) = channel::unbounded();
+        let writer = RelayWriter { tx, queued: Arc::default() };
+        let frame = vec![0u8; 1024 * 1024];
+        for _ in 0..RELAY_WRITE_QUEUE_BYTES / frame.len() {
+            writer.push(frame.clone()).unwrap();
+        }
+        assert_eq!(writer.push(vec![1]), Err(vec![1]), "one byte more is refused");
+        assert_eq!(writer.queued.load(Ordering::Acquire), RELAY_WRITE_QUEUE_BYTES);
+        // As the writer takes frames (and subtracts them), room returns.
+        let taken = rx.try_recv().unwrap();
+        writer.queued.fetch_sub(taken.len(), Ordering::AcqRel);
+        writer.push(vec![1]).unwrap();
+        // A queue whose writer is gone gives frames back too.
+        drop(rx);
+        assert_eq!(writer.push(vec![2]), Err(vec![2]));
     }
 }
