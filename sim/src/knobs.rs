@@ -31,8 +31,22 @@ pub struct Knobs {
     pub offline_spells: u32,
     /// Crashes (the node restarts from its store).
     pub crashes: u32,
-    /// Relay outages.
+    /// Relays in the run (every node uses each, preferring a different
+    /// one first).
+    pub relays: usize,
+    /// Relay outages (one relay each: its connections close).
     pub relay_outages: u32,
+    /// Spells of a relay that keeps its connections but answers nothing
+    /// (a wedged process).
+    pub silent_relays: u32,
+    /// Two nodes that accept direct connections have a direct path that
+    /// silently drops everything, for the whole run, while the relay path
+    /// works.
+    pub blackholed_pair: bool,
+    /// Nodes 0 and 1 are never online at the same time after setting up
+    /// their session: n0 in even virtual hours, n1 in odd ones, each also
+    /// away for days; the run lasts several virtual days.
+    pub never_together: bool,
     /// The largest clock skew of a node, either way, in milliseconds.
     pub max_skew_ms: u64,
     /// API operations in the workload.
@@ -60,6 +74,31 @@ impl Knobs {
             max_skew_ms: rng.range(0, 120_000),
             operations: rng.range(40, 120) as u32,
             operation_gap_ms: rng.range(200, 5_000),
+            relays: rng.range(2, 3) as usize,
+            silent_relays: rng.range(0, 1) as u32,
+            blackholed_pair: rng.chance(250_000),
+            never_together: false,
+        }
+        .with_never_together(rng.chance(100_000))
+    }
+
+    /// With `on`, the never-online-together workload: three nodes (n2 a
+    /// bystander that is always online), no crashes or partitions, and
+    /// operations spread over about five virtual days.
+    pub fn with_never_together(self, on: bool) -> Self {
+        if !on {
+            return self;
+        }
+        Self {
+            nodes: 3,
+            relay_only: 1,
+            partitions: 0,
+            offline_spells: 0,
+            crashes: 0,
+            never_together: true,
+            operations: 150,
+            operation_gap_ms: 45 * 60 * 1000,
+            ..self
         }
     }
 
@@ -81,6 +120,10 @@ impl Knobs {
             max_skew_ms: 1_000,
             operations: 200,
             operation_gap_ms: 500,
+            relays: 2,
+            silent_relays: 0,
+            blackholed_pair: false,
+            never_together: false,
         }
     }
 }
@@ -90,7 +133,8 @@ impl fmt::Display for Knobs {
         write!(
             f,
             "nodes={} relay_only={} latency={}ms jitter={}ms relay_latency={}ms loss={:.1}% duplicate={:.1}% \
-             partitions={} offline_spells={} crashes={} relay_outages={} max_skew={}ms operations={} gap={}ms",
+             partitions={} offline_spells={} crashes={} relays={} relay_outages={} silent_relays={} \
+             blackholed_pair={} never_together={} max_skew={}ms operations={} gap={}ms",
             self.nodes,
             self.relay_only,
             self.latency_ms,
@@ -101,7 +145,11 @@ impl fmt::Display for Knobs {
             self.partitions,
             self.offline_spells,
             self.crashes,
+            self.relays,
             self.relay_outages,
+            self.silent_relays,
+            self.blackholed_pair,
+            self.never_together,
             self.max_skew_ms,
             self.operations,
             self.operation_gap_ms,

@@ -56,9 +56,9 @@ pub(crate) enum Step {
     },
     /// A datagram or relay frame arrived.
     Arrive {
-        /// Sender ("relay" is `usize::MAX`).
+        /// Sender (relay `r` is `usize::MAX - r`).
         from: usize,
-        /// Recipient ("relay" is `usize::MAX`).
+        /// Recipient (relay `r` is `usize::MAX - r`).
         to: usize,
         /// What it is.
         what: String,
@@ -103,7 +103,7 @@ pub(crate) enum Step {
     },
     /// A deadline fired.
     Timeout {
-        /// Node index ("relay" is `usize::MAX`).
+        /// Node index (relay `r` is `usize::MAX - r`).
         node: usize,
     },
 }
@@ -117,11 +117,11 @@ pub(crate) struct Entry {
     pub step: Step,
 }
 
+/// Relays count down from `usize::MAX` (relay 0 is `usize::MAX`).
 fn who(i: usize) -> String {
-    if i == usize::MAX {
-        "relay".into()
-    } else {
-        format!("n{i}")
+    match usize::MAX - i {
+        r @ 0..=15 => format!("relay{r}"),
+        _ => format!("n{i}"),
     }
 }
 

@@ -1,4 +1,4 @@
-//! One run: nodes, a relay and a network in virtual time, each node the
+//! One run: nodes, relays and a network in virtual time, each node the
 //! same `protocol::node::Node` the binary ships, driven by its rule (after
 //! every input, drain every output), with faults and a workload drawn from
 //! the seed. The network decides only whether bytes arrive; which path they
@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, ConversationKind, Event, Message, Query, Store, TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, ConversationKind, Event, Message, MessageStatus, Query, Store, TransmitId,
+    TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
@@ -29,7 +30,8 @@ use crate::trace::{digest, envelope_kind, frame_kind, Step, Trace};
 pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 /// How long the network is left to settle after it heals.
 const SETTLE_MS: u64 = 20 * 60 * 1000;
-/// The relay, where a node index is expected.
+/// Any relay, where a node index is expected (relays are all on the same
+/// side of a partition).
 const RELAY: usize = usize::MAX;
 /// A run that takes more steps than this is stuck in a loop.
 const MAX_STEPS: u64 = 3_000_000;
@@ -37,12 +39,38 @@ const MAX_STEPS: u64 = 3_000_000;
 const BOUNDS_EVERY: u64 = 2_000;
 /// The stale-restart bug keeps a copy of the store every this many calls.
 const STALE_EVERY: u64 = 5;
+/// In the never-online-together workload, how long before the heal a
+/// message between n0 and n1 must have been accepted to be required to
+/// have arrived: absences end at least this long before it.
+const TOGETHER_SETTLE_MS: u64 = 30 * 3_600_000;
 /// How long a dial to a peer the network does not reach takes to fail (a
 /// handshake that is never answered), counted after its round trip.
 const DIAL_TIMEOUT_MS: u64 = 3_000;
-/// The relay's peer ID (it has no identity in the simulation: it is
-/// never dialled by certificate).
-const RELAY_PEER: PeerId = PeerId([0xee; 20]);
+/// Relay `r` where a node index is expected (in traces).
+const fn relay_who(r: usize) -> usize {
+    usize::MAX - r
+}
+
+/// Relay `r`'s peer ID (relays have no identity in the simulation: they
+/// are never dialled by certificate).
+fn relay_peer(r: usize) -> PeerId {
+    PeerId([0xe0 + r as u8; 20])
+}
+
+/// Relay `r`'s address as records list it.
+fn relay_address(r: usize) -> String {
+    format!("{}@10.255.0.{}:4433", relay_peer(r), r + 1)
+}
+
+/// A relay of the run.
+struct SimRelay {
+    relay: Relay<MemoryRelayStore>,
+    /// It runs and the network reaches it.
+    up: bool,
+    /// It keeps its connections but answers nothing (a wedged process):
+    /// frames to it are lost.
+    silent: bool,
+}
 
 /// What the queue holds.
 enum Ev {
@@ -56,15 +84,16 @@ enum Ev {
     Dialled { from: usize, to: usize, incarnation: u32 },
     /// A dial the network did not carry times out.
     DialTimedOut { from: usize, to: usize, incarnation: u32 },
-    /// A node's connection attempt to the relay reaches its end.
-    RelayDialled { node: usize, incarnation: u32 },
-    /// A node closes its relay connection `conn` (the relay left a request
-    /// unanswered).
-    CloseRelay { node: usize, conn: u64 },
-    /// A frame on a node's relay connection `conn` reaches the relay.
-    ToRelay { from: usize, conn: u64, bytes: Vec<u8> },
-    /// A frame from the relay reaches a node on connection `conn`.
-    FromRelay { to: usize, conn: u64, bytes: Vec<u8> },
+    /// A node's connection attempt to a relay (its link `link`; `relay`
+    /// if it is one of the run's) reaches its end.
+    RelayDialled { node: usize, link: usize, relay: Option<usize>, incarnation: u32 },
+    /// A node closes its relay connection `conn` on link `link` (the relay
+    /// left a request unanswered).
+    CloseRelay { node: usize, link: usize, conn: u64 },
+    /// A frame on a node's relay connection `conn` reaches relay `relay`.
+    ToRelay { from: usize, relay: usize, conn: u64, bytes: Vec<u8> },
+    /// A frame from a relay reaches a node on its link `link`, connection `conn`.
+    FromRelay { to: usize, link: usize, conn: u64, bytes: Vec<u8> },
     /// The next API operation.
     Operation,
     /// A fault starts or ends.
@@ -73,6 +102,9 @@ enum Ev {
     CrashNow(usize),
     /// A node's user accepts a group invitation shown to it.
     Accept { node: usize, group: ConversationId },
+    /// A node's user starts a key exchange with another (while both are
+    /// online, before they part).
+    KeyExchange { from: usize, to: usize },
     /// The workload is over: everything heals.
     Heal,
 }
@@ -85,8 +117,10 @@ enum Fault {
     EndPartition,
     Crash(usize),
     Restarted(usize),
-    RelayDown,
-    RelayUp,
+    RelayDown(usize),
+    RelayUp(usize),
+    RelaySilent(usize),
+    RelayAnswers(usize),
 }
 
 struct Machine {
@@ -101,7 +135,9 @@ struct Machine {
     /// The network reaches it.
     online: bool,
     incarnation: u32,
-    relay_conn: Option<u64>,
+    /// Its open relay connections: by the node's link index, the relay and
+    /// the connection.
+    relay_conns: BTreeMap<usize, (usize, u64)>,
     crash_pending: bool,
     /// Node calls so far (for the stale-restart bug's snapshots).
     calls: u64,
@@ -183,8 +219,9 @@ pub(crate) struct World {
     nodes: Vec<Machine>,
     /// Open direct connections, by their ends (lower index first).
     links: BTreeMap<(usize, usize), u64>,
-    relay: Relay<MemoryRelayStore>,
-    relay_up: bool,
+    relays: Vec<SimRelay>,
+    /// Two nodes whose direct path silently drops everything.
+    blackholed: Option<(usize, usize)>,
     /// Which side of the current partition each node is on (the relay is on
     /// side `false`); empty when there is none.
     partition: Vec<bool>,
@@ -205,6 +242,9 @@ pub(crate) struct World {
     protocol_time: Duration,
     /// Snapshots of each node's committed store, for the stale-restart bug.
     snapshots: Vec<Option<SimStore>>,
+    /// In the never-online-together workload, the 1:1 messages between n0
+    /// and n1: their sender and when they were accepted.
+    together_messages: Vec<(MessageId, usize, Timestamp)>,
 }
 
 impl World {
@@ -224,7 +264,7 @@ impl World {
             let node_now = Timestamp::from_millis((START.as_millis() as i64 + skew_ms) as u64);
             let direct = i >= knobs.relay_only;
             // An in-memory store cannot fail, so neither can the first start.
-            let node = match Node::new(identity, store, node_config(i, direct), rng, node_now) {
+            let node = match Node::new(identity, store, node_config(i, direct, knobs.relays), rng, node_now) {
                 Ok(node) => node,
                 Err(e) => unreachable!("a fresh node on an empty in-memory store failed: {e}"),
             };
@@ -237,7 +277,7 @@ impl World {
                 up: true,
                 online: true,
                 incarnation: 0,
-                relay_conn: None,
+                relay_conns: BTreeMap::new(),
                 crash_pending: false,
                 calls: 0,
                 next_ticket: 0,
@@ -245,10 +285,15 @@ impl World {
                 conversations: BTreeSet::new(),
             });
         }
-        let relay = match Relay::new(MemoryRelayStore::new(), RelayConfig::default()) {
-            Ok(relay) => relay,
-            Err(e) => unreachable!("a relay on an empty in-memory store failed: {e}"),
-        };
+        let relays = (0..knobs.relays)
+            .map(|_| match Relay::new(MemoryRelayStore::new(), RelayConfig::default()) {
+                Ok(relay) => SimRelay { relay, up: true, silent: false },
+                Err(e) => unreachable!("a relay on an empty in-memory store failed: {e}"),
+            })
+            .collect();
+        // Two nodes that take direct connections, if there are two.
+        let blackholed = (knobs.blackholed_pair && knobs.nodes - knobs.relay_only >= 2)
+            .then(|| (knobs.relay_only, knobs.relay_only + 1));
         let snapshots = (0..knobs.nodes).map(|_| None).collect();
         let operations_left = knobs.operations;
         let peers = nodes.iter().map(|n| n.peer).collect();
@@ -262,8 +307,8 @@ impl World {
             next_seq: 0,
             nodes,
             links: BTreeMap::new(),
-            relay,
-            relay_up: true,
+            relays,
+            blackholed,
             partition: Vec::new(),
             next_conn: 0,
             healed: false,
@@ -280,6 +325,7 @@ impl World {
             fresh_group_messages: Vec::new(),
             protocol_time: Duration::ZERO,
             snapshots,
+            together_messages: Vec::new(),
         };
         world.schedule_faults();
         world.schedule(0, Ev::Operation);
@@ -289,7 +335,7 @@ impl World {
     /// Runs to the end (or the first broken invariant) and reports.
     pub(crate) fn run(mut self) -> Report {
         let started = Instant::now();
-        // Each node's first outputs connect it to the relay.
+        // Each node's first outputs connect it to its relays.
         for i in 0..self.nodes.len() {
             self.run_node(i);
         }
@@ -340,14 +386,14 @@ impl World {
                         self.fail(format!("n{i}'s deadline did not move past its timeout"));
                     }
                 }
-                Next::RelayTimeout => {
-                    self.trace(Step::Timeout { node: RELAY });
+                Next::RelayTimeout(r) => {
+                    self.trace(Step::Timeout { node: relay_who(r) });
                     let now = self.now;
-                    let result = self.timed(|w| w.relay.handle_timeout(now));
+                    let result = self.timed(|w| w.relays[r].relay.handle_timeout(now));
                     if let Err(e) = result {
-                        self.fail(format!("the relay failed: {e}"));
+                        self.fail(format!("relay {r} failed: {e}"));
                     }
-                    self.drain_relay();
+                    self.drain_relay(r);
                 }
             }
         }
@@ -397,8 +443,10 @@ impl World {
                 consider(Timestamp::from_millis(global).max(self.now), Next::NodeTimeout(i));
             }
         }
-        if let Some(deadline) = self.relay.poll_timeout() {
-            consider(deadline.max(self.now), Next::RelayTimeout);
+        for (r, relay) in self.relays.iter().enumerate() {
+            if let Some(deadline) = relay.relay.poll_timeout() {
+                consider(deadline.max(self.now), Next::RelayTimeout(r));
+            }
         }
         best
     }
@@ -469,8 +517,19 @@ impl World {
         for _ in 0..self.knobs.relay_outages {
             let at = self.faults.range(0, span);
             let length = self.faults.range(1_000, 120_000);
-            self.schedule(at, Ev::Fault(Fault::RelayDown));
-            self.schedule(at + length, Ev::Fault(Fault::RelayUp));
+            let r = self.faults.index(self.relays.len());
+            self.schedule(at, Ev::Fault(Fault::RelayDown(r)));
+            self.schedule(at + length, Ev::Fault(Fault::RelayUp(r)));
+        }
+        for _ in 0..self.knobs.silent_relays {
+            let at = self.faults.range(0, span);
+            let length = self.faults.range(1_000, 120_000);
+            let r = self.faults.index(self.relays.len());
+            self.schedule(at, Ev::Fault(Fault::RelaySilent(r)));
+            self.schedule(at + length, Ev::Fault(Fault::RelayAnswers(r)));
+        }
+        if self.knobs.never_together {
+            self.schedule_never_together();
         }
     }
 
@@ -505,10 +564,64 @@ impl World {
                     }
                 }
             }
-            Fault::RelayDown => self.relay_up = false,
-            Fault::RelayUp => self.relay_up = true,
+            Fault::RelayDown(r) => self.relays[r].up = false,
+            Fault::RelayUp(r) => self.relays[r].up = true,
+            Fault::RelaySilent(r) => self.relays[r].silent = true,
+            Fault::RelayAnswers(r) => self.relays[r].silent = false,
         }
         self.refresh();
+    }
+
+    /// Nodes 0 and 1 set up their session while both are online, in the
+    /// first virtual hour; from then on n0 is online only in even hours
+    /// and n1 only in odd ones, and each is away once for one to two and a
+    /// half days. The absences end at least [`TOGETHER_SETTLE_MS`] before
+    /// the workload does.
+    fn schedule_never_together(&mut self) {
+        const HOUR_MS: u64 = 3_600_000;
+        self.schedule(1_000, Ev::KeyExchange { from: 0, to: 1 });
+        let span = self.knobs.operation_gap_ms * u64::from(self.knobs.operations);
+        let hours = span / HOUR_MS;
+        let last_away = hours.saturating_sub(TOGETHER_SETTLE_MS / HOUR_MS + 1);
+        let mut away = [(0, 0); 2];
+        for (node, spell) in away.iter_mut().enumerate() {
+            let length = self.faults.range(24, 60);
+            let start = self.faults.range(2, last_away.saturating_sub(length).max(2));
+            *spell = (start, (start + length).min(last_away));
+            self.trace(Step::Fault(format!("n{node} away from hour {} to hour {}", spell.0, spell.1)));
+        }
+        for hour in 1..=hours {
+            let online = |node: usize| hour % 2 == node as u64 && !(away[node].0..away[node].1).contains(&hour);
+            // Whoever leaves goes first, so the two are never online at once.
+            let (leaving, coming): (Vec<usize>, Vec<usize>) = (0..2).partition(|&node| !online(node));
+            for node in leaving {
+                self.schedule(hour * HOUR_MS, Ev::Fault(Fault::Offline(node)));
+            }
+            for node in coming {
+                self.schedule(hour * HOUR_MS, Ev::Fault(Fault::Online(node)));
+            }
+        }
+    }
+
+    /// Before the heal: every message between n0 and n1 accepted at least
+    /// [`TOGETHER_SETTLE_MS`] ago reached its recipient, or failed, though
+    /// the two were never online together since they set up their session.
+    fn check_never_together(&mut self) -> Result<(), Violation> {
+        let settled = self.now.as_millis().saturating_sub(TOGETHER_SETTLE_MS);
+        for (id, sender, at) in self.together_messages.clone() {
+            if at.as_millis() > settled || self.checker.unannounced(&id).is_empty() {
+                continue;
+            }
+            let failed = self.stored_message(sender, &id).is_some_and(|m| m.status == MessageStatus::Failed);
+            if !failed {
+                return Err(Violation(format!(
+                    "message {id} from n{sender}, accepted {} h before the heal, has not reached its recipient \
+                     though both were online in turn",
+                    self.now.millis_since(at) / 3_600_000
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn heal(&mut self) {
@@ -517,7 +630,10 @@ impl World {
         self.knobs.loss_ppm = 0;
         self.knobs.duplicate_ppm = 0;
         self.partition.clear();
-        self.relay_up = true;
+        for relay in &mut self.relays {
+            relay.up = true;
+            relay.silent = false;
+        }
         for node in &mut self.nodes {
             node.online = true;
         }
@@ -542,16 +658,24 @@ impl World {
         self.path(a, b) && self.nodes[b].direct
     }
 
-    fn relay_reachable(&self, i: usize) -> bool {
-        self.relay_up && self.nodes[i].up && self.nodes[i].online && self.together(i, RELAY)
+    fn relay_reachable(&self, i: usize, r: usize) -> bool {
+        self.relays[r].up && self.nodes[i].up && self.nodes[i].online && self.together(i, RELAY)
+    }
+
+    /// The direct path between `a` and `b` drops everything, silently.
+    fn blackholed(&self, a: usize, b: usize) -> bool {
+        self.blackholed == Some(Self::link_key(a, b))
     }
 
     /// Closes the connections the network no longer carries, telling the
     /// ends that are still running (as their transports would, at once).
     fn refresh(&mut self) {
         for i in 0..self.nodes.len() {
-            if self.nodes[i].relay_conn.is_some() && !self.relay_reachable(i) {
-                self.disconnect_relay(i);
+            let links: Vec<(usize, usize)> = self.nodes[i].relay_conns.iter().map(|(&l, &(r, _))| (l, r)).collect();
+            for (link, r) in links {
+                if !self.relay_reachable(i, r) {
+                    self.disconnect_relay(i, link);
+                }
             }
         }
         let broken: Vec<(usize, usize)> = self.links.keys().copied().filter(|&(a, b)| !self.path(a, b)).collect();
@@ -564,12 +688,12 @@ impl World {
         }
     }
 
-    fn disconnect_relay(&mut self, i: usize) {
-        self.nodes[i].relay_conn = None;
+    fn disconnect_relay(&mut self, i: usize, link: usize) {
+        let Some((r, _)) = self.nodes[i].relay_conns.remove(&link) else { return };
         let peer = self.nodes[i].peer;
-        self.timed(|w| w.relay.disconnected(&peer));
-        self.trace(Step::Path { node: i, what: "relay connection closed".into() });
-        self.call(i, NodeInput::RelayDisconnected { relay: 0, reason: "the relay connection closed".into() });
+        self.timed(|w| w.relays[r].relay.disconnected(&peer));
+        self.trace(Step::Path { node: i, what: format!("connection to relay {r} closed") });
+        self.call(i, NodeInput::RelayDisconnected { relay: link, reason: "the relay connection closed".into() });
     }
 
     fn crash(&mut self, i: usize) {
@@ -591,14 +715,15 @@ impl World {
         let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(node.identity_seed));
         let rng = ChaCha20Rng::from_seed(self.keys.bytes32());
         let now = self.node_now(i);
-        match self.timed(|_| Node::new(identity, store, node_config(i, direct), rng, now)) {
+        let relays = self.relays.len();
+        match self.timed(|_| Node::new(identity, store, node_config(i, direct, relays), rng, now)) {
             Ok(node) => self.nodes[i].node = node,
             Err(e) => return self.fail(format!("n{i} did not restart from its store: {e}")),
         }
         // Its connections died with it.
-        if self.nodes[i].relay_conn.take().is_some() {
-            let peer = self.nodes[i].peer;
-            self.timed(|w| w.relay.disconnected(&peer));
+        let peer = self.nodes[i].peer;
+        for (_, (r, _)) in std::mem::take(&mut self.nodes[i].relay_conns) {
+            self.timed(|w| w.relays[r].relay.disconnected(&peer));
         }
         let down_for = self.faults.range(100, 5_000);
         self.schedule(down_for, Ev::Fault(Fault::Restarted(i)));
@@ -670,20 +795,25 @@ impl World {
                 self.schedule(after, Ev::Dialled { from: i, to: j, incarnation });
             }
             NodeOutput::SendDirect { peer, id, bytes } => self.send_direct(i, peer, id, bytes),
-            NodeOutput::ConnectRelay { .. } => {
+            NodeOutput::ConnectRelay { relay: link, spec } => {
+                let relay = (0..self.relays.len()).find(|&r| relay_peer(r) == spec.peer);
+                if relay.is_some_and(|r| spec.address != relay_address(r)) {
+                    return self
+                        .fail(format!("n{i} dialled relay {} at {}, which no one listed", spec.peer, spec.address));
+                }
                 let after = 2 * self.knobs.relay_latency_ms;
-                self.schedule(after, Ev::RelayDialled { node: i, incarnation });
+                self.schedule(after, Ev::RelayDialled { node: i, link, relay, incarnation });
             }
-            NodeOutput::CloseRelay { .. } => {
-                if let Some(conn) = self.nodes[i].relay_conn {
-                    self.schedule(0, Ev::CloseRelay { node: i, conn });
+            NodeOutput::CloseRelay { relay: link } => {
+                if let Some(&(_, conn)) = self.nodes[i].relay_conns.get(&link) {
+                    self.schedule(0, Ev::CloseRelay { node: i, link, conn });
                 }
             }
-            NodeOutput::SendToRelay { bytes, .. } => {
+            NodeOutput::SendToRelay { relay: link, bytes } => {
                 if let Ok(RelayFrame::Forward { envelope, .. }) = RelayFrame::decode(&bytes) {
                     self.on_wire(&envelope);
                 }
-                self.send_to_relay(i, bytes);
+                self.send_to_relay(i, link, bytes);
             }
             NodeOutput::Event(event) => self.on_event(i, event),
             // Only the workload's commands have tickets; `command` takes
@@ -798,21 +928,22 @@ impl World {
         self.schedule(after, Ev::Datagram { from: i, to: j, link, bytes, transmit: Some((incarnation, id)) });
     }
 
-    fn send_to_relay(&mut self, i: usize, bytes: Vec<u8>) {
-        if let Some(conn) = self.nodes[i].relay_conn {
+    fn send_to_relay(&mut self, i: usize, link: usize, bytes: Vec<u8>) {
+        if let Some(&(relay, conn)) = self.nodes[i].relay_conns.get(&link) {
             // One ordered stream per connection: a constant latency keeps order.
             let after = self.knobs.relay_latency_ms;
-            self.schedule(after, Ev::ToRelay { from: i, conn, bytes });
+            self.schedule(after, Ev::ToRelay { from: i, relay, conn, bytes });
         }
     }
 
-    fn drain_relay(&mut self) {
-        while self.timed(|w| w.relay.poll_event()).is_some() {}
-        while let Some((peer, bytes)) = self.timed(|w| w.relay.poll_transmit()) {
+    fn drain_relay(&mut self, r: usize) {
+        while self.timed(|w| w.relays[r].relay.poll_event()).is_some() {}
+        while let Some((peer, bytes)) = self.timed(|w| w.relays[r].relay.poll_transmit()) {
             let Some(j) = self.index(&peer) else { continue };
-            if let Some(conn) = self.nodes[j].relay_conn {
+            let link = self.nodes[j].relay_conns.iter().find(|(_, &(relay, _))| relay == r);
+            if let Some((&link, &(_, conn))) = link {
                 let after = self.knobs.relay_latency_ms;
-                self.schedule(after, Ev::FromRelay { to: j, conn, bytes });
+                self.schedule(after, Ev::FromRelay { to: j, link, conn, bytes });
             }
         }
     }
@@ -834,30 +965,33 @@ impl World {
                     self.call(from, NodeInput::DialFailed { peer, reason: "the handshake timed out".into() });
                 }
             }
-            Ev::RelayDialled { node, incarnation } => self.relay_dialled(node, incarnation),
-            Ev::CloseRelay { node, conn } => {
-                if self.nodes[node].relay_conn == Some(conn) {
-                    self.disconnect_relay(node);
+            Ev::RelayDialled { node, link, relay, incarnation } => self.relay_dialled(node, link, relay, incarnation),
+            Ev::CloseRelay { node, link, conn } => {
+                if self.nodes[node].relay_conns.get(&link).is_some_and(|&(_, c)| c == conn) {
+                    self.disconnect_relay(node, link);
                 }
             }
-            Ev::ToRelay { from, conn, bytes } => {
-                if self.nodes[from].relay_conn != Some(conn) {
+            Ev::ToRelay { from, relay, conn, bytes } => {
+                if !self.nodes[from].relay_conns.values().any(|&(r, c)| r == relay && c == conn) {
                     return;
+                }
+                if self.relays[relay].silent {
+                    return self.trace(Step::Drop { from, to: relay_who(relay), why: "the relay is wedged" });
                 }
                 self.trace(Step::Arrive {
                     from,
-                    to: RELAY,
+                    to: relay_who(relay),
                     what: frame_kind(&bytes),
                     len: bytes.len(),
                     digest: digest(&bytes),
                 });
                 let (now, peer) = (self.now, self.nodes[from].peer);
-                if let Err(e) = self.timed(|w| w.relay.handle_frame(now, peer, &bytes)) {
-                    return self.fail(format!("the relay failed: {e}"));
+                if let Err(e) = self.timed(|w| w.relays[relay].relay.handle_frame(now, peer, &bytes)) {
+                    return self.fail(format!("relay {relay} failed: {e}"));
                 }
-                self.drain_relay();
+                self.drain_relay(relay);
             }
-            Ev::FromRelay { to, conn, bytes } => self.frame_from_relay(to, conn, bytes),
+            Ev::FromRelay { to, link, conn, bytes } => self.frame_from_relay(to, link, conn, bytes),
             Ev::Operation => {
                 self.operation();
                 // What the commands caused leaves now that the checker
@@ -885,7 +1019,18 @@ impl World {
                 self.command(node, Command::AcceptInvitation { group });
                 self.run_node(node);
             }
-            Ev::Heal => self.heal(),
+            Ev::KeyExchange { from, to } => {
+                let peer = self.nodes[to].peer;
+                self.command(from, Command::InitiateKeyExchange { peer });
+                self.run_node(from);
+            }
+            Ev::Heal => {
+                if self.knobs.never_together {
+                    let result = self.check_never_together();
+                    self.check(result);
+                }
+                self.heal();
+            }
         }
     }
 
@@ -895,7 +1040,8 @@ impl World {
         if !self.nodes[from].up || self.nodes[from].incarnation != incarnation {
             return;
         }
-        if !self.dialable(from, to) {
+        // A blackholed path answers no handshake: the dial times out.
+        if !self.dialable(from, to) || self.blackholed(from, to) {
             return self.schedule(DIAL_TIMEOUT_MS, Ev::DialTimedOut { from, to, incarnation });
         }
         let key = Self::link_key(from, to);
@@ -915,21 +1061,22 @@ impl World {
         }
     }
 
-    fn relay_dialled(&mut self, i: usize, incarnation: u32) {
-        if !self.nodes[i].up || self.nodes[i].incarnation != incarnation || self.nodes[i].relay_conn.is_some() {
+    fn relay_dialled(&mut self, i: usize, link: usize, relay: Option<usize>, incarnation: u32) {
+        let node = &self.nodes[i];
+        if !node.up || node.incarnation != incarnation || node.relay_conns.contains_key(&link) {
             return;
         }
-        if !self.relay_reachable(i) {
-            self.trace(Step::Path { node: i, what: "cannot reach the relay".into() });
+        let Some(r) = relay.filter(|&r| self.relay_reachable(i, r)) else {
+            self.trace(Step::Path { node: i, what: format!("cannot reach relay {relay:?}") });
             let reason = "the relay did not answer".to_owned();
-            return self.call(i, NodeInput::RelayDisconnected { relay: 0, reason });
-        }
+            return self.call(i, NodeInput::RelayDisconnected { relay: link, reason });
+        };
         self.next_conn += 1;
-        self.nodes[i].relay_conn = Some(self.next_conn);
+        self.nodes[i].relay_conns.insert(link, (r, self.next_conn));
         let peer = self.nodes[i].peer;
-        self.timed(|w| w.relay.connected(peer));
-        self.trace(Step::Path { node: i, what: "connected to the relay".into() });
-        self.call(i, NodeInput::RelayConnected { relay: 0 });
+        self.timed(|w| w.relays[r].relay.connected(peer));
+        self.trace(Step::Path { node: i, what: format!("connected to relay {r}") });
+        self.call(i, NodeInput::RelayConnected { relay: link });
     }
 
     fn datagram(&mut self, from: usize, to: usize, link: u64, bytes: Vec<u8>, transmit: Option<(u32, TransmitId)>) {
@@ -958,18 +1105,19 @@ impl World {
         self.call(to, NodeInput::DirectReceived { from: peer, bytes });
     }
 
-    fn frame_from_relay(&mut self, i: usize, conn: u64, bytes: Vec<u8>) {
-        if self.nodes[i].relay_conn != Some(conn) || !self.nodes[i].up {
+    fn frame_from_relay(&mut self, i: usize, link: usize, conn: u64, bytes: Vec<u8>) {
+        let Some(&(r, c)) = self.nodes[i].relay_conns.get(&link) else { return };
+        if c != conn || !self.nodes[i].up {
             return;
         }
         self.trace(Step::Arrive {
-            from: RELAY,
+            from: relay_who(r),
             to: i,
             what: frame_kind(&bytes),
             len: bytes.len(),
             digest: digest(&bytes),
         });
-        self.call(i, NodeInput::RelayFrame { relay: 0, bytes });
+        self.call(i, NodeInput::RelayFrame { relay: link, bytes });
     }
 
     // ---- the workload ----
@@ -993,6 +1141,9 @@ impl World {
                         self.command(i, Command::SendMessage { conversation: c.id, content })
                     {
                         self.checker.on_accepted(i, &m, vec![j]);
+                        if self.knobs.never_together && i + j == 1 {
+                            self.together_messages.push((m.id, i, self.now));
+                        }
                     }
                 }
             }
@@ -1280,32 +1431,38 @@ impl World {
             stores.push(messages);
         }
         let config = RelayConfig::default();
-        let relay_store = self.relay.store_mut();
-        let read = |e: p2pchat_protocol::relay::RelayStoreError| Violation(format!("the relay's store: {e}"));
-        p2pchat_protocol::relay::RelayStore::begin(relay_store).map_err(read)?;
-        let mut quota = Ok(());
-        for node in &self.nodes {
-            match p2pchat_protocol::relay::RelayStore::mailbox_usage(relay_store, &node.peer) {
-                Ok(u) if u.count > config.mailbox_max_count || u.bytes > config.mailbox_max_bytes => {
-                    quota =
-                        Err(Violation(format!("a mailbox holds {} entries, {} bytes: over quota", u.count, u.bytes)));
+        for (r, relay) in self.relays.iter_mut().enumerate() {
+            let relay_store = relay.relay.store_mut();
+            let read = |e: p2pchat_protocol::relay::RelayStoreError| Violation(format!("relay {r}'s store: {e}"));
+            p2pchat_protocol::relay::RelayStore::begin(relay_store).map_err(read)?;
+            let mut quota = Ok(());
+            for node in &self.nodes {
+                match p2pchat_protocol::relay::RelayStore::mailbox_usage(relay_store, &node.peer) {
+                    Ok(u) if u.count > config.mailbox_max_count || u.bytes > config.mailbox_max_bytes => {
+                        quota = Err(Violation(format!(
+                            "a mailbox of relay {r} holds {} entries, {} bytes: over quota",
+                            u.count, u.bytes
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) => quota = Err(read(e)),
                 }
-                Ok(_) => {}
-                Err(e) => quota = Err(read(e)),
             }
+            p2pchat_protocol::relay::RelayStore::rollback(relay_store);
+            quota?;
         }
-        p2pchat_protocol::relay::RelayStore::rollback(relay_store);
-        quota?;
         Ok(stores)
     }
 }
 
-/// Node `i`'s configuration: the one relay, its address if it accepts
-/// direct connections, and private addresses allowed (the simulated network
-/// uses 10.0.0.0/8).
-fn node_config(i: usize, direct: bool) -> NodeConfig {
+/// Node `i`'s configuration: every relay, starting from relay `i` (so
+/// nodes prefer different ones and a sender's relay is often not its
+/// recipient's first), its address if it accepts direct connections, and
+/// private addresses allowed (the simulated network uses 10.0.0.0/8).
+fn node_config(i: usize, direct: bool, relays: usize) -> NodeConfig {
+    let relays = (0..relays).map(|k| (i + k) % relays);
     NodeConfig {
-        relays: vec![RelaySpec { peer: RELAY_PEER, address: format!("{RELAY_PEER}@10.255.0.1:4433") }],
+        relays: relays.map(|r| RelaySpec { peer: relay_peer(r), address: relay_address(r) }).collect(),
         direct_addresses: if direct { vec![address_of(i)] } else { Vec::new() },
         address_policy: AddressPolicy::AllowPrivate,
         ..NodeConfig::default()
@@ -1327,5 +1484,5 @@ fn bound(node: usize, what: &str, value: usize, max: usize) -> Result<(), Violat
 enum Next {
     Queued((Timestamp, u64)),
     NodeTimeout(usize),
-    RelayTimeout,
+    RelayTimeout(usize),
 }

@@ -71,6 +71,14 @@ pub const MAX_VISITED_RELAYS: usize = 8;
 pub const VISIT_IDLE_MS: u64 = 60_000;
 /// How long after a failed engine timeout the node tries it again.
 const TIMEOUT_RETRY_MS: u64 = 1_000;
+/// The most transmits held while the node is cut off from every relay of
+/// its own, and their bytes (see [`Node::no_path`]).
+pub const MAX_HELD_FOR_A_PATH: usize = 4_096;
+/// See [`MAX_HELD_FOR_A_PATH`].
+pub const MAX_HELD_FOR_A_PATH_BYTES: usize = 16 * 1024 * 1024;
+/// How often transmits held for a path are routed again while the node
+/// stays cut off (a direct address may answer again).
+pub const HELD_FOR_A_PATH_RETRY_MS: u64 = 60_000;
 
 /// What a node needs besides its identity and store.
 #[derive(Clone, Debug)]
@@ -340,6 +348,11 @@ pub struct Node<S: Store> {
     /// Forwards no relay has answered yet, with the relays tried, kept to
     /// try the next relay.
     relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<PeerId>)>,
+    /// Transmits that found no path while the node is cut off from every
+    /// relay of its own, with their bytes, and when they are next routed.
+    held_for_a_path: VecDeque<Transmit>,
+    held_bytes: usize,
+    held_retry_at: Option<Timestamp>,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -374,6 +387,9 @@ impl<S: Store> Node<S> {
             relays,
             direct_in_flight: BTreeMap::new(),
             relay_in_flight: BTreeMap::new(),
+            held_for_a_path: VecDeque::new(),
+            held_bytes: 0,
+            held_retry_at: None,
             outputs: VecDeque::new(),
         };
         node.connect_due_relays(now);
@@ -477,7 +493,7 @@ impl<S: Store> Node<S> {
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let engine = self.engine.poll_timeout().map(|t| self.timeout_retry_at.map_or(t, |r| t.max(r)));
         let relays = self.relays.iter().filter_map(RelayLink::next_deadline);
-        [engine, self.paths.next_deadline()].into_iter().flatten().chain(relays).min()
+        [engine, self.paths.next_deadline(), self.held_retry_at].into_iter().flatten().chain(relays).min()
     }
 
     /// Handles every deadline that passed: dials over their budget, relays
@@ -490,6 +506,9 @@ impl<S: Store> Node<S> {
         self.connect_due_relays(now);
         self.republish_due(now);
         self.close_idle_visits(now);
+        if self.held_retry_at.is_some_and(|at| at <= now) {
+            self.route_held(now);
+        }
         // Requests a relay left unanswered on a connection still up: an
         // unanswered forward means the relay is gone or lost a frame.
         for relay in 0..self.relays.len() {
@@ -613,8 +632,7 @@ impl<S: Store> Node<S> {
     fn via_relay(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
         let peer = transmit.peer;
         if !self.try_next_relay(now, transmit.clone(), Vec::new()) {
-            let outcome = TransmitOutcome::Failed(reason);
-            return self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
+            return self.no_path(now, transmit, reason);
         }
         // A peer reached only through relays may have published a direct
         // address since, or moved from the one its record gave that now
@@ -684,6 +702,39 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// A transmit with nowhere to go. While the node is cut off from every
+    /// relay of its own (offline, most likely), one that may wait in a
+    /// mailbox is held here, within [`MAX_HELD_FOR_A_PATH`] and
+    /// [`MAX_HELD_FOR_A_PATH_BYTES`], and routed again, the same bytes, when
+    /// a relay of its own connects, a direct connection opens, or every
+    /// [`HELD_FOR_A_PATH_RETRY_MS`]. Failed back, the engine would seal
+    /// the message again for every retry, each time with a new message
+    /// key: a node offline for a day would move its sending chains
+    /// thousands of keys ahead, past what a receiver may skip. Anything
+    /// else fails back to the engine, which retries later.
+    fn no_path(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+        let cut_off = !self.config.relays.is_empty() && !self.relays.iter().any(|l| !l.visiting && l.is_up());
+        let fits = self.held_for_a_path.len() < MAX_HELD_FOR_A_PATH
+            && self.held_bytes.saturating_add(transmit.bytes.len()) <= MAX_HELD_FOR_A_PATH_BYTES;
+        if cut_off && transmit.mailbox_allowed && fits {
+            self.held_bytes += transmit.bytes.len();
+            self.held_for_a_path.push_back(transmit);
+            self.held_retry_at.get_or_insert(now.saturating_add_millis(HELD_FOR_A_PATH_RETRY_MS));
+            return;
+        }
+        let outcome = TransmitOutcome::Failed(reason);
+        self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
+    }
+
+    /// Routes every transmit held for a path again.
+    fn route_held(&mut self, now: Timestamp) {
+        self.held_retry_at = None;
+        self.held_bytes = 0;
+        for transmit in core::mem::take(&mut self.held_for_a_path) {
+            self.route(now, transmit);
+        }
+    }
+
     /// Opens a visiting link to a peer's relay (reusing the least recently
     /// used idle one when [`MAX_VISITED_RELAYS`] are open); its index, or
     /// `None` if all are busy.
@@ -733,6 +784,9 @@ impl<S: Store> Node<S> {
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
             self.send_direct(transmit);
+        }
+        if self.held_for_a_path.iter().any(|t| t.peer == peer) {
+            self.route_held(now);
         }
         if !was_connected {
             // The engine sends what waits for this peer at once.
@@ -836,10 +890,12 @@ impl<S: Store> Node<S> {
         for frame in frames {
             self.send_to_relay(relay, &frame);
         }
-        // What waited for this connection follows the registration.
+        // What waited for this connection follows the registration, then
+        // what waited for any path at all.
         for (transmit, tried) in waiting {
             self.forward_via(now, relay, transmit, tried);
         }
+        self.route_held(now);
     }
 
     /// A freshly signed record of this node for relay `relay`'s client, and
@@ -893,10 +949,8 @@ impl<S: Store> Node<S> {
         let relay_peer = self.relays[relay].spec.peer;
         for (transmit, mut tried) in waiting {
             tried.push(relay_peer);
-            let id = transmit.id;
-            if !self.try_next_relay(now, transmit, tried) {
-                let outcome = TransmitOutcome::Failed(format!("cannot reach the peer's relay: {reason}"));
-                self.for_engine(Input::TransmitResult { id, outcome });
+            if !self.try_next_relay(now, transmit.clone(), tried) {
+                self.no_path(now, transmit, format!("cannot reach the peer's relay: {reason}"));
             }
         }
     }
@@ -915,8 +969,8 @@ impl<S: Store> Node<S> {
                 self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) });
                 continue;
             };
-            if !self.try_next_relay(now, transmit, tried) {
-                self.for_engine(Input::TransmitResult { id, outcome: TransmitOutcome::Failed(reason) });
+            if !self.try_next_relay(now, transmit.clone(), tried) {
+                self.no_path(now, transmit, reason);
             }
         }
     }
