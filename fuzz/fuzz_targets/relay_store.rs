@@ -38,7 +38,7 @@ fn register<S: RelayStore>(relay: &mut Relay<S>, who: &IdentityKeyPair) -> Relay
     relay.connected(peer);
     let mut client = RelayClient::new();
     let record = PeerRecord::sign(who, Vec::new(), vec!["relay".into()], NOW, NOW.saturating_add_millis(3_600_000), 1);
-    for frame in client.on_connect(record) {
+    for frame in client.on_connect(NOW, record) {
         let _ = relay.handle_frame(NOW, peer, &frame.encode());
     }
     answer(relay, &mut client, who);

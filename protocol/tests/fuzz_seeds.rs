@@ -122,7 +122,7 @@ fn traffic() -> BTreeSet<Vec<u8>> {
             now.saturating_add_millis(3_600_000),
             1,
         );
-        to_relay.extend(clients[i].on_connect(record).into_iter().map(|f| (i, f)));
+        to_relay.extend(clients[i].on_connect(now, record).into_iter().map(|f| (i, f)));
     }
     let pump = |engines: &mut Vec<Engine<MemoryStore>>,
                 clients: &mut Vec<RelayClient>,

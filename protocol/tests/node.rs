@@ -636,3 +636,48 @@ fn an_acknowledgement_the_driver_cannot_queue_closes_the_relay_connection_to_sta
     net.advance(RELAY_BACKOFF_MAX_MS);
     assert!(net.nodes[0].relays()[0].connected);
 }
+
+#[test]
+fn a_relay_that_never_answers_the_registration_is_given_up_on_and_one_that_lost_it_is_asked_again() {
+    let mut net = Net::new(1, Dials::Blackhole);
+    // A relay connection on which nothing the node sends arrives: the
+    // registration goes unanswered, and the node does not stay on it.
+    net.cut_off(0);
+    net.frames_lost.insert(0);
+    net.reconnect(0);
+    let before = net.log.len();
+    net.advance(RELAY_BACKOFF_MAX_MS + RELAY_ANSWER_TIMEOUT_MS);
+    let closed = net.log[before..].iter().any(|(_, _, o)| matches!(o, NodeOutput::CloseRelay { relay: 0 }));
+    assert!(closed, "an unanswered registration closes the connection");
+    assert!(net.nodes[0].relays()[0].last_error.as_deref().is_some_and(|e| e.contains("did not answer")));
+    // A relay that says the node is not registered (it lost the
+    // registration) is asked to register again.
+    net.frames_lost.clear();
+    net.advance(RELAY_BACKOFF_MAX_MS);
+    let before = net.frames_from(0).len();
+    let bytes = RelayFrame::PublishRefused {
+        sequence: u64::MAX, // not the newest: ignored
+        reason: p2pchat_protocol::relay::PublishRefusal::NotRegistered,
+    }
+    .encode();
+    let now = net.now;
+    net.nodes[0].handle(now, NodeInput::RelayFrame { relay: 0, bytes });
+    net.pump();
+    assert_eq!(net.frames_from(0).len(), before, "an answer about an older record changes nothing");
+    let newest = net
+        .frames_from(0)
+        .iter()
+        .rev()
+        .find_map(|f| match f {
+            RelayFrame::Publish(record) => Some(record.sequence),
+            _ => None,
+        })
+        .unwrap();
+    let bytes =
+        RelayFrame::PublishRefused { sequence: newest, reason: p2pchat_protocol::relay::PublishRefusal::NotRegistered }
+            .encode();
+    net.nodes[0].handle(now, NodeInput::RelayFrame { relay: 0, bytes });
+    net.pump();
+    let sent: Vec<RelayFrame> = net.frames_from(0)[before..].to_vec();
+    assert!(matches!(sent.as_slice(), [RelayFrame::Register, RelayFrame::Publish(_)]), "{sent:?}");
+}

@@ -69,7 +69,7 @@ impl World {
             self.nodes[i].sequence,
         );
         self.relay.connected(id);
-        for frame in self.nodes[i].client.on_connect(record) {
+        for frame in self.nodes[i].client.on_connect(self.now, record) {
             self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
         }
         self.drain();

@@ -547,7 +547,7 @@ impl RelayUser {
         let mut client = RelayClient::new();
         let expires = now.saturating_add_millis(600_000);
         let record = PeerRecord::sign(&identity, Vec::new(), vec![relay.address.clone()], now, expires, 1);
-        for frame in client.on_connect(record) {
+        for frame in client.on_connect(now, record) {
             block_on(conn.send(&frame.encode())).unwrap();
         }
         Self { peer: identity.peer_id(), conn, client, now, _transport: transport }

@@ -515,8 +515,9 @@ impl<S: Store> Node<S> {
             if !self.relays[relay].is_up() {
                 continue;
             }
+            let unregistered = self.relays[relay].client.registration_overdue(now);
             let expired = self.relays[relay].client.expire(now);
-            if expired.iter().any(|i| matches!(i, Input::TransmitResult { .. })) {
+            if unregistered || expired.iter().any(|i| matches!(i, Input::TransmitResult { .. })) {
                 self.relay_unresponsive(now, relay, "the relay did not answer in time");
             }
             self.relay_gave_back(now, expired);
@@ -885,7 +886,7 @@ impl<S: Store> Node<S> {
         let Some(record) = self.sign_record(now, relay) else { return };
         let Some(link) = self.relays.get_mut(relay) else { return };
         link.connected(now);
-        let frames = link.client.on_connect(record);
+        let frames = link.client.on_connect(now, record);
         let waiting = core::mem::take(&mut link.waiting);
         for frame in frames {
             self.send_to_relay(relay, &frame);
@@ -1025,6 +1026,16 @@ impl<S: Store> Node<S> {
                 }
                 ClientAction::Record(record) => self.learn_record(now, Some(relay), record),
                 ClientAction::Published { .. } => {}
+                // The relay lost this connection's registration (it restarted
+                // under us, say): register again, which brings the mailbox.
+                ClientAction::PublishRefused { reason: PublishRefusal::NotRegistered, .. } => {
+                    if let Some(record) = self.sign_record(now, relay) {
+                        let frames = self.relays[relay].client.on_connect(now, record);
+                        for frame in frames {
+                            self.send_to_relay(relay, &frame);
+                        }
+                    }
+                }
                 ClientAction::PublishRefused { reason, .. } => {
                     self.outputs.push_back(NodeOutput::Notice(Notice::PublishRefused { relay, reason }))
                 }

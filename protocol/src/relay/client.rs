@@ -59,6 +59,9 @@ pub struct RelayClient {
     lookups: BTreeMap<PeerId, Timestamp>,
     /// Forwards the relay has not answered yet, with when they were sent.
     pending: BTreeMap<u64, Timestamp>,
+    /// When this connection's registration was asked for, until the relay
+    /// answers it: a relay that never does is not serving this node.
+    registering: Option<Timestamp>,
     /// The sequence of the newest record this node published.
     published: u64,
     /// The highest record sequence seen per peer: older answers are stale.
@@ -73,9 +76,16 @@ impl RelayClient {
 
     /// The frames to send on (re)connecting: register (which also brings
     /// the mailbox) and publish our record.
-    pub fn on_connect(&mut self, record: PeerRecord) -> Vec<RelayFrame> {
+    pub fn on_connect(&mut self, now: Timestamp, record: PeerRecord) -> Vec<RelayFrame> {
         self.published = self.published.max(record.sequence);
+        self.registering = Some(now);
         vec![RelayFrame::Register, RelayFrame::Publish(record)]
+    }
+
+    /// Whether the relay has left this connection's registration
+    /// unanswered for [`RELAY_ANSWER_TIMEOUT_MS`].
+    pub fn registration_overdue(&self, now: Timestamp) -> bool {
+        self.registering.is_some_and(|asked| now.millis_since(asked) >= RELAY_ANSWER_TIMEOUT_MS)
     }
 
     /// A newly signed record of this node (at start, and whenever its
@@ -121,7 +131,7 @@ impl RelayClient {
 
     /// When the oldest unanswered request runs out of time.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        let oldest = self.pending.values().chain(self.lookups.values()).min()?;
+        let oldest = self.pending.values().chain(self.lookups.values()).chain(&self.registering).min()?;
         Some(oldest.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS))
     }
 
@@ -165,6 +175,7 @@ impl RelayClient {
     /// engine keeps the messages and tries again when the peer is
     /// reachable), and every unanswered lookup found nothing.
     pub fn on_disconnect(&mut self) -> Vec<Input> {
+        self.registering = None;
         let forwards = core::mem::take(&mut self.pending).into_keys().map(|id| Input::TransmitResult {
             id: TransmitId(id),
             outcome: TransmitOutcome::Failed("the relay connection closed".into()),
@@ -179,7 +190,7 @@ impl RelayClient {
         // Any frame is a sign of life: the relay is busy (a mailbox drains
         // one acknowledged frame at a time), not gone, so what waits for an
         // answer gets its full time again.
-        for asked in self.pending.values_mut().chain(self.lookups.values_mut()) {
+        for asked in self.pending.values_mut().chain(self.lookups.values_mut()).chain(&mut self.registering) {
             *asked = (*asked).max(now);
         }
         if let RelayFrame::Forwarded { id } | RelayFrame::Held { id } | RelayFrame::Refused { id, .. } = &frame {
@@ -231,7 +242,10 @@ impl RelayClient {
                 vec![ClientAction::PublishRefused { sequence, reason }]
             }
             RelayFrame::Published { .. } | RelayFrame::PublishRefused { .. } => Vec::new(),
-            RelayFrame::Registered => Vec::new(),
+            RelayFrame::Registered => {
+                self.registering = None;
+                Vec::new()
+            }
             RelayFrame::Observed { address } => vec![ClientAction::Observed { address }],
             // Node-to-relay frames arriving here are ignored.
             RelayFrame::Register
