@@ -80,15 +80,22 @@ impl World {
                 self.nodes[i].handle(self.now, NodeInput::RelayConnected { relay });
             }
             NodeOutput::SendToRelay { bytes, .. } if self.connected[i] => self.to_relay.push_back((i, bytes)),
+            // The node gave up on the connection (its relay did not answer
+            // in time): close it, and say so; it connects again later.
+            NodeOutput::CloseRelay { relay } => {
+                self.relay.disconnected(&self.nodes[i].peer_id());
+                self.connected[i] = false;
+                let reason = "closed by the node".into();
+                self.nodes[i].handle(self.now, NodeInput::RelayDisconnected { relay, reason });
+            }
             NodeOutput::Event(event) => show(self.names[i], &event),
             NodeOutput::Reply { ticket, reply } => self.replies.push((i, ticket, reply)),
             NodeOutput::Notice(notice) => println!("{}: notice: {notice:?}", self.names[i]),
             // No direct connections here: a dial never answers, and the
             // node's 2 s budget sends what waited for it through the relay.
-            NodeOutput::Dial { .. }
-            | NodeOutput::SendDirect { .. }
-            | NodeOutput::CloseRelay { .. }
-            | NodeOutput::SendToRelay { .. } => {}
+            // A frame for a connection already closed is dropped, as a
+            // socket would.
+            NodeOutput::Dial { .. } | NodeOutput::SendDirect { .. } | NodeOutput::SendToRelay { .. } => {}
         }
     }
 

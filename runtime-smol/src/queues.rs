@@ -28,7 +28,7 @@ pub const NETWORK_QUEUE: usize = 1_024;
 /// Bytes of frames waiting to be written to one relay. A relay that leaves
 /// this much unread is congested: further frames fail back to the node
 /// rather than pile up.
-pub const RELAY_WRITE_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+pub const RELAY_WRITE_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Events a subscriber may leave unread before it is dropped (its
 /// receiver then reports the channel closed), so a subscriber that stopped

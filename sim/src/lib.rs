@@ -4,8 +4,8 @@
 //! latency, loss and duplication, the fault schedule (partitions, nodes
 //! going offline, crashes with restarts from the store, relay outages,
 //! clock skew), the workload, and every engine's randomness. Nodes (the
-//! same `protocol::node::Node` the binary ships, routing included) and a
-//! relay, each on its in-memory store, are driven in virtual time by their
+//! same `protocol::node::Node` the binary ships, routing included) and
+//! two or three relays, each on its in-memory store, are driven in virtual time by their
 //! driving rules; a checker holds them to the invariants after every step
 //! and once the network has healed and gone quiet. The same seed gives the
 //! same trace, bit for bit.

@@ -127,7 +127,7 @@ fn peers_never_online_together_reach_each_other_through_their_relays_mailboxes()
     let report = run(3, &Options { knobs: Some(knobs), ..Options::default() });
     assert!(report.failure.is_none(), "{}", report.failure_report().unwrap_or_default());
     assert!(report.virtual_ms > 4 * 24 * 3_600_000, "the run spans days: {}", report.summary());
-    assert!(report.deliveries > 20, "{}", report.summary());
+    assert!(report.delivered_apart >= 10, "n0 and n1 reached each other {} times", report.delivered_apart);
 }
 
 #[test]

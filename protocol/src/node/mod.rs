@@ -53,8 +53,8 @@ use crate::wire::WireError;
 
 pub use batch::MAX_BATCH;
 pub use paths::{
-    AddressSource, PathState, PeerPath, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS, LOOKUP_INTERVAL_MS, MAX_PATHS,
-    MAX_WAITING_FOR_DIAL,
+    AddressSource, PathState, PeerPath, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS, DIRECT_RETRY_MAX_MS,
+    LOOKUP_INTERVAL_MS, MAX_PATHS, MAX_WAITING_FOR_DIAL,
 };
 pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS, RELAY_STABLE_MS};
 
@@ -72,10 +72,12 @@ pub const VISIT_IDLE_MS: u64 = 60_000;
 /// How long after a failed engine timeout the node tries it again.
 const TIMEOUT_RETRY_MS: u64 = 1_000;
 /// The most transmits held while the node is cut off from every relay of
-/// its own, and their bytes (see [`Node::no_path`]).
+/// its own, and their bytes (see [`Node::no_path`]): well within what a
+/// driver queues for one relay, so that all of them can go at once when
+/// one connects.
 pub const MAX_HELD_FOR_A_PATH: usize = 4_096;
 /// See [`MAX_HELD_FOR_A_PATH`].
-pub const MAX_HELD_FOR_A_PATH_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_HELD_FOR_A_PATH_BYTES: usize = 4 * 1024 * 1024;
 /// How often transmits held for a path are routed again while the node
 /// stays cut off (a direct address may answer again).
 pub const HELD_FOR_A_PATH_RETRY_MS: u64 = 60_000;
@@ -485,6 +487,7 @@ impl<S: Store> Node<S> {
                 path.address = Some(addr);
                 path.source = Some(AddressSource::Given);
                 path.failed_until = None;
+                path.failures = 0;
             }
         }
     }
@@ -715,9 +718,21 @@ impl<S: Store> Node<S> {
     /// else fails back to the engine, which retries later.
     fn no_path(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
         let cut_off = !self.config.relays.is_empty() && !self.relays.iter().any(|l| !l.visiting && l.is_up());
+        if cut_off {
+            self.hold_for_a_path(now, transmit, reason);
+        } else {
+            let outcome = TransmitOutcome::Failed(reason);
+            self.for_engine(Input::TransmitResult { id: transmit.id, outcome });
+        }
+    }
+
+    /// Holds a transmit that may wait in a mailbox until a path may take
+    /// it (see [`Node::no_path`]); one that may not, or does not fit, fails
+    /// back to the engine.
+    fn hold_for_a_path(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
         let fits = self.held_for_a_path.len() < MAX_HELD_FOR_A_PATH
             && self.held_bytes.saturating_add(transmit.bytes.len()) <= MAX_HELD_FOR_A_PATH_BYTES;
-        if cut_off && transmit.mailbox_allowed && fits {
+        if transmit.mailbox_allowed && fits {
             self.held_bytes += transmit.bytes.len();
             self.held_for_a_path.push_back(transmit);
             self.held_retry_at.get_or_insert(now.saturating_add_millis(HELD_FOR_A_PATH_RETRY_MS));
@@ -801,7 +816,9 @@ impl<S: Store> Node<S> {
         if path.connected {
             return; // the peer dialled us meanwhile
         }
-        path.failed_until = Some(now.saturating_add_millis(DIRECT_RETRY_AFTER_MS));
+        path.failures = path.failures.saturating_add(1);
+        let wait = DIRECT_RETRY_AFTER_MS.saturating_mul(1 << (path.failures - 1).min(10)).min(DIRECT_RETRY_MAX_MS);
+        path.failed_until = Some(now.saturating_add_millis(wait));
         path.last_failure = Some(reason.clone());
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
@@ -852,6 +869,7 @@ impl<S: Store> Node<S> {
         }
         if path.address != permitted {
             path.failed_until = None;
+            path.failures = 0;
         }
         path.address = permitted;
         path.source = permitted.map(|_| AddressSource::Record { relay });
@@ -994,7 +1012,18 @@ impl<S: Store> Node<S> {
         // The node encoded it itself: it decodes.
         let Ok(frame) = RelayFrame::decode(bytes) else { return };
         match frame {
-            RelayFrame::Forward { .. } | RelayFrame::Lookup { .. } => {
+            // A congested queue is no reason to seal the message again: the
+            // same bytes go through another relay, or wait for a path.
+            RelayFrame::Forward { id, .. } => {
+                if link.client.withdraw(&frame, "").is_none() {
+                    return;
+                }
+                let Some((transmit, tried)) = self.relay_in_flight.remove(&TransmitId(id)) else { return };
+                if !self.try_next_relay(now, transmit.clone(), tried) {
+                    self.hold_for_a_path(now, transmit, "the queue to the relay is full".into());
+                }
+            }
+            RelayFrame::Lookup { .. } => {
                 if let Some(input) = link.client.withdraw(&frame, "the queue to the relay is full") {
                     self.relay_gave_back(now, vec![input]);
                 }
@@ -1028,7 +1057,12 @@ impl<S: Store> Node<S> {
                 ClientAction::Published { .. } => {}
                 // The relay lost this connection's registration (it restarted
                 // under us, say): register again, which brings the mailbox.
-                ClientAction::PublishRefused { reason: PublishRefusal::NotRegistered, .. } => {
+                // Once per connection, and only on a relay of its own: a relay
+                // cannot make the node sign records without end.
+                ClientAction::PublishRefused { reason: PublishRefusal::NotRegistered, .. }
+                    if !self.relays[relay].visiting && !self.relays[relay].reregistered =>
+                {
+                    self.relays[relay].reregistered = true;
                     if let Some(record) = self.sign_record(now, relay) {
                         let frames = self.relays[relay].client.on_connect(now, record);
                         for frame in frames {
@@ -1056,8 +1090,14 @@ impl<S: Store> Node<S> {
             }
             _ => return,
         }
-        let Some(addr) = address.parse::<SocketAddr>().ok().filter(|a| !a.ip().is_unspecified() && a.port() != 0)
-        else {
+        let parsed = address.parse::<SocketAddr>().ok().map(|a| match a.ip() {
+            // An IPv4 peer as a dual-stack socket shows it: published as
+            // the IPv4 address others dial.
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+            std::net::IpAddr::V4(_) => a,
+        });
+        let Some(addr) = parsed.filter(|a| !a.ip().is_unspecified() && a.port() != 0) else {
+            let address = address.chars().take(crate::relay::MAX_ADDRESS_LEN).collect();
             let notice = Notice::ObservedAddressRefused { relay, address };
             return self.outputs.push_back(NodeOutput::Notice(notice));
         };

@@ -14,8 +14,12 @@ use crate::time::Timestamp;
 /// reached through a relay, whose mailbox also covers a peer that left.
 pub const DIRECT_DIAL_BUDGET_MS: u64 = 2_000;
 /// How long an address whose dial failed is left alone (transmits go
-/// through a relay meanwhile).
+/// through a relay meanwhile); it doubles with each failure in a row up to
+/// [`DIRECT_RETRY_MAX_MS`], so an address behind a NAT that drops what it
+/// did not ask for costs a dial budget once an hour, not once a minute.
 pub const DIRECT_RETRY_AFTER_MS: u64 = 60_000;
+/// The longest an address whose dials keep failing is left alone.
+pub const DIRECT_RETRY_MAX_MS: u64 = 60 * 60_000;
 /// The most transmits waiting for one peer's dial; more go through a relay.
 pub const MAX_WAITING_FOR_DIAL: usize = 64;
 /// The most peers whose path the node remembers; the least recently used
@@ -83,6 +87,8 @@ pub(crate) struct Path {
     pub(crate) address: Option<SocketAddr>,
     pub(crate) source: Option<AddressSource>,
     pub(crate) failed_until: Option<Timestamp>,
+    /// Dials of the address that failed in a row.
+    pub(crate) failures: u32,
     pub(crate) last_failure: Option<String>,
     pub(crate) dial: Option<Dial>,
     pub(crate) relayed_via: Option<usize>,
@@ -102,6 +108,7 @@ impl Path {
             address: None,
             source: None,
             failed_until: None,
+            failures: 0,
             last_failure: None,
             dial: None,
             relayed_via: None,

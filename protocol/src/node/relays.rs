@@ -88,6 +88,9 @@ pub(crate) struct RelayLink {
     /// heard once per connection, so a relay cannot make the node sign
     /// and publish records without end.
     pub(crate) observed_heard: bool,
+    /// Whether the node registered again on the current connection, after
+    /// the relay said it had lost the registration.
+    pub(crate) reregistered: bool,
 }
 
 impl RelayLink {
@@ -105,6 +108,7 @@ impl RelayLink {
             last_used: now,
             observed: None,
             observed_heard: false,
+            reregistered: false,
         }
     }
 
@@ -129,6 +133,7 @@ impl RelayLink {
     pub(crate) fn connected(&mut self, now: Timestamp) {
         self.state = LinkState::Up;
         self.observed_heard = false;
+        self.reregistered = false;
         self.since = now;
         self.last_error = None;
     }

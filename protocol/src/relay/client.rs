@@ -52,6 +52,11 @@ pub enum ClientAction {
 /// an unanswered lookup only counts as found nothing.
 pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 5_000;
 
+/// How long a relay may leave a connection's registration unanswered. It
+/// is answered before anything else, but the node may be busy itself (its
+/// queue can hold a thousand frames), so it gets longer than a forward.
+pub const RELAY_REGISTRATION_TIMEOUT_MS: u64 = 15_000;
+
 /// One node's relay client state.
 #[derive(Debug, Default)]
 pub struct RelayClient {
@@ -83,9 +88,9 @@ impl RelayClient {
     }
 
     /// Whether the relay has left this connection's registration
-    /// unanswered for [`RELAY_ANSWER_TIMEOUT_MS`].
+    /// unanswered for [`RELAY_REGISTRATION_TIMEOUT_MS`].
     pub fn registration_overdue(&self, now: Timestamp) -> bool {
-        self.registering.is_some_and(|asked| now.millis_since(asked) >= RELAY_ANSWER_TIMEOUT_MS)
+        self.registering.is_some_and(|asked| now.millis_since(asked) >= RELAY_REGISTRATION_TIMEOUT_MS)
     }
 
     /// A newly signed record of this node (at start, and whenever its
@@ -131,8 +136,10 @@ impl RelayClient {
 
     /// When the oldest unanswered request runs out of time.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        let oldest = self.pending.values().chain(self.lookups.values()).chain(&self.registering).min()?;
-        Some(oldest.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS))
+        let request = self.pending.values().chain(self.lookups.values()).min();
+        let request = request.map(|asked| asked.saturating_add_millis(RELAY_ANSWER_TIMEOUT_MS));
+        let registration = self.registering.map(|asked| asked.saturating_add_millis(RELAY_REGISTRATION_TIMEOUT_MS));
+        request.into_iter().chain(registration).min()
     }
 
     /// Fails every request unanswered for [`RELAY_ANSWER_TIMEOUT_MS`] (a late

@@ -19,7 +19,7 @@ mod record;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-pub use client::{ClientAction, RelayClient, RELAY_ANSWER_TIMEOUT_MS};
+pub use client::{ClientAction, RelayClient, RELAY_ANSWER_TIMEOUT_MS, RELAY_REGISTRATION_TIMEOUT_MS};
 pub use frame::{PublishRefusal, Refusal, RelayFrame, MAX_FRAME_LEN};
 pub use memory::MemoryRelayStore;
 pub use record::{PeerRecord, RecordError, MAX_ADDRESSES, MAX_ADDRESS_LEN, PEER_RECORD_LABEL};

@@ -1220,6 +1220,9 @@ def check_group(c, v, kx, ratchet_messages):
 # relay.json (§7a): relay frames
 # ---------------------------------------------------------------------------
 
+# Kinds 0 to 14 exist (§7a); a higher one is refused by every reader.
+RELAY_FRAME_KINDS = 15
+
 REFUSALS = ["Quota", "Rate", "TooLarge", "RecipientOffline", "NotRegistered",
             "UnknownRecipient"]
 
@@ -1271,8 +1274,10 @@ def read_relay_frame(r):
     if r.u8() != VERSION[0]:
         raise Malformed("not version 1")
     kind = r.u32()
+    if kind >= RELAY_FRAME_KINDS:
+        raise Malformed(f"unknown relay frame kind {kind}")
     if kind not in RELAY_FRAMES:
-        raise Malformed(f"relay frame kind {kind} not read by this checker")
+        raise NotImplementedError(f"relay frame kind {kind} is not read by this checker")
     name, fields = RELAY_FRAMES[kind]
     frame = {"kind": name}
     for field, read in fields:
@@ -1294,13 +1299,13 @@ def check_relay(c, v):
                 sorted(frame))
     # A frame of a kind this version does not know, and an Observed with a
     # byte missing, are refused, not guessed at.
-    for label, data in (("unknown kind 15", b"\x01\x0f"),
-                        ("Observed cut short", h(v["frames"][-1]["encoding"])[:-1])):
+    for label, data, why in (("unknown kind 15", b"\x01\x0f", "unknown relay frame kind"),
+                             ("Observed cut short", h(v["frames"][-1]["encoding"])[:-1], "bytes at offset")):
         try:
             parse_exact(data, read_relay_frame)
             c.fail(f"relay.json {label}", "decoded")
-        except Malformed:
-            c.true(f"relay.json {label} is refused", True)
+        except Malformed as error:
+            c.true(f"relay.json {label} is refused", why in str(error), f"refused for another reason: {error}")
 
 
 def main(argv):

@@ -290,7 +290,9 @@ impl Node {
     }
 
     /// Stops the node (after its last commit), then the network, which
-    /// carries out the node's last outputs first, and waits for both.
+    /// carries out the node's last outputs first, and waits for both. The
+    /// stop overtakes work still queued: a command not yet taken is
+    /// answered [`NodeError::Stopped`], never half done.
     pub fn shutdown(mut self) {
         let _ = self.handle.inputs.control.try_send(NodeMsg::Stop);
         let mut threads = self.threads.drain(..);
