@@ -280,8 +280,7 @@ impl<S: Store> Engine<S> {
         match control {
             GroupControl::Invite { group_id, name, admin, members, created_at } => {
                 let invitation = Invitation { group_id, name, admin, members, created_at, received_at: now };
-                self.on_invite(now, from, invitation)?;
-                Ok(Handled::Done)
+                self.on_invite(now, from, invitation)
             }
             GroupControl::MemberAdded { group_id, member } => self.on_member_added(now, from, group_id, member),
             GroupControl::Leave { group_id, epoch } => self.on_leave(now, from, group_id, epoch),
@@ -591,47 +590,47 @@ impl<S: Store> Engine<S> {
         Ok(())
     }
 
-    fn on_invite(&mut self, now: Timestamp, from: PeerId, invitation: Invitation) -> Result<(), EngineError> {
+    fn on_invite(&mut self, now: Timestamp, from: PeerId, invitation: Invitation) -> Result<Handled, EngineError> {
         let me = self.peer_id();
         let Invitation { group_id, admin, .. } = invitation;
         if from != admin {
             self.reject(from, "group invite not sent by the group's admin");
-            return Ok(());
+            return Ok(Handled::Done);
         }
         if !group_id.is_group_id() {
             self.reject(from, "group invite with an ID that is not a group ID");
-            return Ok(());
+            return Ok(Handled::Done);
         }
         if invitation.name.len() > MAX_GROUP_NAME_LEN {
             self.reject(from, "group invite with a name over the length limit");
-            return Ok(());
+            return Ok(Handled::Done);
         }
         let roster: BTreeSet<PeerId> = invitation.members.iter().map(|m| m.peer_id).collect();
         let Some(my_epoch) = invitation.epoch_of(&me) else {
             self.reject(from, "group invite with a roster that does not hold this node");
-            return Ok(());
+            return Ok(Handled::Done);
         };
         if roster.len() > MAX_GROUP_MEMBERS || !roster.contains(&admin) {
             self.reject(from, "group invite with a roster that is too large or lacks its admin");
-            return Ok(());
+            return Ok(Handled::Done);
         }
         let existing = self.store.conversation(&group_id)?;
         if let Some(existing) = &existing {
             let same_admin = matches!(existing.kind, ConversationKind::Group { admin: a, .. } if a == admin);
             if !same_admin {
                 self.reject(from, "group invite that conflicts with a known group");
-                return Ok(());
+                return Ok(Handled::Done);
             }
             let mine = self.store.members(&group_id)?.into_iter().find(|m| m.peer_id == me);
             if mine.is_some_and(|m| m.epoch >= my_epoch) {
-                return Ok(()); // a repeat, or an invite older than our leave
+                return Ok(Handled::Done); // a repeat, or an invite older than our leave
             }
         }
         let in_group = existing.is_some_and(|c| !c.left);
         if !in_group && !self.chose_to_deal_with(&admin)? {
             return self.hold_invitation(invitation);
         }
-        self.join(now, invitation).map(|_| ())
+        self.join(now, invitation).map(|_| Handled::Done)
     }
 
     /// Whether the user has chosen to deal with `peer`: written to it in a
@@ -655,7 +654,7 @@ impl<S: Store> Engine<S> {
     }
 
     /// Keeps an invitation for the user's answer, within the caps.
-    fn hold_invitation(&mut self, invitation: Invitation) -> Result<(), EngineError> {
+    fn hold_invitation(&mut self, invitation: Invitation) -> Result<Handled, EngineError> {
         let me = self.peer_id();
         if let Some(waiting) = self.store.invitation(&invitation.group_id)? {
             if waiting.admin != invitation.admin {
@@ -665,13 +664,16 @@ impl<S: Store> Engine<S> {
                 // roster, under the first one's wait.
                 self.store.put_invitation(&Invitation { received_at: waiting.received_at, ..invitation })?;
             }
-            return Ok(());
+            return Ok(Handled::Done);
         }
         // Over a cap, nothing is sent back: a reply per refused invitation
-        // would let a stranger's flood fill our outbox instead.
+        // would let a stranger's flood fill our outbox instead. Not
+        // acknowledged either, so the admin sends it again later: taken once
+        // the user has answered one of its others, rather than lost while
+        // the admin's sender key for that group goes unheard for ever.
         if self.store.invitation_count(Some(&invitation.admin))? >= self.config.max_invitations_per_admin {
-            self.reject(invitation.admin, "too many of this peer's group invitations are waiting; dropped");
-            return Ok(());
+            self.reject(invitation.admin, "too many of this peer's group invitations are waiting; not taken yet");
+            return Ok(Handled::NotYet);
         }
         while self.store.invitation_count(None)? >= self.config.max_invitations {
             let Some(oldest) = self.store.oldest_invitation()? else { break };
@@ -685,7 +687,7 @@ impl<S: Store> Engine<S> {
             invited_by: invitation.admin,
             pending: true,
         });
-        Ok(())
+        Ok(Handled::Done)
     }
 
     pub(super) fn accept_invitation(
