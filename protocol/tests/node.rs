@@ -682,7 +682,19 @@ fn a_relay_that_never_answers_the_registration_is_given_up_on_and_one_that_lost_
     net.nodes[0].handle(now, NodeInput::RelayFrame { relay: 0, bytes });
     net.pump();
     let sent: Vec<RelayFrame> = net.frames_from(0)[before..].to_vec();
-    assert!(matches!(sent.as_slice(), [RelayFrame::Register, RelayFrame::Publish(_)]), "{sent:?}");
+    let [RelayFrame::Register, RelayFrame::Publish(record)] = sent.as_slice() else { panic!("{sent:?}") };
+    // Lost again on the same connection: the relay is not serving this
+    // node, and the connection is made afresh rather than asked again.
+    let bytes = RelayFrame::PublishRefused {
+        sequence: record.sequence,
+        reason: p2pchat_protocol::relay::PublishRefusal::NotRegistered,
+    }
+    .encode();
+    let before = net.log.len();
+    net.nodes[0].handle(now, NodeInput::RelayFrame { relay: 0, bytes });
+    net.pump();
+    let closed = net.log[before..].iter().any(|(_, _, o)| matches!(o, NodeOutput::CloseRelay { relay: 0 }));
+    assert!(closed);
 }
 
 #[test]
@@ -693,6 +705,10 @@ fn an_address_that_keeps_failing_is_dialled_ever_more_rarely() {
     for k in 0..4 {
         net.send(0, 1, &format!("m{k}"));
         net.advance(DIRECT_DIAL_BUDGET_MS);
+        // The driver gives up on the same dial later: no second failure.
+        let (now, peer) = (net.now, net.peers[1]);
+        net.nodes[0].handle(now, NodeInput::DialFailed { peer, reason: "no answer within 10 s".into() });
+        net.pump();
         let failed_at = net.now;
         let PathState::DirectFailedUntil(until) = net.nodes[0].peers(net.now)[0].state else {
             panic!("the dial failed: {:?}", net.nodes[0].peers(net.now))

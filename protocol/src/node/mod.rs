@@ -71,8 +71,8 @@ pub const MAX_VISITED_RELAYS: usize = 8;
 pub const VISIT_IDLE_MS: u64 = 60_000;
 /// How long after a failed engine timeout the node tries it again.
 const TIMEOUT_RETRY_MS: u64 = 1_000;
-/// The most transmits held while the node is cut off from every relay of
-/// its own, and their bytes (see [`Node::no_path`]): well within what a
+/// The most transmits held for a path, and their bytes (see
+/// [`Node::no_path`] and [`NodeInput::RelayFrameUnsent`]): well within what a
 /// driver queues for one relay, so that all of them can go at once when
 /// one connects.
 pub const MAX_HELD_FOR_A_PATH: usize = 4_096;
@@ -351,7 +351,8 @@ pub struct Node<S: Store> {
     /// try the next relay.
     relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<PeerId>)>,
     /// Transmits that found no path while the node is cut off from every
-    /// relay of its own, with their bytes, and when they are next routed.
+    /// relay of its own, or whose relay's queue was full, with their bytes,
+    /// and when they are next routed.
     held_for_a_path: VecDeque<Transmit>,
     held_bytes: usize,
     held_retry_at: Option<Timestamp>,
@@ -797,6 +798,11 @@ impl<S: Store> Node<S> {
         path.connected = true;
         path.failed_until = None;
         path.last_failure = None;
+        // Our own dial of the address worked: it is good again. (A peer
+        // that dials us says nothing of whether we can dial it.)
+        if path.dial.is_some() {
+            path.failures = 0;
+        }
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
             self.send_direct(transmit);
@@ -815,6 +821,13 @@ impl<S: Store> Node<S> {
         let Some(path) = self.paths.get_mut(&peer) else { return };
         if path.connected {
             return; // the peer dialled us meanwhile
+        }
+        // The node's own budget ends a dial before the driver gives up on
+        // it; the driver's word on the same dial, later, counts no second
+        // failure.
+        if path.dial.is_none() && path.failed_until.is_some_and(|until| until > now) {
+            path.last_failure = Some(reason);
+            return;
         }
         path.failures = path.failures.saturating_add(1);
         let wait = DIRECT_RETRY_AFTER_MS.saturating_mul(1 << (path.failures - 1).min(10)).min(DIRECT_RETRY_MAX_MS);
@@ -1059,8 +1072,15 @@ impl<S: Store> Node<S> {
                 // under us, say): register again, which brings the mailbox.
                 // Once per connection, and only on a relay of its own: a relay
                 // cannot make the node sign records without end.
+                // A second time on the same connection, the relay is not
+                // serving this node: the connection is closed and made again.
                 ClientAction::PublishRefused { reason: PublishRefusal::NotRegistered, .. }
-                    if !self.relays[relay].visiting && !self.relays[relay].reregistered =>
+                    if !self.relays[relay].visiting && self.relays[relay].reregistered =>
+                {
+                    self.relay_unresponsive(now, relay, "the relay keeps losing this node's registration");
+                }
+                ClientAction::PublishRefused { reason: PublishRefusal::NotRegistered, .. }
+                    if !self.relays[relay].visiting =>
                 {
                     self.relays[relay].reregistered = true;
                     if let Some(record) = self.sign_record(now, relay) {
