@@ -302,6 +302,14 @@ impl Net {
         }
     }
 
+    /// Alice's first message to bob, delivered: their session is up (the
+    /// key exchange is interactive, so it happens while both are online).
+    fn first_message_delivered(&mut self) {
+        let first = self.send(0, 1, "first");
+        self.advance(3 * DIRECT_DIAL_BUDGET_MS);
+        assert_eq!(self.status(0, first), MessageStatus::Delivered);
+    }
+
     fn give_address(&mut self, i: usize, j: usize) {
         let addr = format!("10.0.0.{j}:4433").parse().unwrap();
         self.nodes[i].handle(self.now, NodeInput::PeerAddress { peer: self.peers[j], addr });
@@ -363,10 +371,7 @@ fn a_failed_direct_send_goes_through_the_relay_at_once() {
 #[test]
 fn a_peer_that_is_away_gets_its_mailbox_and_acknowledges_it_in_one_frame() {
     let mut net = Net::new(2, Dials::Blackhole);
-    // The key exchange is interactive: it happens while both are online.
-    let first = net.send(0, 1, "first");
-    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
-    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.first_message_delivered();
     net.cut_off(1);
     let later: Vec<MessageId> = (0..5).map(|k| net.send(0, 1, &format!("later {k}"))).collect();
     net.advance(10_000);
@@ -423,9 +428,7 @@ fn a_relay_that_closes_every_connection_at_once_is_not_redialled_every_second() 
 #[test]
 fn a_forward_the_relay_never_answers_goes_again_once_a_relay_answers() {
     let mut net = Net::new(2, Dials::Blackhole);
-    let first = net.send(0, 1, "first");
-    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
-    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.first_message_delivered();
     // Frames from alice to the relay are lost from now on, on a connection
     // that stays up: nothing will ever answer her forward.
     net.frames_lost.insert(0);
@@ -450,9 +453,7 @@ fn a_forward_the_relay_never_answers_goes_again_once_a_relay_answers() {
 fn messages_written_during_two_days_offline_arrive_when_the_node_is_back() {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     let mut net = Net::new(2, Dials::Blackhole);
-    let first = net.send(0, 1, "first");
-    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
-    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.first_message_delivered();
     net.cut_off(0);
     let ids: Vec<MessageId> = (0..5).map(|k| net.send(0, 1, &format!("offline {k}"))).collect();
     net.advance(2 * DAY_MS);
@@ -475,9 +476,7 @@ fn a_peer_whose_recorded_address_fails_is_looked_up_again_at_most_once_a_minute(
     let bob = net.peers[1];
     // Alice learns bob's address from his record (her engine looks him up
     // to exchange keys), dials it in vain, and goes through the relay.
-    let first = net.send(0, 1, "first");
-    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
-    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.first_message_delivered();
     assert_eq!(net.lookups_of(0, bob), 1, "the key exchange's lookup");
     for k in 0..5 {
         net.send(0, 1, &format!("more {k}"));
@@ -604,9 +603,7 @@ fn a_relay_cannot_make_a_node_publish_what_no_one_can_dial_or_sign_records_witho
 #[test]
 fn a_forward_the_driver_cannot_queue_is_held_in_the_node_and_goes_once_the_queue_drains() {
     let mut net = Net::new(2, Dials::Blackhole);
-    let first = net.send(0, 1, "first");
-    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
-    assert_eq!(net.status(0, first), MessageStatus::Delivered);
+    net.first_message_delivered();
     // Alice's queue to the relay is full: her forward comes back unsent.
     net.relay_queue_full.insert(0);
     let id = net.send(0, 1, "second");
