@@ -521,20 +521,8 @@ impl World {
             let node = self.faults.index(n);
             self.schedule(at, Ev::Fault(Fault::Crash(node)));
         }
-        for _ in 0..self.knobs.relay_outages {
-            let at = self.faults.range(0, span);
-            let length = self.faults.range(1_000, 120_000);
-            let r = self.faults.index(self.relays.len());
-            self.schedule(at, Ev::Fault(Fault::RelayDown(r)));
-            self.schedule(at + length, Ev::Fault(Fault::RelayUp(r)));
-        }
-        for _ in 0..self.knobs.silent_relays {
-            let at = self.faults.range(0, span);
-            let length = self.faults.range(1_000, 120_000);
-            let r = self.faults.index(self.relays.len());
-            self.schedule(at, Ev::Fault(Fault::RelaySilent(r)));
-            self.schedule(at + length, Ev::Fault(Fault::RelayAnswers(r)));
-        }
+        self.schedule_relay_spells(self.knobs.relay_outages, span, Fault::RelayDown, Fault::RelayUp);
+        self.schedule_relay_spells(self.knobs.silent_relays, span, Fault::RelaySilent, Fault::RelayAnswers);
         if self.knobs.never_together {
             self.schedule_never_together();
         }
@@ -577,6 +565,18 @@ impl World {
             Fault::RelayAnswers(r) => self.relays[r].silent = false,
         }
         self.refresh();
+    }
+
+    /// `count` spells, each of one relay, starting within `span` and lasting
+    /// 1 s to 2 min: `start(r)`, then `end(r)`.
+    fn schedule_relay_spells(&mut self, count: u32, span: u64, start: fn(usize) -> Fault, end: fn(usize) -> Fault) {
+        for _ in 0..count {
+            let at = self.faults.range(0, span);
+            let length = self.faults.range(1_000, 120_000);
+            let r = self.faults.index(self.relays.len());
+            self.schedule(at, Ev::Fault(start(r)));
+            self.schedule(at + length, Ev::Fault(end(r)));
+        }
     }
 
     /// Nodes 0 and 1 set up their session while both are online, in the
