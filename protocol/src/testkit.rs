@@ -17,7 +17,8 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::engine::{
     Answer, Command, CommandOutcome, Conversation, ConversationKind, Engine, EngineConfig, EngineError, Event, Input,
-    MemoryStore, Message, MessageStatus, Query, Step, Store, Transmit, TransmitOutcome,
+    KeptRecord, MemoryStore, Message, MessageStatus, Query, Step, Store, Transmit, TransmitOutcome,
+    KEPT_RECORD_LIFETIME_MS, MAX_KEPT_RECORDS, MAX_KEPT_RECORD_BYTES,
 };
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -62,6 +63,10 @@ macro_rules! scenario_tests {
         #[test]
         fn waiting_invitations_stay_within_their_caps_and_expire() {
             $crate::testkit::waiting_invitations_stay_within_their_caps_and_expire($make);
+        }
+        #[test]
+        fn kept_peer_records_stay_within_their_cap_survive_a_restart_and_expire() {
+            $crate::testkit::kept_peer_records_stay_within_their_cap_survive_a_restart_and_expire($make);
         }
         #[test]
         fn a_quiet_strangers_session_is_swept_and_its_next_message_still_arrives() {
@@ -1178,6 +1183,51 @@ fn seal_for<S: TestStore>(net: &mut Net<S>, from: usize, to: usize, payload: &cr
     store.put_sessions(&peer, &sessions.to_bytes()).unwrap();
     store.commit().unwrap();
     Envelope::new(EnvelopeBody::Ratchet(message)).encode()
+}
+
+/// Scenario: the peer records a node keeps across restarts (a peer's
+/// relays, for someone away longer than a record lives) stay within their
+/// count cap, the least recently seen going first; one over the size cap
+/// is not kept; a newer one replaces the old; they survive a restart; and
+/// retention forgets those not seen again for 30 days.
+pub fn kept_peer_records_stay_within_their_cap_survive_a_restart_and_expire<S: TestStore>(make: fn() -> S) {
+    const DAY_MS: u64 = 24 * 60 * 60_000;
+    let mut net = Net::new(make, 1, 71);
+    let kept = |n: u32, len: usize| {
+        let mut peer = [0u8; 20];
+        peer[..4].copy_from_slice(&n.to_be_bytes());
+        // The store keeps what it is given; the node checks signatures.
+        KeptRecord { peer: PeerId(peer), seen_at: NOW.saturating_add_millis(u64::from(n)), record: vec![n as u8; len] }
+    };
+    let read = |net: &mut Net<S>| {
+        let store = net.nodes[0].engine.store_mut();
+        store.begin().unwrap();
+        let records = store.kept_records().unwrap();
+        store.rollback();
+        records
+    };
+    let over = MAX_KEPT_RECORDS as u32 + 1;
+    let steps = (0..over).map(|n| Step::Input(Input::KeepRecord(kept(n, 100))));
+    net.nodes[0].engine.handle_batch(NOW, steps).unwrap();
+    let records = read(&mut net);
+    assert_eq!(records.len(), MAX_KEPT_RECORDS, "one over the cap: the least recently seen went");
+    assert!(!records.iter().any(|r| r.peer == kept(0, 100).peer));
+    assert!(records.contains(&kept(over - 1, 100)));
+
+    let newer = KeptRecord { record: vec![7; 50], ..kept(5, 100) };
+    let oversized = kept(over, MAX_KEPT_RECORD_BYTES + 1);
+    let steps = [newer.clone(), oversized.clone()].map(|k| Step::Input(Input::KeepRecord(k)));
+    net.nodes[0].engine.handle_batch(NOW, steps).unwrap();
+    net.restart(0);
+    let records = read(&mut net);
+    assert_eq!(records.len(), MAX_KEPT_RECORDS, "kept across the restart");
+    assert!(records.contains(&newer), "the newer record replaced the old");
+    assert!(!records.iter().any(|r| r.peer == oversized.peer), "an oversized record is not kept");
+
+    net.advance(KEPT_RECORD_LIFETIME_MS - 2 * DAY_MS);
+    assert_eq!(read(&mut net).len(), MAX_KEPT_RECORDS, "kept while they may still be useful");
+    net.advance(3 * DAY_MS);
+    assert!(read(&mut net).is_empty(), "forgotten 30 days after they were last seen");
 }
 
 /// Scenario: a member, then the admin, leave while node 3's invitation

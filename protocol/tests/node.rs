@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, TransmitOutcome,
+    Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, Query, Store, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
-    Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket, DIRECT_DIAL_BUDGET_MS,
-    HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, RELAY_BACKOFF_MAX_MS,
+    AddressSource, Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket,
+    DIRECT_DIAL_BUDGET_MS, HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, RELAY_BACKOFF_MAX_MS,
 };
 use p2pchat_protocol::relay::{
     MemoryRelayStore, Relay, RelayConfig, RelayFrame, RelayStore, RELAY_ANSWER_TIMEOUT_MS,
@@ -56,6 +56,8 @@ struct Net {
     direct: BTreeSet<(usize, usize)>,
     log: Vec<(Timestamp, usize, NodeOutput)>,
     next_ticket: u64,
+    configs: Vec<NodeConfig>,
+    restarts: u64,
 }
 
 impl Net {
@@ -68,6 +70,7 @@ impl Net {
         let relay_spec = RelaySpec { peer: PeerId([0xee; 20]), address: "relay.test:4433".into() };
         let mut nodes = Vec::new();
         let mut peers = Vec::new();
+        let mut configs = Vec::new();
         for i in 0..count {
             let identity = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(100 + i as u64));
             peers.push(identity.peer_id());
@@ -78,6 +81,7 @@ impl Net {
                 ..NodeConfig::default()
             };
             configure(i, &mut config);
+            configs.push(config.clone());
             let rng = ChaCha20Rng::seed_from_u64(200 + i as u64);
             nodes.push(Node::new(identity, MemoryStore::new(), config, rng, START).unwrap());
         }
@@ -97,6 +101,8 @@ impl Net {
             direct: BTreeSet::new(),
             log: Vec::new(),
             next_ticket: 0,
+            configs,
+            restarts: 0,
         };
         net.pump();
         net
@@ -224,6 +230,26 @@ impl Net {
         self.relay.disconnected(&self.peers[i]);
         let reason = "the relay connection closed".into();
         self.nodes[i].handle(self.now, NodeInput::RelayDisconnected { relay: 0, reason });
+        self.pump();
+    }
+
+    /// Node `i` crashes and starts again from what its store committed.
+    fn restart(&mut self, i: usize) {
+        self.registered.remove(&i);
+        self.relay.disconnected(&self.peers[i]);
+        for (a, b) in std::mem::take(&mut self.direct) {
+            if a == i || b == i {
+                let other = if a == i { b } else { a };
+                self.nodes[other].handle(self.now, NodeInput::DirectDown { peer: self.peers[i] });
+            } else {
+                self.direct.insert((a, b));
+            }
+        }
+        self.restarts += 1;
+        let store = self.nodes[i].engine().store().crash_copy();
+        let identity = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(100 + i as u64));
+        let rng = ChaCha20Rng::seed_from_u64(1_000 * self.restarts + i as u64);
+        self.nodes[i] = Node::new(identity, store, self.configs[i].clone(), rng, self.now).unwrap();
         self.pump();
     }
 
@@ -716,4 +742,64 @@ fn an_address_that_keeps_failing_is_dialled_ever_more_rarely() {
     assert_eq!(waits, [60_000, 120_000, 240_000, 480_000]);
     // Every message still went, through the relay.
     assert_eq!(net.received(1), ["m0", "m1", "m2", "m3"]);
+}
+
+/// Bob's record as a card would carry it: his direct address and two relays
+/// of his that alice does not use (and that never answer here), valid for a
+/// minute.
+fn bobs_card(net: &Net) -> p2pchat_protocol::relay::PeerRecord {
+    let bob = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(101));
+    let relays = vec![format!("{}@10.9.9.2:4433", PeerId([0x22; 20])), format!("{}@10.9.9.3:4433", PeerId([0x33; 20]))];
+    let expires = net.now.saturating_add_millis(60_000);
+    p2pchat_protocol::relay::PeerRecord::sign(&bob, vec!["10.0.0.1:4433".into()], relays, net.now, expires, 1)
+}
+
+#[test]
+fn a_restarted_node_still_knows_the_record_it_last_saw_even_once_expired() {
+    let mut net = Net::new(2, Dials::Blackhole);
+    let record = bobs_card(&net);
+    net.nodes[0].handle(net.now, NodeInput::PeerRecord { record });
+    net.pump();
+    // Two days on, the record long expired, alice restarts.
+    net.advance(2 * 24 * 60 * 60_000);
+    net.restart(0);
+    let restarted_at = net.now;
+    let bob = net.peers[1];
+    let path = net.nodes[0].peers(net.now).into_iter().find(|p| p.peer == bob).expect("bob is still known");
+    assert_eq!(path.address, Some("10.0.0.1:4433".parse().unwrap()));
+    assert_eq!(path.source, Some(AddressSource::Record { relay: None }));
+    let id = net.send(0, 1, "after the restart");
+    net.advance(3 * DIRECT_DIAL_BUDGET_MS);
+    // Each of bob's relays from the kept record is tried (a record from
+    // alice's own relay would list only that relay), then alice's own.
+    let visits = net
+        .log
+        .iter()
+        .filter(|(at, n, o)| {
+            *at >= restarted_at && *n == 0 && matches!(o, NodeOutput::ConnectRelay { relay, .. } if *relay != 0)
+        })
+        .count();
+    assert_eq!(visits, 2, "the relays of the kept record are tried");
+    assert_eq!(net.received(1), ["after the restart"]);
+    assert_eq!(net.status(0, id), MessageStatus::Delivered);
+}
+
+#[test]
+fn a_kept_record_that_does_not_verify_is_refused_on_start() {
+    let net = Net::new(1, Dials::Blackhole);
+    let mut record = bobs_card(&net);
+    record.direct_addresses = vec!["10.6.6.6:4433".into()]; // no longer what bob signed
+    let bob = record.peer_id;
+    let mut store = MemoryStore::new();
+    store.begin().unwrap();
+    store.put_kept_record(&KeptRecord { peer: bob, seen_at: net.now, record: record.encode() }).unwrap();
+    store.commit().unwrap();
+    let identity = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(100));
+    let mut node = Node::new(identity, store, net.configs[0].clone(), ChaCha20Rng::seed_from_u64(9), net.now).unwrap();
+    let mut refused = false;
+    while let Some(output) = node.poll_output(net.now) {
+        refused |= matches!(output, NodeOutput::Notice(Notice::RecordRefused { peer, .. }) if peer == bob);
+    }
+    assert!(refused, "the tampered record is reported");
+    assert!(node.peers(net.now).iter().all(|p| p.peer != bob), "and not used");
 }

@@ -2,8 +2,8 @@
 //! a deliberately wrong behaviour planted, to prove the checker catches it.
 
 use p2pchat_protocol::engine::{
-    Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus, OutboxItem,
-    Store, StoreError,
+    Conversation, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus,
+    OutboxItem, Store, StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -257,6 +257,22 @@ impl Store for SimStore {
 
     fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
         self.inner.delete_invitation(group)
+    }
+
+    fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError> {
+        self.inner.kept_records()
+    }
+
+    fn put_kept_record(&mut self, kept: &KeptRecord) -> Result<(), StoreError> {
+        self.inner.put_kept_record(kept)
+    }
+
+    fn kept_record_count(&self) -> Result<usize, StoreError> {
+        self.inner.kept_record_count()
+    }
+
+    fn forget_kept_records(&mut self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError> {
+        self.inner.forget_kept_records(cutoff, keep)
     }
 
     fn next_seq(&mut self) -> Result<u64, StoreError> {

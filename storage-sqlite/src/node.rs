@@ -6,8 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use zeroize::Zeroizing;
 
 use p2pchat_protocol::engine::{
-    Conversation, ConversationKind, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem, Store,
-    StoreError,
+    Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
+    OutboxItem, Store, StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -28,6 +28,7 @@ mod label {
     pub(super) const OUTBOX: &[u8] = b"outbox";
     pub(super) const KEY_CHECK: &[u8] = b"key-check";
     pub(super) const INVITATION: &[u8] = b"invitation";
+    pub(super) const PEER_RECORD: &[u8] = b"peer-record";
 }
 
 const NONCE_LEN: usize = 24;
@@ -867,6 +868,43 @@ impl Store for SqliteStore {
 
     fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
         self.execute("DELETE FROM chat_invitations WHERE group_id = ?1", [group.to_string()])
+    }
+
+    fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError> {
+        let sql = "SELECT peer_id, sealed FROM chat_peer_records ORDER BY peer_id";
+        self.read_sealed_list(sql, [], label::PEER_RECORD, "a kept peer record")
+    }
+
+    fn put_kept_record(&mut self, kept: &KeptRecord) -> Result<(), StoreError> {
+        let peer = kept.peer.to_string();
+        let sealed = self.key.seal(label::PEER_RECORD, peer.as_bytes(), &encode(kept)?);
+        self.execute(
+            "INSERT INTO chat_peer_records (peer_id, seen_at, sealed) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(peer_id) DO UPDATE SET seen_at = excluded.seen_at, sealed = excluded.sealed",
+            params![peer, ts(kept.seen_at), sealed],
+        )
+    }
+
+    fn kept_record_count(&self) -> Result<usize, StoreError> {
+        Ok(self.scalar("SELECT COUNT(*) FROM chat_peer_records", [])?.unwrap_or(0).max(0) as usize)
+    }
+
+    fn forget_kept_records(&mut self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError> {
+        self.guard()?;
+        let old = self
+            .conn
+            .prepare_cached("DELETE FROM chat_peer_records WHERE seen_at < ?1")
+            .and_then(|mut s| s.execute([ts(cutoff)]))
+            .map_err(backend)?;
+        let beyond = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM chat_peer_records WHERE peer_id IN (SELECT peer_id FROM chat_peer_records \
+                 ORDER BY seen_at DESC, peer_id LIMIT -1 OFFSET ?1)",
+            )
+            .and_then(|mut s| s.execute([i64::try_from(keep).unwrap_or(i64::MAX)]))
+            .map_err(backend)?;
+        Ok(old + beyond)
     }
 
     fn next_seq(&mut self) -> Result<u64, StoreError> {

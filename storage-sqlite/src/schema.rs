@@ -79,6 +79,7 @@ pub fn node_schema() -> Schema {
             Migration { name: "initial node schema", sql: NODE_V1 },
             Migration { name: "key exchange deadlines and held-message counts in SQL", sql: NODE_V2 },
             Migration { name: "group invitations and when each peer was last heard from", sql: NODE_V3 },
+            Migration { name: "the last record seen of each peer", sql: NODE_V4 },
         ],
     }
 }
@@ -93,6 +94,18 @@ pub fn relay_schema() -> Schema {
         ],
     }
 }
+
+/// Version 4 of the node's schema: the last signed record seen of each
+/// peer, sealed (it lists where the peer can be reached: metadata), with
+/// the peer and when it was seen beside it to find and forget the oldest.
+const NODE_V4: &str = "
+CREATE TABLE chat_peer_records (
+    peer_id TEXT PRIMARY KEY,
+    seen_at INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX chat_peer_records_by_age ON chat_peer_records(seen_at, peer_id);
+";
 
 /// Version 3 of the node's schema: group invitations waiting for the
 /// user's answer, sealed (the group's name and roster), with the admin and

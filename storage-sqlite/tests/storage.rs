@@ -7,7 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use p2pchat_protocol::engine::{
-    Conversation, ConversationKind, KeyExchangeAttempt, Message, MessageStatus, OutboxItem, OutboxPayload, Store,
+    Conversation, ConversationKind, KeptRecord, KeyExchangeAttempt, Message, MessageStatus, OutboxItem, OutboxPayload,
+    Store,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{MailboxEntry, RelayStore, Source, Usage};
@@ -100,6 +101,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
     let exchange_secret = [0x3cu8; 32];
     let queued_key = [0x66u8; 32];
     let group_name = "Project Nightingale launch";
+    let peer_address = "198.51.100.77:40404";
     let conv = ConversationId(Uuid([9; 16]));
     let peer = PeerId([4; 20]);
     {
@@ -132,6 +134,9 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         let mut named = conversation(group, peer);
         named.kind = ConversationKind::Group { name: group_name.into(), admin: peer };
         store.put_conversation(&named).unwrap();
+        // Where a peer is reached (its kept record) is metadata.
+        let kept = KeptRecord { peer, seen_at: Timestamp(3), record: peer_address.as_bytes().to_vec() };
+        store.put_kept_record(&kept).unwrap();
         store.commit().unwrap();
         store.begin().unwrap();
         store.delete_message(&message(2, conv, deleted_text, 11).id).unwrap();
@@ -143,6 +148,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         assert_eq!(&store.group_keys(&conv).unwrap().unwrap()[..], &group_secret);
         assert_eq!(store.key_exchanges().unwrap()[0].pending.as_deref(), Some(&exchange_secret[..]));
         assert_eq!(store.outbox().unwrap()[0].payload, OutboxPayload::Control(queued_key.to_vec()));
+        assert_eq!(store.kept_records().unwrap()[0].record, peer_address.as_bytes());
         assert!(
             matches!(&store.conversation(&group).unwrap().unwrap().kind, ConversationKind::Group { name, .. } if name == group_name)
         );
@@ -160,6 +166,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
             ("pending key exchange", &exchange_secret[..]),
             ("queued sender key", &queued_key[..]),
             ("group name", group_name.as_bytes()),
+            ("peer's address", peer_address.as_bytes()),
         ] {
             assert!(!contains(&bytes, needle), "the {what} is readable in the database or its WAL");
         }

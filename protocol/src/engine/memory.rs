@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{
+    Conversation, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message, OutboxItem,
+};
 use super::store::{Store, StoreError};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -30,6 +32,7 @@ struct Tables {
     group_envelopes: BTreeMap<MessageId, Vec<u8>>,
     held: BTreeMap<u64, HeldMessage>,
     invitations: BTreeMap<ConversationId, Invitation>,
+    kept_records: BTreeMap<PeerId, KeptRecord>,
     next_seq: u64,
     retention_due: Option<Timestamp>,
     last_request_at: Option<Timestamp>,
@@ -360,6 +363,34 @@ impl Store for MemoryStore {
     fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
         self.write()?.invitations.remove(group);
         Ok(())
+    }
+
+    fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError> {
+        Ok(self.read()?.kept_records.values().cloned().collect())
+    }
+
+    fn put_kept_record(&mut self, kept: &KeptRecord) -> Result<(), StoreError> {
+        self.write()?.kept_records.insert(kept.peer, kept.clone());
+        Ok(())
+    }
+
+    fn kept_record_count(&self) -> Result<usize, StoreError> {
+        Ok(self.read()?.kept_records.len())
+    }
+
+    fn forget_kept_records(&mut self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError> {
+        let records = &mut self.write()?.kept_records;
+        let before = records.len();
+        records.retain(|_, k| k.seen_at >= cutoff);
+        if records.len() > keep {
+            // Newest first, ties by peer ID (as the SQL store orders them).
+            let mut by_age: Vec<(Timestamp, PeerId)> = records.values().map(|k| (k.seen_at, k.peer)).collect();
+            by_age.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (_, peer) in by_age.split_off(keep) {
+                records.remove(&peer);
+            }
+        }
+        Ok(before - records.len())
     }
 
     fn next_seq(&mut self) -> Result<u64, StoreError> {

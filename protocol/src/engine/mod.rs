@@ -32,8 +32,8 @@ use rand_core::CryptoRngCore;
 pub use events::Event;
 pub use memory::MemoryStore;
 pub use model::{
-    Conversation, ConversationKind, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, MessageStatus,
-    OutboxItem, OutboxPayload,
+    Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
+    MessageStatus, OutboxItem, OutboxPayload,
 };
 pub use store::{Store, StoreError};
 
@@ -86,6 +86,17 @@ pub const MAX_INVITATIONS_PER_ADMIN: usize = 5;
 /// heard from (about 60 bytes each on disk): beyond it, the oldest go, and
 /// such a peer's next message under its old session is refused.
 pub const MAX_QUIET_PEERS: usize = 10_000;
+
+/// The most peer records kept across restarts ([`Input::KeepRecord`]);
+/// beyond it the least recently seen go.
+pub const MAX_KEPT_RECORDS: usize = 4_096;
+/// The largest record kept, encoded; a larger one (a record may list 32
+/// addresses of 256 bytes) is used but not kept. With the count above this
+/// bounds the kept records at 8 MiB.
+pub const MAX_KEPT_RECORD_BYTES: usize = 2_048;
+/// How long a record not seen again is kept: long past a relay mailbox's
+/// week, so someone away for weeks is still reached where they were.
+pub const KEPT_RECORD_LIFETIME_MS: u64 = 30 * DAY_MS;
 
 /// The most message IDs (or acknowledged IDs) one receipt is taken to name;
 /// the rest are ignored, so one envelope cannot cost unbounded work.
@@ -379,6 +390,10 @@ pub enum Input {
     },
     /// A deadline from [`Engine::poll_timeout`] passed.
     Timeout,
+    /// Keep this peer record across restarts (the node's routing reads the
+    /// kept records when it starts). One over [`MAX_KEPT_RECORD_BYTES`] is
+    /// not kept.
+    KeepRecord(KeptRecord),
 }
 
 /// One unit of work in a batch ([`Engine::handle_batch`]).
@@ -953,6 +968,16 @@ impl<S: Store> Engine<S> {
             }
             Input::TransmitResult { id, outcome } => self.transmit_result(now, id, outcome),
             Input::Timeout => self.timeout(now),
+            Input::KeepRecord(kept) => {
+                if kept.record.len() > MAX_KEPT_RECORD_BYTES {
+                    return Ok(());
+                }
+                self.store.put_kept_record(&kept)?;
+                if self.store.kept_record_count()? > MAX_KEPT_RECORDS {
+                    self.store.forget_kept_records(Timestamp(0), MAX_KEPT_RECORDS)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -1541,7 +1566,8 @@ impl<S: Store> Engine<S> {
     }
 
     /// Deletes messages past their TTL (failing those still undelivered
-    /// first) and skipped keys past seven days.
+    /// first), skipped keys past seven days and peer records not seen for
+    /// [`KEPT_RECORD_LIFETIME_MS`].
     fn retention(&mut self, now: Timestamp) -> Result<(), EngineError> {
         let cutoff = Timestamp(now.as_millis().saturating_sub(self.config.message_ttl_ms));
         let me = self.peer_id();
@@ -1581,6 +1607,8 @@ impl<S: Store> Engine<S> {
             }
         }
         self.sweep_quiet_sessions(cutoff)?;
+        let records_cutoff = Timestamp(now.as_millis().saturating_sub(KEPT_RECORD_LIFETIME_MS));
+        self.store.forget_kept_records(records_cutoff, MAX_KEPT_RECORDS)?;
         for peer in self.store.session_peers()? {
             // One unreadable row must not stop the sweep for everyone else.
             let Ok(Some(mut sessions)) = self.load_sessions(&peer) else { continue };

@@ -256,3 +256,17 @@ impl Invitation {
         self.members.iter().find(|m| m.peer_id == *peer).map(|m| m.epoch)
     }
 }
+
+/// A peer's signed record as the node last saw it: kept so that a node that
+/// restarts still reaches, through their relays' mailboxes, the peers it
+/// reached before (a record expires in a day; a mailbox lives a week).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptRecord {
+    /// Whose record it is.
+    pub peer: PeerId,
+    /// When this node last learned it (the oldest are forgotten first).
+    pub seen_at: Timestamp,
+    /// The record as signed, postcard-encoded; the node checks its
+    /// signature again when it loads it.
+    pub record: Vec<u8>,
+}

@@ -6,7 +6,9 @@
 
 use zeroize::Zeroizing;
 
-use super::model::{Conversation, HeldMessage, Invitation, KeyExchangeAttempt, Member, Message, OutboxItem};
+use super::model::{
+    Conversation, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message, OutboxItem,
+};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -233,6 +235,16 @@ pub trait Store {
     fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError>;
     /// Removes it.
     fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError>;
+
+    /// Every kept peer record, in peer ID order.
+    fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError>;
+    /// Creates or replaces the kept record of `kept.peer`.
+    fn put_kept_record(&mut self, kept: &KeptRecord) -> Result<(), StoreError>;
+    /// How many records are kept.
+    fn kept_record_count(&self) -> Result<usize, StoreError>;
+    /// Forgets the records last seen before `cutoff`, and then all but the
+    /// `keep` most recently seen; returns how many went.
+    fn forget_kept_records(&mut self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError>;
 
     /// A counter that never repeats, for outbox order.
     fn next_seq(&mut self) -> Result<u64, StoreError>;

@@ -42,8 +42,8 @@ use rand_core::CryptoRngCore;
 
 use crate::address::AddressPolicy;
 use crate::engine::{
-    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, Query, Step, Store, Transmit,
-    TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, KeptRecord, Query, Step, Store,
+    Transmit, TransmitId, TransmitOutcome,
 };
 use crate::identity::IdentityKeyPair;
 use crate::ids::PeerId;
@@ -395,6 +395,7 @@ impl<S: Store> Node<S> {
             held_retry_at: None,
             outputs: VecDeque::new(),
         };
+        node.load_kept_records(now)?;
         node.connect_due_relays(now);
         Ok(node)
     }
@@ -858,8 +859,47 @@ impl<S: Store> Node<S> {
         self.send_to_relay(index, &frame);
     }
 
-    /// A verified record: its first dialable address becomes the peer's.
+    /// A verified record: used at once, and kept across restarts when it is
+    /// newer than the one kept.
     fn learn_record(&mut self, now: Timestamp, relay: Option<usize>, record: PeerRecord) {
+        let seen = self.paths.get(&record.peer_id).and_then(|p| p.record_sequence);
+        let kept = seen.is_none_or(|seen| record.sequence > seen).then(|| KeptRecord {
+            peer: record.peer_id,
+            seen_at: now,
+            record: record.encode(),
+        });
+        self.use_record(now, relay, record);
+        if let Some(kept) = kept {
+            self.for_engine(Input::KeepRecord(kept));
+        }
+    }
+
+    /// The records kept before a restart, each checked again (a store is
+    /// not trusted to vouch for a signature). Expired ones are used too: the
+    /// peer most likely still uses the relays they list.
+    fn load_kept_records(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let store = self.engine.store_mut();
+        store.begin()?;
+        let kept = store.kept_records();
+        store.rollback();
+        for kept in kept? {
+            match PeerRecord::decode(&kept.record) {
+                Ok(record) if record.peer_id == kept.peer && record.verify_signature().is_ok() => {
+                    self.use_record(now, None, record);
+                }
+                _ => {
+                    let notice =
+                        Notice::RecordRefused { peer: kept.peer, reason: "the kept record does not verify".into() };
+                    self.outputs.push_back(NodeOutput::Notice(notice));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A verified record: its relays and its first dialable address become
+    /// the peer's.
+    fn use_record(&mut self, now: Timestamp, relay: Option<usize>, record: PeerRecord) {
         let policy = self.config.address_policy;
         let relays: Vec<RelaySpec> =
             record.relay_addresses.iter().filter_map(|a| RelaySpec::parse(a, policy)).collect();

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{IdentityError, IdentityKeyPair, IdentityPublicKey};
 use crate::ids::PeerId;
 use crate::time::Timestamp;
-use crate::wire::{encode_postcard, Signature64, PROTOCOL_VERSION};
+use crate::wire::{decode_exact, encode_postcard, Signature64, WireError, PROTOCOL_VERSION};
 
 /// Signature transcript prefix of a peer record.
 pub const PEER_RECORD_LABEL: &[u8] = b"p2pchat/v1/peer-record";
@@ -101,12 +101,7 @@ impl PeerRecord {
     /// peer ID, the signature, the expiry, and that it is newer than
     /// `known_sequence`.
     pub fn verify(&self, now: Timestamp, known_sequence: Option<u64>) -> Result<(), RecordError> {
-        let too_many = |a: &Vec<String>| a.len() > MAX_ADDRESSES || a.iter().any(|s| s.len() > MAX_ADDRESS_LEN);
-        if too_many(&self.direct_addresses) || too_many(&self.relay_addresses) {
-            return Err(RecordError::TooLarge);
-        }
-        let key = IdentityPublicKey::from_bytes_for(&self.identity_key, &self.peer_id)?;
-        key.verify(&self.transcript(), &self.signature.0)?;
+        self.verify_signature()?;
         if self.expires_at <= now {
             return Err(RecordError::Expired { expires_at: self.expires_at });
         }
@@ -116,5 +111,29 @@ impl PeerRecord {
             }
         }
         Ok(())
+    }
+
+    /// Checks sizes, the key against the peer ID and the signature, but not
+    /// the expiry: for a record this node kept itself, whose peer is most
+    /// likely still on the relays it lists after it expired.
+    pub fn verify_signature(&self) -> Result<(), RecordError> {
+        let too_many = |a: &Vec<String>| a.len() > MAX_ADDRESSES || a.iter().any(|s| s.len() > MAX_ADDRESS_LEN);
+        if too_many(&self.direct_addresses) || too_many(&self.relay_addresses) {
+            return Err(RecordError::TooLarge);
+        }
+        let key = IdentityPublicKey::from_bytes_for(&self.identity_key, &self.peer_id)?;
+        key.verify(&self.transcript(), &self.signature.0)?;
+        Ok(())
+    }
+
+    /// The record as kept and as carried in frames (postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        encode_postcard(self)
+    }
+
+    /// Decodes a record encoded by [`PeerRecord::encode`] (checks nothing
+    /// but the encoding).
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        decode_exact(bytes, "peer record")
     }
 }
