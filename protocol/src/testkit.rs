@@ -97,6 +97,10 @@ macro_rules! scenario_tests {
             $crate::testkit::messages_to_an_offline_peer_are_sent_then_delivered_in_order_exactly_once($make);
         }
         #[test]
+        fn a_peer_offline_for_days_gets_what_was_sent_meanwhile_under_few_message_keys() {
+            $crate::testkit::a_peer_offline_for_days_gets_what_was_sent_meanwhile_under_few_message_keys($make);
+        }
+        #[test]
         fn a_lost_delivery_confirmation_is_repaired_by_retransmission() {
             $crate::testkit::a_lost_delivery_confirmation_is_repaired_by_retransmission($make);
         }
@@ -599,6 +603,33 @@ pub fn messages_to_an_offline_peer_are_sent_then_delivered_in_order_exactly_once
     }
     let at_bob: Vec<String> = net.messages(1, &c.id).into_iter().map(|m| m.content).collect();
     assert_eq!(at_bob, vec!["while online", "queued 0", "queued 1", "queued 2", "queued 3", "queued 4"]);
+}
+
+/// Scenario: messages to a peer that stays offline for three days, retried
+/// every 30 s and reaching no one, are sent again as the same sealed copies
+/// (a fresh seal at most once a day), so the sending chain does not run
+/// thousands of keys past what the peer may skip, and everything arrives
+/// when it returns.
+pub fn a_peer_offline_for_days_gets_what_was_sent_meanwhile_under_few_message_keys<S: TestStore>(make: fn() -> S) {
+    const DAY_MS: u64 = 24 * 60 * 60_000;
+    let mut net = Net::new(make, 2, 14);
+    let c = net.conversation(0, 1);
+    net.send(0, c.id, "while online");
+    net.set_online(1, false);
+    let keys_before = net.seen_keys.len();
+    let ids: Vec<MessageId> = (0..3).map(|i| net.send(0, c.id, &format!("queued {i}")).id).collect();
+    net.advance(3 * DAY_MS);
+    let sealed = net.seen_keys.len() - keys_before;
+    // One seal per message on the first try, then at most one a day each
+    // (sealing afresh on each of the 8,640 retries would take 25,920).
+    assert!(sealed <= 3 * 4, "{sealed} message keys used for 3 messages in 3 days");
+    net.set_online(1, true);
+    net.advance(60_000);
+    for id in &ids {
+        assert_eq!(net.message(0, id).unwrap().status, MessageStatus::Delivered);
+    }
+    let at_bob: Vec<String> = net.messages(1, &c.id).into_iter().map(|m| m.content).collect();
+    assert_eq!(at_bob, vec!["while online", "queued 0", "queued 1", "queued 2"]);
 }
 
 /// Scenario: a lost delivery confirmation is repaired by retransmission.

@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 use p2pchat_protocol::engine::{
     Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
-    OutboxItem, Store, StoreError,
+    OutboxItem, OutboxPayload, Store, StoreError,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -291,6 +291,38 @@ impl SqliteStore {
         self.guard()?;
         self.conn.prepare_cached(sql).and_then(|mut s| s.execute(args)).map(|_| ()).map_err(backend)
     }
+}
+
+/// An outbox item as rows written before schema version 4 hold it: without
+/// the unsent copy, which such a row never has.
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct OutboxItemV3 {
+    seq: u64,
+    peer: PeerId,
+    payload: OutboxPayload,
+    queued_at: Timestamp,
+    next_attempt_at: Option<Timestamp>,
+    in_flight: bool,
+}
+
+/// Decodes an outbox item in today's form, or in the form rows written
+/// before version 4 have (postcard is not self-describing, so a field added
+/// at the end makes the old form one field short).
+fn decode_outbox_item(plain: &[u8]) -> Option<OutboxItem> {
+    if let Ok(item) = postcard::from_bytes::<OutboxItem>(plain) {
+        return Some(item);
+    }
+    let old: OutboxItemV3 = postcard::from_bytes(plain).ok()?;
+    Some(OutboxItem {
+        seq: old.seq,
+        peer: old.peer,
+        payload: old.payload,
+        queued_at: old.queued_at,
+        next_attempt_at: old.next_attempt_at,
+        in_flight: old.in_flight,
+        unsent_copy: None,
+    })
 }
 
 fn outbox_row(item: &OutboxItem) -> String {
@@ -938,7 +970,9 @@ impl SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (seq, sealed) = row.map_err(backend)?;
-            out.push(self.open_value(label::OUTBOX, seq.to_string().as_bytes(), &sealed, "an outbox item")?);
+            let plain = self.key.open(label::OUTBOX, seq.to_string().as_bytes(), &sealed);
+            let plain = plain.ok_or_else(|| corrupt("an outbox item"))?;
+            out.push(decode_outbox_item(&plain).ok_or_else(|| corrupt("an outbox item"))?);
         }
         Ok(out)
     }
@@ -1030,5 +1064,32 @@ mod testkit {
         fn fail_next_commits(&mut self, count: u32) {
             SqliteStore::fail_next_commits(self, count)
         }
+    }
+}
+
+#[cfg(test)]
+mod outbox_format_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use p2pchat_protocol::engine::SealedCopy;
+
+    #[test]
+    fn an_outbox_item_written_before_version_4_still_decodes_and_todays_round_trips() {
+        let old = OutboxItemV3 {
+            seq: 9,
+            peer: PeerId([5; 20]),
+            payload: OutboxPayload::Ack(vec![1, 2]),
+            queued_at: Timestamp(10),
+            next_attempt_at: Some(Timestamp(20)),
+            in_flight: true,
+        };
+        let item = decode_outbox_item(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!((item.seq, item.peer, item.in_flight, item.unsent_copy), (9, PeerId([5; 20]), true, None));
+        assert_eq!(item.payload, OutboxPayload::Ack(vec![1, 2]));
+        let copy = SealedCopy { session: [7; 16], sealed_at: Timestamp(30), envelope: vec![1, 2, 3] };
+        let today = OutboxItem { unsent_copy: Some(copy), ..item };
+        assert_eq!(decode_outbox_item(&postcard::to_stdvec(&today).unwrap()), Some(today));
+        assert_eq!(decode_outbox_item(&[0xff]), None, "garbage is refused");
     }
 }

@@ -128,6 +128,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
             queued_at: Timestamp(1),
             next_attempt_at: Some(Timestamp(2)),
             in_flight: false,
+            unsent_copy: None,
         };
         store.put_outbox_item(&item).unwrap();
         let group = ConversationId(Uuid([10; 16]));
@@ -392,6 +393,7 @@ fn the_outbox_and_retention_queries_follow_the_trait() {
         queued_at: Timestamp(0),
         next_attempt_at: at.map(Timestamp),
         in_flight,
+        unsent_copy: None,
     };
     store.begin().unwrap();
     store.put_outbox_item(&item(3, b, Some(50), false)).unwrap();

@@ -33,7 +33,7 @@ pub use events::Event;
 pub use memory::MemoryStore;
 pub use model::{
     Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
-    MessageStatus, OutboxItem, OutboxPayload,
+    MessageStatus, OutboxItem, OutboxPayload, SealedCopy,
 };
 pub use store::{Store, StoreError};
 
@@ -159,6 +159,11 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// for a week finds about nine copies in its mailbox (at 0, 5, 20 and
 /// 80 minutes, 5 and 21 hours, then every two days), not thousands.
 const HELD_RETRY_FACTOR: u64 = 10;
+/// How long a pairwise copy that reached no one is sent again as it is
+/// ([`SealedCopy`]): well within the 7 days a peer keeps the key of a
+/// message it skipped. Beyond it the item is sealed again, so an item that
+/// fails for weeks costs at most one message key a day.
+const UNSENT_COPY_REUSE_MS: u64 = DAY_MS;
 /// How the wait before another copy grows with the item's age.
 const HELD_RETRY_AGE_FACTOR: u64 = 3;
 /// The longest wait between copies of a message held by a relay.
@@ -557,6 +562,8 @@ pub enum EngineError {
 struct InFlight {
     peer: PeerId,
     outbox_seq: Option<u64>,
+    /// The pairwise copy sent, kept for the item if it reaches no one.
+    copy: Option<SealedCopy>,
 }
 
 /// Outputs of the input being handled, released only after its commit.
@@ -1301,7 +1308,15 @@ impl<S: Store> Engine<S> {
         payload: OutboxPayload,
     ) -> Result<(), EngineError> {
         let seq = self.store.next_seq()?;
-        let item = OutboxItem { seq, peer, payload, queued_at: now, next_attempt_at: Some(now), in_flight: false };
+        let item = OutboxItem {
+            seq,
+            peer,
+            payload,
+            queued_at: now,
+            next_attempt_at: Some(now),
+            in_flight: false,
+            unsent_copy: None,
+        };
         self.store.put_outbox_item(&item)?;
         Ok(())
     }
@@ -1365,17 +1380,34 @@ impl<S: Store> Engine<S> {
                     self.store.delete_outbox_item(item.seq)?;
                     continue;
                 };
-                match sessions.encrypt(&payload.encode(), &mut self.rng) {
-                    Ok(message) => Envelope::new(EnvelopeBody::Ratchet(message)).encode(),
-                    Err(_) => {
-                        // An exhausted chain or a broken peer key: wait for a
-                        // fresh session.
-                        needs_session = true;
-                        item.next_attempt_at = None;
-                        self.store.put_outbox_item(&item)?;
-                        continue;
-                    }
-                }
+                let session = sessions.current().id().0;
+                let reusable = item
+                    .unsent_copy
+                    .take()
+                    .filter(|copy| copy.session == session && now.millis_since(copy.sealed_at) < UNSENT_COPY_REUSE_MS);
+                let copy = match reusable {
+                    Some(copy) => copy,
+                    None => match sessions.encrypt(&payload.encode(), &mut self.rng) {
+                        Ok(message) => SealedCopy {
+                            session,
+                            sealed_at: now,
+                            envelope: Envelope::new(EnvelopeBody::Ratchet(message)).encode(),
+                        },
+                        Err(_) => {
+                            // An exhausted chain or a broken peer key: wait
+                            // for a fresh session.
+                            needs_session = true;
+                            item.next_attempt_at = None;
+                            self.store.put_outbox_item(&item)?;
+                            continue;
+                        }
+                    },
+                };
+                item.in_flight = true;
+                item.next_attempt_at = None;
+                self.store.put_outbox_item(&item)?;
+                self.transmit_copy(peer, copy, item.seq);
+                continue;
             };
             item.in_flight = true;
             item.next_attempt_at = None;
@@ -1455,7 +1487,17 @@ impl<S: Store> Engine<S> {
         self.next_transmit += 1;
         let id = TransmitId(self.next_transmit);
         self.staged.transmits.push(Transmit { id, peer, bytes, mailbox_allowed });
-        self.staged.in_flight.push((id, InFlight { peer, outbox_seq }));
+        self.staged.in_flight.push((id, InFlight { peer, outbox_seq, copy: None }));
+    }
+
+    /// Sends outbox item `seq`'s pairwise copy, remembering it in case it
+    /// reaches no one.
+    fn transmit_copy(&mut self, peer: PeerId, copy: SealedCopy, seq: u64) {
+        self.next_transmit += 1;
+        let id = TransmitId(self.next_transmit);
+        let transmit = Transmit { id, peer, bytes: copy.envelope.clone(), mailbox_allowed: true };
+        self.staged.transmits.push(transmit);
+        self.staged.in_flight.push((id, InFlight { peer, outbox_seq: Some(seq), copy: Some(copy) }));
     }
 
     fn transmit_result(&mut self, now: Timestamp, id: TransmitId, outcome: TransmitOutcome) -> Result<(), EngineError> {
@@ -1464,6 +1506,11 @@ impl<S: Store> Engine<S> {
         let Some(seq) = flight.outbox_seq else { return Ok(()) };
         let Some(mut item) = self.store.outbox_item(seq)? else { return Ok(()) };
         item.in_flight = false;
+        // Only a copy that reached no one may go again as it is.
+        item.unsent_copy = match outcome {
+            TransmitOutcome::Failed(_) => flight.copy,
+            _ => None,
+        };
         if let TransmitOutcome::Rejected(reason) = &outcome {
             self.store.delete_outbox_item(seq)?;
             return match &item.payload {
@@ -1935,10 +1982,11 @@ impl<S: Store> Engine<S> {
         };
         let plaintext = match sessions.decrypt(message, now) {
             Ok(plaintext) => plaintext,
-            // The same ciphertext again: a replay, or a relay redelivering
-            // its mailbox after a lost acknowledgement (our own retries
-            // encrypt afresh). It was handled once; this copy is refused,
-            // visibly, and changes nothing.
+            // The same ciphertext again: a replay, a relay redelivering
+            // its mailbox after a lost acknowledgement, or a sender's copy
+            // that arrived although its transmit failed, sent again as it
+            // was. It was handled once; this copy is refused, visibly, and
+            // changes nothing.
             Err(e @ crate::DecryptionError::Duplicate { .. }) => {
                 self.reject(from, &e.to_string());
                 return Ok(());

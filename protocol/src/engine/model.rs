@@ -196,6 +196,27 @@ pub struct OutboxItem {
     pub next_attempt_at: Option<Timestamp>,
     /// Whether a copy is out (sent and not yet confirmed).
     pub in_flight: bool,
+    /// The sealed copy whose last transmit reached no one (no peer, no
+    /// relay), sent again as it is rather than sealed again under a new
+    /// message key (see [`SealedCopy`]).
+    pub unsent_copy: Option<SealedCopy>,
+}
+
+/// A pairwise item as sealed for one attempt. A copy that reached no one is
+/// sent again unchanged: sealing again would take a new message key each
+/// time, and an item retried every 30 s for days would move the sending
+/// chain thousands of keys past what the peer may skip, losing the
+/// session. A copy that reached the peer or a relay is never sent again (its
+/// key is spent at the peer, which could not open it twice).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCopy {
+    /// The session it is sealed under: under any other it is sealed again.
+    pub session: [u8; 16],
+    /// When it was sealed: an old copy is sealed again, since the peer's
+    /// key for it may have expired (skipped keys live 7 days).
+    pub sealed_at: Timestamp,
+    /// The envelope.
+    pub envelope: Vec<u8>,
 }
 
 /// A key exchange this node started and has not completed.
