@@ -8,11 +8,13 @@ use std::collections::BTreeSet;
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, Query, Store, TransmitOutcome,
+    Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, Query, Store, TransmitId,
+    TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     AddressSource, Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket,
-    DIRECT_DIAL_BUDGET_MS, HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, RELAY_BACKOFF_MAX_MS,
+    DIRECT_DIAL_BUDGET_MS, HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, MAX_DIRECT_SENDS_PER_PEER,
+    RELAY_BACKOFF_MAX_MS,
 };
 use p2pchat_protocol::relay::{
     MemoryRelayStore, Relay, RelayConfig, RelayFrame, RelayStore, RELAY_ANSWER_TIMEOUT_MS,
@@ -33,6 +35,9 @@ enum Dials {
     Blackhole,
 }
 
+/// A direct send not answered yet: (from, to, its ID, its bytes).
+type HeldSend = (usize, usize, TransmitId, Vec<u8>);
+
 /// Nodes and one relay, with every output applied at once.
 struct Net {
     now: Timestamp,
@@ -50,6 +55,9 @@ struct Net {
     dials: Dials,
     /// Direct sends fail even on an open connection.
     direct_sends_fail: bool,
+    /// Direct sends wait here, unanswered, until the test settles them
+    /// (a peer that reads slowly).
+    direct_sends_held: Option<Vec<HeldSend>>,
     /// Nodes whose queue to the relay is full: the driver gives their
     /// frames back unsent.
     relay_queue_full: BTreeSet<usize>,
@@ -97,6 +105,7 @@ impl Net {
             registered: BTreeSet::new(),
             dials,
             direct_sends_fail: false,
+            direct_sends_held: None,
             relay_queue_full: BTreeSet::new(),
             direct: BTreeSet::new(),
             log: Vec::new(),
@@ -146,6 +155,12 @@ impl Net {
                     self.nodes[i].handle(now, NodeInput::DirectUp { peer });
                     let me = self.peers[i];
                     self.nodes[j].handle(now, NodeInput::DirectUp { peer: me });
+                }
+            }
+            NodeOutput::SendDirect { peer, id, bytes } if self.direct_sends_held.is_some() => {
+                let j = self.index(&peer);
+                if let Some(held) = self.direct_sends_held.as_mut() {
+                    held.push((i, j, id, bytes));
                 }
             }
             NodeOutput::SendDirect { peer, id, bytes } => {
@@ -802,4 +817,51 @@ fn a_kept_record_that_does_not_verify_is_refused_on_start() {
     }
     assert!(refused, "the tampered record is reported");
     assert!(node.peers(net.now).iter().all(|p| p.peer != bob), "and not used");
+}
+
+#[test]
+fn a_peer_that_reads_slowly_has_at_most_a_window_of_direct_sends_under_way_and_loses_nothing() {
+    let mut net = Net::new(2, Dials::Connect);
+    net.give_address(0, 1);
+    net.first_message_delivered();
+    net.direct_sends_held = Some(Vec::new());
+    let count = MAX_DIRECT_SENDS_PER_PEER + 8;
+    let ids: Vec<MessageId> = (0..count).map(|n| net.send(0, 1, &format!("m{n}"))).collect();
+    let held = |net: &Net| net.direct_sends_held.as_ref().map_or(0, |h| h.iter().filter(|s| s.0 == 0).count());
+    assert_eq!(held(&net), MAX_DIRECT_SENDS_PER_PEER, "the rest wait in the node, not in the driver");
+    // Bob's transport takes one: one more leaves, the oldest waiting first.
+    let (i, j, id, bytes) = net.direct_sends_held.as_mut().unwrap().remove(0);
+    assert_eq!((i, j), (0, 1));
+    net.nodes[j].handle(net.now, NodeInput::DirectReceived { from: net.peers[i], bytes });
+    net.nodes[i].handle(net.now, NodeInput::DirectSent { id, outcome: TransmitOutcome::Delivered });
+    net.pump();
+    assert_eq!(held(&net), MAX_DIRECT_SENDS_PER_PEER);
+    // The connection closes and bob cannot be dialled again: what waited
+    // takes another path (a dial, then the relay); what was under way
+    // fails back to the relay as the driver reports it.
+    let under_way = net.direct_sends_held.replace(Vec::new()).unwrap();
+    net.direct.clear();
+    net.dials = Dials::Blackhole;
+    net.nodes[0].handle(net.now, NodeInput::DirectDown { peer: net.peers[1] });
+    net.nodes[1].handle(net.now, NodeInput::DirectDown { peer: net.peers[0] });
+    net.advance(DIRECT_DIAL_BUDGET_MS + 1);
+    assert_eq!(held(&net), 0, "nothing more on the closed connection");
+    let forwards = |net: &Net| net.frames_from(0).iter().filter(|f| matches!(f, RelayFrame::Forward { .. })).count();
+    assert_eq!(forwards(&net), count - 1 - MAX_DIRECT_SENDS_PER_PEER, "the waiting ones");
+    for (i, _, id, _) in under_way {
+        let outcome = TransmitOutcome::Failed("the connection closed".into());
+        net.nodes[i].handle(net.now, NodeInput::DirectSent { id, outcome });
+    }
+    net.direct_sends_held = None;
+    // (Over 200 forwards at once pass the relay's per-sender burst: the
+    // rest are refused for now and go again after the engine's 30 s.)
+    net.advance(120_000);
+    let mut expected: Vec<String> =
+        std::iter::once("first".into()).chain((0..count).map(|n| format!("m{n}"))).collect();
+    let mut received = net.received(1);
+    received.sort();
+    expected.sort();
+    assert_eq!(received, expected, "each exactly once");
+    let statuses: Vec<MessageStatus> = ids.iter().map(|id| net.status(0, *id)).collect();
+    assert!(statuses.iter().all(|s| *s == MessageStatus::Delivered), "{statuses:?}");
 }

@@ -1286,6 +1286,8 @@ impl<S: Store> Engine<S> {
                 }
                 _ => continue,
             }
+            // The payload grew: a copy sealed before would leave the new IDs out.
+            item.unsent_copy = None;
             item.next_attempt_at = Some(now);
             self.store.put_outbox_item(&item)?;
             return Ok(());

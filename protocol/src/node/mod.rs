@@ -34,6 +34,7 @@
 mod batch;
 mod paths;
 mod relays;
+mod window;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -57,10 +58,12 @@ pub use paths::{
     LOOKUP_INTERVAL_MS, MAX_PATHS, MAX_WAITING_FOR_DIAL,
 };
 pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS, RELAY_STABLE_MS};
+pub use window::{MAX_DIRECT_BYTES_PER_PEER, MAX_DIRECT_SENDS_PER_PEER};
 
 use batch::{After, Batch, Done};
 use paths::{Dial, Paths, Route};
 use relays::RelayLink;
+use window::DirectWindows;
 
 /// How long the records this node publishes stay valid by default.
 pub const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
@@ -345,8 +348,9 @@ pub struct Node<S: Store> {
     timeout_retry_at: Option<Timestamp>,
     paths: Paths,
     relays: Vec<RelayLink>,
-    /// Direct sends not yet acknowledged, kept for the relay fallback.
-    direct_in_flight: BTreeMap<TransmitId, Transmit>,
+    /// Direct sends not yet acknowledged, kept for the relay fallback, and
+    /// those waiting for room in their peer's window.
+    direct: DirectWindows,
     /// Forwards no relay has answered yet, with the relays tried, kept to
     /// try the next relay.
     relay_in_flight: BTreeMap<TransmitId, (Transmit, Vec<PeerId>)>,
@@ -388,7 +392,7 @@ impl<S: Store> Node<S> {
             timeout_retry_at: None,
             paths: Paths::default(),
             relays,
-            direct_in_flight: BTreeMap::new(),
+            direct: DirectWindows::default(),
             relay_in_flight: BTreeMap::new(),
             held_for_a_path: VecDeque::new(),
             held_bytes: 0,
@@ -464,14 +468,17 @@ impl<S: Store> Node<S> {
                     path.connected = false;
                     self.for_engine(Input::PeerUnreachable(peer));
                 }
+                self.release_direct(now, peer);
             }
             NodeInput::DialFailed { peer, reason } => self.dial_failed(now, peer, reason),
             NodeInput::DirectSent { id, outcome } => {
-                let Some(transmit) = self.direct_in_flight.remove(&id) else { return };
+                let Some(transmit) = self.direct.finish(id) else { return };
+                let peer = transmit.peer;
                 match outcome {
                     TransmitOutcome::Failed(reason) => self.fall_back(now, transmit, reason),
                     outcome => self.for_engine(Input::TransmitResult { id, outcome }),
                 }
+                self.release_direct(now, peer);
             }
             NodeInput::RelayConnected { relay } => self.relay_connected(now, relay),
             NodeInput::RelayDisconnected { relay, reason } => self.relay_disconnected(now, relay, reason),
@@ -626,10 +633,26 @@ impl<S: Store> Node<S> {
         }
     }
 
+    /// On the open connection, once the peer's window has room.
     fn send_direct(&mut self, transmit: Transmit) {
-        let Transmit { id, peer, ref bytes, .. } = transmit;
-        self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes: bytes.clone() });
-        self.direct_in_flight.insert(id, transmit);
+        let (id, peer) = (transmit.id, transmit.peer);
+        if let Some(bytes) = self.direct.admit(transmit) {
+            self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes });
+        }
+    }
+
+    /// What waits in `peer`'s window: started as room frees while the
+    /// connection is open, routed another way once it closed.
+    fn release_direct(&mut self, now: Timestamp, peer: PeerId) {
+        if self.paths.get(&peer).is_some_and(|p| p.connected) {
+            while let Some((id, bytes)) = self.direct.start_next(&peer) {
+                self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes });
+            }
+        } else {
+            for transmit in self.direct.take_waiting(&peer) {
+                self.route(now, transmit);
+            }
+        }
     }
 
     /// Through the first connected relay (which forwards it, or holds it in
