@@ -8,6 +8,7 @@
 //! arrived.
 
 pub mod corrupt;
+pub mod nodes;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,9 +1,16 @@
-//! The relay with engines on a simulated network in virtual time: nodes
-//! with no direct path reach each other only through the relay.
+//! The relay with nodes on a simulated network in virtual time: nodes with
+//! no direct path reach each other only through the relay, each driven
+//! through the node's driving rule (the routing that ships).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeSet;
+
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, Conversation, Engine, EngineConfig, Input, MemoryStore, Message, MessageStatus, Store,
+    Command, CommandOutcome, Conversation, EngineError, Input, MemoryStore, Message, MessageStatus, Store,
+    TransmitOutcome,
+};
+use p2pchat_protocol::node::{
+    Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket, RELAY_BACKOFF_MAX_MS,
 };
 use p2pchat_protocol::relay::{
     ClientAction, MailboxEntry, MemoryRelayStore, PeerRecord, PublishRefusal, RecordError, Refusal, Relay, RelayConfig,
@@ -16,126 +23,113 @@ use rand_chacha::ChaCha20Rng;
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
-struct Node {
-    identity: IdentityKeyPair,
-    engine: Engine<MemoryStore>,
-    client: p2pchat_protocol::relay::RelayClient,
+/// One simulated machine: a [`Node`] whose only way out is the relay.
+struct Machine {
+    node: Node<MemoryStore>,
     online: bool,
-    sequence: u64,
 }
 
+/// Nodes and one relay, driven through the node's driving rule: there are
+/// no direct paths, so everything goes through the relay the node chose.
 struct World {
     relay: Relay<MemoryRelayStore>,
-    nodes: Vec<Node>,
+    nodes: Vec<Machine>,
+    ids: Vec<PeerId>,
+    /// Nodes whose relay connection is up.
+    registered: BTreeSet<usize>,
     now: Timestamp,
     /// Drop the mailbox acknowledgements nodes send (a connection that dies
     /// before they get through).
     drop_acks: bool,
+    replies: Vec<(usize, Ticket, Result<CommandOutcome, EngineError>)>,
+    next_ticket: u64,
 }
 
 impl World {
     fn new(count: usize, config: RelayConfig) -> Self {
+        let relay_spec = RelaySpec { peer: PeerId([0xee; 20]), address: "relay.test:4433".into() };
+        let mut ids = Vec::new();
         let nodes = (0..count)
             .map(|i| {
                 let mut r = ChaCha20Rng::seed_from_u64(100 + i as u64);
                 let identity = IdentityKeyPair::generate(&mut r);
-                let copy = IdentityKeyPair::from_seed(&identity.seed());
-                let engine = Engine::new(copy, MemoryStore::new(), EngineConfig::default(), r, NOW).unwrap();
-                Node { identity, engine, client: Default::default(), online: false, sequence: 0 }
+                ids.push(identity.peer_id());
+                let config = NodeConfig { relays: vec![relay_spec.clone()], ..NodeConfig::default() };
+                Machine { node: Node::new(identity, MemoryStore::new(), config, r, NOW).unwrap(), online: true }
             })
             .collect();
-        let mut world =
-            Self { relay: Relay::new(MemoryRelayStore::new(), config).unwrap(), nodes, now: NOW, drop_acks: false };
-        for i in 0..count {
-            world.connect(i);
-        }
+        let relay = Relay::new(MemoryRelayStore::new(), config).unwrap();
+        let mut world = Self {
+            relay,
+            nodes,
+            ids,
+            registered: BTreeSet::new(),
+            now: NOW,
+            drop_acks: false,
+            replies: Vec::new(),
+            next_ticket: 0,
+        };
+        world.drain();
         world
     }
 
     fn id(&self, i: usize) -> PeerId {
-        self.nodes[i].engine.peer_id()
+        self.ids[i]
     }
 
+    /// Node `i` is back online; returns once its relay connection is up
+    /// again (after its reconnection backoff) and its mailbox drained.
     fn connect(&mut self, i: usize) {
         self.nodes[i].online = true;
-        self.nodes[i].sequence += 1;
-        let id = self.id(i);
-        let record = PeerRecord::sign(
-            &self.nodes[i].identity,
-            vec![],
-            vec!["relay.test:4433".into()],
-            self.now,
-            self.now.saturating_add_millis(DAY_MS),
-            self.nodes[i].sequence,
-        );
-        self.relay.connected(id);
-        for frame in self.nodes[i].client.on_connect(self.now, record) {
-            self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
+        let deadline = self.now.saturating_add_millis(RELAY_BACKOFF_MAX_MS + 1);
+        while !self.registered.contains(&i) && self.now < deadline {
+            let next = self.nodes[i].node.poll_timeout().unwrap_or(deadline).min(deadline);
+            self.advance(next.millis_since(self.now));
         }
-        self.drain();
+        assert!(self.registered.contains(&i), "node {i} reconnects to the relay");
     }
 
+    /// Node `i` goes offline: its relay connection closes, and attempts to
+    /// reconnect fail until [`World::connect`].
     fn disconnect(&mut self, i: usize) {
         self.nodes[i].online = false;
-        let id = self.id(i);
-        self.relay.disconnected(&id);
-        for input in self.nodes[i].client.on_disconnect() {
-            self.nodes[i].engine.handle(self.now, input).unwrap();
-        }
+        self.close(i);
         self.drain();
     }
 
+    fn close(&mut self, i: usize) {
+        if self.registered.remove(&i) {
+            self.relay.disconnected(&self.ids[i]);
+            let reason = "the relay connection closed".into();
+            self.nodes[i].node.handle(self.now, NodeInput::RelayDisconnected { relay: 0, reason });
+        }
+    }
+
+    /// The relay restarts from `store`: every connection dies with it.
+    fn restart_relay(&mut self, store: MemoryRelayStore) {
+        self.relay = Relay::new(store, RelayConfig::default()).unwrap();
+        for i in std::mem::take(&mut self.registered) {
+            let reason = "the relay restarted".into();
+            self.nodes[i].node.handle(self.now, NodeInput::RelayDisconnected { relay: 0, reason });
+        }
+    }
+
+    /// Applies every output until nothing moves.
     fn drain(&mut self) {
         loop {
             let mut busy = false;
             for i in 0..self.nodes.len() {
-                let id = self.id(i);
-                while self.nodes[i].engine.poll_event().is_some() {}
-                let mut to_relay = Vec::new();
-                let mut to_engine = Vec::new();
-                while let Some(peer) = self.nodes[i].engine.poll_lookup() {
-                    if self.nodes[i].online {
-                        to_relay.push(self.nodes[i].client.lookup(self.now, peer));
-                    } else {
-                        to_engine.push(Input::LookupFailed(peer));
-                    }
-                }
-                while let Some(t) = self.nodes[i].engine.poll_transmit() {
-                    if self.nodes[i].online {
-                        to_relay.push(self.nodes[i].client.forward(self.now, t));
-                    } else {
-                        let outcome = p2pchat_protocol::engine::TransmitOutcome::Failed("no connection".into());
-                        to_engine.push(Input::TransmitResult { id: t.id, outcome });
-                    }
-                }
-                for frame in to_relay {
+                while let Some(output) = self.nodes[i].node.poll_output(self.now) {
                     busy = true;
-                    self.relay.handle_frame(self.now, id, &frame.encode()).unwrap();
-                }
-                for input in to_engine {
-                    busy = true;
-                    self.nodes[i].engine.handle(self.now, input).unwrap();
+                    self.apply(i, output);
                 }
             }
             while self.relay.poll_event().is_some() {}
             while let Some((to, bytes)) = self.relay.poll_transmit() {
                 busy = true;
-                let i = self.nodes.iter().position(|n| n.engine.peer_id() == to).unwrap();
-                if !self.nodes[i].online {
-                    continue;
-                }
-                for action in self.nodes[i].client.on_frame(self.now, &bytes).unwrap() {
-                    match action {
-                        ClientAction::ToEngine(input) => self.nodes[i].engine.handle(self.now, input).unwrap(),
-                        ClientAction::AfterEngine(frame) if !self.drop_acks => {
-                            self.relay.handle_frame(self.now, to, &frame.encode()).unwrap()
-                        }
-                        ClientAction::AfterEngine(_) => {}
-                        // No direct paths in this world: the records are not dialled.
-                        ClientAction::Record(_) | ClientAction::Observed { .. } => {}
-                        ClientAction::Published { .. } => {}
-                        ClientAction::PublishRefused { reason, .. } => panic!("publish refused: {reason:?}"),
-                    }
+                let i = self.ids.iter().position(|id| *id == to).unwrap();
+                if self.registered.contains(&i) {
+                    self.nodes[i].node.handle(self.now, NodeInput::RelayFrame { relay: 0, bytes });
                 }
             }
             if !busy {
@@ -144,51 +138,90 @@ impl World {
         }
     }
 
+    fn apply(&mut self, i: usize, output: NodeOutput) {
+        let (now, id, online) = (self.now, self.ids[i], self.nodes[i].online);
+        let node = &mut self.nodes[i].node;
+        match output {
+            // No direct paths in this world.
+            NodeOutput::Dial { peer, .. } => {
+                node.handle(now, NodeInput::DialFailed { peer, reason: "no direct path".into() });
+            }
+            NodeOutput::SendDirect { id, .. } => {
+                let outcome = TransmitOutcome::Failed("no direct path".into());
+                node.handle(now, NodeInput::DirectSent { id, outcome });
+            }
+            NodeOutput::ConnectRelay { relay, .. } if relay == 0 && online => {
+                self.relay.connected(id);
+                self.registered.insert(i);
+                node.handle(now, NodeInput::RelayConnected { relay });
+            }
+            NodeOutput::ConnectRelay { relay, .. } => {
+                node.handle(now, NodeInput::RelayDisconnected { relay, reason: "no answer".into() });
+            }
+            NodeOutput::CloseRelay { .. } => self.close(i),
+            NodeOutput::SendToRelay { bytes, .. } => {
+                let ack = matches!(RelayFrame::decode(&bytes), Ok(RelayFrame::MailboxAck { .. }));
+                if self.registered.contains(&i) && !(ack && self.drop_acks) {
+                    self.relay.handle_frame(now, id, &bytes).unwrap();
+                }
+            }
+            NodeOutput::Reply { ticket, reply: Reply::Command(result) } => self.replies.push((i, ticket, result)),
+            NodeOutput::Notice(Notice::InputFailed(e)) => panic!("node {i}'s engine failed: {e}"),
+            NodeOutput::Notice(Notice::PublishRefused { reason, .. }) => panic!("publish refused: {reason:?}"),
+            NodeOutput::Event(_) | NodeOutput::Reply { .. } | NodeOutput::Notice(_) => {}
+        }
+    }
+
+    /// Lets `by_ms` of virtual time pass, firing every deadline on the way.
     fn advance(&mut self, by_ms: u64) {
         let until = self.now.saturating_add_millis(by_ms);
         loop {
+            self.drain();
             let next = self
                 .nodes
                 .iter()
-                .filter_map(|n| n.engine.poll_timeout())
+                .filter_map(|m| m.node.poll_timeout())
                 .chain(self.relay.poll_timeout())
                 .filter(|t| *t <= until)
                 .min();
             let Some(next) = next else { break };
             self.now = next.max(self.now);
-            for i in 0..self.nodes.len() {
-                if self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= self.now) {
-                    self.nodes[i].engine.handle(self.now, Input::Timeout).unwrap();
+            for machine in &mut self.nodes {
+                if machine.node.poll_timeout().is_some_and(|t| t <= self.now) {
+                    machine.node.handle_timeout(self.now);
                 }
             }
             if self.relay.poll_timeout().is_some_and(|t| t <= self.now) {
                 self.relay.handle_timeout(self.now).unwrap();
             }
-            self.drain();
         }
         self.now = until;
+        self.drain();
+    }
+
+    fn command(&mut self, i: usize, command: Command) -> CommandOutcome {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.nodes[i].node.handle(self.now, NodeInput::Command { ticket, command });
+        self.drain();
+        let at = self.replies.iter().position(|(node, t, _)| *node == i && *t == ticket).expect("answered");
+        self.replies.remove(at).2.unwrap()
     }
 
     fn conversation(&mut self, i: usize, j: usize) -> Conversation {
         let peer = self.id(j);
-        let CommandOutcome::Conversation(c) =
-            self.nodes[i].engine.command(self.now, Command::CreateConversation { peer }).unwrap()
-        else {
-            panic!()
-        };
-        self.drain();
+        let CommandOutcome::Conversation(c) = self.command(i, Command::CreateConversation { peer }) else { panic!() };
         c
     }
 
     fn send(&mut self, i: usize, c: &ConversationId, text: &str) -> Message {
         let command = Command::SendMessage { conversation: *c, content: text.into() };
-        let CommandOutcome::Message(m) = self.nodes[i].engine.command(self.now, command).unwrap() else { panic!() };
-        self.drain();
+        let CommandOutcome::Message(m) = self.command(i, command) else { panic!() };
         m
     }
 
     fn message(&mut self, i: usize, id: &MessageId) -> Option<Message> {
-        let store = self.nodes[i].engine.store_mut();
+        let store = self.nodes[i].node.engine_mut().store_mut();
         store.begin().unwrap();
         let m = store.message(id).unwrap();
         store.rollback();
@@ -196,7 +229,7 @@ impl World {
     }
 
     fn contents(&mut self, i: usize, c: &ConversationId) -> Vec<String> {
-        let store = self.nodes[i].engine.store_mut();
+        let store = self.nodes[i].node.engine_mut().store_mut();
         store.begin().unwrap();
         let m = store.messages(c).unwrap();
         store.rollback();
@@ -327,10 +360,10 @@ fn a_relay_restarted_from_its_store_keeps_its_mailbox() {
     w.disconnect(1);
     w.send(0, &c.id, "kept across the restart");
     let store = w.relay.store().crash_copy();
-    w.relay = Relay::new(store, RelayConfig::default()).unwrap();
-    // Every connection died with the relay; the sender stays away, so only
+    // Every connection dies with the relay; the sender stays away, so only
     // the relay's mailbox can bring the message.
     w.nodes[0].online = false;
+    w.restart_relay(store);
     w.connect(1);
     assert_eq!(w.contents(1, &c.id), vec!["before", "kept across the restart"]);
 }
@@ -502,19 +535,15 @@ fn the_byte_quota_refuses_what_would_overflow_it() {
 fn a_group_message_travels_through_the_relay() {
     let mut w = World::new(3, RelayConfig::default());
     let members = vec![w.id(1), w.id(2)];
-    let CommandOutcome::Conversation(g) =
-        w.nodes[0].engine.command(w.now, Command::CreateGroup { name: "Relayed".into(), members }).unwrap()
+    let CommandOutcome::Conversation(g) = w.command(0, Command::CreateGroup { name: "Relayed".into(), members })
     else {
         panic!()
     };
-    w.drain();
     for i in 1..3 {
-        w.nodes[i].engine.command(w.now, Command::AcceptInvitation { group: g.id }).unwrap();
-        w.drain();
+        w.command(i, Command::AcceptInvitation { group: g.id });
     }
     let command = Command::SendGroupMessage { group: g.id, content: "x".repeat(64 * 1024) };
-    let CommandOutcome::Message(m) = w.nodes[0].engine.command(w.now, command).unwrap() else { panic!() };
-    w.drain();
+    let CommandOutcome::Message(m) = w.command(0, command) else { panic!() };
     w.advance(31_000);
     assert_eq!(w.message(0, &m.id).unwrap().status, MessageStatus::Delivered);
     for i in 1..3 {

@@ -1,0 +1,330 @@
+//! Two nodes, two relays and a driver whose every step the fuzzer chooses:
+//! dials that connect or fail, direct sends acknowledged or failed,
+//! direct connections closing, relay connections up, refused or dying with
+//! frames in flight, a driver queue to a relay that is full, time passing,
+//! and frames from a hostile relay. The nodes route with the code that
+//! ships (`protocol::node`); the relays are the relay core.
+//!
+//! `settle` then heals everything and lets retries run, so the target can
+//! check that every message its sender does not count as failed arrived.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use p2pchat_protocol::address::AddressPolicy;
+use p2pchat_protocol::engine::{
+    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, TransmitId, TransmitOutcome,
+};
+use p2pchat_protocol::keys::IdentitySeed;
+use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
+use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig};
+use p2pchat_protocol::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+/// Something the driver was asked to do and has not done yet.
+#[derive(Debug)]
+pub enum Pending {
+    Dial { from: usize },
+    ConnectRelay { node: usize, relay: usize },
+    SendDirect { from: usize, id: TransmitId, bytes: Vec<u8> },
+    ToRelay { node: usize, relay: usize, bytes: Vec<u8> },
+    FromRelay { relay: usize, to: usize, bytes: Vec<u8> },
+}
+
+/// How long `settle` lets retries run: past every backoff of the node and
+/// the engine's retries of items a relay refused.
+const SETTLE_MS: u64 = 2 * 60 * 60 * 1000;
+
+pub struct NodeWorld {
+    pub nodes: Vec<Node<MemoryStore>>,
+    pub ids: Vec<PeerId>,
+    pub relays: Vec<Relay<MemoryRelayStore>>,
+    pub now: Timestamp,
+    pub pending: VecDeque<Pending>,
+    /// (node, relay) connections that are up.
+    links: BTreeSet<(usize, usize)>,
+    /// Whether the direct connection between the two nodes is open.
+    direct: bool,
+    conversations: Vec<ConversationId>,
+    /// What each node sent that was accepted: ID → content.
+    pub sent: Vec<BTreeMap<MessageId, String>>,
+    /// How often each node was handed each message.
+    pub received: Vec<BTreeMap<MessageId, (String, usize)>>,
+    next_ticket: u64,
+    replies: BTreeMap<Ticket, Option<CommandOutcome>>,
+}
+
+impl NodeWorld {
+    pub fn new(seed: u64) -> Self {
+        let now = Timestamp::from_millis(1_750_000_000_000);
+        let relay_ids = [PeerId([0xe0; 20]), PeerId([0xe1; 20])];
+        let specs: Vec<RelaySpec> = relay_ids
+            .iter()
+            .enumerate()
+            .map(|(n, peer)| RelaySpec { peer: *peer, address: format!("relay-{n}.test:4433") })
+            .collect();
+        let mut nodes = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            let mut bytes = [0u8; 32];
+            bytes[0] = i as u8 + 1;
+            bytes[1..9].copy_from_slice(&seed.to_le_bytes());
+            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(bytes));
+            ids.push(identity.peer_id());
+            let config = NodeConfig {
+                relays: specs.clone(),
+                // Bob takes direct connections; alice does not.
+                direct_addresses: if i == 1 { vec!["10.0.0.2:4433".into()] } else { Vec::new() },
+                address_policy: AddressPolicy::AllowPrivate,
+                ..NodeConfig::default()
+            };
+            let rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(i as u64));
+            let node = Node::new(identity, MemoryStore::new(), config, rng, now)
+                .unwrap_or_else(|e| panic!("a node on an empty store must start: {e}"));
+            nodes.push(node);
+        }
+        let relays = (0..2)
+            .map(|_| {
+                Relay::new(MemoryRelayStore::new(), RelayConfig::default())
+                    .unwrap_or_else(|e| panic!("a relay on an empty store must start: {e}"))
+            })
+            .collect();
+        let mut world = Self {
+            nodes,
+            ids,
+            relays,
+            now,
+            pending: VecDeque::new(),
+            links: BTreeSet::new(),
+            direct: false,
+            conversations: Vec::new(),
+            sent: vec![BTreeMap::new(); 2],
+            received: vec![BTreeMap::new(); 2],
+            next_ticket: 0,
+            replies: BTreeMap::new(),
+        };
+        // Alice knows where bob takes direct connections.
+        let addr = "10.0.0.2:4433".parse().unwrap_or_else(|_| unreachable!());
+        world.nodes[0].handle(now, NodeInput::PeerAddress { peer: world.ids[1], addr });
+        for i in 0..2 {
+            let peer = world.ids[1 - i];
+            match world.command(i, Command::CreateConversation { peer }) {
+                Some(CommandOutcome::Conversation(c)) => world.conversations.push(c.id),
+                other => panic!("creating a conversation failed: {other:?}"),
+            }
+        }
+        world
+    }
+
+    fn command(&mut self, i: usize, command: Command) -> Option<CommandOutcome> {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.nodes[i].handle(self.now, NodeInput::Command { ticket, command });
+        self.collect();
+        self.replies.remove(&ticket).flatten()
+    }
+
+    /// Node `i` sends `content` to the other.
+    pub fn send(&mut self, i: usize, content: String) {
+        let conversation = self.conversations[i];
+        if let Some(CommandOutcome::Message(m)) = self.command(i, Command::SendMessage { conversation, content }) {
+            self.sent[i].insert(m.id, m.content);
+        }
+    }
+
+    /// Takes every node's outputs: driver work goes to `pending`, and
+    /// what the relays send to `pending` too.
+    fn collect(&mut self) {
+        for i in 0..2 {
+            while let Some(output) = self.nodes[i].poll_output(self.now) {
+                match output {
+                    NodeOutput::Dial { .. } => self.pending.push_back(Pending::Dial { from: i }),
+                    NodeOutput::SendDirect { id, bytes, .. } => {
+                        self.pending.push_back(Pending::SendDirect { from: i, id, bytes })
+                    }
+                    NodeOutput::ConnectRelay { relay, .. } => {
+                        self.pending.push_back(Pending::ConnectRelay { node: i, relay })
+                    }
+                    NodeOutput::CloseRelay { relay } => self.close_relay(i, relay, "closed by the node"),
+                    NodeOutput::SendToRelay { relay, bytes } => {
+                        self.pending.push_back(Pending::ToRelay { node: i, relay, bytes })
+                    }
+                    NodeOutput::Event(Event::MessageReceived(m)) => {
+                        let entry = self.received[i].entry(m.id).or_insert((m.content.clone(), 0));
+                        assert_eq!(entry.0, m.content, "a message's content changed between copies");
+                        entry.1 += 1;
+                    }
+                    NodeOutput::Reply { ticket, reply: Reply::Command(result) } => {
+                        self.replies.insert(ticket, result.ok());
+                    }
+                    NodeOutput::Notice(Notice::InputFailed(e)) => panic!("node {i}'s engine failed an input: {e}"),
+                    NodeOutput::Event(_) | NodeOutput::Reply { .. } | NodeOutput::Notice(_) => {}
+                }
+            }
+        }
+        for relay in 0..self.relays.len() {
+            while self.relays[relay].poll_event().is_some() {}
+            while let Some((to, bytes)) = self.relays[relay].poll_transmit() {
+                if let Some(to) = self.ids.iter().position(|p| *p == to) {
+                    self.pending.push_back(Pending::FromRelay { relay, to, bytes });
+                }
+            }
+        }
+    }
+
+    fn close_relay(&mut self, node: usize, relay: usize, reason: &str) {
+        if self.links.remove(&(node, relay)) {
+            self.relays[relay].disconnected(&self.ids[node]);
+        }
+        let reason = reason.into();
+        self.nodes[node].handle(self.now, NodeInput::RelayDisconnected { relay, reason });
+    }
+
+    fn close_direct(&mut self) {
+        if self.direct {
+            self.direct = false;
+            for i in 0..2 {
+                self.nodes[i].handle(self.now, NodeInput::DirectDown { peer: self.ids[1 - i] });
+            }
+        }
+    }
+
+    /// Does the pending work at `index` (taken modulo the queue's length),
+    /// as asked or failing.
+    pub fn step(&mut self, index: usize, succeed: bool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let index = index % self.pending.len();
+        let Some(work) = self.pending.remove(index) else { return };
+        let now = self.now;
+        match work {
+            Pending::Dial { from } => {
+                let peer = self.ids[1 - from];
+                if succeed {
+                    self.direct = true;
+                    self.nodes[from].handle(now, NodeInput::DirectUp { peer });
+                    self.nodes[1 - from].handle(now, NodeInput::DirectUp { peer: self.ids[from] });
+                } else {
+                    self.nodes[from].handle(now, NodeInput::DialFailed { peer, reason: "no answer".into() });
+                }
+            }
+            Pending::SendDirect { from, id, bytes } => {
+                let outcome = if succeed && self.direct {
+                    let sender = self.ids[from];
+                    self.nodes[1 - from].handle(now, NodeInput::DirectReceived { from: sender, bytes });
+                    TransmitOutcome::Delivered
+                } else {
+                    TransmitOutcome::Failed("the send failed".into())
+                };
+                self.nodes[from].handle(now, NodeInput::DirectSent { id, outcome });
+            }
+            Pending::ConnectRelay { node, relay } => {
+                // Only the two relays exist; any other is out of reach.
+                if succeed && relay < self.relays.len() {
+                    if self.links.insert((node, relay)) {
+                        self.relays[relay].connected(self.ids[node]);
+                    }
+                    self.nodes[node].handle(now, NodeInput::RelayConnected { relay });
+                } else {
+                    self.close_relay(node, relay, "cannot connect");
+                }
+            }
+            Pending::ToRelay { node, relay, bytes } => {
+                if !self.links.contains(&(node, relay)) {
+                    // The connection it was written on is gone.
+                } else if succeed {
+                    if let Err(e) = self.relays[relay].handle_frame(now, self.ids[node], &bytes) {
+                        panic!("the relay's memory store failed: {e}");
+                    }
+                } else {
+                    // The driver's queue to the relay was full.
+                    self.nodes[node].handle(now, NodeInput::RelayFrameUnsent { relay, bytes });
+                }
+            }
+            Pending::FromRelay { relay, to, bytes } => {
+                if self.links.contains(&(to, relay)) {
+                    if succeed {
+                        self.nodes[to].handle(now, NodeInput::RelayFrame { relay, bytes });
+                    } else {
+                        // The connection dies with the frame on it.
+                        self.close_relay(to, relay, "the connection died");
+                    }
+                }
+            }
+        }
+        self.collect();
+    }
+
+    /// A hostile relay sends node `to` whatever bytes it likes.
+    pub fn hostile_frame(&mut self, to: usize, relay: usize, bytes: Vec<u8>) {
+        if self.links.contains(&(to, relay)) {
+            self.nodes[to].handle(self.now, NodeInput::RelayFrame { relay, bytes });
+            self.collect();
+        }
+    }
+
+    /// Time passes; every deadline on the way fires.
+    pub fn advance(&mut self, by_ms: u64) {
+        let until = self.now.saturating_add_millis(by_ms);
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.poll_timeout())
+                .chain(self.relays.iter().filter_map(|r| r.poll_timeout()))
+                .filter(|t| *t <= until)
+                .min();
+            let Some(next) = next else { break };
+            self.now = next.max(self.now);
+            for node in &mut self.nodes {
+                if node.poll_timeout().is_some_and(|t| t <= self.now) {
+                    node.handle_timeout(self.now);
+                }
+            }
+            for relay in &mut self.relays {
+                if relay.poll_timeout().is_some_and(|t| t <= self.now) {
+                    if let Err(e) = relay.handle_timeout(self.now) {
+                        panic!("the relay's memory store failed: {e}");
+                    }
+                }
+            }
+            self.collect();
+        }
+        self.now = until;
+    }
+
+    /// Connections close or open as chosen.
+    pub fn close(&mut self, which: u8) {
+        match which % 3 {
+            0 => self.close_direct(),
+            n => {
+                let (node, relay) = (usize::from(n - 1), usize::from(which / 3) % self.relays.len());
+                self.close_relay(node, relay, "the connection closed");
+            }
+        }
+    }
+
+    /// Heals the network: every piece of pending work succeeds, and time
+    /// runs on until every retry has had its chance.
+    pub fn settle(&mut self) {
+        let until = self.now.saturating_add_millis(SETTLE_MS);
+        while self.now < until {
+            let mut rounds = 0;
+            while !self.pending.is_empty() {
+                self.step(0, true);
+                rounds += 1;
+                assert!(rounds < 1_000_000, "the nodes and relays keep each other busy for ever");
+            }
+            self.advance(10_000);
+        }
+    }
+
+    /// The status node `i` gives message `id`.
+    pub fn status(&mut self, i: usize, id: MessageId) -> Option<MessageStatus> {
+        match self.nodes[i].engine_mut().query(Query::Message(id)) {
+            Ok(Answer::Message(m)) => Some(m.status),
+            _ => None,
+        }
+    }
+}
