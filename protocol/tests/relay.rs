@@ -535,8 +535,7 @@ fn the_byte_quota_refuses_what_would_overflow_it() {
 fn a_group_message_travels_through_the_relay() {
     let mut w = World::new(3, RelayConfig::default());
     let members = vec![w.id(1), w.id(2)];
-    let CommandOutcome::Conversation(g) = w.command(0, Command::CreateGroup { name: "Relayed".into(), members })
-    else {
+    let CommandOutcome::Conversation(g) = w.command(0, Command::CreateGroup { name: "Relayed".into(), members }) else {
         panic!()
     };
     for i in 1..3 {
