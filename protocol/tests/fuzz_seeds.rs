@@ -1,5 +1,5 @@
 //! The decoder fuzz target's seed corpus (`fuzz/seeds/decode/`) comes from
-//! real traffic: three engines and a relay exchange 1:1 and group messages.
+//! real traffic: three nodes and a relay exchange 1:1 and group messages.
 //! Every envelope and relay frame they pass is a seed, and so is what the
 //! envelopes carry (pairwise payloads and group chat contents, opened on a
 //! copy of the recipient's state) and the state the engines store (sessions,
@@ -14,12 +14,11 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, Store};
+use p2pchat_protocol::engine::{Command, CommandOutcome, MemoryStore, Store};
 use p2pchat_protocol::handshake::PendingKeyExchange;
 use p2pchat_protocol::keys::IdentitySeed;
-use p2pchat_protocol::relay::{
-    ClientAction, MemoryRelayStore, PeerRecord, Relay, RelayClient, RelayConfig, RelayFrame,
-};
+use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
+use p2pchat_protocol::relay::{MemoryRelayStore, Relay, RelayConfig, RelayFrame};
 use p2pchat_protocol::wire::{ChatContent, Envelope, EnvelopeBody, PairwisePayload};
 use p2pchat_protocol::{GroupSession, IdentityKeyPair, PairwiseSessions, PeerId, Timestamp};
 use rand_chacha::rand_core::SeedableRng;
@@ -40,26 +39,26 @@ fn tagged(selector: u8, bytes: &[u8]) -> Vec<u8> {
     seed
 }
 
-/// A copy of what `engine` has committed, open for reading.
-fn committed(engine: &Engine<MemoryStore>) -> MemoryStore {
-    let mut store = engine.store().crash_copy();
+/// A copy of what `node` has committed, open for reading.
+fn committed(node: &Node<MemoryStore>) -> MemoryStore {
+    let mut store = node.engine().store().crash_copy();
     store.begin().unwrap();
     store
 }
 
-/// What an envelope for `engine` carries, opened on a copy of its state
-/// (the engine itself then opens the envelope as usual).
-fn contents_of(engine: &Engine<MemoryStore>, from: PeerId, bytes: &[u8], now: Timestamp, seen: &mut BTreeSet<Vec<u8>>) {
+/// What an envelope for `node` carries, opened on a copy of its state (the
+/// node itself then opens the envelope as usual).
+fn contents_of(node: &Node<MemoryStore>, from: PeerId, bytes: &[u8], now: Timestamp, seen: &mut BTreeSet<Vec<u8>>) {
     let Ok(envelope) = Envelope::decode(bytes) else { return };
     match envelope.body {
         EnvelopeBody::Ratchet(message) => {
-            let Some(state) = committed(engine).sessions(&from).unwrap() else { return };
+            let Some(state) = committed(node).sessions(&from).unwrap() else { return };
             if let Ok(payload) = PairwiseSessions::from_bytes(&state).unwrap().decrypt(&message, now) {
                 seen.insert(tagged(PAYLOAD, &payload));
             }
         }
         EnvelopeBody::Group(message) => {
-            let Some(state) = committed(engine).group_keys(&message.group_id).unwrap() else { return };
+            let Some(state) = committed(node).group_keys(&message.group_id).unwrap() else { return };
             if let Ok(content) = GroupSession::from_bytes(&state).unwrap().decrypt(&message, now) {
                 seen.insert(tagged(CONTENT, &content));
             }
@@ -68,10 +67,10 @@ fn contents_of(engine: &Engine<MemoryStore>, from: PeerId, bytes: &[u8], now: Ti
     }
 }
 
-/// The state `engine` has stored: sessions, group keys and pending key
+/// The state `node` has stored: sessions, group keys and pending key
 /// exchanges.
-fn state_of(engine: &Engine<MemoryStore>, seen: &mut BTreeSet<Vec<u8>>) {
-    let store = committed(engine);
+fn state_of(node: &Node<MemoryStore>, seen: &mut BTreeSet<Vec<u8>>) {
+    let store = committed(node);
     for peer in store.session_peers().unwrap() {
         if let Some(state) = store.sessions(&peer).unwrap() {
             seen.insert(tagged(SESSIONS, &state));
@@ -93,111 +92,105 @@ fn seed_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode")
 }
 
-/// Every envelope and frame of a short life: three nodes meet through a
-/// relay, alice writes to bob, bob answers, alice makes a group with both
-/// and writes to it, carol answers.
-fn traffic() -> BTreeSet<Vec<u8>> {
-    let now = Timestamp::from_millis(1_750_000_000_000);
-    let identities: Vec<IdentityKeyPair> =
-        (1..=3u8).map(|i| IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([i; 32]))).collect();
-    let ids: Vec<PeerId> = identities.iter().map(IdentityKeyPair::peer_id).collect();
-    let mut engines: Vec<Engine<MemoryStore>> = (0..3u8)
-        .map(|i| {
-            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([i + 1; 32]));
-            let rng = ChaCha20Rng::seed_from_u64(u64::from(i));
-            Engine::new(identity, MemoryStore::new(), EngineConfig::default(), rng, now).unwrap()
-        })
-        .collect();
-    let mut clients: Vec<RelayClient> = (0..3).map(|_| RelayClient::new()).collect();
-    let mut relay = Relay::new(MemoryRelayStore::default(), RelayConfig::default()).unwrap();
-    let mut seen = BTreeSet::new();
-    let mut to_relay: Vec<(usize, RelayFrame)> = Vec::new();
-    for i in 0..3 {
-        relay.connected(ids[i]);
-        let record = PeerRecord::sign(
-            &identities[i],
-            Vec::new(),
-            vec!["relay".into()],
-            now,
-            now.saturating_add_millis(3_600_000),
-            1,
-        );
-        to_relay.extend(clients[i].on_connect(now, record).into_iter().map(|f| (i, f)));
-    }
-    let pump = |engines: &mut Vec<Engine<MemoryStore>>,
-                clients: &mut Vec<RelayClient>,
-                relay: &mut Relay<MemoryRelayStore>,
-                to_relay: &mut Vec<(usize, RelayFrame)>,
-                seen: &mut BTreeSet<Vec<u8>>| {
-        for _ in 0..100 {
-            for i in 0..3 {
-                state_of(&engines[i], seen);
-                while engines[i].poll_event().is_some() {}
-                while let Some(peer) = engines[i].poll_lookup() {
-                    to_relay.push((i, clients[i].lookup(now, peer)));
-                }
-                while let Some(t) = engines[i].poll_transmit() {
-                    let mut seed = vec![ENVELOPE];
-                    seed.extend_from_slice(&t.bytes);
-                    seen.insert(seed);
-                    to_relay.push((i, clients[i].forward(now, t)));
-                }
-            }
-            if to_relay.is_empty() {
-                return;
-            }
-            for (i, frame) in std::mem::take(to_relay) {
-                let bytes = frame.encode();
-                let mut seed = vec![FRAME];
-                seed.extend_from_slice(&bytes);
-                seen.insert(seed);
-                relay.handle_frame(now, ids[i], &bytes).unwrap();
-            }
-            while let Some((to, bytes)) = relay.poll_transmit() {
-                let mut seed = vec![FRAME];
-                seed.extend_from_slice(&bytes);
-                seen.insert(seed);
-                let j = ids.iter().position(|p| *p == to).unwrap();
-                for action in clients[j].on_frame(now, &bytes).unwrap() {
-                    match action {
-                        ClientAction::ToEngine(input) => {
-                            if let Input::Received { from, bytes } = &input {
-                                contents_of(&engines[j], *from, bytes, now, seen);
-                            }
-                            engines[j].handle(now, input).unwrap();
+/// Three nodes and a relay, each frame recorded as it passes.
+struct Traffic {
+    now: Timestamp,
+    nodes: Vec<Node<MemoryStore>>,
+    ids: Vec<PeerId>,
+    relay: Relay<MemoryRelayStore>,
+    seen: BTreeSet<Vec<u8>>,
+    next_ticket: u64,
+    replies: Vec<(Ticket, CommandOutcome)>,
+}
+
+impl Traffic {
+    /// Applies every output until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            let mut busy = false;
+            for i in 0..self.nodes.len() {
+                state_of(&self.nodes[i], &mut self.seen);
+                while let Some(output) = self.nodes[i].poll_output(self.now) {
+                    busy = true;
+                    match output {
+                        NodeOutput::ConnectRelay { relay, .. } => {
+                            self.relay.connected(self.ids[i]);
+                            self.nodes[i].handle(self.now, NodeInput::RelayConnected { relay });
                         }
-                        ClientAction::AfterEngine(frame) => to_relay.push((j, frame)),
+                        NodeOutput::SendToRelay { bytes, .. } => {
+                            self.seen.insert(tagged(FRAME, &bytes));
+                            if let Ok(RelayFrame::Forward { envelope, .. }) = RelayFrame::decode(&bytes) {
+                                self.seen.insert(tagged(ENVELOPE, &envelope));
+                            }
+                            self.relay.handle_frame(self.now, self.ids[i], &bytes).unwrap();
+                        }
+                        NodeOutput::Reply { ticket, reply: Reply::Command(result) } => {
+                            self.replies.push((ticket, result.unwrap()));
+                        }
+                        NodeOutput::Notice(Notice::InputFailed(e)) => panic!("node {i} failed: {e}"),
                         _ => {}
                     }
                 }
             }
+            while let Some((to, bytes)) = self.relay.poll_transmit() {
+                busy = true;
+                self.seen.insert(tagged(FRAME, &bytes));
+                let j = self.ids.iter().position(|p| *p == to).unwrap();
+                if let Ok(RelayFrame::Deliver { from, envelope, .. }) = RelayFrame::decode(&bytes) {
+                    contents_of(&self.nodes[j], from, &envelope, self.now, &mut self.seen);
+                }
+                self.nodes[j].handle(self.now, NodeInput::RelayFrame { relay: 0, bytes });
+            }
+            if !busy {
+                return;
+            }
         }
-    };
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
-    let send =
-        |engines: &mut Vec<Engine<MemoryStore>>, i: usize, command: Command| engines[i].command(now, command).unwrap();
-    let CommandOutcome::Conversation(c) = send(&mut engines, 0, Command::CreateConversation { peer: ids[1] }) else {
-        panic!()
-    };
-    send(&mut engines, 0, Command::SendMessage { conversation: c.id, content: "hello bob".into() });
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
-    send(&mut engines, 1, Command::SendMessage { conversation: c.id, content: "hello alice".into() });
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
+    }
+
+    fn command(&mut self, i: usize, command: Command) -> CommandOutcome {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.nodes[i].handle(self.now, NodeInput::Command { ticket, command });
+        self.pump();
+        let at = self.replies.iter().position(|(t, _)| *t == ticket).expect("answered");
+        self.replies.remove(at).1
+    }
+}
+
+/// Every envelope and frame of a short life: three nodes meet through a
+/// relay, alice writes to bob, bob answers, alice makes a group with both
+/// and writes to it, carol answers, bob leaves.
+fn traffic() -> BTreeSet<Vec<u8>> {
+    let now = Timestamp::from_millis(1_750_000_000_000);
+    let relay_spec = RelaySpec { peer: PeerId([0xee; 20]), address: "relay.test:4433".into() };
+    let mut ids = Vec::new();
+    let nodes = (0..3u8)
+        .map(|i| {
+            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([i + 1; 32]));
+            ids.push(identity.peer_id());
+            let config = NodeConfig { relays: vec![relay_spec.clone()], ..NodeConfig::default() };
+            let rng = ChaCha20Rng::seed_from_u64(u64::from(i));
+            Node::new(identity, MemoryStore::new(), config, rng, now).unwrap()
+        })
+        .collect();
+    let relay = Relay::new(MemoryRelayStore::default(), RelayConfig::default()).unwrap();
+    let mut t = Traffic { now, nodes, ids, relay, seen: BTreeSet::new(), next_ticket: 0, replies: Vec::new() };
+    t.pump();
+    let ids = t.ids.clone();
+    let CommandOutcome::Conversation(c) = t.command(0, Command::CreateConversation { peer: ids[1] }) else { panic!() };
+    t.command(0, Command::SendMessage { conversation: c.id, content: "hello bob".into() });
+    t.command(1, Command::SendMessage { conversation: c.id, content: "hello alice".into() });
     let CommandOutcome::Conversation(g) =
-        send(&mut engines, 0, Command::CreateGroup { name: "seeds".into(), members: vec![ids[1], ids[2]] })
+        t.command(0, Command::CreateGroup { name: "seeds".into(), members: vec![ids[1], ids[2]] })
     else {
         panic!()
     };
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
     // Bob wrote to alice, so he is in; carol, who never did, accepts.
-    send(&mut engines, 2, Command::AcceptInvitation { group: g.id });
-    send(&mut engines, 0, Command::SendGroupMessage { group: g.id, content: "hello group".into() });
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
-    send(&mut engines, 2, Command::SendGroupMessage { group: g.id, content: "hello from carol".into() });
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
-    send(&mut engines, 1, Command::Leave { group: g.id });
-    pump(&mut engines, &mut clients, &mut relay, &mut to_relay, &mut seen);
-    seen
+    t.command(2, Command::AcceptInvitation { group: g.id });
+    t.command(0, Command::SendGroupMessage { group: g.id, content: "hello group".into() });
+    t.command(2, Command::SendGroupMessage { group: g.id, content: "hello from carol".into() });
+    t.command(1, Command::Leave { group: g.id });
+    t.seen
 }
 
 fn decodes(seed: &[u8]) -> bool {
