@@ -13,8 +13,8 @@ use p2pchat_protocol::engine::{
 };
 use p2pchat_protocol::node::{
     AddressSource, Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket,
-    DIRECT_DIAL_BUDGET_MS, HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, MAX_DIRECT_SENDS_PER_PEER,
-    RELAY_BACKOFF_MAX_MS,
+    DIRECT_DIAL_BUDGET_MS, HELD_FOR_A_PATH_RETRY_MS, LOOKUP_INTERVAL_MS, MAX_DIRECT_BYTES_PER_PEER,
+    MAX_DIRECT_SENDS_PER_PEER, RELAY_BACKOFF_MAX_MS,
 };
 use p2pchat_protocol::relay::{
     MemoryRelayStore, Relay, RelayConfig, RelayFrame, RelayStore, RELAY_ANSWER_TIMEOUT_MS,
@@ -864,4 +864,56 @@ fn a_peer_that_reads_slowly_has_at_most_a_window_of_direct_sends_under_way_and_l
     assert_eq!(received, expected, "each exactly once");
     let statuses: Vec<MessageStatus> = ids.iter().map(|id| net.status(0, *id)).collect();
     assert!(statuses.iter().all(|s| *s == MessageStatus::Delivered), "{statuses:?}");
+}
+
+#[test]
+fn an_older_record_replaces_the_newest_seen_only_once_that_one_has_expired() {
+    let mut net = Net::new(1, Dials::Blackhole);
+    let bob = IdentityKeyPair::generate(&mut ChaCha20Rng::seed_from_u64(77));
+    let signed = |net: &Net, address: &str, sequence: u64| {
+        let expires = net.now.saturating_add_millis(60_000);
+        p2pchat_protocol::relay::PeerRecord::sign(&bob, vec![address.into()], vec![], net.now, expires, sequence)
+    };
+    let address_of_bob =
+        |net: &Net| net.nodes[0].peers(net.now).iter().find(|p| p.peer == bob.peer_id()).unwrap().address;
+    // Signed while bob's clock was an hour ahead.
+    let ahead = signed(&net, "10.0.0.7:4433", 3_600_000);
+    net.nodes[0].handle(net.now, NodeInput::PeerRecord { record: ahead });
+    // His clock corrected, he signs a lower sequence: stale while the first lasts …
+    let corrected = signed(&net, "10.0.0.8:4433", 1_000);
+    net.nodes[0].handle(net.now, NodeInput::PeerRecord { record: corrected });
+    assert_eq!(address_of_bob(&net), Some("10.0.0.7:4433".parse().unwrap()));
+    // … and taken once it expired, and kept for after a restart.
+    net.advance(61_000);
+    let corrected = signed(&net, "10.0.0.8:4433", 1_001);
+    net.nodes[0].handle(net.now, NodeInput::PeerRecord { record: corrected });
+    assert_eq!(address_of_bob(&net), Some("10.0.0.8:4433".parse().unwrap()));
+    net.pump();
+    net.restart(0);
+    assert_eq!(address_of_bob(&net), Some("10.0.0.8:4433".parse().unwrap()));
+}
+
+#[test]
+fn what_a_slow_peer_cannot_take_goes_back_to_the_engine_and_arrives_later_exactly_once() {
+    let mut net = Net::new(2, Dials::Connect);
+    net.give_address(0, 1);
+    net.first_message_delivered();
+    net.direct_sends_held = Some(Vec::new());
+    let big = "x".repeat(60 * 1024);
+    let ids: Vec<MessageId> = (0..150).map(|n| net.send(0, 1, &format!("{n} {big}"))).collect();
+    let under_way: usize = net.direct_sends_held.as_ref().unwrap().iter().filter(|s| s.0 == 0).map(|s| s.3.len()).sum();
+    assert!(under_way <= MAX_DIRECT_BYTES_PER_PEER, "{under_way} bytes under way");
+    let reason = "the peer reads more slowly than this node sends";
+    let refused = ids.iter().filter(|id| net.message(0, **id).waiting_reason.as_deref() == Some(reason)).count();
+    assert!(refused > 0, "more than the window and its waiting room hold goes back to the engine");
+    // The peer catches up: everything arrives, once.
+    for (i, j, id, bytes) in net.direct_sends_held.take().unwrap() {
+        net.nodes[j].handle(net.now, NodeInput::DirectReceived { from: net.peers[i], bytes });
+        net.nodes[i].handle(net.now, NodeInput::DirectSent { id, outcome: TransmitOutcome::Delivered });
+    }
+    net.advance(120_000);
+    assert_eq!(net.received(1).len(), 1 + ids.len(), "each exactly once");
+    for id in ids {
+        assert_eq!(net.status(0, id), MessageStatus::Delivered);
+    }
 }

@@ -9,7 +9,7 @@ use p2pchat_http_tide::{
     ApiConfig, ApiServer, BoxFuture, LoginLinks, NodeApi, NodeCallError, NodeInfo, PeerInfo, RelayLink, RelayStatus,
 };
 use p2pchat_protocol::engine::{Answer, Command, CommandOutcome, Event, Query};
-use p2pchat_protocol::node::{AddressSource, PathState};
+use p2pchat_protocol::node::{AddressSource, PathState, RecordSource};
 use rand_core::RngCore;
 use zeroize::Zeroizing;
 
@@ -75,10 +75,17 @@ impl NodeApi for Adapter {
                         PathState::RelayedVia(relay) => ("relayed", None, relay_name(relay)),
                         PathState::Unknown => ("unknown", None, None),
                     };
-                    let (address_source, record_from) = match p.source {
-                        Some(AddressSource::Given) => (Some("given"), None),
-                        Some(AddressSource::Record { relay }) => (Some("record"), relay.and_then(relay_name)),
-                        None => (None, None),
+                    let address_source = match p.source {
+                        Some(AddressSource::Given) => Some("given"),
+                        Some(AddressSource::Record { .. }) => Some("record"),
+                        None => None,
+                    };
+                    // Where its newest record came from, whether or not it
+                    // gave an address (a `--no-direct` peer's lists only
+                    // relays).
+                    let record_from = match p.record {
+                        Some(RecordSource::Relay(relay)) => relay_name(relay),
+                        Some(RecordSource::HandedIn | RecordSource::Kept) | None => None,
                     };
                     PeerInfo {
                         peer_id: p.peer.to_string(),

@@ -171,7 +171,10 @@ fn two_node_processes_and_a_relay_and_a_no_direct_node() {
     let carol_entry = peers["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == carol.peer.as_str()).cloned();
     // Carol publishes no address, so alice never dials her (carol may dial
     // out to alice, as a node behind NAT can).
-    assert!(carol_entry.is_none_or(|p| p["address"].is_null()), "alice knows no address of carol: {peers}");
+    let carol_entry = carol_entry.expect("alice has a path for carol");
+    assert!(carol_entry["address"].is_null(), "alice knows no address of carol: {peers}");
+    // Her record, which lists only the relay, came from it.
+    assert_eq!(carol_entry["record_from"], address.as_str(), "{peers}");
 
     // A group of three across both paths.
     let g = alice.client.post("/api/chat/groups", json!({"group_name": "trio", "members": [bob.peer, carol.peer]}));

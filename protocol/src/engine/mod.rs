@@ -160,10 +160,12 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// 80 minutes, 5 and 21 hours, then every two days), not thousands.
 const HELD_RETRY_FACTOR: u64 = 10;
 /// How long a pairwise copy that reached no one is sent again as it is
-/// ([`SealedCopy`]): well within the 7 days a peer keeps the key of a
-/// message it skipped. Beyond it the item is sealed again, so an item that
-/// fails for weeks costs at most one message key a day.
-const UNSENT_COPY_REUSE_MS: u64 = DAY_MS;
+/// ([`SealedCopy`]): within the 7 days a peer keeps the key of a message it
+/// skipped. Beyond it the item is sealed again. What a receiver must skip
+/// grows with the keys spent on copies it never gets: one per failing item
+/// per 6 days, so even the 100 items a relay holds for one sender, failing
+/// for two weeks, spend 300 keys, within the 1,000 a receiver skips.
+const UNSENT_COPY_REUSE_MS: u64 = 6 * DAY_MS;
 /// How the wait before another copy grows with the item's age.
 const HELD_RETRY_AGE_FACTOR: u64 = 3;
 /// The longest wait between copies of a message held by a relay.

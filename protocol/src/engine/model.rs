@@ -203,10 +203,10 @@ pub struct OutboxItem {
 }
 
 /// A pairwise item as sealed for one attempt. A copy that reached no one is
-/// sent again unchanged: sealing again would take a new message key each
-/// time, and an item retried every 30 s for days would move the sending
-/// chain thousands of keys past what the peer may skip, losing the
-/// session. A copy that reached the peer or a relay is never sent again (its
+/// sent again unchanged (for up to 6 days): sealing again would take a new
+/// message key each time, and an item retried every 30 s for days would
+/// move the sending chain thousands of keys past what the peer may skip,
+/// losing the session. A copy that reached the peer or a relay is never sent again (its
 /// key is spent at the peer, which could not open it twice).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedCopy {

@@ -54,16 +54,16 @@ use crate::wire::WireError;
 
 pub use batch::MAX_BATCH;
 pub use paths::{
-    AddressSource, PathState, PeerPath, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS, DIRECT_RETRY_MAX_MS,
-    LOOKUP_INTERVAL_MS, MAX_PATHS, MAX_WAITING_FOR_DIAL,
+    AddressSource, PathState, PeerPath, RecordSource, DIRECT_DIAL_BUDGET_MS, DIRECT_RETRY_AFTER_MS,
+    DIRECT_RETRY_MAX_MS, LOOKUP_INTERVAL_MS, MAX_PATHS, MAX_WAITING_FOR_DIAL,
 };
 pub use relays::{RelaySpec, RelayStatus, RELAY_BACKOFF_MAX_MS, RELAY_BACKOFF_MIN_MS, RELAY_STABLE_MS};
-pub use window::{MAX_DIRECT_BYTES_PER_PEER, MAX_DIRECT_SENDS_PER_PEER};
+pub use window::{MAX_DIRECT_BYTES_PER_PEER, MAX_DIRECT_SENDS_PER_PEER, MAX_DIRECT_WAITING_BYTES_PER_PEER};
 
 use batch::{After, Batch, Done};
-use paths::{Dial, Paths, Route};
+use paths::{Dial, Paths, RecordSeen, Route};
 use relays::RelayLink;
-use window::DirectWindows;
+use window::{Admitted, DirectWindows};
 
 /// How long the records this node publishes stay valid by default.
 pub const RECORD_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
@@ -485,7 +485,7 @@ impl<S: Store> Node<S> {
             NodeInput::RelayFrame { relay, bytes } => self.relay_frame(now, relay, &bytes),
             NodeInput::RelayFrameUnsent { relay, bytes } => self.relay_frame_unsent(now, relay, &bytes),
             NodeInput::PeerRecord { record } => match record.verify(now, None) {
-                Ok(()) => self.learn_record(now, None, record),
+                Ok(()) => self.learn_record(now, RecordSource::HandedIn, record),
                 Err(error) => {
                     let notice = Notice::RecordRefused { peer: record.peer_id, reason: error.to_string() };
                     self.outputs.push_back(NodeOutput::Notice(notice));
@@ -633,11 +633,18 @@ impl<S: Store> Node<S> {
         }
     }
 
-    /// On the open connection, once the peer's window has room.
+    /// On the open connection, once the peer's window has room; if too
+    /// much waits for that already, back to the engine as failed (which
+    /// sends the same sealed copy again later).
     fn send_direct(&mut self, transmit: Transmit) {
         let (id, peer) = (transmit.id, transmit.peer);
-        if let Some(bytes) = self.direct.admit(transmit) {
-            self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes });
+        match self.direct.admit(transmit) {
+            Admitted::Started(bytes) => self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes }),
+            Admitted::Waiting => {}
+            Admitted::Full => {
+                let outcome = TransmitOutcome::Failed("the peer reads more slowly than this node sends".into());
+                self.for_engine(Input::TransmitResult { id, outcome });
+            }
         }
     }
 
@@ -882,16 +889,13 @@ impl<S: Store> Node<S> {
         self.send_to_relay(index, &frame);
     }
 
-    /// A verified record: used at once, and kept across restarts when it is
-    /// newer than the one kept.
-    fn learn_record(&mut self, now: Timestamp, relay: Option<usize>, record: PeerRecord) {
-        let seen = self.paths.get(&record.peer_id).and_then(|p| p.record_sequence);
-        let kept = seen.is_none_or(|seen| record.sequence > seen).then(|| KeptRecord {
-            peer: record.peer_id,
-            seen_at: now,
-            record: record.encode(),
-        });
-        self.use_record(now, relay, record);
+    /// A verified record: used at once, and kept across restarts when it
+    /// replaces the one seen before.
+    fn learn_record(&mut self, now: Timestamp, source: RecordSource, record: PeerRecord) {
+        let seen = self.paths.get(&record.peer_id).and_then(|p| p.record);
+        let new = seen.is_none_or(|seen| seen.sequence != record.sequence && seen.replaced_by(record.sequence, now));
+        let kept = new.then(|| KeptRecord { peer: record.peer_id, seen_at: now, record: record.encode() });
+        self.use_record(now, source, record);
         if let Some(kept) = kept {
             self.for_engine(Input::KeepRecord(kept));
         }
@@ -908,7 +912,7 @@ impl<S: Store> Node<S> {
         for kept in kept? {
             match PeerRecord::decode(&kept.record) {
                 Ok(record) if record.peer_id == kept.peer && record.verify_signature().is_ok() => {
-                    self.use_record(now, None, record);
+                    self.use_record(now, RecordSource::Kept, record);
                 }
                 _ => {
                     let notice =
@@ -921,18 +925,17 @@ impl<S: Store> Node<S> {
     }
 
     /// A verified record: its relays and its first dialable address become
-    /// the peer's.
-    fn use_record(&mut self, now: Timestamp, relay: Option<usize>, record: PeerRecord) {
+    /// the peer's, unless it is older than the one seen and that one has
+    /// not expired (a stale answer, an old card).
+    fn use_record(&mut self, now: Timestamp, source: RecordSource, record: PeerRecord) {
         let policy = self.config.address_policy;
         let relays: Vec<RelaySpec> =
             record.relay_addresses.iter().filter_map(|a| RelaySpec::parse(a, policy)).collect();
         let path = self.paths.entry(record.peer_id, now);
-        // An older record than one already seen (a stale answer, an old
-        // card) changes nothing.
-        if path.record_sequence.is_some_and(|seen| record.sequence < seen) {
+        if path.record.is_some_and(|seen| !seen.replaced_by(record.sequence, now)) {
             return;
         }
-        path.record_sequence = Some(record.sequence);
+        path.record = Some(RecordSeen { sequence: record.sequence, expires_at: record.expires_at, source });
         path.relays = relays;
         let permitted = policy.first_permitted(&record.direct_addresses);
         if permitted.is_none() && !record.direct_addresses.is_empty() {
@@ -948,6 +951,10 @@ impl<S: Store> Node<S> {
             path.failures = 0;
         }
         path.address = permitted;
+        let relay = match source {
+            RecordSource::Relay(relay) => Some(relay),
+            RecordSource::HandedIn | RecordSource::Kept => None,
+        };
         path.source = permitted.map(|_| AddressSource::Record { relay });
     }
 
@@ -1129,7 +1136,7 @@ impl<S: Store> Node<S> {
                 ClientAction::AfterEngine(frame) => {
                     self.batch.push_after_last(After::Send { relay, frame: Box::new(frame) });
                 }
-                ClientAction::Record(record) => self.learn_record(now, Some(relay), record),
+                ClientAction::Record(record) => self.learn_record(now, RecordSource::Relay(relay), record),
                 ClientAction::Published { .. } => {}
                 // The relay lost this connection's registration (it restarted
                 // under us, say): register again, which brings the mailbox.

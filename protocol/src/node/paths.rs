@@ -44,6 +44,35 @@ pub enum AddressSource {
     },
 }
 
+/// Where the newest record of a peer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordSource {
+    /// A relay's answer to a lookup: the relay's index in the node's list.
+    Relay(usize),
+    /// Handed in by the user or driver ([`super::NodeInput::PeerRecord`]).
+    HandedIn,
+    /// Kept in the store from before the node started.
+    Kept,
+}
+
+/// The newest record seen of a peer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecordSeen {
+    pub(crate) sequence: u64,
+    pub(crate) expires_at: Timestamp,
+    pub(crate) source: RecordSource,
+}
+
+impl RecordSeen {
+    /// Whether a record with `sequence` and `expires_at` replaces this one:
+    /// a newer one does; an older one only once this one has expired (as
+    /// the relay rules, PROTOCOL.md §7a), so a peer whose clock was ahead
+    /// when it signed is not shut out for as long as its record is kept.
+    pub(crate) fn replaced_by(&self, sequence: u64, now: Timestamp) -> bool {
+        sequence >= self.sequence || self.expires_at <= now
+    }
+}
+
 /// How a peer is reached now, as the API shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathState {
@@ -72,6 +101,8 @@ pub struct PeerPath {
     pub state: PathState,
     /// Why the last direct attempt failed.
     pub last_failure: Option<String>,
+    /// Where its newest record came from, if one was seen.
+    pub record: Option<RecordSource>,
 }
 
 /// A dial under way and the transmits that wait for it.
@@ -97,8 +128,8 @@ pub(crate) struct Path {
     /// The relays its newest record lists (those this node may dial), kept
     /// after the record expires: the peer is most likely still there.
     pub(crate) relays: Vec<super::RelaySpec>,
-    /// The sequence of the newest record seen.
-    pub(crate) record_sequence: Option<u64>,
+    /// The newest record seen.
+    pub(crate) record: Option<RecordSeen>,
 }
 
 impl Path {
@@ -115,7 +146,7 @@ impl Path {
             last_lookup: None,
             last_used: now,
             relays: Vec::new(),
-            record_sequence: None,
+            record: None,
         }
     }
 
@@ -221,6 +252,7 @@ impl Paths {
                 source: p.source,
                 state: p.state(now),
                 last_failure: p.last_failure.clone(),
+                record: p.record.map(|r| r.source),
             })
             .collect()
     }

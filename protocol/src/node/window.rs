@@ -18,6 +18,20 @@ pub const MAX_DIRECT_SENDS_PER_PEER: usize = 256;
 /// always allowed, however large): what bounds the driver's memory for
 /// large messages.
 pub const MAX_DIRECT_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
+/// The most bytes waiting for room in one peer's window; more go back to
+/// the engine as failed, which sends the same sealed copies again later.
+pub const MAX_DIRECT_WAITING_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
+
+/// What became of a transmit offered to its peer's window.
+#[derive(Debug)]
+pub(crate) enum Admitted {
+    /// Under way: these bytes go to the driver.
+    Started(Vec<u8>),
+    /// Waiting for room.
+    Waiting,
+    /// Neither: too much waits already (the transmit is dropped here).
+    Full,
+}
 
 /// One peer's sends under way and those waiting.
 #[derive(Debug, Default)]
@@ -25,6 +39,7 @@ struct Window {
     sending: usize,
     bytes: usize,
     waiting: VecDeque<Transmit>,
+    waiting_bytes: usize,
 }
 
 impl Window {
@@ -44,14 +59,22 @@ pub(crate) struct DirectWindows {
 
 impl DirectWindows {
     /// Starts `transmit` if its peer's window has room and nothing waits
-    /// before it, returning a copy of its bytes to send; else it waits.
-    pub(crate) fn admit(&mut self, transmit: Transmit) -> Option<Vec<u8>> {
+    /// before it; else it waits, unless too much waits already. A key
+    /// exchange message (the one kind that may not wait in a mailbox) goes
+    /// at once: it is small, and must not time out behind a backlog.
+    pub(crate) fn admit(&mut self, transmit: Transmit) -> Admitted {
         let window = self.peers.entry(transmit.peer).or_default();
-        if !window.waiting.is_empty() || !window.has_room_for(transmit.bytes.len()) {
-            window.waiting.push_back(transmit);
-            return None;
+        let len = transmit.bytes.len();
+        let urgent = !transmit.mailbox_allowed;
+        if urgent || (window.waiting.is_empty() && window.has_room_for(len)) {
+            return Admitted::Started(self.start(transmit));
         }
-        Some(self.start(transmit))
+        if window.waiting_bytes.saturating_add(len) > MAX_DIRECT_WAITING_BYTES_PER_PEER {
+            return Admitted::Full;
+        }
+        window.waiting_bytes += len;
+        window.waiting.push_back(transmit);
+        Admitted::Waiting
     }
 
     /// The next waiting transmit to `peer` that fits now, started: its
@@ -63,6 +86,7 @@ impl DirectWindows {
             return None;
         }
         let transmit = window.waiting.pop_front()?;
+        window.waiting_bytes = window.waiting_bytes.saturating_sub(len);
         let id = transmit.id;
         Some((id, self.start(transmit)))
     }
@@ -93,6 +117,7 @@ impl DirectWindows {
     /// another path).
     pub(crate) fn take_waiting(&mut self, peer: &PeerId) -> Vec<Transmit> {
         let Some(window) = self.peers.get_mut(peer) else { return Vec::new() };
+        window.waiting_bytes = 0;
         let waiting = core::mem::take(&mut window.waiting).into();
         if window.sending == 0 {
             self.peers.remove(peer);
@@ -117,21 +142,32 @@ mod tests {
         Transmit { id: TransmitId(id), peer: PeerId([peer; 20]), bytes: vec![0; len], mailbox_allowed: true }
     }
 
+    fn started(admitted: Admitted) -> bool {
+        matches!(admitted, Admitted::Started(_))
+    }
+
+    fn waiting(admitted: Admitted) -> bool {
+        matches!(admitted, Admitted::Waiting)
+    }
+
     #[test]
     fn a_peers_window_holds_back_what_exceeds_it_in_order_and_others_are_not_held() {
         let mut windows = DirectWindows::default();
         let a = PeerId([1; 20]);
         for id in 0..MAX_DIRECT_SENDS_PER_PEER as u64 {
-            assert!(windows.admit(transmit(id, 1, 10)).is_some());
+            assert!(started(windows.admit(transmit(id, 1, 10))));
         }
-        assert!(windows.admit(transmit(100, 1, 10)).is_none(), "the window is full");
-        assert!(windows.admit(transmit(101, 1, 10)).is_none());
-        assert!(windows.admit(transmit(200, 2, 10)).is_some(), "another peer has a window of its own");
+        assert!(waiting(windows.admit(transmit(100, 1, 10))), "the window is full");
+        assert!(waiting(windows.admit(transmit(101, 1, 10))));
+        assert!(started(windows.admit(transmit(200, 2, 10))), "another peer has a window of its own");
+        let key_exchange = Transmit { mailbox_allowed: false, ..transmit(300, 1, 10) };
+        assert!(started(windows.admit(key_exchange)), "a key exchange message does not wait");
+        windows.finish(TransmitId(300));
         assert_eq!(windows.start_next(&a), None, "nothing fits until a send finishes");
         assert_eq!(windows.finish(TransmitId(0)).map(|t| t.id), Some(TransmitId(0)));
         assert_eq!(windows.start_next(&a).map(|(id, _)| id), Some(TransmitId(100)), "oldest first");
         assert_eq!(windows.start_next(&a), None);
-        assert!(windows.admit(transmit(102, 1, 10)).is_none(), "nothing overtakes what waits");
+        assert!(waiting(windows.admit(transmit(102, 1, 10))), "nothing overtakes what waits");
         let waiting: Vec<TransmitId> = windows.take_waiting(&a).iter().map(|t| t.id).collect();
         assert_eq!(waiting, [TransmitId(101), TransmitId(102)]);
         assert_eq!(windows.sending(&a), MAX_DIRECT_SENDS_PER_PEER);
@@ -141,11 +177,13 @@ mod tests {
     fn a_peers_window_is_bounded_by_bytes_but_one_send_always_goes() {
         let mut windows = DirectWindows::default();
         let a = PeerId([1; 20]);
-        assert!(windows.admit(transmit(1, 1, MAX_DIRECT_BYTES_PER_PEER + 1)).is_some(), "one always goes");
-        assert!(windows.admit(transmit(2, 1, 1)).is_none());
+        assert!(started(windows.admit(transmit(1, 1, MAX_DIRECT_BYTES_PER_PEER + 1))), "one always goes");
+        assert!(waiting(windows.admit(transmit(2, 1, 1))));
         windows.finish(TransmitId(1));
         assert!(windows.start_next(&a).is_some());
-        assert!(windows.admit(transmit(3, 1, MAX_DIRECT_BYTES_PER_PEER)).is_none(), "over the bytes");
+        assert!(waiting(windows.admit(transmit(3, 1, MAX_DIRECT_BYTES_PER_PEER))), "over the bytes");
+        let over = transmit(4, 1, MAX_DIRECT_WAITING_BYTES_PER_PEER);
+        assert!(matches!(windows.admit(over), Admitted::Full), "too much waits");
         windows.finish(TransmitId(2));
         assert_eq!(windows.start_next(&a).map(|(id, _)| id), Some(TransmitId(3)));
         windows.finish(TransmitId(3));

@@ -57,6 +57,9 @@ pub const RELAY_ANSWER_TIMEOUT_MS: u64 = 5_000;
 /// queue can hold a thousand frames), so it gets longer than a forward.
 pub const RELAY_REGISTRATION_TIMEOUT_MS: u64 = 15_000;
 
+/// The most peers whose newest record sequence a client remembers.
+const MAX_KNOWN_SEQUENCES: usize = 10_000;
+
 /// One node's relay client state.
 #[derive(Debug, Default)]
 pub struct RelayClient {
@@ -69,8 +72,10 @@ pub struct RelayClient {
     registering: Option<Timestamp>,
     /// The sequence of the newest record this node published.
     published: u64,
-    /// The highest record sequence seen per peer: older answers are stale.
-    sequences: std::collections::BTreeMap<PeerId, u64>,
+    /// The highest record sequence seen per peer, with that record's
+    /// expiry: older answers are stale while it lasts. At most
+    /// [`MAX_KNOWN_SEQUENCES`], expired ones forgotten first.
+    sequences: std::collections::BTreeMap<PeerId, (u64, Timestamp)>,
 }
 
 impl RelayClient {
@@ -228,13 +233,23 @@ impl RelayClient {
                 }
                 // Every reader checks the record itself: the relay is not
                 // trusted, and an answer older than one already seen is stale.
+                // (Once the newest seen has expired, any valid record does,
+                // as the relay itself rules.)
                 let known = self.sequences.get(&peer).copied();
                 let valid = record.as_ref().is_some_and(|r| {
-                    r.peer_id == peer && r.verify(now, None).is_ok() && known.is_none_or(|k| r.sequence >= k)
+                    r.peer_id == peer
+                        && r.verify(now, None).is_ok()
+                        && known.is_none_or(|(k, expires_at)| r.sequence >= k || expires_at <= now)
                 });
                 match record {
                     Some(record) if valid => {
-                        self.sequences.insert(peer, record.sequence);
+                        if self.sequences.len() >= MAX_KNOWN_SEQUENCES && !self.sequences.contains_key(&peer) {
+                            self.sequences.retain(|_, (_, expires_at)| *expires_at > now);
+                            if self.sequences.len() >= MAX_KNOWN_SEQUENCES {
+                                self.sequences.pop_first();
+                            }
+                        }
+                        self.sequences.insert(peer, (record.sequence, record.expires_at));
                         vec![ClientAction::Record(record), ClientAction::ToEngine(Input::PeerRecord(peer))]
                     }
                     _ => vec![ClientAction::ToEngine(Input::LookupFailed(peer))],
