@@ -1,8 +1,8 @@
 //! Two nodes and two relays, with a driver the fuzzer controls: which
 //! piece of pending work happens next and whether it succeeds (dials,
 //! direct sends, relay connections, frames each way, a full queue to a
-//! relay), connections closing, time passing, messages sent either way, and
-//! frames from a hostile relay.
+//! relay), connections closing, time passing, messages sent either way,
+//! nodes restarting from their stores, and frames from a hostile relay.
 //!
 //! Checked: no panic; no message is handed to its recipient twice, or with
 //! other content than was sent; and once the network heals, every message
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         if input.is_empty() {
             break;
         }
-        match input.byte() % 8 {
+        match input.byte() % 9 {
             0 | 1 if sends < 24 => {
                 let from = input.below(2);
                 world.send(from, format!("m{sends} from {from}"));
@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
                 let bytes = (0..len).map(|_| input.byte()).collect();
                 world.hostile_frame(to, relay, bytes);
             }
+            8 => world.restart(input.below(2)),
             _ => world.step(0, true),
         }
     }

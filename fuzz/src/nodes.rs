@@ -2,13 +2,14 @@
 //! dials that connect or fail, direct sends acknowledged or failed,
 //! direct connections closing, relay connections up, refused or dying with
 //! frames in flight, a driver queue to a relay that is full, time passing,
-//! and frames from a hostile relay. The nodes route with the code that
+//! nodes restarting from what their store committed, and frames from a
+//! hostile relay. The nodes route with the code that
 //! ships (`protocol::node`); the relays are the relay core.
 //!
 //! `settle` then heals everything and lets retries run, so the target can
 //! check that every message its sender does not count as failed arrived.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
@@ -22,18 +23,32 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
 /// Something the driver was asked to do and has not done yet.
+/// Frames name the connection they were written on (its generation): a
+/// frame of a connection that closed is never handed to a newer one.
 #[derive(Debug)]
 pub enum Pending {
     Dial { from: usize },
     ConnectRelay { node: usize, relay: usize },
     SendDirect { from: usize, id: TransmitId, bytes: Vec<u8> },
-    ToRelay { node: usize, relay: usize, bytes: Vec<u8> },
-    FromRelay { relay: usize, to: usize, bytes: Vec<u8> },
+    ToRelay { node: usize, relay: usize, link: u64, bytes: Vec<u8> },
+    FromRelay { relay: usize, to: usize, link: u64, bytes: Vec<u8> },
+}
+
+impl Pending {
+    /// Whether this work belongs to node `i` (and dies with it).
+    fn of(&self, i: usize) -> bool {
+        match self {
+            Pending::Dial { from } | Pending::SendDirect { from, .. } => *from == i,
+            Pending::ConnectRelay { node, .. } | Pending::ToRelay { node, .. } => *node == i,
+            Pending::FromRelay { to, .. } => *to == i,
+        }
+    }
 }
 
 /// How long `settle` lets retries run: past every backoff of the node and
-/// the engine's retries of items a relay refused.
-const SETTLE_MS: u64 = 2 * 60 * 60 * 1000;
+/// the engine's retries, including the copies of a message a relay holds,
+/// which are spaced out by up to two days.
+const SETTLE_MS: u64 = 3 * 24 * 60 * 60 * 1000;
 
 pub struct NodeWorld {
     pub nodes: Vec<Node<MemoryStore>>,
@@ -41,8 +56,11 @@ pub struct NodeWorld {
     pub relays: Vec<Relay<MemoryRelayStore>>,
     pub now: Timestamp,
     pub pending: VecDeque<Pending>,
-    /// (node, relay) connections that are up.
-    links: BTreeSet<(usize, usize)>,
+    /// (node, relay) connections that are up, with their generation.
+    links: BTreeMap<(usize, usize), u64>,
+    next_link: u64,
+    seed: u64,
+    restarts: u64,
     /// Whether the direct connection between the two nodes is open.
     direct: bool,
     conversations: Vec<ConversationId>,
@@ -57,29 +75,13 @@ pub struct NodeWorld {
 impl NodeWorld {
     pub fn new(seed: u64) -> Self {
         let now = Timestamp::from_millis(1_750_000_000_000);
-        let relay_ids = [PeerId([0xe0; 20]), PeerId([0xe1; 20])];
-        let specs: Vec<RelaySpec> = relay_ids
-            .iter()
-            .enumerate()
-            .map(|(n, peer)| RelaySpec { peer: *peer, address: format!("relay-{n}.test:4433") })
-            .collect();
         let mut nodes = Vec::new();
         let mut ids = Vec::new();
         for i in 0..2 {
-            let mut bytes = [0u8; 32];
-            bytes[0] = i as u8 + 1;
-            bytes[1..9].copy_from_slice(&seed.to_le_bytes());
-            let identity = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(bytes));
+            let identity = identity(seed, i);
             ids.push(identity.peer_id());
-            let config = NodeConfig {
-                relays: specs.clone(),
-                // Bob takes direct connections; alice does not.
-                direct_addresses: if i == 1 { vec!["10.0.0.2:4433".into()] } else { Vec::new() },
-                address_policy: AddressPolicy::AllowPrivate,
-                ..NodeConfig::default()
-            };
             let rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(i as u64));
-            let node = Node::new(identity, MemoryStore::new(), config, rng, now)
+            let node = Node::new(identity, MemoryStore::new(), config(i), rng, now)
                 .unwrap_or_else(|e| panic!("a node on an empty store must start: {e}"));
             nodes.push(node);
         }
@@ -95,7 +97,10 @@ impl NodeWorld {
             relays,
             now,
             pending: VecDeque::new(),
-            links: BTreeSet::new(),
+            links: BTreeMap::new(),
+            next_link: 0,
+            seed,
+            restarts: 0,
             direct: false,
             conversations: Vec::new(),
             sent: vec![BTreeMap::new(); 2],
@@ -147,7 +152,10 @@ impl NodeWorld {
                     }
                     NodeOutput::CloseRelay { relay } => self.close_relay(i, relay, "closed by the node"),
                     NodeOutput::SendToRelay { relay, bytes } => {
-                        self.pending.push_back(Pending::ToRelay { node: i, relay, bytes })
+                        // Written on the connection up now, if any.
+                        if let Some(&link) = self.links.get(&(i, relay)) {
+                            self.pending.push_back(Pending::ToRelay { node: i, relay, link, bytes });
+                        }
                     }
                     NodeOutput::Event(Event::MessageReceived(m)) => {
                         let entry = self.received[i].entry(m.id).or_insert((m.content.clone(), 0));
@@ -165,15 +173,16 @@ impl NodeWorld {
         for relay in 0..self.relays.len() {
             while self.relays[relay].poll_event().is_some() {}
             while let Some((to, bytes)) = self.relays[relay].poll_transmit() {
-                if let Some(to) = self.ids.iter().position(|p| *p == to) {
-                    self.pending.push_back(Pending::FromRelay { relay, to, bytes });
+                let Some(to) = self.ids.iter().position(|p| *p == to) else { continue };
+                if let Some(&link) = self.links.get(&(to, relay)) {
+                    self.pending.push_back(Pending::FromRelay { relay, to, link, bytes });
                 }
             }
         }
     }
 
     fn close_relay(&mut self, node: usize, relay: usize, reason: &str) {
-        if self.links.remove(&(node, relay)) {
+        if self.links.remove(&(node, relay)).is_some() {
             self.relays[relay].disconnected(&self.ids[node]);
         }
         let reason = reason.into();
@@ -222,7 +231,9 @@ impl NodeWorld {
             Pending::ConnectRelay { node, relay } => {
                 // Only the two relays exist; any other is out of reach.
                 if succeed && relay < self.relays.len() {
-                    if self.links.insert((node, relay)) {
+                    if let std::collections::btree_map::Entry::Vacant(entry) = self.links.entry((node, relay)) {
+                        entry.insert(self.next_link);
+                        self.next_link += 1;
                         self.relays[relay].connected(self.ids[node]);
                     }
                     self.nodes[node].handle(now, NodeInput::RelayConnected { relay });
@@ -230,8 +241,8 @@ impl NodeWorld {
                     self.close_relay(node, relay, "cannot connect");
                 }
             }
-            Pending::ToRelay { node, relay, bytes } => {
-                if !self.links.contains(&(node, relay)) {
+            Pending::ToRelay { node, relay, link, bytes } => {
+                if self.links.get(&(node, relay)) != Some(&link) {
                     // The connection it was written on is gone.
                 } else if succeed {
                     if let Err(e) = self.relays[relay].handle_frame(now, self.ids[node], &bytes) {
@@ -242,8 +253,8 @@ impl NodeWorld {
                     self.nodes[node].handle(now, NodeInput::RelayFrameUnsent { relay, bytes });
                 }
             }
-            Pending::FromRelay { relay, to, bytes } => {
-                if self.links.contains(&(to, relay)) {
+            Pending::FromRelay { relay, to, link, bytes } => {
+                if self.links.get(&(to, relay)) == Some(&link) {
                     if succeed {
                         self.nodes[to].handle(now, NodeInput::RelayFrame { relay, bytes });
                     } else {
@@ -258,7 +269,7 @@ impl NodeWorld {
 
     /// A hostile relay sends node `to` whatever bytes it likes.
     pub fn hostile_frame(&mut self, to: usize, relay: usize, bytes: Vec<u8>) {
-        if self.links.contains(&(to, relay)) {
+        if self.links.contains_key(&(to, relay)) {
             self.nodes[to].handle(self.now, NodeInput::RelayFrame { relay, bytes });
             self.collect();
         }
@@ -305,6 +316,25 @@ impl NodeWorld {
         }
     }
 
+    /// Node `i` crashes and starts again from what its store committed: its
+    /// connections close and the work the driver had for it is lost.
+    pub fn restart(&mut self, i: usize) {
+        self.close_direct();
+        for relay in 0..self.relays.len() {
+            if self.links.remove(&(i, relay)).is_some() {
+                self.relays[relay].disconnected(&self.ids[i]);
+            }
+        }
+        self.pending.retain(|work| !work.of(i));
+        self.restarts += 1;
+        let store = self.nodes[i].engine().store().crash_copy();
+        let rng = ChaCha20Rng::seed_from_u64(self.seed.wrapping_mul(31).wrapping_add(1_000 * self.restarts + i as u64));
+        self.nodes[i] = Node::new(identity(self.seed, i), store, config(i), rng, self.now)
+            .unwrap_or_else(|e| panic!("a node restarted from its store must start: {e}"));
+        // Replies and events of the old process are gone with it.
+        self.collect();
+    }
+
     /// Heals the network: every piece of pending work succeeds, and time
     /// runs on until every retry has had its chance.
     pub fn settle(&mut self) {
@@ -316,7 +346,7 @@ impl NodeWorld {
                 rounds += 1;
                 assert!(rounds < 1_000_000, "the nodes and relays keep each other busy for ever");
             }
-            self.advance(10_000);
+            self.advance(60_000);
         }
     }
 
@@ -326,5 +356,32 @@ impl NodeWorld {
             Ok(Answer::Message(m)) => Some(m.status),
             _ => None,
         }
+    }
+}
+
+fn identity(seed: u64, i: usize) -> IdentityKeyPair {
+    let mut bytes = [0u8; 32];
+    bytes[0] = i as u8 + 1;
+    bytes[1..9].copy_from_slice(&seed.to_le_bytes());
+    IdentityKeyPair::from_seed(&IdentitySeed::from_bytes(bytes))
+}
+
+/// The relays every node uses, as records list them (`PEER@HOST:PORT`).
+fn relay_specs() -> Vec<RelaySpec> {
+    (0..2u8)
+        .map(|n| {
+            let peer = PeerId([0xe0 + n; 20]);
+            RelaySpec { peer, address: format!("{peer}@10.9.0.{n}:4433") }
+        })
+        .collect()
+}
+
+/// Node `i`'s configuration: bob takes direct connections, alice does not.
+fn config(i: usize) -> NodeConfig {
+    NodeConfig {
+        relays: relay_specs(),
+        direct_addresses: if i == 1 { vec!["10.0.0.2:4433".into()] } else { Vec::new() },
+        address_policy: AddressPolicy::AllowPrivate,
+        ..NodeConfig::default()
     }
 }
