@@ -39,7 +39,11 @@ fuzz_target!(|data: &[u8]| {
                 let bytes = (0..len).map(|_| input.byte()).collect();
                 world.hostile_frame(to, relay, bytes);
             }
-            8 => world.restart(input.below(2)),
+            8 => match input.byte() % 3 {
+                0 => world.restart(input.below(2)),
+                // A node dies before it has stored what it was just handed.
+                _ => world.step_then_restart(usize::from(input.byte()), input.below(2)),
+            },
             _ => world.step(0, true),
         }
     }

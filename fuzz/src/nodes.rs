@@ -29,7 +29,7 @@ use rand_core::SeedableRng;
 pub enum Pending {
     Dial { from: usize },
     ConnectRelay { node: usize, relay: usize },
-    SendDirect { from: usize, id: TransmitId, bytes: Vec<u8> },
+    SendDirect { from: usize, link: Option<u64>, id: TransmitId, bytes: Vec<u8> },
     ToRelay { node: usize, relay: usize, link: u64, bytes: Vec<u8> },
     FromRelay { relay: usize, to: usize, link: u64, bytes: Vec<u8> },
 }
@@ -61,8 +61,12 @@ pub struct NodeWorld {
     next_link: u64,
     seed: u64,
     restarts: u64,
-    /// Whether the direct connection between the two nodes is open.
-    direct: bool,
+    /// The direct connection between the two nodes, if open (its
+    /// generation).
+    direct: Option<u64>,
+    /// Settling: every piece of work is done, successfully, as it comes.
+    healing: bool,
+    draining: bool,
     conversations: Vec<ConversationId>,
     /// What each node sent that was accepted: ID → content.
     pub sent: Vec<BTreeMap<MessageId, String>>,
@@ -101,7 +105,9 @@ impl NodeWorld {
             next_link: 0,
             seed,
             restarts: 0,
-            direct: false,
+            direct: None,
+            healing: false,
+            draining: false,
             conversations: Vec::new(),
             sent: vec![BTreeMap::new(); 2],
             received: vec![BTreeMap::new(); 2],
@@ -138,14 +144,32 @@ impl NodeWorld {
     }
 
     /// Takes every node's outputs: driver work goes to `pending`, and
-    /// what the relays send to `pending` too.
+    /// what the relays send to `pending` too. While healing, that work is
+    /// then done at once, successfully, as a working network would.
     fn collect(&mut self) {
+        self.collect_outputs();
+        if !self.healing || self.draining {
+            return;
+        }
+        self.draining = true;
+        let mut rounds = 0;
+        while let Some(work) = self.pending.pop_front() {
+            self.work(work, true);
+            self.collect_outputs();
+            rounds += 1;
+            assert!(rounds < 1_000_000, "the nodes and relays keep each other busy for ever");
+        }
+        self.draining = false;
+    }
+
+    fn collect_outputs(&mut self) {
         for i in 0..2 {
             while let Some(output) = self.nodes[i].poll_output(self.now) {
                 match output {
                     NodeOutput::Dial { .. } => self.pending.push_back(Pending::Dial { from: i }),
                     NodeOutput::SendDirect { id, bytes, .. } => {
-                        self.pending.push_back(Pending::SendDirect { from: i, id, bytes })
+                        let link = self.direct;
+                        self.pending.push_back(Pending::SendDirect { from: i, link, id, bytes })
                     }
                     NodeOutput::ConnectRelay { relay, .. } => {
                         self.pending.push_back(Pending::ConnectRelay { node: i, relay })
@@ -190,8 +214,7 @@ impl NodeWorld {
     }
 
     fn close_direct(&mut self) {
-        if self.direct {
-            self.direct = false;
+        if self.direct.take().is_some() {
             for i in 0..2 {
                 self.nodes[i].handle(self.now, NodeInput::DirectDown { peer: self.ids[1 - i] });
             }
@@ -201,25 +224,48 @@ impl NodeWorld {
     /// Does the pending work at `index` (taken modulo the queue's length),
     /// as asked or failing.
     pub fn step(&mut self, index: usize, succeed: bool) {
+        if let Some(work) = self.take(index) {
+            self.work(work, succeed);
+            self.collect();
+        }
+    }
+
+    /// Does the pending work at `index`, successfully, and node `who`
+    /// crashes before it has done anything with what it was handed.
+    pub fn step_then_restart(&mut self, index: usize, who: usize) {
+        if let Some(work) = self.take(index) {
+            self.work(work, true);
+        }
+        self.restart(who);
+    }
+
+    fn take(&mut self, index: usize) -> Option<Pending> {
         if self.pending.is_empty() {
-            return;
+            return None;
         }
         let index = index % self.pending.len();
-        let Some(work) = self.pending.remove(index) else { return };
+        self.pending.remove(index)
+    }
+
+    fn work(&mut self, work: Pending, succeed: bool) {
         let now = self.now;
         match work {
             Pending::Dial { from } => {
                 let peer = self.ids[1 - from];
                 if succeed {
-                    self.direct = true;
+                    if self.direct.is_none() {
+                        self.direct = Some(self.next_link);
+                        self.next_link += 1;
+                    }
                     self.nodes[from].handle(now, NodeInput::DirectUp { peer });
                     self.nodes[1 - from].handle(now, NodeInput::DirectUp { peer: self.ids[from] });
                 } else {
                     self.nodes[from].handle(now, NodeInput::DialFailed { peer, reason: "no answer".into() });
                 }
             }
-            Pending::SendDirect { from, id, bytes } => {
-                let outcome = if succeed && self.direct {
+            Pending::SendDirect { from, link, id, bytes } => {
+                // Only on the connection it was written on.
+                let outcome = if succeed && link.is_some() && self.direct == link {
                     let sender = self.ids[from];
                     self.nodes[1 - from].handle(now, NodeInput::DirectReceived { from: sender, bytes });
                     TransmitOutcome::Delivered
@@ -264,7 +310,6 @@ impl NodeWorld {
                 }
             }
         }
-        self.collect();
     }
 
     /// A hostile relay sends node `to` whatever bytes it likes.
@@ -338,16 +383,9 @@ impl NodeWorld {
     /// Heals the network: every piece of pending work succeeds, and time
     /// runs on until every retry has had its chance.
     pub fn settle(&mut self) {
-        let until = self.now.saturating_add_millis(SETTLE_MS);
-        while self.now < until {
-            let mut rounds = 0;
-            while !self.pending.is_empty() {
-                self.step(0, true);
-                rounds += 1;
-                assert!(rounds < 1_000_000, "the nodes and relays keep each other busy for ever");
-            }
-            self.advance(60_000);
-        }
+        self.healing = true;
+        self.collect();
+        self.advance(SETTLE_MS);
     }
 
     /// The status node `i` gives message `id`.

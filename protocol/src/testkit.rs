@@ -607,7 +607,7 @@ pub fn messages_to_an_offline_peer_are_sent_then_delivered_in_order_exactly_once
 
 /// Scenario: messages to a peer that stays offline for three days, retried
 /// every 30 s and reaching no one, are sent again as the same sealed copies
-/// (a fresh seal at most once a day), so the sending chain does not run
+/// (sealed afresh only after 6 days), so the sending chain does not run
 /// thousands of keys past what the peer may skip, and everything arrives
 /// when it returns.
 pub fn a_peer_offline_for_days_gets_what_was_sent_meanwhile_under_few_message_keys<S: TestStore>(make: fn() -> S) {

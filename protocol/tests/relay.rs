@@ -576,6 +576,30 @@ fn a_reader_refuses_expired_and_wrong_key_answers() {
 }
 
 #[test]
+fn a_reader_takes_an_older_record_only_once_the_newest_it_saw_has_expired() {
+    let mut r = ChaCha20Rng::seed_from_u64(13);
+    let alice = IdentityKeyPair::generate(&mut r);
+    let mut client = p2pchat_protocol::relay::RelayClient::new();
+    let answer = |client: &mut p2pchat_protocol::relay::RelayClient, now: Timestamp, rec: PeerRecord| {
+        let _ = client.lookup(now, alice.peer_id());
+        let frame = RelayFrame::LookupResult { peer: alice.peer_id(), record: Some(rec) };
+        client.on_frame(now, &frame.encode()).unwrap()
+    };
+    let found = |rec: &PeerRecord| {
+        vec![ClientAction::Record(rec.clone()), ClientAction::ToEngine(Input::PeerRecord(alice.peer_id()))]
+    };
+    let failed = vec![ClientAction::ToEngine(Input::LookupFailed(alice.peer_id()))];
+    // Signed while alice's clock ran an hour ahead, valid for a minute.
+    let ahead = record(&alice, 3_600_000, 60_000);
+    assert_eq!(answer(&mut client, NOW, ahead.clone()), found(&ahead));
+    // A lower sequence is stale while that one lasts …
+    let corrected = record(&alice, 1_000, DAY_MS);
+    assert_eq!(answer(&mut client, NOW, corrected.clone()), failed);
+    // … and the newest valid record once it has expired.
+    assert_eq!(answer(&mut client, NOW.saturating_add_millis(60_001), corrected.clone()), found(&corrected));
+}
+
+#[test]
 fn all_mailboxes_together_stay_within_the_total_byte_cap() {
     let config = RelayConfig { mailbox_total_max_bytes: 2_500, ..RelayConfig::default() };
     let mut w = World::new(3, config);

@@ -161,10 +161,12 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 const HELD_RETRY_FACTOR: u64 = 10;
 /// How long a pairwise copy that reached no one is sent again as it is
 /// ([`SealedCopy`]): within the 7 days a peer keeps the key of a message it
-/// skipped. Beyond it the item is sealed again. What a receiver must skip
-/// grows with the keys spent on copies it never gets: one per failing item
-/// per 6 days, so even the 100 items a relay holds for one sender, failing
-/// for two weeks, spend 300 keys, within the 1,000 a receiver skips.
+/// skipped. Beyond it the item is sealed again, abandoning the old copy's
+/// key, which the receiver must then skip: every item that keeps failing
+/// abandons one key per 6 days, so a receiver (which skips up to 1,000 at a
+/// time) loses the session only if more than 1,000 items to it fail for
+/// over 6 days, or 500 for over 12 (as when the relays refuse all but the
+/// first 100 of a sender's messages to someone away that long).
 const UNSENT_COPY_REUSE_MS: u64 = 6 * DAY_MS;
 /// How the wait before another copy grows with the item's age.
 const HELD_RETRY_AGE_FACTOR: u64 = 3;

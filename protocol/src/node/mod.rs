@@ -618,7 +618,7 @@ impl<S: Store> Node<S> {
     fn route(&mut self, now: Timestamp, transmit: Transmit) {
         let peer = transmit.peer;
         match self.paths.route(&peer, now) {
-            Route::Direct => self.send_direct(transmit),
+            Route::Direct => self.send_direct(now, transmit),
             Route::WaitForDial => {
                 if let Some(dial) = self.paths.entry(peer, now).dial.as_mut() {
                     dial.waiting.push(transmit);
@@ -634,16 +634,15 @@ impl<S: Store> Node<S> {
     }
 
     /// On the open connection, once the peer's window has room; if too
-    /// much waits for that already, back to the engine as failed (which
-    /// sends the same sealed copy again later).
-    fn send_direct(&mut self, transmit: Transmit) {
+    /// much waits for that already, through a relay at once, as when a
+    /// direct send fails (nothing is dropped, and nothing waits 30 s).
+    fn send_direct(&mut self, now: Timestamp, transmit: Transmit) {
         let (id, peer) = (transmit.id, transmit.peer);
         match self.direct.admit(transmit) {
             Admitted::Started(bytes) => self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes }),
             Admitted::Waiting => {}
-            Admitted::Full => {
-                let outcome = TransmitOutcome::Failed("the peer reads more slowly than this node sends".into());
-                self.for_engine(Input::TransmitResult { id, outcome });
+            Admitted::Full(transmit) => {
+                self.fall_back(now, transmit, "the peer reads more slowly than this node sends".into());
             }
         }
     }
@@ -836,7 +835,7 @@ impl<S: Store> Node<S> {
         }
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
-            self.send_direct(transmit);
+            self.send_direct(now, transmit);
         }
         if self.held_for_a_path.iter().any(|t| t.peer == peer) {
             self.route_held(now);

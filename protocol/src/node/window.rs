@@ -18,8 +18,8 @@ pub const MAX_DIRECT_SENDS_PER_PEER: usize = 256;
 /// always allowed, however large): what bounds the driver's memory for
 /// large messages.
 pub const MAX_DIRECT_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
-/// The most bytes waiting for room in one peer's window; more go back to
-/// the engine as failed, which sends the same sealed copies again later.
+/// The most bytes waiting for room in one peer's window; more go through
+/// a relay instead.
 pub const MAX_DIRECT_WAITING_BYTES_PER_PEER: usize = 4 * 1024 * 1024;
 
 /// What became of a transmit offered to its peer's window.
@@ -29,8 +29,8 @@ pub(crate) enum Admitted {
     Started(Vec<u8>),
     /// Waiting for room.
     Waiting,
-    /// Neither: too much waits already (the transmit is dropped here).
-    Full,
+    /// Neither: too much waits already; it must take another path.
+    Full(Transmit),
 }
 
 /// One peer's sends under way and those waiting.
@@ -70,7 +70,7 @@ impl DirectWindows {
             return Admitted::Started(self.start(transmit));
         }
         if window.waiting_bytes.saturating_add(len) > MAX_DIRECT_WAITING_BYTES_PER_PEER {
-            return Admitted::Full;
+            return Admitted::Full(transmit);
         }
         window.waiting_bytes += len;
         window.waiting.push_back(transmit);
@@ -183,7 +183,7 @@ mod tests {
         assert!(windows.start_next(&a).is_some());
         assert!(waiting(windows.admit(transmit(3, 1, MAX_DIRECT_BYTES_PER_PEER))), "over the bytes");
         let over = transmit(4, 1, MAX_DIRECT_WAITING_BYTES_PER_PEER);
-        assert!(matches!(windows.admit(over), Admitted::Full), "too much waits");
+        assert!(matches!(windows.admit(over), Admitted::Full(t) if t.id == TransmitId(4)), "too much waits");
         windows.finish(TransmitId(2));
         assert_eq!(windows.start_next(&a).map(|(id, _)| id), Some(TransmitId(3)));
         windows.finish(TransmitId(3));
