@@ -47,6 +47,9 @@ pub struct Progress {
     pub deliveries: u64,
     /// Messages accepted so far.
     pub accepted: u64,
+    /// Once every seed is done: their behaviour hashes as one, in seed
+    /// order, whatever the thread count.
+    pub behaviour_hash: u64,
 }
 
 /// Runs `seeds` on `jobs` threads. `on_report` sees every report as it
@@ -65,6 +68,7 @@ pub fn campaign(
     let (tx, rx) = std::sync::mpsc::channel::<Report>();
     let mut progress = Progress { total, ..Progress::default() };
     let mut failures = Vec::new();
+    let mut behaviours = std::collections::BTreeMap::new();
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             let tx = tx.clone();
@@ -81,6 +85,7 @@ pub fn campaign(
             progress.done += 1;
             progress.deliveries += report.deliveries;
             progress.accepted += report.accepted as u64;
+            behaviours.insert(report.seed, report.behaviour_hash);
             if report.failure.is_some() {
                 progress.failures += 1;
             }
@@ -91,6 +96,7 @@ pub fn campaign(
         }
     });
     failures.sort_by_key(|r| r.seed);
+    progress.behaviour_hash = trace::combine(&behaviours);
     (progress, failures)
 }
 
@@ -99,7 +105,7 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "seed {}: {} — {} messages accepted, {} deliveries, {} failed with a reason, {} DH ratchet steps, \
-             {:.1} virtual minutes, {} steps, trace {:016x}",
+             {:.1} virtual minutes, {} steps, trace {:016x}, behaviour {:016x}",
             self.seed,
             if self.failure.is_some() { "FAILED" } else { "ok" },
             self.accepted,
@@ -109,6 +115,7 @@ impl Report {
             self.virtual_ms as f64 / 60_000.0,
             self.steps,
             self.trace_hash,
+            self.behaviour_hash,
         )
     }
 

@@ -120,6 +120,7 @@ fn campaign(first: u64, end: u64, jobs: usize, options: &Options) -> ExitCode {
         progress.deliveries,
         progress.deliveries as f64 / secs.max(1e-9)
     );
+    println!("behaviour hash of seeds {first}..{end}: {:016x}", progress.behaviour_hash);
     if failures.is_empty() {
         return ExitCode::SUCCESS;
     }

@@ -80,6 +80,9 @@ pub(crate) enum Step {
     Result {
         /// Node index.
         node: usize,
+        /// The outcome's kind: 0 delivered, 1 held by a relay, 2 failed, 3
+        /// rejected.
+        kind: u8,
         /// The outcome.
         outcome: String,
     },
@@ -134,7 +137,7 @@ impl fmt::Display for Entry {
                 write!(f, "{} -> {} {what}, {len} bytes ({digest:016x})", who(*from), who(*to))
             }
             Step::Drop { from, to, why } => write!(f, "{} -> {} dropped: {why}", who(*from), who(*to)),
-            Step::Result { node, outcome } => write!(f, "n{node} transmit {outcome}"),
+            Step::Result { node, outcome, .. } => write!(f, "n{node} transmit {outcome}"),
             Step::Fault(what) => write!(f, "FAULT {what}"),
             Step::Event { node, kind, about } => write!(f, "n{node} {kind} {about}"),
             Step::Path { node, what } => write!(f, "n{node} {what}"),
@@ -143,9 +146,82 @@ impl fmt::Display for Entry {
     }
 }
 
+/// What the nodes did, hashed in a form that renaming or retyping the code
+/// does not change: the bytes that crossed the network (the wire format is
+/// fixed by its vectors), what was dropped, which commands were accepted
+/// and the IDs they gave, transmit outcomes by kind, events by their API
+/// names and the message they name, and, at the end, every message each
+/// node stored with its status and content. Not hashed: the wording of
+/// errors and refusals, when timers fired, and the simulator's own notes,
+/// which a refactor may change while behaving the same.
+#[derive(Default)]
+pub(crate) struct Behaviour(Fnv);
+
+impl Behaviour {
+    /// A fact: its kind, when, numbers and bytes, each length-prefixed so
+    /// that no two facts feed the same bytes.
+    fn fact(&mut self, tag: u8, at_ms: u64, numbers: &[u64], bytes: &[&[u8]]) {
+        self.0.write(&[tag]);
+        self.0.write(&at_ms.to_le_bytes());
+        for n in numbers {
+            self.0.write(&n.to_le_bytes());
+        }
+        for b in bytes {
+            self.0.write(&(b.len() as u64).to_le_bytes());
+            self.0.write(b);
+        }
+    }
+
+    /// The behaviour a traced step shows.
+    pub(crate) fn step(&mut self, at_ms: u64, step: &Step) {
+        match step {
+            Step::Arrive { from, to, len, digest, .. } => {
+                self.fact(1, at_ms, &[*from as u64, *to as u64, *len as u64, *digest], &[]);
+            }
+            Step::Drop { from, to, .. } => self.fact(2, at_ms, &[*from as u64, *to as u64], &[]),
+            Step::Command { node, result, .. } => {
+                // The ID an accepted command gave; a refusal's wording is
+                // not behaviour.
+                let accepted: &[u8] = if result.starts_with(REFUSED) { b"" } else { result.as_bytes() };
+                self.fact(3, at_ms, &[*node as u64, u64::from(accepted.is_empty())], &[accepted]);
+            }
+            Step::Result { node, kind, .. } => self.fact(4, at_ms, &[*node as u64, u64::from(*kind)], &[]),
+            Step::Event { node, kind, about } => {
+                let about: &[u8] = if *kind == "chat.security.rejected" { b"" } else { about.as_bytes() };
+                self.fact(5, at_ms, &[*node as u64], &[kind.as_bytes(), about]);
+            }
+            Step::Fault(_) | Step::Path { .. } | Step::Timeout { .. } => {}
+        }
+    }
+
+    /// A message node `node` holds at the end, with its status.
+    pub(crate) fn stored(&mut self, at_ms: u64, node: usize, id: &[u8], status: &str, content: &[u8]) {
+        self.fact(6, at_ms, &[node as u64], &[id, status.as_bytes(), content]);
+    }
+
+    pub(crate) fn hash(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
+/// How a refused command's result starts in the trace.
+pub(crate) const REFUSED: &str = "refused: ";
+
+/// Several runs' behaviour hashes as one: each seed with its hash, in
+/// seed order, so that the thread count does not matter.
+pub(crate) fn combine(hashes: &std::collections::BTreeMap<u64, u64>) -> u64 {
+    let mut h = Fnv::default();
+    for (seed, hash) in hashes {
+        h.write(&seed.to_le_bytes());
+        h.write(&hash.to_le_bytes());
+    }
+    h.finish()
+}
+
 /// The hash of every step and the last few of them.
 pub(crate) struct Trace {
     hash: Fnv,
+    behaviour: Behaviour,
     tail: VecDeque<Entry>,
     keep: usize,
     steps: u64,
@@ -154,13 +230,20 @@ pub(crate) struct Trace {
 impl Trace {
     /// A trace keeping the last `keep` steps.
     pub(crate) fn new(keep: usize) -> Self {
-        Self { hash: Fnv::default(), tail: VecDeque::new(), keep: keep.max(1), steps: 0 }
+        Self {
+            hash: Fnv::default(),
+            behaviour: Behaviour::default(),
+            tail: VecDeque::new(),
+            keep: keep.max(1),
+            steps: 0,
+        }
     }
 
     /// Records a step.
     pub(crate) fn push(&mut self, at_ms: u64, step: Step) {
         let entry = Entry { at_ms, step };
         entry.hash(&mut self.hash);
+        self.behaviour.step(at_ms, &entry.step);
         self.steps += 1;
         if self.tail.len() == self.keep {
             self.tail.pop_front();
@@ -171,6 +254,11 @@ impl Trace {
     /// The hash of the whole trace so far.
     pub(crate) fn hash(&self) -> u64 {
         self.hash.finish()
+    }
+
+    /// What the nodes did, so far (see [`Behaviour`]).
+    pub(crate) fn behaviour(&mut self) -> &mut Behaviour {
+        &mut self.behaviour
     }
 
     /// Steps recorded.

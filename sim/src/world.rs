@@ -24,7 +24,7 @@ use crate::checker::{Checker, Violation};
 use crate::knobs::Knobs;
 use crate::rng::{stream, SimRng};
 use crate::store::{Bug, SimStore};
-use crate::trace::{digest, envelope_kind, frame_kind, Step, Trace};
+use crate::trace::{digest, envelope_kind, frame_kind, Step, Trace, REFUSED};
 
 /// Virtual time at the start of every run.
 pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -188,6 +188,9 @@ pub struct Report {
     pub knobs: Knobs,
     /// The hash of the whole trace: equal seeds give equal hashes.
     pub trace_hash: u64,
+    /// The hash of what the nodes did, in a form a refactor that keeps the
+    /// behaviour does not change (see `trace::Behaviour`).
+    pub behaviour_hash: u64,
     /// Steps in the trace.
     pub steps: u64,
     /// Messages accepted by the nodes' APIs.
@@ -413,6 +416,7 @@ impl World {
             seed: self.seed,
             knobs: self.knobs.clone(),
             trace_hash: self.trace.hash(),
+            behaviour_hash: self.trace.behaviour().hash(),
             steps: self.trace.steps(),
             accepted: self.checker.accepted(),
             deliveries: self.checker.deliveries(),
@@ -971,7 +975,13 @@ impl World {
             Ev::Datagram { from, to, link, bytes, transmit } => self.datagram(from, to, link, bytes, transmit),
             Ev::Result { node, incarnation, id, outcome } => {
                 if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
-                    self.trace(Step::Result { node, outcome: format!("{outcome:?}") });
+                    let kind = match &outcome {
+                        TransmitOutcome::Delivered => 0,
+                        TransmitOutcome::HeldByRelay => 1,
+                        TransmitOutcome::Failed(_) => 2,
+                        TransmitOutcome::Rejected(_) => 3,
+                    };
+                    self.trace(Step::Result { node, kind, outcome: format!("{outcome:?}") });
                     self.call(node, NodeInput::DirectSent { id, outcome });
                 }
             }
@@ -1291,7 +1301,7 @@ impl World {
             Ok(CommandOutcome::Message(m)) => format!("message {}", m.id),
             Ok(CommandOutcome::Conversation(c)) => format!("conversation {}", c.id),
             Ok(CommandOutcome::Done) => "done".into(),
-            Err(e) => format!("refused: {e}"),
+            Err(e) => format!("{REFUSED}{e}"),
         };
         self.trace(Step::Command { node: i, what, result: shown });
         match reply {
@@ -1333,6 +1343,16 @@ impl World {
     fn final_checks(&mut self) -> Result<(), Violation> {
         self.check_confidentiality()?;
         let stores = self.check_bounds()?;
+        let at = self.now.millis_since(START);
+        for (i, messages) in stores.iter().enumerate() {
+            let mut ids: Vec<&MessageId> = messages.keys().collect();
+            ids.sort();
+            for id in ids {
+                let m = &messages[id];
+                let (content, status) = (m.content.as_bytes(), m.status.as_str());
+                self.trace.behaviour().stored(at, i, &id.0 .0, status, content);
+            }
+        }
         self.checker.at_quiescence(&stores)?;
         self.check_nothing_left()
     }
