@@ -3,6 +3,7 @@
 //!
 //! `cargo bench -p p2pchat-protocol --bench crypto`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+#![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};

@@ -60,6 +60,7 @@ pub mod address;
 mod aead;
 pub mod engine;
 pub mod group;
+mod group_error;
 pub mod handshake;
 pub mod identity;
 pub mod ids;

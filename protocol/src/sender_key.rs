@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand_core::{CryptoRng, RngCore};
 
 use crate::aead;
-use crate::group::GroupError;
+use crate::group_error::GroupError;
 use crate::ids::{ConversationId, PeerId};
 use crate::kdf::{self, labels};
 use crate::keys::{SenderChainKey, SenderMessageKey};

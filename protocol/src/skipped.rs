@@ -6,7 +6,9 @@
 //! O(log n) rather than the O(n) of a front-inserted list. Only
 //! authenticated messages ever insert keys, so a peer cannot flood the map.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+#[allow(clippy::disallowed_types, reason = "see `SkippedKeys`")]
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, DefaultHasher, Hash};
 
 use crate::time::Timestamp;
@@ -29,6 +31,10 @@ struct Slot<V> {
 
 /// Skipped message keys, bounded, oldest evicted first.
 #[derive(Clone)]
+#[allow(
+    clippy::disallowed_types,
+    reason = "lookup only, with a fixed-key hasher; eviction and encoding go by `by_age`, so no output sees this map's order"
+)]
 pub(crate) struct SkippedKeys<K, V> {
     by_id: HashMap<K, Slot<V>, BuildHasherDefault<DefaultHasher>>,
     by_age: BTreeMap<u64, K>,
@@ -37,6 +43,7 @@ pub(crate) struct SkippedKeys<K, V> {
 
 impl<K: Eq + Hash + Clone, V> SkippedKeys<K, V> {
     pub(crate) fn new() -> Self {
+        #[allow(clippy::disallowed_types, reason = "see the struct")]
         Self { by_id: HashMap::default(), by_age: BTreeMap::new(), next_seq: 0 }
     }
 

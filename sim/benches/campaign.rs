@@ -8,6 +8,8 @@
 //! in-memory stores) measured apart from the simulator's own (scheduling,
 //! the network model, invariant checks, tracing).
 
+#![allow(clippy::disallowed_methods, reason = "a benchmark measures wall-clock time")]
+
 use std::time::{Duration, Instant};
 
 use p2pchat_sim::{run, Knobs, Options};

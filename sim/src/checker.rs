@@ -2,7 +2,12 @@
 //! and engine events), every envelope on the wire, and, at quiescence, each
 //! node's store; it never looks inside a running engine.
 
-use std::collections::{HashMap, HashSet};
+// Hash maps here answer membership and lookups on hot paths; the one walk
+// over a map (the accepted IDs at quiescence) sorts them first, so no output
+// depends on hash order.
+#![allow(clippy::disallowed_types, reason = "lookups only; see above")]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use p2pchat_protocol::engine::{Event, Message, MessageStatus};
 use p2pchat_protocol::wire::{ChatContent, Envelope, EnvelopeBody, GroupMessage};
@@ -247,7 +252,7 @@ impl Checker {
     /// accepted message reached each recipient it is owed to exactly once,
     /// or failed with a reason; none is left `created`; stores agree with
     /// what the API announced.
-    pub(crate) fn at_quiescence(&mut self, stores: &[HashMap<MessageId, Message>]) -> Result<(), Violation> {
+    pub(crate) fn at_quiescence(&mut self, stores: &[BTreeMap<MessageId, Message>]) -> Result<(), Violation> {
         let mut ids: Vec<MessageId> = self.accepted.keys().copied().collect();
         ids.sort();
         for id in &ids {

@@ -4,10 +4,6 @@ use core::fmt;
 
 use crate::rng::SimRng;
 
-/// Probabilities are in parts per million, so that every knob is an integer
-/// and a run never depends on floating-point rounding.
-pub(crate) const MILLION: u32 = 1_000_000;
-
 /// How hostile one run's network and nodes are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Knobs {

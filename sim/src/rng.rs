@@ -4,7 +4,9 @@
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::knobs::MILLION;
+/// Probabilities are in parts per million, so that every knob is an integer
+/// and a run never depends on floating-point rounding.
+pub(crate) const MILLION: u32 = 1_000_000;
 
 /// A seeded stream.
 pub struct SimRng(ChaCha8Rng);

@@ -4,7 +4,7 @@
 //! the seed. The network decides only whether bytes arrive; which path they
 //! take is the nodes' choice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use p2pchat_protocol::address::AddressPolicy;
@@ -342,6 +342,7 @@ impl World {
     }
 
     /// Runs to the end (or the first broken invariant) and reports.
+    #[allow(clippy::disallowed_methods, reason = "the report's wall-clock time; the run never reads it")]
     pub(crate) fn run(mut self) -> Report {
         let started = Instant::now();
         // Each node's first outputs connect it to its relays.
@@ -472,6 +473,7 @@ impl World {
         }
     }
 
+    #[allow(clippy::disallowed_methods, reason = "profiling only; the run never reads it")]
     fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         if !self.options.profile {
             return f(self);
@@ -1419,13 +1421,13 @@ impl World {
 
     /// Bounded state in every store: skipped keys, previous sender keys,
     /// mailboxes. Returns each node's messages.
-    fn check_bounds(&mut self) -> Result<Vec<HashMap<MessageId, Message>>, Violation> {
+    fn check_bounds(&mut self) -> Result<Vec<BTreeMap<MessageId, Message>>, Violation> {
         let mut stores = Vec::with_capacity(self.nodes.len());
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let store = node.node.engine_mut().store_mut();
             let read = |e: p2pchat_protocol::engine::StoreError| Violation(format!("n{i}'s store: {e}"));
             store.begin().map_err(read)?;
-            let mut messages = HashMap::new();
+            let mut messages = BTreeMap::new();
             let result = (|| {
                 for c in store.conversations().map_err(read)? {
                     for m in store.messages(&c.id).map_err(read)? {
