@@ -11,7 +11,7 @@ mod hostile_input {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use p2pchat_protocol::engine::{
-        Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, MessageStatus, Store,
+        Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, MessageStatus, MessageStore, Transaction,
     };
     use p2pchat_protocol::testkit::NOW;
     use p2pchat_protocol::IdentityKeyPair;

@@ -11,10 +11,11 @@
 //! seed still decodes, so the corpus follows the wire format.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use p2pchat_protocol::engine::{ConversationStore, GroupStore, KeyExchangeStore, SessionStore, Transaction};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use p2pchat_protocol::engine::{Command, CommandOutcome, MemoryStore, Store};
+use p2pchat_protocol::engine::{Command, CommandOutcome, MemoryStore};
 use p2pchat_protocol::handshake::PendingKeyExchange;
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};

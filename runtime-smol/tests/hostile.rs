@@ -8,6 +8,7 @@
 
 mod support;
 
+use p2pchat_protocol::engine::{SessionStore, Transaction};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command as Process, Stdio};
@@ -189,7 +190,6 @@ impl Attacker {
     /// `payload` sealed under this attacker's session with the victim, as
     /// its engine would seal it (the session state is advanced and saved).
     fn forge(&mut self, payload: &p2pchat_protocol::wire::PairwisePayload) -> Vec<u8> {
-        use p2pchat_protocol::engine::Store;
         use p2pchat_protocol::wire::{Envelope, EnvelopeBody};
         let store = self.engine.store_mut();
         store.begin().unwrap();

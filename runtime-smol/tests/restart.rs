@@ -2,6 +2,7 @@
 //! carries on: nothing its peer sent is lost or stored twice.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use p2pchat_protocol::engine::{ConversationStore, MessageStore, Transaction};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command as Process, Stdio};
@@ -9,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use p2pchat::node::{Node, NodeConfig};
-use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event, Store};
+use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
 use p2pchat_protocol::PeerId;
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
 

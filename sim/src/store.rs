@@ -2,8 +2,9 @@
 //! a deliberately wrong behaviour planted, to prove the checker catches it.
 
 use p2pchat_protocol::engine::{
-    Conversation, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, MemoryStore, Message, MessageStatus,
-    OutboxItem, Store, StoreError,
+    Conversation, ConversationStore, GroupStore, HeldMessage, Invitation, InvitationStore, KeptRecord,
+    KeyExchangeAttempt, KeyExchangeStore, Member, MemoryStore, Message, MessageStatus, MessageStore, OutboxItem,
+    OutboxStore, PeerRecordStore, RetentionStore, SessionStore, StoreError, Transaction,
 };
 use p2pchat_protocol::handshake::AnsweredRequest;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp};
@@ -57,7 +58,7 @@ impl SimStore {
     }
 }
 
-impl Store for SimStore {
+impl Transaction for SimStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.inner.begin()
     }
@@ -70,27 +71,12 @@ impl Store for SimStore {
         self.inner.rollback()
     }
 
-    fn messages_page(
-        &self,
-        id: &ConversationId,
-        before: Option<&MessageId>,
-        limit: usize,
-    ) -> Result<Vec<Message>, StoreError> {
-        self.inner.messages_page(id, before, limit)
+    fn next_seq(&mut self) -> Result<u64, StoreError> {
+        self.inner.next_seq()
     }
+}
 
-    fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
-        if self.bug == Bug::ForgetIncoming && message.sender != self.me && self.inner.message(&message.id)?.is_none() {
-            return Ok(());
-        }
-        if self.bug == Bug::StatusRegress && message.sender == self.me && message.status == MessageStatus::Read {
-            let mut regressed = message.clone();
-            regressed.status = MessageStatus::Delivered;
-            return self.inner.put_message(&regressed);
-        }
-        self.inner.put_message(message)
-    }
-
+impl ConversationStore for SimStore {
     fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
         self.inner.conversation(id)
     }
@@ -114,13 +100,36 @@ impl Store for SimStore {
     fn put_member(&mut self, id: &ConversationId, member: &Member) -> Result<(), StoreError> {
         self.inner.put_member(id, member)
     }
+}
 
+impl MessageStore for SimStore {
     fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError> {
         self.inner.message(id)
     }
 
     fn messages(&self, id: &ConversationId) -> Result<Vec<Message>, StoreError> {
         self.inner.messages(id)
+    }
+
+    fn messages_page(
+        &self,
+        id: &ConversationId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner.messages_page(id, before, limit)
+    }
+
+    fn put_message(&mut self, message: &Message) -> Result<(), StoreError> {
+        if self.bug == Bug::ForgetIncoming && message.sender != self.me && self.inner.message(&message.id)?.is_none() {
+            return Ok(());
+        }
+        if self.bug == Bug::StatusRegress && message.sender == self.me && message.status == MessageStatus::Read {
+            let mut regressed = message.clone();
+            regressed.status = MessageStatus::Delivered;
+            return self.inner.put_message(&regressed);
+        }
+        self.inner.put_message(message)
     }
 
     fn messages_stored_before(&self, cutoff: Timestamp) -> Result<Vec<Message>, StoreError> {
@@ -130,7 +139,9 @@ impl Store for SimStore {
     fn delete_message(&mut self, id: &MessageId) -> Result<(), StoreError> {
         self.inner.delete_message(id)
     }
+}
 
+impl SessionStore for SimStore {
     fn sessions(&self, peer: &PeerId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         self.inner.sessions(peer)
     }
@@ -143,6 +154,28 @@ impl Store for SimStore {
         self.inner.put_sessions(peer, state)
     }
 
+    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError> {
+        self.inner.delete_sessions(peer)
+    }
+
+    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError> {
+        self.inner.last_heard(peer)
+    }
+
+    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError> {
+        self.inner.note_heard(peer, at)
+    }
+
+    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
+        self.inner.quiet_session_peers(cutoff)
+    }
+
+    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
+        self.inner.forget_quiet_peers(keep)
+    }
+}
+
+impl KeyExchangeStore for SimStore {
     fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {
         self.inner.answered_request(peer)
     }
@@ -163,6 +196,16 @@ impl Store for SimStore {
         self.inner.delete_key_exchange(peer)
     }
 
+    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.inner.last_request_at()
+    }
+
+    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.inner.set_last_request_at(at)
+    }
+}
+
+impl GroupStore for SimStore {
     fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         self.inner.group_keys(id)
     }
@@ -175,6 +218,38 @@ impl Store for SimStore {
         self.inner.delete_group_keys(id)
     }
 
+    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
+        self.inner.held_messages(group)
+    }
+
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
+        self.inner.all_held_messages()
+    }
+
+    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
+        self.inner.put_held_message(held)
+    }
+
+    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.inner.delete_held_message(seq)
+    }
+}
+
+impl InvitationStore for SimStore {
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
+        self.inner.invitations()
+    }
+
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
+        self.inner.put_invitation(invitation)
+    }
+
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
+        self.inner.delete_invitation(group)
+    }
+}
+
+impl OutboxStore for SimStore {
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         self.inner.outbox()
     }
@@ -210,55 +285,9 @@ impl Store for SimStore {
     fn delete_outbox_item(&mut self, seq: u64) -> Result<(), StoreError> {
         self.inner.delete_outbox_item(seq)
     }
+}
 
-    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
-        self.inner.held_messages(group)
-    }
-
-    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
-        self.inner.all_held_messages()
-    }
-
-    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
-        self.inner.put_held_message(held)
-    }
-
-    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
-        self.inner.delete_held_message(seq)
-    }
-
-    fn delete_sessions(&mut self, peer: &PeerId) -> Result<(), StoreError> {
-        self.inner.delete_sessions(peer)
-    }
-
-    fn last_heard(&self, peer: &PeerId) -> Result<Option<Timestamp>, StoreError> {
-        self.inner.last_heard(peer)
-    }
-
-    fn note_heard(&mut self, peer: &PeerId, at: Timestamp) -> Result<(), StoreError> {
-        self.inner.note_heard(peer, at)
-    }
-
-    fn quiet_session_peers(&self, cutoff: Timestamp) -> Result<Vec<PeerId>, StoreError> {
-        self.inner.quiet_session_peers(cutoff)
-    }
-
-    fn forget_quiet_peers(&mut self, keep: usize) -> Result<usize, StoreError> {
-        self.inner.forget_quiet_peers(keep)
-    }
-
-    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
-        self.inner.invitations()
-    }
-
-    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
-        self.inner.put_invitation(invitation)
-    }
-
-    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
-        self.inner.delete_invitation(group)
-    }
-
+impl PeerRecordStore for SimStore {
     fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError> {
         self.inner.kept_records()
     }
@@ -274,19 +303,9 @@ impl Store for SimStore {
     fn forget_kept_records(&mut self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError> {
         self.inner.forget_kept_records(cutoff, keep)
     }
+}
 
-    fn next_seq(&mut self) -> Result<u64, StoreError> {
-        self.inner.next_seq()
-    }
-
-    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
-        self.inner.last_request_at()
-    }
-
-    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
-        self.inner.set_last_request_at(at)
-    }
-
+impl RetentionStore for SimStore {
     fn retention_due(&self) -> Result<Option<Timestamp>, StoreError> {
         self.inner.retention_due()
     }

@@ -3,12 +3,15 @@
 //! relay's store across restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use p2pchat_protocol::engine::{
+    ConversationStore, GroupStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore, SessionStore,
+    Transaction,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use p2pchat_protocol::engine::{
     Conversation, ConversationKind, KeptRecord, KeyExchangeAttempt, Message, MessageStatus, OutboxItem, OutboxPayload,
-    Store,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{MailboxEntry, RelayStore, Source, Usage};

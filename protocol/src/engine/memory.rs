@@ -10,7 +10,10 @@ use zeroize::Zeroizing;
 use super::model::{
     Conversation, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message, OutboxItem,
 };
-use super::store::{Store, StoreError};
+use super::store::{
+    ConversationStore, GroupStore, InvitationStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore,
+    RetentionStore, SessionStore, StoreError, Transaction,
+};
 use crate::handshake::AnsweredRequest;
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -79,7 +82,7 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
+impl Transaction for MemoryStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         if self.working.is_some() {
             return Err(StoreError::Misuse("a transaction is already open"));
@@ -103,6 +106,14 @@ impl Store for MemoryStore {
         self.working = None;
     }
 
+    fn next_seq(&mut self) -> Result<u64, StoreError> {
+        let t = self.write()?;
+        t.next_seq += 1;
+        Ok(t.next_seq)
+    }
+}
+
+impl ConversationStore for MemoryStore {
     fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
         Ok(self.read()?.conversations.get(id).cloned())
     }
@@ -138,7 +149,9 @@ impl Store for MemoryStore {
         self.write()?.members.insert((*id, member.peer_id), member.clone());
         Ok(())
     }
+}
 
+impl MessageStore for MemoryStore {
     fn message(&self, id: &MessageId) -> Result<Option<Message>, StoreError> {
         Ok(self.read()?.messages.get(id).cloned())
     }
@@ -199,7 +212,9 @@ impl Store for MemoryStore {
         t.message_order.remove(id);
         Ok(())
     }
+}
 
+impl SessionStore for MemoryStore {
     fn sessions(&self, peer: &PeerId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         Ok(self.read()?.sessions.get(peer).cloned())
     }
@@ -247,7 +262,9 @@ impl Store for MemoryStore {
         }
         Ok(gone.len())
     }
+}
 
+impl KeyExchangeStore for MemoryStore {
     fn answered_request(&self, peer: &PeerId) -> Result<Option<AnsweredRequest>, StoreError> {
         Ok(self.read()?.answered.get(peer).cloned())
     }
@@ -271,6 +288,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.read()?.last_request_at)
+    }
+
+    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
+        self.write()?.last_request_at = Some(at);
+        Ok(())
+    }
+}
+
+impl GroupStore for MemoryStore {
     fn group_keys(&self, id: &ConversationId) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         Ok(self.read()?.group_keys.get(id).cloned())
     }
@@ -285,6 +313,44 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
+        Ok(self.read()?.held.values().filter(|h| h.group_id == *group).cloned().collect())
+    }
+
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
+        Ok(self.read()?.held.values().cloned().collect())
+    }
+
+    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
+        self.write()?.held.insert(held.seq, held.clone());
+        Ok(())
+    }
+
+    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.write()?.held.remove(&seq);
+        Ok(())
+    }
+}
+
+impl InvitationStore for MemoryStore {
+    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
+        let mut all: Vec<Invitation> = self.read()?.invitations.values().cloned().collect();
+        all.sort_by_key(|i| (i.received_at, i.group_id));
+        Ok(all)
+    }
+
+    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
+        self.write()?.invitations.insert(invitation.group_id, invitation.clone());
+        Ok(())
+    }
+
+    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
+        self.write()?.invitations.remove(group);
+        Ok(())
+    }
+}
+
+impl OutboxStore for MemoryStore {
     fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         Ok(self.read()?.outbox.values().cloned().collect())
     }
@@ -330,41 +396,9 @@ impl Store for MemoryStore {
         self.write()?.outbox.remove(&seq);
         Ok(())
     }
+}
 
-    fn held_messages(&self, group: &ConversationId) -> Result<Vec<HeldMessage>, StoreError> {
-        Ok(self.read()?.held.values().filter(|h| h.group_id == *group).cloned().collect())
-    }
-
-    fn all_held_messages(&self) -> Result<Vec<HeldMessage>, StoreError> {
-        Ok(self.read()?.held.values().cloned().collect())
-    }
-
-    fn put_held_message(&mut self, held: &HeldMessage) -> Result<(), StoreError> {
-        self.write()?.held.insert(held.seq, held.clone());
-        Ok(())
-    }
-
-    fn delete_held_message(&mut self, seq: u64) -> Result<(), StoreError> {
-        self.write()?.held.remove(&seq);
-        Ok(())
-    }
-
-    fn invitations(&self) -> Result<Vec<Invitation>, StoreError> {
-        let mut all: Vec<Invitation> = self.read()?.invitations.values().cloned().collect();
-        all.sort_by_key(|i| (i.received_at, i.group_id));
-        Ok(all)
-    }
-
-    fn put_invitation(&mut self, invitation: &Invitation) -> Result<(), StoreError> {
-        self.write()?.invitations.insert(invitation.group_id, invitation.clone());
-        Ok(())
-    }
-
-    fn delete_invitation(&mut self, group: &ConversationId) -> Result<(), StoreError> {
-        self.write()?.invitations.remove(group);
-        Ok(())
-    }
-
+impl PeerRecordStore for MemoryStore {
     fn kept_records(&self) -> Result<Vec<KeptRecord>, StoreError> {
         Ok(self.read()?.kept_records.values().cloned().collect())
     }
@@ -392,22 +426,9 @@ impl Store for MemoryStore {
         }
         Ok(before - records.len())
     }
+}
 
-    fn next_seq(&mut self) -> Result<u64, StoreError> {
-        let t = self.write()?;
-        t.next_seq += 1;
-        Ok(t.next_seq)
-    }
-
-    fn last_request_at(&self) -> Result<Option<Timestamp>, StoreError> {
-        Ok(self.read()?.last_request_at)
-    }
-
-    fn set_last_request_at(&mut self, at: Timestamp) -> Result<(), StoreError> {
-        self.write()?.last_request_at = Some(at);
-        Ok(())
-    }
-
+impl RetentionStore for MemoryStore {
     fn retention_due(&self) -> Result<Option<Timestamp>, StoreError> {
         Ok(self.read()?.retention_due)
     }

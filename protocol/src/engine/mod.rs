@@ -35,7 +35,10 @@ pub use model::{
     Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
     MessageStatus, OutboxItem, OutboxPayload, SealedCopy,
 };
-pub use store::{Store, StoreError};
+pub use store::{
+    ConversationStore, GroupStore, InvitationStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore,
+    RetentionStore, SessionStore, Store, StoreError, Transaction,
+};
 
 use crate::group::GroupError;
 use crate::handshake::{self, CrossedRequests, PendingKeyExchange, Response};
