@@ -1,0 +1,246 @@
+//! What goes into the engine and what comes out: the API's commands and
+//! queries with their answers, the transport's inputs, and the transmits
+//! the engine asks for.
+
+use super::{Conversation, EngineError, Invitation, KeptRecord, Member, Message};
+use crate::ids::{ConversationId, MessageId, PeerId};
+
+/// A request from the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Open (or find) the 1:1 conversation with a peer.
+    CreateConversation {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Send a message in a 1:1 conversation.
+    SendMessage {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text.
+        content: String,
+    },
+    /// Mark one incoming message read (and tell its sender).
+    MarkMessageRead {
+        /// The message.
+        message: MessageId,
+    },
+    /// Mark every incoming message of a conversation read.
+    MarkConversationRead {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Delete a conversation and its messages.
+    DeleteConversation {
+        /// The conversation.
+        conversation: ConversationId,
+    },
+    /// Send a failed message again, as a copy under a new ID.
+    RetryMessage {
+        /// The failed message.
+        message: MessageId,
+    },
+    /// Start a fresh key exchange with a peer (replacing a broken session).
+    InitiateKeyExchange {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Create a group with this node as admin.
+    CreateGroup {
+        /// Its display name.
+        name: String,
+        /// The other members (at least two).
+        members: Vec<PeerId>,
+    },
+    /// Send a message to a group.
+    SendGroupMessage {
+        /// The group.
+        group: ConversationId,
+        /// The text.
+        content: String,
+    },
+    /// Add a member (admin only).
+    Invite {
+        /// The group.
+        group: ConversationId,
+        /// The new member.
+        peer: PeerId,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: ConversationId,
+    },
+    /// Join a group whose invitation waits for the user's answer.
+    AcceptInvitation {
+        /// The group.
+        group: ConversationId,
+    },
+    /// Decline a waiting invitation: the admin is told, and nothing of the
+    /// group is kept.
+    DeclineInvitation {
+        /// The group.
+        group: ConversationId,
+    },
+}
+
+/// What a command produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// A conversation (created or found).
+    Conversation(Conversation),
+    /// A message (sent or retried).
+    Message(Message),
+    /// Nothing to return.
+    Done,
+}
+
+/// A read for the API: answered from committed state, changing nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    /// Every conversation, most recently active first.
+    Conversations,
+    /// One conversation.
+    Conversation(ConversationId),
+    /// A page of a conversation's messages, newest first, older than
+    /// `before` (a message of that conversation) if given.
+    Messages {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Where the previous page ended.
+        before: Option<MessageId>,
+        /// At most this many (capped at [`MAX_PAGE`]).
+        limit: usize,
+    },
+    /// One message.
+    Message(MessageId),
+    /// A group's members, including those who left.
+    Members(ConversationId),
+    /// Unread incoming messages over all conversations.
+    UnreadTotal,
+    /// Group invitations waiting for the user's answer, oldest first.
+    Invitations,
+}
+
+/// The most messages one [`Query::Messages`] returns.
+pub const MAX_PAGE: usize = 500;
+
+/// A conversation with its newest message, as lists show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The conversation.
+    pub conversation: Conversation,
+    /// Its newest message, if any.
+    pub last_message: Option<Message>,
+}
+
+/// What a query found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Conversations.
+    Conversations(Vec<ConversationSummary>),
+    /// One conversation.
+    Conversation(ConversationSummary),
+    /// A page of messages, newest first.
+    Messages {
+        /// The page.
+        messages: Vec<Message>,
+        /// Whether older messages follow the page's last.
+        more: bool,
+    },
+    /// One message.
+    Message(Message),
+    /// Group members.
+    Members(Vec<Member>),
+    /// A count.
+    Unread(u64),
+    /// Waiting group invitations.
+    Invitations(Vec<Invitation>),
+}
+
+/// An input from the transport, the directory or the clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Bytes from a peer (whose ID the transport authenticated, or the relay vouched for).
+    Received {
+        /// The sender.
+        from: PeerId,
+        /// The envelope.
+        bytes: Vec<u8>,
+    },
+    /// A path to the peer opened.
+    PeerReachable(PeerId),
+    /// The path to the peer closed.
+    PeerUnreachable(PeerId),
+    /// The directory knows how to reach the peer (answers a lookup).
+    PeerRecord(PeerId),
+    /// The directory does not know the peer (answers a lookup).
+    LookupFailed(PeerId),
+    /// What became of a transmit.
+    TransmitResult {
+        /// The transmit.
+        id: TransmitId,
+        /// Its fate.
+        outcome: TransmitOutcome,
+    },
+    /// A deadline from [`Engine::poll_timeout`](crate::engine::Engine::poll_timeout) passed.
+    Timeout,
+    /// Keep this peer record across restarts (the node's routing reads the
+    /// kept records when it starts). One over [`MAX_KEPT_RECORD_BYTES`](crate::engine::MAX_KEPT_RECORD_BYTES) is
+    /// not kept.
+    KeepRecord(KeptRecord),
+}
+
+/// One unit of work in a batch ([`Engine::handle_batch`](crate::engine::Engine::handle_batch)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A command, whose outcome the batch returns.
+    Command(Command),
+    /// An input.
+    Input(Input),
+}
+
+/// Why a batch failed: nothing of it took effect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {error}", match step { Some(i) => format!("step {i} of the batch failed"), None => "the batch's commit failed".into() })]
+pub struct BatchError {
+    /// The step that failed (the steps before it succeeded, and may be run
+    /// again as a batch), or `None` if the work succeeded and the commit
+    /// failed.
+    pub step: Option<usize>,
+    /// What went wrong.
+    pub error: EngineError,
+}
+
+/// Identifies a transmit, for its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TransmitId(pub u64);
+
+/// What happened to a transmit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransmitOutcome {
+    /// It reached the peer's node (the transport acknowledged it).
+    Delivered,
+    /// A relay accepted it into its mailbox for the offline peer.
+    HeldByRelay,
+    /// Neither the peer nor a relay took it, for now (the peer is offline,
+    /// the relay's mailbox is full, the sender is over the relay's rate).
+    /// It is tried again when the peer is reachable.
+    Failed(String),
+    /// Refused for good (the envelope is larger than the relay accepts):
+    /// the message fails at once.
+    Rejected(String),
+}
+
+/// Bytes to send to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// For the result.
+    pub id: TransmitId,
+    /// The recipient.
+    pub peer: PeerId,
+    /// The envelope.
+    pub bytes: Vec<u8>,
+    /// Whether a relay may hold it in a mailbox (never for key exchange).
+    pub mailbox_allowed: bool,
+}
