@@ -11,11 +11,13 @@
 //! seed still decodes, so the corpus follows the wire format.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{ConversationStore, GroupStore, KeyExchangeStore, SessionStore, Transaction};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use p2pchat_protocol::engine::{Command, CommandOutcome, MemoryStore};
+use p2pchat_protocol::engine::{
+    AttemptState, Command, CommandOutcome, ConversationStore, GroupStore, KeyExchangeStore, MemoryStore, SessionStore,
+    Transaction,
+};
 use p2pchat_protocol::handshake::PendingKeyExchange;
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
@@ -83,7 +85,7 @@ fn state_of(node: &Node<MemoryStore>, seen: &mut BTreeSet<Vec<u8>>) {
         }
     }
     for attempt in store.key_exchanges().unwrap() {
-        if let Some(pending) = attempt.pending {
+        if let AttemptState::AwaitingAck(pending) = attempt.state {
             seen.insert(tagged(PENDING, &pending));
         }
     }

@@ -4,12 +4,12 @@
 //! drains its mailbox.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{PeerRecordStore, Transaction};
 use std::collections::BTreeSet;
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, Query, TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, PeerRecordStore, Query,
+    Transaction, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     AddressSource, Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket,

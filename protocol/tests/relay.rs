@@ -3,11 +3,11 @@
 //! through the node's driving rule (the routing that ships).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{MessageStore, Transaction};
 use std::collections::BTreeSet;
 
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, Conversation, EngineError, Input, MemoryStore, Message, MessageStatus, TransmitOutcome,
+    Command, CommandOutcome, Conversation, EngineError, Input, MemoryStore, Message, MessageStatus, MessageStore,
+    Transaction, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket, RELAY_BACKOFF_MAX_MS,

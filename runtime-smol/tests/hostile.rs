@@ -8,7 +8,6 @@
 
 mod support;
 
-use p2pchat_protocol::engine::{SessionStore, Transaction};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command as Process, Stdio};
@@ -17,7 +16,9 @@ use std::time::Duration;
 use p2pchat::admission::Limit;
 use p2pchat::tls::TlsIdentity;
 use p2pchat::transport::{Inbound, PeerConnection, Transport};
-use p2pchat_protocol::engine::{Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, TransmitOutcome};
+use p2pchat_protocol::engine::{
+    Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, SessionStore, Transaction, TransmitOutcome,
+};
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, PeerId, Timestamp, MAX_SKIP};
 use rand_chacha::rand_core::SeedableRng;

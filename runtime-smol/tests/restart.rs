@@ -2,7 +2,6 @@
 //! carries on: nothing its peer sent is lost or stored twice.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{ConversationStore, MessageStore, Transaction};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command as Process, Stdio};
@@ -10,7 +9,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use p2pchat::node::{Node, NodeConfig};
-use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
+use p2pchat_protocol::engine::{
+    Command, CommandOutcome, ConversationStore, EngineConfig, Event, MessageStore, Transaction,
+};
 use p2pchat_protocol::PeerId;
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};
 

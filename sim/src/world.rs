@@ -4,16 +4,13 @@
 //! the seed. The network decides only whether bytes arrive; which path they
 //! take is the nodes' choice.
 
-use p2pchat_protocol::engine::{
-    ConversationStore, GroupStore, KeyExchangeStore, MessageStore, OutboxStore, SessionStore, Transaction,
-};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, ConversationKind, Event, Message, MessageStatus, Query, TransmitId,
-    TransmitOutcome,
+    Answer, Command, CommandOutcome, ConversationKind, ConversationStore, Event, GroupStore, KeyExchangeStore, Message,
+    MessageStatus, MessageStore, OutboxStore, Query, SessionStore, Transaction, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};

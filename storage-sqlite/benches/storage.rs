@@ -10,11 +10,12 @@
 //! pay for real syncs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use p2pchat_protocol::engine::{ConversationStore, MessageStore, SessionStore, Transaction};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use p2pchat_protocol::engine::{Conversation, ConversationKind, Message, MessageStatus};
+use p2pchat_protocol::engine::{
+    Conversation, ConversationKind, ConversationStore, Message, MessageStatus, MessageStore, SessionStore, Transaction,
+};
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp, Uuid};
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};

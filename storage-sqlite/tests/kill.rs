@@ -5,12 +5,13 @@
 //! committed, and no step is half-applied.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{ConversationStore, MessageStore, SessionStore, Transaction};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use p2pchat_protocol::engine::{Conversation, ConversationKind, Message, MessageStatus};
+use p2pchat_protocol::engine::{
+    Conversation, ConversationKind, ConversationStore, Message, MessageStatus, MessageStore, SessionStore, Transaction,
+};
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp, Uuid};
 use p2pchat_storage_sqlite::{Durability, MasterKey, SqliteStore};

@@ -3,15 +3,13 @@
 //! relay's store across restarts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use p2pchat_protocol::engine::{
-    ConversationStore, GroupStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore, SessionStore,
-    Transaction,
-};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use p2pchat_protocol::engine::{
-    Conversation, ConversationKind, KeptRecord, KeyExchangeAttempt, Message, MessageStatus, OutboxItem, OutboxPayload,
+    AttemptState, Conversation, ConversationKind, ConversationStore, GroupStore, KeptRecord, KeyExchangeAttempt,
+    KeyExchangeStore, Message, MessageStatus, MessageStore, OutboxItem, OutboxPayload, OutboxStore, PeerRecordStore,
+    SessionStore, Transaction,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{MailboxEntry, RelayStore, Source, Usage};
@@ -117,10 +115,9 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         store.put_group_keys(&conv, &group_secret).unwrap();
         let attempt = KeyExchangeAttempt {
             peer,
-            pending: Some(exchange_secret.to_vec()),
+            state: AttemptState::AwaitingAck(exchange_secret.to_vec().into()),
             attempts: 1,
             deadline: Timestamp(5),
-            backing_off: false,
         };
         store.put_key_exchange(&attempt).unwrap();
         // A queued sender key (control payloads carry them) and a group's name.
@@ -150,7 +147,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         assert_eq!(store.message(&message(1, conv, text, 10).id).unwrap().unwrap().content, text);
         assert_eq!(&store.sessions(&peer).unwrap().unwrap()[..32], &session_secret);
         assert_eq!(&store.group_keys(&conv).unwrap().unwrap()[..], &group_secret);
-        assert_eq!(store.key_exchanges().unwrap()[0].pending.as_deref(), Some(&exchange_secret[..]));
+        assert_eq!(store.key_exchanges().unwrap()[0].state, AttemptState::AwaitingAck(exchange_secret.to_vec().into()));
         assert_eq!(store.outbox().unwrap()[0].payload, OutboxPayload::Control(queued_key.to_vec()));
         assert_eq!(store.kept_records().unwrap()[0].record, peer_address.as_bytes());
         assert!(
@@ -306,15 +303,14 @@ fn a_failed_migration_leaves_the_database_at_its_version() {
 
 #[test]
 fn key_exchange_deadlines_and_held_counts_come_from_sql_and_survive_an_upgrade() {
-    use p2pchat_protocol::engine::{HeldMessage, KeyExchangeAttempt};
+    use p2pchat_protocol::engine::HeldMessage;
     let dir = TempDir::new("deadlines");
     let db = dir.path("node.sqlite3");
     let attempt = |peer: u8, deadline: u64| KeyExchangeAttempt {
         peer: PeerId([peer; 20]),
-        pending: Some(vec![peer; 8]),
+        state: AttemptState::AwaitingAck(vec![peer; 8].into()),
         attempts: 1,
         deadline: Timestamp(deadline),
-        backing_off: false,
     };
     // Two key exchanges as version 1 left them: sealed rows, no deadline
     // column filled (the migration adds it empty).

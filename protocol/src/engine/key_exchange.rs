@@ -2,6 +2,7 @@
 //! peer's request, installing the session, retrying with backoff, and
 //! replacing a session the peer no longer holds.
 
+use super::AttemptState;
 use super::{Engine, EngineError, Event, KeyExchangeAttempt, MessageStatus, OutboxPayload, Store};
 use crate::handshake::{self, CrossedRequests, PendingKeyExchange, Response};
 use crate::ids::{ConversationId, PeerId};
@@ -73,10 +74,9 @@ impl<S: Store> Engine<S> {
     ) -> Result<(), EngineError> {
         let attempt = KeyExchangeAttempt {
             peer,
-            pending: None,
+            state: AttemptState::LookingUp,
             attempts,
             deadline: now.saturating_add_millis(self.config.key_exchange_timeout_ms),
-            backing_off: false,
         };
         self.store.put_key_exchange(&attempt)?;
         self.staged.lookups.push(peer);
@@ -103,7 +103,7 @@ impl<S: Store> Engine<S> {
         };
         self.store.set_last_request_at(at)?;
         let (pending, request) = handshake::initiate(&self.identity, attempt.peer, at, &mut self.rng);
-        attempt.pending = Some(pending.to_bytes().to_vec());
+        attempt.state = AttemptState::AwaitingAck(pending.to_bytes());
         attempt.deadline = now.saturating_add_millis(self.config.key_exchange_timeout_ms);
         self.store.put_key_exchange(&attempt)?;
         self.transmit(attempt.peer, EnvelopeBody::KeyExchangeRequest(request), false, None);
@@ -153,8 +153,7 @@ impl<S: Store> Engine<S> {
                 }
                 return Ok(());
             }
-            attempt.pending = None;
-            attempt.backing_off = true;
+            attempt.state = AttemptState::BackingOff;
             attempt.attempts = self.config.max_retries;
             attempt.deadline = later;
             self.store.put_key_exchange(&attempt)?;
@@ -162,8 +161,7 @@ impl<S: Store> Engine<S> {
         }
         let backoff = self.config.retry_backoff_ms.saturating_mul(1 << (attempt.attempts - 1).min(16));
         let jitter = self.rng.next_u64() % (self.config.retry_backoff_ms / 4).max(1);
-        attempt.pending = None;
-        attempt.backing_off = true;
+        attempt.state = AttemptState::BackingOff;
         attempt.deadline = now.saturating_add_millis(backoff.saturating_add(jitter));
         self.store.put_key_exchange(&attempt)?;
         Ok(())
@@ -206,7 +204,7 @@ impl<S: Store> Engine<S> {
                 return Ok(());
             }
         };
-        let ours = self.store.key_exchange(&from)?.filter(|a| a.pending.is_some());
+        let ours = self.store.key_exchange(&from)?.filter(|a| matches!(a.state, AttemptState::AwaitingAck(_)));
         if ours.is_some() && CrossedRequests::resolve(&self.peer_id(), &from) == CrossedRequests::KeepOurs {
             return Ok(());
         }
@@ -230,7 +228,7 @@ impl<S: Store> Engine<S> {
 
     pub(super) fn on_ack(&mut self, now: Timestamp, from: PeerId, ack: &KeyExchangeAck) -> Result<(), EngineError> {
         let attempt = self.store.key_exchange(&from)?;
-        let Some(bytes) = attempt.as_ref().and_then(|a| a.pending.as_ref()) else {
+        let Some(AttemptState::AwaitingAck(bytes)) = attempt.as_ref().map(|a| &a.state) else {
             // No request of ours is waiting: a duplicate, or the loser of a crossing.
             return Ok(());
         };

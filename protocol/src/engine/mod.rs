@@ -69,8 +69,8 @@ pub use error::EngineError;
 pub use events::Event;
 pub use memory::MemoryStore;
 pub use model::{
-    Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member, Message,
-    MessageStatus, OutboxItem, OutboxPayload, SealedCopy,
+    AttemptState, Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member,
+    Message, MessageStatus, OutboxItem, OutboxPayload, SealedCopy,
 };
 pub use store::{
     ConversationStore, GroupStore, InvitationStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore,
@@ -326,7 +326,7 @@ impl<S: Store> Engine<S> {
                 let attempt = self.store.key_exchange(&peer)?;
                 // A reachable peer is worth trying at once, unless a request
                 // is already out.
-                if let Some(attempt) = attempt.filter(|a| a.backing_off) {
+                if let Some(attempt) = attempt.filter(|a| a.state == AttemptState::BackingOff) {
                     self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
                 }
                 for mut item in self.store.outbox_waiting_for(&peer)? {
@@ -339,7 +339,7 @@ impl<S: Store> Engine<S> {
             Input::PeerRecord(peer) => {
                 let attempt = self.store.key_exchange(&peer)?;
                 match attempt {
-                    Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
+                    Some(attempt) if attempt.state == AttemptState::LookingUp => {
                         self.send_key_exchange_request(now, attempt)
                     }
                     _ => Ok(()),
@@ -348,7 +348,7 @@ impl<S: Store> Engine<S> {
             Input::LookupFailed(peer) => {
                 let attempt = self.store.key_exchange(&peer)?;
                 match attempt {
-                    Some(attempt) if attempt.pending.is_none() && !attempt.backing_off => {
+                    Some(attempt) if attempt.state == AttemptState::LookingUp => {
                         self.key_exchange_failed(now, attempt, "peer is unknown to the directory")
                     }
                     _ => Ok(()),

@@ -2,6 +2,7 @@
 //! outbox. These are plain data, stored through the [`Store`](super::Store).
 
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -221,18 +222,74 @@ pub struct SealedCopy {
 
 /// A key exchange this node started and has not completed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredAttempt", into = "StoredAttempt")]
 pub struct KeyExchangeAttempt {
     /// The peer.
     pub peer: PeerId,
-    /// The sealed [`PendingKeyExchange`](crate::handshake::PendingKeyExchange),
-    /// `None` while the peer is being looked up.
-    pub pending: Option<Vec<u8>>,
+    /// Where it stands.
+    pub state: AttemptState,
     /// Attempts made so far (the first is 1).
     pub attempts: u32,
-    /// When the current attempt times out, or when the next one starts.
+    /// When the current state ends: the lookup or the request times out,
+    /// or the backoff is over and the next attempt starts.
     pub deadline: Timestamp,
-    /// Whether the current attempt is waiting out a backoff.
-    pub backing_off: bool,
+}
+
+/// Where a key exchange attempt stands.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AttemptState {
+    /// The peer is being looked up in the directory.
+    LookingUp,
+    /// Our request is out and we wait for the peer's ack. Holds the encoded
+    /// [`PendingKeyExchange`](crate::handshake::PendingKeyExchange): an
+    /// ephemeral secret, which a store on disk seals.
+    AwaitingAck(Zeroizing<Vec<u8>>),
+    /// The attempt failed; the next one starts at the deadline.
+    BackingOff,
+}
+
+impl core::fmt::Debug for AttemptState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::LookingUp => f.write_str("LookingUp"),
+            Self::AwaitingAck(_) => f.write_str("AwaitingAck(..)"),
+            Self::BackingOff => f.write_str("BackingOff"),
+        }
+    }
+}
+
+/// A [`KeyExchangeAttempt`] as it is encoded at rest (docs/STORAGE.md): the
+/// layout of the first schema, which the typed state maps onto one to one.
+#[derive(Serialize, Deserialize)]
+struct StoredAttempt {
+    peer: PeerId,
+    pending: Option<Vec<u8>>,
+    attempts: u32,
+    deadline: Timestamp,
+    backing_off: bool,
+}
+
+impl From<StoredAttempt> for KeyExchangeAttempt {
+    fn from(stored: StoredAttempt) -> Self {
+        let state = match (stored.backing_off, stored.pending) {
+            (true, _) => AttemptState::BackingOff,
+            (false, Some(pending)) => AttemptState::AwaitingAck(Zeroizing::new(pending)),
+            (false, None) => AttemptState::LookingUp,
+        };
+        Self { peer: stored.peer, state, attempts: stored.attempts, deadline: stored.deadline }
+    }
+}
+
+impl From<KeyExchangeAttempt> for StoredAttempt {
+    fn from(attempt: KeyExchangeAttempt) -> Self {
+        let (pending, backing_off) = match attempt.state {
+            AttemptState::LookingUp => (None, false),
+            // Moved out, not copied: the zeroizing buffer is left empty.
+            AttemptState::AwaitingAck(mut pending) => (Some(core::mem::take(&mut *pending)), false),
+            AttemptState::BackingOff => (None, true),
+        };
+        Self { peer: attempt.peer, pending, attempts: attempt.attempts, deadline: attempt.deadline, backing_off }
+    }
 }
 
 /// A group message that arrived before its sender's key, held until the key
@@ -290,4 +347,45 @@ pub struct KeptRecord {
     /// The record as signed, postcard-encoded; the node checks its
     /// signature again when it loads it.
     pub record: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The at-rest layout of a key exchange attempt before its state was
+    /// typed, written out independently of `StoredAttempt`.
+    #[derive(Serialize)]
+    struct FirstLayout {
+        peer: PeerId,
+        pending: Option<Vec<u8>>,
+        attempts: u32,
+        deadline: Timestamp,
+        backing_off: bool,
+    }
+
+    #[test]
+    fn a_typed_attempt_is_stored_as_before_and_reads_back() {
+        let peer = PeerId([3; 20]);
+        let cases = [
+            (AttemptState::LookingUp, None, false),
+            (AttemptState::AwaitingAck(Zeroizing::new(vec![9, 8, 7])), Some(vec![9, 8, 7]), false),
+            (AttemptState::BackingOff, None, true),
+        ];
+        for (state, pending, backing_off) in cases {
+            let attempt = KeyExchangeAttempt { peer, state, attempts: 2, deadline: Timestamp(77) };
+            let old = FirstLayout { peer, pending, attempts: 2, deadline: Timestamp(77), backing_off };
+            let bytes = postcard::to_stdvec(&attempt).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&old).unwrap(), "{:?} changed its stored form", attempt.state);
+            assert_eq!(postcard::from_bytes::<KeyExchangeAttempt>(&bytes).unwrap(), attempt);
+        }
+    }
+
+    #[test]
+    fn an_attempt_never_prints_its_pending_secret() {
+        let state = AttemptState::AwaitingAck(Zeroizing::new(vec![0xAB; 4]));
+        let printed =
+            format!("{:?}", KeyExchangeAttempt { peer: PeerId([1; 20]), state, attempts: 1, deadline: Timestamp(1) });
+        assert!(printed.contains("AwaitingAck(..)") && !printed.contains("171"), "{printed}");
+    }
 }

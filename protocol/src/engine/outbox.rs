@@ -3,6 +3,7 @@
 //! transport as transmits.
 
 use super::delivery::UNSENT_COPY_REUSE_MS;
+use super::AttemptState;
 use super::{
     Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, SealedCopy, Store, Transmit, TransmitId,
     MAX_IDS_PER_PAYLOAD,
@@ -165,7 +166,9 @@ impl<S: Store> Engine<S> {
             let attempt = self.store.key_exchange(&peer)?;
             // A new message deserves its own round of retries, not the slow
             // background ones left over from earlier failures.
-            let spent = attempt.as_ref().is_some_and(|a| a.backing_off && a.attempts >= self.config.max_retries);
+            let spent = attempt
+                .as_ref()
+                .is_some_and(|a| a.state == AttemptState::BackingOff && a.attempts >= self.config.max_retries);
             let crowded = || -> Result<bool, EngineError> {
                 Ok(self.store.key_exchange_count()? >= self.config.max_background_key_exchanges)
             };

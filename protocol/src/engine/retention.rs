@@ -2,6 +2,7 @@
 //! attempts, the daily sweep), and the sweep itself (expired messages,
 //! quiet sessions, old held messages, invitations and kept records).
 
+use super::AttemptState;
 use std::collections::BTreeSet;
 
 use super::{
@@ -14,7 +15,7 @@ use crate::time::Timestamp;
 impl<S: Store> Engine<S> {
     pub(super) fn timeout(&mut self, now: Timestamp) -> Result<(), EngineError> {
         for attempt in self.store.key_exchanges_due(now)? {
-            if attempt.backing_off {
+            if attempt.state == AttemptState::BackingOff {
                 self.start_key_exchange(now, attempt.peer, attempt.attempts.saturating_add(1))?;
             } else {
                 let reason =
