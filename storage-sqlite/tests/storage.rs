@@ -7,12 +7,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use p2pchat_protocol::engine::{
-    AttemptState, Conversation, ConversationKind, ConversationStore, GroupStore, KeptRecord, KeyExchangeAttempt,
-    KeyExchangeStore, Message, MessageStatus, MessageStore, OutboxItem, OutboxPayload, OutboxStore, PeerRecordStore,
-    SessionStore, Transaction,
+    AttemptState, ControlPayload, Conversation, ConversationKind, ConversationStore, GroupStore, KeptRecord,
+    KeyExchangeAttempt, KeyExchangeStore, Message, MessageStatus, MessageStore, OutboxItem, OutboxPayload, OutboxStore,
+    PeerRecordStore, SessionStore, Transaction,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::relay::{MailboxEntry, RelayStore, Source, Usage};
+use p2pchat_protocol::wire::SenderKeyDistribution;
 use p2pchat_protocol::{ConversationId, MessageId, PeerId, Timestamp, Uuid};
 use p2pchat_storage_sqlite::{
     load_or_create_identity, node_schema, Durability, MasterKey, Migration, SqliteRelayStore, SqliteStore,
@@ -101,6 +102,16 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
     let group_secret = [0xa7u8; 32];
     let exchange_secret = [0x3cu8; 32];
     let queued_key = [0x66u8; 32];
+    let queued_distribution = || {
+        ControlPayload::SenderKey(SenderKeyDistribution {
+            group_id: ConversationId(Uuid([10; 16])),
+            sender: PeerId([4; 20]),
+            key_id: 1,
+            message_number: 0,
+            chain_key: queued_key,
+            signing_public: [0x21; 32],
+        })
+    };
     let group_name = "Project Nightingale launch";
     let peer_address = "198.51.100.77:40404";
     let conv = ConversationId(Uuid([9; 16]));
@@ -124,7 +135,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         let item = OutboxItem {
             seq: 1,
             peer,
-            payload: OutboxPayload::Control(queued_key.to_vec()),
+            payload: OutboxPayload::Control(queued_distribution()),
             queued_at: Timestamp(1),
             next_attempt_at: Some(Timestamp(2)),
             in_flight: false,
@@ -148,7 +159,7 @@ fn a_copied_database_reveals_neither_keys_nor_message_text() {
         assert_eq!(&store.sessions(&peer).unwrap().unwrap()[..32], &session_secret);
         assert_eq!(&store.group_keys(&conv).unwrap().unwrap()[..], &group_secret);
         assert_eq!(store.key_exchanges().unwrap()[0].state, AttemptState::AwaitingAck(exchange_secret.to_vec().into()));
-        assert_eq!(store.outbox().unwrap()[0].payload, OutboxPayload::Control(queued_key.to_vec()));
+        assert_eq!(store.outbox().unwrap()[0].payload, OutboxPayload::Control(queued_distribution()));
         assert_eq!(store.kept_records().unwrap()[0].record, peer_address.as_bytes());
         assert!(
             matches!(&store.conversation(&group).unwrap().unwrap().kind, ConversationKind::Group { name, .. } if name == group_name)

@@ -2,13 +2,14 @@
 //! peer's request, installing the session, retrying with backoff, and
 //! replacing a session the peer no longer holds.
 
-use super::AttemptState;
-use super::{Engine, EngineError, Event, KeyExchangeAttempt, MessageStatus, OutboxPayload, Store};
+use super::{
+    AttemptState, ControlPayload, Engine, EngineError, Event, KeyExchangeAttempt, MessageStatus, OutboxPayload, Store,
+};
 use crate::handshake::{self, CrossedRequests, PendingKeyExchange, Response};
 use crate::ids::{ConversationId, PeerId};
 use crate::session::PairwiseSessions;
 use crate::time::Timestamp;
-use crate::wire::{EnvelopeBody, KeyExchangeAck, KeyExchangeRequest, PairwisePayload};
+use crate::wire::{EnvelopeBody, KeyExchangeAck, KeyExchangeRequest};
 
 /// How soon a peer whose session we do not hold may make us start a new
 /// key exchange again (see [`Engine::replace_unknown_session`]).
@@ -235,7 +236,7 @@ impl<S: Store> Engine<S> {
         let pending = PendingKeyExchange::from_bytes(bytes)?;
         match pending.complete(ack) {
             Ok(session) => {
-                self.enqueue(now, from, OutboxPayload::Control(PairwisePayload::SessionConfirm.encode().to_vec()))?;
+                self.enqueue(now, from, OutboxPayload::Control(ControlPayload::SessionConfirm))?;
                 self.install_session(now, from, session)
             }
             Err(refused) => {

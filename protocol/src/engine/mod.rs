@@ -54,12 +54,11 @@ mod store;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use rand_core::CryptoRngCore;
-
 pub use api::{
     Answer, BatchError, Command, CommandOutcome, ConversationSummary, Input, Query, Step, Transmit, TransmitId,
     TransmitOutcome, MAX_PAGE,
 };
+use config::DAY_MS;
 pub use config::{
     EngineConfig, KEPT_RECORD_LIFETIME_MS, MAX_BACKGROUND_KEY_EXCHANGES, MAX_CONTENT_LEN, MAX_GROUP_NAME_LEN, MAX_HELD,
     MAX_HELD_BYTES, MAX_HELD_BYTES_PER_SENDER, MAX_HELD_PER_SENDER, MAX_IDS_PER_PAYLOAD, MAX_INVITATIONS,
@@ -67,18 +66,17 @@ pub use config::{
 };
 pub use error::EngineError;
 pub use events::Event;
+use key_exchange::REKEY_INTERVAL_MS;
 pub use memory::MemoryStore;
 pub use model::{
-    AttemptState, Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord, KeyExchangeAttempt, Member,
-    Message, MessageStatus, OutboxItem, OutboxPayload, SealedCopy,
+    AttemptState, ControlPayload, Conversation, ConversationKind, HeldMessage, Invitation, KeptRecord,
+    KeyExchangeAttempt, Member, Message, MessageStatus, NotControl, OutboxItem, OutboxPayload, SealedCopy,
 };
+use rand_core::CryptoRngCore;
 pub use store::{
     ConversationStore, GroupStore, InvitationStore, KeyExchangeStore, MessageStore, OutboxStore, PeerRecordStore,
     RetentionStore, SessionStore, Store, StoreError, Transaction,
 };
-
-use config::DAY_MS;
-use key_exchange::REKEY_INTERVAL_MS;
 
 use crate::identity::IdentityKeyPair;
 use crate::ids::PeerId;

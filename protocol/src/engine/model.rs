@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
-use crate::wire::RosterEntry;
+use crate::wire::{GroupControl, PairwisePayload, RosterEntry, SenderKeyDistribution};
 
 /// A message's place in its lifecycle. The order of the variants is the
 /// order of progress: a status never moves to a lower one, and `Failed` is
@@ -157,10 +157,10 @@ pub enum OutboxPayload {
         /// When they were read.
         read_at: Timestamp,
     },
-    /// An encoded [`PairwisePayload`](crate::wire::PairwisePayload) of group
-    /// control or a sender key, sent as is. Holds a chain key when it is a
-    /// distribution: the store seals it.
-    Control(Vec<u8>),
+    /// Group control, a sender key or a key request, or a session
+    /// confirmation. Holds a chain key when it is a sender key: the store
+    /// seals it.
+    Control(ControlPayload),
     /// One of our group messages for this one member, over the pairwise
     /// session (see [`PairwisePayload::GroupChat`](crate::wire::PairwisePayload::GroupChat)):
     /// built from the stored message when it is sent, so no plaintext
@@ -179,6 +179,78 @@ impl OutboxPayload {
             Self::Chat(id) | Self::Group { message_id: id } | Self::GroupCopy { message_id: id } => Some(*id),
             _ => None,
         }
+    }
+}
+
+/// A control payload waiting in the outbox, decoded once when its item is
+/// read. At rest it is its pairwise encoding
+/// ([`PairwisePayload::encode`]), as it was before it had a type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlPayload {
+    /// Our sender key for one member. The chain key in it is secret.
+    SenderKey(SenderKeyDistribution),
+    /// A request for a member's sender key.
+    SenderKeyRequest {
+        /// The group.
+        group_id: ConversationId,
+    },
+    /// Group membership: an invite, a member added, a leave, a member left.
+    Group(GroupControl),
+    /// Tells the initiator of a key exchange that its session works; the one
+    /// control payload that is not tracked (sent once, never acknowledged).
+    SessionConfirm,
+}
+
+impl ControlPayload {
+    /// The payload as it travels.
+    pub fn to_pairwise(&self) -> PairwisePayload {
+        match self {
+            Self::SenderKey(d) => PairwisePayload::SenderKeyDistribution(d.clone()),
+            Self::SenderKeyRequest { group_id } => PairwisePayload::SenderKeyRequest { group_id: *group_id },
+            Self::Group(control) => PairwisePayload::GroupControl(control.clone()),
+            Self::SessionConfirm => PairwisePayload::SessionConfirm,
+        }
+    }
+
+    /// Whether it is sent tracked and kept until the peer acknowledges it.
+    pub fn is_tracked(&self) -> bool {
+        !matches!(self, Self::SessionConfirm)
+    }
+}
+
+/// A pairwise payload that is not a control payload.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a pairwise payload of this kind is not queued as control")]
+pub struct NotControl;
+
+impl TryFrom<PairwisePayload> for ControlPayload {
+    type Error = NotControl;
+
+    fn try_from(payload: PairwisePayload) -> Result<Self, NotControl> {
+        match payload {
+            PairwisePayload::SenderKeyDistribution(d) => Ok(Self::SenderKey(d)),
+            PairwisePayload::SenderKeyRequest { group_id } => Ok(Self::SenderKeyRequest { group_id }),
+            PairwisePayload::GroupControl(control) => Ok(Self::Group(control)),
+            PairwisePayload::SessionConfirm => Ok(Self::SessionConfirm),
+            _ => Err(NotControl),
+        }
+    }
+}
+
+impl Serialize for ControlPayload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The bytes of the untyped form, through the same serde path.
+        let bytes: Zeroizing<Vec<u8>> = self.to_pairwise().encode();
+        (*bytes).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlPayload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let bytes = Zeroizing::new(Vec::<u8>::deserialize(deserializer)?);
+        let payload = PairwisePayload::decode(&bytes).map_err(D::Error::custom)?;
+        Self::try_from(payload).map_err(D::Error::custom)
     }
 }
 
@@ -387,5 +459,37 @@ mod tests {
         let printed =
             format!("{:?}", KeyExchangeAttempt { peer: PeerId([1; 20]), state, attempts: 1, deadline: Timestamp(1) });
         assert!(printed.contains("AwaitingAck(..)") && !printed.contains("171"), "{printed}");
+    }
+
+    #[test]
+    fn a_typed_control_payload_is_stored_as_its_pairwise_bytes_and_reads_back() {
+        let group_id = ConversationId(crate::ids::Uuid([5; 16]));
+        let distribution = SenderKeyDistribution {
+            group_id,
+            sender: PeerId([6; 20]),
+            key_id: 3,
+            message_number: 9,
+            chain_key: [0x44; 32],
+            signing_public: [0x55; 32],
+        };
+        let kinds = [
+            ControlPayload::SenderKey(distribution),
+            ControlPayload::SenderKeyRequest { group_id },
+            ControlPayload::Group(GroupControl::Leave { group_id, epoch: 2 }),
+            ControlPayload::SessionConfirm,
+        ];
+        for control in kinds {
+            let untyped: Vec<u8> = control.to_pairwise().encode().to_vec();
+            let bytes = postcard::to_stdvec(&OutboxPayload::Control(control.clone())).unwrap();
+            // `Control` is variant 5 of `OutboxPayload`; then the bytes exactly as
+            // the untyped `Control(Vec<u8>)` held them.
+            let mut expected = vec![5];
+            expected.extend(postcard::to_stdvec(&untyped).unwrap());
+            assert_eq!(bytes, expected, "{control:?} changed its stored form");
+            assert_eq!(postcard::from_bytes::<OutboxPayload>(&bytes).unwrap(), OutboxPayload::Control(control));
+        }
+        // A stored pairwise payload of another kind is not a control payload.
+        let chat = PairwisePayload::Ack { ids: vec![1] }.encode().to_vec();
+        assert!(postcard::from_bytes::<ControlPayload>(&postcard::to_stdvec(&chat).unwrap()).is_err());
     }
 }

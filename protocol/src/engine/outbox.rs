@@ -3,10 +3,9 @@
 //! transport as transmits.
 
 use super::delivery::UNSENT_COPY_REUSE_MS;
-use super::AttemptState;
 use super::{
-    Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, SealedCopy, Store, Transmit, TransmitId,
-    MAX_IDS_PER_PAYLOAD,
+    AttemptState, Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, SealedCopy, Store, Transmit,
+    TransmitId, MAX_IDS_PER_PAYLOAD,
 };
 use crate::ids::PeerId;
 use crate::session::PairwiseSessions;
@@ -205,11 +204,8 @@ impl<S: Store> Engine<S> {
                 item.seq,
                 PairwisePayload::ReadReceipt { message_ids: message_ids.clone(), read_at: *read_at },
             )),
-            OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes).ok() {
-                Some(PairwisePayload::SessionConfirm) => Some(PairwisePayload::SessionConfirm),
-                Some(payload) => Some(tracked(item.seq, payload)),
-                None => None,
-            },
+            OutboxPayload::Control(control) if control.is_tracked() => Some(tracked(item.seq, control.to_pairwise())),
+            OutboxPayload::Control(control) => Some(control.to_pairwise()),
             OutboxPayload::GroupCopy { message_id } => match self.store.message(message_id)? {
                 Some(m) if m.status != MessageStatus::Failed => {
                     let (key_id, message_number) = m.group_position.unwrap_or_default();
@@ -259,7 +255,7 @@ impl<S: Store> Engine<S> {
 pub(super) fn is_tracked(payload: &OutboxPayload) -> bool {
     match payload {
         OutboxPayload::Read { .. } => true,
-        OutboxPayload::Control(bytes) => !matches!(PairwisePayload::decode(bytes), Ok(PairwisePayload::SessionConfirm)),
+        OutboxPayload::Control(control) => control.is_tracked(),
         _ => false,
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use super::outbox::is_tracked;
 use super::{
-    Conversation, ConversationKind, Engine, EngineError, Event, Message, MessageStatus, OutboxPayload, Store,
-    MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD,
+    ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Message, MessageStatus, OutboxPayload,
+    Store, MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD,
 };
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -113,10 +113,8 @@ impl<S: Store> Engine<S> {
                         continue;
                     }
                     self.store.delete_outbox_item(item.seq)?;
-                    if let OutboxPayload::Control(bytes) = &item.payload {
-                        if let Ok(PairwisePayload::SenderKeyDistribution(d)) = PairwisePayload::decode(bytes) {
-                            self.own_key_acknowledged(&from, &d)?;
-                        }
+                    if let OutboxPayload::Control(ControlPayload::SenderKey(d)) = &item.payload {
+                        self.own_key_acknowledged(&from, d)?;
                     }
                 }
             }

@@ -2,12 +2,11 @@
 //! attempts, the daily sweep), and the sweep itself (expired messages,
 //! quiet sessions, old held messages, invitations and kept records).
 
-use super::AttemptState;
 use std::collections::BTreeSet;
 
 use super::{
-    ConversationKind, Engine, EngineError, MessageStatus, Store, KEPT_RECORD_LIFETIME_MS, MAX_KEPT_RECORDS,
-    MAX_QUIET_PEERS,
+    AttemptState, ConversationKind, Engine, EngineError, MessageStatus, Store, KEPT_RECORD_LIFETIME_MS,
+    MAX_KEPT_RECORDS, MAX_QUIET_PEERS,
 };
 use crate::ids::{MessageId, PeerId};
 use crate::time::Timestamp;

@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::ignore_full;
 use crate::engine::receiving::Handled;
 use crate::engine::{
-    Conversation, ConversationKind, Engine, EngineError, Event, Invitation, Member, Store, MAX_GROUP_NAME_LEN,
+    ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Invitation, Member, Store,
+    MAX_GROUP_NAME_LEN,
 };
 use crate::group::{GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, PeerId};
 use crate::time::Timestamp;
-use crate::wire::{GroupControl, PairwisePayload};
+use crate::wire::GroupControl;
 
 impl<S: Store> Engine<S> {
     pub(super) fn on_invite(
@@ -157,7 +158,7 @@ impl<S: Store> Engine<S> {
         self.store.delete_invitation(&invitation.group_id)?;
         self.staged.events.push(Event::ConversationsUpdated);
         let epoch = invitation.epoch_of(&self.peer_id()).unwrap_or(0);
-        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: invitation.group_id, epoch });
+        let leave = ControlPayload::Group(GroupControl::Leave { group_id: invitation.group_id, epoch });
         // Within the admin's outbox cap: one whose queue is full is not told.
         ignore_full(self.enqueue_control(now, invitation.admin, &leave))?;
         self.pump(now, invitation.admin)

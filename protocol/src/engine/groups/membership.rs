@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::ignore_full;
 use crate::engine::receiving::Handled;
-use crate::engine::{Engine, EngineError, Invitation, Member, MessageStatus, OutboxPayload, Store};
+use crate::engine::{ControlPayload, Engine, EngineError, Invitation, Member, MessageStatus, OutboxPayload, Store};
 use crate::group::{GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
-use crate::wire::{GroupControl, PairwisePayload, RosterEntry};
+use crate::wire::{GroupControl, RosterEntry};
 
 impl<S: Store> Engine<S> {
     pub(in crate::engine) fn on_group_control(
@@ -35,8 +35,7 @@ impl<S: Store> Engine<S> {
     pub(super) fn key_queued_for(&mut self, group: &GroupSession, peer: &PeerId) -> Result<bool, EngineError> {
         let mut queued = false;
         for item in self.store.outbox_for(peer)? {
-            let OutboxPayload::Control(bytes) = &item.payload else { continue };
-            let Ok(PairwisePayload::SenderKeyDistribution(d)) = PairwisePayload::decode(bytes) else { continue };
+            let OutboxPayload::Control(ControlPayload::SenderKey(d)) = &item.payload else { continue };
             if d.group_id != group.group_id() {
                 continue;
             }
@@ -148,16 +147,13 @@ impl<S: Store> Engine<S> {
                 OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
                     ours.contains(message_id)
                 }
-                OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
-                    Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == group_id,
-                    Ok(PairwisePayload::GroupControl(
-                        GroupControl::Invite { group_id: g, .. }
-                        | GroupControl::MemberAdded { group_id: g, .. }
-                        | GroupControl::Leave { group_id: g, .. }
-                        | GroupControl::MemberLeft { group_id: g, .. },
-                    )) => g == group_id,
-                    _ => false,
-                },
+                OutboxPayload::Control(ControlPayload::SenderKey(d)) => d.group_id == group_id,
+                OutboxPayload::Control(ControlPayload::Group(
+                    GroupControl::Invite { group_id: g, .. }
+                    | GroupControl::MemberAdded { group_id: g, .. }
+                    | GroupControl::Leave { group_id: g, .. }
+                    | GroupControl::MemberLeft { group_id: g, .. },
+                )) => *g == group_id,
                 _ => false,
             };
             if for_this_group {
@@ -173,7 +169,7 @@ impl<S: Store> Engine<S> {
         if admin == me {
             // The admin tells every member: a leaver tells only the members
             // it knows, and an invitee that declines tells only the admin.
-            let left = PairwisePayload::GroupControl(GroupControl::MemberLeft {
+            let left = ControlPayload::Group(GroupControl::MemberLeft {
                 group_id,
                 member: RosterEntry { peer_id: from, epoch },
             });
@@ -275,12 +271,12 @@ impl<S: Store> Engine<S> {
         }
         let me = self.peer_id();
         let epoch = members.into_iter().find(|m| m.peer_id == me).map_or(0, |m| m.epoch);
-        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch }).encode().to_vec();
+        let leave = ControlPayload::Group(GroupControl::Leave { group_id: id, epoch });
         let queued = self
             .store
             .outbox_for(&peer)?
             .iter()
-            .any(|i| matches!(&i.payload, OutboxPayload::Control(b) if *b == leave));
+            .any(|i| matches!(&i.payload, OutboxPayload::Control(queued) if *queued == leave));
         if !queued {
             self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave))?;
             self.pump(now, peer)?;

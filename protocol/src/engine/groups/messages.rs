@@ -3,12 +3,14 @@
 //! missing, and expiring what is held.
 
 use crate::engine::receiving::Handled;
-use crate::engine::{Conversation, Engine, EngineError, HeldMessage, OutboxPayload, Store, MAX_CONTENT_LEN};
+use crate::engine::{
+    ControlPayload, Conversation, Engine, EngineError, HeldMessage, OutboxPayload, Store, MAX_CONTENT_LEN,
+};
 use crate::group::GroupError;
 use crate::ids::{ConversationId, PeerId};
 use crate::skipped::SKIPPED_KEY_MAX_AGE_MS;
 use crate::time::Timestamp;
-use crate::wire::{ChatContent, Envelope, EnvelopeBody, GroupMessage, PairwisePayload, SenderKeyDistribution};
+use crate::wire::{ChatContent, Envelope, EnvelopeBody, GroupMessage, SenderKeyDistribution};
 
 impl<S: Store> Engine<S> {
     pub(in crate::engine) fn on_distribution(
@@ -239,13 +241,12 @@ impl<S: Store> Engine<S> {
         peer: PeerId,
         group_id: ConversationId,
     ) -> Result<(), EngineError> {
-        let request = PairwisePayload::SenderKeyRequest { group_id };
-        let bytes = request.encode();
+        let request = ControlPayload::SenderKeyRequest { group_id };
         let queued = self
             .store
             .outbox_for(&peer)?
             .iter()
-            .any(|i| matches!(&i.payload, OutboxPayload::Control(b) if *b == bytes[..]));
+            .any(|i| matches!(&i.payload, OutboxPayload::Control(queued) if *queued == request));
         if queued {
             return Ok(());
         }

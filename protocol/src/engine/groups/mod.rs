@@ -5,6 +5,8 @@
 //! the helpers the others share; `membership`, `invitations` and
 //! `messages` handle what peers send.
 
+use super::ControlPayload;
+
 mod invitations;
 mod membership;
 mod messages;
@@ -19,7 +21,7 @@ use super::{
 use crate::group::{GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
-use crate::wire::{ChatContent, Envelope, EnvelopeBody, GroupControl, PairwisePayload, RosterEntry};
+use crate::wire::{ChatContent, Envelope, EnvelopeBody, GroupControl, RosterEntry};
 
 impl<S: Store> Engine<S> {
     pub(in crate::engine) fn load_group(&self, id: &ConversationId) -> Result<Option<GroupSession>, EngineError> {
@@ -57,19 +59,19 @@ impl<S: Store> Engine<S> {
         Ok(self.current_members(id)?.into_iter().map(|m| m.peer_id).filter(|p| *p != me).collect())
     }
 
-    fn enqueue_control(&mut self, now: Timestamp, peer: PeerId, payload: &PairwisePayload) -> Result<(), EngineError> {
-        self.enqueue(now, peer, OutboxPayload::Control(payload.encode().to_vec()))
+    fn enqueue_control(&mut self, now: Timestamp, peer: PeerId, control: &ControlPayload) -> Result<(), EngineError> {
+        self.enqueue(now, peer, OutboxPayload::Control(control.clone()))
     }
 
     fn send_own_key(&mut self, now: Timestamp, group: &GroupSession, peer: PeerId) -> Result<(), EngineError> {
-        self.enqueue_control(now, peer, &PairwisePayload::SenderKeyDistribution(group.distribution_for(&peer)))
+        self.enqueue_control(now, peer, &ControlPayload::SenderKey(group.distribution_for(&peer)))
     }
 
-    fn invite_payload(&self, conversation: &Conversation, admin: PeerId) -> Result<PairwisePayload, EngineError> {
+    fn invite_payload(&self, conversation: &Conversation, admin: PeerId) -> Result<ControlPayload, EngineError> {
         let ConversationKind::Group { name, .. } = &conversation.kind else {
             return Err(EngineError::NotAGroup(conversation.id));
         };
-        Ok(PairwisePayload::GroupControl(GroupControl::Invite {
+        Ok(ControlPayload::Group(GroupControl::Invite {
             group_id: conversation.id,
             name: name.clone(),
             admin,
@@ -210,7 +212,7 @@ impl<S: Store> Engine<S> {
         self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None, epoch })?;
         group.add_member(peer)?;
         self.save_group(&group)?;
-        let added = PairwisePayload::GroupControl(GroupControl::MemberAdded {
+        let added = ControlPayload::Group(GroupControl::MemberAdded {
             group_id: id,
             member: RosterEntry { peer_id: peer, epoch },
         });
@@ -230,7 +232,7 @@ impl<S: Store> Engine<S> {
         let me = self.peer_id();
         let mine = self.store.members(&id)?.into_iter().find(|m| m.peer_id == me);
         let epoch = mine.as_ref().map_or(0, |m| m.epoch);
-        let leave = PairwisePayload::GroupControl(GroupControl::Leave { group_id: id, epoch });
+        let leave = ControlPayload::Group(GroupControl::Leave { group_id: id, epoch });
         // Members refuse our messages once our leave reaches them, and our
         // keys go with it: what has not reached everyone by now never will.
         let mut undelivered = BTreeSet::new();
@@ -250,11 +252,8 @@ impl<S: Store> Engine<S> {
                 OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
                     undelivered.contains(message_id)
                 }
-                OutboxPayload::Control(bytes) => match PairwisePayload::decode(bytes) {
-                    Ok(PairwisePayload::SenderKeyDistribution(d)) => d.group_id == id,
-                    Ok(PairwisePayload::SenderKeyRequest { group_id }) => group_id == id,
-                    _ => false,
-                },
+                OutboxPayload::Control(ControlPayload::SenderKey(d)) => d.group_id == id,
+                OutboxPayload::Control(ControlPayload::SenderKeyRequest { group_id }) => *group_id == id,
                 _ => false,
             };
             if ours {
@@ -263,7 +262,7 @@ impl<S: Store> Engine<S> {
         }
         for peer in self.others(&id)? {
             // A leave always goes out, whatever else is queued for the peer.
-            self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave.encode().to_vec()))?;
+            self.enqueue_unbounded(now, peer, OutboxPayload::Control(leave.clone()))?;
             self.pump(now, peer)?;
         }
         if let Some(mut member) = mine {
