@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
-    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, Event, MemoryStore, MessageStatus, Query, SendFailure, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
@@ -270,7 +270,7 @@ impl NodeWorld {
                     self.nodes[1 - from].handle(now, NodeInput::DirectReceived { from: sender, bytes });
                     TransmitOutcome::Delivered
                 } else {
-                    TransmitOutcome::Failed("the send failed".into())
+                    TransmitOutcome::Failed(SendFailure::ConnectionClosed)
                 };
                 self.nodes[from].handle(now, NodeInput::DirectSent { id, outcome });
             }

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
     Answer, Command, CommandOutcome, Event, KeptRecord, MemoryStore, MessageStatus, PeerRecordStore, Query,
-    Transaction, TransmitId, TransmitOutcome,
+    SendFailure, Transaction, TransmitId, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     AddressSource, Node, NodeConfig, NodeInput, NodeOutput, Notice, PathState, RelaySpec, Reply, Ticket,
@@ -171,7 +171,7 @@ impl Net {
                     self.nodes[j].handle(now, NodeInput::DirectReceived { from, bytes });
                     TransmitOutcome::Delivered
                 } else {
-                    TransmitOutcome::Failed("the connection to the peer closed".into())
+                    TransmitOutcome::Failed(SendFailure::ConnectionClosed)
                 };
                 self.nodes[i].handle(now, NodeInput::DirectSent { id, outcome });
             }
@@ -849,7 +849,7 @@ fn a_peer_that_reads_slowly_has_at_most_a_window_of_direct_sends_under_way_and_l
     let forwards = |net: &Net| net.frames_from(0).iter().filter(|f| matches!(f, RelayFrame::Forward { .. })).count();
     assert_eq!(forwards(&net), count - 1 - MAX_DIRECT_SENDS_PER_PEER, "the waiting ones");
     for (i, _, id, _) in under_way {
-        let outcome = TransmitOutcome::Failed("the connection closed".into());
+        let outcome = TransmitOutcome::Failed(SendFailure::ConnectionClosed);
         net.nodes[i].handle(net.now, NodeInput::DirectSent { id, outcome });
     }
     net.direct_sends_held = None;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use p2pchat_protocol::engine::{
     Command, CommandOutcome, Conversation, EngineError, Input, MemoryStore, Message, MessageStatus, MessageStore,
-    Transaction, TransmitOutcome,
+    SendFailure, Transaction, TransmitOutcome,
 };
 use p2pchat_protocol::node::{
     Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket, RELAY_BACKOFF_MAX_MS,
@@ -147,7 +147,7 @@ impl World {
                 node.handle(now, NodeInput::DialFailed { peer, reason: "no direct path".into() });
             }
             NodeOutput::SendDirect { id, .. } => {
-                let outcome = TransmitOutcome::Failed("no direct path".into());
+                let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no direct path".into()));
                 node.handle(now, NodeInput::DirectSent { id, outcome });
             }
             NodeOutput::ConnectRelay { relay, .. } if relay == 0 && online => {

@@ -17,7 +17,8 @@ use p2pchat::admission::Limit;
 use p2pchat::tls::TlsIdentity;
 use p2pchat::transport::{Inbound, PeerConnection, Transport};
 use p2pchat_protocol::engine::{
-    Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, SessionStore, Transaction, TransmitOutcome,
+    Command, CommandOutcome, Engine, EngineConfig, Input, MemoryStore, Refusal, SendFailure, SessionStore, Transaction,
+    TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::{ConversationId, IdentityKeyPair, PeerId, Timestamp, MAX_SKIP};
@@ -610,7 +611,7 @@ fn a_relay_client_over_its_mailbox_quota_is_refused_and_the_relay_goes_on() {
     let refused: Vec<_> = outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(_))).collect();
     assert_eq!((held, refused.len()), (5, 15), "the mailbox holds its quota and no more: {outcomes:?}");
     assert!(
-        refused.iter().all(|o| matches!(o, TransmitOutcome::Failed(r) if r.contains("full"))),
+        refused.iter().all(|o| matches!(o, TransmitOutcome::Failed(SendFailure::Relay(Refusal::Quota)))),
         "refused with the reason: {refused:?}"
     );
 
@@ -636,7 +637,7 @@ fn strangers_cannot_lock_honest_senders_out_of_a_mailbox_with_one_identity_or_ma
     std::thread::sleep(Duration::from_secs(1));
     let held = |outcomes: &[TransmitOutcome]| outcomes.iter().filter(|o| **o == TransmitOutcome::HeldByRelay).count();
     let full = |outcomes: &[TransmitOutcome]| {
-        outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(r) if r.contains("full"))).count()
+        outcomes.iter().filter(|o| matches!(o, TransmitOutcome::Failed(SendFailure::Relay(Refusal::Quota)))).count()
     };
     // One identity: 100 of the mailbox's 1,000 entries, then refused.
     let mut stranger = RelayUser::connect(&relay, 0x81);

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use p2pchat_protocol::address::AddressPolicy;
 use p2pchat_protocol::engine::{
     Answer, Command, CommandOutcome, ConversationKind, ConversationStore, Event, GroupStore, KeyExchangeStore, Message,
-    MessageStatus, MessageStore, OutboxStore, Query, SessionStore, Transaction, TransmitId, TransmitOutcome,
+    MessageStatus, MessageStore, OutboxStore, Query, SendFailure, SessionStore, Transaction, TransmitId,
+    TransmitOutcome,
 };
 use p2pchat_protocol::keys::IdentitySeed;
 use p2pchat_protocol::node::{Node, NodeConfig, NodeInput, NodeOutput, Notice, RelaySpec, Reply, Ticket};
@@ -934,13 +935,13 @@ impl World {
         let incarnation = self.nodes[i].incarnation;
         let link = self.index(&peer).and_then(|j| self.links.get(&Self::link_key(i, j)).map(|l| (j, *l)));
         let Some((j, link)) = link else {
-            let outcome = TransmitOutcome::Failed("no connection to the peer".into());
+            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no connection to the peer".into()));
             return self.schedule(0, Ev::Result { node: i, incarnation, id, outcome });
         };
         if self.net.chance(self.knobs.loss_ppm) {
             self.trace(Step::Drop { from: i, to: j, why: "lost" });
             let timeout = 3 * (self.knobs.latency_ms + self.knobs.jitter_ms) + 10;
-            let outcome = TransmitOutcome::Failed("no acknowledgement from the peer".into());
+            let outcome = TransmitOutcome::Failed(SendFailure::PeerDidNotAnswer { seconds: timeout / 1000 });
             return self.schedule(timeout, Ev::Result { node: i, incarnation, id, outcome });
         }
         if self.net.chance(self.knobs.duplicate_ppm) {
@@ -1114,7 +1115,7 @@ impl World {
         if self.links.get(&Self::link_key(from, to)) != Some(&link) || !self.path(from, to) {
             self.trace(Step::Drop { from, to, why: "the connection closed" });
             if let Some((incarnation, id)) = transmit {
-                let outcome = TransmitOutcome::Failed("the connection to the peer closed".into());
+                let outcome = TransmitOutcome::Failed(SendFailure::ConnectionClosed);
                 self.schedule(back, Ev::Result { node: from, incarnation, id, outcome });
             }
             return;
@@ -1126,7 +1127,7 @@ impl World {
         // can be lost, and then the sender believes the datagram was.
         if let Some((incarnation, id)) = transmit {
             let outcome = if self.net.chance(self.knobs.loss_ppm / 2) {
-                TransmitOutcome::Failed("no acknowledgement from the peer".into())
+                TransmitOutcome::Failed(SendFailure::PeerDidNotAnswer { seconds: back / 1000 })
             } else {
                 TransmitOutcome::Delivered
             };

@@ -2,6 +2,8 @@
 //! queries with their answers, the transport's inputs, and the transmits
 //! the engine asks for.
 
+use serde::{Deserialize, Serialize};
+
 use super::{Conversation, EngineError, Invitation, KeptRecord, Member, Message};
 use crate::ids::{ConversationId, MessageId, PeerId};
 
@@ -223,13 +225,101 @@ pub enum TransmitOutcome {
     Delivered,
     /// A relay accepted it into its mailbox for the offline peer.
     HeldByRelay,
-    /// Neither the peer nor a relay took it, for now (the peer is offline,
-    /// the relay's mailbox is full, the sender is over the relay's rate).
-    /// It is tried again when the peer is reachable.
-    Failed(String),
-    /// Refused for good (the envelope is larger than the relay accepts):
+    /// Neither the peer nor a relay took it, for now. It is tried again
+    /// when the peer is reachable.
+    Failed(SendFailure),
+    /// A relay refused it for good (it is larger than the relay accepts):
     /// the message fails at once.
-    Rejected(String),
+    Rejected(Refusal),
+}
+
+/// Why a transmit reached neither the peer nor a relay, for now. Shown to
+/// the user as a message's waiting reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendFailure {
+    /// No direct connection to the peer and no relay connected.
+    #[error("no direct connection and no relay connected")]
+    NoPath,
+    /// The direct connection to the peer is full: the peer reads more
+    /// slowly than this node sends.
+    #[error("the peer reads more slowly than this node sends")]
+    PeerSlow,
+    /// No connection to the peer could take it (none is open, or a dial
+    /// failed), in the transport's words.
+    #[error("{0}")]
+    NoConnection(String),
+    /// The connection to the peer closed before the peer acknowledged it.
+    #[error("the connection to the peer closed")]
+    ConnectionClosed,
+    /// The peer refused our connection, being over the limit named.
+    #[error("the peer refused our connection ({0})")]
+    PeerRefused(String),
+    /// The peer did not acknowledge it in time.
+    #[error("no answer from the peer within {seconds} s")]
+    PeerDidNotAnswer {
+        /// How long we waited.
+        seconds: u64,
+    },
+    /// The transport could not send it, in its words.
+    #[error("sending failed: {0}")]
+    Transport(String),
+    /// A relay refused it, for now.
+    #[error("{}", .0.as_str())]
+    Relay(Refusal),
+    /// The relay did not answer in time.
+    #[error("the relay did not answer within {seconds} s")]
+    RelayDidNotAnswer {
+        /// How long we waited.
+        seconds: u64,
+    },
+    /// The connection to the relay closed before it answered.
+    #[error("the relay connection closed")]
+    RelayClosed,
+    /// The relay serving the peer cannot be reached, and why.
+    #[error("cannot reach the peer's relay: {0}")]
+    RelayUnreachable(String),
+    /// The queue to the relay is full.
+    #[error("the queue to the relay is full")]
+    RelayQueueFull,
+}
+
+/// Why a relay refused to forward or hold an envelope. It travels in relay
+/// frames (docs/PROTOCOL.md); the engine sees it in a transmit's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The recipient's mailbox is full (count or bytes). Try again later.
+    Quota,
+    /// The sender is over its rate limit. Try again later.
+    Rate,
+    /// The envelope is larger than the relay accepts. Permanent.
+    TooLarge,
+    /// The recipient is not connected and the envelope may not be held
+    /// (a key exchange message). Try again when it is reachable.
+    RecipientOffline,
+    /// The sender has not registered. Register first.
+    NotRegistered,
+    /// The relay has no valid record of the recipient, so it holds no
+    /// mailbox for it. Try again later (the peer may publish one).
+    UnknownRecipient,
+}
+
+impl Refusal {
+    /// Whether trying again can succeed.
+    pub fn is_permanent(self) -> bool {
+        matches!(self, Self::TooLarge)
+    }
+
+    /// The reason as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quota => "the relay's mailbox for this peer is full",
+            Self::Rate => "sending too fast for the relay's rate limit",
+            Self::TooLarge => "the envelope is larger than the relay accepts",
+            Self::RecipientOffline => "the peer is offline and this message cannot wait in a mailbox",
+            Self::NotRegistered => "not registered with the relay",
+            Self::UnknownRecipient => "the relay does not know this peer",
+        }
+    }
 }
 
 /// Bytes to send to a peer.

@@ -56,9 +56,9 @@ impl<S: Store> Engine<S> {
         if let TransmitOutcome::Rejected(reason) = &outcome {
             self.store.delete_outbox_item(seq)?;
             return match &item.payload {
-                OutboxPayload::Chat(id) => self.fail_message(now, id, reason),
+                OutboxPayload::Chat(id) => self.fail_message(now, id, reason.as_str()),
                 OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
-                    self.recipient_failed(now, message_id, &flight.peer, EngineError::Rejected(reason.clone()))
+                    self.recipient_failed(now, message_id, &flight.peer, EngineError::Rejected(reason.as_str().into()))
                 }
                 _ => Ok(()),
             };
@@ -88,7 +88,7 @@ impl<S: Store> Engine<S> {
                 // recorded for the user.
                 self.advance(now, &message_id, &flight.peer, MessageStatus::Sent)?;
                 let waiting = match &outcome {
-                    TransmitOutcome::Failed(reason) => Some(reason.clone()),
+                    TransmitOutcome::Failed(reason) => Some(reason.to_string()),
                     _ => None,
                 };
                 if let Some(mut message) = self.store.message(&message_id)? {

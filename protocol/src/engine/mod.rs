@@ -55,8 +55,8 @@ mod store;
 use std::collections::{BTreeMap, VecDeque};
 
 pub use api::{
-    Answer, BatchError, Command, CommandOutcome, ConversationSummary, Input, Query, Step, Transmit, TransmitId,
-    TransmitOutcome, MAX_PAGE,
+    Answer, BatchError, Command, CommandOutcome, ConversationSummary, Input, Query, Refusal, SendFailure, Step,
+    Transmit, TransmitId, TransmitOutcome, MAX_PAGE,
 };
 use config::DAY_MS;
 pub use config::{

@@ -43,8 +43,8 @@ use rand_core::CryptoRngCore;
 
 use crate::address::AddressPolicy;
 use crate::engine::{
-    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, KeptRecord, Query, Step, Store,
-    Transmit, TransmitId, TransmitOutcome,
+    Answer, Command, CommandOutcome, Engine, EngineConfig, EngineError, Event, Input, KeptRecord, Query, SendFailure,
+    Step, Store, Transmit, TransmitId, TransmitOutcome,
 };
 use crate::identity::IdentityKeyPair;
 use crate::ids::PeerId;
@@ -255,7 +255,7 @@ pub enum Notice {
         /// The peer.
         peer: PeerId,
         /// Why the direct path failed.
-        reason: String,
+        reason: SendFailure,
     },
     /// A record handed in did not check out.
     RecordRefused {
@@ -629,7 +629,7 @@ impl<S: Store> Node<S> {
                 self.paths.entry(peer, now).dial = Some(Dial { deadline, waiting: vec![transmit] });
                 self.outputs.push_back(NodeOutput::Dial { peer, addr });
             }
-            Route::Relay => self.via_relay(now, transmit, "no direct connection and no relay connected".into()),
+            Route::Relay => self.via_relay(now, transmit, SendFailure::NoPath),
         }
     }
 
@@ -642,7 +642,7 @@ impl<S: Store> Node<S> {
             Admitted::Started(bytes) => self.outputs.push_back(NodeOutput::SendDirect { peer, id, bytes }),
             Admitted::Waiting => {}
             Admitted::Full(transmit) => {
-                self.fall_back(now, transmit, "the peer reads more slowly than this node sends".into());
+                self.fall_back(now, transmit, SendFailure::PeerSlow);
             }
         }
     }
@@ -664,7 +664,7 @@ impl<S: Store> Node<S> {
     /// Through the first connected relay (which forwards it, or holds it in
     /// the peer's mailbox if the transmit allows), or, with none connected,
     /// failed for now with `reason` (the engine tries again later).
-    fn via_relay(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+    fn via_relay(&mut self, now: Timestamp, transmit: Transmit, reason: SendFailure) {
         let peer = transmit.peer;
         if !self.try_next_relay(now, transmit.clone(), Vec::new()) {
             return self.no_path(now, transmit, reason);
@@ -747,7 +747,7 @@ impl<S: Store> Node<S> {
     /// key: a node offline for a day would move its sending chains
     /// thousands of keys ahead, past what a receiver may skip. Anything
     /// else fails back to the engine, which retries later.
-    fn no_path(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+    fn no_path(&mut self, now: Timestamp, transmit: Transmit, reason: SendFailure) {
         let cut_off = !self.config.relays.is_empty() && !self.relays.iter().any(|l| !l.visiting && l.is_up());
         if cut_off {
             self.hold_for_a_path(now, transmit, reason);
@@ -760,7 +760,7 @@ impl<S: Store> Node<S> {
     /// Holds a transmit that may wait in a mailbox until a path may take
     /// it (see [`Node::no_path`]); one that may not, or does not fit, fails
     /// back to the engine.
-    fn hold_for_a_path(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+    fn hold_for_a_path(&mut self, now: Timestamp, transmit: Transmit, reason: SendFailure) {
         let fits = self.held_for_a_path.len() < MAX_HELD_FOR_A_PATH
             && self.held_bytes.saturating_add(transmit.bytes.len()) <= MAX_HELD_FOR_A_PATH_BYTES;
         if transmit.mailbox_allowed && fits {
@@ -814,7 +814,7 @@ impl<S: Store> Node<S> {
 
     /// A direct send failed: the relay path takes it at once, so a peer that
     /// went away gets it from its mailbox.
-    fn fall_back(&mut self, now: Timestamp, transmit: Transmit, reason: String) {
+    fn fall_back(&mut self, now: Timestamp, transmit: Transmit, reason: SendFailure) {
         if self.relays.iter().any(RelayLink::is_up) {
             let peer = transmit.peer;
             self.outputs.push_back(NodeOutput::Notice(Notice::DirectFellBack { peer, reason: reason.clone() }));
@@ -865,7 +865,7 @@ impl<S: Store> Node<S> {
         path.last_failure = Some(reason.clone());
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
-            self.fall_back(now, transmit, reason.clone());
+            self.fall_back(now, transmit, SendFailure::NoConnection(reason.clone()));
         }
     }
 
@@ -1051,7 +1051,7 @@ impl<S: Store> Node<S> {
         for (transmit, mut tried) in waiting {
             tried.push(relay_peer);
             if !self.try_next_relay(now, transmit.clone(), tried) {
-                self.no_path(now, transmit, format!("cannot reach the peer's relay: {reason}"));
+                self.no_path(now, transmit, SendFailure::RelayUnreachable(reason.clone()));
             }
         }
     }
@@ -1097,16 +1097,16 @@ impl<S: Store> Node<S> {
             // A congested queue is no reason to seal the message again: the
             // same bytes go through another relay, or wait for a path.
             RelayFrame::Forward { id, .. } => {
-                if link.client.withdraw(&frame, "").is_none() {
+                if link.client.withdraw(&frame, SendFailure::RelayQueueFull).is_none() {
                     return;
                 }
                 let Some((transmit, tried)) = self.relay_in_flight.remove(&TransmitId(id)) else { return };
                 if !self.try_next_relay(now, transmit.clone(), tried) {
-                    self.hold_for_a_path(now, transmit, "the queue to the relay is full".into());
+                    self.hold_for_a_path(now, transmit, SendFailure::RelayQueueFull);
                 }
             }
             RelayFrame::Lookup { .. } => {
-                if let Some(input) = link.client.withdraw(&frame, "the queue to the relay is full") {
+                if let Some(input) = link.client.withdraw(&frame, SendFailure::RelayQueueFull) {
                     self.relay_gave_back(now, vec![input]);
                 }
             }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::frame::{PublishRefusal, RelayFrame};
 use super::record::PeerRecord;
-use crate::engine::{Input, Transmit, TransmitId, TransmitOutcome};
+use crate::engine::{Input, SendFailure, Transmit, TransmitId, TransmitOutcome};
 use crate::ids::PeerId;
 use crate::time::Timestamp;
 use crate::wire::WireError;
@@ -154,7 +154,7 @@ impl RelayClient {
         let overdue = |asked: &Timestamp| now.millis_since(*asked) >= RELAY_ANSWER_TIMEOUT_MS;
         let forwards: Vec<u64> = self.pending.iter().filter(|(_, t)| overdue(t)).map(|(id, _)| *id).collect();
         let lookups: Vec<PeerId> = self.lookups.iter().filter(|(_, t)| overdue(t)).map(|(p, _)| *p).collect();
-        let reason = format!("the relay did not answer within {} s", RELAY_ANSWER_TIMEOUT_MS / 1000);
+        let reason = SendFailure::RelayDidNotAnswer { seconds: RELAY_ANSWER_TIMEOUT_MS / 1000 };
         let mut inputs = Vec::new();
         for id in forwards {
             self.pending.remove(&id);
@@ -172,12 +172,12 @@ impl RelayClient {
     /// could not queue it): forgotten, and what the engine must hear about
     /// it returned: a forward failed with `reason`, a lookup found nothing.
     /// `None` for a frame that asked nothing, or whose answer came already.
-    pub fn withdraw(&mut self, frame: &RelayFrame, reason: &str) -> Option<Input> {
+    pub fn withdraw(&mut self, frame: &RelayFrame, reason: SendFailure) -> Option<Input> {
         match frame {
-            RelayFrame::Forward { id, .. } => self.pending.remove(id).map(|_| Input::TransmitResult {
-                id: TransmitId(*id),
-                outcome: TransmitOutcome::Failed(reason.to_owned()),
-            }),
+            RelayFrame::Forward { id, .. } => self
+                .pending
+                .remove(id)
+                .map(|_| Input::TransmitResult { id: TransmitId(*id), outcome: TransmitOutcome::Failed(reason) }),
             RelayFrame::Lookup { peer } => self.lookups.remove(peer).map(|_| Input::LookupFailed(*peer)),
             _ => None,
         }
@@ -190,7 +190,7 @@ impl RelayClient {
         self.registering = None;
         let forwards = core::mem::take(&mut self.pending).into_keys().map(|id| Input::TransmitResult {
             id: TransmitId(id),
-            outcome: TransmitOutcome::Failed("the relay connection closed".into()),
+            outcome: TransmitOutcome::Failed(SendFailure::RelayClosed),
         });
         let lookups = core::mem::take(&mut self.lookups).into_keys().map(Input::LookupFailed);
         forwards.chain(lookups).collect()
@@ -217,9 +217,9 @@ impl RelayClient {
             RelayFrame::Forwarded { id } => result(id, TransmitOutcome::Delivered),
             RelayFrame::Held { id } => result(id, TransmitOutcome::HeldByRelay),
             RelayFrame::Refused { id, reason } if reason.is_permanent() => {
-                result(id, TransmitOutcome::Rejected(reason.as_str().to_owned()))
+                result(id, TransmitOutcome::Rejected(reason))
             }
-            RelayFrame::Refused { id, reason } => result(id, TransmitOutcome::Failed(reason.as_str().to_owned())),
+            RelayFrame::Refused { id, reason } => result(id, TransmitOutcome::Failed(SendFailure::Relay(reason))),
             RelayFrame::Deliver { from, mailbox_id, envelope } => {
                 let mut actions = vec![ClientAction::ToEngine(Input::Received { from, bytes: envelope })];
                 if let Some(id) = mailbox_id {

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::record::PeerRecord;
+pub use crate::engine::Refusal;
 use crate::ids::PeerId;
 use crate::wire::{decode_exact, encode_postcard, WireError, MAX_ENVELOPE_LEN, PROTOCOL_VERSION};
 
@@ -12,44 +13,6 @@ const RELAY_FRAME_KINDS: u32 = 15;
 
 /// The largest frame: an envelope of [`MAX_ENVELOPE_LEN`] plus headers.
 pub const MAX_FRAME_LEN: usize = MAX_ENVELOPE_LEN + 1024;
-
-/// Why the relay refused to forward or hold an envelope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Refusal {
-    /// The recipient's mailbox is full (count or bytes). Try again later.
-    Quota,
-    /// The sender is over its rate limit. Try again later.
-    Rate,
-    /// The envelope is larger than the relay accepts. Permanent.
-    TooLarge,
-    /// The recipient is not connected and the envelope may not be held
-    /// (a key exchange message). Try again when it is reachable.
-    RecipientOffline,
-    /// The sender has not registered. Register first.
-    NotRegistered,
-    /// The relay has no valid record of the recipient, so it holds no
-    /// mailbox for it. Try again later (the peer may publish one).
-    UnknownRecipient,
-}
-
-impl Refusal {
-    /// Whether trying again can succeed.
-    pub fn is_permanent(self) -> bool {
-        matches!(self, Self::TooLarge)
-    }
-
-    /// The reason as shown to users.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Quota => "the relay's mailbox for this peer is full",
-            Self::Rate => "sending too fast for the relay's rate limit",
-            Self::TooLarge => "the envelope is larger than the relay accepts",
-            Self::RecipientOffline => "the peer is offline and this message cannot wait in a mailbox",
-            Self::NotRegistered => "not registered with the relay",
-            Self::UnknownRecipient => "the relay does not know this peer",
-        }
-    }
-}
 
 /// Why the relay did not store a published record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

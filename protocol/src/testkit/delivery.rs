@@ -3,7 +3,7 @@
 
 use super::net::contents;
 use super::{Net, TestStore};
-use crate::engine::{Command, EngineError, Input, MessageStatus, Transmit, TransmitOutcome};
+use crate::engine::{Command, EngineError, Input, MessageStatus, SendFailure, Transmit, TransmitOutcome};
 use crate::MessageId;
 
 /// Scenario: messages to an offline peer are sent then delivered in order exactly once.
@@ -128,7 +128,10 @@ pub fn a_failed_commit_of_a_transmit_result_strands_nothing<S: TestStore>(make: 
     let t = net.nodes[0].engine.poll_transmit().unwrap();
     while net.nodes[0].engine.poll_transmit().is_some() {}
     while net.nodes[0].engine.poll_event().is_some() {}
-    let result = Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Failed("offline".into()) };
+    let result = Input::TransmitResult {
+        id: t.id,
+        outcome: TransmitOutcome::Failed(SendFailure::NoConnection("offline".into())),
+    };
     net.nodes[0].engine.store_mut().fail_next_commits(1);
     assert!(net.nodes[0].engine.handle(net.now, result.clone()).is_err());
     net.nodes[0].engine.handle(net.now, result).unwrap();

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use super::{rng, LossRule, TestStore, NOW};
 use crate::engine::{
     Answer, Command, CommandOutcome, Conversation, Engine, EngineConfig, EngineError, Event, Input, Message, Query,
-    Store, TransmitOutcome,
+    SendFailure, Store, TransmitOutcome,
 };
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -162,7 +162,7 @@ impl<S: TestStore> Net<S> {
                     // A peer outside the network (an invented member) is
                     // never reached.
                     let Some(to) = self.nodes.iter().position(|n| n.engine.peer_id() == t.peer) else {
-                        let outcome = TransmitOutcome::Failed("no such peer".into());
+                        let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no such peer".into()));
                         work.push_back((i, Input::TransmitResult { id: t.id, outcome }));
                         continue;
                     };
@@ -177,7 +177,10 @@ impl<S: TestStore> Net<S> {
                     } else {
                         work.push_back((
                             i,
-                            Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Failed("peer offline".into()) },
+                            Input::TransmitResult {
+                                id: t.id,
+                                outcome: TransmitOutcome::Failed(SendFailure::NoConnection("peer offline".into())),
+                            },
                         ));
                     }
                 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use p2pchat_protocol::engine::{TransmitId, TransmitOutcome};
+use p2pchat_protocol::engine::{SendFailure, TransmitId, TransmitOutcome};
 use p2pchat_protocol::node::NodeInput;
 use p2pchat_protocol::PeerId;
 
@@ -155,7 +155,7 @@ impl DirectPeers {
     /// acknowledged the whole time is closed.
     pub(super) fn send(self: &Arc<Self>, inputs: &Inputs, peer: PeerId, id: TransmitId, bytes: Vec<u8>) {
         let Some(conn) = self.open_connection(&peer) else {
-            let outcome = TransmitOutcome::Failed("no open connection to the peer".into());
+            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no open connection to the peer".into()));
             return inputs.control(NodeInput::DirectSent { id, outcome });
         };
         let inputs = inputs.clone();
@@ -166,14 +166,14 @@ impl DirectPeers {
                 // A closed connection is forgotten by its reader; a refused
                 // frame leaves the connection as good as it was.
                 Some(Err(e)) => match conn.refusal() {
-                    Some(limit) => TransmitOutcome::Failed(format!("the peer refused our connection ({limit})")),
-                    None => TransmitOutcome::Failed(format!("sending failed: {e}")),
+                    Some(limit) => TransmitOutcome::Failed(SendFailure::PeerRefused(limit.to_string())),
+                    None => TransmitOutcome::Failed(SendFailure::Transport(e.to_string())),
                 },
                 None => {
                     if !conn.acknowledged_since(started) {
                         conn.close();
                     }
-                    TransmitOutcome::Failed(format!("no answer from the peer within {} s", SEND_TIMEOUT.as_secs()))
+                    TransmitOutcome::Failed(SendFailure::PeerDidNotAnswer { seconds: SEND_TIMEOUT.as_secs() })
                 }
             };
             inputs.control(NodeInput::DirectSent { id, outcome });
