@@ -1,7 +1,7 @@
 //! The one error shape of the API: `{"error": {"code": "...", "message": "..."}}`
 //! with the HTTP status that goes with it.
 
-use p2pchat_protocol::engine::EngineError;
+use p2pchat_protocol::engine::{EngineError, RequestError};
 use serde::Serialize;
 
 use crate::node::NodeCallError;
@@ -87,27 +87,76 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         let (status, code) = match &e {
-            EngineError::UnknownConversation(_) | EngineError::UnknownMessage(_) => (404, "not_found"),
-            // A 1:1 conversation's ID on a group route names no group.
-            EngineError::NotAGroup(_) => (404, "not_found"),
-            EngineError::NoInvitation(_) => (404, "not_found"),
-            EngineError::EmptyContent => (400, "empty_content"),
-            EngineError::ContentTooLarge { .. } => (400, "content_too_large"),
-            EngineError::NotOneOnOne(_) => (400, "not_one_on_one"),
-            EngineError::SelfConversation(_) => (400, "self_conversation"),
-            EngineError::EmptyGroupName => (400, "empty_group_name"),
-            EngineError::GroupNameTooLong { .. } => (400, "group_name_too_long"),
-            EngineError::TooFewMembers { .. } => (400, "too_few_members"),
-            EngineError::TooManyMembers { .. } => (400, "too_many_members"),
-            EngineError::NotAdmin { .. } => (403, "not_admin"),
-            EngineError::AlreadyMember(_) => (409, "already_member"),
-            EngineError::NoOtherMembers(_) => (409, "no_other_members"),
-            EngineError::LeftGroup(_) => (409, "left_group"),
-            EngineError::NotRetryable { .. } => (409, "not_retryable"),
-            EngineError::OutboxFull { .. } => (429, "outbox_full"),
-            EngineError::Rejected(_) => (422, "rejected"),
-            EngineError::Store(_) | EngineError::State(_) | EngineError::Group(_) => (500, "internal"),
+            EngineError::Request(request) => match request {
+                RequestError::UnknownConversation(_) | RequestError::UnknownMessage(_) => (404, "not_found"),
+                // A 1:1 conversation's ID on a group route names no group.
+                RequestError::NotAGroup(_) => (404, "not_found"),
+                RequestError::NoInvitation(_) => (404, "not_found"),
+                RequestError::EmptyContent => (400, "empty_content"),
+                RequestError::ContentTooLarge { .. } => (400, "content_too_large"),
+                RequestError::NotOneOnOne(_) => (400, "not_one_on_one"),
+                RequestError::SelfConversation(_) => (400, "self_conversation"),
+                RequestError::EmptyGroupName => (400, "empty_group_name"),
+                RequestError::GroupNameTooLong { .. } => (400, "group_name_too_long"),
+                RequestError::TooFewMembers { .. } => (400, "too_few_members"),
+                RequestError::TooManyMembers { .. } => (400, "too_many_members"),
+                RequestError::NotAdmin { .. } => (403, "not_admin"),
+                RequestError::AlreadyMember(_) => (409, "already_member"),
+                RequestError::NoOtherMembers(_) => (409, "no_other_members"),
+                RequestError::LeftGroup(_) => (409, "left_group"),
+                RequestError::NotRetryable { .. } => (409, "not_retryable"),
+                RequestError::OutboxFull { .. } => (429, "outbox_full"),
+            },
+            EngineError::Internal(_) => (500, "internal"),
         };
         Self::new(status, code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use p2pchat_protocol::engine::{InternalError, StoreError};
+    use p2pchat_protocol::{ConversationId, MessageId, PeerId, Uuid};
+
+    use super::*;
+
+    /// Every error the engine can give, with the status and code the API has
+    /// always answered it with, and its message (the engine's own words).
+    #[test]
+    fn each_engine_error_keeps_its_status_code_and_message() {
+        let c = ConversationId(Uuid([1; 16]));
+        let m = MessageId(Uuid([2; 16]));
+        let p = PeerId([3; 20]);
+        let request = [
+            (RequestError::UnknownConversation(c), 404, "not_found"),
+            (RequestError::UnknownMessage(m), 404, "not_found"),
+            (RequestError::NotAGroup(c), 404, "not_found"),
+            (RequestError::NoInvitation(c), 404, "not_found"),
+            (RequestError::EmptyContent, 400, "empty_content"),
+            (RequestError::ContentTooLarge { len: 2, max: 1 }, 400, "content_too_large"),
+            (RequestError::NotOneOnOne(c), 400, "not_one_on_one"),
+            (RequestError::SelfConversation(p), 400, "self_conversation"),
+            (RequestError::EmptyGroupName, 400, "empty_group_name"),
+            (RequestError::GroupNameTooLong { len: 2, max: 1 }, 400, "group_name_too_long"),
+            (RequestError::TooFewMembers { min: 2, got: 1 }, 400, "too_few_members"),
+            (RequestError::TooManyMembers { max: 1 }, 400, "too_many_members"),
+            (RequestError::NotAdmin { admin: p }, 403, "not_admin"),
+            (RequestError::AlreadyMember(p), 409, "already_member"),
+            (RequestError::NoOtherMembers(c), 409, "no_other_members"),
+            (RequestError::LeftGroup(c), 409, "left_group"),
+            (RequestError::NotRetryable { id: m, status: "delivered" }, 409, "not_retryable"),
+            (RequestError::OutboxFull { peer: p, max: 1 }, 429, "outbox_full"),
+        ];
+        for (error, status, code) in request {
+            let message = error.to_string();
+            let api = ApiError::from(EngineError::from(error));
+            assert_eq!((api.status, api.code, api.message), (status, code, message));
+        }
+        let internal = EngineError::from(StoreError::Unavailable("disk full".into()));
+        assert!(matches!(internal, EngineError::Internal(InternalError::Store(_))));
+        let api = ApiError::from(internal);
+        assert_eq!((api.status, api.code, api.message.as_str()), (500, "internal", "storage unavailable: disk full"));
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use p2pchat::node::{Node, NodeConfig};
-use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event};
+use p2pchat_protocol::engine::{Command, CommandOutcome, EngineConfig, Event, RequestError};
 use p2pchat_storage_sqlite::Durability;
 
 struct TempDir(PathBuf);
@@ -555,7 +555,9 @@ fn concurrent_commands_each_get_their_own_answer_and_a_bad_one_spoils_none() {
     for (text, answer) in texts.iter().zip(answers) {
         match answer {
             Ok(CommandOutcome::Message(m)) => assert_eq!(&m.content, text),
-            Err(p2pchat::node::NodeError::Engine(p2pchat_protocol::engine::EngineError::EmptyContent)) => {
+            Err(p2pchat::node::NodeError::Engine(p2pchat_protocol::engine::EngineError::Request(
+                RequestError::EmptyContent,
+            ))) => {
                 assert!(text.is_empty())
             }
             other => panic!("{text:?}: {other:?}"),

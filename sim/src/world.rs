@@ -1309,7 +1309,7 @@ impl World {
         self.trace(Step::Command { node: i, what, result: shown });
         match reply {
             Ok(outcome) => Some(outcome),
-            Err(p2pchat_protocol::engine::EngineError::Store(e)) => {
+            Err(p2pchat_protocol::engine::EngineError::Internal(p2pchat_protocol::engine::InternalError::Store(e))) => {
                 self.fail(format!("n{i}'s store failed: {e}"));
                 None
             }

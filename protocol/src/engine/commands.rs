@@ -2,6 +2,7 @@
 //! deleting and retrying, and the reads the API lists. Group commands are in
 //! `groups`.
 
+use super::RequestError;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
@@ -56,9 +57,9 @@ impl<S: Store> Engine<S> {
                 Ok(CommandOutcome::Done)
             }
             Command::RetryMessage { message } => {
-                let old = self.store.message(&message)?.ok_or(EngineError::UnknownMessage(message))?;
+                let old = self.store.message(&message)?.ok_or(RequestError::UnknownMessage(message))?;
                 if old.status != MessageStatus::Failed || !old.is_outgoing(&self.peer_id()) {
-                    return Err(EngineError::NotRetryable { id: message, status: old.status.as_str() });
+                    return Err(RequestError::NotRetryable { id: message, status: old.status.as_str() }.into());
                 }
                 // The copy goes the way its conversation's messages go.
                 let retried = match self.conversation(&old.conversation_id)?.kind {
@@ -90,7 +91,7 @@ impl<S: Store> Engine<S> {
             }
             Command::InitiateKeyExchange { peer } => {
                 if peer == self.peer_id() {
-                    return Err(EngineError::SelfConversation(peer));
+                    return Err(RequestError::SelfConversation(peer).into());
                 }
                 if self.store.key_exchange(&peer)?.is_none() {
                     self.start_key_exchange(now, peer, 1)?;
@@ -125,7 +126,7 @@ impl<S: Store> Engine<S> {
                     // message) is a client's mistake, not an empty page.
                     match self.store.message(before)? {
                         Some(m) if m.conversation_id == conversation => {}
-                        _ => return Err(EngineError::UnknownMessage(*before)),
+                        _ => return Err(EngineError::Request(RequestError::UnknownMessage(*before))),
                     }
                 }
                 let limit = limit.clamp(1, MAX_PAGE);
@@ -135,11 +136,11 @@ impl<S: Store> Engine<S> {
                 messages.truncate(limit);
                 Answer::Messages { messages, more }
             }
-            Query::Message(id) => Answer::Message(self.store.message(&id)?.ok_or(EngineError::UnknownMessage(id))?),
+            Query::Message(id) => Answer::Message(self.store.message(&id)?.ok_or(RequestError::UnknownMessage(id))?),
             Query::Members(id) => {
                 let conversation = self.conversation(&id)?;
                 if !matches!(conversation.kind, ConversationKind::Group { .. }) {
-                    return Err(EngineError::NotAGroup(id));
+                    return Err(RequestError::NotAGroup(id).into());
                 }
                 Answer::Members(self.store.members(&id)?)
             }
@@ -151,19 +152,19 @@ impl<S: Store> Engine<S> {
     }
 
     pub(super) fn conversation(&self, id: &ConversationId) -> Result<Conversation, EngineError> {
-        self.store.conversation(id)?.ok_or(EngineError::UnknownConversation(*id))
+        self.store.conversation(id)?.ok_or(EngineError::Request(RequestError::UnknownConversation(*id)))
     }
 
     pub(super) fn create_conversation(&mut self, now: Timestamp, peer: PeerId) -> Result<Conversation, EngineError> {
         if peer == self.peer_id() {
-            return Err(EngineError::SelfConversation(peer));
+            return Err(RequestError::SelfConversation(peer).into());
         }
         let id = ConversationId::for_peers(&self.peer_id(), &peer);
         if let Some(existing) = self.store.conversation(&id)? {
             // Group IDs are version 4 UUIDs and 1:1 IDs version 8, so this
             // holds; a store that says otherwise is corrupt.
             if existing.kind != (ConversationKind::OneOnOne { peer }) {
-                return Err(EngineError::NotOneOnOne(id));
+                return Err(RequestError::NotOneOnOne(id).into());
             }
             return Ok(existing);
         }
@@ -186,7 +187,7 @@ impl<S: Store> Engine<S> {
         check_content(&content)?;
         let conversation = self.conversation(&id)?;
         let ConversationKind::OneOnOne { peer } = conversation.kind else {
-            return Err(EngineError::NotOneOnOne(id));
+            return Err(RequestError::NotOneOnOne(id).into());
         };
         let message_id = MessageId::random(&mut self.rng);
         let message = self.record_outgoing(now, conversation, message_id, content, &[peer], None)?;
@@ -200,7 +201,7 @@ impl<S: Store> Engine<S> {
         let mut by_sender: BTreeMap<PeerId, Vec<MessageId>> = BTreeMap::new();
         let mut touched: BTreeMap<ConversationId, u32> = BTreeMap::new();
         for id in ids {
-            let mut message = self.store.message(id)?.ok_or(EngineError::UnknownMessage(*id))?;
+            let mut message = self.store.message(id)?.ok_or(RequestError::UnknownMessage(*id))?;
             if message.is_outgoing(&me) || message.read_at.is_some() {
                 continue;
             }
@@ -239,10 +240,10 @@ impl<S: Store> Engine<S> {
 /// Refuses empty content and content over [`MAX_CONTENT_LEN`].
 pub(super) fn check_content(content: &str) -> Result<(), EngineError> {
     if content.is_empty() {
-        return Err(EngineError::EmptyContent);
+        return Err(RequestError::EmptyContent.into());
     }
     if content.len() > MAX_CONTENT_LEN {
-        return Err(EngineError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN });
+        return Err(RequestError::ContentTooLarge { len: content.len(), max: MAX_CONTENT_LEN }.into());
     }
     Ok(())
 }

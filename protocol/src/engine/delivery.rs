@@ -2,6 +2,7 @@
 //! held by a relay, tried again later, failed), and the message statuses
 //! that follow, per recipient and overall.
 
+use super::RequestError;
 use std::collections::BTreeSet;
 
 use super::outbox::is_tracked;
@@ -58,7 +59,8 @@ impl<S: Store> Engine<S> {
             return match &item.payload {
                 OutboxPayload::Chat(id) => self.fail_message(now, id, reason.as_str()),
                 OutboxPayload::Group { message_id } | OutboxPayload::GroupCopy { message_id } => {
-                    self.recipient_failed(now, message_id, &flight.peer, EngineError::Rejected(reason.as_str().into()))
+                    let why = format!("refused by the relay: {}", reason.as_str());
+                    self.recipient_lost(now, message_id, &flight.peer, &why)
                 }
                 _ => Ok(()),
             };
@@ -208,10 +210,22 @@ impl<S: Store> Engine<S> {
         recipient: &PeerId,
         error: EngineError,
     ) -> Result<(), EngineError> {
-        if !matches!(error, EngineError::OutboxFull { .. } | EngineError::Rejected(_)) {
+        if !matches!(error, EngineError::Request(RequestError::OutboxFull { .. })) {
             return Err(error);
         }
-        let reason = format!("not sent to {recipient}: {error}");
+        self.recipient_lost(now, id, recipient, &error)
+    }
+
+    /// Records that a group message will not reach `recipient`, and why,
+    /// and settles its status without it.
+    fn recipient_lost(
+        &mut self,
+        now: Timestamp,
+        id: &MessageId,
+        recipient: &PeerId,
+        why: &dyn core::fmt::Display,
+    ) -> Result<(), EngineError> {
+        let reason = format!("not sent to {recipient}: {why}");
         if let Some(mut message) = self.store.message(id)? {
             message.failure_reason = Some(reason.clone());
             self.store.put_message(&message)?;

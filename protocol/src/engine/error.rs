@@ -1,4 +1,6 @@
-//! Why a command or input failed.
+//! Why a command or input failed: the caller's mistakes, each saying what
+//! to change, apart from failures inside the node (the store, corrupt
+//! state), which the caller can only report.
 
 use super::StoreError;
 use crate::group::GroupError;
@@ -8,12 +10,49 @@ use crate::state::StateError;
 /// Why a command or input failed. State is as it was before it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    /// The store failed; nothing was changed or sent.
+    /// The request cannot be done as asked; the error says what to change.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Something inside the node failed; nothing was changed or sent.
+    #[error(transparent)]
+    Internal(#[from] InternalError),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(InternalError::Store(e))
+    }
+}
+
+impl From<StateError> for EngineError {
+    fn from(e: StateError) -> Self {
+        Self::Internal(InternalError::State(e))
+    }
+}
+
+impl From<GroupError> for EngineError {
+    fn from(e: GroupError) -> Self {
+        Self::Internal(InternalError::Group(e))
+    }
+}
+
+/// A failure inside the node: not the caller's doing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InternalError {
+    /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Stored cryptographic state does not restore.
     #[error("stored state is unusable: {0}")]
     State(#[from] StateError),
+    /// The group's key state is unusable.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+}
+
+/// A request that cannot be done as asked. Each says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
     /// No such conversation.
     #[error("no conversation {0}")]
     UnknownConversation(ConversationId),
@@ -91,12 +130,6 @@ pub enum EngineError {
     /// No invitation to the group waits for an answer.
     #[error("no invitation to group {0} is waiting for an answer (it was answered, declined or expired)")]
     NoInvitation(ConversationId),
-    /// The group's key state is unusable.
-    #[error(transparent)]
-    Group(#[from] GroupError),
-    /// The relay refused the envelope for good.
-    #[error("refused by the relay: {0}")]
-    Rejected(String),
     /// Only failed outgoing messages can be retried.
     #[error("message {id} is {status} and cannot be retried; only failed outgoing messages can")]
     NotRetryable {

@@ -64,7 +64,7 @@ pub use config::{
     MAX_HELD_BYTES, MAX_HELD_BYTES_PER_SENDER, MAX_HELD_PER_SENDER, MAX_IDS_PER_PAYLOAD, MAX_INVITATIONS,
     MAX_INVITATIONS_PER_ADMIN, MAX_KEPT_RECORDS, MAX_KEPT_RECORD_BYTES, MAX_QUIET_PEERS, MIN_GROUP_OTHERS,
 };
-pub use error::EngineError;
+pub use error::{EngineError, InternalError, RequestError};
 pub use events::Event;
 use key_exchange::REKEY_INTERVAL_MS;
 pub use memory::MemoryStore;

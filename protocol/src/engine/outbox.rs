@@ -3,6 +3,7 @@
 //! transport as transmits.
 
 use super::delivery::UNSENT_COPY_REUSE_MS;
+use super::RequestError;
 use super::{
     AttemptState, Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, SealedCopy, Store, Transmit,
     TransmitId, MAX_IDS_PER_PAYLOAD,
@@ -35,7 +36,7 @@ impl<S: Store> Engine<S> {
             return Ok(());
         }
         if self.store.outbox_len(&peer)? >= self.config.max_outbox_per_peer {
-            return Err(EngineError::OutboxFull { peer, max: self.config.max_outbox_per_peer });
+            return Err(RequestError::OutboxFull { peer, max: self.config.max_outbox_per_peer }.into());
         }
         self.enqueue_unbounded(now, peer, payload)
     }

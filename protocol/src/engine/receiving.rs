@@ -2,6 +2,7 @@
 //! pairwise payload in it (chat, receipts, acknowledgements, group control,
 //! sender keys) handed to the code that owns it.
 
+use super::RequestError;
 use std::collections::BTreeSet;
 
 use super::outbox::is_tracked;
@@ -26,7 +27,7 @@ impl<S: Store> Engine<S> {
         match self.receive_envelope(now, from, bytes) {
             // What this peer's input wanted queued back to it does not fit:
             // it is dropped (the peer retransmits), the rest stands.
-            Err(EngineError::OutboxFull { peer, .. }) => {
+            Err(EngineError::Request(RequestError::OutboxFull { peer, .. })) => {
                 self.reject(peer, "outbox for this peer is full; its input was only partly answered");
                 Ok(())
             }

@@ -2,6 +2,7 @@
 //! attempts, the daily sweep), and the sweep itself (expired messages,
 //! quiet sessions, old held messages, invitations and kept records).
 
+use super::InternalError;
 use std::collections::BTreeSet;
 
 use super::{
@@ -26,7 +27,7 @@ impl<S: Store> Engine<S> {
             match self.pump_now(now, peer) {
                 // One unreadable sessions row parks that peer's items (its
                 // deadline must not stay in the past) and spares the others.
-                Err(EngineError::State(e)) => {
+                Err(EngineError::Internal(InternalError::State(e))) => {
                     for mut item in self.store.outbox_waiting_for(&peer)? {
                         item.next_attempt_at = None;
                         self.store.put_outbox_item(&item)?;

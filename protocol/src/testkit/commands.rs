@@ -3,7 +3,7 @@
 
 use super::net::{contents, group};
 use super::{Net, TestStore};
-use crate::engine::{Command, CommandOutcome, EngineError, Event, Input, MessageStatus, Step, Transmit};
+use crate::engine::{Command, CommandOutcome, EngineError, Event, Input, MessageStatus, RequestError, Step, Transmit};
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, PeerId};
 
@@ -14,23 +14,26 @@ pub fn bad_commands_get_clear_errors<S: TestStore>(make: fn() -> S) {
     let me = net.id(0);
     assert_eq!(
         net.command(0, Command::SendMessage { conversation: c.id, content: String::new() }),
-        Err(EngineError::EmptyContent)
+        Err(EngineError::Request(RequestError::EmptyContent))
     );
     let big = "x".repeat(64 * 1024 + 1);
     assert_eq!(
         net.command(0, Command::SendMessage { conversation: c.id, content: big }),
-        Err(EngineError::ContentTooLarge { len: 64 * 1024 + 1, max: 64 * 1024 })
+        Err(EngineError::Request(RequestError::ContentTooLarge { len: 64 * 1024 + 1, max: 64 * 1024 }))
     );
     let nowhere = ConversationId::for_peers(&me, &PeerId([9; 20]));
     assert_eq!(
         net.command(0, Command::SendMessage { conversation: nowhere, content: "x".into() }),
-        Err(EngineError::UnknownConversation(nowhere))
+        Err(EngineError::Request(RequestError::UnknownConversation(nowhere)))
     );
-    assert_eq!(net.command(0, Command::CreateConversation { peer: me }), Err(EngineError::SelfConversation(me)));
+    assert_eq!(
+        net.command(0, Command::CreateConversation { peer: me }),
+        Err(EngineError::Request(RequestError::SelfConversation(me)))
+    );
     let m = net.send(0, c.id, "fine");
     assert_eq!(
         net.command(0, Command::RetryMessage { message: m.id }),
-        Err(EngineError::NotRetryable { id: m.id, status: "delivered" })
+        Err(EngineError::Request(RequestError::NotRetryable { id: m.id, status: "delivered" }))
     );
 }
 
@@ -112,7 +115,11 @@ pub fn commands_in_a_batch_commit_together_or_not_at_all<S: TestStore>(make: fn(
     let send = |text: &str| Step::Command(Command::SendMessage { conversation: c.id, content: text.into() });
     let bad = vec![send("a"), send(""), send("b")];
     let failed = net.nodes[0].engine.handle_batch(net.now, bad).unwrap_err();
-    assert_eq!((failed.step, failed.error), (Some(1), EngineError::EmptyContent), "the failing step is named");
+    assert_eq!(
+        (failed.step, failed.error),
+        (Some(1), EngineError::Request(RequestError::EmptyContent)),
+        "the failing step is named"
+    );
     assert!(net.nodes[0].engine.poll_transmit().is_none(), "a failed batch sends nothing");
     assert!(net.nodes[0].engine.poll_event().is_none(), "a failed batch reports nothing");
     assert_eq!(contents(&mut net, 0, &c.id), vec!["warm"], "nothing of a failed batch stays");
@@ -172,11 +179,17 @@ pub fn queries_page_newest_first_and_refuse_unknown_ids<S: TestStore>(make: fn()
         other => panic!("{other:?}"),
     }
     let nowhere = ConversationId(crate::ids::Uuid([9; 16]));
-    assert_eq!(net.nodes[1].engine.query(Query::Conversation(nowhere)), Err(EngineError::UnknownConversation(nowhere)));
-    assert_eq!(net.nodes[1].engine.query(Query::Members(c.id)), Err(EngineError::NotAGroup(c.id)));
+    assert_eq!(
+        net.nodes[1].engine.query(Query::Conversation(nowhere)),
+        Err(EngineError::Request(RequestError::UnknownConversation(nowhere)))
+    );
+    assert_eq!(
+        net.nodes[1].engine.query(Query::Members(c.id)),
+        Err(EngineError::Request(RequestError::NotAGroup(c.id)))
+    );
     // A cursor from another conversation is refused, not an empty page.
     let other = net.send(0, c.id, "x");
     let foreign = net.nodes[2].engine.query(Query::Messages { conversation: g.id, before: Some(other.id), limit: 5 });
-    assert_eq!(foreign, Err(EngineError::UnknownMessage(other.id)));
+    assert_eq!(foreign, Err(EngineError::Request(RequestError::UnknownMessage(other.id))));
     assert!(net.nodes[1].engine.poll_transmit().is_none() && net.nodes[1].engine.poll_event().is_none());
 }

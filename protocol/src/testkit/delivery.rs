@@ -3,7 +3,9 @@
 
 use super::net::contents;
 use super::{Net, TestStore};
-use crate::engine::{Command, EngineError, Input, MessageStatus, SendFailure, Transmit, TransmitOutcome};
+use crate::engine::{
+    Command, EngineError, Input, InternalError, MessageStatus, SendFailure, Transmit, TransmitOutcome,
+};
 use crate::MessageId;
 
 /// Scenario: messages to an offline peer are sent then delivered in order exactly once.
@@ -89,7 +91,7 @@ pub fn a_failed_commit_releases_nothing_and_loses_nothing<S: TestStore>(make: fn
         .engine
         .command(net.now, Command::SendMessage { conversation: c.id, content: "lost?".into() })
         .unwrap_err();
-    assert!(matches!(err, EngineError::Store(_)));
+    assert!(matches!(err, EngineError::Internal(InternalError::Store(_))));
     assert!(net.nodes[0].engine.poll_transmit().is_none(), "no bytes leave before a commit");
     assert!(net.nodes[0].engine.poll_event().is_none());
     assert_eq!(net.nodes[0].events.len(), events_before);

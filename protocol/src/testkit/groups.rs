@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 
 use super::net::{contents, group, group_envelopes, leak_group_envelopes, members_of, send_group};
 use super::{rng, Net, TestStore, NOW};
-use crate::engine::{Command, CommandOutcome, EngineConfig, EngineError, Event, Input, MessageStatus, Transmit};
+use crate::engine::{
+    Command, CommandOutcome, EngineConfig, EngineError, Event, Input, MessageStatus, RequestError, Transmit,
+};
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{MessageId, PeerId};
 
@@ -244,7 +246,7 @@ pub fn non_admin_invites_and_forged_control_are_refused<S: TestStore>(make: fn()
     let outsider = net.id(3);
     assert_eq!(
         net.command(1, Command::Invite { group: g.id, peer: outsider }),
-        Err(EngineError::NotAdmin { admin: net.id(0) })
+        Err(EngineError::Request(RequestError::NotAdmin { admin: net.id(0) }))
     );
     // Member 1 forges "admin added 3" over its pairwise session with 2.
     let c = net.conversation(1, 2);
@@ -280,25 +282,25 @@ pub fn group_creation_needs_a_name_and_two_other_members<S: TestStore>(make: fn(
     let one = vec![net.id(1)];
     assert_eq!(
         net.command(0, Command::CreateGroup { name: "Pair".into(), members: one }),
-        Err(EngineError::TooFewMembers { min: 2, got: 1 })
+        Err(EngineError::Request(RequestError::TooFewMembers { min: 2, got: 1 }))
     );
     let me_and_one = vec![net.id(0), net.id(1), net.id(1)];
     assert_eq!(
         net.command(0, Command::CreateGroup { name: "Dupes".into(), members: me_and_one }),
-        Err(EngineError::TooFewMembers { min: 2, got: 1 })
+        Err(EngineError::Request(RequestError::TooFewMembers { min: 2, got: 1 }))
     );
     let two = vec![net.id(1), net.id(2)];
     assert_eq!(
         net.command(0, Command::CreateGroup { name: "  ".into(), members: two.clone() }),
-        Err(EngineError::EmptyGroupName)
+        Err(EngineError::Request(RequestError::EmptyGroupName))
     );
     let long = "n".repeat(crate::engine::MAX_GROUP_NAME_LEN + 1);
     assert_eq!(
         net.command(0, Command::CreateGroup { name: long, members: two.clone() }),
-        Err(EngineError::GroupNameTooLong {
+        Err(EngineError::Request(RequestError::GroupNameTooLong {
             len: crate::engine::MAX_GROUP_NAME_LEN + 1,
             max: crate::engine::MAX_GROUP_NAME_LEN
-        })
+        }))
     );
     let longest = "n".repeat(crate::engine::MAX_GROUP_NAME_LEN);
     assert!(

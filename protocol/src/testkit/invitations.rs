@@ -5,6 +5,7 @@ use super::net::{contents, group, has_left, invitations, members_of, seal_for, s
 use super::{Net, TestStore};
 use crate::engine::{
     Command, CommandOutcome, ConversationKind, EngineConfig, EngineError, Event, Input, MessageStatus, Query,
+    RequestError,
 };
 use crate::{ConversationId, PeerId};
 
@@ -56,7 +57,7 @@ pub fn a_strangers_invitation_waits_for_consent_and_a_declined_group_leaves_noth
     assert_eq!(traces_of_group(&mut net, 2, &g.id), 0);
     // Answering twice, or an invitation never received, is a clear error.
     for command in [Command::DeclineInvitation { group: g.id }, Command::AcceptInvitation { group: g.id }] {
-        assert_eq!(net.command(2, command).unwrap_err(), EngineError::NoInvitation(g.id));
+        assert_eq!(net.command(2, command).unwrap_err(), EngineError::Request(RequestError::NoInvitation(g.id)));
     }
 }
 

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use super::{rng, LossRule, TestStore, NOW};
 use crate::engine::{
     Answer, Command, CommandOutcome, Conversation, Engine, EngineConfig, EngineError, Event, Input, Message, Query,
-    SendFailure, Store, TransmitOutcome,
+    RequestError, SendFailure, Store, TransmitOutcome,
 };
 use crate::wire::{Envelope, EnvelopeBody};
 use crate::{ConversationId, IdentityKeyPair, MessageId, PeerId, Timestamp};
@@ -190,7 +190,7 @@ impl<S: TestStore> Net<S> {
                 let Some((i, group)) = self.accepts.pop_front() else { break };
                 match self.nodes[i].engine.command(self.now, Command::AcceptInvitation { group }) {
                     // A crash may have lost the invitation with its commit.
-                    Ok(_) | Err(EngineError::NoInvitation(_)) => {}
+                    Ok(_) | Err(EngineError::Request(RequestError::NoInvitation(_))) => {}
                     Err(e) => panic!("node {i} could not accept its invitation: {e}"),
                 }
                 self.after_call(i);

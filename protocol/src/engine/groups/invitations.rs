@@ -2,6 +2,7 @@
 //! waits for the user's answer (bounded per admin and in all); accepting
 //! joins the group, declining tells the admin.
 
+use crate::engine::RequestError;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::ignore_full;
@@ -126,12 +127,12 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         id: ConversationId,
     ) -> Result<Conversation, EngineError> {
-        let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
+        let invitation = self.store.invitation(&id)?.ok_or(RequestError::NoInvitation(id))?;
         let admin = invitation.admin;
         self.store.delete_invitation(&id)?;
         if !self.join(now, invitation)? {
             // Another admin's group of that ID was joined meanwhile.
-            return Err(EngineError::NoInvitation(id));
+            return Err(RequestError::NoInvitation(id).into());
         }
         // What the admin sent while the invitation waited was refused
         // unacknowledged; asking for its key has it send that again now
@@ -147,7 +148,7 @@ impl<S: Store> Engine<S> {
         now: Timestamp,
         id: ConversationId,
     ) -> Result<(), EngineError> {
-        let invitation = self.store.invitation(&id)?.ok_or(EngineError::NoInvitation(id))?;
+        let invitation = self.store.invitation(&id)?.ok_or(RequestError::NoInvitation(id))?;
         self.decline(now, &invitation)
     }
 

@@ -6,6 +6,7 @@
 //! `messages` handle what peers send.
 
 use super::ControlPayload;
+use super::RequestError;
 
 mod invitations;
 mod membership;
@@ -40,12 +41,12 @@ impl<S: Store> Engine<S> {
     fn joined_group(&self, id: &ConversationId) -> Result<(Conversation, PeerId, GroupSession), EngineError> {
         let conversation = self.conversation(id)?;
         let ConversationKind::Group { admin, .. } = conversation.kind else {
-            return Err(EngineError::NotAGroup(*id));
+            return Err(RequestError::NotAGroup(*id).into());
         };
         if conversation.left {
-            return Err(EngineError::LeftGroup(*id));
+            return Err(RequestError::LeftGroup(*id).into());
         }
-        let group = self.load_group(id)?.ok_or(EngineError::LeftGroup(*id))?;
+        let group = self.load_group(id)?.ok_or(RequestError::LeftGroup(*id))?;
         Ok((conversation, admin, group))
     }
 
@@ -69,7 +70,7 @@ impl<S: Store> Engine<S> {
 
     fn invite_payload(&self, conversation: &Conversation, admin: PeerId) -> Result<ControlPayload, EngineError> {
         let ConversationKind::Group { name, .. } = &conversation.kind else {
-            return Err(EngineError::NotAGroup(conversation.id));
+            return Err(RequestError::NotAGroup(conversation.id).into());
         };
         Ok(ControlPayload::Group(GroupControl::Invite {
             group_id: conversation.id,
@@ -101,18 +102,18 @@ impl<S: Store> Engine<S> {
     ) -> Result<Conversation, EngineError> {
         let name = name.trim().to_owned();
         if name.is_empty() {
-            return Err(EngineError::EmptyGroupName);
+            return Err(RequestError::EmptyGroupName.into());
         }
         if name.len() > MAX_GROUP_NAME_LEN {
-            return Err(EngineError::GroupNameTooLong { len: name.len(), max: MAX_GROUP_NAME_LEN });
+            return Err(RequestError::GroupNameTooLong { len: name.len(), max: MAX_GROUP_NAME_LEN }.into());
         }
         let me = self.peer_id();
         let others: BTreeSet<PeerId> = members.into_iter().filter(|p| *p != me).collect();
         if others.len() < MIN_GROUP_OTHERS {
-            return Err(EngineError::TooFewMembers { min: MIN_GROUP_OTHERS, got: others.len() });
+            return Err(RequestError::TooFewMembers { min: MIN_GROUP_OTHERS, got: others.len() }.into());
         }
         if others.len() + 1 > MAX_GROUP_MEMBERS {
-            return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+            return Err(RequestError::TooManyMembers { max: MAX_GROUP_MEMBERS }.into());
         }
         let id = ConversationId::random_group(&mut self.rng);
         let conversation = Conversation {
@@ -152,7 +153,7 @@ impl<S: Store> Engine<S> {
         let (conversation, _, mut group) = self.joined_group(&id)?;
         let recipients = self.others(&id)?;
         if recipients.is_empty() {
-            return Err(EngineError::NoOtherMembers(id));
+            return Err(RequestError::NoOtherMembers(id).into());
         }
         let message_id = MessageId::random(&mut self.rng);
         let plaintext = ChatContent { message_id, sent_at: now, content: content.clone() }.encode();
@@ -188,17 +189,17 @@ impl<S: Store> Engine<S> {
         let me = self.peer_id();
         let (conversation, admin, mut group) = self.joined_group(&id)?;
         if admin != me {
-            return Err(EngineError::NotAdmin { admin });
+            return Err(RequestError::NotAdmin { admin }.into());
         }
         if peer == me {
-            return Err(EngineError::SelfConversation(peer));
+            return Err(RequestError::SelfConversation(peer).into());
         }
         let existing = self.others(&id)?;
         if existing.contains(&peer) {
-            return Err(EngineError::AlreadyMember(peer));
+            return Err(RequestError::AlreadyMember(peer).into());
         }
         if existing.len() + 2 > MAX_GROUP_MEMBERS {
-            return Err(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS });
+            return Err(RequestError::TooManyMembers { max: MAX_GROUP_MEMBERS }.into());
         }
         let epoch = self
             .store
@@ -208,7 +209,7 @@ impl<S: Store> Engine<S> {
             .max()
             .unwrap_or(0)
             .checked_add(1)
-            .ok_or(EngineError::TooManyMembers { max: MAX_GROUP_MEMBERS })?;
+            .ok_or(RequestError::TooManyMembers { max: MAX_GROUP_MEMBERS })?;
         self.store.put_member(&id, &Member { peer_id: peer, joined_at: now, is_admin: false, left_at: None, epoch })?;
         group.add_member(peer)?;
         self.save_group(&group)?;
@@ -281,7 +282,7 @@ impl<S: Store> Engine<S> {
 /// A best-effort send: an outbox already full for that peer is not an error.
 pub(super) fn ignore_full(result: Result<(), EngineError>) -> Result<(), EngineError> {
     match result {
-        Err(EngineError::OutboxFull { .. }) => Ok(()),
+        Err(EngineError::Request(RequestError::OutboxFull { .. })) => Ok(()),
         other => other,
     }
 }
