@@ -147,7 +147,7 @@ impl World {
                 node.handle(now, NodeInput::DialFailed { peer, reason: "no direct path".into() });
             }
             NodeOutput::SendDirect { id, .. } => {
-                let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no direct path".into()));
+                let outcome = TransmitOutcome::Failed(SendFailure::NoConnection);
                 node.handle(now, NodeInput::DirectSent { id, outcome });
             }
             NodeOutput::ConnectRelay { relay, .. } if relay == 0 && online => {

@@ -935,13 +935,13 @@ impl World {
         let incarnation = self.nodes[i].incarnation;
         let link = self.index(&peer).and_then(|j| self.links.get(&Self::link_key(i, j)).map(|l| (j, *l)));
         let Some((j, link)) = link else {
-            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no connection to the peer".into()));
+            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection);
             return self.schedule(0, Ev::Result { node: i, incarnation, id, outcome });
         };
         if self.net.chance(self.knobs.loss_ppm) {
             self.trace(Step::Drop { from: i, to: j, why: "lost" });
             let timeout = 3 * (self.knobs.latency_ms + self.knobs.jitter_ms) + 10;
-            let outcome = TransmitOutcome::Failed(SendFailure::PeerDidNotAnswer { seconds: timeout / 1000 });
+            let outcome = TransmitOutcome::Failed(SendFailure::Unacknowledged);
             return self.schedule(timeout, Ev::Result { node: i, incarnation, id, outcome });
         }
         if self.net.chance(self.knobs.duplicate_ppm) {
@@ -1127,7 +1127,7 @@ impl World {
         // can be lost, and then the sender believes the datagram was.
         if let Some((incarnation, id)) = transmit {
             let outcome = if self.net.chance(self.knobs.loss_ppm / 2) {
-                TransmitOutcome::Failed(SendFailure::PeerDidNotAnswer { seconds: back / 1000 })
+                TransmitOutcome::Failed(SendFailure::Unacknowledged)
             } else {
                 TransmitOutcome::Delivered
             };

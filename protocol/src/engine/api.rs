@@ -244,16 +244,21 @@ pub enum SendFailure {
     /// slowly than this node sends.
     #[error("the peer reads more slowly than this node sends")]
     PeerSlow,
-    /// No connection to the peer could take it (none is open, or a dial
-    /// failed), in the transport's words.
+    /// No connection to the peer is open.
+    #[error("no open connection to the peer")]
+    NoConnection,
+    /// Dialling the peer failed, for the reason given.
     #[error("{0}")]
-    NoConnection(String),
+    DialFailed(String),
     /// The connection to the peer closed before the peer acknowledged it.
     #[error("the connection to the peer closed")]
     ConnectionClosed,
     /// The peer refused our connection, being over the limit named.
     #[error("the peer refused our connection ({0})")]
     PeerRefused(String),
+    /// The transport reports that the peer never acknowledged it.
+    #[error("no acknowledgement from the peer")]
+    Unacknowledged,
     /// The peer did not acknowledge it in time.
     #[error("no answer from the peer within {seconds} s")]
     PeerDidNotAnswer {

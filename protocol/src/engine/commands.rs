@@ -2,12 +2,11 @@
 //! deleting and retrying, and the reads the API lists. Group commands are in
 //! `groups`.
 
-use super::RequestError;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     Answer, Command, CommandOutcome, Conversation, ConversationKind, ConversationSummary, Engine, EngineError, Event,
-    Message, MessageStatus, OutboxPayload, Query, Store, MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD, MAX_PAGE,
+    Message, MessageStatus, OutboxPayload, Query, RequestError, Store, MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD, MAX_PAGE,
 };
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;
@@ -126,7 +125,7 @@ impl<S: Store> Engine<S> {
                     // message) is a client's mistake, not an empty page.
                     match self.store.message(before)? {
                         Some(m) if m.conversation_id == conversation => {}
-                        _ => return Err(EngineError::Request(RequestError::UnknownMessage(*before))),
+                        _ => return Err(RequestError::UnknownMessage(*before).into()),
                     }
                 }
                 let limit = limit.clamp(1, MAX_PAGE);
@@ -152,7 +151,7 @@ impl<S: Store> Engine<S> {
     }
 
     pub(super) fn conversation(&self, id: &ConversationId) -> Result<Conversation, EngineError> {
-        self.store.conversation(id)?.ok_or(EngineError::Request(RequestError::UnknownConversation(*id)))
+        Ok(self.store.conversation(id)?.ok_or(RequestError::UnknownConversation(*id))?)
     }
 
     pub(super) fn create_conversation(&mut self, now: Timestamp, peer: PeerId) -> Result<Conversation, EngineError> {

@@ -2,12 +2,11 @@
 //! held by a relay, tried again later, failed), and the message statuses
 //! that follow, per recipient and overall.
 
-use super::RequestError;
 use std::collections::BTreeSet;
 
 use super::outbox::is_tracked;
 use super::{
-    Conversation, Engine, EngineError, Event, Message, MessageStatus, OutboxPayload, Store, TransmitId,
+    Conversation, Engine, EngineError, Event, Message, MessageStatus, OutboxPayload, RequestError, Store, TransmitId,
     TransmitOutcome, DAY_MS,
 };
 use crate::ids::{MessageId, PeerId};

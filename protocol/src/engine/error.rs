@@ -50,7 +50,9 @@ pub enum InternalError {
     Group(#[from] GroupError),
 }
 
-/// A request that cannot be done as asked. Each says what to change.
+/// A request that cannot be done as asked: an unknown ID, content out of
+/// bounds, a rule of groups, a full outbox. The API answers each with a
+/// status and code of its own (4xx).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// No such conversation.

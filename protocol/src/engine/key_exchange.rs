@@ -246,12 +246,76 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// After a session appears, everything waiting for it goes out now.
-    fn release_waiting(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
-        for mut item in self.store.outbox_waiting_for(&peer)? {
-            item.next_attempt_at = Some(now);
-            self.store.put_outbox_item(&item)?;
+    /// A peer that became reachable is worth trying at once, unless a
+    /// request is already out.
+    pub(super) fn retry_key_exchange_now(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        let attempt = self.store.key_exchange(&peer)?;
+        if let Some(attempt) = attempt.filter(|a| a.state == AttemptState::BackingOff) {
+            self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
         }
-        self.pump(now, peer)
+        Ok(())
+    }
+
+    /// The directory found the peer: the request goes out.
+    pub(super) fn on_peer_record(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        match self.store.key_exchange(&peer)? {
+            Some(attempt) if attempt.state == AttemptState::LookingUp => self.send_key_exchange_request(now, attempt),
+            _ => Ok(()),
+        }
+    }
+
+    /// The directory does not know the peer: this attempt failed.
+    pub(super) fn on_lookup_failed(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        match self.store.key_exchange(&peer)? {
+            Some(attempt) if attempt.state == AttemptState::LookingUp => {
+                self.key_exchange_failed(now, attempt, "peer is unknown to the directory")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attempts whose deadline passed: a backoff that is over starts the
+    /// next attempt; a lookup or request that got no answer failed.
+    pub(super) fn time_out_key_exchanges(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        for attempt in self.store.key_exchanges_due(now)? {
+            if attempt.state == AttemptState::BackingOff {
+                self.start_key_exchange(now, attempt.peer, attempt.attempts.saturating_add(1))?;
+            } else {
+                let reason =
+                    format!("key exchange timed out after {} seconds", self.config.key_exchange_timeout_ms / 1000);
+                self.key_exchange_failed(now, attempt, &reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Items for `peer` need a session we do not hold: start a key
+    /// exchange, unless one is under way, or nothing the user wrote waits
+    /// and too many are under way already (`chat_waits`: a chat message of
+    /// the user's is among the items).
+    pub(super) fn need_session(&mut self, now: Timestamp, peer: PeerId, chat_waits: bool) -> Result<(), EngineError> {
+        let attempt = self.store.key_exchange(&peer)?;
+        // A new message deserves its own round of retries, not the slow
+        // background ones left over from earlier failures.
+        let spent = attempt
+            .as_ref()
+            .is_some_and(|a| a.state == AttemptState::BackingOff && a.attempts >= self.config.max_retries);
+        let crowded = || -> Result<bool, EngineError> {
+            Ok(self.store.key_exchange_count()? >= self.config.max_background_key_exchanges)
+        };
+        if attempt.is_none() && !chat_waits && crowded()? {
+            // Nothing the user wrote waits for this peer: its items try
+            // again later rather than add to the exchanges under way.
+            let later = now.saturating_add_millis(self.config.confirmation_timeout_ms);
+            for mut item in self.store.outbox_waiting_for(&peer)? {
+                if item.next_attempt_at.is_none() {
+                    item.next_attempt_at = Some(later);
+                    self.store.put_outbox_item(&item)?;
+                }
+            }
+        } else if attempt.is_none() || (chat_waits && spent) {
+            self.start_key_exchange(now, peer, 1)?;
+        }
+        Ok(())
     }
 }

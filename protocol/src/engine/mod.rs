@@ -321,37 +321,12 @@ impl<S: Store> Engine<S> {
         match input {
             Input::Received { from, bytes } => self.receive(now, from, &bytes),
             Input::PeerReachable(peer) => {
-                let attempt = self.store.key_exchange(&peer)?;
-                // A reachable peer is worth trying at once, unless a request
-                // is already out.
-                if let Some(attempt) = attempt.filter(|a| a.state == AttemptState::BackingOff) {
-                    self.start_key_exchange(now, peer, attempt.attempts.saturating_add(1))?;
-                }
-                for mut item in self.store.outbox_waiting_for(&peer)? {
-                    item.next_attempt_at = Some(now);
-                    self.store.put_outbox_item(&item)?;
-                }
-                self.pump(now, peer)
+                self.retry_key_exchange_now(now, peer)?;
+                self.release_waiting(now, peer)
             }
             Input::PeerUnreachable(_) => Ok(()),
-            Input::PeerRecord(peer) => {
-                let attempt = self.store.key_exchange(&peer)?;
-                match attempt {
-                    Some(attempt) if attempt.state == AttemptState::LookingUp => {
-                        self.send_key_exchange_request(now, attempt)
-                    }
-                    _ => Ok(()),
-                }
-            }
-            Input::LookupFailed(peer) => {
-                let attempt = self.store.key_exchange(&peer)?;
-                match attempt {
-                    Some(attempt) if attempt.state == AttemptState::LookingUp => {
-                        self.key_exchange_failed(now, attempt, "peer is unknown to the directory")
-                    }
-                    _ => Ok(()),
-                }
-            }
+            Input::PeerRecord(peer) => self.on_peer_record(now, peer),
+            Input::LookupFailed(peer) => self.on_lookup_failed(now, peer),
             Input::TransmitResult { id, outcome } => self.transmit_result(now, id, outcome),
             Input::Timeout => self.timeout(now),
             Input::KeepRecord(kept) => {

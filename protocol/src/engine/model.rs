@@ -1,5 +1,8 @@
-//! What the engine keeps: conversations, messages, group members and the
-//! outbox. These are plain data, stored through the [`Store`](super::Store).
+//! What the engine keeps: conversations, messages, group members, the
+//! outbox, key exchanges under way. Stored through the
+//! [`Store`](super::Store); the two records with typed states (a key
+//! exchange attempt, a control payload) keep the layout they had at rest
+//! before they were typed, and never print their secrets.
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -293,8 +296,8 @@ pub struct SealedCopy {
 }
 
 /// A key exchange this node started and has not completed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "StoredAttempt", into = "StoredAttempt")]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "StoredAttempt")]
 pub struct KeyExchangeAttempt {
     /// The peer.
     pub peer: PeerId,
@@ -332,7 +335,7 @@ impl core::fmt::Debug for AttemptState {
 
 /// A [`KeyExchangeAttempt`] as it is encoded at rest (docs/STORAGE.md): the
 /// layout of the first schema, which the typed state maps onto one to one.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredAttempt {
     peer: PeerId,
     pending: Option<Vec<u8>>,
@@ -352,15 +355,31 @@ impl From<StoredAttempt> for KeyExchangeAttempt {
     }
 }
 
-impl From<KeyExchangeAttempt> for StoredAttempt {
-    fn from(attempt: KeyExchangeAttempt) -> Self {
-        let (pending, backing_off) = match attempt.state {
+impl Serialize for KeyExchangeAttempt {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Borrowed, so the pending secret is never copied out of its
+        // zeroizing buffer on the way to the store.
+        #[derive(Serialize)]
+        struct StoredAttemptRef<'a> {
+            peer: &'a PeerId,
+            pending: Option<&'a [u8]>,
+            attempts: u32,
+            deadline: Timestamp,
+            backing_off: bool,
+        }
+        let (pending, backing_off) = match &self.state {
             AttemptState::LookingUp => (None, false),
-            // Moved out, not copied: the zeroizing buffer is left empty.
-            AttemptState::AwaitingAck(mut pending) => (Some(core::mem::take(&mut *pending)), false),
+            AttemptState::AwaitingAck(pending) => (Some(&pending[..]), false),
             AttemptState::BackingOff => (None, true),
         };
-        Self { peer: attempt.peer, pending, attempts: attempt.attempts, deadline: attempt.deadline, backing_off }
+        let stored = StoredAttemptRef {
+            peer: &self.peer,
+            pending,
+            attempts: self.attempts,
+            deadline: self.deadline,
+            backing_off,
+        };
+        stored.serialize(serializer)
     }
 }
 

@@ -3,9 +3,8 @@
 //! transport as transmits.
 
 use super::delivery::UNSENT_COPY_REUSE_MS;
-use super::RequestError;
 use super::{
-    AttemptState, Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, SealedCopy, Store, Transmit,
+    Engine, EngineError, InFlight, MessageStatus, OutboxItem, OutboxPayload, RequestError, SealedCopy, Store, Transmit,
     TransmitId, MAX_IDS_PER_PAYLOAD,
 };
 use crate::ids::PeerId;
@@ -163,30 +162,19 @@ impl<S: Store> Engine<S> {
             self.store.put_sessions(&peer, &sessions.to_bytes())?;
         }
         if needs_session {
-            let attempt = self.store.key_exchange(&peer)?;
-            // A new message deserves its own round of retries, not the slow
-            // background ones left over from earlier failures.
-            let spent = attempt
-                .as_ref()
-                .is_some_and(|a| a.state == AttemptState::BackingOff && a.attempts >= self.config.max_retries);
-            let crowded = || -> Result<bool, EngineError> {
-                Ok(self.store.key_exchange_count()? >= self.config.max_background_key_exchanges)
-            };
-            if attempt.is_none() && !chat_waits && crowded()? {
-                // Nothing the user wrote waits for this peer: its items try
-                // again later rather than add to the exchanges under way.
-                let later = now.saturating_add_millis(self.config.confirmation_timeout_ms);
-                for mut item in self.store.outbox_waiting_for(&peer)? {
-                    if item.next_attempt_at.is_none() {
-                        item.next_attempt_at = Some(later);
-                        self.store.put_outbox_item(&item)?;
-                    }
-                }
-            } else if attempt.is_none() || (chat_waits && spent) {
-                self.start_key_exchange(now, peer, 1)?;
-            }
+            self.need_session(now, peer, chat_waits)?;
         }
         Ok(())
+    }
+
+    /// After a session appears, or the peer becomes reachable, everything
+    /// waiting for it goes out now.
+    pub(super) fn release_waiting(&mut self, now: Timestamp, peer: PeerId) -> Result<(), EngineError> {
+        for mut item in self.store.outbox_waiting_for(&peer)? {
+            item.next_attempt_at = Some(now);
+            self.store.put_outbox_item(&item)?;
+        }
+        self.pump(now, peer)
     }
 
     fn payload_for(&self, item: &OutboxItem) -> Result<Option<PairwisePayload>, EngineError> {

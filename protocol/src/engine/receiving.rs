@@ -2,13 +2,12 @@
 //! pairwise payload in it (chat, receipts, acknowledgements, group control,
 //! sender keys) handed to the code that owns it.
 
-use super::RequestError;
 use std::collections::BTreeSet;
 
 use super::outbox::is_tracked;
 use super::{
     ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Message, MessageStatus, OutboxPayload,
-    Store, MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD,
+    RequestError, Store, MAX_CONTENT_LEN, MAX_IDS_PER_PAYLOAD,
 };
 use crate::ids::{ConversationId, MessageId, PeerId};
 use crate::time::Timestamp;

@@ -2,11 +2,10 @@
 //! attempts, the daily sweep), and the sweep itself (expired messages,
 //! quiet sessions, old held messages, invitations and kept records).
 
-use super::InternalError;
 use std::collections::BTreeSet;
 
 use super::{
-    AttemptState, ConversationKind, Engine, EngineError, MessageStatus, Store, KEPT_RECORD_LIFETIME_MS,
+    ConversationKind, Engine, EngineError, InternalError, MessageStatus, Store, KEPT_RECORD_LIFETIME_MS,
     MAX_KEPT_RECORDS, MAX_QUIET_PEERS,
 };
 use crate::ids::{MessageId, PeerId};
@@ -14,15 +13,7 @@ use crate::time::Timestamp;
 
 impl<S: Store> Engine<S> {
     pub(super) fn timeout(&mut self, now: Timestamp) -> Result<(), EngineError> {
-        for attempt in self.store.key_exchanges_due(now)? {
-            if attempt.state == AttemptState::BackingOff {
-                self.start_key_exchange(now, attempt.peer, attempt.attempts.saturating_add(1))?;
-            } else {
-                let reason =
-                    format!("key exchange timed out after {} seconds", self.config.key_exchange_timeout_ms / 1000);
-                self.key_exchange_failed(now, attempt, &reason)?;
-            }
-        }
+        self.time_out_key_exchanges(now)?;
         for peer in self.store.peers_due(now)? {
             match self.pump_now(now, peer) {
                 // One unreadable sessions row parks that peer's items (its

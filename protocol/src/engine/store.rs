@@ -1,11 +1,7 @@
 //! The storage seam: everything the engine remembers goes through [`Store`],
 //! which is one small trait per concern (in the manner of libsignal's
-//! stores): a store implements each in its own place, and the engine's code
-//! for one job names only the concern it touches.
-//!
-//! The engine opens one transaction per input (or per batch of inputs, for
-//! group commit), reads and writes through it, and commits before any output
-//! of those inputs is released. Reads see the transaction's own writes.
+//! stores), so a store implements each concern in its own place and a
+//! reader sees at once which calls touch, say, the outbox.
 
 use zeroize::Zeroizing;
 
@@ -350,9 +346,10 @@ pub trait RetentionStore {
 /// Synchronous, transactional storage for one node's engine: every concern
 /// above. Implement the small traits; this one follows.
 ///
-/// Secret-bearing values (sessions, group keys, pending key exchanges,
-/// control payloads holding sender keys) arrive as plain bytes; a store that
-/// writes to disk must seal them.
+/// Secrets reach the store as bytes (sessions, group keys) or inside a
+/// record (a pending key exchange in its [`KeyExchangeAttempt`], a queued
+/// sender key in its [`OutboxItem`]); a store that writes to disk must seal
+/// every one of them.
 pub trait Store:
     Transaction
     + ConversationStore

@@ -865,7 +865,7 @@ impl<S: Store> Node<S> {
         path.last_failure = Some(reason.clone());
         let waiting = path.dial.take().map(|d| d.waiting).unwrap_or_default();
         for transmit in waiting {
-            self.fall_back(now, transmit, SendFailure::NoConnection(reason.clone()));
+            self.fall_back(now, transmit, SendFailure::DialFailed(reason.clone()));
         }
     }
 

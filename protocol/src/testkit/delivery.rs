@@ -130,10 +130,7 @@ pub fn a_failed_commit_of_a_transmit_result_strands_nothing<S: TestStore>(make: 
     let t = net.nodes[0].engine.poll_transmit().unwrap();
     while net.nodes[0].engine.poll_transmit().is_some() {}
     while net.nodes[0].engine.poll_event().is_some() {}
-    let result = Input::TransmitResult {
-        id: t.id,
-        outcome: TransmitOutcome::Failed(SendFailure::NoConnection("offline".into())),
-    };
+    let result = Input::TransmitResult { id: t.id, outcome: TransmitOutcome::Failed(SendFailure::NoConnection) };
     net.nodes[0].engine.store_mut().fail_next_commits(1);
     assert!(net.nodes[0].engine.handle(net.now, result.clone()).is_err());
     net.nodes[0].engine.handle(net.now, result).unwrap();

@@ -162,7 +162,7 @@ impl<S: TestStore> Net<S> {
                     // A peer outside the network (an invented member) is
                     // never reached.
                     let Some(to) = self.nodes.iter().position(|n| n.engine.peer_id() == t.peer) else {
-                        let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no such peer".into()));
+                        let outcome = TransmitOutcome::Failed(SendFailure::DialFailed("no such peer".into()));
                         work.push_back((i, Input::TransmitResult { id: t.id, outcome }));
                         continue;
                     };
@@ -179,7 +179,7 @@ impl<S: TestStore> Net<S> {
                             i,
                             Input::TransmitResult {
                                 id: t.id,
-                                outcome: TransmitOutcome::Failed(SendFailure::NoConnection("peer offline".into())),
+                                outcome: TransmitOutcome::Failed(SendFailure::NoConnection),
                             },
                         ));
                     }

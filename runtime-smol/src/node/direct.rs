@@ -155,7 +155,7 @@ impl DirectPeers {
     /// acknowledged the whole time is closed.
     pub(super) fn send(self: &Arc<Self>, inputs: &Inputs, peer: PeerId, id: TransmitId, bytes: Vec<u8>) {
         let Some(conn) = self.open_connection(&peer) else {
-            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection("no open connection to the peer".into()));
+            let outcome = TransmitOutcome::Failed(SendFailure::NoConnection);
             return inputs.control(NodeInput::DirectSent { id, outcome });
         };
         let inputs = inputs.clone();

@@ -1,4 +1,5 @@
-//! Conversations and group members on SQLite: their names and kinds sealed, their IDs plain for lookups.
+//! Conversations and group members on SQLite: their names and kinds
+//! sealed, their IDs plain for lookups.
 
 use rusqlite::params;
 

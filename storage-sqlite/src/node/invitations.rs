@@ -1,4 +1,5 @@
-//! Group invitations waiting for an answer, on SQLite, sealed, with admin and arrival time plain for quotas and expiry.
+//! Group invitations waiting for an answer, on SQLite: sealed, with the
+//! admin and arrival time plain for quotas and expiry.
 
 use rusqlite::{params, OptionalExtension};
 

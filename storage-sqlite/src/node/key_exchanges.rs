@@ -1,4 +1,5 @@
-//! Key exchanges on SQLite: the attempts under way, sealed, with their deadlines plain; the newest answered request per peer.
+//! Key exchanges on SQLite: the attempts under way, sealed, with their
+//! deadlines plain; the newest answered request per peer.
 
 use rusqlite::params;
 

@@ -1,4 +1,5 @@
-//! Messages on SQLite: text sealed per row, status and timestamps plain so that pages and sweeps never unseal.
+//! Messages on SQLite: text sealed per row, status and timestamps plain so
+//! that pages and sweeps never unseal.
 
 use rusqlite::params;
 

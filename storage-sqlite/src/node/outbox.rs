@@ -1,4 +1,7 @@
-//! The outbox on SQLite: items sealed per row, with peer, attempt time and flight plain for the hot paths; rows of older schemas still decode.
+//! The outbox on SQLite: items sealed per row, with peer, attempt time and
+//! flight plain for the hot paths; rows of older schemas still decode. A
+//! control payload is decoded when its row is read, so a change to the
+//! pairwise encoding that old rows would fail needs a migration of them.
 
 use rusqlite::{params, OptionalExtension};
 

@@ -2,14 +2,13 @@
 //! waits for the user's answer (bounded per admin and in all); accepting
 //! joins the group, declining tells the admin.
 
-use crate::engine::RequestError;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::ignore_full;
 use crate::engine::receiving::Handled;
 use crate::engine::{
-    ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Invitation, Member, Store,
-    MAX_GROUP_NAME_LEN,
+    ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Invitation, Member, RequestError,
+    Store, MAX_GROUP_NAME_LEN,
 };
 use crate::group::{GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, PeerId};

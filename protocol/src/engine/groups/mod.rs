@@ -2,11 +2,10 @@
 //! sessions, and group messages (held while their sender's key is missing).
 //!
 //! This module holds the group commands (create, send, invite, leave) and
-//! the helpers the others share; `membership`, `invitations` and
-//! `messages` handle what peers send.
-
-use super::ControlPayload;
-use super::RequestError;
+//! the helpers the others share; `membership` handles rosters and leaves
+//! that peers send, `invitations` the invitations waiting for the user's
+//! answer (accepting and declining included), `messages` sender keys,
+//! group messages and their expiry.
 
 mod invitations;
 mod membership;
@@ -16,8 +15,8 @@ use std::collections::BTreeSet;
 
 use super::commands::check_content;
 use super::{
-    Conversation, ConversationKind, Engine, EngineError, Event, Member, Message, MessageStatus, OutboxPayload, Store,
-    MAX_GROUP_NAME_LEN, MIN_GROUP_OTHERS,
+    ControlPayload, Conversation, ConversationKind, Engine, EngineError, Event, Member, Message, MessageStatus,
+    OutboxPayload, RequestError, Store, MAX_GROUP_NAME_LEN, MIN_GROUP_OTHERS,
 };
 use crate::group::{GroupSession, MAX_GROUP_MEMBERS};
 use crate::ids::{ConversationId, MessageId, PeerId};
@@ -25,7 +24,7 @@ use crate::time::Timestamp;
 use crate::wire::{ChatContent, Envelope, EnvelopeBody, GroupControl, RosterEntry};
 
 impl<S: Store> Engine<S> {
-    pub(in crate::engine) fn load_group(&self, id: &ConversationId) -> Result<Option<GroupSession>, EngineError> {
+    fn load_group(&self, id: &ConversationId) -> Result<Option<GroupSession>, EngineError> {
         match self.store.group_keys(id)? {
             Some(bytes) => Ok(Some(GroupSession::from_bytes(&bytes)?)),
             None => Ok(None),
