@@ -388,6 +388,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         ("ratchet", ratchet),
         ("group", group),
         ("relay", relay_vectors()),
+        ("payloads", payload_vectors()),
     ]
 }
 
@@ -437,6 +438,100 @@ fn relay_vectors() -> Value {
         })
         .collect();
     json!({ "frames": frames })
+}
+
+/// One vector per pairwise payload kind and per group control kind (§4.2):
+/// the fields as the text names them, and the postcard encoding. Each
+/// encoding must decode back to the same payload.
+fn payload_vectors() -> Value {
+    use p2pchat_protocol::wire::{GroupControl, RosterEntry};
+    let group = ConversationId(p2pchat_protocol::Uuid([0x47; 16]));
+    let m1 = MessageId(p2pchat_protocol::Uuid([0x11; 16]));
+    let m2 = MessageId(p2pchat_protocol::Uuid([0x12; 16]));
+    let admin = PeerId([0xad; 20]);
+    let member = PeerId([0x3e; 20]);
+    let roster = |peer: PeerId, epoch: u64| json!({"peer_id": h(peer.0), "epoch": epoch});
+    let chat = ChatContent { message_id: m1, sent_at: T0, content: "héllo ✓".into() };
+    let chat_fields = json!({"message_id": h(m1.0 .0), "sent_at": T0.0, "content": "héllo ✓"});
+    let distribution = SenderKeyDistribution {
+        group_id: group,
+        sender: member,
+        key_id: 2,
+        message_number: 300,
+        chain_key: [0xc4; 32],
+        signing_public: [0x5b; 32],
+    };
+    let controls = [
+        (
+            json!({"kind": "Invite", "group_id": h(group.0 .0), "name": "Project Team", "admin": h(admin.0),
+                   "members": [roster(admin, 1), roster(member, 1)], "created_at": T0.0}),
+            GroupControl::Invite {
+                group_id: group,
+                name: "Project Team".into(),
+                admin,
+                members: vec![RosterEntry { peer_id: admin, epoch: 1 }, RosterEntry { peer_id: member, epoch: 1 }],
+                created_at: T0,
+            },
+        ),
+        (
+            json!({"kind": "MemberAdded", "group_id": h(group.0 .0), "member": roster(member, 2)}),
+            GroupControl::MemberAdded { group_id: group, member: RosterEntry { peer_id: member, epoch: 2 } },
+        ),
+        (
+            json!({"kind": "Leave", "group_id": h(group.0 .0), "epoch": 2}),
+            GroupControl::Leave { group_id: group, epoch: 2 },
+        ),
+        (
+            json!({"kind": "MemberLeft", "group_id": h(group.0 .0), "member": roster(member, 2)}),
+            GroupControl::MemberLeft { group_id: group, member: RosterEntry { peer_id: member, epoch: 2 } },
+        ),
+    ];
+    let mut payloads: Vec<(Value, PairwisePayload)> = vec![
+        (json!({"kind": "Chat", "chat": chat_fields}), PairwisePayload::Chat(chat.clone())),
+        (
+            json!({"kind": "DeliveryReceipt", "message_ids": [h(m1.0 .0), h(m2.0 .0)]}),
+            PairwisePayload::DeliveryReceipt { message_ids: vec![m1, m2] },
+        ),
+        (
+            json!({"kind": "ReadReceipt", "message_ids": [h(m1.0 .0)], "read_at": T0.0 + 5_000}),
+            PairwisePayload::ReadReceipt { message_ids: vec![m1], read_at: Timestamp(T0.0 + 5_000) },
+        ),
+        (
+            json!({"kind": "SenderKeyDistribution", "group_id": h(group.0 .0), "sender": h(member.0), "key_id": 2,
+                   "message_number": 300, "chain_key": h([0xc4; 32]), "signing_public": h([0x5b; 32])}),
+            PairwisePayload::SenderKeyDistribution(distribution),
+        ),
+        (
+            json!({"kind": "SenderKeyRequest", "group_id": h(group.0 .0)}),
+            PairwisePayload::SenderKeyRequest { group_id: group },
+        ),
+    ];
+    for (fields, control) in controls {
+        payloads.push((json!({"kind": "GroupControl", "control": fields}), PairwisePayload::GroupControl(control)));
+    }
+    payloads.push((json!({"kind": "SessionConfirm"}), PairwisePayload::SessionConfirm));
+    payloads.push((
+        json!({"kind": "Tracked", "id": 70_000, "payload": {"kind": "SenderKeyRequest", "group_id": h(group.0 .0)}}),
+        PairwisePayload::Tracked {
+            id: 70_000,
+            payload: Box::new(PairwisePayload::SenderKeyRequest { group_id: group }),
+        },
+    ));
+    payloads.push((json!({"kind": "Ack", "ids": [1, 70_000]}), PairwisePayload::Ack { ids: vec![1, 70_000] }));
+    payloads.push((
+        json!({"kind": "GroupChat", "group_id": h(group.0 .0), "key_id": 2, "message_number": 300, "chat": chat_fields}),
+        PairwisePayload::GroupChat { group_id: group, key_id: 2, message_number: 300, content: chat },
+    ));
+    let payloads: Vec<Value> = payloads
+        .into_iter()
+        .map(|(mut fields, payload)| {
+            let encoding = payload.encode();
+            assert_eq!(PairwisePayload::decode(&encoding).unwrap(), payload, "the encoding decodes back");
+            fields["encoding"] = h(&encoding[..]);
+            fields
+        })
+        .collect();
+    json!({ "payloads": payloads })
 }
 
 #[test]

@@ -59,7 +59,11 @@ RETIRED_KEYS_REMEMBERED = 8
 KIND_KX_REQUEST, KIND_KX_ACK, KIND_RATCHET, KIND_GROUP = 0, 1, 2, 3
 PAYLOAD_CHAT, PAYLOAD_DELIVERY, PAYLOAD_READ = 0, 1, 2
 PAYLOAD_SENDER_KEY_DISTRIBUTION, PAYLOAD_SENDER_KEY_REQUEST = 3, 4
-PAYLOAD_GROUP_CONTROL = 5
+PAYLOAD_GROUP_CONTROL, PAYLOAD_SESSION_CONFIRM, PAYLOAD_TRACKED = 5, 6, 7
+PAYLOAD_ACK, PAYLOAD_GROUP_CHAT = 8, 9
+PAYLOAD_NAMES = ["Chat", "DeliveryReceipt", "ReadReceipt",
+                 "SenderKeyDistribution", "SenderKeyRequest", "GroupControl",
+                 "SessionConfirm", "Tracked", "Ack", "GroupChat"]
 
 
 # ---------------------------------------------------------------------------
@@ -549,24 +553,37 @@ def read_chat_content(r):
             "content": r.string()}
 
 
+def read_roster_entry(r):
+    return {"peer_id": r.fixed(20), "epoch": r.u64()}
+
+
 def read_group_control(r):
+    """GroupControl (§4.2), with its kind as a name."""
     kind = r.u32()
     if kind == 0:
         return {"kind": "Invite", "group_id": r.fixed(16),
                 "name": r.string(), "admin": r.fixed(20),
-                "members": r.list_of(lambda: r.fixed(20)),
+                "members": r.list_of(lambda: read_roster_entry(r)),
                 "created_at": r.u64()}
     if kind == 1:
         return {"kind": "MemberAdded", "group_id": r.fixed(16),
-                "peer_id": r.fixed(20)}
+                "member": read_roster_entry(r)}
     if kind == 2:
-        return {"kind": "Leave", "group_id": r.fixed(16)}
+        return {"kind": "Leave", "group_id": r.fixed(16), "epoch": r.u64()}
+    if kind == 3:
+        return {"kind": "MemberLeft", "group_id": r.fixed(16),
+                "member": read_roster_entry(r)}
     raise Malformed(f"unknown GroupControl kind {kind}")
 
 
-def read_pairwise_payload(r):
-    """PairwisePayload (§4.2); the variant index is returned as "kind"."""
+def read_pairwise_payload(r, inside_tracked=False):
+    """PairwisePayload (§4.2); the variant index is returned as "kind".
+
+    A Tracked payload holds one payload that is neither Tracked nor Ack: the
+    inner kind is checked before anything of it is decoded."""
     kind = r.u32()
+    if inside_tracked and kind in (PAYLOAD_TRACKED, PAYLOAD_ACK):
+        raise Malformed(f"a Tracked payload may not hold kind {kind}")
     if kind == PAYLOAD_CHAT:
         body = read_chat_content(r)
     elif kind == PAYLOAD_DELIVERY:
@@ -582,10 +599,69 @@ def read_pairwise_payload(r):
         body = {"group_id": r.fixed(16)}
     elif kind == PAYLOAD_GROUP_CONTROL:
         body = {"control": read_group_control(r)}
+    elif kind == PAYLOAD_SESSION_CONFIRM:
+        body = {}
+    elif kind == PAYLOAD_TRACKED:
+        body = {"id": r.u64(),
+                "payload": read_pairwise_payload(r, inside_tracked=True)}
+    elif kind == PAYLOAD_ACK:
+        body = {"ids": r.list_of(r.u64)}
+    elif kind == PAYLOAD_GROUP_CHAT:
+        body = {"group_id": r.fixed(16), "key_id": r.u32(),
+                "message_number": r.u32(), "content": read_chat_content(r)}
     else:
         raise Malformed(f"unknown PairwisePayload kind {kind}")
     body["kind"] = kind
     return body
+
+
+def payload_as_vector(payload):
+    """A decoded payload in the form payloads.json writes: kinds by name,
+    bytes as hex, a ChatContent under "chat"."""
+    def plain(value):
+        if isinstance(value, bytes):
+            return value.hex()
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    out = {"kind": PAYLOAD_NAMES[payload["kind"]]}
+    if payload["kind"] == PAYLOAD_CHAT:
+        out["chat"] = plain({k: payload[k]
+                             for k in ("message_id", "sent_at", "content")})
+        return out
+    for key, value in payload.items():
+        if key == "kind":
+            continue
+        if key == "payload":
+            out[key] = payload_as_vector(value)
+        elif key == "content":
+            out["chat"] = plain(value)
+        else:
+            out[key] = plain(value)
+    return out
+
+
+def equal_fields(c, name, expected, got):
+    """Compare a vector's JSON with decoded values, reading every field of
+    the vector (so coverage sees it) and requiring the same field names."""
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            c.fail(name, f"expected an object, got {show(got)}")
+            return
+        c.equal(f"{name} fields", sorted(dict.keys(expected)), sorted(got))
+        for key in dict.keys(expected):
+            if key in got:
+                equal_fields(c, f"{name}.{key}", expected[key], got[key])
+    elif isinstance(expected, list):
+        if not isinstance(got, list) or len(got) != len(expected):
+            c.fail(name, f"expected {len(expected)} items, got {show(got)}")
+            return
+        for i, (e, g) in enumerate(zip(expected, got)):
+            equal_fields(c, f"{name}[{i}]", e, g)
+    else:
+        c.equal(name, expected, got)
 
 
 def parse_exact(data, read):
@@ -1308,13 +1384,34 @@ def check_relay(c, v):
             c.true(f"relay.json {label} is refused", why in str(error), f"refused for another reason: {error}")
 
 
+def check_payloads(c, v):
+    """Every pairwise payload kind and group control kind decodes from its
+    encoding to exactly the fields the vector names (§4.2)."""
+    seen = set()
+    for i, vector in enumerate(v["payloads"]):
+        name = f"payloads.json payloads[{i}] {vector['kind']}"
+        payload = check_parse(c, f"{name} decodes exactly",
+                              h(vector["encoding"]), read_pairwise_payload)
+        if payload is None:
+            continue
+        expected = {k: vector[k] for k in dict.keys(vector) if k != "encoding"}
+        equal_fields(c, name, expected, payload_as_vector(payload))
+        seen.add(PAYLOAD_NAMES[payload["kind"]])
+        if payload["kind"] == PAYLOAD_GROUP_CONTROL:
+            seen.add("GroupControl." + payload["control"]["kind"])
+    every = set(PAYLOAD_NAMES) | {"GroupControl." + k for k in
+                                  ("Invite", "MemberAdded", "Leave",
+                                   "MemberLeft")}
+    c.equal("payloads.json covers every kind", sorted(every), sorted(seen))
+
+
 def main(argv):
     directory = argv[1] if len(argv) > 1 else os.path.dirname(
         os.path.abspath(__file__))
     c = Checker()
     docs = {}
     for name in ("kdf.json", "key_exchange.json", "ratchet.json", "group.json",
-                 "relay.json"):
+                 "relay.json", "payloads.json"):
         try:
             docs[name] = load_json(directory, name)
         except (OSError, ValueError) as error:
@@ -1337,6 +1434,8 @@ def main(argv):
                   ratchet_messages)
     if "relay.json" in docs:
         c.section("relay.json", check_relay, docs["relay.json"])
+    if "payloads.json" in docs:
+        c.section("payloads.json", check_payloads, docs["payloads.json"])
 
     # Coverage: a vector field nobody looked at was not checked.
     for name, doc in docs.items():
