@@ -395,12 +395,58 @@ fn generate() -> Vec<(&'static str, Value)> {
 /// Relay frames (§7a), each with its fields and its encoding; the frames
 /// whose layout is easiest to get wrong: options, lists, strings, and the
 /// newest kinds.
+/// A signed peer record (§7a) from a fixed identity, with its fields as the
+/// vectors write them.
+fn peer_record() -> (IdentitySeed, p2pchat_protocol::relay::PeerRecord, Value) {
+    use p2pchat_protocol::relay::PeerRecord;
+    let seed = IdentitySeed::from_bytes(core::array::from_fn(|i| 0x90 + i as u8));
+    let identity = IdentityKeyPair::from_seed(&seed);
+    let record = PeerRecord::sign(
+        &identity,
+        vec!["198.51.100.20:30070".into(), "[2001:db8::20]:30070".into()],
+        vec!["relay.example.net:30071".into()],
+        T0,
+        Timestamp(T0.0 + 24 * 60 * 60 * 1000),
+        5,
+    );
+    let fields = json!({
+        "peer_id": h(record.peer_id.0),
+        "identity_key": h(record.identity_key),
+        "direct_addresses": record.direct_addresses,
+        "relay_addresses": record.relay_addresses,
+        "timestamp": record.timestamp.0,
+        "expires_at": record.expires_at.0,
+        "sequence": record.sequence,
+        "signature": h(record.signature.0),
+    });
+    (seed, record, fields)
+}
+
 fn relay_vectors() -> Value {
-    use p2pchat_protocol::relay::{Refusal, RelayFrame};
+    use p2pchat_protocol::relay::{PublishRefusal, Refusal, RelayFrame};
     let peer = PeerId([0x5a; 20]);
+    let (seed, record, record_fields) = peer_record();
+    record.verify_signature().unwrap();
     let frames = [
         (json!({"kind": "Register"}), RelayFrame::Register),
         (json!({"kind": "Registered"}), RelayFrame::Registered),
+        (json!({"kind": "Publish", "record": record_fields.clone()}), RelayFrame::Publish(record.clone())),
+        (
+            json!({"kind": "LookupResult", "peer": h(record.peer_id.0), "record": record_fields.clone()}),
+            RelayFrame::LookupResult { peer: record.peer_id, record: Some(record.clone()) },
+        ),
+        (
+            json!({"kind": "LookupResult", "peer": h(peer.0), "record": null}),
+            RelayFrame::LookupResult { peer, record: None },
+        ),
+        (json!({"kind": "Forwarded", "id": 300}), RelayFrame::Forwarded { id: 300 }),
+        (json!({"kind": "Held", "id": 301}), RelayFrame::Held { id: 301 }),
+        (json!({"kind": "FetchMailbox"}), RelayFrame::FetchMailbox),
+        (json!({"kind": "Published", "sequence": 5}), RelayFrame::Published { sequence: 5 }),
+        (
+            json!({"kind": "PublishRefused", "sequence": 5, "reason": "TooManyFromAddress"}),
+            RelayFrame::PublishRefused { sequence: 5, reason: PublishRefusal::TooManyFromAddress },
+        ),
         (json!({"kind": "Lookup", "peer": h(peer.0)}), RelayFrame::Lookup { peer }),
         (
             json!({"kind": "Forward", "to": h(peer.0), "id": 300, "mailbox_allowed": true, "envelope": h([1, 2, 3])}),
@@ -437,7 +483,13 @@ fn relay_vectors() -> Value {
             fields
         })
         .collect();
-    json!({ "frames": frames })
+    let record_vector = json!({
+        "identity_seed": h(seed.as_bytes()),
+        "record": record_fields,
+        "transcript": h(record.transcript()),
+        "encoding": h(postcard::to_stdvec(&record).unwrap()),
+    });
+    json!({ "frames": frames, "peer_record": record_vector })
 }
 
 /// One vector per pairwise payload kind and per group control kind (§4.2):

@@ -1301,6 +1301,9 @@ RELAY_FRAME_KINDS = 15
 
 REFUSALS = ["Quota", "Rate", "TooLarge", "RecipientOffline", "NotRegistered",
             "UnknownRecipient"]
+PUBLISH_REFUSALS = ["NotRegistered", "Rate", "OtherPeer", "LifetimeTooLong",
+                    "Invalid", "Stale", "Full", "TooManyFromAddress"]
+PEER_RECORD_LABEL = b"p2pchat/v1/peer-record"
 
 
 def read_option(r, read_one):
@@ -1327,21 +1330,47 @@ def read_refusal(r):
     return REFUSALS[kind]
 
 
+def read_publish_refusal(r):
+    kind = r.u32()
+    if kind >= len(PUBLISH_REFUSALS):
+        raise Malformed(f"unknown publish refusal {kind}")
+    return PUBLISH_REFUSALS[kind]
+
+
+def read_peer_record(r):
+    """PeerRecord (§7a), with bytes as hex as the vectors write them."""
+    return {"peer_id": r.fixed(20).hex(), "identity_key": r.fixed(32).hex(),
+            "direct_addresses": r.list_of(r.string),
+            "relay_addresses": r.list_of(r.string),
+            "timestamp": r.u64(), "expires_at": r.u64(),
+            "sequence": r.u64(), "signature": r.fixed(64).hex()}
+
+
 # The frame kinds this checker reads, by number, with their fields in order
 # as §7a lists them. Values come back as the vectors write them: bytes as
 # hex, none as None.
 RELAY_FRAMES = {
     0: ("Register", []),
     1: ("Registered", []),
+    2: ("Publish", [("record", read_peer_record)]),
     3: ("Lookup", [("peer", lambda r: r.fixed(20).hex())]),
+    4: ("LookupResult", [("peer", lambda r: r.fixed(20).hex()),
+                         ("record",
+                          lambda r: read_option(r, lambda: read_peer_record(r)))]),
     5: ("Forward", [("to", lambda r: r.fixed(20).hex()), ("id", Reader.u64),
                     ("mailbox_allowed", read_bool),
                     ("envelope", lambda r: r.byte_string().hex())]),
+    6: ("Forwarded", [("id", Reader.u64)]),
+    7: ("Held", [("id", Reader.u64)]),
     8: ("Refused", [("id", Reader.u64), ("reason", read_refusal)]),
     9: ("Deliver", [("from", lambda r: r.fixed(20).hex()),
                     ("mailbox_id", lambda r: read_option(r, r.u64)),
                     ("envelope", lambda r: r.byte_string().hex())]),
+    10: ("FetchMailbox", []),
     11: ("MailboxAck", [("ids", lambda r: r.list_of(r.u64))]),
+    12: ("Published", [("sequence", Reader.u64)]),
+    13: ("PublishRefused", [("sequence", Reader.u64),
+                            ("reason", read_publish_refusal)]),
     14: ("Observed", [("address", Reader.string)]),
 }
 
@@ -1361,7 +1390,34 @@ def read_relay_frame(r):
     return frame
 
 
+def check_peer_record(c, v):
+    """The signed record: its key is the seed's, hashes to its peer ID, and
+    signs the transcript of §7a (the record with a zeroed signature)."""
+    name = "relay.json peer_record"
+    seed = h(v["identity_seed"])
+    record = check_parse(c, f"{name} decodes exactly", h(v["encoding"]),
+                         read_peer_record)
+    if record is None:
+        return
+    equal_fields(c, f"{name} .record", v["record"], record)
+    key = h(record["identity_key"])
+    c.equal(f"{name} key is the seed's", ed25519_public(seed), key)
+    c.equal(f"{name} key hashes to peer_id", peer_id(key),
+            h(record["peer_id"]))
+    encoding = h(v["encoding"])
+    transcript = PEER_RECORD_LABEL + VERSION + encoding[:-64] + bytes(64)
+    c.equal(f"{name} transcript", h(v["transcript"]), transcript)
+    signature = h(record["signature"])
+    c.equal(f"{name} signature", ed25519_sign(seed, transcript), signature)
+    reason = ed25519_verify_strict(key, transcript, signature)
+    c.true(f"{name} signature verifies strictly", reason is None, reason)
+
+
 def check_relay(c, v):
+    c.section("relay.json peer_record", check_peer_record, v["peer_record"])
+    c.equal("relay.json covers every frame kind",
+            sorted(name for name, _ in RELAY_FRAMES.values()),
+            sorted({vector["kind"] for vector in v["frames"]}))
     for i, vector in enumerate(v["frames"]):
         name = f"relay.json frames[{i}] {vector['kind']}"
         frame = check_parse(c, f"{name} decodes exactly",
@@ -1369,7 +1425,7 @@ def check_relay(c, v):
         if frame is None:
             continue
         for field, value in frame.items():
-            c.equal(f"{name} .{field}", vector[field], value)
+            equal_fields(c, f"{name} .{field}", vector[field], value)
         # Every field the vector names was decoded from the bytes.
         c.equal(f"{name} fields", sorted(set(dict.keys(vector)) - {"encoding"}),
                 sorted(frame))
