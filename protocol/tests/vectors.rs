@@ -315,12 +315,17 @@ fn generate() -> Vec<(&'static str, Value)> {
     let mut bob_group = GroupSession::new(gid, bob.identity.peer_id(), members, &mut rng).unwrap();
     let mut alice_group = GroupSession::new(gid, alice.identity.peer_id(), members, &mut rng).unwrap();
     let distribution: SenderKeyDistribution = bob_group.distribution();
-    let dist_payload = PairwisePayload::SenderKeyDistribution(distribution.clone());
+    // Tracked, as every sender key distribution travels (§4.2).
+    let dist_payload = PairwisePayload::Tracked {
+        id: 1,
+        payload: Box::new(PairwisePayload::SenderKeyDistribution(distribution.clone())),
+    };
     let theirs = public_of(&alice.ratchet_secret);
     let (e, m) = ratchet_message(&mut bob, "alice", theirs, &mut bob_mirror, &dist_payload, &mut rng);
     messages.push(e);
     let got = alice.sessions.decrypt(&m, T0.saturating_add_millis(600)).unwrap();
-    let PairwisePayload::SenderKeyDistribution(received) = PairwisePayload::decode(&got).unwrap() else { panic!() };
+    let PairwisePayload::Tracked { payload, .. } = PairwisePayload::decode(&got).unwrap() else { panic!() };
+    let PairwisePayload::SenderKeyDistribution(received) = *payload else { panic!() };
     alice_group.accept_distribution(&bob.identity.peer_id(), &received, p2pchat_protocol::Timestamp(0)).unwrap();
 
     let mut group_messages = Vec::new();
@@ -363,9 +368,9 @@ fn generate() -> Vec<(&'static str, Value)> {
         "alice_identity_public": h(alice.identity.public().to_bytes()),
         "bob_identity_public": h(bob.identity.public().to_bytes()),
         "messages": messages,
-        "delivery_order": delivery_order,
+        "delivery_order": [0, 1, 3, 2, 4],
         "timeline": ["send 0", "send 1", "send 2", "send 3", "deliver 0", "deliver 1", "deliver 3", "deliver 2", "send 4", "deliver 4"],
-        "note": "messages[4] carries the group's sender key distribution (see group.json)",
+        "note": "messages[4] carries the group's sender key distribution, tracked (see group.json)",
     });
     let group = json!({
         "group_id": gid.to_string(),

@@ -1099,7 +1099,7 @@ def timeline_events(v, message_count):
         action, index = entry.split()
         events.append((action, int(index)))
     delivered = [i for action, i in events if action == "deliver"]
-    if delivered[:len(v["delivery_order"])] != list(v["delivery_order"]):
+    if delivered != list(v["delivery_order"]):
         raise ValueError("timeline deliveries disagree with delivery_order")
     yield from events
 
@@ -1189,6 +1189,10 @@ def check_group(c, v, kx, ratchet_messages):
                        read_pairwise_payload)
     if dist is None:
         return
+    # §4.2: a distribution travels inside the tracked wrapper.
+    c.equal("group distribution travels tracked", PAYLOAD_TRACKED, dist["kind"])
+    if dist["kind"] == PAYLOAD_TRACKED:
+        dist = dist["payload"]
     c.equal("group distribution kind", PAYLOAD_SENDER_KEY_DISTRIBUTION,
             dist["kind"])
     c.equal("group distribution .group_id", group_id, dist["group_id"])
