@@ -494,7 +494,7 @@ fn relay_vectors() -> Value {
         "transcript": h(record.transcript()),
         "encoding": h(postcard::to_stdvec(&record).unwrap()),
     });
-    json!({ "frames": frames, "peer_record": record_vector })
+    json!({ "frames": frames, "peer_record": record_vector, "refusals": relay_refusals() })
 }
 
 /// One vector per pairwise payload kind and per group control kind (§4.2):
@@ -588,7 +588,66 @@ fn payload_vectors() -> Value {
             fields
         })
         .collect();
-    json!({ "payloads": payloads })
+    json!({ "payloads": payloads, "refusals": payload_refusals() })
+}
+
+/// The name §8 gives a decoding refusal.
+fn refusal_name(error: &p2pchat_protocol::wire::WireError) -> &'static str {
+    use p2pchat_protocol::wire::WireError;
+    match error {
+        WireError::Empty => "empty",
+        WireError::TooLarge { .. } => "too large",
+        WireError::UnsupportedVersion(_) => "unsupported version",
+        WireError::UnknownKind(_) => "unknown kind",
+        WireError::Malformed { .. } => "malformed",
+    }
+}
+
+/// Refusal vectors: each input, how to decode it, and the refusal this
+/// implementation gives (which the independent checker must give too).
+fn refusals(decode_as: &str, cases: Vec<(&str, Vec<u8>)>, decode: impl Fn(&[u8]) -> Option<&'static str>) -> Value {
+    let entries: Vec<Value> = cases
+        .into_iter()
+        .map(|(name, input)| {
+            let refusal = decode(&input).unwrap_or_else(|| panic!("{name}: decoded; it must be refused"));
+            json!({"name": name, "decode_as": decode_as, "input": h(&input), "refusal": refusal})
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+fn payload_refusals() -> Value {
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let cases = vec![
+        ("empty", vec![]),
+        ("unknown payload kind 10", vec![0x0a]),
+        ("unknown group control kind 4", vec![0x05, 0x04]),
+        ("a Tracked payload holding a Tracked payload", vec![0x07, 0x01, 0x07, 0x01, 0x06]),
+        ("a Tracked payload holding an Ack", vec![0x07, 0x01, 0x08, 0x00]),
+        ("a trailing byte after SessionConfirm", vec![0x06, 0x00]),
+        ("a non-minimal varint (Ack id 1 as 0x81 0x00)", vec![0x08, 0x01, 0x81, 0x00]),
+        ("a DeliveryReceipt cut short", cat(&[&[0x01, 0x01], &[0x11; 15]])),
+        ("a list longer than the input", vec![0x08, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+        ("Chat content that is not UTF-8", cat(&[&[0x00], &[0x11; 16], &[0x00, 0x01, 0xff]])),
+    ];
+    refusals("PairwisePayload", cases, |b| PairwisePayload::decode(b).err().map(|e| refusal_name(&e)))
+}
+
+fn relay_refusals() -> Value {
+    use p2pchat_protocol::relay::RelayFrame;
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let cases = vec![
+        ("empty", vec![]),
+        ("unsupported version 2", vec![0x02, 0x00]),
+        ("unknown frame kind 15", vec![0x01, 0x0f]),
+        ("a trailing byte after Register", vec![0x01, 0x00, 0x00]),
+        ("a bool byte 2 (Forward.mailbox_allowed)", cat(&[&[0x01, 0x05], &[0x5a; 20], &[0x01, 0x02, 0x00]])),
+        ("an option tag 2 (LookupResult.record)", cat(&[&[0x01, 0x04], &[0x5a; 20], &[0x02]])),
+        ("unknown refusal 6", vec![0x01, 0x08, 0x01, 0x06]),
+        ("unknown publish refusal 8", vec![0x01, 0x0d, 0x05, 0x08]),
+        ("an Observed address cut short", vec![0x01, 0x0e, 0x05, b'1', b'.', b'2']),
+    ];
+    refusals("RelayFrame", cases, |b| RelayFrame::decode(b).err().map(|e| refusal_name(&e)))
 }
 
 #[test]

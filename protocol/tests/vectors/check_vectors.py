@@ -410,7 +410,25 @@ def group_transcript(group_id, sender, key_id, n, ciphertext):
 # ---------------------------------------------------------------------------
 
 class Malformed(Exception):
-    pass
+    """Bytes that are not a canonical v1 encoding. Its subclasses are the
+    other decoding refusals of §8; `refusal` is the name §8 gives."""
+    refusal = "malformed"
+
+
+class Empty(Malformed):
+    refusal = "empty"
+
+
+class TooLarge(Malformed):
+    refusal = "too large"
+
+
+class UnsupportedVersion(Malformed):
+    refusal = "unsupported version"
+
+
+class UnknownKind(Malformed):
+    refusal = "unknown kind"
 
 
 class Reader:
@@ -534,15 +552,15 @@ def parse_envelope(data):
     """VERSION, then the postcard enum (kind varint + body). Returns
     (kind, fields); raises Malformed with the §4 refusal reason."""
     if not data:
-        raise Malformed("empty input")
+        raise Empty("empty input")
     if len(data) > MAX_ENVELOPE_LEN:
-        raise Malformed("envelope over MAX_ENVELOPE_LEN")
+        raise TooLarge("envelope over MAX_ENVELOPE_LEN")
     if data[:1] != VERSION:
-        raise Malformed(f"unsupported version {data[0]}")
+        raise UnsupportedVersion(f"unsupported version {data[0]}")
     r = Reader(data[1:])
     kind = r.u32()
     if kind not in ENVELOPE_BODIES:
-        raise Malformed(f"unknown kind {kind}")
+        raise UnknownKind(f"unknown kind {kind}")
     body = ENVELOPE_BODIES[kind](r)
     r.finish()
     return kind, body
@@ -573,7 +591,7 @@ def read_group_control(r):
     if kind == 3:
         return {"kind": "MemberLeft", "group_id": r.fixed(16),
                 "member": read_roster_entry(r)}
-    raise Malformed(f"unknown GroupControl kind {kind}")
+    raise UnknownKind(f"unknown GroupControl kind {kind}")
 
 
 def read_pairwise_payload(r, inside_tracked=False):
@@ -610,7 +628,7 @@ def read_pairwise_payload(r, inside_tracked=False):
         body = {"group_id": r.fixed(16), "key_id": r.u32(),
                 "message_number": r.u32(), "content": read_chat_content(r)}
     else:
-        raise Malformed(f"unknown PairwisePayload kind {kind}")
+        raise UnknownKind(f"unknown PairwisePayload kind {kind}")
     body["kind"] = kind
     return body
 
@@ -1302,6 +1320,7 @@ def check_group(c, v, kx, ratchet_messages):
 
 # Kinds 0 to 14 exist (§7a); a higher one is refused by every reader.
 RELAY_FRAME_KINDS = 15
+MAX_FRAME_LEN = 263_168
 
 REFUSALS = ["Quota", "Rate", "TooLarge", "RecipientOffline", "NotRegistered",
             "UnknownRecipient"]
@@ -1380,11 +1399,15 @@ RELAY_FRAMES = {
 
 
 def read_relay_frame(r):
+    if not r.data:
+        raise Empty("empty frame")
+    if len(r.data) > MAX_FRAME_LEN:
+        raise TooLarge("frame over the 263,168-byte limit")
     if r.u8() != VERSION[0]:
-        raise Malformed("not version 1")
+        raise UnsupportedVersion("not version 1")
     kind = r.u32()
     if kind >= RELAY_FRAME_KINDS:
-        raise Malformed(f"unknown relay frame kind {kind}")
+        raise UnknownKind(f"unknown relay frame kind {kind}")
     if kind not in RELAY_FRAMES:
         raise NotImplementedError(f"relay frame kind {kind} is not read by this checker")
     name, fields = RELAY_FRAMES[kind]
@@ -1465,6 +1488,20 @@ def check_payloads(c, v):
     c.equal("payloads.json covers every kind", sorted(every), sorted(seen))
 
 
+def check_refusals(c, file, refusals, decoders):
+    """Each refusal (§8): the input is refused, for the reason named."""
+    for i, vector in enumerate(refusals):
+        name = f"{file} refusals[{i}] {vector['name']}"
+        read = decoders[vector["decode_as"]]
+        try:
+            parse_exact(h(vector["input"]), read)
+            c.fail(name, "decoded; it must be refused")
+        except Malformed as error:
+            c.equal(f"{name} is refused as {vector['refusal']}",
+                    vector["refusal"], f"{error.refusal} ({error})"
+                    if error.refusal != vector["refusal"] else error.refusal)
+
+
 def main(argv):
     directory = argv[1] if len(argv) > 1 else os.path.dirname(
         os.path.abspath(__file__))
@@ -1496,6 +1533,12 @@ def main(argv):
         c.section("relay.json", check_relay, docs["relay.json"])
     if "payloads.json" in docs:
         c.section("payloads.json", check_payloads, docs["payloads.json"])
+    decoders = {"PairwisePayload": read_pairwise_payload,
+                "RelayFrame": read_relay_frame}
+    for name in ("payloads.json", "relay.json"):
+        if name in docs:
+            c.section(f"{name} refusals", check_refusals, name,
+                      docs[name]["refusals"], decoders)
 
     # Coverage: a vector field nobody looked at was not checked.
     for name, doc in docs.items():
