@@ -494,7 +494,12 @@ fn relay_vectors() -> Value {
         "transcript": h(record.transcript()),
         "encoding": h(postcard::to_stdvec(&record).unwrap()),
     });
-    json!({ "frames": frames, "peer_record": record_vector, "refusals": relay_refusals() })
+    json!({
+        "frames": frames,
+        "peer_record": record_vector,
+        "refusals": relay_refusals(),
+        "record_refusals": record_refusals(),
+    })
 }
 
 /// One vector per pairwise payload kind and per group control kind (§4.2):
@@ -648,6 +653,84 @@ fn relay_refusals() -> Value {
         ("an Observed address cut short", vec![0x01, 0x0e, 0x05, b'1', b'.', b'2']),
     ];
     refusals("RelayFrame", cases, |b| RelayFrame::decode(b).err().map(|e| refusal_name(&e)))
+}
+
+/// Peer record refusals (§7a): each record has exactly one defect, and is
+/// refused with the name this implementation gives, which the checker must
+/// give too.
+fn record_refusals() -> Value {
+    use p2pchat_protocol::identity::IdentityError;
+    use p2pchat_protocol::relay::{PeerRecord, RecordError};
+    use p2pchat_protocol::wire::Signature64;
+    let (seed, good, _) = peer_record();
+    let owner = IdentityKeyPair::from_seed(&seed);
+    let other = IdentityKeyPair::from_seed(&IdentitySeed::from_bytes([0x33; 32]));
+    let resign = |mut record: PeerRecord, by: &IdentityKeyPair| {
+        record.signature = Signature64([0; 64]);
+        record.signature = Signature64(by.sign(&record.transcript()));
+        record
+    };
+    let peer_of = |key: &[u8; 32]| {
+        let digest = Sha256::digest(key);
+        PeerId(digest[..20].try_into().unwrap())
+    };
+    // The first 32-byte string (a little-endian y, sign bit clear) that is
+    // not the encoding of a curve point.
+    let not_a_point: [u8; 32] = (2u8..)
+        .map(|y| core::array::from_fn(|i| if i == 0 { y } else { 0 }))
+        .find(|bytes| ed25519_dalek::VerifyingKey::from_bytes(bytes).is_err())
+        .unwrap();
+    let ok_until = good.expires_at;
+    let mut cases: Vec<(&str, PeerRecord, Timestamp, Option<u64>)> = Vec::new();
+    cases.push(("signed by another identity", resign(good.clone(), &other), T0, None));
+    let mut foreign_key = good.clone();
+    foreign_key.identity_key = other.public().to_bytes();
+    cases.push(("a key that does not hash to the peer ID", resign(foreign_key, &other), T0, None));
+    let mut bad_point = good.clone();
+    bad_point.identity_key = not_a_point;
+    bad_point.peer_id = peer_of(&not_a_point);
+    cases.push(("a key that is not a curve point", bad_point, T0, None));
+    let mut flipped = good.clone();
+    flipped.signature.0[10] ^= 0x01;
+    cases.push(("a signature with one bit flipped", flipped, T0, None));
+    let mut altered = good.clone();
+    altered.sequence += 1;
+    cases.push(("a field changed after signing", altered, T0, None));
+    let mut malleable = good.clone();
+    // S + l: the same equation holds, but strict verification refuses it.
+    let l: [u8; 32] =
+        hex::decode("edd3f55c1a631258d69cf7a2def9de1400000000000000000000000000000010").unwrap().try_into().unwrap();
+    let mut carry = 0u16;
+    for (s_byte, l_byte) in malleable.signature.0[32..].iter_mut().zip(l) {
+        let sum = u16::from(*s_byte) + u16::from(l_byte) + carry;
+        *s_byte = sum as u8;
+        carry = sum >> 8;
+    }
+    cases.push(("a signature with S not below l", malleable, T0, None));
+    cases.push(("expired (now is its expiry)", good.clone(), ok_until, None));
+    cases.push(("older than the one held", good.clone(), T0, Some(good.sequence + 1)));
+    let mut many = good.clone();
+    many.direct_addresses = (0..17).map(|i| format!("198.51.100.{i}:30070")).collect();
+    cases.push(("17 direct addresses", resign(many, &owner), T0, None));
+    let mut long = good.clone();
+    long.relay_addresses = vec![format!("{}.example:1", "a".repeat(247))];
+    cases.push(("a relay address of 257 bytes", resign(long, &owner), T0, None));
+    let entries: Vec<Value> = cases
+        .into_iter()
+        .map(|(name, record, now, known)| {
+            let refusal = match record.verify(now, known) {
+                Ok(()) => panic!("{name}: verified; it must be refused"),
+                Err(RecordError::TooLarge) => "too large",
+                Err(RecordError::Expired { .. }) => "expired",
+                Err(RecordError::Stale { .. }) => "stale",
+                Err(RecordError::Identity(IdentityError::PeerIdMismatch { .. })) => "identity mismatch",
+                Err(RecordError::Identity(IdentityError::InvalidPublicKey)) => "invalid key",
+                Err(RecordError::Identity(IdentityError::BadSignature)) => "bad signature",
+            };
+            json!({"name": name, "record": h(record.encode()), "now": now.0, "known_sequence": known, "refusal": refusal})
+        })
+        .collect();
+    Value::Array(entries)
 }
 
 #[test]

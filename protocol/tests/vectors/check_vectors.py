@@ -1440,8 +1440,47 @@ def check_peer_record(c, v):
     c.true(f"{name} signature verifies strictly", reason is None, reason)
 
 
+MAX_ADDRESSES, MAX_ADDRESS_LEN = 16, 256
+
+
+def record_refusal(encoding, now, known_sequence):
+    """What a reader refuses a peer record for (§7a), or None if it takes
+    it: sizes, the key against the peer ID, the key itself, the strict
+    signature, the expiry, the sequence against one held."""
+    record = parse_exact(encoding, read_peer_record)
+    for kind in ("direct_addresses", "relay_addresses"):
+        addresses = record[kind]
+        if len(addresses) > MAX_ADDRESSES or any(
+                len(a.encode()) > MAX_ADDRESS_LEN for a in addresses):
+            return "too large"
+    key = h(record["identity_key"])
+    if peer_id(key) != h(record["peer_id"]):
+        return "identity mismatch"
+    if ed_decode(key) is None:
+        return "invalid key"
+    transcript = PEER_RECORD_LABEL + VERSION + encoding[:-64] + bytes(64)
+    if ed25519_verify_strict(key, transcript, h(record["signature"])):
+        return "bad signature"
+    if record["expires_at"] <= now:
+        return "expired"
+    if known_sequence is not None and record["sequence"] <= known_sequence:
+        return "stale"
+    return None
+
+
+def check_record_refusals(c, refusals):
+    for i, vector in enumerate(refusals):
+        name = f"relay.json record_refusals[{i}] {vector['name']}"
+        got = record_refusal(h(vector["record"]), vector["now"],
+                             vector["known_sequence"])
+        c.equal(f"{name} is refused as {vector['refusal']}",
+                vector["refusal"], got)
+
+
 def check_relay(c, v):
     c.section("relay.json peer_record", check_peer_record, v["peer_record"])
+    c.section("relay.json record_refusals", check_record_refusals,
+              v["record_refusals"])
     c.equal("relay.json covers every frame kind",
             sorted(name for name, _ in RELAY_FRAMES.values()),
             sorted({vector["kind"] for vector in v["frames"]}))
