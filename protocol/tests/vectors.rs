@@ -219,6 +219,7 @@ fn generate() -> Vec<(&'static str, Value)> {
     };
     let bob_eph = rng.last32.unwrap();
     assert_eq!(public_of(&bob_eph), accepted.ack.ephemeral);
+    let pending_bytes = pending.to_bytes();
     let alice_session = pending.complete(&accepted.ack).unwrap();
     let req_t = handshake::request_transcript(&alice_id.peer_id(), &request);
     let ack_t = handshake::ack_transcript(&alice_id.peer_id(), &bob_id.peer_id(), &request, &accepted.ack.ephemeral);
@@ -263,6 +264,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "session_id": h(&th[..16]),
         "conversation_id": conversation_id.to_string(),
         "binding": h(binding),
+        "refusals": kx_refusals(&alice_id, &bob_id, &carol_id, &request, &accepted.ack, &pending_bytes),
     });
 
     // ---- ratchet: Bob sends first on the key exchange chain; Alice answers
@@ -674,12 +676,7 @@ fn record_refusals() -> Value {
         let digest = Sha256::digest(key);
         PeerId(digest[..20].try_into().unwrap())
     };
-    // The first 32-byte string (a little-endian y, sign bit clear) that is
-    // not the encoding of a curve point.
-    let not_a_point: [u8; 32] = (2u8..)
-        .map(|y| core::array::from_fn(|i| if i == 0 { y } else { 0 }))
-        .find(|bytes| ed25519_dalek::VerifyingKey::from_bytes(bytes).is_err())
-        .unwrap();
+    let not_a_point = not_a_point();
     let ok_until = good.expires_at;
     let mut cases: Vec<(&str, PeerRecord, Timestamp, Option<u64>)> = Vec::new();
     cases.push(("signed by another identity", resign(good.clone(), &other), T0, None));
@@ -697,15 +694,7 @@ fn record_refusals() -> Value {
     altered.sequence += 1;
     cases.push(("a field changed after signing", altered, T0, None));
     let mut malleable = good.clone();
-    // S + l: the same equation holds, but strict verification refuses it.
-    let l: [u8; 32] =
-        hex::decode("edd3f55c1a631258d69cf7a2def9de1400000000000000000000000000000010").unwrap().try_into().unwrap();
-    let mut carry = 0u16;
-    for (s_byte, l_byte) in malleable.signature.0[32..].iter_mut().zip(l) {
-        let sum = u16::from(*s_byte) + u16::from(l_byte) + carry;
-        *s_byte = sum as u8;
-        carry = sum >> 8;
-    }
+    malleate(&mut malleable.signature.0);
     cases.push(("a signature with S not below l", malleable, T0, None));
     cases.push(("expired (now is its expiry)", good.clone(), ok_until, None));
     cases.push(("older than the one held", good.clone(), T0, Some(good.sequence + 1)));
@@ -730,6 +719,150 @@ fn record_refusals() -> Value {
             json!({"name": name, "record": h(record.encode()), "now": now.0, "known_sequence": known, "refusal": refusal})
         })
         .collect();
+    Value::Array(entries)
+}
+
+/// The name §8 gives a key exchange refusal.
+fn kx_refusal_name(error: &handshake::KeyExchangeError) -> &'static str {
+    use handshake::KeyExchangeError;
+    use p2pchat_protocol::identity::IdentityError;
+    match error {
+        KeyExchangeError::NotForUs { .. } => "not for us",
+        KeyExchangeError::Identity(IdentityError::PeerIdMismatch { .. }) => "identity mismatch",
+        KeyExchangeError::Identity(IdentityError::InvalidPublicKey) => "invalid key",
+        KeyExchangeError::Identity(IdentityError::BadSignature) => "bad signature",
+        KeyExchangeError::Stale { .. } => "stale",
+        KeyExchangeError::Replayed { .. } => "replayed",
+        KeyExchangeError::AckMismatch => "ack mismatch",
+        KeyExchangeError::InvalidEphemeralKey => "invalid ephemeral key",
+    }
+}
+
+/// The first 32-byte string (a little-endian y, sign bit clear) that does
+/// not encode a curve point.
+fn not_a_point() -> [u8; 32] {
+    (2u8..)
+        .map(|y| core::array::from_fn(|i| if i == 0 { y } else { 0 }))
+        .find(|bytes: &[u8; 32]| ed25519_dalek::VerifyingKey::from_bytes(bytes).is_err())
+        .unwrap()
+}
+
+/// `S + l`: a signature the same equation accepts, which strict
+/// verification refuses.
+fn malleate(signature: &mut [u8; 64]) {
+    let l: [u8; 32] =
+        hex::decode("edd3f55c1a631258d69cf7a2def9de1400000000000000000000000000000010").unwrap().try_into().unwrap();
+    let mut carry = 0u16;
+    for (s_byte, l_byte) in signature[32..].iter_mut().zip(l) {
+        let sum = u16::from(*s_byte) + u16::from(l_byte) + carry;
+        *s_byte = sum as u8;
+        carry = sum >> 8;
+    }
+}
+
+/// Key exchange refusals (§5.1): requests Bob must refuse, each with the
+/// transport's `from`, Bob's clock and the freshness mark he holds; acks
+/// Alice must refuse while her request of `key_exchange.json` is pending.
+fn kx_refusals(
+    alice: &IdentityKeyPair,
+    bob: &IdentityKeyPair,
+    carol: &IdentityKeyPair,
+    request: &p2pchat_protocol::wire::KeyExchangeRequest,
+    ack: &p2pchat_protocol::wire::KeyExchangeAck,
+    pending: &[u8],
+) -> Value {
+    use p2pchat_protocol::wire::{KeyExchangeAck, KeyExchangeRequest, Signature64};
+    let now = T0.saturating_add_millis(40);
+    let sign_request = |mut r: KeyExchangeRequest, by: &IdentityKeyPair, from: &PeerId| {
+        r.signature = Signature64([0; 64]);
+        r.signature = Signature64(by.sign(&handshake::request_transcript(from, &r)));
+        r
+    };
+    let sign_ack = |mut a: KeyExchangeAck| {
+        a.signature =
+            Signature64(bob.sign(&handshake::ack_transcript(&alice.peer_id(), &bob.peer_id(), request, &a.ephemeral)));
+        a
+    };
+    let mark = |t: Timestamp, nonce: [u8; 16]| handshake::AnsweredRequest {
+        mark: handshake::RequestMark { timestamp: t, nonce },
+        ack: KeyExchangeAck { initiator_ephemeral: [0x77; 32], ..ack.clone() },
+    };
+    let a = alice.peer_id();
+    let invalid = not_a_point();
+    let invalid_id = PeerId(Sha256::digest(invalid)[..20].try_into().unwrap());
+    let mut to_carol = request.clone();
+    to_carol.responder = carol.peer_id();
+    let mut bad_key = request.clone();
+    bad_key.initiator_identity = invalid;
+    let mut flipped = request.clone();
+    flipped.signature.0[3] ^= 0x80;
+    let mut malleable = request.clone();
+    malleable.signature.0 = {
+        let mut s = request.signature.0;
+        malleate(&mut s);
+        s
+    };
+    let mut zero_ephemeral = request.clone();
+    zero_ephemeral.ephemeral = [0; 32];
+    let mut nonce_above = request.nonce;
+    nonce_above[15] = nonce_above[15].wrapping_add(1);
+    type Case = (&'static str, KeyExchangeRequest, PeerId, Timestamp, Option<handshake::AnsweredRequest>);
+    let requests: Vec<Case> = vec![
+        ("addressed to another peer", sign_request(to_carol, alice, &a), a, now, None),
+        ("from a peer whose key it is not", request.clone(), carol.peer_id(), now, None),
+        ("an identity key that is not a curve point", bad_key, invalid_id, now, None),
+        ("more than 10 minutes old", request.clone(), a, T0.saturating_add_millis(600_001), None),
+        ("older than the mark held", request.clone(), a, now, Some(mark(T0.saturating_add_millis(1), [0; 16]))),
+        ("equal time, nonce below the mark's", request.clone(), a, now, Some(mark(T0, nonce_above))),
+        ("the marked request with another ephemeral key", request.clone(), a, now, Some(mark(T0, request.nonce))),
+        ("a signature with one bit flipped", flipped, a, now, None),
+        ("a signature with S not below l", malleable, a, now, None),
+        ("an ephemeral key of small order", sign_request(zero_ephemeral, alice, &a), a, now, None),
+    ];
+    let mut entries = Vec::new();
+    for (name, r, from, at, last) in requests {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let error = match handshake::respond(bob, &from, &r, last.as_ref(), at, &mut rng) {
+            Err(error) => error,
+            Ok(_) => panic!("{name}: accepted; it must be refused"),
+        };
+        let mark = last.map(|l| {
+            json!({"timestamp_ms": l.mark.timestamp.as_millis(), "nonce": h(l.mark.nonce),
+                   "initiator_ephemeral": h(l.ack.initiator_ephemeral)})
+        });
+        entries.push(json!({
+            "name": name, "to": "bob", "from": from.to_string(), "now_ms": at.as_millis(), "mark": mark,
+            "envelope": h(Envelope::new(EnvelopeBody::KeyExchangeRequest(r)).encode()),
+            "refusal": kx_refusal_name(&error),
+        }));
+    }
+    let mut other_nonce = ack.clone();
+    other_nonce.request_nonce[0] ^= 1;
+    let mut other_ephemeral = ack.clone();
+    other_ephemeral.initiator_ephemeral[0] ^= 1;
+    let mut carols = ack.clone();
+    carols.responder_identity = carol.public().to_bytes();
+    let mut flipped_ack = ack.clone();
+    flipped_ack.signature.0[40] ^= 0x04;
+    let acks = vec![
+        ("an ack naming another nonce", other_nonce),
+        ("an ack naming another ephemeral key of ours", other_ephemeral),
+        ("an ack from another identity", carols),
+        ("an ack with one signature bit flipped", flipped_ack),
+        ("an ack with an ephemeral key of small order", sign_ack(KeyExchangeAck { ephemeral: [0; 32], ..ack.clone() })),
+    ];
+    for (name, a) in acks {
+        let pending = handshake::PendingKeyExchange::from_bytes(pending).unwrap();
+        let error = match pending.complete(&a) {
+            Err(refused) => refused.error,
+            Ok(_) => panic!("{name}: accepted; it must be refused"),
+        };
+        entries.push(json!({
+            "name": name, "to": "alice",
+            "envelope": h(Envelope::new(EnvelopeBody::KeyExchangeAck(a)).encode()),
+            "refusal": kx_refusal_name(&error),
+        }));
+    }
     Value::Array(entries)
 }
 

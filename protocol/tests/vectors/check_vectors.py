@@ -894,6 +894,105 @@ def check_key_exchange(c, v):
     }
 
 
+MAX_REQUEST_CLOCK_SKEW_MS = 600_000
+
+
+def small_order_dh(public, some_secret):
+    """Whether X25519 with this public key gives all zeros (§5.1 step 6)."""
+    try:
+        x25519(some_secret, public)
+        return False
+    except ZeroDH:
+        return True
+
+
+def request_refusal(id_r, from_id, data, now, mark, some_secret):
+    """What R refuses a request for (§5.1 step 2), or None if it accepts it
+    (as new or as a repeat of the one it marked)."""
+    kind, req = parse_envelope(data)
+    if kind != KIND_KX_REQUEST:
+        raise Malformed(f"envelope kind {kind} is not a key exchange request")
+    if req["responder"] != id_r:
+        return "not for us"
+    ik = req["initiator_identity"]
+    if peer_id(ik) != from_id:
+        return "identity mismatch"
+    point = ed_decode(ik)
+    if point is None or ed_is_small_order(point):
+        return "invalid key"
+    t, nonce = req["timestamp"], req["nonce"]
+    if abs(t - now) > MAX_REQUEST_CLOCK_SKEW_MS:
+        return "stale"
+    transcript = request_transcript(from_id, id_r, req["ephemeral"], t, nonce)
+    # A mark too far ahead of our clock is set aside.
+    if mark is not None and mark["timestamp_ms"] - now <= MAX_REQUEST_CLOCK_SKEW_MS:
+        held = (mark["timestamp_ms"], h(mark["nonce"]))
+        same_ephemeral = req["ephemeral"] == h(mark["initiator_ephemeral"])
+        if (t, nonce) == held and same_ephemeral:
+            return "bad signature" if ed25519_verify_strict(
+                ik, transcript, req["signature"]) else None
+        if (t, nonce) <= held:
+            return "replayed"
+    if ed25519_verify_strict(ik, transcript, req["signature"]):
+        return "bad signature"
+    if small_order_dh(req["ephemeral"], some_secret):
+        return "invalid ephemeral key"
+    return None
+
+
+def ack_refusal(id_i, id_r, e_i_secret, t, nonce, data):
+    """What I refuses an ack for while its request is pending (§5.1 step
+    3), or None if it accepts it."""
+    kind, ack = parse_envelope(data)
+    if kind != KIND_KX_ACK:
+        raise Malformed(f"envelope kind {kind} is not a key exchange ack")
+    ik = ack["responder_identity"]
+    if peer_id(ik) != id_r:
+        return "identity mismatch"
+    point = ed_decode(ik)
+    if point is None or ed_is_small_order(point):
+        return "invalid key"
+    e_i = x25519_public(e_i_secret)
+    if ack["initiator_ephemeral"] != e_i or ack["request_nonce"] != nonce:
+        return "ack mismatch"
+    transcript = ack_transcript(id_i, id_r, e_i, t, nonce, ack["ephemeral"])
+    if ed25519_verify_strict(ik, transcript, ack["signature"]):
+        return "bad signature"
+    if small_order_dh(ack["ephemeral"], e_i_secret):
+        return "invalid ephemeral key"
+    return None
+
+
+def check_kx_refusals(c, v):
+    id_a = bytes.fromhex(v["alice"]["peer_id"])
+    id_b = bytes.fromhex(v["bob"]["peer_id"])
+    req = v["request"]
+    e_i_secret = h(req["ephemeral_secret"])
+    e_r_secret = h(v["ack"]["ephemeral_secret"])
+    for i, vector in enumerate(v["refusals"]):
+        name = f"key_exchange.json refusals[{i}] {vector['name']}"
+        data = h(vector["envelope"])
+        try:
+            if vector["to"] == "bob":
+                got = request_refusal(id_b, bytes.fromhex(vector["from"]), data,
+                                      vector["now_ms"], vector["mark"],
+                                      e_r_secret)
+            else:
+                got = ack_refusal(id_a, id_b, e_i_secret, req["timestamp_ms"],
+                                  h(req["nonce"]), data)
+        except Malformed as error:
+            got = f"{error.refusal} ({error})"
+        c.equal(f"{name} is refused as {vector['refusal']}", vector["refusal"], got)
+    # The accepted request itself passes the same rules (so the refusals
+    # above are not refused for some other reason).
+    c.equal("key_exchange.json the request is accepted", None,
+            request_refusal(id_b, id_a, h(req["envelope"]), req["timestamp_ms"] + 40,
+                            None, e_r_secret))
+    c.equal("key_exchange.json the ack is accepted", None,
+            ack_refusal(id_a, id_b, e_i_secret, req["timestamp_ms"], h(req["nonce"]),
+                        h(v["ack"]["envelope"])))
+
+
 # ---------------------------------------------------------------------------
 # ratchet.json: the Double Ratchet of §5.3 and §6
 # ---------------------------------------------------------------------------
@@ -1559,6 +1658,8 @@ def main(argv):
     if "key_exchange.json" in docs:
         kx = c.section("key_exchange.json", check_key_exchange,
                        docs["key_exchange.json"])
+        c.section("key_exchange.json refusals", check_kx_refusals,
+                  docs["key_exchange.json"])
     ratchet_messages = None
     if kx is not None and "ratchet.json" in docs:
         c.equal("ratchet.json names key_exchange.json", "key_exchange.json",
