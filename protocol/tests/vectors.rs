@@ -325,6 +325,7 @@ fn generate() -> Vec<(&'static str, Value)> {
     let theirs = public_of(&alice.ratchet_secret);
     let (e, m) = ratchet_message(&mut bob, "alice", theirs, &mut bob_mirror, &dist_payload, &mut rng);
     messages.push(e);
+    let message_4 = m.clone();
     let got = alice.sessions.decrypt(&m, T0.saturating_add_millis(600)).unwrap();
     let PairwisePayload::Tracked { payload, .. } = PairwisePayload::decode(&got).unwrap() else { panic!() };
     let PairwisePayload::SenderKeyDistribution(received) = *payload else { panic!() };
@@ -373,6 +374,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "delivery_order": [0, 1, 3, 2, 4],
         "timeline": ["send 0", "send 1", "send 2", "send 3", "deliver 0", "deliver 1", "deliver 3", "deliver 2", "send 4", "deliver 4"],
         "note": "messages[4] carries the group's sender key distribution, tracked (see group.json)",
+        "refusals": ratchet_refusals(&mut alice, &mut bob, &message_4),
     });
     let group = json!({
         "group_id": gid.to_string(),
@@ -863,6 +865,52 @@ fn kx_refusals(
             "refusal": kx_refusal_name(&error),
         }));
     }
+    Value::Array(entries)
+}
+
+/// Ratchet refusals (§6.3): envelopes Alice must refuse once she has
+/// received every message of `ratchet.json`, each altered in one way from a
+/// fresh message Bob sends after message 4 (or a replay), with the refusal
+/// this implementation gives.
+fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage) -> Value {
+    use p2pchat_protocol::DecryptionError;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+    let payload = chat(&mut TapRng { inner: rand_chacha::ChaCha20Rng::seed_from_u64(12), last32: None }, 900, "five");
+    let fresh = bob.sessions.encrypt(&payload.encode(), &mut rng).unwrap();
+    let altered = |change: &dyn Fn(&mut RatchetMessage)| {
+        let mut m = fresh.clone();
+        change(&mut m);
+        m
+    };
+    let cases: Vec<(&str, RatchetMessage)> = vec![
+        ("a replay of message 4", replay.clone()),
+        ("a ciphertext bit flipped", altered(&|m| m.ciphertext[0] ^= 1)),
+        ("a header tag bit flipped", altered(&|m| m.header_tag[0] ^= 1)),
+        ("a message number changed in the header", altered(&|m| m.header.message_number += 1)),
+        ("a previous chain length changed in the header", altered(&|m| m.header.previous_chain_length += 1)),
+        ("a session ID this node does not hold", altered(&|m| m.header.session_id[0] ^= 1)),
+        ("1,001 keys ahead on the current chain", altered(&|m| m.header.message_number += 1_001)),
+        ("a ratchet key of small order", altered(&|m| m.header.ratchet_key = [0; 32])),
+    ];
+    let entries: Vec<Value> = cases
+        .into_iter()
+        .map(|(name, m)| {
+            let error = match alice.sessions.decrypt(&m, T0.saturating_add_millis(1_000)) {
+                Err(error) => error,
+                Ok(_) => panic!("{name}: opened; it must be refused"),
+            };
+            let refusal = match error {
+                DecryptionError::BadMac => "bad MAC",
+                DecryptionError::HeaderMismatch => "header mismatch",
+                DecryptionError::Duplicate { .. } => "duplicate",
+                DecryptionError::TooFarAhead { .. } => "too far ahead",
+                DecryptionError::UnknownChain => "unknown chain",
+                DecryptionError::UnknownSession => "unknown session",
+                DecryptionError::InvalidRatchetKey => "invalid ratchet key",
+            };
+            json!({"name": name, "envelope": h(Envelope::new(EnvelopeBody::Ratchet(m)).encode()), "refusal": refusal})
+        })
+        .collect();
     Value::Array(entries)
 }
 

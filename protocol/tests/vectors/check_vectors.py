@@ -1188,6 +1188,67 @@ def ratchet_receive(c, state, m, tag, chain_starts):
     return cand, plaintext
 
 
+def ratchet_refusal(state, data):
+    """What a receiver in `state` refuses an envelope for (§6.3), or None
+    if it opens it. The state is not changed."""
+    kind, body = parse_envelope(data)
+    if kind != KIND_RATCHET:
+        raise Malformed(f"envelope kind {kind} is not a ratchet message")
+    hdr = body["header"]
+    if hdr["session_id"] != state.session_id:
+        return "unknown session"
+    k, pn, n = hdr["ratchet_key"], hdr["previous_chain_length"], hdr["message_number"]
+    cand = copy.deepcopy(state)
+    if (k, n) in cand.skipped:
+        mk = cand.skipped.pop((k, n))
+    elif k == cand.peer_public:
+        if cand.recv_ck is None:
+            return "unknown chain"
+        if n < cand.recv_n:
+            return "duplicate"
+        if n - cand.recv_n > MAX_SKIP:
+            return "too far ahead"
+        skip_keys(cand, n)
+        mk, cand.recv_ck = kdf_ck(cand.recv_ck)
+    elif k in cand.retired:
+        return "unknown chain"
+    else:
+        if cand.recv_ck is not None and pn > cand.recv_n:
+            if pn - cand.recv_n > MAX_SKIP:
+                return "too far ahead"
+            skip_keys(cand, pn)
+        if n > MAX_SKIP:
+            return "too far ahead"
+        try:
+            dh = x25519(cand.own_secret, k)
+        except ZeroDH:
+            return "invalid ratchet key"
+        cand.root, cand.recv_ck = kdf_rk(cand.root, dh)
+        cand.recv_n = 0
+        cand.peer_public = k
+        skip_keys(cand, n)
+        mk, cand.recv_ck = kdf_ck(cand.recv_ck)
+    key, nonce, hk = ratchet_message_keys(mk)
+    expected_tag = header_tag(hk, cand.binding, ratchet_header(hdr["session_id"], k, pn, n))
+    if not hmac.compare_digest(expected_tag, body["header_tag"]):
+        return "header mismatch"
+    if secretbox_open(key, nonce, body["ciphertext"]) is None:
+        return "bad MAC"
+    return None
+
+
+def check_ratchet_refusals(c, v, alice):
+    """Alice, having received every message, refuses each envelope of
+    `refusals` for the reason it names."""
+    for i, vector in enumerate(v["refusals"]):
+        name = f"ratchet.json refusals[{i}] {vector['name']}"
+        try:
+            got = ratchet_refusal(alice, h(vector["envelope"]))
+        except Malformed as error:
+            got = f"{error.refusal} ({error})"
+        c.equal(f"{name} is refused as {vector['refusal']}", vector["refusal"], got)
+
+
 def sending_timeline(message_count, delivery_order):
     """Interleave sends and deliveries: messages are sent in index order and
     each is delivered as soon as it and every message listed before it in
@@ -1271,6 +1332,8 @@ def check_ratchet(c, v, kx):
         else:
             print(f"ratchet[{i}] {messages[i]['sender']}: "
                   f"PairwisePayload kind {payload['kind']}")
+    c.section("ratchet.json refusals", check_ratchet_refusals, v,
+              states["alice"])
     return messages
 
 
