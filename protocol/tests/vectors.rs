@@ -15,10 +15,11 @@ use p2pchat_protocol::handshake;
 use p2pchat_protocol::keys::{ChainKey, IdentitySeed, MessageKey, RootKey, SenderChainKey, X25519Secret};
 use p2pchat_protocol::sender_key::group_message_transcript;
 use p2pchat_protocol::wire::{
-    ChatContent, Envelope, EnvelopeBody, PairwisePayload, RatchetMessage, SenderKeyDistribution,
+    ChatContent, Envelope, EnvelopeBody, GroupMessage, PairwisePayload, RatchetMessage, SenderKeyDistribution,
 };
 use p2pchat_protocol::{
-    kdf, ConversationId, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, PeerId, Timestamp,
+    kdf, ConversationId, GroupError, GroupSession, IdentityKeyPair, MessageId, PairwiseSessions, PeerId, Timestamp,
+    MAX_SKIP,
 };
 use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -366,6 +367,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         let got = alice_group.decrypt(&group_wire[i], T0.saturating_add_millis(800)).unwrap();
         assert_eq!(hex::encode(&got[..]), group_messages[i]["plaintext"].as_str().unwrap());
     }
+    let group_refusal_vectors = group_refusals(&mut alice_group, &mut bob_group, &group_wire[0], carol_id.peer_id());
     let ratchet = json!({
         "key_exchange": "key_exchange.json",
         "alice_identity_public": h(alice.identity.public().to_bytes()),
@@ -390,6 +392,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         },
         "messages": group_messages,
         "delivery_order": group_order,
+        "refusals": group_refusal_vectors,
     });
     vec![
         ("kdf", kdf_vectors()),
@@ -909,6 +912,56 @@ fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage)
                 DecryptionError::InvalidRatchetKey => "invalid ratchet key",
             };
             json!({"name": name, "envelope": h(Envelope::new(EnvelopeBody::Ratchet(m)).encode()), "refusal": refusal})
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+/// Group message refusals (§7.3): envelopes Alice must refuse once she has
+/// received both group messages, with the refusal this implementation gives.
+fn group_refusals(alice: &mut GroupSession, bob: &mut GroupSession, replay: &GroupMessage, carol: PeerId) -> Value {
+    let content = |text: &str| {
+        ChatContent { message_id: MessageId(p2pchat_protocol::Uuid([0x42; 16])), sent_at: T0, content: text.into() }
+            .encode()
+    };
+    let fresh = bob.encrypt(&content("three")).unwrap();
+    let mut far = fresh.clone();
+    for _ in 0..=MAX_SKIP {
+        far = bob.encrypt(&content("far")).unwrap();
+    }
+    let altered = |change: &dyn Fn(&mut GroupMessage)| {
+        let mut m = fresh.clone();
+        change(&mut m);
+        m
+    };
+    let cases: Vec<(&str, GroupMessage)> = vec![
+        ("a replay of group message 0", replay.clone()),
+        ("for another group", altered(&|m| m.group_id.0 .0[15] ^= 1)),
+        ("from a peer that is not a member", altered(&|m| m.sender = PeerId([0x99; 20]))),
+        ("from a member whose key is not held", altered(&|m| m.sender = carol)),
+        ("naming a key ID not held", altered(&|m| m.key_id += 1)),
+        ("a ciphertext bit flipped (the signature covers it)", altered(&|m| m.ciphertext[0] ^= 1)),
+        ("a signature bit flipped", altered(&|m| m.signature.0[5] ^= 1)),
+        ("1,001 keys past the chain, signed", far),
+    ];
+    let entries: Vec<Value> = cases
+        .into_iter()
+        .map(|(name, m)| {
+            let error = match alice.decrypt(&m, T0.saturating_add_millis(1_000)) {
+                Err(error) => error,
+                Ok(_) => panic!("{name}: opened; it must be refused"),
+            };
+            let refusal = match error {
+                GroupError::WrongGroup { .. } => "wrong group",
+                GroupError::NotAMember { .. } => "not a member",
+                GroupError::UnknownChain { .. } => "unknown chain",
+                GroupError::BadSignature => "bad signature",
+                GroupError::Duplicate { .. } => "duplicate",
+                GroupError::TooFarAhead { .. } => "too far ahead",
+                GroupError::BadMac => "bad MAC",
+                other => panic!("{name}: refused as {other:?}"),
+            };
+            json!({"name": name, "envelope": h(Envelope::new(EnvelopeBody::Group(m)).encode()), "refusal": refusal})
         })
         .collect();
     Value::Array(entries)

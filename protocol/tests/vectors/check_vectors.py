@@ -1471,6 +1471,54 @@ def check_group(c, v, kx, ratchet_messages):
             print(f"group[{i}] content: {content['content']!r}")
     c.equal("group every message delivered once",
             sorted(range(len(messages))), sorted(v["delivery_order"]))
+    held = {"group_id": group_id, "members": members, "sender": sender,
+            "key_id": key_id, "signing_public": spk, "recv": recv}
+    c.section("group.json refusals", check_group_refusals, v, held)
+
+
+def group_refusal(held, data):
+    """What a receiver holding one sender key (`held`) refuses a group
+    envelope for (§7.3), or None if it opens it. Nothing is changed."""
+    kind, body = parse_envelope(data)
+    if kind != KIND_GROUP:
+        raise Malformed(f"envelope kind {kind} is not a group message")
+    if body["group_id"] != held["group_id"]:
+        return "wrong group"
+    if body["sender"] not in held["members"]:
+        return "not a member"
+    if (body["sender"], body["key_id"]) != (held["sender"], held["key_id"]):
+        return "unknown chain"
+    transcript = group_transcript(body["group_id"], body["sender"],
+                                  body["key_id"], body["message_number"],
+                                  body["ciphertext"])
+    if ed25519_verify_strict(held["signing_public"], transcript, body["signature"]):
+        return "bad signature"
+    n, recv = body["message_number"], held["recv"]
+    if n in recv["skipped"]:
+        mk = recv["skipped"][n]
+    else:
+        if n < recv["n"]:
+            return "duplicate"
+        if n - recv["n"] > MAX_SKIP:
+            return "too far ahead"
+        ck = recv["ck"]
+        for _ in range(n - recv["n"]):
+            _, ck = sender_chain_step(ck)
+        mk, _ = sender_chain_step(ck)
+    key, nonce = sender_message_keys(mk)
+    if secretbox_open(key, nonce, body["ciphertext"]) is None:
+        return "bad MAC"
+    return None
+
+
+def check_group_refusals(c, v, held):
+    for i, vector in enumerate(v["refusals"]):
+        name = f"group.json refusals[{i}] {vector['name']}"
+        try:
+            got = group_refusal(held, h(vector["envelope"]))
+        except Malformed as error:
+            got = f"{error.refusal} ({error})"
+        c.equal(f"{name} is refused as {vector['refusal']}", vector["refusal"], got)
 
 
 # ---------------------------------------------------------------------------
