@@ -368,6 +368,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         assert_eq!(hex::encode(&got[..]), group_messages[i]["plaintext"].as_str().unwrap());
     }
     let group_refusal_vectors = group_refusals(&mut alice_group, &mut bob_group, &group_wire[0], carol_id.peer_id());
+    let distribution_refusal_vectors = distribution_refusals(&mut alice_group, &distribution, carol_id.peer_id());
     let ratchet = json!({
         "key_exchange": "key_exchange.json",
         "alice_identity_public": h(alice.identity.public().to_bytes()),
@@ -393,6 +394,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "messages": group_messages,
         "delivery_order": group_order,
         "refusals": group_refusal_vectors,
+        "distribution_refusals": distribution_refusal_vectors,
     });
     vec![
         ("kdf", kdf_vectors()),
@@ -962,6 +964,54 @@ fn group_refusals(alice: &mut GroupSession, bob: &mut GroupSession, replay: &Gro
                 other => panic!("{name}: refused as {other:?}"),
             };
             json!({"name": name, "envelope": h(Envelope::new(EnvelopeBody::Group(m)).encode()), "refusal": refusal})
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+/// Distribution refusals (§7.4): sender key distributions Alice must refuse
+/// once she holds Bob's key, each with the peer whose pairwise session it
+/// arrived over, tracked as every distribution travels.
+fn distribution_refusals(alice: &mut GroupSession, held: &SenderKeyDistribution, carol: PeerId) -> Value {
+    let stranger = PeerId([0x99; 20]);
+    let altered = |change: &dyn Fn(&mut SenderKeyDistribution)| {
+        let mut d = held.clone();
+        change(&mut d);
+        d
+    };
+    let cases: Vec<(&str, PeerId, SenderKeyDistribution)> = vec![
+        ("Bob's key over Carol's session", carol, held.clone()),
+        ("for another group", held.sender, altered(&|d| d.group_id.0 .0[15] ^= 1)),
+        ("a non-member's own key", stranger, altered(&|d| d.sender = stranger)),
+        ("Bob's key ID with another signing key", held.sender, altered(&|d| d.signing_public[0] ^= 1)),
+        (
+            "a new key whose signing key is of small order",
+            held.sender,
+            altered(&|d| {
+                d.key_id = d.key_id.wrapping_add(1);
+                d.signing_public = [0; 32];
+                d.signing_public[0] = 1;
+            }),
+        ),
+    ];
+    let entries: Vec<Value> = cases
+        .into_iter()
+        .map(|(name, from, d)| {
+            let error = match alice.accept_distribution(&from, &d, T0.saturating_add_millis(1_000)) {
+                Err(error) => error,
+                Ok(()) => panic!("{name}: accepted; it must be refused"),
+            };
+            let refusal = match error {
+                GroupError::WrongGroup { .. } => "wrong group",
+                GroupError::ForwardedKey { .. } => "forwarded key",
+                GroupError::NotAMember { .. } => "not a member",
+                GroupError::ConflictingKey { .. } => "conflicting key",
+                GroupError::InvalidSigningKey => "invalid signing key",
+                other => panic!("{name}: refused as {other:?}"),
+            };
+            let payload =
+                PairwisePayload::Tracked { id: 2, payload: Box::new(PairwisePayload::SenderKeyDistribution(d)) };
+            json!({"name": name, "from": from.to_string(), "payload": h(&payload.encode()[..]), "refusal": refusal})
         })
         .collect();
     Value::Array(entries)

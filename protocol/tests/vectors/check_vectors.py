@@ -1511,7 +1511,37 @@ def group_refusal(held, data):
     return None
 
 
+def distribution_refusal(held, channel_peer, data):
+    """What a member holding one sender key (`held`) refuses a tracked
+    distribution for (§7.4), or None if it takes (or ignores) it."""
+    payload = parse_exact(data, read_pairwise_payload)
+    if payload["kind"] == PAYLOAD_TRACKED:
+        payload = payload["payload"]
+    if payload["kind"] != PAYLOAD_SENDER_KEY_DISTRIBUTION:
+        raise Malformed(f"payload kind {payload['kind']} is not a distribution")
+    if payload["group_id"] != held["group_id"]:
+        return "wrong group"
+    if payload["sender"] != channel_peer:
+        return "forwarded key"
+    if payload["sender"] not in held["members"]:
+        return "not a member"
+    if (payload["sender"], payload["key_id"]) == (held["sender"], held["key_id"]):
+        return None if payload["signing_public"] == held["signing_public"] else "conflicting key"
+    point = ed_decode(payload["signing_public"])
+    if point is None or ed_is_small_order(point):
+        return "invalid signing key"
+    return None
+
+
 def check_group_refusals(c, v, held):
+    for i, vector in enumerate(v["distribution_refusals"]):
+        name = f"group.json distribution_refusals[{i}] {vector['name']}"
+        try:
+            got = distribution_refusal(held, bytes.fromhex(vector["from"]),
+                                       h(vector["payload"]))
+        except Malformed as error:
+            got = f"{error.refusal} ({error})"
+        c.equal(f"{name} is refused as {vector['refusal']}", vector["refusal"], got)
     for i, vector in enumerate(v["refusals"]):
         name = f"group.json refusals[{i}] {vector['name']}"
         try:
