@@ -377,7 +377,7 @@ fn generate() -> Vec<(&'static str, Value)> {
         "delivery_order": [0, 1, 3, 2, 4],
         "timeline": ["send 0", "send 1", "send 2", "send 3", "deliver 0", "deliver 1", "deliver 3", "deliver 2", "send 4", "deliver 4"],
         "note": "messages[4] carries the group's sender key distribution, tracked (see group.json)",
-        "refusals": ratchet_refusals(&mut alice, &mut bob, &message_4),
+        "refusals": ratchet_refusals(&mut alice, &mut bob, &message_4, accepted.ack.ephemeral),
     });
     let group = json!({
         "group_id": gid.to_string(),
@@ -877,7 +877,7 @@ fn kx_refusals(
 /// received every message of `ratchet.json`, each altered in one way from a
 /// fresh message Bob sends after message 4 (or a replay), with the refusal
 /// this implementation gives.
-fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage) -> Value {
+fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage, retired_key: [u8; 32]) -> Value {
     use p2pchat_protocol::DecryptionError;
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
     let payload = chat(&mut TapRng { inner: rand_chacha::ChaCha20Rng::seed_from_u64(12), last32: None }, 900, "five");
@@ -896,6 +896,13 @@ fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage)
         ("a session ID this node does not hold", altered(&|m| m.header.session_id[0] ^= 1)),
         ("1,001 keys ahead on the current chain", altered(&|m| m.header.message_number += 1_001)),
         ("a ratchet key of small order", altered(&|m| m.header.ratchet_key = [0; 32])),
+        (
+            "a later number on Bob's retired first chain",
+            altered(&|m| {
+                m.header.ratchet_key = retired_key;
+                m.header.message_number = 7;
+            }),
+        ),
     ];
     let entries: Vec<Value> = cases
         .into_iter()

@@ -1126,7 +1126,7 @@ def ratchet_receive(c, state, m, tag, chain_starts):
         cand.recv_n += 1
         how = "current chain"
     elif k in cand.retired:                            # step 3
-        c.fail(tag, "unknown chain (retired ratchet key)")
+        c.fail(tag, "duplicate (retired ratchet key)")
         return state, None
     else:                                              # step 4: new chain
         if cand.recv_ck is not None and pn > cand.recv_n:
@@ -1211,7 +1211,8 @@ def ratchet_refusal(state, data):
         skip_keys(cand, n)
         mk, cand.recv_ck = kdf_ck(cand.recv_ck)
     elif k in cand.retired:
-        return "unknown chain"
+        # §6.3 step 3: its unused keys, if any, were in the cache of step 1.
+        return "duplicate"
     else:
         if cand.recv_ck is not None and pn > cand.recv_n:
             if pn - cand.recv_n > MAX_SKIP:
