@@ -618,13 +618,23 @@ fn refusal_name(error: &p2pchat_protocol::wire::WireError) -> &'static str {
 }
 
 /// Refusal vectors: each input, how to decode it, and the refusal this
-/// implementation gives (which the independent checker must give too).
+/// implementation gives (which the independent checker must give too). An
+/// input over the size limits is written as its first bytes and the length
+/// it is padded to with zero bytes (`pad_to`), not as half a megabyte of hex.
 fn refusals(decode_as: &str, cases: Vec<(&str, Vec<u8>)>, decode: impl Fn(&[u8]) -> Option<&'static str>) -> Value {
     let entries: Vec<Value> = cases
         .into_iter()
         .map(|(name, input)| {
             let refusal = decode(&input).unwrap_or_else(|| panic!("{name}: decoded; it must be refused"));
-            json!({"name": name, "decode_as": decode_as, "input": h(&input), "refusal": refusal})
+            let mut entry = json!({"name": name, "decode_as": decode_as, "refusal": refusal});
+            if input.len() > 1024 {
+                let head = input.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                entry["input"] = h(&input[..head]);
+                entry["pad_to"] = json!(input.len());
+            } else {
+                entry["input"] = h(&input);
+            }
+            entry
         })
         .collect();
     Value::Array(entries)
@@ -644,11 +654,27 @@ fn payload_refusals() -> Value {
         ("a list longer than the input", vec![0x08, 0xff, 0xff, 0xff, 0xff, 0x0f]),
         ("Chat content that is not UTF-8", cat(&[&[0x00], &[0x11; 16], &[0x00, 0x01, 0xff]])),
     ];
-    refusals("PairwisePayload", cases, |b| PairwisePayload::decode(b).err().map(|e| refusal_name(&e)))
+    let mut entries =
+        refusals("PairwisePayload", cases, |b| PairwisePayload::decode(b).err().map(|e| refusal_name(&e)));
+    let mut too_large = vec![0u8; p2pchat_protocol::wire::MAX_ENVELOPE_LEN + 1];
+    too_large[0] = 0x01;
+    too_large[1] = 0x02;
+    let envelopes = vec![
+        ("an empty envelope", vec![]),
+        ("an envelope one byte over 262,144", too_large),
+        ("an envelope of version 2", vec![0x02, 0x02]),
+        ("an unknown envelope kind 4", vec![0x01, 0x04]),
+        ("a ratchet envelope cut short", vec![0x01, 0x02, 0x00]),
+    ];
+    let more = refusals("Envelope", envelopes, |b| Envelope::decode(b).err().map(|e| refusal_name(&e)));
+    if let (Value::Array(all), Value::Array(more)) = (&mut entries, more) {
+        all.extend(more);
+    }
+    entries
 }
 
 fn relay_refusals() -> Value {
-    use p2pchat_protocol::relay::RelayFrame;
+    use p2pchat_protocol::relay::{RelayFrame, MAX_FRAME_LEN};
     let cat = |parts: &[&[u8]]| parts.concat();
     let cases = vec![
         ("empty", vec![]),
@@ -660,6 +686,11 @@ fn relay_refusals() -> Value {
         ("unknown refusal 6", vec![0x01, 0x08, 0x01, 0x06]),
         ("unknown publish refusal 8", vec![0x01, 0x0d, 0x05, 0x08]),
         ("an Observed address cut short", vec![0x01, 0x0e, 0x05, b'1', b'.', b'2']),
+        ("a frame one byte over 263,168", {
+            let mut frame = vec![0u8; MAX_FRAME_LEN + 1];
+            frame[0] = 0x01;
+            frame
+        }),
     ];
     refusals("RelayFrame", cases, |b| RelayFrame::decode(b).err().map(|e| refusal_name(&e)))
 }
