@@ -643,7 +643,7 @@ fn refusals(decode_as: &str, cases: Vec<(&str, Vec<u8>)>, decode: impl Fn(&[u8])
 fn payload_refusals() -> Value {
     let cat = |parts: &[&[u8]]| parts.concat();
     let cases = vec![
-        ("empty", vec![]),
+        ("an empty payload (malformed: only an envelope or frame is refused as empty)", vec![]),
         ("unknown payload kind 10", vec![0x0a]),
         ("unknown group control kind 4", vec![0x05, 0x04]),
         ("a Tracked payload holding a Tracked payload", vec![0x07, 0x01, 0x07, 0x01, 0x06]),
@@ -736,6 +736,12 @@ fn record_refusals() -> Value {
     cases.push(("a signature with S not below l", malleable, T0, None));
     cases.push(("expired (now is its expiry)", good.clone(), ok_until, None));
     cases.push(("older than the one held", good.clone(), T0, Some(good.sequence + 1)));
+    cases.push(("the very sequence held", good.clone(), T0, Some(good.sequence)));
+    let mut identity_point = good.clone();
+    identity_point.identity_key = [0; 32];
+    identity_point.identity_key[0] = 1;
+    identity_point.peer_id = peer_of(&identity_point.identity_key);
+    cases.push(("a key of small order (the identity point)", identity_point, T0, None));
     let mut many = good.clone();
     many.direct_addresses = (0..17).map(|i| format!("198.51.100.{i}:30070")).collect();
     cases.push(("17 direct addresses", resign(many, &owner), T0, None));
