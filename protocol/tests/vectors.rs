@@ -934,6 +934,21 @@ fn ratchet_refusals(alice: &mut Party, bob: &mut Party, replay: &RatchetMessage,
         ("1,001 keys ahead on the current chain", altered(&|m| m.header.message_number += 1_001)),
         ("a ratchet key of small order", altered(&|m| m.header.ratchet_key = [0; 32])),
         (
+            "a new chain whose first message is number 1,001",
+            altered(&|m| {
+                m.header.ratchet_key = public_of(&[0x55; 32]);
+                m.header.message_number = 1_001;
+            }),
+        ),
+        (
+            "a new chain after a previous chain length 1,001 past the current chain",
+            altered(&|m| {
+                m.header.ratchet_key = public_of(&[0x55; 32]);
+                m.header.previous_chain_length = 1 + 1_001;
+                m.header.message_number = 0;
+            }),
+        ),
+        (
             "a later number on Bob's retired first chain",
             altered(&|m| {
                 m.header.ratchet_key = retired_key;
