@@ -167,16 +167,7 @@ impl<S: Store> Engine<S> {
             }
             return Ok(existing);
         }
-        let conversation = Conversation {
-            id,
-            kind: ConversationKind::OneOnOne { peer },
-            created_at: now,
-            updated_at: now,
-            last_message_at: None,
-            last_message_id: None,
-            unread_count: 0,
-            left: false,
-        };
+        let conversation = Conversation::new(id, ConversationKind::OneOnOne { peer }, now, now);
         self.store.put_conversation(&conversation)?;
         self.staged.events.push(Event::ConversationCreated(conversation.clone()));
         Ok(conversation)

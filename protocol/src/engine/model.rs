@@ -80,6 +80,23 @@ pub struct Conversation {
     pub left: bool,
 }
 
+impl Conversation {
+    /// A conversation with no messages yet, created (or joined) at
+    /// `created_at` and last changed at `updated_at`.
+    pub fn new(id: ConversationId, kind: ConversationKind, created_at: Timestamp, updated_at: Timestamp) -> Self {
+        Self {
+            id,
+            kind,
+            created_at,
+            updated_at,
+            last_message_at: None,
+            last_message_id: None,
+            unread_count: 0,
+            left: false,
+        }
+    }
+}
+
 /// A group member, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {

@@ -192,16 +192,8 @@ impl<S: Store> Engine<S> {
                 return Ok(true);
             }
         }
-        let mut stored = Conversation {
-            id: group_id,
-            kind: ConversationKind::Group { name: name.clone(), admin },
-            created_at,
-            updated_at: now,
-            last_message_at: None,
-            last_message_id: None,
-            unread_count: 0,
-            left: false,
-        };
+        let mut stored =
+            Conversation::new(group_id, ConversationKind::Group { name: name.clone(), admin }, created_at, now);
         if let Some(old) = &old {
             stored.last_message_at = old.last_message_at;
             stored.last_message_id = old.last_message_id;

@@ -115,16 +115,7 @@ impl<S: Store> Engine<S> {
             return Err(RequestError::TooManyMembers { max: MAX_GROUP_MEMBERS }.into());
         }
         let id = ConversationId::random_group(&mut self.rng);
-        let conversation = Conversation {
-            id,
-            kind: ConversationKind::Group { name, admin: me },
-            created_at: now,
-            updated_at: now,
-            last_message_at: None,
-            last_message_id: None,
-            unread_count: 0,
-            left: false,
-        };
+        let conversation = Conversation::new(id, ConversationKind::Group { name, admin: me }, now, now);
         self.store.put_conversation(&conversation)?;
         for peer in core::iter::once(me).chain(others.iter().copied()) {
             let member = Member { peer_id: peer, joined_at: now, is_admin: peer == me, left_at: None, epoch: 1 };
